@@ -1,0 +1,12 @@
+"""needle: a small deep-learning framework (``import needle as ndl``).
+
+One core (an op registry, a graph of Tensors, reverse-mode autodiff) serves eager autodiff,
+declarative graphs, Caffe-style layers and a JIT.
+"""
+
+from . import autograd, backend_ndarray, ops
+from .autograd import Tensor, TensorTuple, enable_grad, from_numpy, is_grad_enabled, no_grad
+from .backend import Device, NDArray, cpu, cuda, default_device
+from .ops import *
+
+__version__ = "0.1.0"

@@ -1,0 +1,562 @@
+"""Tensor, the eager front-end: a graph node (op, inputs, cached data) that computes as it is made.
+
+A node made while no input requires a gradient is detached at once (no op, no inputs), so an
+inference pass keeps no graph; a node that requires a gradient keeps its inputs until nothing
+references it, and then the whole graph behind it is freed by reference counting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+
+from .backend import Device, NDArray, as_ndarray, cpu, device_of
+from .core import registry
+from .core.autodiff import find_topo_sort
+from .core.registry import Aval, Op, ShapeError, fmt_shape
+
+__all__ = [
+    "TENSOR_COUNTER", "Tensor", "TensorTuple", "Value", "enable_grad", "find_topo_sort",
+    "is_grad_enabled", "no_grad",
+]
+
+#: number of live graph values (Tensors and TensorTuples)
+TENSOR_COUNTER = 0
+
+_GRAD_ENABLED = True
+#: >0 while a front-end (graph builder, JIT tracer) needs every node to keep op and inputs
+_RECORDING = 0
+
+
+def is_grad_enabled() -> bool:
+    """Whether new nodes record the graph needed for backward."""
+    return _GRAD_ENABLED
+
+
+class _GradMode(contextlib.ContextDecorator):
+    """Context manager / decorator that sets whether new nodes record a graph."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._saved: list[bool] = []
+
+    def __enter__(self) -> None:
+        global _GRAD_ENABLED
+        self._saved.append(_GRAD_ENABLED)
+        _GRAD_ENABLED = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        global _GRAD_ENABLED
+        _GRAD_ENABLED = self._saved.pop()
+
+
+def no_grad() -> _GradMode:
+    """Nothing made inside records a graph: ``with ndl.no_grad(): y = model(x)``."""
+    return _GradMode(False)
+
+
+def enable_grad() -> _GradMode:
+    """Record graphs again inside a ``no_grad`` block."""
+    return _GradMode(True)
+
+
+@contextlib.contextmanager
+def recording():
+    """Keep op and inputs on every node made inside, even without gradients (graph builders)."""
+    global _RECORDING
+    _RECORDING += 1
+    try:
+        yield
+    finally:
+        _RECORDING -= 1
+
+
+def _default_dtype_array(data: Any) -> np.ndarray:
+    """A NumPy array from Python data: floats become float32 and ints int64, as in PyTorch."""
+    arr = np.asarray(data)
+    if arr.dtype == np.float64:
+        return arr.astype(np.float32)
+    if arr.dtype.kind == "O":
+        raise TypeError(f"Tensor: cannot make a tensor from {type(data).__name__} data")
+    return arr
+
+
+def _to_backend(data: Any, device: Device | None, dtype: Any, copy: bool) -> tuple[Any, Device]:
+    """The backend array and device for Tensor(data, device=..., dtype=...)."""
+    if isinstance(data, Value):
+        arr = data.realize_data()
+        src = data.device
+    elif isinstance(data, np.ndarray):
+        arr = data.view(np.ndarray) if type(data) is not np.ndarray else data
+        src = cpu()
+    elif type(data).__module__.startswith("cupy"):
+        arr, src = data, device_of(data)
+    else:
+        arr, src, copy = _default_dtype_array(data), cpu(), False
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        arr, copy = arr.astype(dtype), False
+    device = device or src
+    if device != src:
+        arr = device.array(src.to_numpy(arr)) if src != cpu() else device.array(arr)
+        copy = False
+    if copy:
+        arr = arr.copy()
+    return arr, device
+
+
+class Value:
+    """A graph node: the op that made it, its input nodes, and its data once computed."""
+
+    __slots__ = ("op", "inputs", "_data", "requires_grad", "device", "_aval", "meta",
+                 "__weakref__")
+
+    def __del__(self) -> None:
+        global TENSOR_COUNTER
+        TENSOR_COUNTER -= 1
+
+    # -- state -------------------------------------------------------------------------------
+    def is_leaf(self) -> bool:
+        """True for nodes not made by an op (inputs, parameters, detached values)."""
+        return self.op is None
+
+    @property
+    def aval(self) -> Aval:
+        """Shape and dtype, known with or without data."""
+        data = self._data
+        if data is not None:
+            return Aval(data.shape, data.dtype) if not isinstance(data, tuple) else self._aval
+        return self._aval
+
+    def realize_data(self) -> Any:
+        """The backend array (or tuple of arrays), computing it if this node is lazy."""
+        if self._data is None:
+            raise RuntimeError(
+                f"{self._describe()} has no value: it belongs to a declared graph; "
+                "run it with needle.static.Session().run(...)"
+            )
+        return self._data
+
+    def _describe(self) -> str:
+        name = getattr(self.meta, "name", None) if self.meta is not None else None
+        what = self.op.name if self.op is not None else "leaf"
+        return f"node {name or what!r}"
+
+
+def _new_node(cls: type, op: Op | None, inputs: tuple, data: Any, requires_grad: bool,
+              device: Device) -> Any:
+    """Allocate a node without running ``__init__`` (the hot path of every op)."""
+    global TENSOR_COUNTER
+    node = object.__new__(cls)
+    TENSOR_COUNTER += 1
+    node.op = op
+    node.inputs = inputs
+    node._data = data
+    node.requires_grad = requires_grad
+    node.device = device
+    node._aval = None
+    node.meta = None
+    if cls is Tensor:
+        node.grad = None
+    return node
+
+
+def _op_error(op: Op, inputs: tuple, exc: Exception) -> Exception:
+    """A clear error for an op that failed: mixed devices, a shape rule, or the op's own."""
+    if isinstance(exc, ShapeError):
+        return exc
+    devices = {x.device for x in inputs if isinstance(x, Value)}
+    if len(devices) > 1:
+        return ValueError(
+            f"{op.name}: inputs are on different devices ({', '.join(map(str, devices))}); "
+            "move them with .to(device) first"
+        )
+    avals = [x.aval for x in inputs]
+    try:
+        op.infer(*avals)
+    except ShapeError as shape_exc:
+        return shape_exc
+    except NotImplementedError:
+        pass
+    shapes = ", ".join(fmt_shape(a.shape) if isinstance(a, Aval) else "tuple" for a in avals)
+    return type(exc)(f"{op.name} on inputs of shapes {shapes}: {exc}")
+
+
+def make_from_op(op: Op, inputs: tuple) -> Value:
+    """Apply ``op`` to input nodes: compute now (eager) or record a lazy node (no data yet)."""
+    lazy = False
+    arrays = []
+    for x in inputs:
+        try:
+            data = x._data
+        except AttributeError:
+            raise TypeError(f"{op.name}: expected Tensor inputs, got {type(x).__name__}") from None
+        if data is None:
+            lazy = True
+        arrays.append(data)
+    requires_grad = False
+    if _GRAD_ENABLED and op.differentiable:
+        for x in inputs:
+            if x.requires_grad:
+                requires_grad = True
+                break
+    cls = TensorTuple if op.returns_tuple else Tensor
+    device = inputs[0].device if inputs else cpu()
+    if lazy:
+        node = _new_node(cls, op, inputs, None, requires_grad, device)
+        node._aval = op.infer(*[x.aval for x in inputs])
+        return node
+    try:
+        data = op.compute(*arrays)
+    except Exception as exc:  # noqa: BLE001 - rewrapped with the op name and shapes
+        raise _op_error(op, inputs, exc) from exc
+    if requires_grad or _RECORDING:
+        node = _new_node(cls, op, inputs, data, requires_grad, device)
+    else:
+        node = _new_node(cls, None, (), data, False, device)
+    if cls is TensorTuple:
+        node._aval = tuple(Aval(a.shape, a.dtype) for a in data)
+    return node
+
+
+registry._NODE_FACTORY.append(make_from_op)
+
+
+class TensorTuple(Value):
+    """A node whose value is a tuple of arrays (the output of ``split``); index it for Tensors."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self.aval)
+
+    def __getitem__(self, index: int) -> Tensor:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"TensorTuple index {index} out of range for {n} items")
+        return _ops.tuple_get_item(self, index % n)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def tuple(self) -> tuple:
+        """The items as a Python tuple of Tensors."""
+        return tuple(self)
+
+    def detach(self) -> TensorTuple:
+        return _new_node(TensorTuple, None, (), self.realize_data(), False, self.device)
+
+    def numpy(self) -> tuple:
+        return tuple(self.device.to_numpy(a) for a in self.realize_data())
+
+    def __repr__(self) -> str:
+        return f"TensorTuple({', '.join(repr(t) for t in self)})"
+
+    def __add__(self, other: TensorTuple) -> TensorTuple:
+        return _ops.make_tuple(*[a + b for a, b in zip(self, other)])
+
+
+class Tensor(Value):
+    """An n-dimensional array that records how it was made, so gradients can flow back.
+
+    ``Tensor(data, device=None, dtype=None, requires_grad=True)``: ``data`` may be a list, a
+    number, a NumPy/CuPy array, an NDArray or a Tensor. NumPy data keeps its dtype; Python
+    floats become float32 and ints int64. The data is copied.
+
+    >>> x = Tensor([[1.0, 2.0]], requires_grad=True)
+    >>> (x * x).sum().backward()
+    >>> x.grad.numpy()
+    array([[2., 4.]], dtype=float32)
+    """
+
+    __slots__ = ("grad",)
+    # Make NumPy defer to our reflected operators (ndarray + Tensor -> Tensor.__radd__).
+    __array_ufunc__ = None
+
+    def __init__(self, data: Any, *, device: Device | None = None, dtype: Any = None,
+                 requires_grad: bool = True) -> None:
+        global TENSOR_COUNTER
+        arr, device = _to_backend(data, device, dtype, copy=True)
+        TENSOR_COUNTER += 1
+        self.op = None
+        self.inputs = ()
+        self._data = arr
+        self.requires_grad = bool(requires_grad) and arr.dtype.kind in "fc"
+        self.device = device
+        self._aval = None
+        self.meta = None
+        self.grad = None
+
+    # -- construction helpers ----------------------------------------------------------------
+    @classmethod
+    def make_const(cls, data: Any, requires_grad: bool = False) -> Tensor:
+        """A leaf Tensor holding a backend array as is (no copy, no dtype change)."""
+        return _new_node(cls, None, (), data, requires_grad, device_of(data))
+
+    @classmethod
+    def make_from_op(cls, op: Op, inputs: list) -> Value:
+        """needle's constructor for op results."""
+        return make_from_op(op, tuple(inputs))
+
+    # -- data access -------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple:
+        data = self._data
+        return data.shape if data is not None else self._aval.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        data = self._data
+        return data.dtype if data is not None else self._aval.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def cached_data(self) -> Any:
+        """The values as an NDArray view (writes go through to this tensor)."""
+        return as_ndarray(self.realize_data())
+
+    @cached_data.setter
+    def cached_data(self, value: Any) -> None:
+        self._data = _to_backend(value, self.device, None, copy=False)[0]
+
+    def realize_cached_data(self) -> Any:
+        return self.cached_data
+
+    def numpy(self) -> np.ndarray:
+        """The values as a NumPy array (shares memory on the CPU)."""
+        return self.device.to_numpy(self.realize_data())
+
+    def item(self) -> Any:
+        """The single value as a Python number."""
+        data = self.realize_data()
+        if data.size != 1:
+            raise ValueError(f"item(): tensor has {data.size} elements, shape {data.shape}; "
+                             "only one-element tensors convert to a Python number")
+        return data.item()
+
+    def __bool__(self) -> bool:
+        data = self.realize_data()
+        if data.size != 1:
+            raise ValueError(f"bool() of a tensor with {data.size} elements (shape "
+                             f"{data.shape}) is ambiguous; use .any() or .all() on .numpy()")
+        return bool(data)
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __index__(self) -> int:
+        if self.dtype.kind not in "iu":
+            raise TypeError(f"only integer tensors can be used as an index, not {self.dtype}")
+        return int(self.item())
+
+    def __len__(self) -> int:
+        shape = self.shape
+        if not shape:
+            raise TypeError("len() of a 0-d tensor")
+        return shape[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def data(self) -> Tensor:
+        """A detached Tensor sharing these values; assigning replaces the values in place."""
+        return self.detach()
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        if isinstance(value, Value):
+            self._data = value.realize_data()
+        else:
+            self._data = _to_backend(value, self.device, None, copy=False)[0]
+
+    def detach(self) -> Tensor:
+        """A new leaf Tensor with the same values and no graph."""
+        return _new_node(Tensor, None, (), self.realize_data(), False, self.device)
+
+    def to(self, device: Device) -> Tensor:
+        """A copy of this tensor on ``device`` (a new leaf)."""
+        if device == self.device:
+            return self
+        arr, _ = _to_backend(self, device, None, copy=False)
+        return _new_node(Tensor, None, (), arr, self.requires_grad, device)
+
+    def astype(self, dtype: Any) -> Tensor:
+        return _ops.astype(self, np.dtype(dtype))
+
+    # -- autodiff ----------------------------------------------------------------------------
+    def backward(self, out_grad: Tensor | None = None, *, create_graph: bool = True) -> None:
+        """Set ``.grad`` on every leaf that requires a gradient and reaches this tensor.
+
+        The seed is ones of this tensor's shape unless ``out_grad`` is given. Gradients are
+        built with ops, so with ``create_graph=True`` (needle's behaviour) they can be
+        differentiated again; ``create_graph=False`` records no graph for them.
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                "backward(): this tensor does not require a gradient: none of its inputs has "
+                "requires_grad=True, or it was made under no_grad()"
+            )
+        from .core.autodiff import backward as _backward
+
+        if out_grad is None:
+            out_grad = _ops.full_like(self, 1)
+        elif not isinstance(out_grad, Value):
+            out_grad = Tensor(out_grad, device=self.device, dtype=self.dtype,
+                              requires_grad=False)
+        if tuple(out_grad.shape) != tuple(self.shape):
+            raise ShapeError(f"backward(): out_grad shape {fmt_shape(out_grad.shape)} differs "
+                             f"from the tensor's shape {fmt_shape(self.shape)}")
+        with _GradMode(create_graph and _GRAD_ENABLED):
+            _backward(self, out_grad)
+
+    # -- printing ----------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        extra = f", device={self.device}" if self.device != cpu() else ""
+        if self.requires_grad:
+            extra += ", requires_grad=True"
+        if self._data is None:
+            what = self.op.name if self.op is not None else "placeholder"
+            return f"Tensor(<{what}: no value yet>, shape={fmt_shape(self.shape)}, " \
+                   f"dtype={self.dtype}{extra})"
+        body = np.array2string(self.numpy(), separator=", ", prefix="Tensor(")
+        return f"Tensor({body}, dtype={self.dtype}{extra})"
+
+    def __str__(self) -> str:
+        return str(self.numpy()) if self._data is not None else repr(self)
+
+    # -- operators (the op each one builds is needle's) -------------------------------------
+    def _other(self, other: Any) -> Any:
+        """A Tensor for non-scalar array operands; scalars stay Python numbers."""
+        if isinstance(other, np.ndarray) and other.size != 1:
+            return Tensor(other, device=self.device, requires_grad=False)
+        return other
+
+    def __add__(self, other: Any) -> Tensor:
+        other = self._other(other)
+        if isinstance(other, Value):
+            return _ops.add(self, other)
+        return _ops.add_scalar(self, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Any) -> Tensor:
+        other = self._other(other)
+        if isinstance(other, Value):
+            return _ops.add(self, _ops.negate(other))
+        return _ops.add_scalar(self, -other)
+
+    def __rsub__(self, other: Any) -> Tensor:
+        other = self._other(other)
+        if isinstance(other, Value):
+            return _ops.add(other, _ops.negate(self))
+        return _ops.add_scalar(_ops.negate(self), other)
+
+    def __mul__(self, other: Any) -> Tensor:
+        other = self._other(other)
+        if isinstance(other, Value):
+            return _ops.multiply(self, other)
+        return _ops.mul_scalar(self, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> Tensor:
+        other = self._other(other)
+        if isinstance(other, Value):
+            return _ops.divide(self, other)
+        return _ops.divide_scalar(self, other)
+
+    def __rtruediv__(self, other: Any) -> Tensor:
+        other = self._other(other)
+        if isinstance(other, Value):
+            return _ops.divide(other, self)
+        return _ops.mul_scalar(_ops.power_scalar(self, -1), other)
+
+    def __pow__(self, other: Any) -> Tensor:
+        other = self._other(other)
+        if isinstance(other, Value):
+            return _ops.power(self, other)
+        return _ops.power_scalar(self, other)
+
+    def __rpow__(self, other: Any) -> Tensor:
+        # s ** x = exp(x * log(s)) for a positive scalar base
+        return _ops.exp(_ops.mul_scalar(self, float(np.log(other))))
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return _ops.matmul(self, self._other(other))
+
+    def __rmatmul__(self, other: Any) -> Tensor:
+        return _ops.matmul(self._other(other), self)
+
+    def __neg__(self) -> Tensor:
+        return _ops.negate(self)
+
+    def _compare(self, other: Any, kind: str) -> Tensor:
+        other = self._other(other)
+        if isinstance(other, Value):
+            return _ops.compare(self, other, kind)
+        return _ops.compare_scalar(self, other, kind)
+
+    def __lt__(self, other: Any) -> Tensor:
+        return self._compare(other, "lt")
+
+    def __le__(self, other: Any) -> Tensor:
+        return self._compare(other, "le")
+
+    def __gt__(self, other: Any) -> Tensor:
+        return self._compare(other, "gt")
+
+    def __ge__(self, other: Any) -> Tensor:
+        return self._compare(other, "ge")
+
+    # Tensor keeps identity equality and hashing: user code compares tuples of tensors by
+    # identity, and graph passes use nodes as dict keys.
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
+
+    def __getitem__(self, index: Any) -> Tensor:
+        return _ops.getitem(self, index)
+
+    def retain_grad(self) -> None:
+        """Also keep ``.grad`` on this non-leaf tensor at the next backward."""
+        self.meta = _with_retain(self.meta)
+
+
+class _NodeMeta:
+    """Optional per-node facts for front-ends: a name, the creating source line, flags."""
+
+    __slots__ = ("name", "source", "retain_grad")
+
+    def __init__(self, name: str | None = None, source: str | None = None) -> None:
+        self.name = name
+        self.source = source
+        self.retain_grad = False
+
+
+def _with_retain(meta: _NodeMeta | None) -> _NodeMeta:
+    meta = meta or _NodeMeta()
+    meta.retain_grad = True
+    return meta
+
+
+def from_numpy(array: np.ndarray, requires_grad: bool = False) -> Tensor:
+    """A leaf Tensor sharing memory with a NumPy array (no copy), like ``torch.from_numpy``."""
+    return Tensor.make_const(np.asarray(array), requires_grad=requires_grad)
+
+
+from .core import api as _ops  # noqa: E402 - the op API needs Tensor defined first
+
+_ops.install_tensor_methods(Tensor)
+__all__ += ["NDArray", "from_numpy", "recording"]

@@ -1,0 +1,1 @@
+"""The core: op registry, primitives and reverse-mode autodiff; the only code defining ops."""

@@ -1,0 +1,428 @@
+"""Elementwise primitives: arithmetic, activations, comparisons, casts.
+
+Binary ops broadcast their operands as NumPy does; their gradients return adjoints of the
+broadcast shape and the autodiff engine sums them back to each input (in one place).
+Compute code calls NumPy functions that dispatch on their arguments, so the same code runs
+on CuPy arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import api as F
+from .registry import Aval, Op, ShapeError, fmt_shape, register
+
+
+def scalar_value(value: Any) -> int | float | bool:
+    """A Python number from a number or a one-element array (hashable op attribute)."""
+    if isinstance(value, bool | int | float):
+        return value
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise ShapeError(f"expected a scalar or one-element array, got shape {arr.shape}")
+    return arr.item()
+
+
+def broadcast_shapes(op_name: str, *shapes: tuple) -> tuple:
+    """NumPy broadcasting of static shapes, where None (unknown) dims are allowed."""
+    ndim = max(len(s) for s in shapes)
+    out = []
+    for i in range(ndim):
+        dims = [s[len(s) - ndim + i] for s in shapes if len(s) - ndim + i >= 0]
+        known = {d for d in dims if d is not None and d != 1}
+        if len(known) > 1:
+            listed = " and ".join(fmt_shape(s) for s in shapes)
+            raise ShapeError(f"{op_name}: shapes {listed} do not broadcast "
+                             f"(axis {i - ndim}: sizes {sorted(known)})")
+        if known:
+            out.append(known.pop())
+        elif None in dims:
+            out.append(None)
+        else:
+            out.append(1)
+    return tuple(out)
+
+
+def _float_dtype(dtype: np.dtype) -> np.dtype:
+    return dtype if dtype.kind in "fc" else np.dtype(np.float64)
+
+
+class UnaryOp(Op):
+    """Same shape out; transcendental ops give floats."""
+
+    float_result = False
+
+    def infer(self, a: Aval) -> Aval:
+        return Aval(a.shape, _float_dtype(a.dtype) if self.float_result else a.dtype)
+
+
+class BinaryOp(Op):
+    """Broadcast shape out, NumPy's dtype promotion."""
+
+    def infer(self, a: Aval, b: Aval) -> Aval:
+        return Aval(broadcast_shapes(self.name, a.shape, b.shape),
+                    np.result_type(a.dtype, b.dtype))
+
+
+class ScalarOp(UnaryOp):
+    """An op with one tensor and one Python-number attribute ``scalar``."""
+
+    def __init__(self, scalar: Any) -> None:
+        self.scalar = scalar_value(scalar)
+
+    def infer(self, a: Aval) -> Aval:
+        return Aval(a.shape, np.result_type(a.dtype, self.scalar))
+
+
+# -- arithmetic ------------------------------------------------------------------------------
+@register("add", inputs=("a", "b"))
+class EWiseAdd(BinaryOp):
+    """a + b, broadcast."""
+
+    def compute(self, a, b):
+        return a + b
+
+    def gradient(self, out_grad, node):
+        return out_grad, out_grad
+
+
+@register("add_scalar", inputs=("a",))
+class AddScalar(ScalarOp):
+    """a + scalar."""
+
+    def compute(self, a):
+        return a + self.scalar
+
+    def gradient(self, out_grad, node):
+        return out_grad
+
+
+@register("multiply", inputs=("a", "b"))
+class EWiseMul(BinaryOp):
+    """a * b, broadcast."""
+
+    def compute(self, a, b):
+        return a * b
+
+    def gradient(self, out_grad, node):
+        a, b = node.inputs
+        return out_grad * b, out_grad * a
+
+
+@register("mul_scalar", inputs=("a",))
+class MulScalar(ScalarOp):
+    """a * scalar."""
+
+    def compute(self, a):
+        return a * self.scalar
+
+    def gradient(self, out_grad, node):
+        return out_grad * self.scalar
+
+
+@register("divide", inputs=("a", "b"))
+class EWiseDiv(BinaryOp):
+    """a / b, broadcast."""
+
+    def compute(self, a, b):
+        return a / b
+
+    def gradient(self, out_grad, node):
+        b = node.inputs[1]
+        grad_a = out_grad / b
+        # d(a/b)/db = -a / b**2 = -(1/b) * out
+        return grad_a, -(grad_a * node)
+
+
+@register("divide_scalar", inputs=("a",))
+class DivScalar(ScalarOp):
+    """a / scalar."""
+
+    def compute(self, a):
+        return a / self.scalar
+
+    def gradient(self, out_grad, node):
+        return out_grad / self.scalar
+
+
+@register("power_scalar", inputs=("a",))
+class PowerScalar(ScalarOp):
+    """a ** scalar (an integer or real exponent)."""
+
+    def compute(self, a):
+        return a**self.scalar
+
+    def gradient(self, out_grad, node):
+        a = node.inputs[0]
+        if self.scalar == 0:
+            return out_grad * 0
+        if self.scalar == 1:
+            return out_grad
+        if self.scalar == 2:
+            return out_grad * (a * 2)
+        return out_grad * (a ** (self.scalar - 1) * self.scalar)
+
+
+@register("power", inputs=("a", "b"))
+class EWisePow(BinaryOp):
+    """a ** b elementwise, differentiable in both (a > 0 where b's gradient is needed)."""
+
+    def compute(self, a, b):
+        return a**b
+
+    def gradient(self, out_grad, node):
+        a, b = node.inputs
+        grad_a = out_grad * b * a ** (b - 1)
+        grad_b = out_grad * node * F.log(a) if b.requires_grad else None
+        return grad_a, grad_b
+
+
+@register("negate", inputs=("a",))
+class Negate(UnaryOp):
+    """-a."""
+
+    def compute(self, a):
+        return -a
+
+    def gradient(self, out_grad, node):
+        return -out_grad
+
+
+# -- transcendental and activations ------------------------------------------------------------
+@register("log", inputs=("a",), methods=("log",))
+class Log(UnaryOp):
+    """Natural logarithm."""
+
+    float_result = True
+
+    def compute(self, a):
+        return np.log(a)
+
+    def gradient(self, out_grad, node):
+        return out_grad / node.inputs[0]
+
+
+@register("exp", inputs=("a",), methods=("exp",))
+class Exp(UnaryOp):
+    """e ** a; the gradient reuses the output."""
+
+    float_result = True
+
+    def compute(self, a):
+        return np.exp(a)
+
+    def gradient(self, out_grad, node):
+        return out_grad * node
+
+
+@register("relu", inputs=("a",), methods=("relu",))
+class ReLU(UnaryOp):
+    """max(a, 0); gradient 0 at a = 0, as in PyTorch."""
+
+    def compute(self, a):
+        return np.maximum(a, 0)
+
+    def gradient(self, out_grad, node):
+        return out_grad * F.compare_scalar(node.inputs[0], 0, "gt")
+
+
+@register("tanh", inputs=("a",), methods=("tanh",))
+class Tanh(UnaryOp):
+    """Hyperbolic tangent; gradient 1 - out**2."""
+
+    float_result = True
+
+    def compute(self, a):
+        return np.tanh(a)
+
+    def gradient(self, out_grad, node):
+        return out_grad * (1 - node * node)
+
+
+@register("sigmoid", inputs=("a",), methods=("sigmoid",))
+class Sigmoid(UnaryOp):
+    """1 / (1 + exp(-a)), computed as (1 + tanh(a/2)) / 2 so no exp can overflow."""
+
+    float_result = True
+
+    def compute(self, a):
+        out = np.tanh(a * 0.5)
+        out += 1
+        out *= 0.5
+        return out
+
+    def gradient(self, out_grad, node):
+        return out_grad * (node * (1 - node))
+
+
+@register("sqrt", inputs=("a",), methods=("sqrt",))
+class Sqrt(UnaryOp):
+    """Square root; gradient 1 / (2 out)."""
+
+    float_result = True
+
+    def compute(self, a):
+        return np.sqrt(a)
+
+    def gradient(self, out_grad, node):
+        return out_grad / (node * 2)
+
+
+@register("abs", inputs=("a",), methods=("abs",))
+class Abs(UnaryOp):
+    """|a|; gradient sign(a) (0 at 0)."""
+
+    def compute(self, a):
+        return np.abs(a)
+
+    def gradient(self, out_grad, node):
+        return out_grad * F.sign(node.inputs[0])
+
+
+@register("erf", inputs=("a",))
+class Erf(UnaryOp):
+    """The error function, to within 1.2e-7 (Numerical Recipes' erfc Chebyshev fit).
+
+    NumPy has no erf; this keeps GELU exact to float32 precision without SciPy.
+    """
+
+    float_result = True
+
+    def compute(self, a):
+        z = np.abs(a)
+        t = 1.0 / (1.0 + 0.5 * z)
+        poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+            -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+                -0.82215223 + t * 0.17087277))))))))
+        out = 1.0 - t * np.exp(poly)
+        return (np.sign(a) * out).astype(a.dtype, copy=False)
+
+    def gradient(self, out_grad, node):
+        # d erf(x) / dx = 2 / sqrt(pi) * exp(-x^2)
+        a = node.inputs[0]
+        return out_grad * (F.exp(-(a * a)) * (2.0 / np.sqrt(np.pi)))
+
+
+@register("maximum", inputs=("a", "b"))
+class Maximum(BinaryOp):
+    """Elementwise max(a, b); at ties each input gets half the gradient (as PyTorch)."""
+
+    def compute(self, a, b):
+        return np.maximum(a, b)
+
+    def gradient(self, out_grad, node):
+        a, b = node.inputs
+        dtype = out_grad.dtype
+        tie_half = F.astype(F.compare(a, b, "eq"), dtype) * 0.5
+        to_a = F.astype(F.compare(a, b, "gt"), dtype) + tie_half
+        to_b = F.astype(F.compare(a, b, "lt"), dtype) + tie_half
+        return out_grad * to_a, out_grad * to_b
+
+
+@register("where", inputs=("condition", "a", "b"))
+class Where(Op):
+    """``condition ? a : b`` elementwise, broadcast; the condition gets no gradient."""
+
+    def compute(self, condition, a, b):
+        return np.where(condition, a, b)
+
+    def gradient(self, out_grad, node):
+        condition = node.inputs[0]
+        zeros = F.full_like(out_grad, 0)
+        return None, F.where(condition, out_grad, zeros), F.where(condition, zeros, out_grad)
+
+    def infer(self, condition: Aval, a: Aval, b: Aval) -> Aval:
+        shape = broadcast_shapes(self.name, condition.shape, a.shape, b.shape)
+        return Aval(shape, np.result_type(a.dtype, b.dtype))
+
+
+# -- non-differentiable ops ------------------------------------------------------------------
+_COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+            "eq": np.equal, "ne": np.not_equal}
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in _COMPARE:
+        raise ValueError(f"compare: kind must be one of {sorted(_COMPARE)}, got {kind!r}")
+    return kind
+
+
+@register("compare", inputs=("a", "b"))
+class Compare(BinaryOp):
+    """Elementwise comparison a <kind> b (lt, le, gt, ge, eq, ne) as a bool tensor."""
+
+    differentiable = False
+
+    def __init__(self, kind: str) -> None:
+        self.kind = _check_kind(kind)
+
+    def compute(self, a, b):
+        return _COMPARE[self.kind](a, b)
+
+    def infer(self, a: Aval, b: Aval) -> Aval:
+        return Aval(broadcast_shapes(self.name, a.shape, b.shape), np.dtype(bool))
+
+
+@register("compare_scalar", inputs=("a",))
+class CompareScalar(UnaryOp):
+    """Elementwise comparison with a Python number, as a bool tensor."""
+
+    differentiable = False
+
+    def __init__(self, scalar: Any, kind: str) -> None:
+        self.scalar = scalar_value(scalar)
+        self.kind = _check_kind(kind)
+
+    def compute(self, a):
+        return _COMPARE[self.kind](a, self.scalar)
+
+    def infer(self, a: Aval) -> Aval:
+        return Aval(a.shape, np.dtype(bool))
+
+
+@register("sign", inputs=("a",))
+class Sign(UnaryOp):
+    """-1, 0 or 1 by the sign of a (no gradient)."""
+
+    differentiable = False
+
+    def compute(self, a):
+        return np.sign(a)
+
+
+@register("full_like", inputs=("a",))
+class FullLike(UnaryOp):
+    """A tensor of a's shape filled with ``fill_value`` (a's dtype unless ``dtype`` is given)."""
+
+    differentiable = False
+
+    def __init__(self, fill_value: Any, dtype: Any = None) -> None:
+        self.fill_value = scalar_value(fill_value)
+        self.dtype = None if dtype is None else np.dtype(dtype).name
+
+    def compute(self, a):
+        return np.full_like(a, self.fill_value, dtype=self.dtype)
+
+    def infer(self, a: Aval) -> Aval:
+        return Aval(a.shape, np.dtype(self.dtype) if self.dtype else a.dtype)
+
+
+@register("astype", inputs=("a",))
+class AsType(UnaryOp):
+    """a converted to ``dtype``; the gradient converts back."""
+
+    def __init__(self, dtype: Any) -> None:
+        self.dtype = np.dtype(dtype).name
+
+    def compute(self, a):
+        return a.astype(self.dtype, copy=False)
+
+    def gradient(self, out_grad, node):
+        return F.astype(out_grad, node.inputs[0].dtype)
+
+    def infer(self, a: Aval) -> Aval:
+        return Aval(a.shape, np.dtype(self.dtype))
+

@@ -1,0 +1,137 @@
+"""Reductions: sum, mean, max, logsumexp, and the softmax family (stable by construction)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import api as F
+from .ops_shape import as_axes, normalize_axes
+from .registry import Aval, Op, register
+
+
+class Reduction(Op):
+    """An op that reduces ``axes`` (None: all); ``keepdims`` keeps them as size 1."""
+
+    def __init__(self, axes: Any = None, keepdims: bool = False) -> None:
+        self.axes = as_axes(axes)
+        self.keepdims = bool(keepdims)
+
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        return normalize_axes(self.name, self.axes, ndim)
+
+    def kept_shape(self, shape: tuple) -> tuple:
+        """The input shape with the reduced axes set to 1."""
+        axes = self._axes(len(shape))
+        return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+    def infer(self, a: Aval) -> Aval:
+        axes = self._axes(len(a.shape))
+        if self.keepdims:
+            return Aval(self.kept_shape(a.shape), a.dtype)
+        return Aval(tuple(d for i, d in enumerate(a.shape) if i not in axes), a.dtype)
+
+    def expand(self, out_grad: Any, node: Any) -> Any:
+        """The output adjoint broadcast back over the reduced axes."""
+        shape = node.inputs[0].shape
+        if not self.keepdims:
+            out_grad = F.reshape(out_grad, self.kept_shape(shape))
+        return F.broadcast_to(out_grad, shape)
+
+
+@register("summation", inputs=("a",), methods=("sum",))
+class Summation(Reduction):
+    """Sum over ``axes`` (None: all), removing them unless ``keepdims``."""
+
+    def compute(self, a):
+        return np.sum(a, axis=self._axes(a.ndim), keepdims=self.keepdims)
+
+    def gradient(self, out_grad, node):
+        return self.expand(out_grad, node)
+
+
+@register("mean", inputs=("a",), methods=("mean",))
+class Mean(Reduction):
+    """Mean over ``axes`` (None: all)."""
+
+    def compute(self, a):
+        return np.mean(a, axis=self._axes(a.ndim), keepdims=self.keepdims)
+
+    def gradient(self, out_grad, node):
+        shape = node.inputs[0].shape
+        count = int(np.prod([shape[i] for i in self._axes(len(shape))]))
+        return self.expand(out_grad, node) / count
+
+
+@register("max", inputs=("a",), methods=("max",))
+class Max(Reduction):
+    """Maximum over ``axes``; tied maxima share the gradient equally (as ``torch.amax``)."""
+
+    def compute(self, a):
+        return np.max(a, axis=self._axes(a.ndim), keepdims=self.keepdims)
+
+    def gradient(self, out_grad, node):
+        a = node.inputs[0]
+        peak = F.broadcast_to(F.reshape(node, self.kept_shape(a.shape)), a.shape)
+        mask = F.astype(F.compare(a, peak, "eq"), out_grad.dtype)
+        count = F.summation(mask, self.axes, keepdims=True)
+        return self.expand(out_grad, node) * (mask / count)
+
+
+@register("logsumexp", inputs=("a",))
+class LogSumExp(Reduction):
+    """log(sum(exp(a))) over ``axes``, stable: the max of each slice is taken out first."""
+
+    def compute(self, a):
+        axes = self._axes(a.ndim)
+        peak = np.max(a, axis=axes, keepdims=True)
+        # NOTE: a slice of all -inf has max -inf; use 0 there so it gives -inf, not nan
+        peak = np.where(np.isfinite(peak), peak, 0)
+        out = np.log(np.sum(np.exp(a - peak), axis=axes, keepdims=True)) + peak
+        return out if self.keepdims else np.squeeze(out, axis=axes)
+
+    def gradient(self, out_grad, node):
+        # d lse / da = exp(a - lse): a softmax, bounded by 1, so it cannot overflow
+        a = node.inputs[0]
+        lse = F.broadcast_to(F.reshape(node, self.kept_shape(a.shape)), a.shape)
+        return self.expand(out_grad, node) * F.exp(a - lse)
+
+
+class AxisOp(Op):
+    """An op along one ``axis`` that keeps the input's shape."""
+
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = int(axis)
+
+    def infer(self, a: Aval) -> Aval:
+        normalize_axes(self.name, self.axis, len(a.shape))
+        return a
+
+
+@register("logsoftmax", inputs=("a",))
+class LogSoftmax(AxisOp):
+    """a - logsumexp(a) along ``axis`` (default the last), stable."""
+
+    def compute(self, a):
+        peak = np.max(a, axis=self.axis, keepdims=True)
+        shifted = a - peak
+        return shifted - np.log(np.sum(np.exp(shifted), axis=self.axis, keepdims=True))
+
+    def gradient(self, out_grad, node):
+        total = F.summation(out_grad, self.axis, keepdims=True)
+        return out_grad - F.exp(node) * total
+
+
+@register("softmax", inputs=("a",))
+class Softmax(AxisOp):
+    """exp(a) / sum(exp(a)) along ``axis`` (default the last), stable."""
+
+    def compute(self, a):
+        out = np.exp(a - np.max(a, axis=self.axis, keepdims=True))
+        out /= np.sum(out, axis=self.axis, keepdims=True)
+        return out
+
+    def gradient(self, out_grad, node):
+        weighted = F.summation(out_grad * node, self.axis, keepdims=True)
+        return node * (out_grad - weighted)

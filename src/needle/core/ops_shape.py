@@ -1,0 +1,498 @@
+"""Shape primitives: reshape, broadcast, transpose, stack/split, flip, dilate, indexing, padding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import api as F
+from .registry import Aval, Op, ShapeError, fmt_shape, register
+
+
+def normalize_axis(op_name: str, axis: int, ndim: int) -> int:
+    """A non-negative axis, or a ShapeError naming the op."""
+    if not -ndim <= axis < max(ndim, 1):
+        raise ShapeError(f"{op_name}: axis {axis} is out of range for a {ndim}-d input")
+    return axis % max(ndim, 1)
+
+
+def normalize_axes(op_name: str, axes: Any, ndim: int) -> tuple[int, ...]:
+    """Sorted non-negative axes from None (all), an int or a sequence."""
+    if axes is None:
+        return tuple(range(ndim))
+    if isinstance(axes, int | np.integer):
+        axes = (int(axes),)
+    out = tuple(sorted({normalize_axis(op_name, int(a), ndim) for a in axes}))
+    if len(out) != len(tuple(axes)):
+        raise ShapeError(f"{op_name}: repeated axis in {tuple(axes)}")
+    return out
+
+
+def as_axes(axes: Any) -> tuple | None:
+    """An op attribute for axes: None, or a tuple of ints."""
+    if axes is None:
+        return None
+    if isinstance(axes, int | np.integer):
+        return (int(axes),)
+    return tuple(int(a) for a in axes)
+
+
+def as_shape(shape: Any) -> tuple:
+    """An op attribute for a shape: a tuple of ints (None or -1 for unknown)."""
+    if isinstance(shape, int | np.integer):
+        return (int(shape),)
+    return tuple(None if d is None else int(d) for d in shape)
+
+
+@register("reshape", inputs=("a",), methods=("reshape",))
+class Reshape(Op):
+    """a with a new shape of the same size; one dim may be -1 (or None): inferred."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = tuple(-1 if d is None else d for d in as_shape(shape))
+
+    def compute(self, a):
+        return np.reshape(a, self.shape)
+
+    def gradient(self, out_grad, node):
+        return F.reshape(out_grad, node.inputs[0].shape)
+
+    def infer(self, a: Aval) -> Aval:
+        if self.shape.count(-1) > 1:
+            raise ShapeError(f"reshape: at most one unknown (-1) dim allowed, got {self.shape}")
+        known = int(np.prod([d for d in self.shape if d != -1]))
+        if None in a.shape:
+            out = tuple(None if d == -1 else d for d in self.shape)
+            return Aval(out, a.dtype)
+        size = int(np.prod(a.shape))
+        if -1 in self.shape:
+            if known == 0 or size % known:
+                raise ShapeError(f"reshape: cannot reshape {fmt_shape(a.shape)} ({size} elements)"
+                                 f" to {fmt_shape(self.shape)}")
+            return Aval(tuple(size // known if d == -1 else d for d in self.shape), a.dtype)
+        if known != size:
+            raise ShapeError(f"reshape: cannot reshape {fmt_shape(a.shape)} ({size} elements) to "
+                             f"{fmt_shape(self.shape)} ({known} elements)")
+        return Aval(self.shape, a.dtype)
+
+
+def _broadcast_target(op_name: str, in_shape: tuple, shape: tuple) -> tuple:
+    """Static output shape of broadcast_to; None in ``shape`` keeps the input's dim."""
+    if len(shape) < len(in_shape):
+        raise ShapeError(f"{op_name}: cannot broadcast {fmt_shape(in_shape)} to "
+                         f"{fmt_shape(shape)} (fewer dims)")
+    lead = len(shape) - len(in_shape)
+    out = list(shape)
+    for i, d in enumerate(in_shape):
+        target = shape[lead + i]
+        if target is None:
+            out[lead + i] = d
+        elif d is not None and d != 1 and d != target:
+            raise ShapeError(f"{op_name}: cannot broadcast {fmt_shape(in_shape)} to "
+                             f"{fmt_shape(shape)}: axis {lead + i} has size {d}, not 1 or {target}")
+    return tuple(out)
+
+
+@register("broadcast_to", inputs=("a",), methods=("broadcast_to",))
+class BroadcastTo(Op):
+    """a repeated along size-1 and new leading axes to ``shape`` (a read-only view)."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = as_shape(shape)
+
+    def compute(self, a):
+        shape = self.shape
+        if None in shape:
+            shape = _broadcast_target(self.name, a.shape, shape)
+        return np.broadcast_to(a, shape)
+
+    def gradient(self, out_grad, node):
+        return F.sum_to(out_grad, node.inputs[0].shape)
+
+    def infer(self, a: Aval) -> Aval:
+        return Aval(_broadcast_target(self.name, a.shape, self.shape), a.dtype)
+
+
+@register("sum_to", inputs=("a",))
+class SumTo(Op):
+    """Sum a broadcast array back to ``shape`` (the inverse of broadcast_to; None keeps a dim)."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = as_shape(shape)
+
+    def _axes(self, in_shape: tuple) -> tuple[int, ...]:
+        lead = len(in_shape) - len(self.shape)
+        if lead < 0:
+            raise ShapeError(f"sum_to: cannot sum {fmt_shape(in_shape)} to "
+                             f"{fmt_shape(self.shape)} (more dims)")
+        return tuple(range(lead)) + tuple(
+            lead + i for i, d in enumerate(self.shape) if d == 1 and in_shape[lead + i] != 1)
+
+    def compute(self, a):
+        lead = a.ndim - len(self.shape)
+        axes = self._axes(a.shape)
+        out = np.sum(a, axis=axes, keepdims=True) if axes else a
+        return out.reshape(tuple(a.shape[lead + i] if d is None else d
+                                 for i, d in enumerate(self.shape)))
+
+    def gradient(self, out_grad, node):
+        return F.broadcast_to(out_grad, node.inputs[0].shape)
+
+    def infer(self, a: Aval) -> Aval:
+        self._axes(a.shape)
+        _broadcast_target(self.name, self.shape, a.shape)
+        return Aval(self.shape, a.dtype)
+
+
+@register("transpose", inputs=("a",), methods=("transpose",))
+class Transpose(Op):
+    """a with two axes swapped; ``axes=None`` swaps the last two (needle's transpose)."""
+
+    def __init__(self, axes: Any = None) -> None:
+        self.axes = as_axes(axes)
+        if self.axes is not None and len(self.axes) != 2:
+            raise ShapeError(f"transpose: axes must name exactly two axes, got {self.axes}; "
+                             "use permute for a full permutation")
+
+    def _pair(self, ndim: int) -> tuple[int, int]:
+        if ndim < 2:
+            raise ShapeError(f"transpose: needs at least 2 dims, got {ndim}")
+        x, y = self.axes if self.axes is not None else (-1, -2)
+        return normalize_axis(self.name, x, ndim), normalize_axis(self.name, y, ndim)
+
+    def compute(self, a):
+        return np.swapaxes(a, *self._pair(a.ndim))
+
+    def gradient(self, out_grad, node):
+        return F.transpose(out_grad, self.axes)
+
+    def infer(self, a: Aval) -> Aval:
+        x, y = self._pair(len(a.shape))
+        shape = list(a.shape)
+        shape[x], shape[y] = shape[y], shape[x]
+        return Aval(tuple(shape), a.dtype)
+
+
+@register("permute", inputs=("a",), methods=("permute",))
+class Permute(Op):
+    """a with its axes reordered (``np.transpose(a, axes)``)."""
+
+    def __init__(self, axes: Any) -> None:
+        self.axes = as_axes(axes)
+
+    def compute(self, a):
+        return np.transpose(a, self.axes)
+
+    def gradient(self, out_grad, node):
+        return F.permute(out_grad, tuple(int(i) for i in np.argsort(self.axes)))
+
+    def infer(self, a: Aval) -> Aval:
+        if sorted(normalize_axis(self.name, x, len(a.shape)) for x in self.axes) != list(
+                range(len(a.shape))):
+            raise ShapeError(f"permute: axes {self.axes} are not a permutation of the "
+                             f"{len(a.shape)} axes of {fmt_shape(a.shape)}")
+        return Aval(tuple(a.shape[i] for i in self.axes), a.dtype)
+
+
+# -- tuples -----------------------------------------------------------------------------------
+@register("make_tuple", inputs=("*args",))
+class MakeTuple(Op):
+    """A TensorTuple of the given tensors."""
+
+    returns_tuple = True
+
+    def compute(self, *arrays):
+        return tuple(arrays)
+
+    def gradient(self, out_grad, node):
+        return tuple(out_grad[i] for i in range(len(node.inputs)))
+
+    def infer(self, *avals: Aval) -> tuple:
+        return tuple(avals)
+
+
+@register("tuple_get_item", inputs=("a",))
+class TupleGetItem(Op):
+    """Item ``index`` of a TensorTuple."""
+
+    def __init__(self, index: int) -> None:
+        self.index = int(index)
+
+    def compute(self, a):
+        return a[self.index]
+
+    def gradient(self, out_grad, node):
+        source = node.inputs[0]
+        return F.make_tuple(*[out_grad if i == self.index else F.full_like(source[i], 0)
+                              for i in range(len(source))])
+
+    def infer(self, a: tuple) -> Aval:
+        return a[self.index]
+
+
+@register("stack", inputs=("args",), tuple_input=True)
+class Stack(Op):
+    """Tensors of one shape stacked along a new ``axis``."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = int(axis)
+
+    def compute(self, arrays):
+        return np.stack(arrays, axis=self.axis)
+
+    def gradient(self, out_grad, node):
+        return F.split(out_grad, self.axis)
+
+    def infer(self, avals: tuple) -> Aval:
+        if not avals:
+            raise ShapeError("stack: needs at least one tensor")
+        shapes = {a.shape for a in avals}
+        if len(shapes) > 1:
+            raise ShapeError(f"stack: all tensors must have one shape, got "
+                             f"{', '.join(fmt_shape(s) for s in shapes)}")
+        shape = list(avals[0].shape)
+        shape.insert(normalize_axis(self.name, self.axis, len(shape) + 1), len(avals))
+        return Aval(tuple(shape), np.result_type(*[a.dtype for a in avals]))
+
+
+@register("split", inputs=("a",))
+class Split(Op):
+    """A TensorTuple of the slices of a along ``axis`` (the axis removed): stack's inverse."""
+
+    returns_tuple = True
+
+    def __init__(self, axis: int) -> None:
+        self.axis = int(axis)
+
+    def compute(self, a):
+        return tuple(np.moveaxis(a, self.axis, 0))
+
+    def gradient(self, out_grad, node):
+        return F.stack(out_grad, self.axis)
+
+    def infer(self, a: Aval) -> tuple:
+        axis = normalize_axis(self.name, self.axis, len(a.shape))
+        n = a.shape[axis]
+        if n is None:
+            raise ShapeError(f"split: the size of axis {axis} of {fmt_shape(a.shape)} must be "
+                             "known to split along it")
+        item = Aval(a.shape[:axis] + a.shape[axis + 1:], a.dtype)
+        return (item,) * n
+
+
+# -- flip, dilate -----------------------------------------------------------------------------
+@register("flip", inputs=("a",))
+class Flip(Op):
+    """a reversed along ``axes`` (``np.flip``)."""
+
+    def __init__(self, axes: Any) -> None:
+        self.axes = as_axes(axes)
+
+    def compute(self, a):
+        return np.flip(a, self.axes)
+
+    def gradient(self, out_grad, node):
+        return F.flip(out_grad, self.axes)
+
+    def infer(self, a: Aval) -> Aval:
+        normalize_axes(self.name, self.axes, len(a.shape))
+        return a
+
+
+def _stride_slices(ndim: int, axes: tuple, step: int) -> tuple:
+    sl = [slice(None)] * ndim
+    for ax in axes:
+        sl[ax] = slice(None, None, step)
+    return tuple(sl)
+
+
+@register("dilate", inputs=("a",))
+class Dilate(Op):
+    """``dilation`` zeros after every element along ``axes`` (size n becomes n*(1+dilation))."""
+
+    def __init__(self, axes: Any, dilation: int) -> None:
+        self.axes = as_axes(axes)
+        self.dilation = int(dilation)
+
+    def compute(self, a):
+        axes = normalize_axes(self.name, self.axes, a.ndim)
+        shape = tuple(n * (1 + self.dilation) if i in axes else n for i, n in enumerate(a.shape))
+        out = np.zeros_like(a, shape=shape)
+        out[_stride_slices(a.ndim, axes, 1 + self.dilation)] = a
+        return out
+
+    def gradient(self, out_grad, node):
+        return F.undilate(out_grad, self.axes, self.dilation)
+
+    def infer(self, a: Aval) -> Aval:
+        axes = normalize_axes(self.name, self.axes, len(a.shape))
+        return Aval(tuple(None if n is None else n * (1 + self.dilation) if i in axes else n
+                          for i, n in enumerate(a.shape)), a.dtype)
+
+
+@register("undilate", inputs=("a",))
+class UnDilate(Op):
+    """Every (1+dilation)-th element along ``axes``: the inverse of dilate."""
+
+    def __init__(self, axes: Any, dilation: int) -> None:
+        self.axes = as_axes(axes)
+        self.dilation = int(dilation)
+
+    def _index(self, ndim: int) -> tuple:
+        axes = normalize_axes(self.name, self.axes, ndim)
+        return _stride_slices(ndim, axes, 1 + self.dilation)
+
+    def compute(self, a):
+        return a[self._index(a.ndim)]
+
+    def gradient(self, out_grad, node):
+        a = node.inputs[0]
+        return F.scatter(out_grad, self._index(len(a.shape)), a.shape)
+
+    def infer(self, a: Aval) -> Aval:
+        axes = normalize_axes(self.name, self.axes, len(a.shape))
+        step = 1 + self.dilation
+        return Aval(tuple(None if n is None else -(-n // step) if i in axes else n
+                          for i, n in enumerate(a.shape)), a.dtype)
+
+
+# -- indexing and padding ---------------------------------------------------------------------
+def normalize_index(index: Any) -> tuple:
+    """A tuple index of ints, slices, None, Ellipsis and NumPy integer/bool arrays."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    out = []
+    for item in index:
+        if hasattr(item, "realize_data"):  # a Tensor used as an index array
+            item = item.numpy()
+        if isinstance(item, list):
+            item = np.asarray(item)
+        if isinstance(item, np.ndarray) and item.dtype.kind not in "iub":
+            if item.dtype.kind == "f" and np.all(item == np.round(item)):
+                item = item.astype(np.int64)
+            else:
+                raise IndexError(f"getitem: index arrays must hold integers or bools, "
+                                 f"got {item.dtype}")
+        if isinstance(item, np.integer):
+            item = int(item)
+        out.append(item)
+    return tuple(out)
+
+
+def _index_key(index: tuple) -> tuple:
+    """A hashable form of an index (slices and arrays are not hashable everywhere)."""
+    key = []
+    for item in index:
+        if isinstance(item, slice):
+            key.append(("slice", item.start, item.stop, item.step))
+        elif isinstance(item, np.ndarray):
+            key.append(("array", item.shape, item.dtype.str, item.tobytes()))
+        else:
+            key.append(item)
+    return tuple(key)
+
+
+def _is_advanced(index: tuple) -> bool:
+    return any(isinstance(item, np.ndarray) for item in index)
+
+
+_UNKNOWN = 2**40  # stands in for unknown dims when deriving static shapes from NumPy
+
+
+def _indexed_shape(op_name: str, shape: tuple, index: tuple) -> tuple:
+    """The shape of ``x[index]`` for an x of ``shape`` (None dims allowed for basic indexing)."""
+    if None in shape and _is_advanced(index):
+        raise ShapeError(f"{op_name}: array indexing needs a fully known input shape, got "
+                         f"{fmt_shape(shape)}")
+    dummy = np.broadcast_to(np.empty((), dtype=np.int8),
+                            tuple(_UNKNOWN if d is None else d for d in shape))
+    try:
+        out = dummy[index].shape
+    except IndexError as exc:
+        raise ShapeError(f"{op_name}: index {index!r} does not fit shape {fmt_shape(shape)}: "
+                         f"{exc}") from None
+    return tuple(None if d >= _UNKNOWN // 2 else d for d in out)
+
+
+@register("getitem", inputs=("a",))
+class GetItem(Op):
+    """``a[index]``: basic slicing and integer/bool array indexing; gradient scatters back."""
+
+    def __init__(self, index: Any) -> None:
+        self.index = normalize_index(index)
+
+    def attrs(self) -> tuple:
+        return (("index", _index_key(self.index)),)
+
+    def compute(self, a):
+        return a[self.index]
+
+    def gradient(self, out_grad, node):
+        return F.scatter(out_grad, self.index, node.inputs[0].shape)
+
+    def infer(self, a: Aval) -> Aval:
+        return Aval(_indexed_shape(self.name, a.shape, self.index), a.dtype)
+
+
+@register("scatter", inputs=("a",))
+class Scatter(Op):
+    """Zeros of ``shape`` with a added at ``index`` (repeats accumulate): getitem's adjoint."""
+
+    def __init__(self, index: Any, shape: Any) -> None:
+        self.index = normalize_index(index)
+        self.shape = as_shape(shape)
+
+    def attrs(self) -> tuple:
+        return (("index", _index_key(self.index)), ("shape", self.shape))
+
+    def compute(self, a):
+        out = np.zeros_like(a, shape=self.shape)
+        if _is_advanced(self.index):
+            np.add.at(out, self.index, a)
+        else:
+            out[self.index] = a
+        return out
+
+    def gradient(self, out_grad, node):
+        return F.getitem(out_grad, self.index)
+
+    def infer(self, a: Aval) -> Aval:
+        expected = _indexed_shape(self.name, self.shape, self.index)
+        broadcast_ok = len(a.shape) <= len(expected) and all(
+            x is None or y is None or x in (1, y)
+            for x, y in zip(a.shape[::-1], expected[::-1]))
+        if not broadcast_ok:
+            raise ShapeError(f"scatter: values of shape {fmt_shape(a.shape)} do not fit "
+                             f"index {self.index!r} of shape {fmt_shape(self.shape)}")
+        return Aval(self.shape, a.dtype)
+
+
+@register("pad", inputs=("a",))
+class Pad(Op):
+    """Zero padding: ``pad_width`` is one (before, after) pair per axis, as ``np.pad``."""
+
+    def __init__(self, pad_width: Any) -> None:
+        self.pad_width = tuple((int(lo), int(hi)) for lo, hi in pad_width)
+
+    def _inner(self) -> tuple:
+        return tuple(slice(lo, -hi if hi else None) for lo, hi in self.pad_width)
+
+    def compute(self, a):
+        if len(self.pad_width) != a.ndim:
+            raise ShapeError(f"pad: {len(self.pad_width)} (before, after) pairs for a "
+                             f"{a.ndim}-d input of shape {fmt_shape(a.shape)}")
+        shape = tuple(n + lo + hi for n, (lo, hi) in zip(a.shape, self.pad_width))
+        out = np.zeros_like(a, shape=shape)
+        out[self._inner()] = a
+        return out
+
+    def gradient(self, out_grad, node):
+        return F.getitem(out_grad, self._inner())
+
+    def infer(self, a: Aval) -> Aval:
+        if len(self.pad_width) != len(a.shape):
+            raise ShapeError(f"pad: {len(self.pad_width)} (before, after) pairs for a "
+                             f"{len(a.shape)}-d input of shape {fmt_shape(a.shape)}")
+        return Aval(tuple(None if n is None else n + lo + hi
+                          for n, (lo, hi) in zip(a.shape, self.pad_width)), a.dtype)
