@@ -15,7 +15,7 @@ import numpy as np
 from .backend import Device, NDArray, as_ndarray, cpu, device_of
 from .core import registry
 from .core.autodiff import find_topo_sort
-from .core.registry import Aval, Op, ShapeError, fmt_shape
+from .core.registry import Aval, NodeMeta, Op, ShapeError, fmt_shape
 
 __all__ = [
     "TENSOR_COUNTER", "Tensor", "TensorTuple", "Value", "enable_grad", "find_topo_sort",
@@ -91,6 +91,8 @@ def _to_backend(data: Any, device: Device | None, dtype: Any, copy: bool) -> tup
     elif isinstance(data, np.ndarray):
         arr = data.view(np.ndarray) if type(data) is not np.ndarray else data
         src = cpu()
+    elif isinstance(data, np.generic):
+        arr, src, copy = np.asarray(data), cpu(), False
     elif type(data).__module__.startswith("cupy"):
         arr, src = data, device_of(data)
     else:
@@ -185,22 +187,22 @@ def _op_error(op: Op, inputs: tuple, exc: Exception) -> Exception:
 
 def make_from_op(op: Op, inputs: tuple) -> Value:
     """Apply ``op`` to input nodes: compute now (eager) or record a lazy node (no data yet)."""
+    global TENSOR_COUNTER
     lazy = False
-    arrays = []
-    for x in inputs:
-        try:
-            data = x._data
-        except AttributeError:
-            raise TypeError(f"{op.name}: expected Tensor inputs, got {type(x).__name__}") from None
-        if data is None:
-            lazy = True
-        arrays.append(data)
     requires_grad = False
-    if _GRAD_ENABLED and op.differentiable:
+    arrays = []
+    try:
         for x in inputs:
+            data = x._data
+            if data is None:
+                lazy = True
             if x.requires_grad:
                 requires_grad = True
-                break
+            arrays.append(data)
+    except AttributeError:
+        bad = next(type(x).__name__ for x in inputs if not isinstance(x, Value))
+        raise TypeError(f"{op.name}: expected Tensor inputs, got {bad}") from None
+    requires_grad = requires_grad and _GRAD_ENABLED and op.differentiable
     cls = TensorTuple if op.returns_tuple else Tensor
     device = inputs[0].device if inputs else cpu()
     if lazy:
@@ -211,11 +213,23 @@ def make_from_op(op: Op, inputs: tuple) -> Value:
         data = op.compute(*arrays)
     except Exception as exc:  # noqa: BLE001 - rewrapped with the op name and shapes
         raise _op_error(op, inputs, exc) from exc
+    # inlined _new_node: this is the hot path of every eager op
+    node = object.__new__(cls)
+    TENSOR_COUNTER += 1
     if requires_grad or _RECORDING:
-        node = _new_node(cls, op, inputs, data, requires_grad, device)
+        node.op = op
+        node.inputs = inputs
     else:
-        node = _new_node(cls, None, (), data, False, device)
-    if cls is TensorTuple:
+        node.op = None
+        node.inputs = ()
+    node._data = data
+    node.requires_grad = requires_grad
+    node.device = device
+    node.meta = None
+    if cls is Tensor:
+        node._aval = None
+        node.grad = None
+    else:
         node._aval = tuple(Aval(a.shape, a.dtype) for a in data)
     return node
 
@@ -534,19 +548,8 @@ class Tensor(Value):
         self.meta = _with_retain(self.meta)
 
 
-class _NodeMeta:
-    """Optional per-node facts for front-ends: a name, the creating source line, flags."""
-
-    __slots__ = ("name", "source", "retain_grad")
-
-    def __init__(self, name: str | None = None, source: str | None = None) -> None:
-        self.name = name
-        self.source = source
-        self.retain_grad = False
-
-
-def _with_retain(meta: _NodeMeta | None) -> _NodeMeta:
-    meta = meta or _NodeMeta()
+def _with_retain(meta: NodeMeta | None) -> NodeMeta:
+    meta = meta or NodeMeta()
     meta.retain_grad = True
     return meta
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import api as F
+from .registry import NodeMeta
 
 
 def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False) -> list:
@@ -43,6 +44,10 @@ def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False) -
 
 def _fit_to_input(grad: Any, node: Any) -> Any:
     """Sum a broadcast adjoint back to the input's shape and cast it to the input's dtype."""
+    g_data, n_data = grad._data, node._data
+    if (g_data is not None and n_data is not None  # eager fast path: compare the arrays
+            and g_data.shape == n_data.shape and g_data.dtype == n_data.dtype):
+        return grad
     if grad.shape != node.shape:
         grad = F.sum_to(grad, tuple(node.shape))
     if grad.dtype != node.dtype:
@@ -67,8 +72,9 @@ def _tuple_adjoint(node: Any, parts: dict[int, Any]) -> Any:
 def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], None]) -> None:
     """Propagate adjoints from ``outputs`` back through the graph.
 
-    ``on_grad(node, grad)`` is called once per node that receives a gradient, with its total
-    adjoint, when all of its consumers have been processed.
+    ``on_grad(node, grad)`` is called with the total adjoint of every leaf and of every node
+    that carries ``meta`` (front-ends mark the non-leaf nodes whose gradients they want), once
+    all of the node's consumers have been processed.
 
     NOTE: adjoints of ``tuple_get_item`` nodes are gathered per item and combined once per
     tuple, so a sequence split into n steps costs O(n) gradient nodes, not O(n^2) zeros.
@@ -80,16 +86,18 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
         _accumulate(adjoints, out, grad)
     for node in reversed(topo):
         grad = adjoints.pop(node, None)
-        parts = tuple_parts.pop(node, None)
-        if parts:
-            from_items = _tuple_adjoint(node, parts)
-            grad = from_items if grad is None else grad + from_items
+        if tuple_parts:
+            parts = tuple_parts.pop(node, None)
+            if parts:
+                from_items = _tuple_adjoint(node, parts)
+                grad = from_items if grad is None else grad + from_items
         if grad is None:
             continue
-        on_grad(node, grad)
         op = node.op
-        if op is None:
-            continue
+        if op is None or node.meta is not None:
+            on_grad(node, grad)
+            if op is None:
+                continue
         if op.name == "tuple_get_item":
             source = node.inputs[0]
             if source.requires_grad:
@@ -98,16 +106,17 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
         for inp, in_grad in zip(node.inputs, op.gradient_as_tuple(grad, node)):
             if in_grad is None or not inp.requires_grad:
                 continue
-            if not inp.op or not inp.op.returns_tuple:
+            if inp.op is None or not inp.op.returns_tuple:
                 in_grad = _fit_to_input(in_grad, inp)
-            _accumulate(adjoints, inp, in_grad)
+            previous = adjoints.get(inp)
+            adjoints[inp] = in_grad if previous is None else previous + in_grad
 
 
 def backward(output: Any, out_grad: Any) -> None:
     """``Tensor.backward``: set ``.grad`` on leaves that require it (and on retained nodes)."""
 
     def store(node: Any, grad: Any) -> None:
-        if node.op is None or (node.meta is not None and node.meta.retain_grad):
+        if node.op is None or node.meta.retain_grad:
             node.grad = grad
 
     reverse_mode([output], [out_grad], store)
@@ -119,6 +128,9 @@ def gradients(outputs: list, wrt: list, out_grads: list | None = None) -> list:
         out_grads = [F.full_like(o, 1) for o in outputs]
     wanted = {id(x) for x in wrt}
     found: dict[int, Any] = {}
+    for x in wrt:  # mark non-leaf targets so reverse_mode reports them
+        if x.op is not None and x.meta is None:
+            x.meta = NodeMeta()
 
     def collect(node: Any, grad: Any) -> None:
         if id(node) in wanted:

@@ -33,9 +33,7 @@ class Conv(Op):
             padded[:, p:-p, p:-p, :] = a
             a = padded
         n, h, w, c = a.shape
-        kh, kw, c_in, c_out = b.shape
-        if c != c_in:
-            raise ShapeError(f"conv: input has {c} channels but the kernel expects {c_in}")
+        kh, kw, _, c_out = b.shape
         ho, wo = (h - kh) // s + 1, (w - kw) // s + 1
         sn, sh, sw, sc = a.strides
         xp = array_module(a)
@@ -56,18 +54,22 @@ class Conv(Op):
         if s > 1:
             g = F.dilate(g, (1, 2), s - 1)
             g = F.getitem(g, (slice(None), slice(0, (ho - 1) * s + 1), slice(0, (wo - 1) * s + 1)))
+        grad_a = grad_b = None
         # input adjoint: full correlation of g with the flipped kernel, then drop the padding
-        g_full = F.pad(g, ((0, 0), (kh - 1, kh - 1 + rh), (kw - 1, kw - 1 + rw), (0, 0)))
-        kernel_t = F.permute(F.flip(b, (0, 1)), (0, 1, 3, 2))
-        grad_a = F.conv(g_full, kernel_t)
-        if p:
-            grad_a = F.getitem(grad_a, (slice(None), slice(p, p + h), slice(p, p + w)))
-        # kernel adjoint: correlate the padded input (batch as channels) with g
-        a_pad = F.pad(a, ((0, 0), (p, p), (p, p), (0, 0))) if p else a
-        grad_b = F.conv(F.permute(a_pad, (3, 1, 2, 0)), F.permute(g, (1, 2, 0, 3)))
-        if rh or rw:
-            grad_b = F.getitem(grad_b, (slice(None), slice(0, kh), slice(0, kw)))
-        return grad_a, F.permute(grad_b, (1, 2, 0, 3))
+        if a.requires_grad:
+            g_full = F.pad(g, ((0, 0), (kh - 1, kh - 1 + rh), (kw - 1, kw - 1 + rw), (0, 0)))
+            kernel_t = F.permute(F.flip(b, (0, 1)), (0, 1, 3, 2))
+            grad_a = F.conv(g_full, kernel_t)
+            if p:
+                grad_a = F.getitem(grad_a, (slice(None), slice(p, p + h), slice(p, p + w)))
+        if b.requires_grad:
+            # kernel adjoint: correlate the padded input (batch as channels) with g
+            a_pad = F.pad(a, ((0, 0), (p, p), (p, p), (0, 0))) if p else a
+            grad_b = F.conv(F.permute(a_pad, (3, 1, 2, 0)), F.permute(g, (1, 2, 0, 3)))
+            if rh or rw:
+                grad_b = F.getitem(grad_b, (slice(None), slice(0, kh), slice(0, kw)))
+            grad_b = F.permute(grad_b, (1, 2, 0, 3))
+        return grad_a, grad_b
 
     def infer(self, a: Aval, b: Aval) -> Aval:
         if len(a.shape) != 4 or len(b.shape) != 4:

@@ -109,7 +109,8 @@ class EWiseMul(BinaryOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        return out_grad * b, out_grad * a
+        return (out_grad * b if a.requires_grad else None,
+                out_grad * a if b.requires_grad else None)
 
 
 @register("mul_scalar", inputs=("a",))
@@ -134,7 +135,7 @@ class EWiseDiv(BinaryOp):
         b = node.inputs[1]
         grad_a = out_grad / b
         # d(a/b)/db = -a / b**2 = -(1/b) * out
-        return grad_a, -(grad_a * node)
+        return grad_a, -(grad_a * node) if b.requires_grad else None
 
 
 @register("divide_scalar", inputs=("a",))
@@ -175,7 +176,7 @@ class EWisePow(BinaryOp):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        grad_a = out_grad * b * a ** (b - 1)
+        grad_a = out_grad * b * a ** (b - 1) if a.requires_grad else None
         grad_b = out_grad * node * F.log(a) if b.requires_grad else None
         return grad_a, grad_b
 

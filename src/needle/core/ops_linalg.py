@@ -22,7 +22,9 @@ class MatMul(Op):
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        return F.matmul(out_grad, F.transpose(b)), F.matmul(F.transpose(a), out_grad)
+        # NOTE: skip the adjoint of an input that needs none (x in x @ W): a whole matmul
+        return (F.matmul(out_grad, F.transpose(b)) if a.requires_grad else None,
+                F.matmul(F.transpose(a), out_grad) if b.requires_grad else None)
 
     def infer(self, a: Aval, b: Aval) -> Aval:
         if len(a.shape) < 2 or len(b.shape) < 2:

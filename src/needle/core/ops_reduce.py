@@ -88,7 +88,8 @@ class LogSumExp(Reduction):
         peak = np.max(a, axis=axes, keepdims=True)
         # NOTE: a slice of all -inf has max -inf; use 0 there so it gives -inf, not nan
         peak = np.where(np.isfinite(peak), peak, 0)
-        out = np.log(np.sum(np.exp(a - peak), axis=axes, keepdims=True)) + peak
+        with np.errstate(divide="ignore"):  # log(0) = -inf is the right answer there
+            out = np.log(np.sum(np.exp(a - peak), axis=axes, keepdims=True)) + peak
         return out if self.keepdims else np.squeeze(out, axis=axes)
 
     def gradient(self, out_grad, node):

@@ -72,6 +72,21 @@ class Op:
         return f"{type(self).__name__}({args})"
 
 
+class NodeMeta:
+    """Optional per-node facts for front-ends: a name, the creating source line, flags.
+
+    Most nodes have none (``node.meta is None``); autodiff reports gradients of nodes that
+    have one, so front-ends mark the non-leaf nodes whose gradients they want.
+    """
+
+    __slots__ = ("name", "source", "retain_grad")
+
+    def __init__(self, name: str | None = None, source: str | None = None) -> None:
+        self.name = name
+        self.source = source
+        self.retain_grad = False
+
+
 # The autograd front-end installs its node factory here (it imports this module, not the reverse).
 _NODE_FACTORY: list = []
 

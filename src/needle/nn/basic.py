@@ -1,0 +1,302 @@
+"""Basic layers: Identity, Linear, Flatten, activations, Sequential, Residual, norms, Dropout.
+
+Forward passes use only needle ops, so the layers also run on lazy graph tensors (Session,
+JIT). The one exception is BatchNorm's running-statistics bookkeeping, which updates raw
+arrays in place so that it never grows the autograd graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import init, ops
+from ..autograd import Tensor
+from .module import Buffer, Module, Parameter
+
+__all__ = [
+    "GELU", "BatchNorm1d", "BatchNorm2d", "Dropout", "Flatten", "Identity", "LayerNorm1d",
+    "Linear", "ReLU", "Residual", "Sequential", "Sigmoid", "Softmax", "Tanh",
+]
+
+
+def _prod(dims: tuple) -> int:
+    return int(np.prod(dims)) if dims else 1
+
+
+def _check_last_dim(module: str, x: Tensor, dim: int, what: str) -> None:
+    if len(x.shape) == 0 or x.shape[-1] != dim:
+        raise ValueError(f"{module}: expected input with last dim {what}={dim}, got shape "
+                         f"{tuple(x.shape)}")
+
+
+# -- simple layers ----------------------------------------------------------------------------
+class Identity(Module):
+    """y = x."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class Linear(Module):
+    """y = X @ W + b, W (in_features, out_features), b (1, out_features).
+
+    W is drawn first with ``kaiming_uniform(in, out)``, then b with ``kaiming_uniform(out, 1)``
+    reshaped to (1, out) (needle's order, so a seeded RNG gives needle's weights). X may have
+    any leading dims: (..., in) -> (..., out).
+
+    >>> layer = Linear(3, 2)
+    >>> layer(Tensor(np.ones((4, 3)))).shape
+    (4, 2)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: Any = None, dtype: Any = "float32") -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = Parameter(init.kaiming_uniform(in_features, out_features, device=device,
+                                                     dtype=dtype))
+        self.bias = None
+        if bias:
+            b = init.kaiming_uniform(out_features, 1, device=device, dtype=dtype)
+            self.bias = Parameter(ops.reshape(b, (1, out_features)))
+
+    def forward(self, X: Tensor) -> Tensor:
+        _check_last_dim("Linear", X, self.in_features, "in_features")
+        lead = tuple(X.shape[:-1])
+        flat = X if len(X.shape) == 2 else ops.reshape(X, (_prod(lead), self.in_features))
+        out = ops.matmul(flat, self.weight)
+        if self.bias is not None:
+            # b is (1, out) (or (out,) if a user assigned one); the engine sums its gradient back
+            out = out + ops.broadcast_to(self.bias, out.shape)
+        if len(X.shape) != 2:
+            out = ops.reshape(out, (*lead, self.out_features))
+        return out
+
+
+class Flatten(Module):
+    """(B, d1, d2, ...) -> (B, d1 * d2 * ...)."""
+
+    def forward(self, X: Tensor) -> Tensor:
+        if len(X.shape) == 0:
+            raise ValueError("Flatten: expected an input with a batch dim, got a 0-d tensor")
+        return ops.reshape(X, (X.shape[0], _prod(tuple(X.shape[1:]))))
+
+
+class ReLU(Module):
+    """y = max(x, 0)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.relu(x)
+
+
+class Tanh(Module):
+    """y = tanh(x)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.tanh(x)
+
+
+class Sigmoid(Module):
+    """y = 1 / (1 + exp(-x))."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.sigmoid(x)
+
+
+class GELU(Module):
+    """y = 0.5 x (1 + erf(x / sqrt 2)), or with ``approximate="tanh"``
+    y = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (PyTorch's two forms)."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.approximate == "tanh":
+            inner = (x + ops.power_scalar(x, 3) * 0.044715) * math.sqrt(2.0 / math.pi)
+            return x * 0.5 * (ops.tanh(inner) + 1.0)
+        return x * 0.5 * (ops.erf(x * (1.0 / math.sqrt(2.0))) + 1.0)
+
+
+class Softmax(Module):
+    """y = exp(x) / sum(exp(x)) along ``dim`` (stable)."""
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.softmax(x, axis=self.dim)
+
+
+# -- composition ------------------------------------------------------------------------------
+class Sequential(Module):
+    """Modules applied in order: ``Sequential(f, g)(x) = g(f(x))``.
+
+    The modules are kept in the tuple ``.modules`` (needle's attribute name).
+    NOTE: that attribute hides ``Module.modules()`` on this instance, so ``train`` and
+    ``named_modules`` here go through ``named_children`` instead of the method.
+    """
+
+    def __init__(self, *modules: Module) -> None:
+        super().__init__()
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential: item {i} is a {type(m).__name__}, not a Module")
+        self.modules = modules
+
+    def forward(self, x: Any) -> Any:
+        for module in self.modules:
+            x = module(x)
+        return x
+
+    def train(self, mode: bool = True) -> Sequential:
+        for _, module in self.named_modules():
+            module.training = mode
+        return self
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __getitem__(self, index: int) -> Module:
+        return self.modules[index]
+
+    def __iter__(self):
+        return iter(self.modules)
+
+
+class Residual(Module):
+    """y = fn(x) + x."""
+
+    def __init__(self, fn: Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x) + x
+
+
+# -- normalization ----------------------------------------------------------------------------
+class BatchNorm1d(Module):
+    """y = weight * (x - mean) / sqrt(var + eps) + bias per feature of (B, C) or (B, C, L) input.
+
+    Training uses the batch mean and biased variance and updates
+    ``running = (1 - momentum) * running + momentum * batch_stat`` (needle's rule: the running
+    variance takes the *biased* batch variance, where PyTorch takes the unbiased one).
+    Evaluation uses ``running_mean`` / ``running_var``, which are Buffers (in ``state_dict``,
+    not trained).
+
+    NOTE: the running statistics are updated only when the batch statistics have values
+    (eager mode); a lazy graph (Session, JIT replay) normalizes with the batch but cannot
+    update them.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, device: Any = None,
+                 dtype: Any = "float32") -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = Parameter(init.ones(dim, device=device, dtype=dtype))
+        self.bias = Parameter(init.zeros(dim, device=device, dtype=dtype))
+        self.running_mean = Buffer(init.zeros(dim, device=device, dtype=dtype))
+        self.running_var = Buffer(init.ones(dim, device=device, dtype=dtype))
+
+    def _check(self, x: Tensor) -> tuple[int, ...]:
+        """The reduced axes (all but the channel axis 1); a clear error for a wrong shape."""
+        if len(x.shape) not in (2, 3) or x.shape[1] != self.dim:
+            raise ValueError(f"BatchNorm1d({self.dim}): expected a (B, {self.dim}) or "
+                             f"(B, {self.dim}, L) input, got shape {tuple(x.shape)}")
+        return tuple(i for i in range(len(x.shape)) if i != 1)
+
+    def _per_channel(self, t: Tensor, ndim: int) -> Tensor:
+        """A (C,) tensor shaped to broadcast against the input, e.g. (1, C, 1, 1)."""
+        return ops.reshape(t, (1, self.dim) + (1,) * (ndim - 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        axes = self._check(x)
+        ndim = len(x.shape)
+        if self.training:
+            mean = ops.mean(x, axes=axes, keepdims=True)
+            centered = x - mean
+            var = ops.mean(centered * centered, axes=axes, keepdims=True)
+            self._update_running(mean, var)
+        else:
+            centered = x - self._per_channel(self.running_mean, ndim)
+            var = self._per_channel(self.running_var, ndim)
+        normed = centered / ops.sqrt(var + self.eps)
+        return (self._per_channel(self.weight, ndim) * normed
+                + self._per_channel(self.bias, ndim))
+
+    def _update_running(self, mean: Tensor, var: Tensor) -> None:
+        """running = (1 - m) running + m batch_stat, on raw arrays (no graph)."""
+        if mean._data is None or var._data is None:
+            return  # lazy graph: no values to fold in (see the class NOTE)
+        m = self.momentum
+        for buffer, stat in ((self.running_mean, mean), (self.running_var, var)):
+            new = (1 - m) * buffer._data + m * stat._data.reshape(self.dim)
+            buffer.data = new.astype(buffer.dtype, copy=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm2d(BatchNorm1d):
+    """BatchNorm1d per channel of NCHW input (statistics over N, H and W)."""
+
+    def _check(self, x: Tensor) -> tuple[int, ...]:
+        if len(x.shape) != 4 or x.shape[1] != self.dim:
+            raise ValueError(f"BatchNorm2d({self.dim}): expected NCHW input with {self.dim} "
+                             f"channels, got shape {tuple(x.shape)}")
+        return (0, 2, 3)
+
+
+class LayerNorm1d(Module):
+    """y = weight * (x - mean) / sqrt(var + eps) + bias over the last axis (biased variance)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device: Any = None,
+                 dtype: Any = "float32") -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = Parameter(init.ones(dim, device=device, dtype=dtype))
+        self.bias = Parameter(init.zeros(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_last_dim(f"LayerNorm1d({self.dim})", x, self.dim, "dim")
+        mean = ops.mean(x, axes=(-1,), keepdims=True)
+        centered = x - mean
+        var = ops.mean(centered * centered, axes=(-1,), keepdims=True)
+        return self.weight * (centered / ops.sqrt(var + self.eps)) + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+# -- regularization ---------------------------------------------------------------------------
+class Dropout(Module):
+    """Training: y = x * mask / (1 - p) with ``mask = init.randb(*x.shape, p=1 - p)`` (one draw
+    from NumPy's global RNG per call); evaluation: y = x. With p = 1 the output is zeros."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: p must lie in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        mask = init.randb(*x.shape, p=1 - self.p, device=x.device, dtype=x.dtype)
+        if self.p == 1.0:
+            return x * ops.zeros_like(mask)  # every unit dropped; avoid 0 / 0
+        return x * mask / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -1,0 +1,129 @@
+"""Convolution and pooling layers (NCHW)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import init, ops
+from ..autograd import Tensor
+from .module import Module, Parameter
+
+__all__ = ["AvgPool2d", "Conv", "MaxPool2d"]
+
+
+def _single(value: Any, what: str) -> int:
+    """An int from an int or a square (k, k) pair (only square kernels and strides)."""
+    if isinstance(value, tuple | list):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{what} must be an int or a square pair (k, k), got {value}")
+        value = value[0]
+    value = int(value)
+    if value < 1:
+        raise ValueError(f"{what} must be positive, got {value}")
+    return value
+
+
+class Conv(Module):
+    """2-D convolution over NCHW input with 'same'-style padding ``kernel_size // 2``.
+
+    ``y[n, o] = b[o] + sum_{c, i, j} x_pad[n, c, s*h + i, s*w + j] * W[i, j, c, o]``;
+    input (N, C_in, H, W), output (N, C_out, (H + 2p - k) // s + 1, (W + 2p - k) // s + 1).
+    The weight is stored as (k, k, C_in, C_out) (needle's layout, torch's is (C_out, C_in, k, k)).
+
+    >>> conv = Conv(3, 8, 3)
+    >>> conv(init.rand(2, 3, 5, 5)).shape
+    (2, 8, 5, 5)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple,
+                 stride: int | tuple = 1, bias: bool = True, device: Any = None,
+                 dtype: str = "float32") -> None:
+        super().__init__()
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_size = _single(kernel_size, "Conv: kernel_size")
+        self.stride = _single(stride, "Conv: stride")
+        self.padding = self.kernel_size // 2
+        k = self.kernel_size
+        fan_in, fan_out = self.in_channels * k * k, self.out_channels * k * k
+        # draw order is part of the contract: weight first, then bias
+        self.weight = Parameter(init.kaiming_uniform(
+            fan_in, fan_out, shape=(k, k, self.in_channels, self.out_channels),
+            device=device, dtype=dtype))
+        if bias:
+            bound = 1.0 / math.sqrt(fan_in)
+            self.bias = Parameter(init.rand(self.out_channels, low=-bound, high=bound,
+                                            device=device, dtype=dtype))
+        else:
+            self.bias = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(x.shape) != 4 or (x.shape[1] is not None and x.shape[1] != self.in_channels):
+            raise ValueError(f"Conv: expected NCHW input with {self.in_channels} channels, got "
+                             f"shape {tuple(x.shape)}")
+        out = ops.conv(ops.permute(x, (0, 2, 3, 1)), self.weight, stride=self.stride,
+                       padding=self.padding)
+        if self.bias is not None:
+            out = out + self.bias  # (C_out,) broadcasts over the NHWC channel axis
+        return ops.permute(out, (0, 3, 1, 2))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, bias={self.bias is not None}")
+
+
+class _Pool2d(Module):
+    """Shared shape logic of the 2-D pools: NCHW in and out, no padding, floor mode."""
+
+    reduce_name = ""
+
+    def __init__(self, kernel_size: int | tuple, stride: int | tuple | None = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.kernel_size = _single(kernel_size, f"{name}: kernel_size")
+        self.stride = self.kernel_size if stride is None else _single(stride, f"{name}: stride")
+
+    def _reduce(self, x: Tensor, axes: tuple) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        name = type(self).__name__
+        if len(x.shape) != 4:
+            raise ValueError(f"{name}: expected NCHW input, got shape {tuple(x.shape)}")
+        n, c, h, w = x.shape
+        k, s = self.kernel_size, self.stride
+        if h is None or w is None:
+            raise ValueError(f"{name}: height and width must be known, got {tuple(x.shape)}")
+        if h < k or w < k:
+            raise ValueError(f"{name}: kernel {k}x{k} is larger than the input {h}x{w}")
+        ho, wo = (h - k) // s + 1, (w - k) // s + 1
+        if k == s:
+            # non-overlapping windows: crop the leftover rows/cols, then one reshape and reduce
+            if (ho * k, wo * k) != (h, w):
+                x = x[:, :, : ho * k, : wo * k]
+            windows = ops.reshape(x, (-1 if n is None else n, c, ho, k, wo, k))
+            return self._reduce(windows, (3, 5))
+        # overlapping or gapped windows: one strided slice per kernel offset, stacked last
+        parts = [x[:, :, i: i + s * (ho - 1) + 1: s, j: j + s * (wo - 1) + 1: s]
+                 for i in range(k) for j in range(k)]
+        return self._reduce(ops.stack(parts, 4), (4,))
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class MaxPool2d(_Pool2d):
+    """Max over k x k windows with stride s (default k): (N, C, H, W) -> (N, C, Ho, Wo),
+    Ho = (H - k) // s + 1. Tied maxima share the gradient (torch gives it to one of them)."""
+
+    def _reduce(self, x: Tensor, axes: tuple) -> Tensor:
+        return ops.max(x, axes)
+
+
+class AvgPool2d(_Pool2d):
+    """Mean over k x k windows with stride s (default k): (N, C, H, W) -> (N, C, Ho, Wo),
+    Ho = (H - k) // s + 1."""
+
+    def _reduce(self, x: Tensor, axes: tuple) -> Tensor:
+        return ops.mean(x, axes)

@@ -1,0 +1,178 @@
+"""Losses as modules (tensor in, scalar out) and the l2 penalty."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from .. import ops
+from ..autograd import Tensor
+from .module import Module
+
+__all__ = [
+    "BCEWithLogitsLoss", "CrossEntropyLoss", "L1Loss", "MSELoss", "SoftmaxLoss", "l2_penalty",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(loss: str, reduction: str) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{loss}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def _reduce(values: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return ops.mean(values)
+    if reduction == "sum":
+        return ops.summation(values)
+    return values
+
+
+def _as_tensor(value: Any, like: Tensor) -> Tensor:
+    """Labels or targets given as arrays or lists become constant Tensors."""
+    if isinstance(value, Tensor):
+        return value
+    return Tensor(np.asarray(value), device=like.device, requires_grad=False)
+
+
+def _check_labels(loss: str, logits: Tensor, y: Tensor) -> None:
+    """Shapes (B, C) and (B,), and (when the labels have values) whole class ids in [0, C)."""
+    if len(logits.shape) != 2:
+        raise ValueError(f"{loss}: logits must be (batch, classes), got shape "
+                         f"{tuple(logits.shape)}")
+    batch, classes = logits.shape
+    if tuple(y.shape) != (batch,):
+        raise ValueError(f"{loss}: labels must have shape ({batch},) for logits of shape "
+                         f"{tuple(logits.shape)}, got {tuple(y.shape)}; pass one class id per "
+                         "row (e.g. y.reshape((batch,)))")
+    if y.dtype.kind not in "iuf":
+        raise ValueError(f"{loss}: labels must be integer class ids, got dtype {y.dtype}")
+    if y._data is None:
+        return  # lazy labels: their values are checked when they exist
+    values = y.numpy()
+    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+        raise ValueError(f"{loss}: float labels must be whole numbers (class ids)")
+    if values.size and (values.min() < 0 or values.max() >= classes):
+        bad = values[(values < 0) | (values >= classes)]
+        raise ValueError(f"{loss}: class ids must lie in [0, {classes}) for logits of shape "
+                         f"{tuple(logits.shape)}, got {bad[:5].tolist()}")
+
+
+def _one_hot_like(logits: Tensor, y: Tensor) -> Tensor:
+    """(B, C) one-hot of ``y`` in the logits' dtype, built with ops (works on lazy labels).
+
+    compare((C, 1) class ids, (B,) labels) broadcasts to (C, B); transposing gives (B, C)
+    without needing the batch size, which a lazy graph may not know.
+    """
+    classes = logits.shape[1]
+    ids = Tensor.make_const(np.arange(classes, dtype=y.dtype).reshape(classes, 1))
+    if y.device != ids.device:
+        ids = ids.to(y.device)
+    hot = ops.transpose(ops.compare(ids, y, "eq"))
+    return ops.astype(hot, logits.dtype)
+
+
+class SoftmaxLoss(Module):
+    """Softmax cross-entropy: mean over the batch of logsumexp(z_i) - z_i[y_i].
+
+    ``logits`` (B, C), ``y`` (B,) integer class ids (any int or whole-valued float dtype).
+    With ``label_smoothing`` = s the target is (1 - s) one_hot(y) + s / C (PyTorch):
+    loss_i = logsumexp(z_i) - sum_c target_ic z_ic.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"{type(self).__name__}: label_smoothing must lie in [0, 1], got "
+                             f"{label_smoothing}")
+        self.label_smoothing = label_smoothing
+        self.reduction = _check_reduction(type(self).__name__, reduction)
+
+    def forward(self, logits: Tensor, y: Any) -> Tensor:
+        y = _as_tensor(y, logits)
+        _check_labels(type(self).__name__, logits, y)
+        target = _one_hot_like(logits, y)
+        if self.label_smoothing:
+            s = self.label_smoothing
+            target = target * (1.0 - s) + s / logits.shape[1]
+        picked = ops.summation(logits * target, axes=(1,))
+        return _reduce(ops.logsumexp(logits, axes=(1,)) - picked, self.reduction)
+
+
+class CrossEntropyLoss(SoftmaxLoss):
+    """PyTorch's name for SoftmaxLoss (logits and class ids)."""
+
+
+def _check_same_shape(loss: str, pred: Tensor, target: Tensor) -> None:
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"{loss}: input and target shapes differ: {tuple(pred.shape)} vs "
+                         f"{tuple(target.shape)}")
+
+
+class MSELoss(Module):
+    """mean((pred - target)^2) (``reduction="sum"``: the sum; ``"none"``: per element)."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = _check_reduction("MSELoss", reduction)
+
+    def forward(self, pred: Tensor, target: Any) -> Tensor:
+        target = _as_tensor(target, pred)
+        _check_same_shape("MSELoss", pred, target)
+        diff = pred - target
+        return _reduce(diff * diff, self.reduction)
+
+
+class L1Loss(Module):
+    """mean(|pred - target|) (``reduction="sum"``: the sum; ``"none"``: per element)."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = _check_reduction("L1Loss", reduction)
+
+    def forward(self, pred: Tensor, target: Any) -> Tensor:
+        target = _as_tensor(target, pred)
+        _check_same_shape("L1Loss", pred, target)
+        return _reduce(ops.abs(pred - target), self.reduction)
+
+
+class BCEWithLogitsLoss(Module):
+    """Binary cross-entropy on logits: mean(softplus(x) - y x), y in [0, 1].
+
+    softplus(x) = log(1 + e^x) is computed as logsumexp([0, x]), which is stable for any x
+    and smooth at 0, so the gradient is exactly sigmoid(x) - y (no kink from |x| or max).
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = _check_reduction("BCEWithLogitsLoss", reduction)
+
+    def forward(self, logits: Tensor, target: Any) -> Tensor:
+        target = _as_tensor(target, logits)
+        _check_same_shape("BCEWithLogitsLoss", logits, target)
+        if target.dtype != logits.dtype:
+            target = ops.astype(target, logits.dtype)
+        pair = ops.stack([ops.zeros_like(logits), logits], axis=-1)
+        softplus = ops.logsumexp(pair, axes=(-1,))
+        return _reduce(softplus - logits * target, self.reduction)
+
+
+def l2_penalty(parameters: Iterable[Tensor] | Module, weight_decay: float) -> Tensor:
+    """weight_decay / 2 * sum over parameters of ||p||^2, a scalar Tensor.
+
+    Its gradient is ``weight_decay * p``, the same term that an optimizer's ``weight_decay``
+    adds, so ``loss + l2_penalty(model.parameters(), wd)`` with a plain optimizer trains like
+    the optimizer with ``weight_decay=wd`` (use one or the other, not both).
+    """
+    params = parameters.parameters() if isinstance(parameters, Module) else list(parameters)
+    if not params:
+        return Tensor(0.0, requires_grad=False)
+    total = None
+    for p in params:
+        term = ops.summation(p * p)
+        total = term if total is None else total + term
+    return total * (weight_decay / 2.0)

@@ -1,0 +1,242 @@
+"""Embedding and recurrent layers: RNNCell, RNN, LSTMCell, LSTM."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import init, ops
+from ..autograd import Tensor
+from .module import Module, Parameter
+
+__all__ = ["LSTM", "RNN", "Embedding", "LSTMCell", "RNNCell"]
+
+
+class Embedding(Module):
+    """A lookup table: ``y[t, b] = weight[x[t, b]]``.
+
+    Input (seq, batch) of integer ids (whole-valued floats work), output (seq, batch, dim).
+    The weight (num_embeddings, embedding_dim) is drawn from N(0, 1). The gradient of the
+    weight adds up the output adjoints of every position that used a row.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device: Any = None,
+                 dtype: str = "float32") -> None:
+        super().__init__()
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.weight = Parameter(init.randn(self.num_embeddings, self.embedding_dim,
+                                           device=device, dtype=dtype))
+
+    def forward(self, x: Any) -> Tensor:
+        if isinstance(x, Tensor) and x._data is None:
+            return self._one_hot_lookup(x)
+        ids = x.numpy() if isinstance(x, Tensor) else np.asarray(x)
+        if ids.dtype.kind == "f":
+            if not np.array_equal(ids, np.round(ids)):
+                raise ValueError("Embedding: ids must be whole numbers, got non-integral floats")
+            ids = ids.astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+            raise IndexError(f"Embedding: ids must lie in [0, {self.num_embeddings}), got "
+                             f"min {ids.min()} and max {ids.max()}")
+        return self.weight[ids]
+
+    def _one_hot_lookup(self, x: Tensor) -> Tensor:
+        """The lookup as one_hot(x) @ weight, for ids that have no value yet (a declared or
+        traced graph): the ids stay a graph input instead of a constant baked into an index."""
+        classes = Tensor(np.arange(self.num_embeddings, dtype=x.dtype), device=x.device,
+                         requires_grad=False)
+        hot = ops.astype(ops.compare(ops.reshape(x, (*x.shape, 1)), classes, "eq"),
+                         self.weight.dtype)
+        return hot @ self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+def _uniform(shape: tuple, bound: float, device: Any, dtype: str) -> Parameter:
+    return Parameter(init.rand(*shape, low=-bound, high=bound, device=device, dtype=dtype))
+
+
+def _zero_state(x: Tensor, hidden_size: int) -> Tensor:
+    """Zeros (batch, hidden_size) on x's device and dtype, built from x with ops so that it
+    also works while the batch size is unknown (a declared or traced graph)."""
+    column = ops.zeros_like(ops.getitem(x, (slice(None), slice(0, 1))))
+    return ops.broadcast_to(column, (x.shape[0], hidden_size))
+
+
+class RNNCell(Module):
+    """One Elman RNN step: ``h' = act(x W_ih + b_ih + h W_hh + b_hh)``, act tanh or relu.
+
+    x (batch, input_size), h (batch, hidden_size) or None (zeros) -> h' (batch, hidden_size).
+    Every weight is uniform on (-k, k), k = 1/sqrt(hidden_size), drawn in the order
+    W_ih, W_hh, bias_ih, bias_hh.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", device: Any = None, dtype: str = "float32") -> None:
+        super().__init__()
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNNCell: nonlinearity must be 'tanh' or 'relu', got "
+                             f"{nonlinearity!r}")
+        self.input_size = int(input_size)
+        self.hidden_size = int(hidden_size)
+        self.nonlinearity = nonlinearity
+        k = 1.0 / math.sqrt(self.hidden_size)
+        self.W_ih = _uniform((self.input_size, self.hidden_size), k, device, dtype)
+        self.W_hh = _uniform((self.hidden_size, self.hidden_size), k, device, dtype)
+        if bias:
+            self.bias_ih = _uniform((self.hidden_size,), k, device, dtype)
+            self.bias_hh = _uniform((self.hidden_size,), k, device, dtype)
+        else:
+            self.bias_ih = self.bias_hh = None
+
+    def forward(self, x: Tensor, h: Tensor | None = None) -> Tensor:
+        # a zero state still goes through W_hh so its gradient is zeros (not None), as in torch
+        h = _zero_state(x, self.hidden_size) if h is None else h
+        pre = x @ self.W_ih + h @ self.W_hh
+        if self.bias_ih is not None:
+            pre = pre + self.bias_ih + self.bias_hh
+        return ops.tanh(pre) if self.nonlinearity == "tanh" else ops.relu(pre)
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}, "
+                f"nonlinearity={self.nonlinearity!r}")
+
+
+class LSTMCell(Module):
+    """One LSTM step, gates in PyTorch's order (input, forget, cell, output)::
+
+        i, f, g, o = split(x W_ih + b_ih + h W_hh + b_hh)      # each (batch, hidden)
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+        h' = sigmoid(o) * tanh(c')
+
+    ``forward(x, (h, c))`` returns ``(h', c')``; ``None`` (or a None item) means zeros.
+    W_ih (input, 4 hidden), W_hh (hidden, 4 hidden), biases (4 hidden,), all uniform on
+    (-k, k), k = 1/sqrt(hidden_size), drawn in the order W_ih, W_hh, bias_ih, bias_hh.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = None,
+                 dtype: str = "float32") -> None:
+        super().__init__()
+        self.input_size = int(input_size)
+        self.hidden_size = int(hidden_size)
+        k = 1.0 / math.sqrt(self.hidden_size)
+        four = 4 * self.hidden_size
+        self.W_ih = _uniform((self.input_size, four), k, device, dtype)
+        self.W_hh = _uniform((self.hidden_size, four), k, device, dtype)
+        if bias:
+            self.bias_ih = _uniform((four,), k, device, dtype)
+            self.bias_hh = _uniform((four,), k, device, dtype)
+        else:
+            self.bias_ih = self.bias_hh = None
+
+    def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, Tensor]:
+        h, c = (None, None) if state is None else state
+        h = _zero_state(x, self.hidden_size) if h is None else h
+        c = _zero_state(x, self.hidden_size) if c is None else c
+        pre = x @ self.W_ih + h @ self.W_hh
+        if self.bias_ih is not None:
+            pre = pre + self.bias_ih + self.bias_hh
+        # (batch, 4h) -> (batch, 4, h) -> four (batch, h) gates; split's adjoint is one stack
+        gates = ops.split(ops.reshape(pre, (-1, 4, self.hidden_size)), 1)
+        i, f, g, o = (ops.sigmoid(gates[0]), ops.sigmoid(gates[1]), ops.tanh(gates[2]),
+                      ops.sigmoid(gates[3]))
+        c_new = f * c + i * g
+        h_new = o * ops.tanh(c_new)
+        return h_new, c_new
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}"
+
+
+def _layer_states(h0: Tensor | None, num_layers: int, name: str) -> list:
+    """The per-layer initial states of a (layers, batch, hidden) tensor (None: all None)."""
+    if h0 is None:
+        return [None] * num_layers
+    if h0.shape[0] != num_layers:
+        raise ValueError(f"{name}: initial state has {h0.shape[0]} layers, expected {num_layers} "
+                         f"(shape (num_layers, batch, hidden), got {tuple(h0.shape)})")
+    return list(ops.split(h0, 0))
+
+
+def _check_input(x: Tensor, input_size: int, name: str) -> None:
+    if len(x.shape) != 3 or x.shape[2] != input_size:
+        raise ValueError(f"{name}: expected input (seq, batch, {input_size}), got shape "
+                         f"{tuple(x.shape)}")
+
+
+class RNN(Module):
+    """A stack of ``num_layers`` RNNCells run over a sequence.
+
+    ``forward(x, h0=None)``: x (seq, batch, input_size), h0 (num_layers, batch, hidden) or None
+    (zeros); returns ``(output, h_n)``: the last layer's hidden states (seq, batch, hidden)
+    and the last step's state of every layer (num_layers, batch, hidden).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 nonlinearity: str = "tanh", device: Any = None, dtype: str = "float32") -> None:
+        super().__init__()
+        self.input_size = int(input_size)
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.rnn_cells = [
+            RNNCell(self.input_size if layer == 0 else self.hidden_size, self.hidden_size,
+                    bias=bias, nonlinearity=nonlinearity, device=device, dtype=dtype)
+            for layer in range(self.num_layers)
+        ]
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_input(x, self.input_size, "RNN")
+        states = _layer_states(h0, self.num_layers, "RNN")
+        steps = list(ops.split(x, 0))
+        last = []
+        for cell, h in zip(self.rnn_cells, states):
+            outputs = []
+            for step in steps:
+                h = cell(step, h)
+                outputs.append(h)
+            steps = outputs
+            last.append(h)
+        return ops.stack(steps, 0), ops.stack(last, 0)
+
+
+class LSTM(Module):
+    """A stack of ``num_layers`` LSTMCells run over a sequence.
+
+    ``forward(x, state=None)``: x (seq, batch, input_size), state ``(h0, c0)`` each
+    (num_layers, batch, hidden), or None (zeros); returns ``(output, (h_n, c_n))`` with the
+    last layer's hidden states (seq, batch, hidden) and the final h and c of every layer.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 device: Any = None, dtype: str = "float32") -> None:
+        super().__init__()
+        self.input_size = int(input_size)
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.lstm_cells = [
+            LSTMCell(self.input_size if layer == 0 else self.hidden_size, self.hidden_size,
+                     bias=bias, device=device, dtype=dtype)
+            for layer in range(self.num_layers)
+        ]
+
+    def forward(self, x: Tensor, state: tuple | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        _check_input(x, self.input_size, "LSTM")
+        h0, c0 = (None, None) if state is None else state
+        hs = _layer_states(h0, self.num_layers, "LSTM")
+        cs = _layer_states(c0, self.num_layers, "LSTM")
+        steps = list(ops.split(x, 0))
+        last_h, last_c = [], []
+        for cell, h, c in zip(self.lstm_cells, hs, cs):
+            outputs = []
+            for step in steps:
+                h, c = cell(step, (h, c))
+                outputs.append(h)
+            steps = outputs
+            last_h.append(h)
+            last_c.append(c)
+        return ops.stack(steps, 0), (ops.stack(last_h, 0), ops.stack(last_c, 0))

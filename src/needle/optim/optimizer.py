@@ -1,0 +1,235 @@
+"""The Optimizer base class (parameters, per-parameter state, state dicts) and weight decay."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from ..autograd import Tensor
+from ..backend import array_module, device_of
+
+__all__ = ["Optimizer", "coupled_weight_decay", "decoupled_weight_decay"]
+
+
+# -- weight decay: the one transform every optimizer shares ------------------------------------
+def coupled_weight_decay(grad: Any, param: Any, weight_decay: float, out: Any) -> Any:
+    """The gradient of ``loss + wd/2 * ||p||^2``: ``g = grad + wd * p`` (``grad`` is not modified).
+
+    Returns ``grad`` itself when ``weight_decay`` is 0, else ``out`` (a scratch array shaped like
+    ``param``) holding ``g``.
+    """
+    if weight_decay == 0.0:
+        return grad
+    xp = array_module(param)
+    xp.multiply(param, weight_decay, out=out)
+    xp.add(out, grad, out=out)
+    return out
+
+
+def decoupled_weight_decay(param: Any, lr: float, weight_decay: float) -> None:
+    """Shrink the parameter in place before the update (AdamW): ``p *= 1 - lr * wd``."""
+    if weight_decay != 0.0:
+        array_module(param).multiply(param, 1.0 - lr * weight_decay, out=param)
+
+
+# -- the base class ------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """A hyperparameter as a Python number, so NumPy float64 scalars never promote float32 math."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    return float(value)
+
+
+class Optimizer:
+    """Base of every optimizer: holds ``.params``, hyperparameters and per-parameter state.
+
+    Subclasses list their hyperparameter names in ``hyperparams`` and their per-parameter
+    arrays in ``state_names``, and implement ``_update(index, param, grad)`` on backend arrays
+    with a pure update function. ``step()`` skips parameters whose ``.grad`` is None, never
+    modifies ``.grad`` and never builds graph nodes. ``lr`` is a plain attribute that
+    learning-rate schedulers set.
+    """
+
+    #: hyperparameter attribute names saved by ``state_dict`` (``lr`` first)
+    hyperparams: tuple[str, ...] = ("lr",)
+    #: per-parameter arrays kept across steps, created as zeros on a parameter's first update
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable[Tensor], lr: float) -> None:
+        params = list(params)
+        name = type(self).__name__
+        seen: set[int] = set()
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{name}: params[{i}] is a {type(p).__name__}, expected a Tensor "
+                                "(pass model.parameters())")
+            if id(p) in seen:
+                raise ValueError(f"{name}: params[{i}] appears more than once; each parameter "
+                                 "must be listed once or it would be updated twice per step")
+            seen.add(id(p))
+        if lr < 0:
+            raise ValueError(f"{name}: lr must be >= 0, got {lr}")
+        self.params: list[Tensor] = params
+        self.lr = float(lr)
+        #: the lr before any scheduler changed it (set by the first scheduler attached)
+        self.initial_lr: float | None = None
+        #: number of ``step()`` calls so far
+        self.step_count = 0
+        #: parameter index -> {state name: backend array}
+        self.state: dict[int, dict[str, Any]] = {}
+        # scratch arrays per parameter index: reused every step, never saved
+        self._scratch: dict[int, list[Any]] = {}
+
+    # -- gradients ---------------------------------------------------------------------------
+    def reset_grad(self) -> None:
+        """Forget every parameter's gradient: ``p.grad = None``."""
+        for p in self.params:
+            p.grad = None
+
+    def zero_grad(self) -> None:
+        """Alias of ``reset_grad`` (PyTorch's name)."""
+        self.reset_grad()
+
+    def minimize(self, loss: Tensor) -> Tensor:
+        """One eager training step: ``reset_grad()``, ``loss.backward()``, ``step()``.
+
+        Returns ``loss``. A declarative front-end may override this to build an update op.
+        """
+        self.reset_grad()
+        # the gradients are only read by step(), so they need no graph of their own
+        loss.backward(create_graph=False)
+        self.step()
+        return loss
+
+    # -- the update --------------------------------------------------------------------------
+    def step(self) -> None:
+        """Update every parameter that has a gradient, in place."""
+        self.step_count += 1
+        self._begin_step()
+        for index, p in enumerate(self.params):
+            grad = p.grad
+            if grad is None:
+                continue
+            self._update(index, self._param_array(p), grad.realize_data())
+
+    def _begin_step(self) -> None:
+        """Hook run once per ``step()`` before the per-parameter updates."""
+
+    def _update(self, index: int, param: Any, grad: Any) -> None:
+        """Apply the update rule to one parameter's array ``param`` in place."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _update()")
+
+    @staticmethod
+    def _param_array(p: Tensor) -> Any:
+        """The parameter's backend array, made writable first if it is a read-only view."""
+        data = p.realize_data()
+        flags = getattr(data, "flags", None)
+        if flags is not None and not getattr(flags, "writeable", True):
+            # e.g. a parameter built with ndl.from_numpy on a broadcast view
+            data = data.copy()
+            p._data = data
+        return data
+
+    def _state(self, index: int, param: Any) -> dict[str, Any]:
+        """The state arrays of parameter ``index``, zeros (like ``param``) on first use."""
+        state = self.state.get(index)
+        if state is None:
+            state = self.state[index] = {}
+        if len(state) != len(self.state_names):
+            # first update, or a hyperparameter change (momentum 0 -> 0.9) needs a new array
+            xp = array_module(param)
+            for name in self.state_names:
+                if name not in state:
+                    state[name] = xp.zeros_like(param)
+        return state
+
+    def _buffer(self, index: int, param: Any, k: int = 0) -> Any:
+        """Scratch array number ``k`` for parameter ``index`` (contents are garbage)."""
+        buffers = self._scratch.setdefault(index, [])
+        while len(buffers) <= k:
+            buffers.append(array_module(param).empty_like(param))
+        buf = buffers[k]
+        if buf.shape != param.shape or buf.dtype != param.dtype:
+            buf = buffers[k] = array_module(param).empty_like(param)
+        return buf
+
+    # -- state dicts -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit for bit, as plain data (no objects).
+
+        ``{"optimizer": class name, "hyperparams": {name: number}, "step_count": int,
+        "state": {param index: {state name: NumPy array (a copy)}}}``.
+        """
+        hyper = {name: getattr(self, name) for name in self.hyperparams}
+        if self.initial_lr is not None:
+            hyper["initial_lr"] = self.initial_lr
+        state = {
+            index: {name: np.array(device_of(arr).to_numpy(arr), copy=True)
+                    for name, arr in entry.items()}
+            for index, entry in sorted(self.state.items())
+        }
+        return {"optimizer": type(self).__name__, "hyperparams": hyper,
+                "step_count": self.step_count, "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore hyperparameters, the step count and state arrays (copied onto each
+        parameter's device and dtype). Parameter indices may be ints or strings."""
+        name = type(self).__name__
+        saved_type = state_dict.get("optimizer")
+        if saved_type != name:
+            raise ValueError(f"{name}.load_state_dict: the state dict belongs to {saved_type}")
+        hyper = dict(state_dict["hyperparams"])
+        missing = [h for h in self.hyperparams if h not in hyper]
+        if missing:
+            raise KeyError(f"{name}.load_state_dict: hyperparameters {missing} are missing")
+        old_hyper = {h: getattr(self, h) for h in self.hyperparams}
+        # hyperparameters first: they decide which state arrays exist (SGD's momentum)
+        for h in self.hyperparams:
+            setattr(self, h, _plain(hyper[h]))
+        try:
+            new_state = self._load_state(state_dict["state"])
+        except Exception:
+            for h, value in old_hyper.items():
+                setattr(self, h, value)
+            raise
+        initial_lr = hyper.get("initial_lr")
+        self.initial_lr = None if initial_lr is None else float(initial_lr)
+        self.step_count = int(state_dict["step_count"])
+        self.state = new_state
+        self._scratch = {}
+
+    def _load_state(self, saved: dict[Any, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Checked copies of saved per-parameter arrays on each parameter's device and dtype."""
+        new_state: dict[int, dict[str, Any]] = {}
+        problems = []
+        for key, entry in saved.items():
+            index = int(key)
+            if not 0 <= index < len(self.params):
+                problems.append(f"state for parameter {index}, but the optimizer has "
+                                f"{len(self.params)} parameters")
+                continue
+            p = self.params[index]
+            if set(entry) != set(self.state_names):
+                problems.append(f"parameter {index}: state names {sorted(entry)}, expected "
+                                f"{sorted(self.state_names)}")
+                continue
+            arrays = {}
+            for sname in self.state_names:
+                arr = np.asarray(entry[sname])
+                if tuple(arr.shape) != tuple(p.shape):
+                    problems.append(f"parameter {index} {sname}: checkpoint "
+                                    f"{tuple(arr.shape)} vs parameter {tuple(p.shape)}")
+                    continue
+                arrays[sname] = p.device.array(np.array(arr, dtype=p.dtype, copy=True))
+            new_state[index] = arrays
+        if problems:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: " + "; ".join(problems))
+        return new_state
+
+    def __repr__(self) -> str:
+        hyper = ", ".join(f"{h}={getattr(self, h)}" for h in self.hyperparams)
+        return f"{type(self).__name__}({len(self.params)} params, {hyper})"

@@ -1,0 +1,1 @@
+"""needle test suite."""
