@@ -144,6 +144,10 @@ OP_TABLE: list[OpCase] = [
     OpCase("sign", ops.sign, torch.sign, [away_from_zero((3, 4))], differentiable=False),
     OpCase("full_like", lambda a: ops.full_like(a, 2.5), lambda a: torch.full_like(a, 2.5),
            [normal((3, 4))], differentiable=False),
+    OpCase("bernoulli_like", lambda a: (np.random.seed(5), ops.bernoulli_like(a, 0.3))[1],
+           lambda a: torch.tensor((np.random.seed(5),
+                                   np.random.rand(*a.shape).astype(np.float32) <= 0.3)[1]).float(),
+           [normal((4, 5))], differentiable=False),
     OpCase("astype", lambda a: ops.astype(a, "float64"), lambda a: a.double(), [normal((3, 4))]),
     # -- linear algebra --
     OpCase("matmul", lambda a, b: a @ b, lambda a, b: a @ b,

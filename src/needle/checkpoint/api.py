@@ -71,10 +71,14 @@ def _load_leaf(reader: CheckpointReader, node: dict, path: tuple, verify: bool) 
     return array[()] if node["type"] == "numpy_scalar" else array
 
 
+def _no_arrays(node: dict, path: tuple) -> None:
+    raise AssertionError("a scalar node holds no array")
+
+
 def _dtype_name(descr: str) -> str:
     try:
         return np.dtype(descr).name
-    except TypeError:
+    except (TypeError, ValueError):
         return descr
 
 
@@ -108,7 +112,7 @@ def checkpoint_info(path: str | os.PathLike, *, verify: bool = False) -> dict:
             summary = {"type": node["type"], "state_dict_of": node.get("state_dict_of"),
                        "num_arrays": len(mine), "array_bytes": sum(a["bytes"] for a in mine)}
             if node["type"] in ("none", "bool", "int", "float", "str"):
-                summary["value"] = node.get("value")
+                summary["value"] = unflatten(node, _no_arrays, reader.path, (name,))
             items[name] = summary
         for entry in arrays:
             del entry["item"]
@@ -138,7 +142,7 @@ def format_info(info: dict) -> str:
             lines.append(f"  {name}: {item['type']} {item['value']!r}")
             continue
         source = f" (state_dict of {item['state_dict_of']})" if item["state_dict_of"] else ""
-        lines.append(f"  {name}: {item['type']}{source}, {item['num_arrays']} arrays, "
+        lines.append(f"  {name}: {item['type']}{source}, {item['num_arrays']} array(s), "
                      f"{_size(item['array_bytes'])}")
     width = max((len(a["name"]) for a in info["arrays"]), default=0)
     for array in info["arrays"]:

@@ -215,8 +215,9 @@ class CheckpointReader:
         if version > FORMAT_VERSION:
             raise CheckpointError(f"{self.path}: checkpoint format version {version} is newer than "
                                   f"this needle reads (up to {FORMAT_VERSION}); upgrade needle")
-        if not isinstance(meta.get("items"), dict):
-            raise CheckpointError(f"{self.path}: corrupted metadata: no 'items' entry")
+        items = meta.get("items")
+        if not isinstance(items, dict) or items.get("type") != "dict":
+            raise CheckpointError(f"{self.path}: corrupted metadata: no 'items' dict")
         return meta
 
     def read_array(self, node: dict, path: tuple, verify: bool = True) -> np.ndarray:
@@ -229,8 +230,9 @@ class CheckpointReader:
             with self._npz.zip.open(member) as stream:
                 header = _read_npy_header(stream)
         except _READ_ERRORS as exc:
-            raise CheckpointError(f"{self.path}: truncated or corrupted: cannot read the header of "
-                                  f"array '{where}' ({exc})") from None
+            # (zipfile reads ahead, so a damaged value can already fail its CRC check here)
+            raise CheckpointError(f"{self.path}: truncated or corrupted: cannot read array "
+                                  f"'{where}' ({exc})") from None
         # Check the header before reading: refuses pickle and never allocates a bogus size.
         if header is not None:
             self._check_layout(where, node, header[0], header[2])

@@ -78,6 +78,9 @@ class _Flattener:
     def node(self, value: Any, path: tuple) -> dict:
         if value is None:
             return {"type": "none"}
+        # Before the Python scalars: np.float64 and np.str_ subclass float and str.
+        if isinstance(value, np.generic):
+            return self.array(np.asarray(value), path, "numpy_scalar")
         if isinstance(value, bool):
             return {"type": "bool", "value": value}
         if isinstance(value, int):
@@ -90,16 +93,14 @@ class _Flattener:
             return self.array(value.numpy(), path, "tensor")
         if isinstance(value, np.ndarray):
             return self.array(value, path, "ndarray")
-        if isinstance(value, np.generic):
-            return self.array(np.asarray(value), path, "numpy_scalar")
         if isinstance(value, (Mapping, list, tuple)):
             return self.container(value, path)
         if callable(getattr(value, "state_dict", None)):
             return self.container(value, path)
         raise TypeError(
-            f"save: '{path_name(path)}' is a {type(value).__qualname__}, which a checkpoint cannot "
-            "store; store NumPy arrays, Tensors, int/float/bool/str/None, dicts, lists, tuples, "
-            "or objects with a state_dict() method")
+            f"save: '{path_name(path)}' has type {type(value).__qualname__}, which a checkpoint "
+            "cannot store; store NumPy arrays, Tensors, int/float/bool/str/None, dicts, lists, "
+            "tuples, or objects with a state_dict() method")
 
     def container(self, value: Any, path: tuple) -> dict:
         if id(value) in self._active:
@@ -122,10 +123,11 @@ class _Flattener:
         keys, values = [], []
         for key, item in value.items():
             # JSON keeps str and int apart; bool would come back as a JSON true, so refuse it.
-            if isinstance(key, bool) or not isinstance(key, (str, int)):
+            if isinstance(key, (bool, np.bool_)) or not isinstance(key, (str, int, np.integer)):
                 raise TypeError(f"save: '{path_name(path)}' has a key {key!r} of type "
                                 f"{type(key).__qualname__}; checkpoint dict keys are str or int")
-            keys.append(key if isinstance(key, str) else int(key))
+            key = str(key) if isinstance(key, str) else int(key)
+            keys.append(key)
             values.append(self.node(item, (*path, key)))
         return {"type": "dict", "keys": keys, "values": values}
 

@@ -63,7 +63,14 @@ def install_tensor_methods(tensor_cls: type) -> None:
 
 
 def _load() -> list[str]:
-    from . import ops_conv, ops_elementwise, ops_linalg, ops_reduce, ops_shape  # noqa: F401
+    from . import (  # noqa: F401
+        ops_conv,
+        ops_elementwise,
+        ops_linalg,
+        ops_random,
+        ops_reduce,
+        ops_shape,
+    )
 
     names = []
     for name, record in REGISTRY.items():

@@ -14,12 +14,13 @@ from . import api as F
 from .registry import NodeMeta
 
 
-def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False) -> list:
+def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False,
+                   stop: set[int] | None = None) -> list:
     """Every node reachable from ``node_list`` in post-order DFS order, inputs in argument order.
 
     Iterative (an explicit stack), so graphs thousands of nodes deep do not hit Python's
     recursion limit. With ``requires_grad_only`` it does not descend into nodes that need no
-    gradient.
+    gradient; nodes whose ids are in ``stop`` are included but not descended into.
     """
     visited: set[int] = set()
     order: list = []
@@ -27,14 +28,14 @@ def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False) -
         if id(root) in visited:
             continue
         visited.add(id(root))
-        stack = [(root, iter(root.inputs))]
+        stack = [(root, iter(() if stop and id(root) in stop else root.inputs))]
         while stack:
             node, children = stack[-1]
             for child in children:
                 if id(child) in visited or (requires_grad_only and not child.requires_grad):
                     continue
                 visited.add(id(child))
-                stack.append((child, iter(child.inputs)))
+                stack.append((child, iter(() if stop and id(child) in stop else child.inputs)))
                 break
             else:
                 stack.pop()
@@ -69,17 +70,19 @@ def _tuple_adjoint(node: Any, parts: dict[int, Any]) -> Any:
     return F.make_tuple(*items)
 
 
-def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], None]) -> None:
+def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], None],
+                 stop: set[int] | None = None) -> None:
     """Propagate adjoints from ``outputs`` back through the graph.
 
     ``on_grad(node, grad)`` is called with the total adjoint of every leaf and of every node
     that carries ``meta`` (front-ends mark the non-leaf nodes whose gradients they want), once
-    all of the node's consumers have been processed.
+    all of the node's consumers have been processed. Nodes whose ids are in ``stop`` are
+    treated as leaves (reported, not differentiated further).
 
     NOTE: adjoints of ``tuple_get_item`` nodes are gathered per item and combined once per
     tuple, so a sequence split into n steps costs O(n) gradient nodes, not O(n^2) zeros.
     """
-    topo = find_topo_sort(outputs, requires_grad_only=True)
+    topo = find_topo_sort(outputs, requires_grad_only=True, stop=stop)
     adjoints: dict = {}
     tuple_parts: dict = {}
     for out, grad in zip(outputs, out_grads):
@@ -98,6 +101,8 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
             on_grad(node, grad)
             if op is None:
                 continue
+        if stop and id(node) in stop:
+            continue
         if op.name == "tuple_get_item":
             source = node.inputs[0]
             if source.requires_grad:
@@ -122,8 +127,13 @@ def backward(output: Any, out_grad: Any) -> None:
     reverse_mode([output], [out_grad], store)
 
 
-def gradients(outputs: list, wrt: list, out_grads: list | None = None) -> list:
-    """Adjoints of ``outputs`` with respect to each node of ``wrt`` (None where unreached)."""
+def gradients(outputs: list, wrt: list, out_grads: list | None = None,
+              stop_at_wrt: bool = False) -> list:
+    """Adjoints of ``outputs`` with respect to each node of ``wrt`` (None where unreached).
+
+    With ``stop_at_wrt`` the sweep does not go below the ``wrt`` nodes (a sub-graph's
+    gradient with respect to its inputs).
+    """
     if out_grads is None:
         out_grads = [F.full_like(o, 1) for o in outputs]
     wanted = {id(x) for x in wrt}
@@ -136,5 +146,5 @@ def gradients(outputs: list, wrt: list, out_grads: list | None = None) -> list:
         if id(node) in wanted:
             found[id(node)] = grad
 
-    reverse_mode(list(outputs), list(out_grads), collect)
+    reverse_mode(list(outputs), list(out_grads), collect, wanted if stop_at_wrt else None)
     return [found.get(id(x)) for x in wrt]

@@ -59,9 +59,12 @@ class Mean(Reduction):
         return np.mean(a, axis=self._axes(a.ndim), keepdims=self.keepdims)
 
     def gradient(self, out_grad, node):
-        shape = node.inputs[0].shape
-        count = int(np.prod([shape[i] for i in self._axes(len(shape))]))
-        return self.expand(out_grad, node) / count
+        a = node.inputs[0]
+        reduced = [a.shape[i] for i in self._axes(len(a.shape))]
+        if None in reduced:  # the count is known only when the graph runs
+            count = F.summation(F.full_like(a, 1), self.axes, keepdims=True)
+            return self.expand(out_grad, node) / F.broadcast_to(count, a.shape)
+        return self.expand(out_grad, node) / int(np.prod(reduced))
 
 
 @register("max", inputs=("a",), methods=("max",))

@@ -47,34 +47,47 @@ def as_shape(shape: Any) -> tuple:
 
 @register("reshape", inputs=("a",), methods=("reshape",))
 class Reshape(Op):
-    """a with a new shape of the same size; one dim may be -1 (or None): inferred."""
+    """a with a new shape of the same size.
+
+    One dim may be -1 (inferred from the size); a None dim copies the input's dim at the same
+    position (so ``(None, -1)`` flattens a batch of unknown size).
+    """
 
     def __init__(self, shape: Any) -> None:
-        self.shape = tuple(-1 if d is None else d for d in as_shape(shape))
+        self.shape = as_shape(shape)
+
+    def _resolve(self, in_shape: tuple) -> tuple:
+        if None not in self.shape:
+            return self.shape
+        if len(in_shape) < len(self.shape) and any(
+                d is None and i >= len(in_shape) for i, d in enumerate(self.shape)):
+            raise ShapeError(f"reshape: a None dim of {fmt_shape(self.shape)} has no matching "
+                             f"input dim in {fmt_shape(in_shape)}")
+        return tuple(in_shape[i] if d is None else d for i, d in enumerate(self.shape))
 
     def compute(self, a):
-        return np.reshape(a, self.shape)
+        return np.reshape(a, self._resolve(a.shape))
 
     def gradient(self, out_grad, node):
         return F.reshape(out_grad, node.inputs[0].shape)
 
     def infer(self, a: Aval) -> Aval:
-        if self.shape.count(-1) > 1:
-            raise ShapeError(f"reshape: at most one unknown (-1) dim allowed, got {self.shape}")
-        known = int(np.prod([d for d in self.shape if d != -1]))
-        if None in a.shape:
-            out = tuple(None if d == -1 else d for d in self.shape)
-            return Aval(out, a.dtype)
+        target = self._resolve(a.shape)
+        if target.count(-1) > 1:
+            raise ShapeError(f"reshape: at most one -1 dim allowed, got {fmt_shape(self.shape)}")
+        if None in a.shape:  # the size is unknown: trust the request
+            return Aval(tuple(None if d == -1 else d for d in target), a.dtype)
         size = int(np.prod(a.shape))
-        if -1 in self.shape:
+        known = int(np.prod([d for d in target if d != -1]))
+        if -1 in target:
             if known == 0 or size % known:
                 raise ShapeError(f"reshape: cannot reshape {fmt_shape(a.shape)} ({size} elements)"
                                  f" to {fmt_shape(self.shape)}")
-            return Aval(tuple(size // known if d == -1 else d for d in self.shape), a.dtype)
+            return Aval(tuple(size // known if d == -1 else d for d in target), a.dtype)
         if known != size:
             raise ShapeError(f"reshape: cannot reshape {fmt_shape(a.shape)} ({size} elements) to "
                              f"{fmt_shape(self.shape)} ({known} elements)")
-        return Aval(self.shape, a.dtype)
+        return Aval(target, a.dtype)
 
 
 def _broadcast_target(op_name: str, in_shape: tuple, shape: tuple) -> tuple:

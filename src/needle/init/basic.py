@@ -3,6 +3,10 @@
 Every random factory makes exactly one draw from NumPy's global generator
 (``np.random.rand`` or ``np.random.randn`` of the full shape), so ``np.random.seed(s)``
 reproduces needle's values bit for bit, whatever the device.
+
+NOTE: as in needle's backend, the draw is cast to float32 *before* it is scaled (and before
+randb compares it with p), so float32 results equal needle's exactly; a float64 request
+keeps the draw in float64 instead of losing its precision.
 """
 
 from __future__ import annotations
@@ -37,24 +41,30 @@ def _tensor(array: np.ndarray, device: Device | None, dtype: Any,
     return Tensor.make_const(array, requires_grad=bool(requires_grad) and array.dtype.kind in "fc")
 
 
+def _draw(sample: np.ndarray, dtype: Any) -> np.ndarray:
+    """The raw draw in the precision it is scaled in: the requested float dtype, else float32."""
+    dtype = np.dtype(dtype)
+    return sample.astype(dtype if dtype.kind == "f" else np.float32)
+
+
 def rand(*shape: int, low: float = 0.0, high: float = 1.0, device: Device | None = None,
          dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
     """Uniform on [low, high): ``np.random.rand(*shape) * (high - low) + low`` (one draw)."""
-    array = np.random.rand(*_shape(shape)) * (high - low) + low
+    array = _draw(np.random.rand(*_shape(shape)), dtype) * (high - low) + low
     return _tensor(array, device, dtype, requires_grad)
 
 
 def randn(*shape: int, mean: float = 0.0, std: float = 1.0, device: Device | None = None,
           dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
     """Normal(mean, std^2): ``np.random.randn(*shape) * std + mean`` (one draw)."""
-    array = np.random.randn(*_shape(shape)) * std + mean
+    array = _draw(np.random.randn(*_shape(shape)), dtype) * std + mean
     return _tensor(array, device, dtype, requires_grad)
 
 
 def randb(*shape: int, p: float = 0.5, device: Device | None = None, dtype: Any = "bool",
           requires_grad: bool = False) -> Tensor:
     """Bernoulli(p): ``np.random.rand(*shape) <= p`` (one draw); bool unless ``dtype`` says."""
-    array = np.random.rand(*_shape(shape)) <= p
+    array = _draw(np.random.rand(*_shape(shape)), "float32") <= p
     return _tensor(array, device, dtype, requires_grad)
 
 

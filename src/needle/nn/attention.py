@@ -19,6 +19,19 @@ __all__ = ["MultiHeadAttention", "TransformerLayer"]
 MASK_VALUE = -1e9
 
 
+def _dropout(module: Dropout, x: Tensor) -> Tensor:
+    """Dropout that is skipped when p = 0: no mask draw and no multiply (as torch)."""
+    return x if module.p == 0 else module(x)
+
+
+def _apply_2d(layer: Module, x: Tensor) -> Tensor:
+    """``layer`` on (B, L, D) as one (B*L, D) matrix, reshaped back to (B, L, out); the
+    batch size may be unknown (None) in a declared graph."""
+    b, length, width = x.shape
+    out = layer(ops.reshape(x, (-1, width)))
+    return ops.reshape(out, (-1 if b is None else b, length, out.shape[-1]))
+
+
 def _as_array(mask: Any) -> np.ndarray:
     return mask.numpy() if isinstance(mask, Tensor) else np.asarray(mask)
 
@@ -110,10 +123,10 @@ class MultiHeadAttention(Module):
             total = extra if total is None else total + extra
         if key_padding_mask is not None:
             pad = _additive(key_padding_mask, "key_padding_mask")
-            if pad.shape != (batch, s):
+            if pad.ndim != 2 or pad.shape[1] != s or batch not in (None, pad.shape[0]):
                 raise ValueError(f"MultiHeadAttention: key_padding_mask must be (batch, source) "
                                  f"= ({batch}, {s}), got {pad.shape}")
-            pad = pad.reshape(batch, 1, 1, s)
+            pad = pad.reshape(-1, 1, 1, s)
             total = pad if total is None else total + pad
         return total
 
@@ -148,10 +161,9 @@ class MultiHeadAttention(Module):
             scores = scores + Tensor(mask, device=scores.device, dtype=scores.dtype,
                                      requires_grad=False)
         probs = ops.softmax(scores, axis=-1)
-        if self.dropout.p > 0:
-            probs = self.dropout(probs)
+        probs = _dropout(self.dropout, probs)
         context = ops.permute(probs @ v, (0, 2, 1, 3))  # (B, T, heads, head_dim)
-        out = self.out_proj(ops.reshape(context, (-1 if b is None else b, t, d)))
+        out = _apply_2d(self.out_proj, ops.reshape(context, (-1 if b is None else b, t, d)))
         if not need_weights:
             return out, None
         return out, (ops.mean(probs, axes=1) if average_attn_weights else probs)
@@ -191,6 +203,7 @@ class TransformerLayer(Module):
         h = self.norm1(x)
         attended, _ = self.self_attn(h, h, h, key_padding_mask=key_padding_mask,
                                      need_weights=False)
-        x = x + self.dropout1(attended)
-        h = self.linear2(self.dropout(self.activation(self.linear1(self.norm2(x)))))
-        return x + self.dropout2(h)
+        x = x + _dropout(self.dropout1, attended)
+        h = _apply_2d(self.linear1, self.norm2(x))
+        h = _apply_2d(self.linear2, _dropout(self.dropout, self.activation(h)))
+        return x + _dropout(self.dropout2, h)

@@ -67,13 +67,15 @@ class Linear(Module):
     def forward(self, X: Tensor) -> Tensor:
         _check_last_dim("Linear", X, self.in_features, "in_features")
         lead = tuple(X.shape[:-1])
-        flat = X if len(X.shape) == 2 else ops.reshape(X, (_prod(lead), self.in_features))
+        # -1 rather than prod(lead): a lazy graph may not know the batch size
+        flat = X if len(X.shape) == 2 else ops.reshape(X, (-1, self.in_features))
         out = ops.matmul(flat, self.weight)
         if self.bias is not None:
-            # b is (1, out) (or (out,) if a user assigned one); the engine sums its gradient back
-            out = out + ops.broadcast_to(self.bias, out.shape)
+            # b (1, out) broadcasts in the add (also over a batch size a lazy graph may not
+            # know); the engine sums its gradient back to (1, out)
+            out = out + self.bias
         if len(X.shape) != 2:
-            out = ops.reshape(out, (*lead, self.out_features))
+            out = ops.reshape(out, (*(-1 if d is None else d for d in lead), self.out_features))
         return out
 
 
@@ -83,7 +85,8 @@ class Flatten(Module):
     def forward(self, X: Tensor) -> Tensor:
         if len(X.shape) == 0:
             raise ValueError("Flatten: expected an input with a batch dim, got a 0-d tensor")
-        return ops.reshape(X, (X.shape[0], _prod(tuple(X.shape[1:]))))
+        batch = X.shape[0]
+        return ops.reshape(X, (-1 if batch is None else batch, _prod(tuple(X.shape[1:]))))
 
 
 class ReLU(Module):
@@ -155,11 +158,6 @@ class Sequential(Module):
         for module in self.modules:
             x = module(x)
         return x
-
-    def train(self, mode: bool = True) -> Sequential:
-        for _, module in self.named_modules():
-            module.training = mode
-        return self
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -281,8 +279,10 @@ class LayerNorm1d(Module):
 
 # -- regularization ---------------------------------------------------------------------------
 class Dropout(Module):
-    """Training: y = x * mask / (1 - p) with ``mask = init.randb(*x.shape, p=1 - p)`` (one draw
-    from NumPy's global RNG per call); evaluation: y = x. With p = 1 the output is zeros."""
+    """Training: y = x * mask / (1 - p) with ``mask = rand(*x.shape) <= 1 - p`` (one draw
+    from NumPy's global RNG per call, as ``init.randb``); evaluation: y = x. With p = 1 the
+    output is zeros. The mask is an op (``bernoulli_like``), so graphs and the JIT draw a fresh
+    one on every run."""
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
@@ -293,7 +293,7 @@ class Dropout(Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        mask = init.randb(*x.shape, p=1 - self.p, device=x.device, dtype=x.dtype)
+        mask = ops.bernoulli_like(x, 1 - self.p)
         if self.p == 1.0:
             return x * ops.zeros_like(mask)  # every unit dropped; avoid 0 / 0
         return x * mask / (1 - self.p)

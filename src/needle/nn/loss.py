@@ -35,7 +35,7 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
 def _as_tensor(value: Any, like: Tensor) -> Tensor:
     """Labels or targets given as arrays or lists become constant Tensors."""
     if isinstance(value, Tensor):
-        return value
+        return value if value.device == like.device else value.to(like.device)
     return Tensor(np.asarray(value), device=like.device, requires_grad=False)
 
 
@@ -70,7 +70,7 @@ def _one_hot_like(logits: Tensor, y: Tensor) -> Tensor:
     """
     classes = logits.shape[1]
     ids = Tensor.make_const(np.arange(classes, dtype=y.dtype).reshape(classes, 1))
-    if y.device != ids.device:
+    if ids.device != y.device:
         ids = ids.to(y.device)
     hot = ops.transpose(ops.compare(ids, y, "eq"))
     return ops.astype(hot, logits.dtype)

@@ -113,7 +113,8 @@ class Module:
     # -- modes -----------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
         """Set training mode on this module and every descendant."""
-        for module in self.modules():
+        # named_modules, not modules(): Sequential keeps needle's `.modules` tuple attribute
+        for _, module in self.named_modules():
             module.training = mode
         return self
 

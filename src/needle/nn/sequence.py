@@ -48,9 +48,12 @@ class Embedding(Module):
         traced graph): the ids stay a graph input instead of a constant baked into an index."""
         classes = Tensor(np.arange(self.num_embeddings, dtype=x.dtype), device=x.device,
                          requires_grad=False)
-        hot = ops.astype(ops.compare(ops.reshape(x, (*x.shape, 1)), classes, "eq"),
-                         self.weight.dtype)
-        return hot @ self.weight
+        flat = ops.reshape(x, (-1, 1))
+        hot = ops.astype(ops.compare(flat, classes, "eq"), self.weight.dtype)
+        # a 2-D product: the weight's gradient is one (num, dim) matmul, not one per step
+        out = hot @ self.weight
+        return ops.reshape(out, (*(-1 if d is None else d for d in x.shape),
+                                 self.embedding_dim))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -58,6 +61,23 @@ class Embedding(Module):
 
 def _uniform(shape: tuple, bound: float, device: Any, dtype: str) -> Parameter:
     return Parameter(init.rand(*shape, low=-bound, high=bound, device=device, dtype=dtype))
+
+
+def _project_input(cell: Module, x: Tensor) -> Tensor:
+    """``x W_ih + (b_ih + b_hh)``: the part of a step that does not depend on the state."""
+    out = x @ cell.W_ih
+    if cell.bias_ih is not None:
+        out = out + (cell.bias_ih + cell.bias_hh)
+    return out
+
+
+def _project_sequence(cell: Module, x: Tensor) -> list[Tensor]:
+    """The input projections of all steps of x (seq, batch, in) as one matrix product
+    (one weight-gradient product in backward instead of one per step), split by step."""
+    seq, batch, width = x.shape
+    out = _project_input(cell, ops.reshape(x, (-1, width)))
+    out = ops.reshape(out, (seq, -1 if batch is None else batch, out.shape[-1]))
+    return list(ops.split(out, 0))
 
 
 def _zero_state(x: Tensor, hidden_size: int) -> Tensor:
@@ -94,11 +114,13 @@ class RNNCell(Module):
             self.bias_ih = self.bias_hh = None
 
     def forward(self, x: Tensor, h: Tensor | None = None) -> Tensor:
+        return self.step(_project_input(self, x), h)
+
+    def step(self, x_proj: Tensor, h: Tensor | None = None) -> Tensor:
+        """The step from a precomputed ``x_proj = x W_ih + b_ih + b_hh`` (batch, hidden)."""
         # a zero state still goes through W_hh so its gradient is zeros (not None), as in torch
-        h = _zero_state(x, self.hidden_size) if h is None else h
-        pre = x @ self.W_ih + h @ self.W_hh
-        if self.bias_ih is not None:
-            pre = pre + self.bias_ih + self.bias_hh
+        h = ops.zeros_like(x_proj) if h is None else h
+        pre = x_proj + h @ self.W_hh
         return ops.tanh(pre) if self.nonlinearity == "tanh" else ops.relu(pre)
 
     def extra_repr(self) -> str:
@@ -134,12 +156,14 @@ class LSTMCell(Module):
             self.bias_ih = self.bias_hh = None
 
     def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, Tensor]:
+        return self.step(_project_input(self, x), state)
+
+    def step(self, x_proj: Tensor, state: tuple | None = None) -> tuple[Tensor, Tensor]:
+        """The step from a precomputed ``x_proj = x W_ih + b_ih + b_hh`` (batch, 4 hidden)."""
         h, c = (None, None) if state is None else state
-        h = _zero_state(x, self.hidden_size) if h is None else h
-        c = _zero_state(x, self.hidden_size) if c is None else c
-        pre = x @ self.W_ih + h @ self.W_hh
-        if self.bias_ih is not None:
-            pre = pre + self.bias_ih + self.bias_hh
+        h = _zero_state(x_proj, self.hidden_size) if h is None else h
+        c = _zero_state(x_proj, self.hidden_size) if c is None else c
+        pre = x_proj + h @ self.W_hh
         # (batch, 4h) -> (batch, 4, h) -> four (batch, h) gates; split's adjoint is one stack
         gates = ops.split(ops.reshape(pre, (-1, 4, self.hidden_size)), 1)
         i, f, g, o = (ops.sigmoid(gates[0]), ops.sigmoid(gates[1]), ops.tanh(gates[2]),
@@ -191,16 +215,15 @@ class RNN(Module):
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         _check_input(x, self.input_size, "RNN")
         states = _layer_states(h0, self.num_layers, "RNN")
-        steps = list(ops.split(x, 0))
         last = []
         for cell, h in zip(self.rnn_cells, states):
             outputs = []
-            for step in steps:
-                h = cell(step, h)
+            for x_proj in _project_sequence(cell, x):
+                h = cell.step(x_proj, h)
                 outputs.append(h)
-            steps = outputs
+            x = ops.stack(outputs, 0)
             last.append(h)
-        return ops.stack(steps, 0), ops.stack(last, 0)
+        return x, ops.stack(last, 0)
 
 
 class LSTM(Module):
@@ -229,14 +252,13 @@ class LSTM(Module):
         h0, c0 = (None, None) if state is None else state
         hs = _layer_states(h0, self.num_layers, "LSTM")
         cs = _layer_states(c0, self.num_layers, "LSTM")
-        steps = list(ops.split(x, 0))
         last_h, last_c = [], []
         for cell, h, c in zip(self.lstm_cells, hs, cs):
             outputs = []
-            for step in steps:
-                h, c = cell(step, (h, c))
+            for x_proj in _project_sequence(cell, x):
+                h, c = cell.step(x_proj, (h, c))
                 outputs.append(h)
-            steps = outputs
+            x = ops.stack(outputs, 0)
             last_h.append(h)
             last_c.append(c)
-        return ops.stack(steps, 0), (ops.stack(last_h, 0), ops.stack(last_c, 0))
+        return x, (ops.stack(last_h, 0), ops.stack(last_c, 0))

@@ -86,8 +86,9 @@ class Adam(Optimizer):
             decoupled_weight_decay(param, lr, self.weight_decay)
             g = grad
         else:
-            g = coupled_weight_decay(grad, param, self.weight_decay,
-                                     self._buffer(index, param, 1))
+            # the second scratch array exists only when there is decay to add
+            out = self._buffer(index, param, 1) if self.weight_decay != 0.0 else None
+            g = coupled_weight_decay(grad, param, self.weight_decay, out)
         state = self._state(index, param)
         adam_update(param, g, state["m"], state["v"], self.step_count, lr, self.beta1,
                     self.beta2, self.eps, self._buffer(index, param, 0))

@@ -14,7 +14,7 @@ __all__ = ["Optimizer", "coupled_weight_decay", "decoupled_weight_decay"]
 
 
 # -- weight decay: the one transform every optimizer shares ------------------------------------
-def coupled_weight_decay(grad: Any, param: Any, weight_decay: float, out: Any) -> Any:
+def coupled_weight_decay(grad: Any, param: Any, weight_decay: float, out: Any | None) -> Any:
     """The gradient of ``loss + wd/2 * ||p||^2``: ``g = grad + wd * p`` (``grad`` is not modified).
 
     Returns ``grad`` itself when ``weight_decay`` is 0, else ``out`` (a scratch array shaped like
@@ -151,9 +151,9 @@ class Optimizer:
         """Scratch array number ``k`` for parameter ``index`` (contents are garbage)."""
         buffers = self._scratch.setdefault(index, [])
         while len(buffers) <= k:
-            buffers.append(array_module(param).empty_like(param))
+            buffers.append(None)
         buf = buffers[k]
-        if buf.shape != param.shape or buf.dtype != param.dtype:
+        if buf is None or buf.shape != param.shape or buf.dtype != param.dtype:
             buf = buffers[k] = array_module(param).empty_like(param)
         return buf
 

@@ -75,7 +75,9 @@ class SGD(Optimizer):
         return ("u",) if self.momentum != 0.0 else ()
 
     def _update(self, index: int, param: Any, grad: Any) -> None:
-        g = coupled_weight_decay(grad, param, self.weight_decay, self._buffer(index, param, 1))
+        # the second scratch array exists only when there is decay to add
+        out = self._buffer(index, param, 1) if self.weight_decay != 0.0 else None
+        g = coupled_weight_decay(grad, param, self.weight_decay, out)
         u = self._state(index, param)["u"] if self.momentum != 0.0 else None
         sgd_update(param, g, float(self.lr), self.momentum, u, self.nesterov,
                    self._buffer(index, param, 0))

@@ -1,0 +1,19 @@
+"""needle.static: declarative graphs (TensorFlow 1 style) on the same core as eager mode.
+
+Declare first, then run: ``with st.Graph(): x = st.placeholder((None, 3)); y = ndl.exp(x)``,
+then ``st.Session().run(y, feed_dict={x: ...})``. Every ``ndl.ops`` function, Tensor
+operator and ``nn.Module`` applied to graph tensors makes nodes without computing anything.
+"""
+
+from .control import cond, while_loop
+from .gradients import gradients
+from .graph import Graph, get_default_graph, reset_default_graph
+from .nodes import Constant, Placeholder, Variable, constant, placeholder
+from .session import RunMetadata, RunPlan, Session
+from .state_ops import assign, assign_add, assign_sub, group, minimize, print_
+
+__all__ = [
+    "Constant", "Graph", "Placeholder", "RunMetadata", "RunPlan", "Session", "Variable",
+    "assign", "assign_add", "assign_sub", "cond", "constant", "get_default_graph", "gradients",
+    "group", "minimize", "placeholder", "print_", "reset_default_graph", "while_loop",
+]

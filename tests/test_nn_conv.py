@@ -1,0 +1,149 @@
+"""nn.Conv, nn.MaxPool2d, nn.AvgPool2d against PyTorch; ops.conv against finite differences."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import needle as ndl
+import needle.nn as nn
+
+from .helpers import check_gradient_fd
+
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def _close(ours, theirs, atol=ATOL, rtol=RTOL) -> None:
+    theirs = theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else theirs
+    np.testing.assert_allclose(ours.numpy(), theirs, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, k, stride, bias, h, w",
+    [
+        (3, 4, 3, 1, True, 6, 6),
+        (3, 4, 3, 2, True, 7, 7),   # odd size, stride 2
+        (2, 3, 3, 2, False, 8, 5),  # even/odd sizes, no bias
+        (2, 3, 4, 1, True, 6, 5),   # even kernel: output grows by one
+        (2, 3, 4, 2, False, 7, 6),
+        (3, 2, 1, 1, True, 4, 4),   # 1x1 kernel, no padding
+    ],
+)
+def test_conv_matches_torch(c_in, c_out, k, stride, bias, h, w):
+    rng = np.random.default_rng(0)
+    conv = nn.Conv(c_in, c_out, k, stride=stride, bias=bias)
+    x = rng.standard_normal((2, c_in, h, w)).astype(np.float32)
+    X = ndl.Tensor(x)
+    out = conv(X)
+
+    tx = torch.tensor(x, requires_grad=True)
+    # needle (k, k, in, out) -> torch (out, in, k, k)
+    tw = torch.tensor(conv.weight.numpy().transpose(3, 2, 0, 1).copy(), requires_grad=True)
+    tb = torch.tensor(conv.bias.numpy(), requires_grad=True) if bias else None
+    tout = TF.conv2d(tx, tw, tb, stride=stride, padding=k // 2)
+    assert out.shape == tuple(tout.shape)
+    _close(out, tout)
+
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    (out * ndl.Tensor(g)).sum().backward()
+    (tout * torch.tensor(g)).sum().backward()
+    _close(X.grad, tx.grad)
+    _close(conv.weight.grad, tw.grad.numpy().transpose(2, 3, 1, 0))
+    if bias:
+        _close(conv.bias.grad, tb.grad)
+    assert conv.weight.grad.shape == conv.weight.shape
+
+
+def test_conv_init_draw_order_and_bounds():
+    c_in, c_out, k = 3, 5, 3
+    np.random.seed(4)
+    conv = nn.Conv(c_in, c_out, k)
+    np.random.seed(4)
+    fan_in = c_in * k * k
+    w_bound = math.sqrt(2) * math.sqrt(3 / fan_in)
+    weight = np.random.rand(k, k, c_in, c_out) * 2 * w_bound - w_bound
+    b_bound = 1 / math.sqrt(fan_in)
+    bias = np.random.rand(c_out) * 2 * b_bound - b_bound
+    assert conv.weight.dtype == np.float32 and conv.bias.dtype == np.float32
+    np.testing.assert_allclose(conv.weight.numpy(), weight, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(conv.bias.numpy(), bias, rtol=1e-6, atol=1e-7)
+    assert [name for name, _ in conv.named_parameters()] == ["weight", "bias"]
+    assert nn.Conv(c_in, c_out, k, bias=False).parameters()[0].shape == (k, k, c_in, c_out)
+
+
+def test_conv_rejects_wrong_channels():
+    conv = nn.Conv(3, 4, 3)
+    with pytest.raises(ValueError, match="3 channels"):
+        conv(ndl.Tensor(np.zeros((1, 2, 5, 5), dtype=np.float32)))
+
+
+@pytest.mark.parametrize("stride, padding, k", [(2, 1, 3), (2, 2, 4), (3, 1, 2)])
+def test_conv_op_gradient_finite_differences(stride, padding, k):
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((2, 7, 6, 3))
+    b = rng.standard_normal((k, k, 3, 2))
+    check_gradient_fd(lambda x, w: ndl.conv(x, w, stride=stride, padding=padding), [a, b], rng)
+
+
+@pytest.mark.parametrize("kernel, stride", [(2, None), (3, None), (3, 2), (2, 1), (3, 1)])
+@pytest.mark.parametrize("pool, reference", [(nn.MaxPool2d, TF.max_pool2d),
+                                             (nn.AvgPool2d, TF.avg_pool2d)])
+def test_pool_matches_torch(pool, reference, kernel, stride):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 7, 8)).astype(np.float32)  # 7 and 8: windows leave a rim
+    X = ndl.Tensor(x)
+    out = pool(kernel, stride)(X)
+    tx = torch.tensor(x, requires_grad=True)
+    tout = reference(tx, kernel, stride)
+    assert out.shape == tuple(tout.shape)
+    _close(out, tout)
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    (out * ndl.Tensor(g)).sum().backward()
+    (tout * torch.tensor(g)).sum().backward()
+    _close(X.grad, tx.grad)
+
+
+def test_max_pool_ties_split_the_gradient():
+    """Equal values in a window share its gradient (torch would give it all to one)."""
+    x = ndl.Tensor(np.ones((1, 1, 2, 4), dtype=np.float32))
+    out = nn.MaxPool2d(2)(x)
+    np.testing.assert_array_equal(out.numpy(), np.ones((1, 1, 1, 2)))
+    out.backward(ndl.Tensor(np.array([[[[4.0, 8.0]]]], dtype=np.float32)))
+    np.testing.assert_allclose(x.grad.numpy(), [[[[1, 1, 2, 2], [1, 1, 2, 2]]]])
+
+
+def test_pool_rejects_small_input():
+    with pytest.raises(ValueError, match="larger than the input"):
+        nn.MaxPool2d(3)(ndl.Tensor(np.zeros((1, 1, 2, 2), dtype=np.float32)))
+
+
+def test_small_cnn_trains_end_to_end():
+    """Conv -> ReLU -> MaxPool -> global mean pool: gradients reach every parameter."""
+    np.random.seed(0)
+    conv1, conv2 = nn.Conv(1, 4, 3), nn.Conv(4, 6, 3, stride=2)
+    x = ndl.Tensor(np.random.randn(2, 1, 8, 8).astype(np.float32))
+    y = nn.MaxPool2d(2)(ndl.relu(conv1(x)))
+    y = ndl.mean(conv2(y), axes=(2, 3))
+    assert y.shape == (2, 6)
+    y.sum().backward()
+    for p in [*conv1.parameters(), *conv2.parameters()]:
+        assert p.grad is not None and p.grad.shape == p.shape
+        assert np.abs(p.grad.numpy()).sum() > 0
+
+
+def test_conv_and_pools_run_on_a_declared_graph():
+    """Only ops are used, so the layers build lazy graphs (batch size unknown) too."""
+    st = pytest.importorskip("needle.static")
+    np.random.seed(1)
+    conv, max_pool, avg_pool = nn.Conv(2, 3, 3, stride=2), nn.MaxPool2d(2), nn.AvgPool2d(3, 2)
+    x = np.random.randn(2, 2, 9, 9).astype(np.float32)
+    expected = [f(ndl.Tensor(x)).numpy() for f in (conv, max_pool, avg_pool)]
+    with st.Graph():
+        X = st.placeholder((None, 2, 9, 9))
+        got = st.Session().run([conv(X), max_pool(X), avg_pool(X)], feed_dict={X: x})
+    for value, reference in zip(got, expected):
+        np.testing.assert_allclose(value, reference, rtol=1e-6, atol=1e-6)
