@@ -28,6 +28,8 @@ TENSOR_COUNTER = 0
 _GRAD_ENABLED = True
 #: >0 while a front-end (graph builder, JIT tracer) needs every node to keep op and inputs
 _RECORDING = 0
+#: callables run on every lazy node when it is made (the declarative front-end's bookkeeping)
+LAZY_NODE_HOOKS: list = []
 
 
 def is_grad_enabled() -> bool:
@@ -208,6 +210,8 @@ def make_from_op(op: Op, inputs: tuple) -> Value:
     if lazy:
         node = _new_node(cls, op, inputs, None, requires_grad, device)
         node._aval = op.infer(*[x.aval for x in inputs])
+        for hook in LAZY_NODE_HOOKS:
+            hook(node)
         return node
     try:
         data = op.compute(*arrays)
