@@ -8,10 +8,13 @@ Run: python benchmarks/op_overhead.py
 
 from __future__ import annotations
 
+# isort: off
+import common  # noqa: F401  (pins BLAS threads before NumPy and torch load)
+
+# isort: on
 import numpy as np
 import torch
 
-import common  # noqa: F401  (pins BLAS threads before NumPy loads)
 import needle as ndl
 
 CHAIN = 100

@@ -92,6 +92,20 @@ def _torch_conv(x, w, stride, padding):
     return out.permute(0, 2, 3, 1)
 
 
+def _torch_conv_weight_grad(a, g, kernel_hw, stride, padding):
+    """The kernel adjoint of conv, differentiable in ``a`` and ``g`` (conv is bilinear)."""
+    w0 = torch.zeros((*kernel_hw, a.shape[3], g.shape[3]), dtype=a.dtype, requires_grad=True)
+    out = _torch_conv(a, w0, stride, padding)
+    return torch.autograd.grad(out, w0, g, create_graph=True)[0]
+
+
+def _torch_conv_input_grad(g, b, stride, padding, in_hw):
+    """The input adjoint of conv, differentiable in ``g`` and ``b``."""
+    x0 = torch.zeros((g.shape[0], *in_hw, b.shape[2]), dtype=g.dtype, requires_grad=True)
+    out = _torch_conv(x0, b, stride, padding)
+    return torch.autograd.grad(out, x0, g, create_graph=True)[0]
+
+
 def _torch_scatter(x, index, shape):
     out = torch.zeros(shape, dtype=x.dtype)
     return out.index_put(index, x, accumulate=True) if isinstance(index, tuple) else out
@@ -148,6 +162,11 @@ OP_TABLE: list[OpCase] = [
            lambda a: torch.tensor((np.random.seed(5),
                                    np.random.rand(*a.shape).astype(np.float32) <= 0.3)[1]).float(),
            [normal((4, 5))], differentiable=False),
+    OpCase("stop_gradient", ops.stop_gradient, lambda a: a.detach(), [normal((3, 4))],
+           differentiable=False),
+    OpCase("store", lambda a: ops.store(a * 2, ndl.Tensor(np.zeros(a.shape, np.float32),
+                                                          requires_grad=False)),
+           lambda a: a * 2, [normal((2, 3))], differentiable=False),
     OpCase("astype", lambda a: ops.astype(a, "float64"), lambda a: a.double(), [normal((3, 4))]),
     # -- linear algebra --
     OpCase("matmul", lambda a, b: a @ b, lambda a, b: a @ b,
@@ -222,6 +241,32 @@ OP_TABLE: list[OpCase] = [
                            (lambda a, b: ops.conv(a, b, stride=2),
                             lambda a, b: _torch_conv(a, b, 2, 0),
                             normal((1, 5, 5, 2), (2, 2, 2, 1)))]}),
+    # the conv adjoints; (1, 5, 5) with kernel 2 and stride 2 leaves a row and column unused
+    OpCase("conv_weight_grad",
+           lambda a, g: ops.conv_weight_grad(a, g, (3, 3), stride=1, padding=1),
+           lambda a, g: _torch_conv_weight_grad(a, g, (3, 3), 1, 1),
+           [normal((2, 5, 5, 3), (2, 5, 5, 4))], rtol=1e-4, atol=1e-5,
+           extra={"more": [(lambda a, g: ops.conv_weight_grad(a, g, (3, 3), stride=2, padding=1),
+                            lambda a, g: _torch_conv_weight_grad(a, g, (3, 3), 2, 1),
+                            normal((2, 6, 7, 2), (2, 3, 4, 3))),
+                           (lambda a, g: ops.conv_weight_grad(a, g, (2, 2), stride=2),
+                            lambda a, g: _torch_conv_weight_grad(a, g, (2, 2), 2, 0),
+                            normal((1, 5, 5, 2), (1, 2, 2, 1)))]}),
+    OpCase("conv_input_grad",
+           lambda g, b: ops.conv_input_grad(g, b, stride=1, padding=1, in_hw=(5, 5)),
+           lambda g, b: _torch_conv_input_grad(g, b, 1, 1, (5, 5)),
+           [normal((2, 5, 5, 4), (3, 3, 3, 4))], rtol=1e-4, atol=1e-5,
+           extra={"more": [(lambda g, b: ops.conv_input_grad(g, b, stride=2, padding=1,
+                                                             in_hw=(6, 7)),
+                            lambda g, b: _torch_conv_input_grad(g, b, 2, 1, (6, 7)),
+                            normal((2, 3, 4, 3), (3, 3, 2, 3))),
+                           (lambda g, b: ops.conv_input_grad(g, b, stride=2, in_hw=(5, 5)),
+                            lambda g, b: _torch_conv_input_grad(g, b, 2, 0, (5, 5)),
+                            normal((1, 2, 2, 1), (2, 2, 2, 1))),
+                           # in_hw=None: the smallest input, (3 - 1) * 2 + 3 - 2 = 5
+                           (lambda g, b: ops.conv_input_grad(g, b, stride=2, padding=1),
+                            lambda g, b: _torch_conv_input_grad(g, b, 2, 1, (5, 5)),
+                            normal((2, 3, 3, 2), (3, 3, 4, 2)))]}),
 ]
 
 

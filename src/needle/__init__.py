@@ -4,10 +4,11 @@ One core (an op registry, a graph of Tensors, reverse-mode autodiff) serves eage
 declarative graphs, Caffe-style layers and a JIT.
 """
 
-from . import autograd, backend_ndarray, checkpoint, init, nn, ops, optim
+from . import autograd, backend_ndarray, checkpoint, data, init, nn, ops, optim
 from .autograd import Tensor, TensorTuple, enable_grad, from_numpy, is_grad_enabled, no_grad
 from .backend import Device, NDArray, cpu, cuda, default_device
 from .checkpoint import CheckpointError, checkpoint_info, load, save
 from .ops import *
+from .jit import jit
 
 __version__ = "0.1.0"

@@ -30,6 +30,25 @@ _GRAD_ENABLED = True
 _RECORDING = 0
 #: callables run on every lazy node when it is made (the declarative front-end's bookkeeping)
 LAZY_NODE_HOOKS: list = []
+#: the JIT's trace in progress (needle.jit.tracing.Trace), or None: while set, every op makes a
+#: lazy node (nothing is computed) and effects (op.side_effect) are collected in order
+_TRACE = None
+
+
+class TracerConversionError(RuntimeError):
+    """A traced tensor was converted to a Python value (bool, item, numpy, float, print).
+
+    Raised while ``ndl.jit`` traces a function: the value does not exist yet, so Python code
+    that branches on it cannot be recorded. The JIT catches it and falls back (or, strict,
+    explains the fixes).
+    """
+
+    def __init__(self, what: str, source: str | None) -> None:
+        self.what = what
+        self.source = source
+        where = f" at {source}" if source else ""
+        super().__init__(f"{what} of a traced tensor{where}: its value is not known while "
+                         "tracing")
 
 
 def is_grad_enabled() -> bool:
@@ -133,9 +152,11 @@ class Value:
             return Aval(data.shape, data.dtype) if not isinstance(data, tuple) else self._aval
         return self._aval
 
-    def realize_data(self) -> Any:
-        """The backend array (or tuple of arrays), computing it if this node is lazy."""
+    def realize_data(self, what: str = "reading the value") -> Any:
+        """The backend array (or tuple of arrays); an error for a node without a value yet."""
         if self._data is None:
+            if _TRACE is not None:
+                raise TracerConversionError(what, _TRACE.user_source())
             raise RuntimeError(
                 f"{self._describe()} has no value: it belongs to a declared graph; "
                 "run it with needle.static.Session().run(...)"
@@ -207,11 +228,13 @@ def make_from_op(op: Op, inputs: tuple) -> Value:
     requires_grad = requires_grad and _GRAD_ENABLED and op.differentiable
     cls = TensorTuple if op.returns_tuple else Tensor
     device = inputs[0].device if inputs else cpu()
-    if lazy:
+    if lazy or _TRACE is not None:
         node = _new_node(cls, op, inputs, None, requires_grad, device)
         node._aval = op.infer(*[x.aval for x in inputs])
         for hook in LAZY_NODE_HOOKS:
             hook(node)
+        if _TRACE is not None and getattr(op, "side_effect", False):
+            _TRACE.effects.append(node)
         return node
     try:
         data = op.compute(*arrays)
@@ -350,18 +373,18 @@ class Tensor(Value):
 
     def numpy(self) -> np.ndarray:
         """The values as a NumPy array (shares memory on the CPU)."""
-        return self.device.to_numpy(self.realize_data())
+        return self.device.to_numpy(self.realize_data("numpy()"))
 
     def item(self) -> Any:
         """The single value as a Python number."""
-        data = self.realize_data()
+        data = self.realize_data("item()")
         if data.size != 1:
             raise ValueError(f"item(): tensor has {data.size} elements, shape {data.shape}; "
                              "only one-element tensors convert to a Python number")
         return data.item()
 
     def __bool__(self) -> bool:
-        data = self.realize_data()
+        data = self.realize_data("bool()")
         if data.size != 1:
             raise ValueError(f"bool() of a tensor with {data.size} elements (shape "
                              f"{data.shape}) is ambiguous; use .any() or .all() on .numpy()")
@@ -400,8 +423,11 @@ class Tensor(Value):
             self._data = _to_backend(value, self.device, None, copy=False)[0]
 
     def detach(self) -> Tensor:
-        """A new leaf Tensor with the same values and no graph."""
-        return _new_node(Tensor, None, (), self.realize_data(), False, self.device)
+        """A new leaf Tensor with the same values and no graph (a stop_gradient node for a
+        value that is not computed yet)."""
+        if self._data is None:
+            return _ops.stop_gradient(self)
+        return _new_node(Tensor, None, (), self._data, False, self.device)
 
     def to(self, device: Device) -> Tensor:
         """A copy of this tensor on ``device`` (a new leaf)."""
@@ -445,6 +471,8 @@ class Tensor(Value):
         if self.requires_grad:
             extra += ", requires_grad=True"
         if self._data is None:
+            if _TRACE is not None:
+                raise TracerConversionError("printing", _TRACE.user_source())
             what = self.op.name if self.op is not None else "placeholder"
             return f"Tensor(<{what}: no value yet>, shape={fmt_shape(self.shape)}, " \
                    f"dtype={self.dtype}{extra})"
@@ -453,6 +481,11 @@ class Tensor(Value):
 
     def __str__(self) -> str:
         return str(self.numpy()) if self._data is not None else repr(self)
+
+    def __format__(self, spec: str) -> str:
+        if self._data is None:
+            return repr(self)
+        return format(self.numpy(), spec) if spec else str(self)
 
     # -- operators (the op each one builds is needle's) -------------------------------------
     def _other(self, other: Any) -> Any:

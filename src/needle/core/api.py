@@ -70,6 +70,7 @@ def _load() -> list[str]:
         ops_random,
         ops_reduce,
         ops_shape,
+        ops_state,
     )
 
     names = []

@@ -46,6 +46,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """The pickle names a global (or persistent id) outside the allow-list."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An Unpickler whose ``find_class`` resolves only NumPy arrays and plain containers."""
 
@@ -57,12 +61,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return RestrictedUnpickler._ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise RefusedPickle(
                 f"refused global {module}.{name}: only NumPy arrays and plain containers may be "
                 "loaded") from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("refused a persistent id: not allowed in data files")
+        raise RefusedPickle("refused a persistent id: not allowed in data files")
 
 
 def safe_load(path: str | os.PathLike, encoding: str = "bytes") -> Any:
@@ -73,8 +77,8 @@ def safe_load(path: str | os.PathLike, encoding: str = "bytes") -> Any:
     with open(path, "rb") as f:
         try:
             return RestrictedUnpickler(f, encoding=encoding).load()
-        except pickle.UnpicklingError as exc:
+        except RefusedPickle as exc:
             raise ValueError(f"{name}: not a safe data pickle: {exc}") from None
-        except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-                MemoryError, OverflowError) as exc:
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+                AttributeError, MemoryError, OverflowError) as exc:
             raise ValueError(f"{name}: malformed pickle ({type(exc).__name__}: {exc})") from None

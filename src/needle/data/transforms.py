@@ -12,9 +12,36 @@ the global RNG. Batch transforms never write into their input: a batch may be a 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+
+class _Scratch(threading.local):
+    """Per-thread work buffers that batch transforms reuse from call to call.
+
+    NOTE: fresh memory costs a page fault per 4 KiB page (microseconds each on some VMs), and a
+    batch of temporaries of a few MB each makes the allocator hand memory back and forth with
+    the OS; reusing buffers made crop + flip about 4x faster here. Only internal temporaries
+    live here, never an array that is returned.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """A zero-initialized buffer the first time; afterwards whatever the last call left."""
+        key = (name, shape, np.dtype(dtype))
+        buf = self.buffers.get(key)
+        if buf is None:
+            if len(self.buffers) >= 8:  # shapes changed (e.g. a short last batch): start over
+                self.buffers.clear()
+            buf = self.buffers[key] = np.zeros(shape, dtype)
+        return buf
+
+
+_SCRATCH = _Scratch()
 
 
 def _rand(rng: np.random.Generator | None, n: int | None = None):
@@ -44,7 +71,7 @@ class Transform:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
 
@@ -132,9 +159,19 @@ class BatchRandomFlip(Transform):
 
     def __call__(self, batch: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         _check_image(batch, "BatchRandomFlip", ndim=4)
-        flip = _rand(rng, batch.shape[0]) < self.p
-        # np.where reads both orders once and writes a fresh array (the input may be a view).
-        return np.where(flip[:, None, None, None], batch[:, :, ::-1, :], batch)
+        flip = np.flatnonzero(_rand(rng, batch.shape[0]) < self.p)
+        # Copy, then overwrite the flipped samples: never writes into the input (it may be a
+        # view of the dataset). take() with reversed column indices copies whole C-vectors and
+        # is faster than a negative-stride copy or np.where over the batch.
+        out = batch.copy()
+        m = len(flip)
+        if m:
+            chosen = _SCRATCH.get("flip_in", batch.shape, batch.dtype)[:m]
+            flipped = _SCRATCH.get("flip_out", batch.shape, batch.dtype)[:m]
+            np.take(batch, flip, axis=0, out=chosen)
+            np.take(chosen, np.arange(batch.shape[2] - 1, -1, -1), axis=2, out=flipped)
+            out[flip] = flipped
+        return out
 
 
 class BatchRandomCrop(Transform):
@@ -153,7 +190,9 @@ class BatchRandomCrop(Transform):
         N, H, W, C = batch.shape
         p = self.padding
         shifts = _randint(rng, -p, p + 1, (N, 2))
-        padded = np.zeros((N, H + 2 * p, W + 2 * p, C), dtype=batch.dtype)
+        # The border of the reused buffer stays zero: only the interior is ever written, and the
+        # key holds the padding, so each buffer always has the same interior.
+        padded = _SCRATCH.get(f"crop_pad_{p}", (N, H + 2 * p, W + 2 * p, C), batch.dtype)
         padded[:, p : p + H, p : p + W, :] = batch
         # A strided view of every window: windows[n, a, b] is padded[n, a:a+H, b:b+W, :]. One
         # fancy index then copies each sample's H x W x C block in a single pass.

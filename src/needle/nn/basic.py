@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import init, ops
-from ..autograd import Tensor
+from ..autograd import Tensor, no_grad
 from .module import Buffer, Module, Parameter
 
 __all__ = [
@@ -190,9 +190,9 @@ class BatchNorm1d(Module):
     Evaluation uses ``running_mean`` / ``running_var``, which are Buffers (in ``state_dict``,
     not trained).
 
-    NOTE: the running statistics are updated only when the batch statistics have values
-    (eager mode); a lazy graph (Session, JIT replay) normalizes with the batch but cannot
-    update them.
+    NOTE: the running statistics are written with ``ops.store``, an effect: eagerly and under
+    the JIT it runs on every training call; in a declared graph (Session) it runs only when
+    its node is fetched.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, device: Any = None,
@@ -233,13 +233,16 @@ class BatchNorm1d(Module):
                 + self._per_channel(self.bias, ndim))
 
     def _update_running(self, mean: Tensor, var: Tensor) -> None:
-        """running = (1 - m) running + m batch_stat, on raw arrays (no graph)."""
-        if mean._data is None or var._data is None:
-            return  # lazy graph: no values to fold in (see the class NOTE)
+        """running = (1 - m) running + m batch_stat, written in place with ``ops.store``.
+
+        No gradient flows here. Eagerly the buffers change at once; in a traced graph (JIT) the
+        store is an effect that runs on every call; a declared graph runs it when fetched.
+        """
         m = self.momentum
-        for buffer, stat in ((self.running_mean, mean), (self.running_var, var)):
-            new = (1 - m) * buffer._data + m * stat._data.reshape(self.dim)
-            buffer.data = new.astype(buffer.dtype, copy=False)
+        with no_grad():
+            for buffer, stat in ((self.running_mean, mean), (self.running_var, var)):
+                new = buffer * (1 - m) + ops.reshape(stat.detach(), (self.dim,)) * m
+                ops.store(ops.astype(new, buffer.dtype), buffer)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, momentum={self.momentum}"

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import autograd
 from ..autograd import Tensor
 
 
@@ -57,6 +58,9 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        trace = autograd._TRACE
+        if trace is not None:  # the JIT guards on the training flag of every module it saw
+            trace.modules.append(self)
         return self.forward(*args, **kwargs)
 
     # -- discovery -----------------------------------------------------------------------------

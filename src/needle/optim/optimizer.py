@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import autograd
 from ..autograd import Tensor
 from ..backend import array_module, device_of
 
@@ -107,7 +108,17 @@ class Optimizer:
 
     # -- the update --------------------------------------------------------------------------
     def step(self) -> None:
-        """Update every parameter that has a gradient, in place."""
+        """Update every parameter that has a gradient, in place.
+
+        While ``ndl.jit`` traces, gradients have no values yet: the step is recorded as a graph
+        node that the compiled function runs on every call.
+        """
+        if autograd._TRACE is not None and any(
+                p.grad is not None and p.grad._data is None for p in self.params):
+            from .graph_step import record_step
+
+            record_step(self)
+            return
         self.step_count += 1
         self._begin_step()
         for index, p in enumerate(self.params):

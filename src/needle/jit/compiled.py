@@ -1,0 +1,319 @@
+"""ndl.jit: trace a function once per signature, optimize the graph, replay it on later calls.
+
+A compiled plan is a graph op (``JitCall``): applied to the call's tensors and the parameters
+the trace read, it runs the optimized Program. A plan without effects is differentiable (its
+gradient is another compiled plan, built from the trace by the same autodiff), so a jitted
+module trains with ``loss.backward()`` like an eager one. A plan with effects (a whole
+training step: ``opt.step()``, BatchNorm's running statistics) applies them on every call.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import autograd
+from ..autograd import TracerConversionError, make_from_op
+from ..compiler import optimize as optimize_program
+from ..core import api as F
+from ..core import autodiff
+from ..core.interpret import Program, build_program, plan_frees, run_program
+from ..core.registry import Aval, Op
+from .signature import describe_difference, flatten, rebuild, static_key
+from .tracing import Trace, trace_input, tracing
+
+
+class JitError(RuntimeError):
+    """A jitted function cannot be compiled as written (strict mode), with the fixes."""
+
+
+# -- records for explain() ------------------------------------------------------------------------
+@dataclass
+class EntryRecord:
+    """One cached plan: its signature, graph sizes and the passes applied."""
+
+    signature: tuple
+    nodes_before: int
+    nodes_after: int
+    passes: list[str]
+    effects: int
+    calls: int = 0
+    fallback: bool = False
+
+
+@dataclass
+class RetraceRecord:
+    """A call whose signature matched no cached plan, and the guard that failed."""
+
+    reason: str
+    signature: tuple
+
+
+@dataclass
+class FallbackRecord:
+    """A trace abandoned for eager execution: why, and where in the user's code."""
+
+    reason: str
+    source: str | None
+    signature: tuple
+
+
+@dataclass
+class JitReport:
+    """``compiled.explain()``: structured facts about traces, caches, retraces and fallbacks."""
+
+    traces: int
+    cache_entries: list[EntryRecord]
+    retraces: list[RetraceRecord]
+    fallbacks: list[FallbackRecord]
+    optimize: bool
+
+    @property
+    def num_cache_entries(self) -> int:
+        return len(self.cache_entries)
+
+
+# -- the op that runs a plan ----------------------------------------------------------------------
+class JitCall(Op):
+    """Run a compiled Program on (call tensors..., parameters...) and return its outputs."""
+
+    name = "jit_call"
+    returns_tuple = True
+
+    def __init__(self, plan: CompiledPlan) -> None:
+        self.plan = plan
+        self.side_effect = bool(plan.program_effects)
+        self.differentiable = not self.side_effect
+
+    def attrs(self) -> tuple:
+        return (("plan", id(self.plan)),)
+
+    def compute(self, *values):
+        plan = self.plan
+        env = dict(zip(plan.source_slots, values))
+        run_program(plan.program, env)
+        outputs = []
+        seen: set[int] = set()
+        for slot in plan.program.outputs[: plan.num_outputs]:
+            value = env[slot]
+            if slot in seen:  # the same value returned twice: give each its own array
+                value = value.copy()
+            seen.add(slot)
+            outputs.append(value)
+        return tuple(outputs)
+
+    def gradient(self, out_grad, node):
+        backward = self.plan.backward_plan()
+        seeds = [out_grad[i] for i in range(self.plan.num_outputs)]
+        grads = make_from_op(JitCall(backward), (*node.inputs, *seeds))
+        result: list = [None] * len(node.inputs)
+        for k, position in enumerate(backward.wrt_positions):
+            result[position] = grads[k]
+        return tuple(result)
+
+    def infer(self, *avals: Aval) -> tuple:
+        return tuple(o.aval for o in self.plan.outputs)
+
+
+class CompiledPlan:
+    """A traced graph turned into a Program, with its sources in call order."""
+
+    def __init__(self, outputs: list, sources: list, effects: list, optimize: bool) -> None:
+        self.outputs = outputs
+        self.sources = sources
+        self.num_outputs = len(outputs)
+        self.program_effects = effects
+        self.source_slots = [id(s) for s in sources]
+        source_ids = set(self.source_slots)
+        program = build_program([*outputs, *effects], lambda n: id(n) in source_ids or
+                                n.op is None)
+        self.nodes_before = len(program.steps)
+        if optimize:
+            optimize_program(program, lambda n: None)
+        else:
+            plan_frees(program)
+            program.passes = ["prune", "memory_plan"]
+        self.program: Program = program
+        self.optimize = optimize
+        self.wrt_positions: list[int] = []
+        self._backward: CompiledPlan | None = None
+
+    def backward_plan(self) -> CompiledPlan:
+        """The plan of the gradients of the outputs with respect to the sources (built once)."""
+        if self._backward is None:
+            with tracing(Trace()):
+                seeds = [trace_input(o, f"out_grad{i}", requires_grad=o.dtype.kind in "fc")
+                         for i, o in enumerate(self.outputs)]
+                positions = [i for i, s in enumerate(self.sources) if s.requires_grad]
+                wrt = [self.sources[i] for i in positions]
+                grads = autodiff.gradients(self.outputs, wrt, seeds, stop_at_wrt=True)
+                grads = [g if g is not None else F.full_like(s, 0) for g, s in zip(grads, wrt)]
+            plan = CompiledPlan(grads, [*self.sources, *seeds], [], self.optimize)
+            plan.wrt_positions = positions
+            self._backward = plan
+        return self._backward
+
+
+# -- the user-facing compiled function -------------------------------------------------------------
+class _Entry:
+    def __init__(self, plan: CompiledPlan | None, template: Any, module_guard: tuple,
+                 leaf_sources: list, record: EntryRecord) -> None:
+        self.plan = plan
+        self.template = template
+        self.module_guard = module_guard
+        self.leaf_sources = leaf_sources
+        self.record = record
+
+    def guards_hold(self) -> bool:
+        return all(m.training == flag for m, flag in self.module_guard)
+
+
+class CompiledFunction:
+    """The result of ``ndl.jit(fn)``: call it like ``fn``; ``explain()`` says what happened."""
+
+    def __init__(self, fn: Callable, strict: bool = False, optimize: bool = True,
+                 static_argnames: tuple[str, ...] = (), modules: list | None = None) -> None:
+        self.fn = fn
+        self.strict = strict
+        self.optimize = optimize
+        self.static_argnames = tuple(static_argnames)
+        self._modules = modules or []
+        self._cache: dict[tuple, list[_Entry]] = {}
+        self._last_signature: tuple | None = None
+        self._traces = 0
+        self._retraces: list[RetraceRecord] = []
+        self._fallbacks: list[FallbackRecord] = []
+        try:
+            self._signature_of = inspect.signature(fn)
+        except (TypeError, ValueError):
+            self._signature_of = None
+        functools.update_wrapper(self, fn, updated=())
+
+    # -- calling ---------------------------------------------------------------------------------
+    def _signature(self, args: tuple, kwargs: dict) -> tuple[tuple, list, Any]:
+        leaves: list = []
+        sig: list = []
+        static: dict = {}
+        if self.static_argnames and self._signature_of is not None:
+            bound = self._signature_of.bind(*args, **kwargs).arguments
+            static = {name: bound[name] for name in self.static_argnames if name in bound}
+            sig.extend((f"static {k}", static_key(v)) for k, v in static.items())
+        template = flatten((args, kwargs), "call", leaves, sig, static_ids={
+            id(v) for v in static.values()})
+        sig.append(("grad mode", ("value", "bool", autograd._GRAD_ENABLED)))
+        sig.extend((f"module[{i}].training", ("value", "bool", m.training))
+                   for i, m in enumerate(self._modules))
+        return tuple(sig), leaves, template
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if autograd._TRACE is not None:  # called inside another trace: inline it
+            return self.fn(*args, **kwargs)
+        signature, leaves, template = self._signature(args, kwargs)
+        entry = None
+        for candidate in self._cache.get(signature, ()):
+            if candidate.guards_hold():
+                entry = candidate
+                break
+        if entry is None:
+            entry, eager_result = self._compile(signature, leaves, template, args, kwargs)
+            if entry.plan is None:  # fell back to eager for this signature (it already ran)
+                return eager_result
+        entry.record.calls += 1
+        if entry.plan is None:
+            return self.fn(*args, **kwargs)
+        return self._run(entry, leaves)
+
+    def _run(self, entry: _Entry, leaves: list) -> Any:
+        inputs = (*leaves, *entry.leaf_sources)
+        result = make_from_op(JitCall(entry.plan), inputs)
+        outputs = [result[i] for i in range(entry.plan.num_outputs)]
+        return rebuild(entry.template, outputs)
+
+    # -- tracing ---------------------------------------------------------------------------------
+    def _compile(self, signature: tuple, leaves: list, template: Any, args: tuple,
+                 kwargs: dict) -> tuple[_Entry, Any]:
+        """Trace ``fn`` for this signature; on a fallback, run it eagerly and return its result."""
+        if self._last_signature is not None:
+            if signature in self._cache:
+                reason = "a module's training flag changed since the cached trace"
+            else:
+                reason = describe_difference(self._last_signature, signature)
+            self._retraces.append(RetraceRecord(reason, signature))
+        self._last_signature = signature
+        self._traces += 1
+        trace = Trace()
+        stand_ins = [trace_input(t, f"arg{i}") for i, t in enumerate(leaves)]
+        try:
+            with tracing(trace):
+                call_args, call_kwargs = rebuild(template, stand_ins)
+                out = self.fn(*call_args, **call_kwargs)
+        except TracerConversionError as exc:
+            return self._fall_back(exc, signature, args, kwargs)
+        out_leaves: list = []
+        out_template = flatten(out, "out", out_leaves, [])
+        plan = CompiledPlan(out_leaves, list(stand_ins), trace.effects, self.optimize)
+        # parameters, buffers and other tensors with data that the trace read: inputs too,
+        # read afresh on every call (so updates made between calls are seen)
+        known = set(plan.source_slots)
+        extra = [n for n in plan.program.sources if id(n) not in known]
+        plan.sources.extend(extra)
+        plan.source_slots.extend(id(n) for n in extra)
+        modules = {id(m): m for m in trace.modules}
+        guard = tuple((m, m.training) for m in modules.values())
+        record = EntryRecord(signature, plan.nodes_before, len(plan.program.steps),
+                             list(plan.program.passes), len(trace.effects))
+        entry = _Entry(plan, out_template, guard, extra, record)
+        self._cache.setdefault(signature, []).append(entry)
+        return entry, None
+
+    def _fall_back(self, exc: TracerConversionError, signature: tuple, args: tuple,
+                   kwargs: dict) -> tuple[_Entry, Any]:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        if self.strict:
+            raise JitError(
+                f"{exc.source or '<unknown>'}: {exc.what} of a traced tensor inside jitted "
+                f"{name}: its value is not known while tracing, so Python cannot branch on "
+                "it. Fixes: pass that value as a static argument "
+                "(ndl.jit(fn, static_argnames=('flag',)) and a Python bool/number), or express "
+                "the branch in the graph with needle.static.cond(pred, true_fn, false_fn); or "
+                "drop strict=True to run such calls eagerly.") from exc
+        self._fallbacks.append(FallbackRecord(exc.what, exc.source, signature))
+        record = EntryRecord(signature, 0, 0, [], 0, calls=1, fallback=True)
+        entry = _Entry(None, None, (), [], record)
+        self._cache.setdefault(signature, []).append(entry)
+        return entry, self.fn(*args, **kwargs)  # eager, correct
+
+    # -- reporting -------------------------------------------------------------------------------
+    def explain(self) -> JitReport:
+        entries = [e.record for group in self._cache.values() for e in group]
+        return JitReport(self._traces, entries, list(self._retraces), list(self._fallbacks),
+                         self.optimize)
+
+
+def jit(fn: Callable | None = None, *, strict: bool = False, optimize: bool = True,
+        static_argnames: tuple[str, ...] | list[str] = ()) -> Any:
+    """Compile ``fn`` (a function of Tensors, or an ``nn.Module``) by tracing it.
+
+    ``ndl.jit(fn)``, ``@ndl.jit`` or ``@ndl.jit(strict=True)``. The plan is cached per input
+    signature (shapes, dtypes, device, requires_grad, Python values, container structure, grad
+    mode, and the training flags of the modules the trace used); a call that matches no plan
+    is traced again. Converting a traced tensor to a Python value falls back to eager for that
+    signature (``strict=True`` raises instead). ``optimize=False`` skips the graph passes.
+    """
+    if fn is None:
+        return lambda f: jit(f, strict=strict, optimize=optimize,
+                             static_argnames=static_argnames)
+    from ..nn.module import Module
+
+    if isinstance(fn, Module):
+        module = fn
+        return CompiledFunction(module.__call__, strict, optimize, tuple(static_argnames),
+                                modules=[m for _, m in module.named_modules()])
+    return CompiledFunction(fn, strict, optimize, tuple(static_argnames))
+
+
+__all__ = ["CompiledFunction", "EntryRecord", "FallbackRecord", "JitCall", "JitError",
+           "JitReport", "RetraceRecord", "jit"]

@@ -1,0 +1,105 @@
+"""Call signatures of jitted functions: what must match for a compiled plan to be replayed.
+
+A signature is a tuple of (path, description) pairs, one per argument leaf: tensors by shape,
+dtype, device and requires_grad; Python scalars and strings by value; containers by type and
+length. Comparing two signatures names the first guard that failed (for ``explain()``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..autograd import Tensor
+
+_SCALARS = (bool, int, float, str, bytes, type(None))
+
+
+def static_key(value: Any) -> tuple:
+    """A hashable guard for a static argument's value (tensors by their values)."""
+    if isinstance(value, Tensor):
+        data = value.numpy()
+        return ("static tensor", data.shape, data.dtype.str, data.tobytes())
+    return ("static", type(value).__name__, value)
+
+
+def flatten(value: Any, path: str, leaves: list, sig: list,
+            static_ids: set[int] | frozenset = frozenset()) -> Any:
+    """Walk ``value``: collect tensors into ``leaves`` and guards into ``sig``.
+
+    Returns a template of the same structure with tensors replaced by their leaf index, so
+    :func:`rebuild` can put traced or concrete tensors back in place. Values whose ids are in
+    ``static_ids`` stay as they are (their values are guarded elsewhere).
+    """
+    if id(value) in static_ids:
+        return value
+    if isinstance(value, Tensor):
+        sig.append((path, ("tensor", tuple(value.shape), value.dtype.str, value.device.name,
+                           bool(value.requires_grad))))
+        leaves.append(value)
+        return _Leaf(len(leaves) - 1)
+    if isinstance(value, _SCALARS):
+        sig.append((path, ("value", type(value).__name__, value)))
+        return value
+    if isinstance(value, list | tuple):
+        sig.append((path, (type(value).__name__, len(value))))
+        items = [flatten(v, f"{path}[{i}]", leaves, sig, static_ids)
+                 for i, v in enumerate(value)]
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, dict):
+        sig.append((path, ("dict", tuple(value))))
+        return {k: flatten(v, f"{path}[{k!r}]", leaves, sig, static_ids)
+                for k, v in value.items()}
+    # any other object (a module, a function, a NumPy array): guarded by identity
+    sig.append((path, ("object", type(value).__name__, id(value))))
+    return value
+
+
+class _Leaf:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def rebuild(template: Any, leaves: list) -> Any:
+    """The template with leaf markers replaced by ``leaves[index]``."""
+    if isinstance(template, _Leaf):
+        return leaves[template.index]
+    if isinstance(template, list):
+        return [rebuild(v, leaves) for v in template]
+    if isinstance(template, tuple):
+        items = [rebuild(v, leaves) for v in template]
+        return type(template)(*items) if hasattr(template, "_fields") else tuple(items)
+    if isinstance(template, dict):
+        return {k: rebuild(v, leaves) for k, v in template.items()}
+    return template
+
+
+def describe_difference(old: tuple, new: tuple) -> str:
+    """Which guard failed between two signatures, in words."""
+    old_map, new_map = dict(old), dict(new)
+    for path, desc in new:
+        before = old_map.get(path)
+        if before is None:
+            return f"{path}: new argument"
+        if before != desc:
+            return f"{path}: {_describe(before, desc)}"
+    for path in old_map:
+        if path not in new_map:
+            return f"{path}: argument no longer passed"
+    return "no difference in arguments"
+
+
+def _describe(before: tuple, after: tuple) -> str:
+    if before[0] == after[0] == "tensor":
+        names = ("shape", "dtype", "device", "requires_grad")
+        for name, a, b in zip(names, before[1:], after[1:]):
+            if a != b:
+                return f"tensor {name} changed from {a} to {b}"
+    if before[0] == after[0] == "value":
+        return f"Python value changed from {before[2]!r} to {after[2]!r}"
+    if before[0] == after[0] and before[0] in ("list", "tuple"):
+        return f"{before[0]} length changed from {before[1]} to {after[1]}"
+    return f"changed from {before} to {after}"
