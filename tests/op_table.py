@@ -166,7 +166,10 @@ OP_TABLE: list[OpCase] = [
            differentiable=False),
     OpCase("store", lambda a: ops.store(a * 2, ndl.Tensor(np.zeros(a.shape, np.float32),
                                                           requires_grad=False)),
-           lambda a: a * 2, [normal((2, 3))], differentiable=False),
+           lambda a: a * 2, [normal((2, 3))], differentiable=False,
+           extra={"more": [(lambda a: ops.store(a, ndl.Tensor(np.ones(6, np.float32),
+                                                              requires_grad=False), 0.25),
+                            lambda a: 0.75 + 0.25 * a.reshape(6), normal((2, 3)))]}),
     OpCase("astype", lambda a: ops.astype(a, "float64"), lambda a: a.double(), [normal((3, 4))]),
     # -- linear algebra --
     OpCase("matmul", lambda a, b: a @ b, lambda a, b: a @ b,

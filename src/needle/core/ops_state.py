@@ -22,32 +22,43 @@ class StopGradient(Op):
 
 @register("store", inputs=("value",))
 class Store(Op):
-    """Copy ``value`` into ``target``'s array in place (an effect); the result is that array.
+    """Write ``value`` into ``target``'s array in place (an effect); the result is that array.
 
-    ``target`` is a leaf with data (a parameter or a buffer such as BatchNorm's running mean).
-    Eagerly the copy happens at once; in a traced or declared graph it happens when the node
-    runs, so the JIT replays it on every call.
+    ``target = (1 - momentum) * target + momentum * value`` (``momentum=1``: a plain copy;
+    BatchNorm's running statistics use 0.1). ``value`` may have any shape of the target's size.
+    ``target`` is a leaf with data (a parameter or a buffer). Eagerly the write happens at
+    once; in a traced or declared graph it happens when the node runs, so the JIT replays it
+    on every call.
     """
 
     differentiable = False
     side_effect = True
 
-    def __init__(self, target) -> None:
+    def __init__(self, target, momentum: float = 1.0) -> None:
         if getattr(target, "op", None) is not None or getattr(target, "_data", None) is None:
             raise TypeError("store: the target must be a leaf tensor with data (a parameter or "
                             "buffer)")
         self.target = target
+        self.momentum = float(momentum)
 
     def attrs(self) -> tuple:
-        return (("target", id(self.target)),)
+        return (("target", id(self.target)), ("momentum", self.momentum))
 
     def compute(self, value):
-        np.copyto(self.target._data, value, casting="same_kind")
-        return self.target._data
+        target = self.target._data
+        value = value.reshape(target.shape)
+        if self.momentum == 1.0:
+            np.copyto(target, value, casting="same_kind")
+        else:
+            # in place: target *= 1 - m; target += m * value
+            np.multiply(target, 1.0 - self.momentum, out=target, casting="same_kind")
+            np.add(target, value * self.momentum, out=target, casting="same_kind")
+        return target
 
     def infer(self, value: Aval) -> Aval:
         target = self.target.aval
-        if tuple(value.shape) != tuple(target.shape):
+        size = int(np.prod([d for d in value.shape if d is not None]))
+        if None not in value.shape and size != int(np.prod(target.shape)):
             raise ShapeError(f"store: value of shape {fmt_shape(value.shape)} does not fit the "
                              f"target of shape {fmt_shape(target.shape)}")
         return target

@@ -238,11 +238,9 @@ class BatchNorm1d(Module):
         No gradient flows here. Eagerly the buffers change at once; in a traced graph (JIT) the
         store is an effect that runs on every call; a declared graph runs it when fetched.
         """
-        m = self.momentum
         with no_grad():
-            for buffer, stat in ((self.running_mean, mean), (self.running_var, var)):
-                new = buffer * (1 - m) + ops.reshape(stat.detach(), (self.dim,)) * m
-                ops.store(ops.astype(new, buffer.dtype), buffer)
+            ops.store(mean, self.running_mean, self.momentum)
+            ops.store(var, self.running_var, self.momentum)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, momentum={self.momentum}"
