@@ -1,4 +1,4 @@
-"""A hand-written NumPy MLP-ResNet training step: the speed a framework's overhead is measured against.
+"""A hand-written NumPy MLP-ResNet training step: the yardstick for framework overhead.
 
 Same model as needle's MLPResNet (Linear(784, 100) -> ReLU -> 3 residual blocks with
 BatchNorm1d and Dropout -> Linear(100, 10)), softmax cross-entropy, Adam with coupled weight
