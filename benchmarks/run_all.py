@@ -1,0 +1,84 @@
+"""Run every benchmark script and rewrite BENCHMARKS.md with their tables.
+
+Each benchmark module exposes ``main() -> list[dict]`` (needle and PyTorch side by side, with
+ratios). Run: python benchmarks/run_all.py [--no-compile]; ``--only NAME ...`` prints a partial run
+without writing.
+Machines here are noisy: run on a quiet machine, and read ratios rather than absolute times.
+"""
+
+from __future__ import annotations
+
+# isort: off
+import common
+
+# isort: on
+import argparse
+import datetime
+import importlib
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUTPUT = os.path.join(HERE, "..", "BENCHMARKS.md")
+
+#: (module, title, what it measures) in the order they appear in BENCHMARKS.md
+SCRIPTS = [
+    ("op_overhead", "Per-op overhead and a large matmul",
+     "a chain of 100 small elementwise ops on a (1, 64) tensor, and a 512x1024 @ 1024x1024 "
+     "matmul, forward and backward"),
+    ("train_mlp_resnet", "MLP-ResNet training epoch (eager)",
+     "one epoch over the 10,000 MNIST test images, batch 100, Adam"),
+    ("cnn_step", "CNN training step (eager)",
+     "3 conv layers with BatchNorm2d, batch 64 of 32x32x3"),
+    ("dataloader", "DataLoader throughput", "one shuffled epoch, and with crop + flip"),
+    ("static_vs_eager", "Declarative Session vs eager", "the MLP-ResNet training step"),
+    ("caffe_vs_eager", "Caffe-style Net vs eager", "the MLP-ResNet training step"),
+    ("jit", "JIT vs eager, PyTorch, torch.compile and hand-written NumPy",
+     "the MLP-ResNet epoch and the 100-op chain"),
+]
+
+
+def run(only: list[str] | None, compile_torch: bool) -> str:
+    sys.path.insert(0, HERE)
+    sections = []
+    for module_name, title, what in SCRIPTS:
+        if only and module_name not in only:
+            continue
+        if not os.path.exists(os.path.join(HERE, f"{module_name}.py")):
+            sections.append(f"## {title}\n\n_not measured: benchmarks/{module_name}.py is "
+                            "missing_\n")
+            continue
+        print(f"running {module_name} ...", file=sys.stderr, flush=True)
+        module = importlib.import_module(module_name)
+        start = time.perf_counter()
+        if module_name == "jit":
+            rows = module.main(compile_torch=compile_torch)
+        else:
+            rows = module.main()
+        took = time.perf_counter() - start
+        sections.append(f"## {title}\n\n{what} (`benchmarks/{module_name}.py`, {took:.0f} s)\n\n"
+                        f"{common.markdown_table(rows)}\n")
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f"# Benchmarks\n\nLatest run: {stamp} on {common.machine()}.\n"
+            "Times are the best of several repeats; `ratio` is needle / PyTorch (lower is "
+            "better for needle) unless a column says otherwise. Regenerate with "
+            "`python benchmarks/run_all.py`.\n\n" + "\n".join(sections))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", help="benchmark module names to run")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    args = parser.parse_args()
+    text = run(args.only, not args.no_compile)
+    if args.only:  # a partial run is printed, never written over the full table
+        print(text)
+        return
+    with open(OUTPUT, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
