@@ -1,16 +1,25 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and the docs run as written."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
+
 from .helpers import REPO_ROOT
 
 
+def _run_examples(path) -> None:
+    code = "\n".join(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))
+    assert code.strip(), f"{path} has no python examples"
+    exec(compile(code, str(path), "exec"), {})
+
+
 def test_readme_python_examples_run(capsys):
-    text = (REPO_ROOT / "README.md").read_text()
-    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
-    assert "st.Session()" in code
-    exec(compile(code, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    assert "[10.107339]" in printed  # the lecture's example: exp(1) * (exp(1) + 1)
+    _run_examples(REPO_ROOT / "README.md")
+    assert "[10.107339]" in capsys.readouterr().out  # the lecture's example: e(e + 1)
+
+
+@pytest.mark.parametrize("name", ["jit.md"])
+def test_doc_examples_run(name):
+    _run_examples(REPO_ROOT / "docs" / name)
