@@ -169,3 +169,13 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path):
                       str(tmp_path / "a" / "checkpoint.npz"), "--out", str(tmp_path / "b"))
     assert result.returncode == 2
     assert "different model" in result.stderr and "'linear'" in result.stderr
+
+
+def test_jit_mode_trains_the_same_model_as_eager(tmp_path):
+    for mode in ("eager", "jit"):
+        assert main(["train", "--epochs", "2", "--mode", mode, "--out",
+                     str(tmp_path / mode), "--quiet"]) == 0
+    eager = ndl.load(tmp_path / "eager" / "checkpoint.npz")["model"]
+    jitted = ndl.load(tmp_path / "jit" / "checkpoint.npz")["model"]
+    for key, value in eager.items():
+        np.testing.assert_allclose(jitted[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

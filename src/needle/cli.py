@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                        "metrics.csv and curves.png")
     train.add_argument("--resume", metavar="PATH", help="continue from a checkpoint")
     train.add_argument("--mode", choices=MODES, default=defaults.mode,
-                       help="how the model runs (eager autodiff)")
+                       help="how the model runs: eager autodiff, or the training step compiled "
+                       "by ndl.jit")
     train.add_argument("--quiet", action="store_true", help="print only the final result")
 
     ev = sub.add_parser("eval", help="accuracy and loss of a checkpoint on test data")

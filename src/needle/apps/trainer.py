@@ -18,12 +18,13 @@ from .. import nn, optim
 from ..autograd import no_grad
 from ..checkpoint import load, rng_state, save, set_rng_state
 from ..data import BatchRandomCrop, BatchRandomFlip, DataLoader, NDArrayDataset
+from ..jit import jit
 from .models import build_model
 from .reporting import Progress, plot_curves, write_metrics
 from .sources import DataSplit, load_data
 
 CHECKPOINT_NAME = "checkpoint.npz"
-MODES = ("eager",)
+MODES = ("eager", "jit")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -109,6 +110,7 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0
         self.step = 0
+        self.train_step = self._make_train_step()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint_path(self) -> str:
@@ -136,15 +138,28 @@ class Trainer:
         self.progress.say(f"resumed from {path} after epoch {self.epoch}")
 
     # -- training --------------------------------------------------------------------------------
-    def train_epoch(self) -> tuple[float, float]:
+    def _make_train_step(self):
+        """One optimization step returning (loss, logits); compiled with ndl.jit in jit mode."""
         model, loss_fn, opt = self.model, self.loss_fn, self.optimizer
-        model.train()
+
+        def train_step(x, y):
+            logits = model(x)
+            loss = opt.minimize(loss_fn(logits, y))
+            return loss, logits
+
+        if self.cfg.mode == "jit":
+            return jit(train_step)
+        if self.cfg.mode != "eager":
+            raise ValueError(f"unknown mode {self.cfg.mode!r}; choose one of {', '.join(MODES)}")
+        return train_step
+
+    def train_epoch(self) -> tuple[float, float]:
+        self.model.train()
         total_loss, correct, count = 0.0, 0, 0
         bar = self.progress.epoch(self.loader, len(self.loader), self.epoch + 1, self.cfg.epochs)
         try:
             for x, y in bar:
-                logits = model(x)
-                loss = opt.minimize(loss_fn(logits, y))
+                loss, logits = self.train_step(x, y)
                 n = len(y.numpy())
                 total_loss += float(loss.numpy()) * n
                 correct += int((logits.numpy().argmax(axis=1) == y.numpy()).sum())
