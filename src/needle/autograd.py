@@ -488,6 +488,7 @@ class Tensor(Value):
         return format(self.numpy(), spec) if spec else str(self)
 
     # -- operators (the op each one builds is needle's) -------------------------------------
+    # The Tensor-Tensor case is tested first: it is the hot path of every model.
     def _other(self, other: Any) -> Any:
         """A Tensor for non-scalar array operands; scalars stay Python numbers."""
         if isinstance(other, np.ndarray) and other.size != 1:
@@ -495,6 +496,8 @@ class Tensor(Value):
         return other
 
     def __add__(self, other: Any) -> Tensor:
+        if isinstance(other, Value):
+            return _ops.add(self, other)
         other = self._other(other)
         if isinstance(other, Value):
             return _ops.add(self, other)
@@ -503,10 +506,11 @@ class Tensor(Value):
     __radd__ = __add__
 
     def __sub__(self, other: Any) -> Tensor:
-        other = self._other(other)
-        if isinstance(other, Value):
-            return _ops.add(self, _ops.negate(other))
-        return _ops.add_scalar(self, -other)
+        if not isinstance(other, Value):
+            other = self._other(other)
+            if not isinstance(other, Value):
+                return _ops.add_scalar(self, -other)
+        return _ops.add(self, _ops.negate(other))
 
     def __rsub__(self, other: Any) -> Tensor:
         other = self._other(other)
@@ -515,6 +519,8 @@ class Tensor(Value):
         return _ops.add_scalar(_ops.negate(self), other)
 
     def __mul__(self, other: Any) -> Tensor:
+        if isinstance(other, Value):
+            return _ops.multiply(self, other)
         other = self._other(other)
         if isinstance(other, Value):
             return _ops.multiply(self, other)
@@ -523,6 +529,8 @@ class Tensor(Value):
     __rmul__ = __mul__
 
     def __truediv__(self, other: Any) -> Tensor:
+        if isinstance(other, Value):
+            return _ops.divide(self, other)
         other = self._other(other)
         if isinstance(other, Value):
             return _ops.divide(self, other)
