@@ -8,7 +8,7 @@ from . import autograd, backend_ndarray, checkpoint, data, init, nn, ops, optim
 from .autograd import Tensor, TensorTuple, enable_grad, from_numpy, is_grad_enabled, no_grad
 from .backend import Device, NDArray, cpu, cuda, default_device
 from .checkpoint import CheckpointError, checkpoint_info, load, save
-from .ops import *
 from .jit import jit
+from .ops import *
 
 __version__ = "0.1.0"

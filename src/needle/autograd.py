@@ -608,3 +608,7 @@ from .core import api as _ops  # noqa: E402 - the op API needs Tensor defined fi
 
 _ops.install_tensor_methods(Tensor)
 __all__ += ["NDArray", "from_numpy", "recording"]
+
+from .function import Function, FunctionCtx  # noqa: E402 - Function builds on Tensor
+
+__all__ += ["Function", "FunctionCtx"]

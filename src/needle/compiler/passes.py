@@ -2,7 +2,7 @@
 
 Passes never modify the user's graph nodes: they rewrite a Program's steps and slots.
 An op with ``side_effect = True`` (assign, print, train ops) or ``random = True`` (dropout
-masks) is never merged or folded.
+masks) is never merged or folded, and a side-effect step is never dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.interpret import Program, plan_frees
+from ..core.registry import Aval
 
 
 def _pure(op: Any) -> bool:
@@ -26,7 +27,7 @@ def _rename(program: Program, alias: dict[int, int]) -> None:
     program.outputs = [alias.get(s, s) for s in program.outputs]
 
 
-def eliminate_dead_steps(program: Program) -> None:
+def eliminate_dead_steps(program: Program) -> int:
     """Drop steps whose values nothing needs (after merging or folding made them unused)."""
     needed = set(program.outputs)
     kept = []
@@ -34,8 +35,10 @@ def eliminate_dead_steps(program: Program) -> None:
         if step.out in needed or getattr(step.op, "side_effect", False):
             kept.append(step)
             needed.update(step.inputs)
+    dropped = len(program.steps) - len(kept)
     program.steps = kept[::-1]
     program.constants = {k: v for k, v in program.constants.items() if k in needed}
+    return dropped
 
 
 def eliminate_common_subexpressions(program: Program) -> int:
@@ -88,35 +91,73 @@ def fold_constants(program: Program, constant_value: Callable[[Any], Any]) -> in
 
 def optimize(program: Program, constant_value: Callable[[Any], Any]) -> Program:
     """The shared pipeline: fold constants, merge duplicates, drop dead steps, plan frees."""
-    fold_constants(program, constant_value)
-    eliminate_common_subexpressions(program)
+    before = len(program.steps)
+    folded = fold_constants(program, constant_value)
+    merged = eliminate_common_subexpressions(program)
     plan_frees(program)
-    program.passes = ["prune", "constant_folding", "cse", "dead_step_elimination", "memory_plan"]
+    program.passes = [
+        "prune",
+        f"constant_folding ({folded} steps folded)",
+        f"cse ({merged} steps merged)",
+        f"dead_step_elimination ({before - folded - merged - len(program.steps)} dropped)",
+        "memory_plan (free after last use)",
+    ]
     return program
 
 
+# -- memory prediction ------------------------------------------------------------------------
 def _nbytes(aval: Any) -> int:
-    if isinstance(aval, tuple) and aval and not hasattr(aval, "shape"):
+    if isinstance(aval, tuple) and not isinstance(aval, Aval):
         return sum(_nbytes(a) for a in aval)
-    shape = [1 if d is None else d for d in aval.shape]
     size = 1
-    for d in shape:
-        size *= d
+    for d in aval.shape:
+        size *= 1 if d is None else d
     return size * aval.dtype.itemsize
 
 
-def predict_peak_bytes(program: Program, free_early: bool) -> int:
-    """Peak bytes of intermediate values from static shapes (unknown dims counted as 1)."""
-    if free_early and not program.frees:
-        plan_frees(program)
-    sizes: dict[int, int] = {}
+def infer_avals(program: Program, source_avals: dict[int, Any]) -> dict[int, Any]:
+    """Shapes and dtypes of every step's value given the sources' (fed shapes fill None dims).
+
+    Each op's own shape rule runs again on the concrete input shapes; where a rule cannot
+    (an op without one), the node's declared aval is used.
+    """
+    avals: dict[int, Any] = dict(source_avals)
+    for slot, value in program.constants.items():
+        avals[slot] = _aval_of(value)
+    for step in program.steps:
+        try:
+            avals[step.out] = step.op.infer(*[avals[s] for s in step.inputs])
+        except Exception:  # noqa: BLE001 - prediction only: fall back to the declared aval
+            avals[step.out] = step.node.aval
+    return avals
+
+
+def _aval_of(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_aval_of(v) for v in value)
+    return Aval(tuple(value.shape), value.dtype)
+
+
+def predict_peak_bytes(program: Program, free_early: bool,
+                       source_avals: dict[int, Any] | None = None) -> int:
+    """Peak bytes of intermediate values held at once, from shapes alone.
+
+    With ``free_early`` each value is released after its last use (the memory plan);
+    without it every value lives to the end of the run. ``source_avals`` (slot -> Aval of a
+    fed or stored value) resolves unknown dims; dims still unknown count as 1.
+    """
+    frees = program.frees
+    if free_early and not frees:
+        probe = Program(program.steps, program.sources, program.outputs, program.constants)
+        plan_frees(probe)
+        frees = probe.frees
+    avals = infer_avals(program, source_avals or {})
     live = 0
     peak = 0
     for i, step in enumerate(program.steps):
-        sizes[step.out] = _nbytes(step.node.aval)
-        live += sizes[step.out]
+        live += _nbytes(avals[step.out])
         peak = max(peak, live)
         if free_early:
-            for slot in program.frees[i]:
-                live -= sizes.get(slot, 0)
+            for slot in frees[i]:
+                live -= _nbytes(avals[slot])
     return peak

@@ -2,11 +2,17 @@
 
 The declarative Session and the JIT both execute graphs through this module. A Program is
 built from the nodes the outputs need (stopping at sources: leaves and fed nodes); compiler
-passes may rewrite it (CSE, constant folding, fusion) without touching the user's nodes.
+passes may rewrite it (CSE, constant folding, frees) without touching the user's nodes.
+
+Two executors share one Program: :func:`run_program` walks the steps (it can report each
+step and count bytes), and :func:`compile_program` turns the steps into one straight-line
+Python function (each value a local variable, each free a ``del``), which is what a Session
+runs on its hot path.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +32,11 @@ def describe_node(node: Any) -> str:
     op = node.op.name if node.op is not None else "leaf"
     where = f", created at {meta.source}" if meta is not None and meta.source else ""
     return f"{name or op!r} (op {op}{where})"
+
+
+def writes_state(op: Any) -> bool:
+    """Whether running ``op`` changes state other steps may read (assign, optimizer updates)."""
+    return bool(getattr(op, "writes_state", False))
 
 
 @dataclass
@@ -82,24 +93,68 @@ def _ancestors(fetches: list, is_source: Callable[[Any], bool]) -> list:
     return [v.node for v in find_topo_sort([view(f) for f in fetches])]
 
 
+def _writes_last(steps: list[Step]) -> list[Step]:
+    """The steps reordered so that each state write runs as late as its dependents allow.
+
+    NOTE: a fetch such as ``[train_op, loss]`` must see the loss of the values *before* the
+    update, whatever order the depth-first sort found. A topological sort that always takes
+    a ready non-writing step first (the earliest in depth-first order) and a write only when
+    nothing else is ready makes every read that does not depend on a write see the values
+    the run started with.
+    """
+    if not any(writes_state(s.op) for s in steps):
+        return steps
+    producer = {s.out: i for i, s in enumerate(steps)}
+    waiting = [0] * len(steps)  # number of inputs not yet computed
+    users: list[list[int]] = [[] for _ in steps]
+    for i, step in enumerate(steps):
+        for slot in set(step.inputs):
+            j = producer.get(slot)
+            if j is not None:
+                waiting[i] += 1
+                users[j].append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0 and not writes_state(steps[i].op)]
+    ready_writes = [i for i, n in enumerate(waiting) if n == 0 and writes_state(steps[i].op)]
+    heapq.heapify(ready)
+    heapq.heapify(ready_writes)
+    order = []
+    while ready or ready_writes:
+        i = heapq.heappop(ready) if ready else heapq.heappop(ready_writes)
+        order.append(steps[i])
+        for j in users[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready_writes if writes_state(steps[j].op) else ready, j)
+    return order
+
+
 def build_program(fetches: Iterable[Any], is_source: Callable[[Any], bool]) -> Program:
-    """The steps needed to compute ``fetches``, each node once, sources left to the caller."""
+    """The steps needed to compute ``fetches``, each node once, sources left to the caller.
+
+    State writes (assign, an optimizer update) run as late as possible, so within one run
+    the reads that do not depend on them see the values the run started with.
+    """
     fetches = list(fetches)
     order = _ancestors(fetches, is_source)
     steps = [Step(n.op, tuple(id(i) for i in n.inputs), id(n), n)
              for n in order if not is_source(n)]
     sources = [n for n in order if is_source(n)]
-    return Program(steps, sources, [id(f) for f in fetches], nodes_before=len(steps))
+    return Program(_writes_last(steps), sources, [id(f) for f in fetches],
+                   nodes_before=len(steps))
 
 
 def plan_frees(program: Program) -> None:
-    """Free each computed value right after its last use (fetched values are kept)."""
+    """Free each computed value right after its last use (fetched values are kept).
+
+    A value nothing reads (an assign's result that is not fetched) is freed right away.
+    """
     keep = set(program.outputs)
-    computed = {s.out for s in program.steps}
     last_use: dict[int, int] = {}
     for i, step in enumerate(program.steps):
+        last_use.setdefault(step.out, i)
         for slot in step.inputs:
             last_use[slot] = i
+    computed = {s.out for s in program.steps}
     program.frees = [[] for _ in program.steps]
     for slot, i in last_use.items():
         if slot in computed and slot not in keep:
@@ -114,20 +169,20 @@ def owned_buffer(array: Any) -> Any:
 
 
 class ByteTracker:
-    """Bytes held by live intermediate values, counting each owned buffer once; keeps the peak."""
+    """Bytes held by live intermediate values, counting each owned buffer once; keeps the peak.
 
-    def __init__(self) -> None:
+    Buffers listed in ``exclude`` (sources: Variables, parameters, feeds, constants) are not
+    intermediates, so values that merely view them (a transposed weight) add nothing.
+    """
+
+    def __init__(self, exclude: Iterable[Any] = ()) -> None:
         self._owners: dict[int, list] = {}  # id(buffer) -> [buffer, number of values using it]
+        self._exclude = {id(owned_buffer(v)) for v in _leaves(list(exclude))}
         self.current = 0
         self.peak = 0
 
-    @staticmethod
-    def _buffers(value: Any) -> list:
-        if value is None:
-            return []
-        if isinstance(value, tuple):
-            return [b for v in value for b in ByteTracker._buffers(v)]
-        return [owned_buffer(value)]
+    def _buffers(self, value: Any) -> list:
+        return [b for b in map(owned_buffer, _leaves([value])) if id(b) not in self._exclude]
 
     def add(self, value: Any) -> None:
         for buf in self._buffers(value):
@@ -148,20 +203,65 @@ class ByteTracker:
                 self.current -= int(getattr(buf, "nbytes", 0))
 
 
+def _leaves(values: list) -> list:
+    """The arrays inside values that may be tuples (split, cond); None (operations) dropped."""
+    out = []
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, tuple):
+            stack.extend(value)
+        elif value is not None:
+            out.append(value)
+    return out
+
+
+def snapshot_slots(program: Program) -> set[int]:
+    """Fetched slots to copy as soon as they have a value, so a state write later in the same
+    run (an optimizer update in place) cannot change what the fetch returns.
+
+    Only programs that write state need this; a write's own result is never copied.
+    """
+    writes = {s.out for s in program.steps if writes_state(s.op)}
+    if not writes:
+        return set()
+    return {slot for slot in program.outputs
+            if slot not in writes and slot not in program.constants}
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of an array (or a tuple of arrays) that no later write can reach."""
+    if isinstance(value, tuple):
+        return tuple(snapshot(v) for v in value)
+    return None if value is None else value.copy()
+
+
+def _step_error(step: Step, args: list, exc: Exception) -> Exception:
+    """The error to raise for a step that failed: its node, op, input shapes and origin."""
+    if isinstance(exc, NodeRunError):
+        return exc  # from a sub-program (a cond branch): it names the innermost node already
+    shapes = ", ".join(fmt_shape(a.shape) if hasattr(a, "shape") else type(a).__name__
+                       for a in args)
+    return NodeRunError(f"error running node {describe_node(step.node)} on inputs of shapes "
+                        f"{shapes}: {type(exc).__name__}: {exc}")
+
+
 def run_program(program: Program, env: dict[int, Any], tracker: ByteTracker | None = None,
                 on_step: Callable[[Step], None] | None = None) -> dict[int, Any]:
     """Compute every step into ``env`` (slot -> value), freeing values as the plan says."""
     env.update(program.constants)
     frees = program.frees or [()] * len(program.steps)
+    snap = snapshot_slots(program)
+    for slot in snap.intersection(env):  # fetched sources: their values at the start
+        env[slot] = snapshot(env[slot])
     for step, dead in zip(program.steps, frees):
         args = [env[slot] for slot in step.inputs]
         try:
             value = step.op.compute(*args)
         except Exception as exc:  # noqa: BLE001 - rewrapped with the node's origin
-            shapes = ", ".join(fmt_shape(a.shape) if hasattr(a, "shape") else type(a).__name__
-                               for a in args)
-            raise NodeRunError(f"error running node {describe_node(step.node)} on inputs of "
-                               f"shapes {shapes}: {type(exc).__name__}: {exc}") from exc
+            raise _step_error(step, args, exc) from exc
+        if step.out in snap:
+            value = snapshot(value)
         env[step.out] = value
         if tracker is not None:
             tracker.add(value)
@@ -172,3 +272,82 @@ def run_program(program: Program, env: dict[int, Any], tracker: ByteTracker | No
             if tracker is not None:
                 tracker.remove(value)
     return env
+
+
+class CompiledProgram:
+    """A Program as one generated Python function: ``outputs = compiled(source_values)``.
+
+    Each slot becomes a local variable, each step one line ``v7 = f7(v3, s0)`` calling the op's
+    bound ``compute``, each free a ``del``; constants and the compute functions are bound as
+    default arguments (fast local loads). Nothing is looked up per step at run time, which
+    is where a walking interpreter spends its time on graphs of small ops.
+    """
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        names: dict[int, str] = {}
+        for i, node in enumerate(program.sources):
+            names[id(node)] = f"s{i}"
+        bound: dict[str, Any] = {}
+        for i, (slot, value) in enumerate(program.constants.items()):
+            names[slot] = f"c{i}"
+            bound[f"c{i}"] = value
+        for i, step in enumerate(program.steps):
+            names[step.out] = f"v{i}"
+        frees = program.frees or [[] for _ in program.steps]
+        snap = snapshot_slots(program)
+        lines = [f"    {names[n]} = snapshot({names[n]})" for n in map(id, program.sources)
+                 if n in snap]
+        if snap:
+            bound["snapshot"] = snapshot
+        self._line_step: dict[int, int] = {}  # source line number -> step index
+        self._arg_names: list[list[str]] = []
+        body_start = 3  # def line, unpacking line, then steps (line numbers are 1-based)
+        for i, step in enumerate(program.steps):
+            fn = f"f{i}"
+            bound[fn] = step.op.compute
+            args = [names[s] for s in step.inputs]
+            self._arg_names.append(args)
+            self._line_step[body_start + len(lines)] = i
+            lines.append(f"    v{i} = {fn}({', '.join(args)})")
+            if step.out in snap:
+                lines.append(f"    v{i} = snapshot(v{i})")
+            dead = [names[s] for s in frees[i]]
+            if dead:
+                lines.append(f"    del {', '.join(dead)}")
+        n_src = len(program.sources)
+        unpack = f"    ({''.join(f's{i}, ' for i in range(n_src))}) = sources" if n_src \
+            else "    pass"
+        outputs = ", ".join(names[s] for s in program.outputs)
+        params = "".join(f", {k}={k}" for k in bound)
+        source = "\n".join([f"def _needle_program(sources{params}):", unpack, *lines,
+                            f"    return [{outputs}]", ""])
+        namespace = dict(bound)
+        code = compile(source, "<needle program>", "exec")
+        exec(code, namespace)  # noqa: S102 - the source is generated above, from our own names
+        self._fn = namespace["_needle_program"]
+        self._bound = bound
+        self.source = source
+
+    def __call__(self, sources: list) -> list:
+        try:
+            return self._fn(sources)
+        except Exception as exc:  # noqa: BLE001 - rewrapped with the failing node's origin
+            raise self._locate(exc) from exc
+
+    def _locate(self, exc: Exception) -> Exception:
+        """The NodeRunError for an exception raised inside the generated function."""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code is not self._fn.__code__:
+            tb = tb.tb_next
+        if tb is None or tb.tb_lineno not in self._line_step:
+            return exc
+        index = self._line_step[tb.tb_lineno]
+        local = tb.tb_frame.f_locals
+        args = [local.get(name, self._bound.get(name)) for name in self._arg_names[index]]
+        return _step_error(self.program.steps[index], args, exc)
+
+
+def compile_program(program: Program) -> CompiledProgram:
+    """The straight-line executable for ``program`` (see :class:`CompiledProgram`)."""
+    return CompiledProgram(program)

@@ -1,4 +1,15 @@
-"""2-D convolution (needle's layout: NHWC input, (kh, kw, C_in, C_out) weight)."""
+"""2-D convolution (needle's layout: NHWC input, (kh, kw, C_in, C_out) weight) and its adjoints.
+
+``conv`` is one matrix product over im2col patches. Its two gradients are primitives of their
+own, each the adjoint of the other, so backward costs two matrix products of the forward's
+size (no dilated zeros, no badly strided patch copies) and second derivatives still work:
+
+    conv(a, b)                  y  = im2col(pad(a)) @ b            (N, Ho, Wo, C_out)
+    conv_weight_grad(a, g)      Wb = im2col(pad(a)).T @ g          (kh, kw, C_in, C_out)
+    conv_input_grad(g, b)       Xb = crop(col2im(g @ b.T))         (N, H, W, C_in)
+
+with ``<conv(a, b), g> = <a, conv_input_grad(g, b)> = <b, conv_weight_grad(a, g)>``.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +24,54 @@ def _out_size(n: int | None, k: int, stride: int, padding: int) -> int | None:
     return None if n is None else (n + 2 * padding - k) // stride + 1
 
 
+def _in_size(n_out: int, k: int, stride: int, padding: int) -> int:
+    """The smallest input size whose output has ``n_out`` positions (no leftover rows)."""
+    return (n_out - 1) * stride + k - 2 * padding
+
+
+def _padded(a, padding: int):
+    """``a`` zero-padded by ``padding`` on both sides of H and W, as a C-contiguous array.
+
+    NOTE: a non-contiguous view (the NCHW -> NHWC permute of nn.Conv) is copied to C order
+    first even without padding: the im2col copy from it is 2-3x slower than the two copies.
+    """
+    xp = array_module(a)
+    if not padding:
+        return xp.ascontiguousarray(a)
+    n, h, w, c = a.shape
+    out = xp.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=a.dtype)
+    out[:, padding:padding + h, padding:padding + w, :] = a
+    return out
+
+
+def _im2col(a, kh: int, kw: int, stride: int, padding: int):
+    """Patches of the padded input as an (N * Ho * Wo, kh * kw * C) matrix, and (N, Ho, Wo).
+
+    Row (n, y, x) holds the window ``a_pad[n, s*y : s*y + kh, s*x : s*x + kw, :]`` flattened
+    in (i, j, c) order, the order of the kernel's first three axes.
+    """
+    a = _padded(a, padding)
+    n, h, w, c = a.shape
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    sn, sh, sw, sc = a.strides
+    xp = array_module(a)
+    patches = xp.lib.stride_tricks.as_strided(
+        a, shape=(n, ho, wo, kh, kw, c), strides=(sn, sh * stride, sw * stride, sh, sw, sc))
+    return patches.reshape(n * ho * wo, kh * kw * c), (n, ho, wo)
+
+
+def _check_nhwc(op: str, what: str, shape: tuple, other: str, other_shape: tuple) -> None:
+    if len(shape) != 4 or len(other_shape) != 4:
+        raise ShapeError(f"{op}: expected 4-d {what} and {other}, got {fmt_shape(shape)} and "
+                         f"{fmt_shape(other_shape)}")
+
+
 @register("conv", inputs=("a", "b"))
 class Conv(Op):
     """Cross-correlation of NHWC ``a`` with a (kh, kw, C_in, C_out) kernel ``b``.
 
-    Symmetric zero ``padding``; output (N, (H + 2p - kh) // stride + 1, ..., C_out).
+    ``y[n, y, x, o] = sum_{i, j, c} a_pad[n, s*y + i, s*x + j, c] * b[i, j, c, o]``;
+    symmetric zero ``padding``; output (N, (H + 2p - kh) // stride + 1, ..., C_out).
     Computed as one matrix product over im2col patches (a strided view of the input).
     """
 
@@ -26,49 +80,21 @@ class Conv(Op):
         self.padding = int(padding)
 
     def compute(self, a, b):
-        p, s = self.padding, self.stride
-        if p:
-            padded = np.zeros_like(a, shape=(a.shape[0], a.shape[1] + 2 * p,
-                                             a.shape[2] + 2 * p, a.shape[3]))
-            padded[:, p:-p, p:-p, :] = a
-            a = padded
-        n, h, w, c = a.shape
         kh, kw, _, c_out = b.shape
-        ho, wo = (h - kh) // s + 1, (w - kw) // s + 1
-        sn, sh, sw, sc = a.strides
-        xp = array_module(a)
-        patches = xp.lib.stride_tricks.as_strided(
-            a, shape=(n, ho, wo, kh, kw, c), strides=(sn, sh * s, sw * s, sh, sw, sc))
-        out = patches.reshape(n * ho * wo, kh * kw * c) @ b.reshape(kh * kw * c, c_out)
+        cols, (n, ho, wo) = _im2col(a, kh, kw, self.stride, self.padding)
+        out = cols @ b.reshape(-1, c_out)
         return out.reshape(n, ho, wo, c_out)
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
-        kh, kw = b.shape[0], b.shape[1]
         s, p = self.stride, self.padding
-        h, w = a.shape[1], a.shape[2]
-        ho, wo = _out_size(h, kh, s, p), _out_size(w, kw, s, p)
-        # rows/cols of the padded input that no window reaches when the stride skips past them
-        rh, rw = h + 2 * p - kh - (ho - 1) * s, w + 2 * p - kw - (wo - 1) * s
-        g = out_grad
-        if s > 1:
-            g = F.dilate(g, (1, 2), s - 1)
-            g = F.getitem(g, (slice(None), slice(0, (ho - 1) * s + 1), slice(0, (wo - 1) * s + 1)))
         grad_a = grad_b = None
-        # input adjoint: full correlation of g with the flipped kernel, then drop the padding
         if a.requires_grad:
-            g_full = F.pad(g, ((0, 0), (kh - 1, kh - 1 + rh), (kw - 1, kw - 1 + rw), (0, 0)))
-            kernel_t = F.permute(F.flip(b, (0, 1)), (0, 1, 3, 2))
-            grad_a = F.conv(g_full, kernel_t)
-            if p:
-                grad_a = F.getitem(grad_a, (slice(None), slice(p, p + h), slice(p, p + w)))
+            grad_a = F.conv_input_grad(out_grad, b, stride=s, padding=p,
+                                       in_hw=(a.shape[1], a.shape[2]))
         if b.requires_grad:
-            # kernel adjoint: correlate the padded input (batch as channels) with g
-            a_pad = F.pad(a, ((0, 0), (p, p), (p, p), (0, 0))) if p else a
-            grad_b = F.conv(F.permute(a_pad, (3, 1, 2, 0)), F.permute(g, (1, 2, 0, 3)))
-            if rh or rw:
-                grad_b = F.getitem(grad_b, (slice(None), slice(0, kh), slice(0, kw)))
-            grad_b = F.permute(grad_b, (1, 2, 0, 3))
+            grad_b = F.conv_weight_grad(a, out_grad, kernel_hw=(b.shape[0], b.shape[1]),
+                                        stride=s, padding=p)
         return grad_a, grad_b
 
     def infer(self, a: Aval, b: Aval) -> Aval:
@@ -86,3 +112,128 @@ class Conv(Op):
             raise ShapeError(f"conv: kernel {kh}x{kw} is larger than the padded input "
                              f"{fmt_shape(a.shape)} (padding {self.padding})")
         return Aval((n, ho, wo, c_out), np.result_type(a.dtype, b.dtype))
+
+
+@register("conv_weight_grad", inputs=("a", "g"))
+class ConvWeightGrad(Op):
+    """The kernel adjoint of ``conv``: ``Wb = im2col(pad(a), stride).T @ g.reshape(-1, C_out)``.
+
+    ``Wb[i, j, c, o] = sum_{n, y, x} a_pad[n, s*y + i, s*x + j, c] * g[n, y, x, o]``;
+    ``a`` (N, H, W, C_in), ``g`` (N, Ho, Wo, C_out) -> (kh, kw, C_in, C_out) with
+    ``kernel_hw = (kh, kw)``. Linear in each input: its adjoints are
+    ``conv_input_grad(g, Wb_bar)`` for ``a`` and ``conv(a, Wb_bar)`` for ``g``.
+    """
+
+    def __init__(self, kernel_hw: tuple, stride: int = 1, padding: int = 0) -> None:
+        self.kernel_hw = tuple(int(k) for k in kernel_hw)
+        self.stride = int(stride)
+        self.padding = int(padding)
+
+    def compute(self, a, g):
+        kh, kw = self.kernel_hw
+        cols, (n, ho, wo) = _im2col(a, kh, kw, self.stride, self.padding)
+        if g.shape[:3] != (n, ho, wo):
+            raise ShapeError(f"conv_weight_grad: g {fmt_shape(g.shape)} does not match the "
+                             f"conv output (N, Ho, Wo) = {(n, ho, wo)} of input "
+                             f"{fmt_shape(a.shape)} (kernel {kh}x{kw}, stride {self.stride}, "
+                             f"padding {self.padding})")
+        c_out = g.shape[3]
+        out = cols.T @ g.reshape(-1, c_out)
+        return out.reshape(kh, kw, a.shape[3], c_out)
+
+    def gradient(self, out_grad, node):
+        a, g = node.inputs
+        s, p = self.stride, self.padding
+        grad_a = grad_g = None
+        if a.requires_grad:
+            grad_a = F.conv_input_grad(g, out_grad, stride=s, padding=p,
+                                       in_hw=(a.shape[1], a.shape[2]))
+        if g.requires_grad:
+            grad_g = F.conv(a, out_grad, stride=s, padding=p)
+        return grad_a, grad_g
+
+    def infer(self, a: Aval, g: Aval) -> Aval:
+        _check_nhwc("conv_weight_grad", "input a", a.shape, "g", g.shape)
+        kh, kw = self.kernel_hw
+        ho = _out_size(a.shape[1], kh, self.stride, self.padding)
+        wo = _out_size(a.shape[2], kw, self.stride, self.padding)
+        for got, want in ((g.shape[1], ho), (g.shape[2], wo)):
+            if got is not None and want is not None and got != want:
+                raise ShapeError(f"conv_weight_grad: g {fmt_shape(g.shape)} does not match "
+                                 f"the conv output size {ho}x{wo} of input "
+                                 f"{fmt_shape(a.shape)} (kernel {kh}x{kw}, stride "
+                                 f"{self.stride}, padding {self.padding})")
+        return Aval((kh, kw, a.shape[3], g.shape[3]), np.result_type(a.dtype, g.dtype))
+
+
+@register("conv_input_grad", inputs=("g", "b"))
+class ConvInputGrad(Op):
+    """The input adjoint of ``conv``: ``Xb = crop(col2im(g @ b.T))``.
+
+    ``Xb[n, h, w, c] = sum_{y, x, i, j: s*y + i = h + p, s*x + j = w + p} g[n, y, x, o]
+    * b[i, j, c, o]`` (summed over o); ``g`` (N, Ho, Wo, C_out), ``b`` (kh, kw, C_in, C_out)
+    -> (N, H, W, C_in) with ``in_hw = (H, W)``, the conv input's size (None: the smallest
+    input giving Ho x Wo). Linear in each input: its adjoints are ``conv(Xb_bar, b)`` for
+    ``g`` and ``conv_weight_grad(Xb_bar, g)`` for ``b``.
+    """
+
+    def __init__(self, stride: int = 1, padding: int = 0, in_hw: tuple | None = None) -> None:
+        self.stride = int(stride)
+        self.padding = int(padding)
+        self.in_hw = None if in_hw is None else tuple(
+            None if d is None else int(d) for d in in_hw)
+
+    def _input_hw(self, ho: int, wo: int, kh: int, kw: int) -> tuple[int, int]:
+        s, p = self.stride, self.padding
+        h, w = self.in_hw if self.in_hw is not None else (None, None)
+        return (_in_size(ho, kh, s, p) if h is None else h,
+                _in_size(wo, kw, s, p) if w is None else w)
+
+    def compute(self, g, b):
+        s, p = self.stride, self.padding
+        n, ho, wo, c_out = g.shape
+        kh, kw, c_in, _ = b.shape
+        h, w = self._input_hw(ho, wo, kh, kw)
+        if _out_size(h, kh, s, p) != ho or _out_size(w, kw, s, p) != wo:
+            raise ShapeError(f"conv_input_grad: g {fmt_shape(g.shape)} is not the conv output "
+                             f"of a {h}x{w} input (kernel {kh}x{kw}, stride {s}, padding {p})")
+        xp = array_module(g)
+        g2 = g.reshape(n * ho * wo, c_out)
+        dtype = np.result_type(g.dtype, b.dtype)
+        # Padded rows/cols y = s*y' + i are split by phase (y mod s): phase (i % s, j % s)
+        # receives tap (i, j) as one slice with contiguous rows, so each of the kh*kw
+        # scatter-adds runs over long contiguous runs instead of C-element pieces.
+        hq, wq = -(-(h + 2 * p) // s), -(-(w + 2 * p) // s)
+        phases = xp.zeros((s, s, n, hq, wq, c_in), dtype=dtype)
+        for i in range(kh):
+            for j in range(kw):
+                tap = (g2 @ b[i, j].T).reshape(n, ho, wo, c_in)
+                phases[i % s, j % s, :, i // s:i // s + ho, j // s:j // s + wo, :] += tap
+        # interleave the phases back: padded[n, s*y + r, s*x + t] = phases[r, t, n, y, x]
+        padded = phases.transpose(2, 3, 0, 4, 1, 5).reshape(n, hq * s, wq * s, c_in)
+        return padded[:, p:p + h, p:p + w, :]
+
+    def gradient(self, out_grad, node):
+        g, b = node.inputs
+        s, p = self.stride, self.padding
+        grad_g = grad_b = None
+        if g.requires_grad:
+            grad_g = F.conv(out_grad, b, stride=s, padding=p)
+        if b.requires_grad:
+            grad_b = F.conv_weight_grad(out_grad, g, kernel_hw=(b.shape[0], b.shape[1]),
+                                        stride=s, padding=p)
+        return grad_g, grad_b
+
+    def infer(self, g: Aval, b: Aval) -> Aval:
+        _check_nhwc("conv_input_grad", "g", g.shape, "kernel b", b.shape)
+        n, ho, wo, c_out = g.shape
+        kh, kw, c_in, b_out = b.shape
+        if c_out is not None and b_out is not None and c_out != b_out:
+            raise ShapeError(f"conv_input_grad: g {fmt_shape(g.shape)} has {c_out} channels but "
+                             f"the kernel {fmt_shape(b.shape)} has {b_out} outputs")
+        h, w = self.in_hw if self.in_hw is not None else (None, None)
+        if h is None and ho is not None:
+            h = _in_size(ho, kh, self.stride, self.padding)
+        if w is None and wo is not None:
+            w = _in_size(wo, kw, self.stride, self.padding)
+        return Aval((n, h, w, c_in), np.result_type(g.dtype, b.dtype))

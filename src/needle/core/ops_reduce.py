@@ -37,6 +37,9 @@ class Reduction(Op):
         shape = node.inputs[0].shape
         if not self.keepdims:
             out_grad = F.reshape(out_grad, self.kept_shape(shape))
+        if any(shape[i] is None for i in self._axes(len(shape))):
+            # a reduced dim of unknown size: broadcast against the input itself at run time
+            return out_grad * F.full_like(node.inputs[0], 1)
         return F.broadcast_to(out_grad, shape)
 
 

@@ -150,7 +150,10 @@ class SumTo(Op):
                                  for i, d in enumerate(self.shape)))
 
     def gradient(self, out_grad, node):
-        return F.broadcast_to(out_grad, node.inputs[0].shape)
+        a = node.inputs[0]
+        if None in a.shape:  # sizes known only at run time: broadcast against a itself
+            return out_grad * F.full_like(a, 1)
+        return F.broadcast_to(out_grad, a.shape)
 
     def infer(self, a: Aval) -> Aval:
         self._axes(a.shape)

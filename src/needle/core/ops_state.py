@@ -33,6 +33,7 @@ class Store(Op):
 
     differentiable = False
     side_effect = True
+    writes_state = True
 
     def __init__(self, target, momentum: float = 1.0) -> None:
         if getattr(target, "op", None) is not None or getattr(target, "_data", None) is None:

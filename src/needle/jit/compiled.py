@@ -20,7 +20,13 @@ from ..autograd import TracerConversionError, make_from_op
 from ..compiler import optimize as optimize_program
 from ..core import api as F
 from ..core import autodiff
-from ..core.interpret import Program, build_program, plan_frees, run_program
+from ..core.interpret import (
+    CompiledProgram,
+    Program,
+    build_program,
+    compile_program,
+    plan_frees,
+)
 from ..core.registry import Aval, Op
 from .signature import describe_difference, flatten, rebuild, static_key
 from .tracing import Trace, trace_input, tracing
@@ -93,16 +99,11 @@ class JitCall(Op):
 
     def compute(self, *values):
         plan = self.plan
-        env = dict(zip(plan.source_slots, values))
-        run_program(plan.program, env)
-        outputs = []
-        seen: set[int] = set()
-        for slot in plan.program.outputs[: plan.num_outputs]:
-            value = env[slot]
-            if slot in seen:  # the same value returned twice: give each its own array
-                value = value.copy()
-            seen.add(slot)
-            outputs.append(value)
+        run = plan.executable  # built on first use; it also fixes plan.source_order
+        results = run([values[i] for i in plan.source_order])
+        outputs = results[: plan.num_outputs]
+        for i in plan.repeated_outputs:  # the same value returned twice: each its own array
+            outputs[i] = outputs[i].copy()
         return tuple(outputs)
 
     def gradient(self, out_grad, node):
@@ -138,8 +139,23 @@ class CompiledPlan:
             program.passes = ["prune", "memory_plan"]
         self.program: Program = program
         self.optimize = optimize
+        first: dict[int, int] = {}
+        self.repeated_outputs = [i for i, slot in enumerate(program.outputs[: self.num_outputs])
+                                 if first.setdefault(slot, i) != i]
+        self._executable: CompiledProgram | None = None
+        self.source_order: list[int] = []
         self.wrt_positions: list[int] = []
         self._backward: CompiledPlan | None = None
+
+    @property
+    def executable(self) -> CompiledProgram:
+        """The Program as one generated function (built at the first call, once the plan's
+        sources are final)."""
+        if self._executable is None:
+            position = {slot: i for i, slot in enumerate(self.source_slots)}
+            self.source_order = [position[id(n)] for n in self.program.sources]
+            self._executable = compile_program(self.program)
+        return self._executable
 
     def backward_plan(self) -> CompiledPlan:
         """The plan of the gradients of the outputs with respect to the sources (built once)."""

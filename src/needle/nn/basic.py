@@ -191,8 +191,8 @@ class BatchNorm1d(Module):
     not trained).
 
     NOTE: the running statistics are written with ``ops.store``, an effect: eagerly and under
-    the JIT it runs on every training call; in a declared graph (Session) it runs only when
-    its node is fetched.
+    the JIT it runs on every training call; in a declared graph (Session) it runs with the
+    train op of ``st.minimize`` / ``opt.minimize``, or with ``st.state_updates(y)``.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, device: Any = None,

@@ -19,6 +19,7 @@ class ApplyUpdates(Op):
 
     name = "apply_updates"
     side_effect = True
+    writes_state = True
     differentiable = False
 
     def __init__(self, optimizer: Any, params: tuple) -> None:

@@ -98,8 +98,13 @@ class Optimizer:
     def minimize(self, loss: Tensor) -> Tensor:
         """One eager training step: ``reset_grad()``, ``loss.backward()``, ``step()``.
 
-        Returns ``loss``. A declarative front-end may override this to build an update op.
+        Returns ``loss``. For a declared graph's loss (no value yet, outside a JIT trace) it
+        returns the train op instead, as ``needle.static.minimize`` does.
         """
+        if loss._data is None and autograd._TRACE is None:  # a declared graph's loss
+            from .. import static
+
+            return static.minimize(self, loss)
         self.reset_grad()
         # the gradients are only read by step(), so they need no graph of their own
         loss.backward(create_graph=False)

@@ -5,15 +5,26 @@ then ``st.Session().run(y, feed_dict={x: ...})``. Every ``ndl.ops`` function, Te
 operator and ``nn.Module`` applied to graph tensors makes nodes without computing anything.
 """
 
+from . import dot
 from .control import cond, while_loop
 from .gradients import gradients
 from .graph import Graph, get_default_graph, reset_default_graph
 from .nodes import Constant, Placeholder, Variable, constant, placeholder
 from .session import RunMetadata, RunPlan, Session
-from .state_ops import assign, assign_add, assign_sub, group, minimize, print_
+from .state_ops import (
+    assign,
+    assign_add,
+    assign_sub,
+    group,
+    minimize,
+    print_,
+    state_updates,
+    with_dependencies,
+)
 
 __all__ = [
     "Constant", "Graph", "Placeholder", "RunMetadata", "RunPlan", "Session", "Variable",
-    "assign", "assign_add", "assign_sub", "cond", "constant", "get_default_graph", "gradients",
-    "group", "minimize", "placeholder", "print_", "reset_default_graph", "while_loop",
+    "assign", "assign_add", "assign_sub", "cond", "constant", "dot",
+    "get_default_graph", "gradients", "group", "minimize", "placeholder", "print_",
+    "reset_default_graph", "state_updates", "while_loop", "with_dependencies",
 ]

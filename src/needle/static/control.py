@@ -19,8 +19,15 @@ import numpy as np
 from ..autograd import LAZY_NODE_HOOKS, Tensor, Value, make_from_op
 from ..core import api as F
 from ..core import autodiff
-from ..core.interpret import Program, build_program, run_program
+from ..core.interpret import (
+    CompiledProgram,
+    build_program,
+    compile_program,
+    plan_frees,
+    run_program,
+)
 from ..core.registry import Aval, NodeMeta, Op, ShapeError, fmt_shape
+from . import runtime
 
 
 @contextlib.contextmanager
@@ -46,6 +53,9 @@ def _as_list(outputs: Any, what: str) -> tuple[list, bool]:
                     f"{type(outputs).__name__}")
 
 
+_EFFECT_FLAGS = ("side_effect", "writes_state", "random")
+
+
 class _Branch:
     """A traced function: its outputs, the nodes it made, and its sub-program."""
 
@@ -57,7 +67,30 @@ class _Branch:
         self.internal = created
         self.program = build_program(self.outputs,
                                      lambda n: n.op is None or id(n) not in created)
+        plan_frees(self.program)
         self.captures = list(self.program.sources)
+        # a branch that assigns, prints or draws random numbers makes its node do so too
+        self.flags = {flag for flag in _EFFECT_FLAGS
+                      if any(getattr(s.op, flag, False) for s in self.program.steps)}
+        self._compiled: CompiledProgram | None = None
+
+    def run(self, values: dict[int, Any]) -> tuple:
+        """The branch outputs, given the values of (at least) its captures by node id."""
+        sources = [values[id(c)] for c in self.captures]
+        observers = runtime.STEP_OBSERVERS
+        if observers:  # a RunMetadata is listening: walk the steps and report each
+            env = {id(c): v for c, v in zip(self.captures, sources)}
+            env = run_program(self.program, env, on_step=observers[-1])
+            return tuple(env[slot] for slot in self.program.outputs)
+        if self._compiled is None:
+            self._compiled = compile_program(self.program)
+        return tuple(self._compiled(sources))
+
+
+def _mark_effects(op: Op, *branches: _Branch) -> Op:
+    for flag in set().union(*(b.flags for b in branches)):
+        setattr(op, flag, True)
+    return op
 
 
 def _union(*lists: list) -> list:
@@ -66,12 +99,6 @@ def _union(*lists: list) -> list:
         for node in items:
             seen.setdefault(id(node), node)
     return list(seen.values())
-
-
-def _run_branch(program: Program, captures: list, values: dict[int, Any]) -> tuple:
-    env = {id(c): values[id(c)] for c in captures}
-    env = run_program(program, env)
-    return tuple(env[slot] for slot in program.outputs)
 
 
 class Cond(Op):
@@ -91,7 +118,7 @@ class Cond(Op):
     def compute(self, pred, *values):
         by_id = {id(c): v for c, v in zip(self.captures, values)}
         branch = self.true_branch if bool(np.asarray(pred)) else self.false_branch
-        return _run_branch(branch.program, branch.captures, by_id)
+        return branch.run(by_id)
 
     def gradient(self, out_grad, node):
         pred, captures = node.inputs[0], list(node.inputs[1:])
@@ -129,7 +156,8 @@ def _cond(pred: Tensor, true_fn: Callable, false_fn: Callable,
             raise ShapeError(f"cond: output {i} has shape {fmt_shape(a.shape)} in true_fn but "
                              f"{fmt_shape(b.shape)} in false_fn")
     captures = _union(true_branch.captures, false_branch.captures)
-    node = make_from_op(Cond(true_branch, false_branch, captures), (pred, *captures))
+    op = _mark_effects(Cond(true_branch, false_branch, captures), true_branch, false_branch)
+    node = make_from_op(op, (pred, *captures))
     outputs = [node[i] for i in range(len(true_branch.outputs))]
     return outputs[0] if true_branch.single else outputs
 
@@ -191,11 +219,10 @@ class WhileLoop(Op):
         steps = 0
         while self.maximum_iterations is None or steps < self.maximum_iterations:
             by_id.update({id(s): v for s, v in zip(self.stand_ins, state)})
-            (go,) = _run_branch(self.cond_branch.program, self.cond_branch.captures, by_id)
+            (go,) = self.cond_branch.run(by_id)
             if not bool(np.asarray(go)):
                 break
-            state = list(_run_branch(self.body_branch.program, self.body_branch.captures,
-                                     by_id))
+            state = list(self.body_branch.run(by_id))
             steps += 1
         return tuple(state)
 
@@ -209,7 +236,7 @@ class WhileLoop(Op):
         for _ in range(self.maximum_iterations):
             go = self.cond_fn(*state)
             current = state
-            state = cond(go, lambda s=current: list(self.body_fn(*s)),
+            state = cond(go, lambda s=current: _as_list(self.body_fn(*s), "while_loop: body_fn")[0],
                          lambda s=current: [F.add_scalar(v, 0) for v in s])
             state = state if isinstance(state, list) else [state]
         seeds = [out_grad[i] for i in range(n)]
@@ -243,8 +270,8 @@ def while_loop(cond_fn: Callable[..., Any], body_fn: Callable[..., Any], loop_va
                              f"{fmt_shape(v.shape)} to {fmt_shape(out.shape)}")
     captures = [c for c in _union(cond_branch.captures, body_branch.captures)
                 if id(c) not in internal]
-    op = WhileLoop(cond_fn, body_fn, stand_ins, cond_branch, body_branch, captures,
-                   maximum_iterations)
+    op = _mark_effects(WhileLoop(cond_fn, body_fn, stand_ins, cond_branch, body_branch,
+                                 captures, maximum_iterations), cond_branch, body_branch)
     node = make_from_op(op, (*init, *captures))
     outputs = [node[i] for i in range(len(init))]
     return outputs[0] if single else outputs

@@ -2,34 +2,54 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
+import weakref
 from typing import Any
 
+from .. import autograd
 from ..autograd import LAZY_NODE_HOOKS
 from ..core.registry import NodeMeta
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_needle_frame(filename: str) -> bool:
+    # generated op functions are compiled with file names such as "<needle op matmul>"
+    return filename.startswith("<needle") or os.path.abspath(filename).startswith(_PACKAGE_DIR)
+
+
 def user_source() -> str | None:
     """``file:line`` of the innermost caller outside the needle package."""
     frame = sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    while frame is not None and _is_needle_frame(frame.f_code.co_filename):
         frame = frame.f_back
     if frame is None:
         return None
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
+def _caller_site() -> tuple[str, int] | None:
+    """(file, line) of the user code calling into needle (for the growing-graph warning)."""
+    frame = sys._getframe(1)
+    while frame is not None and _is_needle_frame(frame.f_code.co_filename):
+        frame = frame.f_back
+    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
+
+
 class Graph:
-    """A declared computation: the leaves made while it is the default graph, and a node count.
+    """A declared computation: its leaves, (weakly) its op nodes, and a node count.
 
     ``with st.Graph() as g:`` makes ``g`` the default graph for everything made inside.
+    Inside the block every op keeps its inputs, even one applied only to eager tensors
+    (``ops.reshape(param)``), so a Session recomputes it from their current values on each
+    run instead of freezing the value it had when the graph was built.
     """
 
-    #: a graph that grows during this many consecutive Session.run intervals gets a warning
+    #: a Session.run call site that sees the graph grow this many times in a row warns
     GROWTH_WARNING_RUNS = 3
 
     def __init__(self) -> None:
@@ -37,19 +57,34 @@ class Graph:
         self.variables: list = []
         self.constants: list = []
         self.node_count = 0
-        self._count_at_last_run: int | None = None
+        self._nodes: list[weakref.ref] = []  # op nodes, for to_dot (not kept alive by the graph)
+        # nodes with effects (BatchNorm's stores) are kept: nothing else may hold them, and
+        # st.minimize / st.state_updates look them up
+        self._effects: list = []
+        self._prune_at = 1024
+        self._recording: list = []
+        self._last_run: tuple | None = None  # (call site, node_count) at the previous run
         self._growing_runs = 0
         self._warned = False
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> Graph:
         _DEFAULT_STACK.append(self)
+        recording = autograd.recording()
+        recording.__enter__()
+        self._recording.append(recording)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _DEFAULT_STACK.remove(self)
+        self._recording.pop().__exit__(None, None, None)
+        # remove this graph's innermost entry (graphs may be entered more than once)
+        for i in range(len(_DEFAULT_STACK) - 1, 0, -1):
+            if _DEFAULT_STACK[i] is self:
+                del _DEFAULT_STACK[i]
+                break
 
     def as_default(self) -> Graph:
+        """``with g.as_default():`` is the same as ``with g:`` (TensorFlow's spelling)."""
         return self
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -57,33 +92,64 @@ class Graph:
         getattr(self, kind).append(node)
         self.node_count += 1
 
+    def add_node(self, node: Any) -> None:
+        """Count an op node made while this graph is the default."""
+        self.node_count += 1
+        self._nodes.append(weakref.ref(node))
+        # a JIT trace is not a declared graph: its effects belong to the trace alone
+        if getattr(node.op, "side_effect", False) and getattr(autograd, "_TRACE", None) is None:
+            self._effects.append(node)
+        if len(self._nodes) >= self._prune_at:  # drop dead references now and then
+            self._nodes = [r for r in self._nodes if r() is not None]
+            self._prune_at = max(1024, 2 * len(self._nodes))
+
+    def nodes(self) -> list:
+        """The op nodes made in this graph that are still alive, in creation order."""
+        return [n for n in (r() for r in self._nodes) if n is not None]
+
+    def effect_nodes(self) -> list:
+        """The nodes with effects (assign, store, print, train ops) made in this graph."""
+        return list(self._effects)
+
+    def trainable_variables(self) -> list:
+        """The Variables made with ``trainable=True``."""
+        return [v for v in self.variables if v.trainable]
+
     def note_run(self) -> None:
-        """Called by Session.run: warn once when every recent interval added nodes."""
-        if self._count_at_last_run is not None and self.node_count > self._count_at_last_run:
+        """Called by Session.run: warn once when one call site keeps seeing the graph grow.
+
+        Making nodes between runs is fine (build, run, extend, run); a run made from the
+        same line again and again with new nodes each time is a graph built inside a loop.
+        """
+        site = _caller_site()
+        last = self._last_run
+        if last is not None and last[0] == site and self.node_count > last[1]:
             self._growing_runs += 1
         else:
             self._growing_runs = 0
         if self._growing_runs >= self.GROWTH_WARNING_RUNS and not self._warned:
             self._warned = True
-            added = self.node_count - (self._count_at_last_run or 0)
+            added = self.node_count - last[1]
+            where = f" at {site[0]}:{site[1]}" if site else ""
             warnings.warn(
-                f"the graph keeps growing: {added} nodes were added since the last Session.run, "
-                f"for {self._growing_runs} runs in a row. Build the graph once, outside the loop, "
-                "and feed new values through placeholders.", RuntimeWarning, stacklevel=3)
-        self._count_at_last_run = self.node_count
+                f"the graph keeps growing: Session.run{where} has seen {added} new nodes since "
+                f"its previous call, {self._growing_runs} calls in a row. Build the graph once, "
+                "outside the loop, and feed new values through placeholders.",
+                RuntimeWarning, stacklevel=3)
+        self._last_run = (site, self.node_count)
 
-    def to_dot(self, fetches: Any = None) -> str:
+    def to_dot(self, fetches: Any = None, feed_dict: dict | None = None) -> str:
         """Graphviz DOT text of the graph (see :func:`needle.static.dot.to_dot`)."""
         from .dot import to_dot
 
-        return to_dot(self, fetches)
+        return to_dot(self, fetches, feed_dict)
 
 
 _DEFAULT_STACK: list[Graph] = [Graph()]
 
 
 def get_default_graph() -> Graph:
-    """The graph that new placeholders, Variables and constants belong to."""
+    """The graph that new placeholders, Variables, constants and op nodes belong to."""
     return _DEFAULT_STACK[-1]
 
 
@@ -97,7 +163,7 @@ def _on_lazy_node(node: Any) -> None:
     graph = get_default_graph()
     if node.meta is None:
         node.meta = NodeMeta(name=f"{node.op.name}_{graph.node_count}", source=user_source())
-    graph.node_count += 1
+    graph.add_node(node)
 
 
 LAZY_NODE_HOOKS.append(_on_lazy_node)

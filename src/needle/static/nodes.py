@@ -25,10 +25,23 @@ def _init_leaf(node: Any, shape: tuple, dtype: Any, name: str | None, kind: str,
     node.requires_grad = requires_grad
     node.device = device or cpu()
     node._aval = Aval(tuple(shape), np.dtype(dtype))
-    node.meta = NodeMeta(name=name or f"{kind}_{graph.node_count}", source=user_source())
+    node.meta = NodeMeta(name=_unique_name(graph, name or kind), source=user_source())
     node.grad = None
     graph.add_leaf(node, kind + "s")
     return node
+
+
+def _unique_name(graph: Any, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... if a leaf of the graph already has that name
+    (Session.variables() and checkpoints key Variables by name)."""
+    taken = {leaf.meta.name for kind in (graph.placeholders, graph.variables, graph.constants)
+             for leaf in kind}
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
 
 
 class Placeholder(Tensor):
@@ -42,14 +55,15 @@ class Placeholder(Tensor):
 
     def check_feed(self, value: Any) -> np.ndarray:
         """The fed value as an array of this dtype, or a ValueError naming both shapes."""
-        array = value.numpy() if isinstance(value, Tensor) else np.asarray(value)
-        declared = self._aval.shape
-        fits = array.ndim == len(declared) and all(
-            d is None or d == n for d, n in zip(declared, array.shape))
-        if not fits:
+        if type(value) is not np.ndarray:
+            value = value.numpy() if isinstance(value, Tensor) else np.asarray(value)
+        declared, dtype = self._aval
+        shape = value.shape
+        if len(shape) != len(declared) or any(
+                d is not None and d != n for d, n in zip(declared, shape)):
             raise ValueError(f"feed for placeholder {self.name!r}: declared shape "
-                             f"{fmt_shape(declared)}, fed shape {fmt_shape(array.shape)}")
-        return array.astype(self._aval.dtype, copy=False)
+                             f"{fmt_shape(declared)}, fed shape {fmt_shape(shape)}")
+        return value if value.dtype == dtype else value.astype(dtype)
 
     def __repr__(self) -> str:
         return f"placeholder({self.name!r}, shape={fmt_shape(self.shape)}, dtype={self.dtype})"
@@ -59,7 +73,9 @@ class Variable(Tensor):
     """Graph state: a Session gives it ``initial_value`` when it starts and keeps it across runs.
 
     ``st.Variable(initial_value, name=None, trainable=True, dtype=None)``. It changes only
-    through ``st.assign`` / ``assign_add`` / ``assign_sub`` or a train op.
+    through ``st.assign`` / ``assign_add`` / ``assign_sub`` or a train op. Names are unique
+    in a graph (a repeated name gets ``_1``, ``_2``, ...). ``trainable=False`` keeps it out of
+    ``st.minimize``; gradients with respect to it can still be asked for.
     """
 
     __slots__ = ("initial_value", "trainable")
@@ -68,7 +84,7 @@ class Variable(Tensor):
                  dtype: Any = None) -> None:
         array, device = _to_backend(initial_value, None, dtype, copy=True)
         _init_leaf(self, array.shape, array.dtype, name, "variable",
-                   requires_grad=trainable and array.dtype.kind in "fc", device=device)
+                   requires_grad=array.dtype.kind in "fc", device=device)
         self.initial_value = array
         self.trainable = bool(trainable)
 
@@ -98,7 +114,9 @@ def placeholder(shape: Any = None, dtype: Any = "float32", name: str | None = No
     if shape is None:
         raise ValueError("placeholder: give a shape (None for dims of any size)")
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    return _init_leaf(Tensor.__new__(Placeholder), shape, dtype, name, "placeholder")
+    # float placeholders take part in gradients (st.gradients(loss, x) is d loss / d x)
+    return _init_leaf(Tensor.__new__(Placeholder), shape, dtype, name, "placeholder",
+                      requires_grad=np.dtype(dtype).kind in "fc")
 
 
 def constant(value: Any, name: str | None = None, dtype: Any = None) -> Constant:

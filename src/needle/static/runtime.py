@@ -6,6 +6,8 @@ import contextlib
 from typing import Any
 
 _RUNNING: list = []
+#: callables told about every step run, innermost last (RunMetadata listens to cond branches)
+STEP_OBSERVERS: list = []
 
 
 def current_session() -> Any:

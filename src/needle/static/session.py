@@ -1,4 +1,11 @@
-"""Session: runs the part of a declared graph that the fetches need, with feeds and Variables."""
+"""Session: runs the part of a declared graph that the fetches need, with feeds and Variables.
+
+A run is planned once per (fetch structure, set of fed nodes): the program is pruned to the
+fetches' ancestors (stopping at fed nodes), optimized by the shared compiler passes, compiled
+to one straight-line function, and cached with everything a later run needs (how to fetch
+each source value, which outputs may alias state and must be copied). A cached run only
+checks the fed values' shapes, gathers the sources and calls the compiled function.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +15,38 @@ from typing import Any
 
 import numpy as np
 
-from ..autograd import Tensor, Value, _to_backend
+from ..autograd import Tensor, TensorTuple, Value, _to_backend
+from ..backend import cpu
 from ..compiler import optimize as optimize_program
 from ..compiler import predict_peak_bytes
 from ..core.interpret import (
     ByteTracker,
-    Program,
     build_program,
+    compile_program,
     describe_node,
-    plan_frees,
     run_program,
+    snapshot,
 )
-from ..core.registry import fmt_shape
+from ..core.registry import Aval, fmt_shape
+from . import runtime
 from .graph import Graph, get_default_graph
 from .nodes import Constant, Placeholder, Variable
-from .runtime import running
+
+_CPU = cpu()
+
+#: plans kept per Session (the oldest is dropped first)
+MAX_CACHED_PLANS = 64
 
 
 @dataclass
 class RunMetadata:
-    """Filled by ``Session.run(..., run_metadata=...)``: what ran and the memory it held."""
+    """Filled by ``Session.run(..., run_metadata=...)``: what ran and the memory it held.
+
+    ``executed``: node names in execution order (cond / while_loop branch steps included,
+    right after nothing else ran in between); ``peak_bytes``: the most bytes of intermediate
+    values held at once (buffers of Variables, parameters, feeds and constants excluded;
+    values inside branches not counted).
+    """
 
     executed: list[str] = field(default_factory=list)
     peak_bytes: int = 0
@@ -35,16 +54,53 @@ class RunMetadata:
 
 @dataclass
 class RunPlan:
-    """What ``run`` would do, without doing it (``Session.plan``)."""
+    """What ``run`` would do, without doing it (``Session.plan``).
+
+    ``steps``: node names in execution order; ``ops``: their ops; ``replaced_by_feeds``: fed
+    node name -> the nodes that no longer run because it is fed (empty for a placeholder);
+    ``missing_feeds``: needed placeholders without a feed; predicted peak bytes of
+    intermediates with the memory plan (each value freed after its last use) and without it
+    (the pruned program before the passes, every value held to the end of the run).
+    """
 
     steps: list[str]
-    replaced_by_feeds: list[str]
+    ops: list[str]
+    replaced_by_feeds: dict[str, list[str]]
     missing_feeds: list[str]
     peak_bytes_with_reuse: int
     peak_bytes_without_reuse: int
     passes: list[str]
     nodes_before: int
     nodes_after: int
+
+    def __str__(self) -> str:
+        lines = [f"RunPlan: {self.nodes_after} steps ({self.nodes_before} before passes: "
+                 f"{', '.join(self.passes)})"]
+        lines += [f"  {i:4d}  {name}  [{op}]" for i, (name, op) in
+                  enumerate(zip(self.steps, self.ops))]
+        for fed, skipped in self.replaced_by_feeds.items():
+            lines.append(f"  feed {fed}: " + (f"replaces {', '.join(skipped)}" if skipped
+                                              else "placeholder"))
+        if self.missing_feeds:
+            lines.append(f"  missing feeds: {', '.join(self.missing_feeds)}")
+        lines.append(f"  predicted peak bytes: {self.peak_bytes_with_reuse} with the memory "
+                     f"plan, {self.peak_bytes_without_reuse} without")
+        return "\n".join(lines)
+
+
+# -- fetch structures -----------------------------------------------------------------------------
+def _fetch_key(fetches: Any) -> Any:
+    """A hashable key for a (nested) fetch structure: node ids and container kinds."""
+    if isinstance(fetches, Value):
+        return id(fetches)
+    if isinstance(fetches, list):
+        return ("list", *[_fetch_key(f) for f in fetches])
+    if isinstance(fetches, tuple):
+        return (type(fetches), *[_fetch_key(f) for f in fetches])
+    if isinstance(fetches, dict):
+        return (type(fetches), *[(k, _fetch_key(v)) for k, v in fetches.items()])
+    raise TypeError(f"Session.run: cannot fetch a {type(fetches).__name__}; fetch graph "
+                    "tensors, operations, or lists / tuples / dicts of them")
 
 
 def _flatten(fetches: Any) -> tuple[list, Callable[[list], Any]]:
@@ -58,10 +114,11 @@ def _flatten(fetches: Any) -> tuple[list, Callable[[list], Any]]:
         keys = None
         parts = [_flatten(f) for f in fetches]
     else:
-        raise TypeError(f"Session.run: cannot fetch a {type(fetches).__name__}; fetch graph "
-                        "tensors, operations, or lists / tuples / dicts of them")
+        _fetch_key(fetches)  # raises the TypeError naming the bad fetch
+        raise AssertionError("unreachable")
     flat = [node for sub, _ in parts for node in sub]
     sizes = [len(sub) for sub, _ in parts]
+    kind = type(fetches)
 
     def rebuild(values: list) -> Any:
         out, start = [], 0
@@ -69,11 +126,92 @@ def _flatten(fetches: Any) -> tuple[list, Callable[[list], Any]]:
             out.append(inner(values[start:start + n]))
             start += n
         if keys is not None:
-            return type(fetches)(zip(keys, out)) if type(fetches) is not dict else dict(
-                zip(keys, out))
-        return type(fetches)(out) if isinstance(fetches, tuple) else out
+            return kind(zip(keys, out))
+        if kind is list:
+            return out
+        return kind(*out) if hasattr(kind, "_fields") else kind(out)  # namedtuples
 
     return flat, rebuild
+
+
+def _node_name(node: Any) -> str:
+    meta = node.meta
+    name = meta.name if meta is not None and meta.name else None
+    return name or f"{node.op.name if node.op is not None else 'leaf'}_{id(node) % 100000}"
+
+
+def _fetched(value: Any, aliased: set[int]) -> Any:
+    """A fetched value the caller may keep: copied if it may share memory with graph state."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(_fetched(v, aliased) for v in value)
+    if type(value) is not np.ndarray:
+        return np.asarray(value)  # a NumPy scalar from a full reduction
+    if value.base is not None or id(value) in aliased:
+        return value.copy()  # a view, or a Variable / parameter / feed / constant array
+    return value  # a fresh array no one else holds
+
+
+# -- one cached way to run -------------------------------------------------------------------------
+_FEED, _FIXED, _LEAF = 0, 1, 2
+
+
+class _Runner:
+    """Everything needed to run one (fetch structure, fed set) again: program, compiled
+    function, how to get each source value, the placeholders still missing."""
+
+    def __init__(self, session: Session, fetches: Any, feed_nodes: list) -> None:
+        flat, self.rebuild = _flatten(fetches)
+        fed = {id(n) for n in feed_nodes}
+
+        def is_source(node: Any) -> bool:
+            return node.op is None or id(node) in fed
+
+        program = build_program(flat, is_source)
+        if session.optimize:
+            optimize_program(program, _constant_value)
+        else:
+            program.passes = ["prune"]
+        self.program = program
+        self.missing = [n for n in program.sources
+                        if isinstance(n, Placeholder) and id(n) not in fed]
+        self.sources: list[tuple[int, Any]] = []
+        for node in program.sources:
+            if id(node) in fed:
+                self.sources.append((_FEED, id(node)))
+            elif isinstance(node, Variable):  # the session's array, written in place only
+                self.sources.append((_FIXED, session.variable_value(node)))
+            elif isinstance(node, Constant):
+                self.sources.append((_FIXED, node.value))
+            elif node._data is not None or isinstance(node, Placeholder):
+                # a parameter or other eager leaf: read its current array on every run, so
+                # eager training (which may replace the array) is seen
+                self.sources.append((_LEAF, node))
+            else:
+                raise ValueError(f"Session.run: {describe_node(node)} has no value: it is not "
+                                 "a placeholder, Variable or constant of a graph")
+        self.constant_ids = {id(v) for v in program.constants.values()}
+        # outputs of effect ops (an assign's or a store's value may be the state's own array)
+        effects = {s.out for s in program.steps if getattr(s.op, "side_effect", False)}
+        self.copy_always = [slot in effects for slot in program.outputs]
+        self.compiled = None if self.missing else compile_program(program)
+
+    def source_values(self, feeds: dict[int, Any]) -> list:
+        values = []
+        append = values.append
+        for kind, item in self.sources:
+            if kind == _FIXED:
+                append(item)
+            elif kind == _FEED:
+                append(feeds[item])
+            else:
+                append(item._data)
+        return values
+
+
+def _constant_value(node: Any) -> Any:
+    return node.value if isinstance(node, Constant) else None
 
 
 class Session:
@@ -87,10 +225,11 @@ class Session:
     """
 
     def __init__(self, graph: Graph | None = None, optimize: bool = True) -> None:
-        self.graph = graph or get_default_graph()
-        self.optimize = optimize
-        self._values: dict[int, Any] = {}
-        self._programs: dict[tuple, tuple[Program, list]] = {}
+        self.graph = graph if graph is not None else get_default_graph()
+        self.optimize = bool(optimize)
+        self._values: dict[int, tuple[Variable, Any]] = {}
+        self._runners: dict[tuple, _Runner] = {}
+        self._closed = False
         for var in self.graph.variables:
             self._init_variable(var)
 
@@ -101,7 +240,10 @@ class Session:
         self.close()
 
     def close(self) -> None:
-        self._programs.clear()
+        """Release the plans and the Variables' values; the session cannot run afterwards."""
+        self._runners.clear()
+        self._values.clear()
+        self._closed = True
 
     # -- Variables -------------------------------------------------------------------------------
     def _init_variable(self, var: Variable) -> Any:
@@ -119,140 +261,170 @@ class Session:
         return node._data
 
     def variables(self) -> dict[str, np.ndarray]:
-        """Name -> value (a copy) of every Variable of the graph."""
+        """Name -> value (a copy) of every Variable of the graph, ready for ``ndl.save``."""
         return {var.name: np.array(self.variable_value(var)) for var in self.graph.variables}
 
     def load_variables(self, values: dict[str, Any], strict: bool = True) -> None:
-        """Set Variables by name (arrays, Tensors, or a checkpoint's nested dict entry)."""
+        """Set Variables by name from arrays or Tensors (what ``variables()`` or a checkpoint
+        entry holds). With ``strict`` unknown and missing names raise one KeyError."""
         by_name = {var.name: var for var in self.graph.variables}
         unknown = [k for k in values if k not in by_name]
         missing = [k for k in by_name if k not in values]
         if strict and (unknown or missing):
             raise KeyError(f"load_variables: unknown names {unknown}, missing names {missing}")
+        problems = []
+        arrays = {}
         for name, value in values.items():
             if name not in by_name:
                 continue
             var = by_name[name]
             array = value.numpy() if isinstance(value, Tensor) else np.asarray(value)
             if tuple(array.shape) != tuple(var.shape):
-                raise ValueError(f"load_variables: {name!r} has shape {fmt_shape(var.shape)}, "
-                                 f"the value {fmt_shape(array.shape)}")
+                problems.append(f"{name!r}: Variable {fmt_shape(var.shape)}, value "
+                                f"{fmt_shape(array.shape)}")
+            arrays[name] = array
+        if problems:  # check everything before changing anything
+            raise ValueError("load_variables: shape mismatch for " + "; ".join(problems))
+        for name, array in arrays.items():
+            var = by_name[name]
             np.copyto(self.variable_value(var), array.astype(var.dtype, copy=False))
 
     # -- feeds -----------------------------------------------------------------------------------
     @staticmethod
-    def _check_feeds(feed_dict: dict | None) -> dict[int, tuple[Tensor, Any]]:
-        feeds: dict[int, tuple[Tensor, Any]] = {}
-        for node, value in (feed_dict or {}).items():
+    def _feed_value(node: Any, value: Any) -> Any:
+        """The fed value as an array of the node's dtype, or a ValueError naming both shapes."""
+        if isinstance(node, Placeholder):
+            array = node.check_feed(value)
+            if node.device is _CPU:
+                return array
+        else:
             if not isinstance(node, Tensor):
                 raise TypeError(f"feed_dict keys must be graph tensors, got {node!r}")
-            if isinstance(node, Placeholder):
-                array = node.check_feed(value)
-            else:
-                array = value.numpy() if isinstance(value, Tensor) else np.asarray(value)
-                shape = node.shape
-                if len(shape) != array.ndim or any(
-                        d is not None and d != n for d, n in zip(shape, array.shape)):
-                    raise ValueError(f"feed for {describe_node(node)}: its shape is "
-                                     f"{fmt_shape(shape)}, fed shape {fmt_shape(array.shape)}")
-                array = array.astype(node.dtype, copy=False)
+            array = value.numpy() if isinstance(value, Tensor) else np.asarray(value)
+            shape = node.shape
+            if len(shape) != array.ndim or any(
+                    d is not None and d != n for d, n in zip(shape, array.shape)):
+                raise ValueError(f"feed for {describe_node(node)}: its shape is "
+                                 f"{fmt_shape(shape)}, fed shape {fmt_shape(array.shape)}")
+            array = array.astype(node.dtype, copy=False)
+        if node.device != _CPU:
             array, _ = _to_backend(array, node.device, None, copy=False)
-            feeds[id(node)] = (node, array)
-        return feeds
+        return array
 
-    # -- planning --------------------------------------------------------------------------------
-    def _program(self, flat: list, feeds: dict) -> tuple[Program, list]:
-        key = (tuple(id(n) for n in flat), frozenset(feeds))
-        cached = self._programs.get(key)
-        if cached is not None:
-            return cached
-
-        def is_source(node: Any) -> bool:
-            return node.op is None or id(node) in feeds
-
-        program = build_program(flat, is_source)
-        missing = [n for n in program.sources
-                   if isinstance(n, Placeholder) and id(n) not in feeds]
-        if self.optimize:
-            optimize_program(program, self._constant_value)
-        else:
-            program.passes = ["prune"]
-        self._programs[key] = (program, missing)
-        return program, missing
-
-    @staticmethod
-    def _constant_value(node: Any) -> Any:
-        return node.value if isinstance(node, Constant) else None
-
-    def _source_value(self, node: Any, feeds: dict) -> Any:
-        fed = feeds.get(id(node))
-        if fed is not None:
-            return fed[1]
-        if isinstance(node, Variable):
-            return self.variable_value(node)
-        if isinstance(node, Constant):
-            return node.value
-        if node._data is not None:
-            return node._data
-        raise RuntimeError(f"{describe_node(node)} has no value and was not fed")
+    def _runner(self, fetches: Any, feed_dict: dict | None) -> _Runner:
+        if self._closed:
+            raise RuntimeError("Session.run: the session is closed")
+        key = (_fetch_key(fetches), frozenset(map(id, feed_dict)) if feed_dict else None)
+        runner = self._runners.get(key)
+        if runner is None:
+            feed_nodes = list(feed_dict or ())
+            for node in feed_nodes:
+                if not isinstance(node, Tensor) or isinstance(node, TensorTuple):
+                    raise TypeError(f"feed_dict keys must be graph tensors, got {node!r}")
+            runner = _Runner(self, fetches, feed_nodes)
+            if len(self._runners) >= MAX_CACHED_PLANS:
+                del self._runners[next(iter(self._runners))]
+            self._runners[key] = runner
+        return runner
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, fetches: Any, feed_dict: dict | None = None,
             run_metadata: RunMetadata | None = None) -> Any:
-        """Values of ``fetches`` (same nesting, NumPy arrays; None for operations)."""
+        """Values of ``fetches`` (same nesting, NumPy arrays; None for operations).
+
+        ``feed_dict`` maps placeholders, or any graph tensor, to values; a fed tensor's
+        ancestors do not run. Fed shapes are checked and every missing placeholder is named
+        before anything runs.
+        """
         self.graph.note_run()
-        flat, rebuild = _flatten(fetches)
-        feeds = self._check_feeds(feed_dict)
-        program, missing = self._program(flat, feeds)
-        if missing:
-            names = ", ".join(f"{n.name!r} {fmt_shape(n.shape)}" for n in missing)
-            raise ValueError(f"Session.run: these placeholders are needed and were not fed: "
-                             f"{names}")
-        env = {id(n): self._source_value(n, feeds) for n in program.sources}
-        tracker = ByteTracker() if run_metadata is not None else None
-        on_step = None
-        if run_metadata is not None:
-            run_metadata.executed = []
-
-            def on_step(step: Any) -> None:
-                run_metadata.executed.append(_node_name(step.node))
-
-        with running(self):
-            env = run_program(program, env, tracker, on_step)
-        if run_metadata is not None:
-            run_metadata.peak_bytes = tracker.peak
-        values = [self._fetched(env[slot]) for slot in program.outputs]
-        return rebuild(values)
+        runner = self._runner(fetches, feed_dict)
+        feeds = {id(node): self._feed_value(node, value)
+                 for node, value in feed_dict.items()} if feed_dict else {}
+        if runner.missing:
+            names = ", ".join(f"{n.name!r} (shape {fmt_shape(n.shape)}, {n.dtype})"
+                              for n in runner.missing)
+            raise ValueError(f"Session.run: these placeholders are needed by the fetches and "
+                             f"were not fed: {names}")
+        sources = runner.source_values(feeds)
+        runtime._RUNNING.append(self)  # state ops find their Session here
+        try:
+            if run_metadata is None:
+                outputs = runner.compiled(sources)
+            else:
+                outputs = self._run_traced(runner, sources, run_metadata)
+        finally:
+            runtime._RUNNING.pop()
+        aliased = {id(v) for v in sources} | runner.constant_ids
+        return runner.rebuild([snapshot(v) if copy else _fetched(v, aliased)
+                               for v, copy in zip(outputs, runner.copy_always)])
 
     @staticmethod
-    def _fetched(value: Any) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, tuple):
-            return tuple(np.array(v) for v in value)
-        return np.array(value)  # a copy the caller can keep (Variables are not aliased)
+    def _run_traced(runner: _Runner, sources: list, metadata: RunMetadata) -> list:
+        """Walk the steps one by one, recording names and live bytes."""
+        program = runner.program
+        metadata.executed = []
+        record = metadata.executed.append
 
+        def on_step(step: Any) -> None:
+            record(_node_name(step.node))
+
+        tracker = ByteTracker(exclude=[*sources, *program.constants.values()])
+        env = {id(n): v for n, v in zip(program.sources, sources)}
+        runtime.STEP_OBSERVERS.append(on_step)
+        try:
+            env = run_program(program, env, tracker, on_step)
+        finally:
+            runtime.STEP_OBSERVERS.pop()
+        metadata.peak_bytes = tracker.peak
+        return [env[slot] for slot in program.outputs]
+
+    # -- planning --------------------------------------------------------------------------------
     def plan(self, fetches: Any, feed_dict: dict | None = None) -> RunPlan:
-        """What ``run(fetches, feed_dict)`` would do, without running anything."""
+        """What ``run(fetches, feed_dict)`` would do, without running anything.
+
+        Fed shapes are checked as ``run`` checks them; missing placeholders are listed rather
+        than raised.
+        """
+        runner = self._runner(fetches, feed_dict)
+        feed_dict = feed_dict or {}
+        feeds = {id(node): self._feed_value(node, value) for node, value in feed_dict.items()}
+        program = runner.program
         flat, _ = _flatten(fetches)
-        feeds = self._check_feeds(feed_dict)
-        program, missing = self._program(flat, feeds)
-        unoptimized = build_program(flat, lambda n: n.op is None or id(n) in feeds)
-        plan_frees(unoptimized)
+
+        def is_source(node: Any) -> bool:
+            return node.op is None or id(node) in feeds
+
+        unoptimized = build_program(flat, is_source)
+        running_ids = {id(s.node) for s in unoptimized.steps}
+        replaced = {}
+        for node in feed_dict:
+            skipped = [] if node.op is None else [
+                _node_name(s.node) for s in build_program([node], lambda n: n.op is None).steps
+                if id(s.node) not in running_ids and s.node is not node]
+            replaced[_node_name(node)] = skipped
+        shapes: dict[int, Any] = {}
+        for node in unoptimized.sources:
+            value = feeds.get(id(node))
+            if value is None:
+                if isinstance(node, Variable):
+                    value = self.variable_value(node)
+                elif isinstance(node, Constant):
+                    value = node.value
+                else:
+                    value = node._data
+            if value is not None:
+                shapes[id(node)] = Aval(tuple(value.shape), value.dtype)
         return RunPlan(
             steps=[_node_name(s.node) for s in program.steps],
-            replaced_by_feeds=[_node_name(node) for node, _ in feeds.values()
-                               if node.op is not None],
-            missing_feeds=[n.name for n in missing],
-            peak_bytes_with_reuse=predict_peak_bytes(program, free_early=self.optimize),
-            peak_bytes_without_reuse=predict_peak_bytes(unoptimized, free_early=False),
+            ops=[s.op.name for s in program.steps],
+            replaced_by_feeds=replaced,
+            missing_feeds=[n.name for n in runner.missing],
+            peak_bytes_with_reuse=predict_peak_bytes(program, True, shapes),
+            peak_bytes_without_reuse=predict_peak_bytes(unoptimized, False, shapes),
             passes=list(program.passes),
             nodes_before=program.nodes_before,
             nodes_after=len(program.steps),
         )
 
 
-def _node_name(node: Any) -> str:
-    meta = node.meta
-    name = meta.name if meta is not None and meta.name else None
-    return name or f"{node.op.name}_{id(node) % 100000}"
+__all__ = ["RunMetadata", "RunPlan", "Session"]

@@ -1,4 +1,9 @@
-"""Graph operations with effects: assign to Variables, print values, group, apply a train step."""
+"""Graph operations with effects: assign to Variables, print values, group, apply a train step.
+
+Ops here change state or talk to the outside, so they carry flags the compiler passes read:
+``side_effect`` (never merged, folded or dropped) and ``writes_state`` (scheduled after every
+read that does not depend on it, so a run reads the values it started with).
+"""
 
 from __future__ import annotations
 
@@ -7,37 +12,54 @@ from typing import Any
 import numpy as np
 
 from ..autograd import Tensor, make_from_op
+from ..core.autodiff import find_topo_sort
 from ..core.registry import Aval, Op
+from .graph import get_default_graph
 from .runtime import current_session
 
 
-def _target_of(var: Any) -> Any:
+def _target_of(var: Any, what: str) -> Any:
     from .nodes import Variable
 
     if isinstance(var, Variable) or (isinstance(var, Tensor) and var.op is None
                                      and var._data is not None):
         return var
-    raise TypeError(f"assign: the target must be a Variable or a parameter, got {var!r}")
+    raise TypeError(f"{what}: the target must be a st.Variable or a parameter / buffer (a leaf "
+                    f"tensor with a value), got {var!r}")
+
+
+def _current_value(var: Any) -> Any:
+    """The live array of an assign target: a Variable's value in the running Session, or a
+    parameter's / buffer's own array (which needs no Session)."""
+    from .nodes import Variable
+
+    if isinstance(var, Variable):
+        return current_session().variable_value(var)
+    return var._data
 
 
 class Assign(Op):
-    """Store ``value`` (or var + value, var - value) into a Variable; outputs the new value."""
+    """Store ``value`` (or var + value, var - value) into a Variable; outputs the new value.
+
+    The target is a ``st.Variable`` (the running Session's value) or an eager leaf such as a
+    Parameter or a BatchNorm buffer (its own array), written in place.
+    """
 
     name = "assign"
 
     side_effect = True
+    writes_state = True
     differentiable = False
 
     def __init__(self, var: Any, mode: str = "set") -> None:
-        self.var = _target_of(var)
+        self.var = _target_of(var, f"assign ({mode})")
         self.mode = mode
 
     def attrs(self) -> tuple:
         return (("var", id(self.var)), ("mode", self.mode))
 
     def compute(self, value):
-        session = current_session()
-        current = session.variable_value(self.var)
+        current = _current_value(self.var)
         if self.mode == "add":
             value = current + value
         elif self.mode == "sub":
@@ -48,6 +70,14 @@ class Assign(Op):
 
     def infer(self, value: Aval) -> Aval:
         return self.var.aval
+
+
+def _as_node(value: Any, like: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    from .nodes import constant
+
+    return constant(np.asarray(value, dtype=like.dtype))
 
 
 def assign(var: Any, value: Any) -> Tensor:
@@ -65,12 +95,32 @@ def assign_sub(var: Any, value: Any) -> Tensor:
     return make_from_op(Assign(var, "sub"), (_as_node(value, var),))
 
 
-def _as_node(value: Any, like: Any) -> Tensor:
-    if isinstance(value, Tensor):
-        return value
-    from .nodes import constant
+class WithDependencies(Op):
+    """Identity on its first input that also needs its other inputs (operations) to have run."""
 
-    return constant(np.asarray(value, dtype=like.dtype))
+    name = "with_dependencies"
+
+    def compute(self, value, *dependencies):
+        return value
+
+    def gradient(self, out_grad, node):
+        return (out_grad, *[None] * (len(node.inputs) - 1))
+
+    def infer(self, value: Aval, *dependencies: Aval) -> Aval:
+        return value
+
+
+def with_dependencies(dependencies: list | tuple, output: Tensor) -> Tensor:
+    """``output``, computed only after every operation in ``dependencies`` has run.
+
+    Fetching the result (or anything made from it) runs the dependencies too (TensorFlow's
+    ``control_dependencies``): ``y = st.with_dependencies(st.state_updates(y), y)`` makes a
+    forward-only run update BatchNorm's running statistics.
+    """
+    dependencies = list(dependencies)
+    if not dependencies:
+        return output
+    return make_from_op(WithDependencies(), (output, *dependencies))
 
 
 class Print(Op):
@@ -123,11 +173,13 @@ def group(*operations: Tensor) -> Tensor:
 
 
 class ApplyGradients(Op):
-    """Runs an optimizer's eager update rule on the Session's values of its parameters."""
+    """Runs an optimizer's eager update rule (``step()``) on the Session's values of its
+    parameters, with the gradients computed by the graph."""
 
     name = "apply_gradients"
 
     side_effect = True
+    writes_state = True
     differentiable = False
 
     def __init__(self, optimizer: Any, params: tuple) -> None:
@@ -135,17 +187,21 @@ class ApplyGradients(Op):
         self.params = params
 
     def attrs(self) -> tuple:
-        return (("optimizer", id(self.optimizer)),)
+        return (("optimizer", id(self.optimizer)), ("params", tuple(map(id, self.params))))
 
     def compute(self, *grads):
         session = current_session()
         opt = self.optimizer
-        saved = []
+        given = {id(p): g for p, g in zip(self.params, grads)}
+        saved = [(p, p._data, p.grad) for p in opt.params]
         try:
-            for p, g in zip(self.params, grads):
-                saved.append((p, p._data, p.grad))
-                p._data = session.variable_value(p)  # the optimizer updates this array in place
-                p.grad = Tensor.make_const(g)
+            for p in opt.params:
+                g = given.get(id(p))
+                # parameters without a gradient in this graph skip the update, whatever
+                # eager .grad they may hold
+                p.grad = None if g is None else Tensor.make_const(np.asarray(g))
+                if g is not None:
+                    p._data = session.variable_value(p)  # updated in place by step()
             opt.step()
         finally:
             for p, data, grad in saved:
@@ -156,15 +212,43 @@ class ApplyGradients(Op):
         return Aval((), np.dtype("float32"))
 
 
+def state_updates(output: Tensor | list) -> list:
+    """The ``ndl.ops.store`` nodes of the default graph that ``output`` computes the values
+    for (BatchNorm's running-statistics updates made while building ``output``).
+
+    In a declared graph a store runs only when something needs it; ``st.minimize`` attaches
+    these to its train op, and ``st.with_dependencies(st.state_updates(y), y)`` attaches them
+    to ``y``.
+    """
+    outputs = list(output) if isinstance(output, list | tuple) else [output]
+    stores = [n for n in get_default_graph().effect_nodes() if n.op.name == "store"]
+    if not stores:
+        return []
+    ancestors = {id(n) for n in find_topo_sort(outputs)}
+    return [s for s in stores if id(s) not in ancestors
+            and all(id(i) in ancestors for i in s.inputs)]
+
+
 def minimize(optimizer: Any, loss: Tensor) -> Tensor:
-    """A train op: gradients of ``loss`` for the optimizer's parameters, then its update rule."""
+    """A train op: gradients of ``loss`` for the optimizer's parameters, then its update rule.
+
+    Parameters that are ``st.Variable(trainable=False)`` or do not require a gradient are
+    left alone. The op also runs the state updates the loss's forward pass made (BatchNorm's
+    running statistics, see :func:`state_updates`), as an eager training step does. Running
+    the op returns None.
+    """
     from .gradients import gradients
 
-    params = [p for p in optimizer.params if p.requires_grad]
+    params = [p for p in optimizer.params
+              if p.requires_grad and getattr(p, "trainable", True)]
+    if not params:
+        raise ValueError("minimize: the optimizer has no trainable parameters")
     grads = gradients(loss, params)
     pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
     if not pairs:
         raise ValueError("minimize: the loss does not depend on any of the optimizer's "
                          "parameters")
     op = ApplyGradients(optimizer, tuple(p for p, _ in pairs))
-    return make_from_op(op, tuple(g for _, g in pairs))
+    train = make_from_op(op, tuple(g for _, g in pairs))
+    updates = state_updates(loss)
+    return group(train, *updates) if updates else train

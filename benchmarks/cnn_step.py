@@ -1,0 +1,130 @@
+"""A small CNN training step and one strided conv layer, needle eager vs PyTorch eager, in one run.
+
+Model (the same in both, NCHW, padding 1 everywhere):
+    Conv(3->16, k3, stride 1) -> BatchNorm2d -> ReLU
+    Conv(16->32, k3, stride 2) -> BatchNorm2d -> ReLU
+    Conv(32->64, k3, stride 2) -> BatchNorm2d -> ReLU
+    global average pool -> Linear(64, 10) -> softmax cross-entropy
+on a batch of 64 random 3x32x32 images; one step = forward, backward, Adam(lr 1e-3) update.
+The 2nd and 3rd convs use stride 2 (as real CNNs downsample), so the strided conv gradient is
+on the hot path. A second row times one conv layer alone (N64, C32->64, 32x32, k3, stride 2),
+forward and forward+backward.
+Run: python benchmarks/cnn_step.py
+"""
+
+from __future__ import annotations
+
+# common pins the BLAS thread count, which NumPy reads once when it loads: it must come first
+import common  # isort: skip
+
+import numpy as np
+import torch
+
+import needle as ndl
+from needle import nn, ops
+
+BATCH, CLASSES = 64, 10
+CHANNELS = (3, 16, 32, 64)
+STRIDES = (1, 2, 2)
+
+
+class NeedleCNN(nn.Module):
+    """The benchmark CNN in needle (nn.Conv pads k // 2, i.e. 1 for k = 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = []
+        for c_in, c_out, s in zip(CHANNELS[:-1], CHANNELS[1:], STRIDES):
+            layers += [nn.Conv(c_in, c_out, 3, stride=s), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(CHANNELS[-1], CLASSES)
+
+    def forward(self, x: ndl.Tensor) -> ndl.Tensor:
+        pooled = ops.mean(self.features(x), axes=(2, 3))
+        return self.head(pooled)
+
+
+def torch_cnn() -> torch.nn.Module:
+    layers = []
+    for c_in, c_out, s in zip(CHANNELS[:-1], CHANNELS[1:], STRIDES):
+        layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=s, padding=1),
+                   torch.nn.BatchNorm2d(c_out), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(CHANNELS[-1], CLASSES))
+
+
+def step_rows() -> list[dict]:
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, BATCH)
+
+    np.random.seed(0)
+    model = NeedleCNN()
+    opt = ndl.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.SoftmaxLoss()
+    x, y = ndl.from_numpy(images), ndl.from_numpy(labels)
+
+    def needle_step():
+        opt.minimize(loss_fn(model(x), y))
+
+    torch.manual_seed(0)
+    t_model = torch_cnn()
+    t_opt = torch.optim.Adam(t_model.parameters(), lr=1e-3)
+    tx, ty = torch.from_numpy(images), torch.from_numpy(labels)
+
+    def torch_step():
+        t_opt.zero_grad()
+        torch.nn.functional.cross_entropy(t_model(tx), ty).backward()
+        t_opt.step()
+
+    needle_step(), torch_step()  # warm up (allocations, optimizer state)
+    n_t = common.best_time(needle_step, repeat=10)
+    t_t = common.best_time(torch_step, repeat=10)
+    return [{"benchmark": "CNN train step, batch 64 of 3x32x32 (s/step)", "needle": n_t,
+             "pytorch": t_t, "ratio": n_t / t_t}]
+
+
+def conv_layer_rows() -> list[dict]:
+    """One strided conv op (NHWC in needle, NCHW in torch), forward and forward+backward."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((64, 32, 32, 32)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 32, 64)).astype(np.float32) * 0.05
+    na, nw = ndl.Tensor(a), ndl.Tensor(w)
+    ta = torch.tensor(a.transpose(0, 3, 1, 2).copy(), requires_grad=True)
+    tw = torch.tensor(w.transpose(3, 2, 0, 1).copy(), requires_grad=True)
+
+    def needle_fwd():
+        with ndl.no_grad():
+            ops.conv(na, nw, stride=2, padding=1)
+
+    def torch_fwd():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(ta, tw, stride=2, padding=1)
+
+    def needle_step():
+        na.grad = nw.grad = None
+        ops.conv(na, nw, stride=2, padding=1).sum().backward(create_graph=False)
+
+    def torch_step():
+        ta.grad = tw.grad = None
+        torch.nn.functional.conv2d(ta, tw, stride=2, padding=1).sum().backward()
+
+    rows = []
+    for name, n_fn, t_fn in [("conv N64 C32->64 32x32 k3 s2 fwd (ms)", needle_fwd, torch_fwd),
+                             ("conv N64 C32->64 32x32 k3 s2 fwd+bwd (ms)", needle_step,
+                              torch_step)]:
+        n_fn(), t_fn()
+        n_t = common.best_time(n_fn, repeat=10) * 1e3
+        t_t = common.best_time(t_fn, repeat=10) * 1e3
+        rows.append({"benchmark": name, "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t})
+    return rows
+
+
+def main() -> list[dict]:
+    common.torch_threads()
+    return step_rows() + conv_layer_rows()
+
+
+if __name__ == "__main__":
+    print(common.machine())
+    print(common.markdown_table(main()))
