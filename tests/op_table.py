@@ -243,7 +243,12 @@ OP_TABLE: list[OpCase] = [
                             normal((2, 6, 7, 2), (3, 3, 2, 3))),
                            (lambda a, b: ops.conv(a, b, stride=2),
                             lambda a, b: _torch_conv(a, b, 2, 0),
-                            normal((1, 5, 5, 2), (2, 2, 2, 1)))]}),
+                            normal((1, 5, 5, 2), (2, 2, 2, 1))),
+                           # an NCHW input seen through a permute (nn.Conv): output stored NCHW
+                           (lambda a, b: ops.conv(ops.permute(a, (0, 2, 3, 1)), b, stride=2,
+                                                  padding=1),
+                            lambda a, b: _torch_conv(a.permute(0, 2, 3, 1), b, 2, 1),
+                            normal((2, 3, 6, 5), (3, 3, 3, 2)))]}),
     # the conv adjoints; (1, 5, 5) with kernel 2 and stride 2 leaves a row and column unused
     OpCase("conv_weight_grad",
            lambda a, g: ops.conv_weight_grad(a, g, (3, 3), stride=1, padding=1),
@@ -266,6 +271,12 @@ OP_TABLE: list[OpCase] = [
                            (lambda g, b: ops.conv_input_grad(g, b, stride=2, in_hw=(5, 5)),
                             lambda g, b: _torch_conv_input_grad(g, b, 2, 0, (5, 5)),
                             normal((1, 2, 2, 1), (2, 2, 2, 1))),
+                           # g stored NCHW (as nn.Conv's backward passes it)
+                           (lambda g, b: ops.conv_input_grad(ops.permute(g, (0, 2, 3, 1)), b,
+                                                             stride=2, padding=1, in_hw=(6, 7)),
+                            lambda g, b: _torch_conv_input_grad(g.permute(0, 2, 3, 1), b, 2, 1,
+                                                                (6, 7)),
+                            normal((2, 3, 3, 4), (3, 3, 2, 3))),
                            # in_hw=None: the smallest input, (3 - 1) * 2 + 3 - 2 = 5
                            (lambda g, b: ops.conv_input_grad(g, b, stride=2, padding=1),
                             lambda g, b: _torch_conv_input_grad(g, b, 2, 1, (5, 5)),

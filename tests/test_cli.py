@@ -172,9 +172,11 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path):
 
 
 def test_jit_mode_trains_the_same_model_as_eager(tmp_path):
+    # SGD: Adam would magnify the float noise in the zero gradient of a Linear bias that
+    # feeds a BatchNorm (the JIT's buffer reuse changes NumPy's summation rounding)
     for mode in ("eager", "jit"):
-        assert main(["train", "--epochs", "2", "--mode", mode, "--out",
-                     str(tmp_path / mode), "--quiet"]) == 0
+        assert main(["train", "--epochs", "2", "--mode", mode, "--optimizer", "sgd",
+                     "--lr", "0.05", "--out", str(tmp_path / mode), "--quiet"]) == 0
     eager = ndl.load(tmp_path / "eager" / "checkpoint.npz")["model"]
     jitted = ndl.load(tmp_path / "jit" / "checkpoint.npz")["model"]
     for key, value in eager.items():

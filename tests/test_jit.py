@@ -17,11 +17,20 @@ def _params(model):
     return [p.numpy().copy() for p in model.parameters()]
 
 
-def _train(model_fn, make_batch, steps: int, jitted: bool, opt_cls=ndl.optim.Adam):
-    """Train a freshly built model for ``steps`` steps; return losses and final parameters."""
+def _sgd(params):
+    return ndl.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def _train(model_fn, make_batch, steps: int, jitted: bool, make_opt=_sgd):
+    """Train a freshly built model for ``steps`` steps; return losses and final parameters.
+
+    NOTE: SGD, not Adam: a parameter whose true gradient is 0 (a Linear bias right before a
+    BatchNorm) gets float noise as gradient, which Adam scales up to full-size steps; the
+    JIT's buffer reuse changes array alignment and hence NumPy's summation rounding.
+    """
     np.random.seed(0)
     model = model_fn()
-    opt = opt_cls(model.parameters(), lr=1e-2)
+    opt = make_opt(model.parameters())
     loss_fn = nn.SoftmaxLoss()
 
     def train_step(x, y):
@@ -84,10 +93,14 @@ def test_training_steps_match_eager(name):
     assert report.cache_entries[0].effects >= 1  # the optimizer step is part of the plan
 
 
-def test_sgd_momentum_training_matches_eager_exactly_in_order():
+def test_adam_training_matches_eager():
     model_fn, batches = MODELS["mlp"]
-    eager = _train(model_fn, batches, 10, False, ndl.optim.SGD)
-    jitted = _train(model_fn, batches, 10, True, ndl.optim.SGD)
+
+    def adam(params):
+        return ndl.optim.Adam(params, lr=1e-2, weight_decay=1e-3)
+
+    eager = _train(model_fn, batches, 10, False, adam)
+    jitted = _train(model_fn, batches, 10, True, adam)
     for a, b in zip(jitted[1], eager[1]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

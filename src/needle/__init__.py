@@ -4,11 +4,10 @@ One core (an op registry, a graph of Tensors, reverse-mode autodiff) serves eage
 declarative graphs, Caffe-style layers and a JIT.
 """
 
-from . import autograd, backend_ndarray, checkpoint, data, init, nn, ops, optim
+from . import autograd, backend_ndarray, checkpoint, data, init, jit, nn, ops, optim
 from .autograd import Tensor, TensorTuple, enable_grad, from_numpy, is_grad_enabled, no_grad
 from .backend import Device, NDArray, cpu, cuda, default_device
 from .checkpoint import CheckpointError, checkpoint_info, load, save
-from .jit import jit
 from .ops import *
 
 __version__ = "0.1.0"

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .autodiff import find_topo_sort
 from .registry import Op, fmt_shape
 
@@ -283,8 +285,10 @@ class CompiledProgram:
     is where a walking interpreter spends its time on graphs of small ops.
     """
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, inplace: dict[int, int] | None = None) -> None:
         self.program = program
+        direct = inplace is not None
+        inplace = inplace or {}
         names: dict[int, str] = {}
         for i, node in enumerate(program.sources):
             names[id(node)] = f"s{i}"
@@ -305,11 +309,21 @@ class CompiledProgram:
         body_start = 3  # def line, unpacking line, then steps (line numbers are 1-based)
         for i, step in enumerate(program.steps):
             fn = f"f{i}"
-            bound[fn] = step.op.compute
             args = [names[s] for s in step.inputs]
             self._arg_names.append(args)
             self._line_step[body_start + len(lines)] = i
-            lines.append(f"    v{i} = {fn}({', '.join(args)})")
+            call = step.op.ufunc() if direct else None
+            if call is None:
+                bound[fn] = step.op.compute
+                lines.append(f"    v{i} = {fn}({', '.join(args)})")
+            else:  # the ufunc itself, with literal extras bound as defaults, maybe in place
+                name, extras = call
+                bound[fn] = getattr(np, name)
+                for k, value in enumerate(extras):
+                    bound[f"k{i}_{k}"] = value
+                    args = [*args, f"k{i}_{k}"]
+                out = f", out={names[inplace[i]]}" if i in inplace else ""
+                lines.append(f"    v{i} = {fn}({', '.join(args)}{out})")
             if step.out in snap:
                 lines.append(f"    v{i} = snapshot(v{i})")
             dead = [names[s] for s in frees[i]]
@@ -348,6 +362,11 @@ class CompiledProgram:
         return _step_error(self.program.steps[index], args, exc)
 
 
-def compile_program(program: Program) -> CompiledProgram:
-    """The straight-line executable for ``program`` (see :class:`CompiledProgram`)."""
-    return CompiledProgram(program)
+def compile_program(program: Program, inplace: dict[int, int] | None = None) -> CompiledProgram:
+    """The straight-line executable for ``program`` (see :class:`CompiledProgram`).
+
+    With ``inplace`` (step index -> dead input slot, from ``compiler.buffers.plan_inplace``;
+    may be empty), every ufunc step calls NumPy directly, and those steps write into that
+    input's array (``out=``). None keeps every step a call of ``op.compute``.
+    """
+    return CompiledProgram(program, inplace)

@@ -82,6 +82,9 @@ class ScalarOp(UnaryOp):
 class EWiseAdd(BinaryOp):
     """a + b, broadcast."""
 
+    def ufunc(self):
+        return ("add", ())
+
     def compute(self, a, b):
         return a + b
 
@@ -93,6 +96,9 @@ class EWiseAdd(BinaryOp):
 class AddScalar(ScalarOp):
     """a + scalar."""
 
+    def ufunc(self):
+        return ("add", (self.scalar,))
+
     def compute(self, a):
         return a + self.scalar
 
@@ -103,6 +109,9 @@ class AddScalar(ScalarOp):
 @register("multiply", inputs=("a", "b"))
 class EWiseMul(BinaryOp):
     """a * b, broadcast."""
+
+    def ufunc(self):
+        return ("multiply", ())
 
     def compute(self, a, b):
         return a * b
@@ -117,6 +126,9 @@ class EWiseMul(BinaryOp):
 class MulScalar(ScalarOp):
     """a * scalar."""
 
+    def ufunc(self):
+        return ("multiply", (self.scalar,))
+
     def compute(self, a):
         return a * self.scalar
 
@@ -127,6 +139,9 @@ class MulScalar(ScalarOp):
 @register("divide", inputs=("a", "b"))
 class EWiseDiv(BinaryOp):
     """a / b, broadcast."""
+
+    def ufunc(self):
+        return ("divide", ())
 
     def compute(self, a, b):
         return a / b
@@ -142,6 +157,9 @@ class EWiseDiv(BinaryOp):
 class DivScalar(ScalarOp):
     """a / scalar."""
 
+    def ufunc(self):
+        return ("divide", (self.scalar,))
+
     def compute(self, a):
         return a / self.scalar
 
@@ -152,6 +170,15 @@ class DivScalar(ScalarOp):
 @register("power_scalar", inputs=("a",))
 class PowerScalar(ScalarOp):
     """a ** scalar (an integer or real exponent)."""
+
+    def ufunc(self):
+        # NOTE: NumPy's ``a ** s`` takes fast paths for -1, 0, 0.5 and 1 whose results can differ
+        # in the last bit from np.power; only 2 (np.square) and other exponents are emitted
+        if self.scalar == 2:
+            return ("square", ())
+        if self.scalar in (-1, 0, 0.5, 1):
+            return None
+        return ("power", (self.scalar,))
 
     def compute(self, a):
         return a**self.scalar
@@ -185,6 +212,9 @@ class EWisePow(BinaryOp):
 class Negate(UnaryOp):
     """-a."""
 
+    def ufunc(self):
+        return ("negative", ())
+
     def compute(self, a):
         return -a
 
@@ -199,6 +229,9 @@ class Log(UnaryOp):
 
     float_result = True
 
+    def ufunc(self):
+        return ("log", ())
+
     def compute(self, a):
         return np.log(a)
 
@@ -212,6 +245,9 @@ class Exp(UnaryOp):
 
     float_result = True
 
+    def ufunc(self):
+        return ("exp", ())
+
     def compute(self, a):
         return np.exp(a)
 
@@ -222,6 +258,9 @@ class Exp(UnaryOp):
 @register("relu", inputs=("a",), methods=("relu",))
 class ReLU(UnaryOp):
     """max(a, 0); gradient 0 at a = 0, as in PyTorch."""
+
+    def ufunc(self):
+        return ("maximum", (0,))
 
     def compute(self, a):
         return np.maximum(a, 0)
@@ -235,6 +274,9 @@ class Tanh(UnaryOp):
     """Hyperbolic tangent; gradient 1 - out**2."""
 
     float_result = True
+
+    def ufunc(self):
+        return ("tanh", ())
 
     def compute(self, a):
         return np.tanh(a)
@@ -265,6 +307,9 @@ class Sqrt(UnaryOp):
 
     float_result = True
 
+    def ufunc(self):
+        return ("sqrt", ())
+
     def compute(self, a):
         return np.sqrt(a)
 
@@ -275,6 +320,9 @@ class Sqrt(UnaryOp):
 @register("abs", inputs=("a",), methods=("abs",))
 class Abs(UnaryOp):
     """|a|; gradient sign(a) (0 at 0)."""
+
+    def ufunc(self):
+        return ("absolute", ())
 
     def compute(self, a):
         return np.abs(a)
@@ -310,6 +358,9 @@ class Erf(UnaryOp):
 @register("maximum", inputs=("a", "b"))
 class Maximum(BinaryOp):
     """Elementwise max(a, b); at ties each input gets half the gradient (as PyTorch)."""
+
+    def ufunc(self):
+        return ("maximum", ())
 
     def compute(self, a, b):
         return np.maximum(a, b)
@@ -389,6 +440,9 @@ class Sign(UnaryOp):
     """-1, 0 or 1 by the sign of a (no gradient)."""
 
     differentiable = False
+
+    def ufunc(self):
+        return ("sign", ())
 
     def compute(self, a):
         return np.sign(a)

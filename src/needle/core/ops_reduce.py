@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import api as F
-from .ops_shape import as_axes, normalize_axes
+from .ops_shape import as_axes, normalize_axes, reduce_sum
 from .registry import Aval, Op, register
 
 
@@ -48,7 +48,7 @@ class Summation(Reduction):
     """Sum over ``axes`` (None: all), removing them unless ``keepdims``."""
 
     def compute(self, a):
-        return np.sum(a, axis=self._axes(a.ndim), keepdims=self.keepdims)
+        return reduce_sum(a, self._axes(a.ndim), self.keepdims)
 
     def gradient(self, out_grad, node):
         return self.expand(out_grad, node)
@@ -59,7 +59,14 @@ class Mean(Reduction):
     """Mean over ``axes`` (None: all)."""
 
     def compute(self, a):
-        return np.mean(a, axis=self._axes(a.ndim), keepdims=self.keepdims)
+        axes = self._axes(a.ndim)
+        if a.dtype.kind != "f" or not isinstance(a, np.ndarray):
+            return np.mean(a, axis=axes, keepdims=self.keepdims)
+        # np.mean's own arithmetic (a float sum, then one true division), without its wrapper
+        count = 1
+        for i in axes:
+            count *= a.shape[i]
+        return np.true_divide(np.add.reduce(a, axis=axes, keepdims=self.keepdims), count)
 
     def gradient(self, out_grad, node):
         a = node.inputs[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,13 @@ def normalize_axis(op_name: str, axis: int, ndim: int) -> int:
 
 def normalize_axes(op_name: str, axes: Any, ndim: int) -> tuple[int, ...]:
     """Sorted non-negative axes from None (all), an int or a sequence."""
+    try:
+        return _normalize_axes_cached(op_name, axes, ndim)
+    except TypeError:  # unhashable axes (a list): not worth caching
+        return _normalize_axes(op_name, axes, ndim)
+
+
+def _normalize_axes(op_name: str, axes: Any, ndim: int) -> tuple[int, ...]:
     if axes is None:
         return tuple(range(ndim))
     if isinstance(axes, int | np.integer):
@@ -27,6 +35,10 @@ def normalize_axes(op_name: str, axes: Any, ndim: int) -> tuple[int, ...]:
     if len(out) != len(tuple(axes)):
         raise ShapeError(f"{op_name}: repeated axis in {tuple(axes)}")
     return out
+
+
+# ops normalize their axes on every call: cache it (a few distinct (axes, ndim) per model)
+_normalize_axes_cached = functools.lru_cache(maxsize=4096)(_normalize_axes)
 
 
 def as_axes(axes: Any) -> tuple | None:
@@ -127,6 +139,26 @@ class BroadcastTo(Op):
         return Aval(_broadcast_target(self.name, a.shape, self.shape), a.dtype)
 
 
+@functools.lru_cache(maxsize=4096)
+def _sum_to_plan(target: tuple, in_shape: tuple) -> tuple[tuple[int, ...], tuple]:
+    """The axes to sum and the result shape for sum_to(in_shape -> target)."""
+    lead = len(in_shape) - len(target)
+    if lead < 0:
+        raise ShapeError(f"sum_to: cannot sum {fmt_shape(in_shape)} to {fmt_shape(target)} "
+                         "(more dims)")
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, d in enumerate(target) if d == 1 and in_shape[lead + i] != 1)
+    out_shape = tuple(in_shape[lead + i] if d is None else d for i, d in enumerate(target))
+    return axes, out_shape
+
+
+def reduce_sum(a: Any, axes: tuple, keepdims: bool) -> Any:
+    """``np.sum`` without its Python wrapper for float arrays (the same ufunc reduction)."""
+    if a.dtype.kind == "f" and isinstance(a, np.ndarray):
+        return np.add.reduce(a, axis=axes, keepdims=keepdims)
+    return np.sum(a, axis=axes, keepdims=keepdims)
+
+
 @register("sum_to", inputs=("a",))
 class SumTo(Op):
     """Sum a broadcast array back to ``shape`` (the inverse of broadcast_to; None keeps a dim)."""
@@ -135,19 +167,12 @@ class SumTo(Op):
         self.shape = as_shape(shape)
 
     def _axes(self, in_shape: tuple) -> tuple[int, ...]:
-        lead = len(in_shape) - len(self.shape)
-        if lead < 0:
-            raise ShapeError(f"sum_to: cannot sum {fmt_shape(in_shape)} to "
-                             f"{fmt_shape(self.shape)} (more dims)")
-        return tuple(range(lead)) + tuple(
-            lead + i for i, d in enumerate(self.shape) if d == 1 and in_shape[lead + i] != 1)
+        return _sum_to_plan(self.shape, tuple(in_shape))[0]
 
     def compute(self, a):
-        lead = a.ndim - len(self.shape)
-        axes = self._axes(a.shape)
-        out = np.sum(a, axis=axes, keepdims=True) if axes else a
-        return out.reshape(tuple(a.shape[lead + i] if d is None else d
-                                 for i, d in enumerate(self.shape)))
+        axes, out_shape = _sum_to_plan(self.shape, a.shape)
+        out = reduce_sum(a, axes, keepdims=True) if axes else a
+        return out.reshape(out_shape)
 
     def gradient(self, out_grad, node):
         a = node.inputs[0]

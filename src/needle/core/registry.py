@@ -59,6 +59,12 @@ class Op:
         """Static shape and dtype of the output; raises ShapeError naming the op and shapes."""
         raise NotImplementedError(f"{self.name}: no shape rule")
 
+    def ufunc(self) -> tuple[str, tuple] | None:
+        """``(NumPy ufunc name, extra arguments after the inputs)`` when ``compute`` is exactly
+        that one ufunc call, else None. Compiled plans then call the ufunc directly and may
+        write into a dead input's buffer (``out=``)."""
+        return None
+
     def attrs(self) -> tuple:
         """The op's attributes as a hashable, ordered tuple of (name, value)."""
         return tuple(sorted(vars(self).items()))

@@ -18,6 +18,7 @@ from typing import Any
 from .. import autograd
 from ..autograd import TracerConversionError, make_from_op
 from ..compiler import optimize as optimize_program
+from ..compiler.buffers import plan_inplace
 from ..core import api as F
 from ..core import autodiff
 from ..core.interpret import (
@@ -154,7 +155,10 @@ class CompiledPlan:
         if self._executable is None:
             position = {slot: i for i, slot in enumerate(self.source_slots)}
             self.source_order = [position[id(n)] for n in self.program.sources]
-            self._executable = compile_program(self.program)
+            inplace = plan_inplace(self.program) if self.optimize else None
+            self._executable = compile_program(self.program, inplace)
+            if inplace:
+                self.program.passes.append(f"buffer_reuse ({len(inplace)} steps in place)")
         return self._executable
 
     def backward_plan(self) -> CompiledPlan:
