@@ -108,10 +108,18 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
             if source.requires_grad:
                 _accumulate(tuple_parts.setdefault(source, {}), op.index, grad)
             continue
-        for inp, in_grad in zip(node.inputs, op.gradient_as_tuple(grad, node)):
+        in_grads = op.gradient(grad, node)  # gradient_as_tuple, inlined (hot loop)
+        if type(in_grads) is not tuple:
+            in_grads = tuple(in_grads) if isinstance(in_grads, list) else (in_grads,)
+        for inp, in_grad in zip(node.inputs, in_grads):
             if in_grad is None or not inp.requires_grad:
                 continue
-            if inp.op is None or not inp.op.returns_tuple:
+            g_data, i_data = in_grad._data, inp._data
+            # eager fast path inline: same shape and dtype needs no sum_to / astype; tuple
+            # inputs (make_tuple, split) take tuple adjoints as they are
+            if (type(i_data) is not tuple and (inp.op is None or not inp.op.returns_tuple)
+                    and (g_data is None or i_data is None or g_data.shape != i_data.shape
+                         or g_data.dtype != i_data.dtype)):
                 in_grad = _fit_to_input(in_grad, inp)
             previous = adjoints.get(inp)
             adjoints[inp] = in_grad if previous is None else previous + in_grad

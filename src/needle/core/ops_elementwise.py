@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import api as F
-from .registry import Aval, Op, ShapeError, fmt_shape, register
+from .registry import Aval, Op, ShapeError, fmt_shape, make_node, register
 
 
 def scalar_value(value: Any) -> int | float | bool:
@@ -266,7 +266,7 @@ class ReLU(UnaryOp):
         return np.maximum(a, 0)
 
     def gradient(self, out_grad, node):
-        return out_grad * F.compare_scalar(node.inputs[0], 0, "gt")
+        return out_grad * make_node(_IS_POSITIVE, (node.inputs[0],))
 
 
 @register("tanh", inputs=("a",), methods=("tanh",))
@@ -433,6 +433,9 @@ class CompareScalar(UnaryOp):
 
     def infer(self, a: Aval) -> Aval:
         return Aval(a.shape, np.dtype(bool))
+
+
+_IS_POSITIVE = CompareScalar(0, "gt")  # the ReLU mask; one shared instance (no per-call init)
 
 
 @register("sign", inputs=("a",))
