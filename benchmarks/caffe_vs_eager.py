@@ -9,10 +9,13 @@ Run: python benchmarks/caffe_vs_eager.py
 
 from __future__ import annotations
 
+# isort: off
+import common  # noqa: F401  (pins BLAS threads before NumPy and torch load)
+
+# isort: on
 import numpy as np
 import torch
 
-import common  # noqa: F401  (pins BLAS threads before NumPy loads)
 import needle as ndl
 import needle.caffe as cf
 from needle import nn

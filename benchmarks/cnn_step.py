@@ -14,9 +14,10 @@ Run: python benchmarks/cnn_step.py
 
 from __future__ import annotations
 
-# common pins the BLAS thread count, which NumPy reads once when it loads: it must come first
-import common  # isort: skip
+# isort: off
+import common  # first: it pins BLAS threads before NumPy and torch load
 
+# isort: on
 import numpy as np
 import torch
 

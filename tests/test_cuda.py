@@ -51,7 +51,7 @@ def test_training_step_on_the_gpu_matches_the_cpu(jitted):
         opt = ndl.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         loss_fn = nn.SoftmaxLoss()
 
-        def step(x, y, model=model, opt=opt):
+        def step(x, y, model=model, opt=opt, loss_fn=loss_fn):
             loss = loss_fn(model(x), y)
             opt.reset_grad()
             loss.backward()

@@ -25,10 +25,11 @@ def _function_source(record: OpRecord) -> tuple[str, dict]:
         else:
             namespace[f"_default_{name}"] = default
             params.append(f"{name}=_default_{name}")
-    variadic = record.inputs[0].startswith("*")
     inputs = ", ".join(record.inputs)
+    if any(name.startswith("*") for name in record.inputs):
+        params = [p if "=" in p else f"{p}=None" for p in params]  # keyword-only after *args
     signature = ", ".join([inputs] + params)
-    args_tuple = record.inputs[0][1:] if variadic else f"({inputs},)"
+    args_tuple = f"({inputs},)"  # "(a, *rest,)" unpacks a variadic input too
     if record.attrs:
         make_op = f"_cls({', '.join(record.attrs)})"
     else:

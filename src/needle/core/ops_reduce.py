@@ -149,3 +149,80 @@ class Softmax(AxisOp):
     def gradient(self, out_grad, node):
         weighted = F.summation(out_grad * node, self.axis, keepdims=True)
         return node * (out_grad - weighted)
+
+
+def moments(a: Any, axes: tuple[int, ...]) -> tuple[Any, Any, Any]:
+    """(mean, a - mean, biased variance) over ``axes`` (kept as size 1), in np.mean's arithmetic."""
+    count = 1
+    for i in axes:
+        count *= a.shape[i]
+    mean = np.true_divide(np.add.reduce(a, axis=axes, keepdims=True), count)
+    centered = a - mean
+    var = np.true_divide(np.add.reduce(centered * centered, axis=axes, keepdims=True), count)
+    return mean, centered, var
+
+
+def _count(a: Any, axes: tuple) -> Any:
+    """The number of elements reduced over ``axes``: an int, or a tensor when a dim is unknown."""
+    dims = [a.shape[i] for i in axes]
+    if None in dims:
+        return F.summation(F.full_like(a, 1), axes, keepdims=True)
+    return int(np.prod(dims))
+
+
+class NormOp(Op):
+    """An op over ``axes`` with biased-variance statistics and an ``eps`` (BatchNorm, LayerNorm)."""
+
+    def __init__(self, axes: Any, eps: float = 1e-5) -> None:
+        self.axes = as_axes(axes)
+        self.eps = float(eps)
+
+    def _stats(self, a):
+        """(centered, variance) over the axes, keepdims, in np.mean's arithmetic."""
+        _, centered, var = moments(a, normalize_axes(self.name, self.axes, a.ndim))
+        return centered, var
+
+
+@register("normalize", inputs=("a",))
+class Normalize(NormOp):
+    """(a - mean) / sqrt(var + eps) over ``axes`` (biased variance): BatchNorm's core.
+
+    One node instead of seven; the gradient is the classic
+    ``(g - mean(g) - y * mean(g * y)) * inv_std(a)`` with y the output.
+    """
+
+    def compute(self, a):
+        centered, var = self._stats(a)
+        centered *= 1.0 / np.sqrt(var + self.eps)
+        return centered
+
+    def gradient(self, out_grad, node):
+        a = node.inputs[0]
+        g_mean = F.mean(out_grad, self.axes, keepdims=True)
+        gy_mean = F.mean(out_grad * node, self.axes, keepdims=True)
+        return (out_grad - g_mean - node * gy_mean) * F.inv_std(a, self.axes, self.eps)
+
+    def infer(self, a: Aval) -> Aval:
+        normalize_axes(self.name, self.axes, len(a.shape))
+        return a
+
+
+@register("inv_std", inputs=("a",))
+class InvStd(NormOp):
+    """1 / sqrt(var(a) + eps) over ``axes``, kept as size-1 dims (biased variance)."""
+
+    def compute(self, a):
+        _, var = self._stats(a)
+        return 1.0 / np.sqrt(var + self.eps)
+
+    def gradient(self, out_grad, node):
+        # d/da (var + eps)^(-1/2) = -(var + eps)^(-3/2) (a - mean) / n
+        a = node.inputs[0]
+        axes = normalize_axes(self.name, self.axes, len(a.shape))
+        centered = a - F.mean(a, self.axes, keepdims=True)
+        scale = out_grad * (node * node * node)
+        return -(scale * centered) / _count(a, axes)
+
+    def infer(self, a: Aval) -> Aval:
+        axes = normalize_axes(self.name, self.axes, len(a.shape))
+        return Aval(tuple(1 if i in axes else d for i, d in enumerate(a.shape)), a.dtype)

@@ -221,26 +221,25 @@ class BatchNorm1d(Module):
         axes = self._check(x)
         ndim = len(x.shape)
         if self.training:
-            mean = ops.mean(x, axes=axes, keepdims=True)
-            centered = x - mean
-            var = ops.mean(centered * centered, axes=axes, keepdims=True)
-            self._update_running(mean, var)
+            normed = ops.normalize(x, axes, self.eps)
+            self._update_running(x, axes, normed)
         else:
             centered = x - self._per_channel(self.running_mean, ndim)
-            var = self._per_channel(self.running_var, ndim)
-        normed = centered / ops.sqrt(var + self.eps)
+            normed = centered / ops.sqrt(self._per_channel(self.running_var, ndim) + self.eps)
         return (self._per_channel(self.weight, ndim) * normed
                 + self._per_channel(self.bias, ndim))
 
-    def _update_running(self, mean: Tensor, var: Tensor) -> None:
+    def _update_running(self, x: Tensor, axes: tuple[int, ...], normed: Tensor) -> None:
         """running = (1 - m) running + m batch_stat, written in place with ``ops.store``.
 
         No gradient flows here. Eagerly the buffers change at once; in a traced graph (JIT) the
         store is an effect that runs on every call; a declared graph runs it when fetched.
         """
+        # each store reduces the layer's input itself; ``normed`` ties it to this forward pass
         with no_grad():
-            ops.store(mean, self.running_mean, self.momentum)
-            ops.store(var, self.running_var, self.momentum)
+            for target, stat in ((self.running_mean, "mean"), (self.running_var, "var")):
+                ops.store(x, normed, target=target, momentum=self.momentum, stat=stat,
+                          axes=axes)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, momentum={self.momentum}"
@@ -269,10 +268,7 @@ class LayerNorm1d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_last_dim(f"LayerNorm1d({self.dim})", x, self.dim, "dim")
-        mean = ops.mean(x, axes=(-1,), keepdims=True)
-        centered = x - mean
-        var = ops.mean(centered * centered, axes=(-1,), keepdims=True)
-        return self.weight * (centered / ops.sqrt(var + self.eps)) + self.bias
+        return self.weight * ops.normalize(x, (-1,), self.eps) + self.bias
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
