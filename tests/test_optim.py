@@ -391,3 +391,36 @@ def test_clip_grad_norm_with_shared_gradient_arrays():
     expected = 1.0 / (np.sqrt(6.0) + 1e-6)
     np.testing.assert_allclose(x.grad.numpy(), np.full(3, expected), rtol=1e-6)
     np.testing.assert_allclose(b.grad.numpy(), np.full(3, expected), rtol=1e-6)
+
+
+# -- the all-parameters (flat) update path ----------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda ps: ndl.optim.Adam(ps, lr=0.01, weight_decay=0.01),
+    lambda ps: ndl.optim.AdamW(ps, lr=0.01),
+    lambda ps: ndl.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+    lambda ps: ndl.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+])
+def test_flat_update_is_bitwise_the_per_parameter_update(make, monkeypatch):
+    def run(flat: bool):
+        rng = np.random.default_rng(0)
+        params = [ndl.Tensor(rng.standard_normal(s).astype(np.float32))
+                  for s in [(3, 4), (4,), (2, 2, 2), (5,), (1, 3)]]
+        arrays_before = [p._data for p in params]
+        opt = make(params)
+        if not flat:
+            monkeypatch.setattr(opt, "_flat_step", lambda: False)
+        for step in range(6):
+            for i, p in enumerate(params):
+                g = rng.standard_normal(p.shape).astype(np.float32)
+                # step 3 leaves one gradient out: that step takes the per-parameter path
+                p.grad = None if (step == 3 and i == 1) else ndl.Tensor(g, requires_grad=False)
+            opt.step()
+        assert all(p._data is a for p, a in zip(params, arrays_before))  # updated in place
+        return [p.numpy().copy() for p in params], opt.state_dict()
+
+    (flat_params, flat_state), (plain_params, plain_state) = run(True), run(False)
+    for a, b in zip(flat_params, plain_params):
+        np.testing.assert_array_equal(a, b)
+    for index, entry in plain_state["state"].items():
+        for name, value in entry.items():
+            np.testing.assert_array_equal(flat_state["state"][index][name], value)

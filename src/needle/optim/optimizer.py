@@ -36,6 +36,30 @@ def decoupled_weight_decay(param: Any, lr: float, weight_decay: float) -> None:
 
 
 # -- the base class ------------------------------------------------------------------------------
+#: the state / scratch index of the all-parameters update
+_FLAT = -1
+
+
+class _FlatBuffers:
+    """Parameters, gradients and optimizer state laid end to end in one array each."""
+
+    def __init__(self, shapes: list[tuple], dtype: Any) -> None:
+        self.shapes = shapes
+        sizes = [int(np.prod(s)) for s in shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+        total = self.offsets[-1]
+        self.param = np.empty(total, dtype=dtype)
+        self.grad = np.empty(total, dtype=dtype)
+        self.param_views = self.views_of(self.param)
+        self.state: dict[str, Any] = {}
+
+    def views_of(self, flat: Any) -> list:
+        """One view of ``flat`` per parameter, shaped like it."""
+        return [flat[a:b].reshape(shape)
+                for a, b, shape in zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
+
+
+
 def _plain(value: Any) -> Any:
     """A hyperparameter as a Python number, so NumPy float64 scalars never promote float32 math."""
     if isinstance(value, bool | np.bool_):
@@ -84,6 +108,8 @@ class Optimizer:
         self.state: dict[int, dict[str, Any]] = {}
         # scratch arrays per parameter index: reused every step, never saved
         self._scratch: dict[int, list[Any]] = {}
+        # all parameters end to end, for the one-shot update (see _flat_step)
+        self._flat: _FlatBuffers | None = None
 
     # -- gradients ---------------------------------------------------------------------------
     def reset_grad(self) -> None:
@@ -126,11 +152,46 @@ class Optimizer:
             return
         self.step_count += 1
         self._begin_step()
+        if self._flat_step():
+            return
         for index, p in enumerate(self.params):
             grad = p.grad
             if grad is None:
                 continue
             self._update(index, self._param_array(p), grad.realize_data())
+
+    # -- one update over all parameters at once ---------------------------------------------
+    def _flat_step(self) -> bool:
+        """Run the update rule once over all parameters laid end to end; False if it cannot.
+
+        Every rule is elementwise, so updating one concatenated array gives bit-for-bit the
+        per-parameter results, with a dozen NumPy calls instead of a dozen per parameter.
+        Parameters keep their own arrays (they are gathered and written back), so memory
+        shared with other objects (a Caffe Blob, a user's view) stays shared. Used on the CPU
+        when every parameter has a gradient and all share one float dtype.
+        """
+        params = self.params
+        if len(params) < 4:
+            return False
+        dtype = None
+        for p in params:
+            data, grad = p._data, p.grad
+            if grad is None or type(data) is not np.ndarray or type(grad._data) is not np.ndarray:
+                return False
+            if dtype is None:
+                dtype = data.dtype
+            if data.dtype != dtype or dtype.kind != "f" or not data.flags.writeable:
+                return False
+        flat = self._flat
+        shapes = [p._data.shape for p in params]
+        if flat is None or flat.shapes != shapes or flat.param.dtype != dtype:
+            flat = self._flat = _FlatBuffers(shapes, dtype)
+        np.concatenate([p.grad._data.reshape(-1) for p in params], out=flat.grad)
+        np.concatenate([p._data.reshape(-1) for p in params], out=flat.param)
+        self._update(_FLAT, flat.param, flat.grad)
+        for p, view in zip(params, flat.param_views):
+            np.copyto(p._data, view)
+        return True
 
     def _begin_step(self) -> None:
         """Hook run once per ``step()`` before the per-parameter updates."""
@@ -152,6 +213,8 @@ class Optimizer:
 
     def _state(self, index: int, param: Any) -> dict[str, Any]:
         """The state arrays of parameter ``index``, zeros (like ``param``) on first use."""
+        if index == _FLAT:
+            return self._flat_state()
         state = self.state.get(index)
         if state is None:
             state = self.state[index] = {}
@@ -162,6 +225,28 @@ class Optimizer:
                 if name not in state:
                     state[name] = xp.zeros_like(param)
         return state
+
+    def _flat_state(self) -> dict[str, Any]:
+        """State arrays over all parameters end to end; each parameter's state becomes a view.
+
+        Built from the per-parameter arrays where they exist (after a checkpoint was loaded or
+        after steps with a missing gradient), so switching between the paths keeps the state.
+        """
+        flat = self._flat
+        if set(flat.state) != set(self.state_names):
+            for name in self.state_names:
+                if name in flat.state:
+                    continue
+                parts = [self.state.get(i, {}).get(name) for i in range(len(self.params))]
+                array = np.zeros(flat.param.shape, dtype=flat.param.dtype)
+                for part, view in zip(parts, flat.views_of(array)):
+                    if part is not None:
+                        np.copyto(view, part)
+                flat.state[name] = array
+            for i, view_set in enumerate(zip(*[flat.views_of(flat.state[n])
+                                               for n in self.state_names])):
+                self.state[i] = dict(zip(self.state_names, view_set))
+        return flat.state
 
     def _buffer(self, index: int, param: Any, k: int = 0) -> Any:
         """Scratch array number ``k`` for parameter ``index`` (contents are garbage)."""
@@ -217,6 +302,7 @@ class Optimizer:
         self.step_count = int(state_dict["step_count"])
         self.state = new_state
         self._scratch = {}
+        self._flat = None  # rebuilt from the loaded per-parameter state at the next step
 
     def _load_state(self, saved: dict[Any, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         """Checked copies of saved per-parameter arrays on each parameter's device and dtype."""
