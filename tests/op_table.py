@@ -204,6 +204,10 @@ OP_TABLE: list[OpCase] = [
                             lambda a: (a - a.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
                                 a.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-3),
                             normal((3, 2, 2, 3)))]}),
+    OpCase("normalize_grad", lambda g, y, a: ops.normalize_grad(g, y, a, (0,), 1e-5),
+           lambda g, y, a: (g - g.mean(0) - y * (g * y).mean(0))
+           / torch.sqrt(a.var(0, unbiased=False) + 1e-5),
+           [normal((6, 4), (6, 4), (6, 4))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
     OpCase("inv_std", lambda a: ops.inv_std(a, (1,), 1e-5),
            lambda a: 1 / torch.sqrt(a.var(1, unbiased=False, keepdim=True) + 1e-5),
            [normal((3, 5))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
