@@ -61,9 +61,14 @@ class Store(Op):
 
     def compute(self, value, *after):
         target = self.target._data
-        if self.stat is not None:
-            mean, _, var = moments(value, normalize_axes(self.name, self.axes, value.ndim))
-            value = mean if self.stat == "mean" else var
+        if self.stat == "mean":
+            axes = normalize_axes(self.name, self.axes, value.ndim)
+            count = 1
+            for i in axes:
+                count *= value.shape[i]
+            value = np.true_divide(np.add.reduce(value, axis=axes, keepdims=True), count)
+        elif self.stat == "var":
+            value = moments(value, normalize_axes(self.name, self.axes, value.ndim))[2]
         value = value.reshape(target.shape)
         if self.momentum == 1.0:
             np.copyto(target, value, casting="same_kind")

@@ -215,6 +215,8 @@ class BatchNorm1d(Module):
 
     def _per_channel(self, t: Tensor, ndim: int) -> Tensor:
         """A (C,) tensor shaped to broadcast against the input, e.g. (1, C, 1, 1)."""
+        if ndim == 2:  # (B, C) broadcasts against (C,) as it is: no reshape node
+            return t
         return ops.reshape(t, (1, self.dim) + (1,) * (ndim - 2))
 
     def forward(self, x: Tensor) -> Tensor:
