@@ -170,10 +170,9 @@ OP_TABLE: list[OpCase] = [
            extra={"more": [(lambda a: ops.store(a, target=ndl.Tensor(
                                np.ones(6, np.float32), requires_grad=False), momentum=0.25),
                             lambda a: 0.75 + 0.25 * a.reshape(6), normal((2, 3))),
-                           (lambda a: ops.store(a, a * 2, target=ndl.Tensor(
-                               np.ones(3, np.float32), requires_grad=False), momentum=0.5,
-                                                stat="var", axes=(0,)),
-                            lambda a: 0.5 + 0.5 * a.var(0, unbiased=False), normal((4, 3)))]}),
+                           (lambda a: ops.store(a[0], a * 2, target=ndl.Tensor(
+                               np.ones(3, np.float32), requires_grad=False), momentum=0.5),
+                            lambda a: 0.5 + 0.5 * a[0], normal((4, 3)))]}),
     OpCase("astype", lambda a: ops.astype(a, "float64"), lambda a: a.double(), [normal((3, 4))]),
     # -- linear algebra --
     OpCase("matmul", lambda a, b: a @ b, lambda a, b: a @ b,
@@ -197,17 +196,34 @@ OP_TABLE: list[OpCase] = [
            [normal((3, 4))],
            extra={"more": [(lambda a: ops.logsumexp(a), lambda a: a.logsumexp((0, 1)),
                             normal((2, 5)))]}),
-    OpCase("normalize", lambda a: ops.normalize(a, (0,), 1e-5),
+    OpCase("variance", lambda a: ops.variance(a, axes=(0,)), lambda a: a.var(0, unbiased=False),
+           [normal((5, 3))], rtol=1e-5, atol=1e-6,
+           extra={"more": [(lambda a: ops.variance(a, (0, 2), keepdims=True),
+                            lambda a: a.var((0, 2), unbiased=False, keepdim=True),
+                            normal((3, 2, 4)))]}),
+    OpCase("normalize", lambda a: ops.normalize(a, axes=(0,), eps=1e-5),
            lambda a: (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False) + 1e-5),
            [normal((6, 4))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4,
-           extra={"more": [(lambda a: ops.normalize(a, (0, 2, 3), 1e-3),
+           extra={"more": [(lambda a: ops.normalize(a, ops.mean(a, (0,), keepdims=True),
+                                                    ops.variance(a, (0,), keepdims=True),
+                                                    axes=(0,), eps=1e-5),
+                            lambda a: (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False)
+                                                                  + 1e-5),
+                            normal((6, 4))),
+                           (lambda a: ops.normalize(a, axes=(0, 2, 3), eps=1e-3),
                             lambda a: (a - a.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
                                 a.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-3),
                             normal((3, 2, 2, 3)))]}),
-    OpCase("normalize_grad", lambda g, y, a: ops.normalize_grad(g, y, a, (0,), 1e-5),
+    OpCase("normalize_grad", lambda g, y, a: ops.normalize_grad(g, y, a, axes=(0,), eps=1e-5),
            lambda g, y, a: (g - g.mean(0) - y * (g * y).mean(0))
            / torch.sqrt(a.var(0, unbiased=False) + 1e-5),
-           [normal((6, 4), (6, 4), (6, 4))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+           [normal((6, 4), (6, 4), (6, 4))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4,
+           extra={"more": [(lambda g, y, v: ops.normalize_grad(g, y, v, axes=(0,), eps=1e-5,
+                                                              given_var=True),
+                            lambda g, y, v: (g - g.mean(0) - y * (g * y).mean(0))
+                            / torch.sqrt(v + 1e-5),
+                            lambda rng: [*normal((6, 4), (6, 4))(rng),
+                                         *positive((1, 4))(rng)])]}),
     OpCase("inv_std", lambda a: ops.inv_std(a, (1,), 1e-5),
            lambda a: 1 / torch.sqrt(a.var(1, unbiased=False, keepdim=True) + 1e-5),
            [normal((3, 5))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4),

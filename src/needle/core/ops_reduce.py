@@ -8,7 +8,7 @@ import numpy as np
 
 from . import api as F
 from .ops_shape import as_axes, normalize_axes, reduce_sum
-from .registry import Aval, Op, register
+from .registry import Aval, Op, ShapeError, fmt_shape, register
 
 
 class Reduction(Op):
@@ -183,41 +183,81 @@ class NormOp(Op):
         return centered, var
 
 
-@register("normalize", inputs=("a",))
-class Normalize(NormOp):
-    """(a - mean) / sqrt(var + eps) over ``axes`` (biased variance): BatchNorm's core.
-
-    One node instead of seven; the gradient is the classic
-    ``(g - mean(g) - y * mean(g * y)) * inv_std(a)`` with y the output.
-    """
+@register("variance", inputs=("a",))
+class Variance(Reduction):
+    """Biased variance over ``axes`` (divide by n, as BatchNorm and LayerNorm use)."""
 
     def compute(self, a):
-        centered, var = self._stats(a)
+        axes = self._axes(a.ndim)
+        var = moments(a, axes)[2]
+        return var if self.keepdims else np.squeeze(var, axis=axes)
+
+    def gradient(self, out_grad, node):
+        # d var / da = 2 (a - mean) / n
+        a = node.inputs[0]
+        centered = a - F.mean(a, self.axes, keepdims=True)
+        return self.expand(out_grad, node) * centered * 2.0 / _count(a, self._axes(len(a.shape)))
+
+
+@register("normalize", inputs=("a", "*stats"))
+class Normalize(NormOp):
+    """(a - mean) / sqrt(var + eps) over ``axes`` with a's own (biased) statistics.
+
+    ``normalize(a, axes=..., eps=...)`` computes them; ``normalize(a, mean, var, ...)`` takes
+    them ready made (keepdims shapes) so BatchNorm computes them once for its running
+    averages too. NOTE: they must be a's statistics over ``axes``: the gradient is the classic
+    ``(g - mean(g) - y * mean(g * y)) / sqrt(var + eps)``, which already accounts for their
+    dependence on ``a`` (so none flows to the ``mean``/``var`` inputs themselves).
+    """
+
+    def compute(self, a, *stats):
+        if stats:
+            mean, var = stats
+            centered = a - mean
+        else:
+            centered, var = self._stats(a)
         centered *= 1.0 / np.sqrt(var + self.eps)
         return centered
 
     def gradient(self, out_grad, node):
-        return F.normalize_grad(out_grad, node, node.inputs[0], self.axes, self.eps)
+        a, *stats = node.inputs
+        if stats:
+            grad = F.normalize_grad(out_grad, node, stats[1], axes=self.axes, eps=self.eps,
+                                    given_var=True)
+            return grad, None, None
+        return F.normalize_grad(out_grad, node, a, axes=self.axes, eps=self.eps)
 
-    def infer(self, a: Aval) -> Aval:
-        normalize_axes(self.name, self.axes, len(a.shape))
+    def infer(self, a: Aval, *stats: Aval) -> Aval:
+        axes = normalize_axes(self.name, self.axes, len(a.shape))
+        kept = tuple(1 if i in axes else d for i, d in enumerate(a.shape))
+        for stat in stats:
+            if len(stat.shape) != len(kept) or any(
+                    x is not None and y is not None and x != y for x, y in zip(stat.shape, kept)):
+                raise ShapeError(f"normalize: statistics of shape {fmt_shape(stat.shape)} do not "
+                                 f"fit input {fmt_shape(a.shape)} over axes {axes}; expected "
+                                 f"{fmt_shape(kept)}")
         return a
 
 
-@register("normalize_grad", inputs=("g", "y", "a"))
+@register("normalize_grad", inputs=("g", "y", "s"))
 class NormalizeGrad(NormOp):
-    """The adjoint of ``normalize``: ``(g - mean(g) - y * mean(g * y)) * inv_std(a)``.
+    """The adjoint of ``normalize``: ``(g - mean(g) - y * mean(g * y)) / sqrt(var + eps)``.
 
-    One node for what would be ten (BatchNorm's backward is hot); its own gradient is that
-    composite formula's, derived by the same autodiff, so second order still works.
+    ``s`` is the normalized input (its variance is computed) or, with ``given_var``, that
+    variance itself. One node for what would be ten (BatchNorm's backward is hot); its own
+    gradient is the composite formula's, derived by the same autodiff, so second order works.
     """
 
-    def compute(self, g, y, a):
-        axes = normalize_axes(self.name, self.axes, a.ndim)
-        _, _, var = moments(a, axes)
+    def __init__(self, axes: Any, eps: float = 1e-5, given_var: bool = False) -> None:
+        super().__init__(axes, eps)
+        self.given_var = bool(given_var)
+
+    def compute(self, g, y, s):
+        axes = normalize_axes(self.name, self.axes, g.ndim)
+        var = s if self.given_var else moments(s, axes)[2]
         count = 1
         for i in axes:
-            count *= a.shape[i]
+            count *= g.shape[i]
         g_mean = np.true_divide(np.add.reduce(g, axis=axes, keepdims=True), count)
         gy_mean = np.true_divide(np.add.reduce(g * y, axis=axes, keepdims=True), count)
         out = g - g_mean
@@ -225,10 +265,11 @@ class NormalizeGrad(NormOp):
         out *= 1.0 / np.sqrt(var + self.eps)
         return out
 
-    def _composite(self, g, y, a):
+    def _composite(self, g, y, s):
         g_mean = F.mean(g, self.axes, keepdims=True)
         gy_mean = F.mean(g * y, self.axes, keepdims=True)
-        return (g - g_mean - y * gy_mean) * F.inv_std(a, self.axes, self.eps)
+        inv = (s + self.eps) ** -0.5 if self.given_var else F.inv_std(s, self.axes, self.eps)
+        return (g - g_mean - y * gy_mean) * inv
 
     def gradient(self, out_grad, node):
         from .autodiff import gradients
@@ -237,8 +278,8 @@ class NormalizeGrad(NormOp):
         expr = self._composite(*inputs)
         return tuple(gradients([expr], inputs, [out_grad], stop_at_wrt=True))
 
-    def infer(self, g: Aval, y: Aval, a: Aval) -> Aval:
-        normalize_axes(self.name, self.axes, len(a.shape))
+    def infer(self, g: Aval, y: Aval, s: Aval) -> Aval:
+        normalize_axes(self.name, self.axes, len(g.shape))
         return g
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops_reduce import moments
-from .ops_shape import as_axes, normalize_axes
 from .registry import Aval, Op, ShapeError, fmt_shape, register
 
 
@@ -26,10 +24,9 @@ class StopGradient(Op):
 class Store(Op):
     """Write ``value`` into ``target``'s array in place (an effect); the result is that array.
 
-    ``target = (1 - momentum) * target + momentum * v`` (``momentum=1``: a plain copy;
-    BatchNorm's running statistics use 0.1), where ``v`` is ``value`` itself, or with
-    ``stat="mean"`` / ``"var"`` its mean / biased variance over ``axes`` (so the store reads the
-    layer's input directly). ``v`` may have any shape of the target's size. ``after`` are
+    ``target = (1 - momentum) * target + momentum * value`` (``momentum=1``: a plain copy;
+    BatchNorm's running statistics use 0.1). ``value`` may have any shape of the target's
+    size. ``after`` are
     control dependencies: nodes the store belongs with (their values are not used), so a
     declared graph can tell which forward computation made it.
     ``target`` is a leaf with data (a parameter or a buffer). Eagerly the write happens at
@@ -41,34 +38,20 @@ class Store(Op):
     side_effect = True
     writes_state = True
 
-    def __init__(self, target, momentum: float = 1.0, stat: str | None = None,
-                 axes: tuple | None = None) -> None:
+    def __init__(self, target, momentum: float = 1.0) -> None:
         if target is None:
             raise TypeError("store: give the target tensor (store(value, target=buffer))")
         if getattr(target, "op", None) is not None or getattr(target, "_data", None) is None:
             raise TypeError("store: the target must be a leaf tensor with data (a parameter or "
                             "buffer)")
-        if stat not in (None, "mean", "var"):
-            raise ValueError(f"store: stat must be None, 'mean' or 'var', got {stat!r}")
         self.target = target
         self.momentum = float(momentum)
-        self.stat = stat
-        self.axes = as_axes(axes)
 
     def attrs(self) -> tuple:
-        return (("target", id(self.target)), ("momentum", self.momentum), ("stat", self.stat),
-                ("axes", self.axes))
+        return (("target", id(self.target)), ("momentum", self.momentum))
 
     def compute(self, value, *after):
         target = self.target._data
-        if self.stat == "mean":
-            axes = normalize_axes(self.name, self.axes, value.ndim)
-            count = 1
-            for i in axes:
-                count *= value.shape[i]
-            value = np.true_divide(np.add.reduce(value, axis=axes, keepdims=True), count)
-        elif self.stat == "var":
-            value = moments(value, normalize_axes(self.name, self.axes, value.ndim))[2]
         value = value.reshape(target.shape)
         if self.momentum == 1.0:
             np.copyto(target, value, casting="same_kind")
@@ -81,9 +64,6 @@ class Store(Op):
     def infer(self, value: Aval, *after: Aval) -> Aval:
         target = self.target.aval
         shape = value.shape
-        if self.stat is not None:
-            axes = normalize_axes(self.name, self.axes, len(shape))
-            shape = tuple(1 if i in axes else d for i, d in enumerate(shape))
         size = int(np.prod([d for d in shape if d is not None]))
         if None not in shape and size != int(np.prod(target.shape)):
             raise ShapeError(f"store: value of shape {fmt_shape(value.shape)} does not fit the "

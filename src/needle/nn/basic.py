@@ -223,25 +223,27 @@ class BatchNorm1d(Module):
         axes = self._check(x)
         ndim = len(x.shape)
         if self.training:
-            normed = ops.normalize(x, axes, self.eps)
-            self._update_running(x, axes, normed)
+            # the batch statistics, once: for the normalization and the running averages
+            mean = ops.mean(x, axes=axes, keepdims=True)
+            var = ops.variance(x, axes=axes, keepdims=True)
+            normed = ops.normalize(x, mean, var, axes=axes, eps=self.eps)
+            self._update_running(mean, var, normed)
         else:
             centered = x - self._per_channel(self.running_mean, ndim)
             normed = centered / ops.sqrt(self._per_channel(self.running_var, ndim) + self.eps)
         return (self._per_channel(self.weight, ndim) * normed
                 + self._per_channel(self.bias, ndim))
 
-    def _update_running(self, x: Tensor, axes: tuple[int, ...], normed: Tensor) -> None:
+    def _update_running(self, mean: Tensor, var: Tensor, normed: Tensor) -> None:
         """running = (1 - m) running + m batch_stat, written in place with ``ops.store``.
 
         No gradient flows here. Eagerly the buffers change at once; in a traced graph (JIT) the
         store is an effect that runs on every call; a declared graph runs it when fetched.
         """
-        # each store reduces the layer's input itself; ``normed`` ties it to this forward pass
+        # ``normed`` ties each store to this forward pass (a control dependency)
         with no_grad():
-            for target, stat in ((self.running_mean, "mean"), (self.running_var, "var")):
-                ops.store(x, normed, target=target, momentum=self.momentum, stat=stat,
-                          axes=axes)
+            ops.store(mean, normed, target=self.running_mean, momentum=self.momentum)
+            ops.store(var, normed, target=self.running_var, momentum=self.momentum)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, momentum={self.momentum}"
@@ -270,7 +272,7 @@ class LayerNorm1d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_last_dim(f"LayerNorm1d({self.dim})", x, self.dim, "dim")
-        return self.weight * ops.normalize(x, (-1,), self.eps) + self.bias
+        return self.weight * ops.normalize(x, axes=(-1,), eps=self.eps) + self.bias
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
