@@ -4,7 +4,8 @@ A step can reuse input slot ``s`` when (1) the step is one ufunc call (``op.ufun
 ``s`` was made by an earlier ufunc step of the same program (so the program owns that array:
 never a parameter, a fed value or a view), (3) no other step ever took a view of ``s``,
 (4) this step is the last use of ``s`` and ``s`` is not an output, and (5) ``s`` has exactly the
-result's shape and dtype (known statically: the JIT traces with concrete shapes).
+result's shape and dtype (known statically: the JIT traces with concrete shapes), and is
+not 0-d (NumPy returns 0-d results as scalars).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from ..core.interpret import Program, plan_frees
 
 def _aval(node: Any) -> tuple | None:
     aval = node.aval
-    if not hasattr(aval, "shape") or None in aval.shape:
+    # NOTE: 0-d results are NumPy scalars, not arrays: they cannot be written into (out=)
+    if not hasattr(aval, "shape") or None in aval.shape or not aval.shape:
         return None
     return tuple(aval.shape), aval.dtype
 

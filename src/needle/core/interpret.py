@@ -276,6 +276,16 @@ def run_program(program: Program, env: dict[int, Any], tracker: ByteTracker | No
     return env
 
 
+def _inline(step: Step, args: list[str]) -> str | None:
+    """``step.op.emit`` where every shape involved is known, else None."""
+    node = step.node
+    for value in (node, *node.inputs):
+        aval = value.aval
+        if not hasattr(aval, "shape") or None in aval.shape:
+            return None
+    return step.op.emit(args, node)
+
+
 class CompiledProgram:
     """A Program as one generated Python function: ``outputs = compiled(source_values)``.
 
@@ -313,7 +323,10 @@ class CompiledProgram:
             self._arg_names.append(args)
             self._line_step[body_start + len(lines)] = i
             call = step.op.ufunc() if direct else None
-            if call is None:
+            inline = _inline(step, args) if direct and call is None else None
+            if inline is not None:  # the op's own NumPy expression for these shapes
+                lines.append(f"    v{i} = {inline}")
+            elif call is None:
                 bound[fn] = step.op.compute
                 lines.append(f"    v{i} = {fn}({', '.join(args)})")
             else:  # the ufunc itself, with literal extras bound as defaults, maybe in place
@@ -337,6 +350,7 @@ class CompiledProgram:
         source = "\n".join([f"def _needle_program(sources{params}):", unpack, *lines,
                             f"    return [{outputs}]", ""])
         namespace = dict(bound)
+        namespace["np"] = np
         code = compile(source, "<needle program>", "exec")
         exec(code, namespace)  # noqa: S102 - the source is generated above, from our own names
         self._fn = namespace["_needle_program"]

@@ -20,6 +20,9 @@ class MatMul(Op):
     def compute(self, a, b):
         return np.matmul(a, b)
 
+    def emit(self, args, node):
+        return f"np.matmul({args[0]}, {args[1]})"
+
     def gradient(self, out_grad, node):
         a, b = node.inputs
         # NOTE: skip the adjoint of an input that needs none (x in x @ W): a whole matmul

@@ -50,6 +50,13 @@ class Summation(Reduction):
     def compute(self, a):
         return reduce_sum(a, self._axes(a.ndim), self.keepdims)
 
+    def emit(self, args, node):
+        a = node.inputs[0]
+        if a.dtype.kind != "f":
+            return None
+        return (f"np.add.reduce({args[0]}, axis={self._axes(len(a.shape))!r}, "
+                f"keepdims={self.keepdims})")
+
     def gradient(self, out_grad, node):
         return self.expand(out_grad, node)
 
@@ -67,6 +74,15 @@ class Mean(Reduction):
         for i in axes:
             count *= a.shape[i]
         return np.true_divide(np.add.reduce(a, axis=axes, keepdims=self.keepdims), count)
+
+    def emit(self, args, node):
+        a = node.inputs[0]
+        if a.dtype.kind != "f":
+            return None
+        axes = self._axes(len(a.shape))
+        count = int(np.prod([a.shape[i] for i in axes]))
+        return (f"np.true_divide(np.add.reduce({args[0]}, axis={axes!r}, "
+                f"keepdims={self.keepdims}), {count})")
 
     def gradient(self, out_grad, node):
         a = node.inputs[0]

@@ -80,6 +80,9 @@ class Reshape(Op):
     def compute(self, a):
         return np.reshape(a, self._resolve(a.shape))
 
+    def emit(self, args, node):
+        return f"{args[0]}.reshape({tuple(node.shape)!r})"
+
     def gradient(self, out_grad, node):
         return F.reshape(out_grad, node.inputs[0].shape)
 
@@ -174,6 +177,15 @@ class SumTo(Op):
         out = reduce_sum(a, axes, keepdims=True) if axes else a
         return out.reshape(out_shape)
 
+    def emit(self, args, node):
+        a = node.inputs[0]
+        if a.dtype.kind != "f":
+            return None
+        axes, out_shape = _sum_to_plan(self.shape, tuple(a.shape))
+        if not axes:
+            return f"{args[0]}.reshape({out_shape!r})"
+        return f"np.add.reduce({args[0]}, axis={axes!r}, keepdims=True).reshape({out_shape!r})"
+
     def gradient(self, out_grad, node):
         a = node.inputs[0]
         if None in a.shape:  # sizes known only at run time: broadcast against a itself
@@ -205,6 +217,10 @@ class Transpose(Op):
     def compute(self, a):
         return np.swapaxes(a, *self._pair(a.ndim))
 
+    def emit(self, args, node):
+        x, y = self._pair(len(node.inputs[0].shape))
+        return f"{args[0]}.swapaxes({x}, {y})"
+
     def gradient(self, out_grad, node):
         return F.transpose(out_grad, self.axes)
 
@@ -224,6 +240,9 @@ class Permute(Op):
 
     def compute(self, a):
         return np.transpose(a, self.axes)
+
+    def emit(self, args, node):
+        return f"{args[0]}.transpose({self.axes!r})"
 
     def gradient(self, out_grad, node):
         return F.permute(out_grad, tuple(int(i) for i in np.argsort(self.axes)))
@@ -262,6 +281,9 @@ class TupleGetItem(Op):
 
     def compute(self, a):
         return a[self.index]
+
+    def emit(self, args, node):
+        return f"{args[0]}[{self.index}]"
 
     def gradient(self, out_grad, node):
         source = node.inputs[0]

@@ -65,6 +65,12 @@ class Op:
         write into a dead input's buffer (``out=``)."""
         return None
 
+    def emit(self, args: list[str], node: Any) -> str | None:
+        """A Python expression (NumPy calls on the argument names ``args``) computing this op
+        for ``node``'s concrete input and output shapes, or None. Compiled plans with known
+        shapes inline it instead of calling ``compute`` (no per-call shape handling)."""
+        return None
+
     def attrs(self) -> tuple:
         """The op's attributes as a hashable, ordered tuple of (name, value)."""
         return tuple(sorted(vars(self).items()))
