@@ -56,3 +56,24 @@ def check_gradient_fd(fn: Callable, arrays: list[np.ndarray], rng: np.random.Gen
                    if d is not None and t.grad is not None)
     numeric = directional_fd(fn, arrays, direction, weights)
     np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=atol)
+
+
+def swish_function():
+    """A custom ``ndl.autograd.Function`` with a hand-written backward (x * sigmoid(x))."""
+    from needle.function import Function
+
+    class Swish(Function):
+        """y = x * sigmoid(x); dy/dx = s + x s (1 - s)."""
+
+        @staticmethod
+        def forward(ctx, x):
+            s = 1 / (1 + np.exp(-x))
+            ctx.save_for_backward(x, s)
+            return x * s
+
+        @staticmethod
+        def backward(ctx, out_grad):
+            x, s = ctx.saved_tensors
+            return out_grad * (s + x * s * (1 - s))
+
+    return Swish

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import needle.caffe as cf
-from needle.function import Function
+
+from .helpers import swish_function
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
@@ -311,19 +312,7 @@ def test_op_layer_forward_equals_the_op_and_rejects_unknown_attributes():
 
 
 # -- FunctionLayer: a custom Function as a layer ------------------------------------------------
-class Swish(Function):
-    """y = x * sigmoid(x), hand-written backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        s = 1 / (1 + np.exp(-x))
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, g):
-        x, s = ctx.saved_tensors
-        return g * (s + x * s * (1 - s))
+Swish = swish_function()
 
 
 def test_function_layer_passes_check_gradient():

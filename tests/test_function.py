@@ -11,20 +11,9 @@ import needle.caffe as cf
 import needle.static as st
 from needle.function import Function
 
+from .helpers import swish_function
 
-class Swish(Function):
-    """y = x * sigmoid(x); dy/dx = s + x s (1 - s)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        s = 1 / (1 + np.exp(-x))
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, out_grad):
-        x, s = ctx.saved_tensors
-        return out_grad * (s + x * s * (1 - s))
+Swish = swish_function()
 
 
 def swish_ops(x):

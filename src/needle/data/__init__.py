@@ -3,7 +3,7 @@
 from .cifar import CIFAR10Dataset, load_cifar_batch
 from .collate import default_collate
 from .dataloader import DataLoader
-from .datasets import Dataset, NDArrayDataset
+from .datasets import Dataset, ImageDataset, NDArrayDataset
 from .digits import DigitsDataset, load_digits_arrays
 from .mnist import MNISTDataset, parse_mnist, read_idx
 from .safe_pickle import RestrictedUnpickler, safe_load
@@ -20,7 +20,8 @@ from .transforms import (
 
 __all__ = [
     "BatchRandomCrop", "BatchRandomFlip", "CIFAR10Dataset", "Compose", "Corpus", "DataLoader",
-    "Dataset", "Dictionary", "DigitsDataset", "MNISTDataset", "NDArrayDataset", "Normalize",
+    "Dataset", "Dictionary", "DigitsDataset", "ImageDataset", "MNISTDataset", "NDArrayDataset",
+    "Normalize",
     "RandomCrop", "RandomFlipHorizontal", "RestrictedUnpickler", "Transform", "batchify",
     "default_collate", "get_batch", "load_cifar_batch", "load_digits_arrays", "parse_mnist",
     "read_idx", "safe_load",

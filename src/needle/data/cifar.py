@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .datasets import NDArrayDataset
+from .datasets import ImageDataset
 from .safe_pickle import safe_load
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -49,7 +49,7 @@ def load_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
-class CIFAR10Dataset(NDArrayDataset):
+class CIFAR10Dataset(ImageDataset):
     """CIFAR-10: ``ds[i] -> (X, y)`` with X float32 (3, 32, 32) in [0, 1], y an int64 label.
 
     ``base_folder`` holds the python-version files: ``data_batch_1`` .. ``data_batch_5`` when
@@ -66,14 +66,6 @@ class CIFAR10Dataset(NDArrayDataset):
         X = np.concatenate([x for x, _ in parts]).astype(np.float32) / np.float32(255.0)
         y = np.concatenate([y for _, y in parts])
         super().__init__(X, y, transforms=transforms)
-
-    @property
-    def images(self) -> np.ndarray:
-        return self.arrays[0]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.arrays[1]
 
     def to_hwc(self, batch: np.ndarray) -> np.ndarray:
         return batch.transpose(0, 2, 3, 1)

@@ -141,3 +141,29 @@ class NDArrayDataset(Dataset):
             return x
         out = np.stack([self.apply_transforms(img) for img in hwc])
         return np.ascontiguousarray(self.from_hwc(out))
+
+
+class ImageDataset(NDArrayDataset):
+    """Images and integer labels held as two arrays (MNIST, digits, CIFAR-10).
+
+    ``images`` / ``labels`` are the whole arrays. ``to_hwc`` / ``from_hwc`` convert a batch of
+    the first array to N x H x W x C and back (for batch transforms): by default the images
+    are stored H x W x C, or flat when ``flatten`` is set.
+    """
+
+    image_shape: tuple[int, int, int] = (1, 1, 1)
+    flatten = False
+
+    @property
+    def images(self) -> np.ndarray:
+        return self.arrays[0]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.arrays[1]
+
+    def to_hwc(self, batch: np.ndarray) -> np.ndarray:
+        return batch.reshape(len(batch), *self.image_shape)
+
+    def from_hwc(self, batch: np.ndarray) -> np.ndarray:
+        return batch.reshape(len(batch), -1) if self.flatten else batch

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .datasets import NDArrayDataset
+from .datasets import ImageDataset
 
 DIGITS_PATH = os.path.join(os.path.dirname(__file__), "assets", "digits.npz")
 
@@ -19,7 +19,7 @@ def load_digits_arrays(path: str | os.PathLike = DIGITS_PATH) -> dict[str, np.nd
         return {k: f[k] for k in ("images", "labels", "train_index", "test_index")}
 
 
-class DigitsDataset(NDArrayDataset):
+class DigitsDataset(ImageDataset):
     """Small handwritten digits that ship with needle, for tests and tutorials without downloads.
 
     ``DigitsDataset(train=True)`` has 1,438 items, ``train=False`` 359 (each class split 80/20).
@@ -51,12 +51,3 @@ class DigitsDataset(NDArrayDataset):
         """All images, (N, 8, 8, 1) float32 (whatever ``flatten`` says)."""
         return self._images
 
-    @property
-    def labels(self) -> np.ndarray:
-        return self.arrays[1]
-
-    def to_hwc(self, batch: np.ndarray) -> np.ndarray:
-        return batch.reshape(len(batch), *self.image_shape)
-
-    def from_hwc(self, batch: np.ndarray) -> np.ndarray:
-        return batch.reshape(len(batch), -1) if self.flatten else batch

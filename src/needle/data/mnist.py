@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .datasets import NDArrayDataset
+from .datasets import ImageDataset
 
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (count, rows, cols)
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (count)
@@ -75,7 +75,7 @@ def parse_mnist(image_filename: str | os.PathLike, label_filename: str | os.Path
     return X, labels.astype(np.int64)
 
 
-class MNISTDataset(NDArrayDataset):
+class MNISTDataset(ImageDataset):
     """MNIST (or any IDX image/label pair, e.g. Fashion-MNIST) from gzip IDX files.
 
     ``ds[i] -> (image, label)``: image float32 in [0, 1], flat (784,) as in CMU needle (or
@@ -94,16 +94,3 @@ class MNISTDataset(NDArrayDataset):
         X = X.reshape(len(X), -1) if flatten else X.reshape(len(X), *self.image_shape)
         super().__init__(X, labels.astype(np.int64), transforms=transforms)
 
-    @property
-    def images(self) -> np.ndarray:
-        return self.arrays[0]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.arrays[1]
-
-    def to_hwc(self, batch: np.ndarray) -> np.ndarray:
-        return batch.reshape(len(batch), *self.image_shape)
-
-    def from_hwc(self, batch: np.ndarray) -> np.ndarray:
-        return batch.reshape(len(batch), -1) if self.flatten else batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,11 @@ class ApplyUpdates(Op):
     """Give the parameters these gradients and run the optimizer's eager update rule, in place.
 
     An effect: it changes the parameters and the optimizer's state when it runs; its value is
-    nothing. The parameters keep the gradients as ``.grad`` afterwards, as in eager mode.
+    nothing. Parameters of the optimizer not in ``params`` get no gradient for this step
+    (as after ``reset_grad()``), whatever ``.grad`` they held. ``storage(p)``, if given, is the
+    array the update writes for parameter ``p`` (a Session's value of a graph Variable);
+    with ``restore_grads`` the ``.grad`` attributes are put back afterwards (a Session run
+    leaves eager state alone), else they keep this step's gradients as in eager mode.
     """
 
     name = "apply_updates"
@@ -22,17 +27,33 @@ class ApplyUpdates(Op):
     writes_state = True
     differentiable = False
 
-    def __init__(self, optimizer: Any, params: tuple) -> None:
+    def __init__(self, optimizer: Any, params: tuple,
+                 storage: Callable[[Any], Any] | None = None,
+                 restore_grads: bool = False) -> None:
         self.optimizer = optimizer
         self.params = params
+        self.storage = storage
+        self.restore_grads = restore_grads
 
     def attrs(self) -> tuple:
-        return (("optimizer", id(self.optimizer)),)
+        return (("optimizer", id(self.optimizer)), ("params", tuple(map(id, self.params))))
 
     def compute(self, *grads):
-        for p, g in zip(self.params, grads):
-            p.grad = Tensor.make_const(g)
-        self.optimizer.step()
+        opt = self.optimizer
+        given = {id(p): g for p, g in zip(self.params, grads)}
+        saved = [(p, p._data, p.grad) for p in opt.params]
+        try:
+            for p in opt.params:
+                g = given.get(id(p))
+                p.grad = None if g is None else Tensor.make_const(np.asarray(g))
+                if g is not None and self.storage is not None:
+                    p._data = self.storage(p)  # updated in place by step()
+            opt.step()
+        finally:
+            for p, data, grad in saved:
+                p._data = data
+                if self.restore_grads:
+                    p.grad = grad
         return None
 
     def infer(self, *avals: Aval) -> Aval:

@@ -14,6 +14,7 @@ import numpy as np
 from ..autograd import Tensor, make_from_op
 from ..core.autodiff import find_topo_sort
 from ..core.registry import Aval, Op
+from ..optim.graph_step import ApplyUpdates
 from .graph import get_default_graph
 from .runtime import current_session
 
@@ -172,46 +173,6 @@ def group(*operations: Tensor) -> Tensor:
     return make_from_op(Group(), tuple(operations))
 
 
-class ApplyGradients(Op):
-    """Runs an optimizer's eager update rule (``step()``) on the Session's values of its
-    parameters, with the gradients computed by the graph."""
-
-    name = "apply_gradients"
-
-    side_effect = True
-    writes_state = True
-    differentiable = False
-
-    def __init__(self, optimizer: Any, params: tuple) -> None:
-        self.optimizer = optimizer
-        self.params = params
-
-    def attrs(self) -> tuple:
-        return (("optimizer", id(self.optimizer)), ("params", tuple(map(id, self.params))))
-
-    def compute(self, *grads):
-        session = current_session()
-        opt = self.optimizer
-        given = {id(p): g for p, g in zip(self.params, grads)}
-        saved = [(p, p._data, p.grad) for p in opt.params]
-        try:
-            for p in opt.params:
-                g = given.get(id(p))
-                # parameters without a gradient in this graph skip the update, whatever
-                # eager .grad they may hold
-                p.grad = None if g is None else Tensor.make_const(np.asarray(g))
-                if g is not None:
-                    p._data = session.variable_value(p)  # updated in place by step()
-            opt.step()
-        finally:
-            for p, data, grad in saved:
-                p._data, p.grad = data, grad
-        return None
-
-    def infer(self, *avals: Aval) -> Aval:
-        return Aval((), np.dtype("float32"))
-
-
 def state_updates(output: Tensor | list) -> list:
     """The ``ndl.ops.store`` nodes of the default graph that ``output`` computes the values
     for (BatchNorm's running-statistics updates made while building ``output``).
@@ -248,7 +209,8 @@ def minimize(optimizer: Any, loss: Tensor) -> Tensor:
     if not pairs:
         raise ValueError("minimize: the loss does not depend on any of the optimizer's "
                          "parameters")
-    op = ApplyGradients(optimizer, tuple(p for p, _ in pairs))
+    op = ApplyUpdates(optimizer, tuple(p for p, _ in pairs),
+                      storage=lambda p: current_session().variable_value(p), restore_grads=True)
     train = make_from_op(op, tuple(g for _, g in pairs))
     updates = state_updates(loss)
     return group(train, *updates) if updates else train
