@@ -202,3 +202,32 @@ def test_random_op_graphs_match_eager(program, seed):
     for jitted, reference in ((a2, a), (b2, b)):
         expected = 0.0 if reference.grad is None else reference.grad.numpy()  # unused input
         np.testing.assert_allclose(jitted.grad.numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_memory_stays_flat_over_many_jitted_training_steps():
+    import gc
+
+    model_fn, batches = MODELS["mlp-resnet-batchnorm"]
+    np.random.seed(0)
+    model = model_fn()
+    opt = _sgd(model.parameters())
+    loss_fn = nn.SoftmaxLoss()
+
+    @ndl.jit
+    def step(x, y):
+        loss = loss_fn(model(x), y)
+        opt.reset_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    x, y = batches(np.random.default_rng(5))
+    for _ in range(20):
+        step(x, y)
+    gc.collect()
+    before = ndl.autograd.TENSOR_COUNTER
+    for _ in range(300):
+        step(x, y)
+    gc.collect()
+    assert ndl.autograd.TENSOR_COUNTER == before
+    assert step.explain().traces == 1

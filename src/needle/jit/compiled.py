@@ -1,10 +1,11 @@
 """ndl.jit: trace a function once per signature, optimize the graph, replay it on later calls.
 
 A compiled plan is a graph op (``JitCall``): applied to the call's tensors and the parameters
-the trace read, it runs the optimized Program. A plan without effects is differentiable (its
-gradient is another compiled plan, built from the trace by the same autodiff), so a jitted
+the trace read, it runs the optimized Program. A plan is differentiable (its gradient is
+another compiled plan, built from the trace's outputs by the same autodiff), so a jitted
 module trains with ``loss.backward()`` like an eager one. A plan with effects (a whole
-training step: ``opt.step()``, BatchNorm's running statistics) applies them on every call.
+training step: ``opt.step()``, BatchNorm's running statistics) applies them on every call of
+the forward plan, never in the gradient plan.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ class JitCall(Op):
 
     def __init__(self, plan: CompiledPlan) -> None:
         self.plan = plan
+        # effects (BatchNorm's running statistics, an optimizer step) run in the forward plan
+        # only; the gradient plan is built from the outputs alone, so a plan with effects is
+        # differentiable too (a jitted BatchNorm model trains with loss.backward())
         self.side_effect = bool(plan.program_effects)
-        self.differentiable = not self.side_effect
 
     def attrs(self) -> tuple:
         return (("plan", id(self.plan)),)
