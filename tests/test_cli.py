@@ -181,3 +181,19 @@ def test_jit_mode_trains_the_same_model_as_eager(tmp_path):
     jitted = ndl.load(tmp_path / "jit" / "checkpoint.npz")["model"]
     for key, value in eager.items():
         np.testing.assert_allclose(jitted[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_train_cnn_with_augmentation_on_a_generated_cifar10_folder(tmp_path, capsys):
+    from .test_data import _write_cifar
+
+    _write_cifar(tmp_path / "cifar", n=16)
+    out = tmp_path / "run"
+    assert main(["train", "--data", f"cifar10:{tmp_path / 'cifar'}", "--model", "cnn",
+                 "--epochs", "1", "--batch-size", "32", "--augment", "--out", str(out),
+                 "--quiet"]) == 0
+    rows = _metrics(out)
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["test_acc"]) <= 1.0
+    assert np.isfinite(float(rows[0]["train_loss"]))
+    capsys.readouterr()
+    assert main(["eval", str(out / "checkpoint.npz")]) == 0
+    assert "cnn on cifar10:" in capsys.readouterr().out
