@@ -36,6 +36,8 @@ SCRIPTS = [
     ("caffe_vs_eager", "Caffe-style Net vs eager", "the MLP-ResNet training step"),
     ("jit", "JIT vs eager, PyTorch, torch.compile and hand-written NumPy",
      "the MLP-ResNet epoch and the 100-op chain"),
+    ("fusion_choice", "How compiled plans run elementwise chains",
+     "one 6-op chain as NumPy ufuncs in place, numexpr and numba (where installed)"),
 ]
 
 
