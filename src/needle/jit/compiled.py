@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import autograd
 from ..autograd import TracerConversionError, make_from_op
+from ..backend import cpu
 from ..compiler import optimize as optimize_program
 from ..compiler.buffers import plan_inplace
 from ..core import api as F
@@ -158,7 +159,10 @@ class CompiledPlan:
         if self._executable is None:
             position = {slot: i for i, slot in enumerate(self.source_slots)}
             self.source_order = [position[id(n)] for n in self.program.sources]
-            inplace = plan_inplace(self.program) if self.optimize else None
+            # NumPy-specific lowering (direct ufunc calls, out=, inlined expressions) only
+            # where every value lives on the CPU; other devices call each op's compute
+            on_cpu = all(n.device == cpu() for n in self.sources)
+            inplace = plan_inplace(self.program) if self.optimize and on_cpu else None
             self._executable = compile_program(self.program, inplace)
             if inplace:
                 self.program.passes.append(f"buffer_reuse ({len(inplace)} steps in place)")
