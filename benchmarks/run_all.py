@@ -14,8 +14,9 @@ import common
 # isort: on
 import argparse
 import datetime
-import importlib
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -41,8 +42,22 @@ SCRIPTS = [
 ]
 
 
+def _run_isolated(module_name: str, compile_torch: bool) -> list[dict]:
+    """``module.main()`` in a fresh Python process (earlier benchmarks' memory and threads
+    would otherwise skew later ones), its rows passed back as JSON."""
+    args = f"compile_torch={compile_torch}" if module_name == "jit" else ""
+    code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import {module_name} as m; "
+            f"rows = m.main({args}); print('ROWS=' + json.dumps(rows))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=HERE, check=False)
+    sys.stderr.write(result.stderr[-2000:])
+    for line in result.stdout.splitlines():
+        if line.startswith("ROWS="):
+            return json.loads(line[len("ROWS="):])
+    raise RuntimeError(f"benchmarks/{module_name}.py printed no rows (exit {result.returncode})")
+
+
 def run(only: list[str] | None, compile_torch: bool) -> str:
-    sys.path.insert(0, HERE)
     sections = []
     for module_name, title, what in SCRIPTS:
         if only and module_name not in only:
@@ -52,12 +67,8 @@ def run(only: list[str] | None, compile_torch: bool) -> str:
                             "missing_\n")
             continue
         print(f"running {module_name} ...", file=sys.stderr, flush=True)
-        module = importlib.import_module(module_name)
         start = time.perf_counter()
-        if module_name == "jit":
-            rows = module.main(compile_torch=compile_torch)
-        else:
-            rows = module.main()
+        rows = _run_isolated(module_name, compile_torch)
         took = time.perf_counter() - start
         sections.append(f"## {title}\n\n{what} (`benchmarks/{module_name}.py`, {took:.0f} s)\n\n"
                         f"{common.markdown_table(rows)}\n")
