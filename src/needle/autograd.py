@@ -497,7 +497,7 @@ class Tensor(Value):
 
     def __add__(self, other: Any) -> Tensor:
         if isinstance(other, Value):
-            return _ops.add(self, other)
+            return make_from_op(_EWISE_ADD, (self, other))
         other = self._other(other)
         if isinstance(other, Value):
             return _ops.add(self, other)
@@ -520,7 +520,7 @@ class Tensor(Value):
 
     def __mul__(self, other: Any) -> Tensor:
         if isinstance(other, Value):
-            return _ops.multiply(self, other)
+            return make_from_op(_EWISE_MUL, (self, other))
         other = self._other(other)
         if isinstance(other, Value):
             return _ops.multiply(self, other)
@@ -530,7 +530,7 @@ class Tensor(Value):
 
     def __truediv__(self, other: Any) -> Tensor:
         if isinstance(other, Value):
-            return _ops.divide(self, other)
+            return make_from_op(_EWISE_DIV, (self, other))
         other = self._other(other)
         if isinstance(other, Value):
             return _ops.divide(self, other)
@@ -605,8 +605,13 @@ def from_numpy(array: np.ndarray, requires_grad: bool = False) -> Tensor:
 
 
 from .core import api as _ops  # noqa: E402 - the op API needs Tensor defined first
+from .core.registry import get_op as _get_op  # noqa: E402
 
 _ops.install_tensor_methods(Tensor)
+# the operators' hot path applies these shared op instances directly (one call less per op)
+_EWISE_ADD = _get_op("add").cls()
+_EWISE_MUL = _get_op("multiply").cls()
+_EWISE_DIV = _get_op("divide").cls()
 __all__ += ["NDArray", "from_numpy", "recording"]
 
 from .function import Function, FunctionCtx  # noqa: E402 - Function builds on Tensor
