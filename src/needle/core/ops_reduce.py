@@ -172,9 +172,9 @@ def moments(a: Any, axes: tuple[int, ...]) -> tuple[Any, Any, Any]:
     count = 1
     for i in axes:
         count *= a.shape[i]
-    mean = np.true_divide(np.add.reduce(a, axis=axes, keepdims=True), count)
+    mean = np.true_divide(reduce_sum(a, axes, keepdims=True), count)
     centered = a - mean
-    var = np.true_divide(np.add.reduce(centered * centered, axis=axes, keepdims=True), count)
+    var = np.true_divide(reduce_sum(centered * centered, axes, keepdims=True), count)
     return mean, centered, var
 
 
@@ -274,8 +274,8 @@ class NormalizeGrad(NormOp):
         count = 1
         for i in axes:
             count *= g.shape[i]
-        g_mean = np.true_divide(np.add.reduce(g, axis=axes, keepdims=True), count)
-        gy_mean = np.true_divide(np.add.reduce(g * y, axis=axes, keepdims=True), count)
+        g_mean = np.true_divide(reduce_sum(g, axes, keepdims=True), count)
+        gy_mean = np.true_divide(reduce_sum(g * y, axes, keepdims=True), count)
         out = g - g_mean
         out -= y * gy_mean
         out *= 1.0 / np.sqrt(var + self.eps)
