@@ -160,3 +160,14 @@ def test_dropout_draws_match_eager_under_the_same_seed():
     jitted = [f(x).numpy() for _ in range(3)]
     for a, b in zip(eager, jitted):
         np.testing.assert_array_equal(a, b)
+
+
+def test_dropout_gradient_uses_the_mask_of_the_same_call():
+    np.random.seed(0)
+    f = ndl.jit(nn.Dropout(0.5))
+    for _ in range(3):  # the trace, then replays
+        x = ndl.Tensor(np.ones((20, 30), np.float32))
+        out = f(x)
+        out.sum().backward()
+        # the backward must not draw a new mask: it sees exactly the forward's zeros
+        np.testing.assert_array_equal(x.grad.numpy(), (out.numpy() != 0) * np.float32(2.0))

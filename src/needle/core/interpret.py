@@ -67,7 +67,7 @@ class Program:
         return [describe_node(s.node) for s in self.steps]
 
 
-def _ancestors(fetches: list, is_source: Callable[[Any], bool]) -> list:
+def ancestors(fetches: list, is_source: Callable[[Any], bool]) -> list:
     """Post-order of the nodes the fetches depend on, not descending below sources."""
 
     class _View:
@@ -137,7 +137,7 @@ def build_program(fetches: Iterable[Any], is_source: Callable[[Any], bool]) -> P
     the reads that do not depend on them see the values the run started with.
     """
     fetches = list(fetches)
-    order = _ancestors(fetches, is_source)
+    order = ancestors(fetches, is_source)
     steps = [Step(n.op, tuple(id(i) for i in n.inputs), id(n), n)
              for n in order if not is_source(n)]
     sources = [n for n in order if is_source(n)]

@@ -26,6 +26,7 @@ from ..core import autodiff
 from ..core.interpret import (
     CompiledProgram,
     Program,
+    ancestors,
     build_program,
     compile_program,
     plan_frees,
@@ -106,22 +107,25 @@ class JitCall(Op):
         plan = self.plan
         run = plan.executable  # built on first use; it also fixes plan.source_order
         results = run([values[i] for i in plan.source_order])
-        outputs = results[: plan.num_outputs]
+        outputs = results[: plan.num_outputs + len(plan.residuals)]
         for i in plan.repeated_outputs:  # the same value returned twice: each its own array
             outputs[i] = outputs[i].copy()
         return tuple(outputs)
 
     def gradient(self, out_grad, node):
-        backward = self.plan.backward_plan()
-        seeds = [out_grad[i] for i in range(self.plan.num_outputs)]
-        grads = make_from_op(JitCall(backward), (*node.inputs, *seeds))
+        plan = self.plan
+        backward = plan.backward_plan()
+        seeds = [out_grad[i] for i in range(plan.num_outputs)]
+        residuals = [F.stop_gradient(node[plan.num_outputs + k])
+                     for k in range(len(plan.residuals))]
+        grads = make_from_op(JitCall(backward), (*node.inputs, *residuals, *seeds))
         result: list = [None] * len(node.inputs)
         for k, position in enumerate(backward.wrt_positions):
             result[position] = grads[k]
         return tuple(result)
 
     def infer(self, *avals: Aval) -> tuple:
-        return tuple(o.aval for o in self.plan.outputs)
+        return tuple(o.aval for o in (*self.plan.outputs, *self.plan.residuals))
 
 
 class CompiledPlan:
@@ -134,8 +138,15 @@ class CompiledPlan:
         self.program_effects = effects
         self.source_slots = [id(s) for s in sources]
         source_ids = set(self.source_slots)
-        program = build_program([*outputs, *effects], lambda n: id(n) in source_ids or
-                                n.op is None)
+
+        def is_source(n: Any) -> bool:
+            return id(n) in source_ids or n.op is None
+
+        # NOTE: random values (Dropout's masks) are extra outputs: the gradient plan, which
+        # otherwise recomputes what it needs from the sources, must see the same draws
+        self.residuals = [n for n in ancestors(outputs, is_source)
+                          if getattr(n.op, "random", False)]
+        program = build_program([*outputs, *self.residuals, *effects], is_source)
         self.nodes_before = len(program.steps)
         if optimize:
             optimize_program(program, lambda n: None)
@@ -178,7 +189,9 @@ class CompiledPlan:
                 wrt = [self.sources[i] for i in positions]
                 grads = autodiff.gradients(self.outputs, wrt, seeds, stop_at_wrt=True)
                 grads = [g if g is not None else F.full_like(s, 0) for g, s in zip(grads, wrt)]
-            plan = CompiledPlan(grads, [*self.sources, *seeds], [], self.optimize)
+            # the forward's random values come in as inputs, between the sources and the seeds
+            plan = CompiledPlan(grads, [*self.sources, *self.residuals, *seeds], [],
+                                self.optimize)
             plan.wrt_positions = positions
             self._backward = plan
         return self._backward
