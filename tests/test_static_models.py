@@ -128,3 +128,31 @@ def test_memory_plan_lowers_peak_bytes_of_a_deep_mlp_forward_and_backward():
     assert peaks[True] <= predicted[True]
     for a, b in zip(values[True], values[False]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_memory_stays_flat_over_many_session_train_steps():
+    import gc
+    import resource
+
+    np.random.seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1),
+                          nn.Linear(32, 5))
+    opt = ndl.optim.Adam(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((16, 20)).astype(np.float32)
+    Y = rng.integers(0, 5, 16)
+    with st.Graph():
+        x, y = st.placeholder((16, 20)), st.placeholder((16,), dtype="int64")
+        loss = nn.SoftmaxLoss()(model(x), y)
+        train = opt.minimize(loss)
+        sess = st.Session()
+        for _ in range(20):
+            sess.run([train, loss], {x: X, y: Y})
+        gc.collect()
+        tensors = ndl.autograd.TENSOR_COUNTER
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(500):
+            sess.run([train, loss], {x: X, y: Y})
+        gc.collect()
+        assert ndl.autograd.TENSOR_COUNTER == tensors
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 8 * 1024  # KiB
