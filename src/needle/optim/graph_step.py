@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..autograd import Tensor, make_from_op
+from ..autograd import Tensor, _new_node, make_from_op
 from ..core.registry import Aval, Op
 
 
@@ -45,7 +45,8 @@ class ApplyUpdates(Op):
         try:
             for p in opt.params:
                 g = given.get(id(p))
-                p.grad = None if g is None else Tensor.make_const(np.asarray(g))
+                p.grad = (None if g is None
+                          else _new_node(Tensor, None, (), np.asarray(g), False, p.device))
                 if g is not None and self.storage is not None:
                     p._data = self.storage(p)  # updated in place by step()
             opt.step()

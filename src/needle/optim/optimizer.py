@@ -173,24 +173,24 @@ class Optimizer:
         params = self.params
         if len(params) < 4:
             return False
-        dtype = None
-        for p in params:
-            data, grad = p._data, p.grad
-            if grad is None or type(data) is not np.ndarray or type(grad._data) is not np.ndarray:
+        datas = [p._data for p in params]
+        grads = [None if p.grad is None else p.grad._data for p in params]
+        dtype = datas[0].dtype
+        for data, grad in zip(datas, grads):
+            if (grad is None or type(data) is not np.ndarray or type(grad) is not np.ndarray
+                    or data.dtype != dtype or not data.flags.writeable):
                 return False
-            if dtype is None:
-                dtype = data.dtype
-            if data.dtype != dtype or dtype.kind != "f" or not data.flags.writeable:
-                return False
+        if dtype.kind != "f":
+            return False
         flat = self._flat
-        shapes = [p._data.shape for p in params]
+        shapes = [data.shape for data in datas]
         if flat is None or flat.shapes != shapes or flat.param.dtype != dtype:
             flat = self._flat = _FlatBuffers(shapes, dtype)
-        np.concatenate([p.grad._data.reshape(-1) for p in params], out=flat.grad)
-        np.concatenate([p._data.reshape(-1) for p in params], out=flat.param)
+        np.concatenate([g.reshape(-1) for g in grads], out=flat.grad)
+        np.concatenate([d.reshape(-1) for d in datas], out=flat.param)
         self._update(_FLAT, flat.param, flat.grad)
-        for p, view in zip(params, flat.param_views):
-            np.copyto(p._data, view)
+        for data, view in zip(datas, flat.param_views):
+            np.copyto(data, view)
         return True
 
     def _begin_step(self) -> None:
