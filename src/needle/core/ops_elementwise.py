@@ -20,8 +20,8 @@ def scalar_value(value: Any) -> int | float | bool:
     """A Python number from a number or a one-element array (hashable op attribute)."""
     if isinstance(value, bool | int | float):
         return value
-    arr = np.asarray(value)
-    if arr.size != 1:
+    arr = value if hasattr(value, "item") and hasattr(value, "size") else np.asarray(value)
+    if arr.size != 1:  # (CuPy arrays have item() too; np.asarray would refuse them)
         raise ShapeError(f"expected a scalar or one-element array, got shape {arr.shape}")
     return arr.item()
 

@@ -117,7 +117,7 @@ class Cond(Op):
 
     def compute(self, pred, *values):
         by_id = {id(c): v for c, v in zip(self.captures, values)}
-        branch = self.true_branch if bool(np.asarray(pred)) else self.false_branch
+        branch = self.true_branch if bool(pred) else self.false_branch
         return branch.run(by_id)
 
     def gradient(self, out_grad, node):
@@ -220,7 +220,7 @@ class WhileLoop(Op):
         while self.maximum_iterations is None or steps < self.maximum_iterations:
             by_id.update({id(s): v for s, v in zip(self.stand_ins, state)})
             (go,) = self.cond_branch.run(by_id)
-            if not bool(np.asarray(go)):
+            if not bool(go):
                 break
             state = list(self.body_branch.run(by_id))
             steps += 1

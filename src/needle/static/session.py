@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..autograd import Tensor, TensorTuple, Value, _to_backend
-from ..backend import cpu
+from ..backend import cpu, device_of
 from ..compiler import optimize as optimize_program
 from ..compiler import predict_peak_bytes
 from ..core.interpret import (
@@ -146,8 +146,10 @@ def _fetched(value: Any, aliased: set[int]) -> Any:
         return None
     if isinstance(value, tuple):
         return tuple(_fetched(v, aliased) for v in value)
-    if type(value) is not np.ndarray:
+    if isinstance(value, np.generic):
         return np.asarray(value)  # a NumPy scalar from a full reduction
+    if not isinstance(value, np.ndarray):  # a CuPy array: fetches come back as NumPy
+        return device_of(value).to_numpy(value)
     if value.base is not None or id(value) in aliased:
         return value.copy()  # a view, or a Variable / parameter / feed / constant array
     return value  # a fresh array no one else holds
@@ -262,7 +264,8 @@ class Session:
 
     def variables(self) -> dict[str, np.ndarray]:
         """Name -> value (a copy) of every Variable of the graph, ready for ``ndl.save``."""
-        return {var.name: np.array(self.variable_value(var)) for var in self.graph.variables}
+        return {var.name: var.device.to_numpy(self.variable_value(var)).copy()
+                for var in self.graph.variables}
 
     def load_variables(self, values: dict[str, Any], strict: bool = True) -> None:
         """Set Variables by name from arrays or Tensors (what ``variables()`` or a checkpoint

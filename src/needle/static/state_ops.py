@@ -136,7 +136,7 @@ class Print(Op):
         self.summarize = int(summarize)
 
     def compute(self, a):
-        flat = np.asarray(a).ravel()[: self.summarize]
+        flat = (a if isinstance(a, np.ndarray | np.generic) else a.get()).ravel()[: self.summarize]
         more = " ..." if np.size(a) > self.summarize else ""
         print(f"{self.message}{np.shape(a)} {flat}{more}", flush=True)
         return a
