@@ -511,10 +511,14 @@ class Scatter(Op):
 
     def compute(self, a):
         out = np.zeros_like(a, shape=self.shape)
-        if _is_advanced(self.index):
-            np.add.at(out, self.index, a)
-        else:
+        if not _is_advanced(self.index):
             out[self.index] = a
+        elif isinstance(out, np.ndarray):
+            np.add.at(out, self.index, a)
+        else:  # CuPy: ufunc.at is spelled cupyx.scatter_add
+            import cupyx
+
+            cupyx.scatter_add(out, self.index, a)
         return out
 
     def gradient(self, out_grad, node):
