@@ -477,8 +477,8 @@ class Eltwise(TensorLayer):
 
 @register_layer("Concat")
 class Concat(TensorLayer):
-    """Bottoms joined along ``axis`` (default 1): each is zero-padded to the joined size along
-    the axis and the results are added, so the backward is ``pad``'s (a slice per bottom)."""
+    """Bottoms joined along ``axis`` (default 1) with ``ops.concatenate``; its backward hands
+    each bottom its slice of the top's diff."""
 
     bottom_count = (1, None)
 
@@ -487,23 +487,11 @@ class Concat(TensorLayer):
         self.axis = int(axis)
 
     def compute(self, bottom: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-        ndim = len(bottom[0].shape)
-        axis = _axis(self.axis, ndim, self)
-        for b in bottom:
-            other = [d for i, d in enumerate(b.shape) if i != axis]
-            first = [d for i, d in enumerate(bottom[0].shape) if i != axis]
-            if len(b.shape) != ndim or other != first:
-                raise ValueError(f"Concat {self.name!r}: bottoms must agree off axis {axis}, "
-                                 f"got {[tuple(x.shape) for x in bottom]}")
-        sizes = [_known(b.shape[axis], self, "the concatenated dims") for b in bottom]
-        total, start, out = sum(sizes), 0, None
-        for b, size in zip(bottom, sizes):
-            widths = [(0, 0)] * ndim
-            widths[axis] = (start, total - start - size)
-            part = ops.pad(b, tuple(widths)) if len(bottom) > 1 else b
-            out = part if out is None else out + part
-            start += size
-        return [out]
+        axis = _axis(self.axis, len(bottom[0].shape), self)
+        try:
+            return [ops.concatenate(list(bottom), axis)]
+        except ValueError as exc:  # ShapeError: name the layer too
+            raise ValueError(f"Concat {self.name!r}: {exc}") from None
 
 
 @register_layer("Split")

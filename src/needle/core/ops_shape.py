@@ -319,6 +319,50 @@ class Stack(Op):
         return Aval(tuple(shape), np.result_type(*[a.dtype for a in avals]))
 
 
+@register("concatenate", inputs=("args",), tuple_input=True)
+class Concatenate(Op):
+    """Tensors joined along an existing ``axis`` (``np.concatenate``; torch's ``cat``).
+
+    Shapes must agree except along ``axis``; the gradient hands each input its slice.
+    """
+
+    def __init__(self, axis: int = 0) -> None:
+        self.axis = int(axis)
+
+    def compute(self, arrays):
+        return np.concatenate(arrays, axis=self.axis)
+
+    def gradient(self, out_grad, node):
+        parts = node.inputs[0].aval
+        axis = normalize_axis(self.name, self.axis, len(parts[0].shape))
+        pieces, start = [], 0
+        for part in parts:
+            size = part.shape[axis]
+            if size is None:
+                raise ShapeError(f"concatenate: the gradient needs each input's size along axis "
+                                 f"{axis}, got {fmt_shape(part.shape)}")
+            index = (slice(None),) * axis + (slice(start, start + size),)
+            pieces.append(F.getitem(out_grad, index))
+            start += size
+        return F.make_tuple(*pieces)
+
+    def infer(self, avals: tuple) -> Aval:
+        if not avals:
+            raise ShapeError("concatenate: needs at least one tensor")
+        ndim = len(avals[0].shape)
+        axis = normalize_axis(self.name, self.axis, ndim)
+        for a in avals:
+            if len(a.shape) != ndim or any(
+                    i != axis and x is not None and y is not None and x != y
+                    for i, (x, y) in enumerate(zip(a.shape, avals[0].shape))):
+                raise ShapeError(f"concatenate: shapes must agree except along axis {axis}, got "
+                                 f"{', '.join(fmt_shape(b.shape) for b in avals)}")
+        sizes = [a.shape[axis] for a in avals]
+        shape = list(avals[0].shape)
+        shape[axis] = None if None in sizes else sum(sizes)
+        return Aval(tuple(shape), np.result_type(*[a.dtype for a in avals]))
+
+
 @register("split", inputs=("a",))
 class Split(Op):
     """A TensorTuple of the slices of a along ``axis`` (the axis removed): stack's inverse."""
