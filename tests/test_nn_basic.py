@@ -351,3 +351,13 @@ def test_small_mlp_trains_with_plain_gradient_steps():
             p.data = p.numpy() - 0.3 * p.grad.numpy()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_module_to_keeps_the_tensor_objects_and_their_values():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    before = [(t, t.numpy().copy()) for t in [*model.parameters(), *model.buffers()]]
+    assert model.to(ndl.cpu()) is model
+    after = [*model.parameters(), *model.buffers()]
+    for (t, values), t2 in zip(before, after):
+        assert t is t2 and t2.device == ndl.cpu()
+        np.testing.assert_array_equal(t2.numpy(), values)

@@ -125,6 +125,16 @@ class Module:
     def eval(self) -> Module:
         return self.train(False)
 
+    def to(self, device: Any) -> Module:
+        """Move every parameter and buffer to ``device``, in place (the Tensor objects stay, so
+        references to them remain valid). Create optimizers after moving, as in PyTorch."""
+        for _, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if tensor.device != device:
+                host = tensor.device.to_numpy(tensor.realize_data())
+                tensor._data = device.array(host)
+                tensor.device = device
+        return self
+
     def apply(self, fn: Callable[[Module], None]) -> Module:
         """Call ``fn`` on every descendant, then on this module (as PyTorch)."""
         for child in self.children():
