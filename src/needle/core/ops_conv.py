@@ -81,6 +81,39 @@ def _nhwc_as_stored(out2d, n: int, h: int, w: int, channels_first: bool):
     return nchw.reshape(n, c, h, w).transpose(0, 2, 3, 1)
 
 
+#: output positions per image from which the per-image (NCHW) products beat one big product
+NCHW_MIN_POSITIONS = 256
+
+
+def _use_nchw(x, positions: int) -> bool:
+    """Take the NCHW path: the array is NCHW in memory and each image has enough positions for
+    its own matrix product to be efficient (small maps do better as one NHWC product)."""
+    return _channels_first(x) and positions >= NCHW_MIN_POSITIONS
+
+
+def _im2col_nchw(a, kh: int, kw: int, stride: int, padding: int):
+    """Patches of an NHWC-viewed NCHW array as (N, C * kh * kw, Ho * Wo), and (Ho, Wo).
+
+    Caffe's layout: one column per output position, rows in (c, i, j) order. For a model that
+    keeps NCHW in memory (nn.Conv) this reads the input and writes the output with no
+    transposing copies; the (N, C_out, Ho * Wo) product is NCHW as it comes out.
+    """
+    xp = array_module(a)
+    x = a.transpose(0, 3, 1, 2)  # the NCHW array itself
+    n, c, h, w = x.shape
+    if padding:
+        padded = xp.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=x.dtype)
+        padded[:, :, padding:padding + h, padding:padding + w] = x
+        x = padded
+    else:
+        x = xp.ascontiguousarray(x)
+    ho, wo = (x.shape[2] - kh) // stride + 1, (x.shape[3] - kw) // stride + 1
+    sn, sc, sh, sw = x.strides
+    patches = xp.lib.stride_tricks.as_strided(
+        x, shape=(n, c, kh, kw, ho, wo), strides=(sn, sc, sh, sw, sh * stride, sw * stride))
+    return patches.reshape(n, c * kh * kw, ho * wo), (ho, wo)
+
+
 def _check_nhwc(op: str, what: str, shape: tuple, other: str, other_shape: tuple) -> None:
     if len(shape) != 4 or len(other_shape) != 4:
         raise ShapeError(f"{op}: expected 4-d {what} and {other}, got {fmt_shape(shape)} and "
@@ -102,7 +135,15 @@ class Conv(Op):
         self.padding = int(padding)
 
     def compute(self, a, b):
-        kh, kw, _, c_out = b.shape
+        kh, kw, c_in, c_out = b.shape
+        positions = (_out_size(a.shape[1], kh, self.stride, self.padding)
+                     * _out_size(a.shape[2], kw, self.stride, self.padding))
+        if _use_nchw(a, positions) and a.shape[3] == c_in:
+            # NCHW in memory: out (N, C_out, Ho*Wo) = W (C_out, C*kh*kw) @ cols, no transposes
+            cols, (ho, wo) = _im2col_nchw(a, kh, kw, self.stride, self.padding)
+            weight = b.transpose(3, 2, 0, 1).reshape(c_out, c_in * kh * kw)
+            out = np.matmul(weight, cols).reshape(a.shape[0], c_out, ho, wo)
+            return out.transpose(0, 2, 3, 1)
         cols, (n, ho, wo) = _im2col(a, kh, kw, self.stride, self.padding)
         return _nhwc_as_stored(cols @ b.reshape(-1, c_out), n, ho, wo, _channels_first(a))
 
@@ -152,6 +193,18 @@ class ConvWeightGrad(Op):
 
     def compute(self, a, g):
         kh, kw = self.kernel_hw
+        if g.ndim == 4 and _channels_first(g) and _use_nchw(a, g.shape[1] * g.shape[2]):
+            cols, (ho, wo) = _im2col_nchw(a, kh, kw, self.stride, self.padding)
+            n, c_in, c_out = a.shape[0], a.shape[3], g.shape[3]
+            if g.shape[:3] != (n, ho, wo):
+                raise ShapeError(f"conv_weight_grad: g {fmt_shape(g.shape)} does not match the "
+                                 f"conv output (N, Ho, Wo) = {(n, ho, wo)} of input "
+                                 f"{fmt_shape(a.shape)} (kernel {kh}x{kw}, stride "
+                                 f"{self.stride}, padding {self.padding})")
+            grads = g.transpose(0, 3, 1, 2).reshape(n, c_out, ho * wo)
+            # sum over the batch of (C_out, HW) @ (HW, C*kh*kw)
+            out = np.matmul(grads, cols.transpose(0, 2, 1)).sum(axis=0)
+            return out.reshape(c_out, c_in, kh, kw).transpose(2, 3, 1, 0)
         cols, (n, ho, wo) = _im2col(a, kh, kw, self.stride, self.padding)
         if g.shape[:3] != (n, ho, wo):
             raise ShapeError(f"conv_weight_grad: g {fmt_shape(g.shape)} does not match the "
@@ -219,12 +272,22 @@ class ConvInputGrad(Op):
             raise ShapeError(f"conv_input_grad: g {fmt_shape(g.shape)} is not the conv output "
                              f"of a {h}x{w} input (kernel {kh}x{kw}, stride {s}, padding {p})")
         xp = array_module(g)
-        g2 = g.reshape(n * ho * wo, c_out)
         dtype = np.result_type(g.dtype, b.dtype)
+        hq, wq = -(-(h + 2 * p) // s), -(-(w + 2 * p) // s)
+        if _use_nchw(g, ho * wo):
+            # NCHW in memory: each tap is (C_in, C_out) @ (N, C_out, Ho*Wo), no transposes
+            grads = g.transpose(0, 3, 1, 2).reshape(n, c_out, ho * wo)
+            phases = xp.zeros((s, s, n, c_in, hq, wq), dtype=dtype)
+            for i in range(kh):
+                for j in range(kw):
+                    tap = xp.matmul(b[i, j], grads).reshape(n, c_in, ho, wo)
+                    phases[i % s, j % s, :, :, i // s:i // s + ho, j // s:j // s + wo] += tap
+            padded = phases.transpose(2, 3, 4, 0, 5, 1).reshape(n, c_in, hq * s, wq * s)
+            return padded[:, :, p:p + h, p:p + w].transpose(0, 2, 3, 1)
+        g2 = g.reshape(n * ho * wo, c_out)
         # Padded rows/cols y = s*y' + i are split by phase (y mod s): phase (i % s, j % s)
         # receives tap (i, j) as one slice with contiguous rows, so each of the kh*kw
         # scatter-adds runs over long contiguous runs instead of C-element pieces.
-        hq, wq = -(-(h + 2 * p) // s), -(-(w + 2 * p) // s)
         phases = xp.zeros((s, s, n, hq, wq, c_in), dtype=dtype)
         for i in range(kh):
             for j in range(kw):
