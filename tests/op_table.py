@@ -285,7 +285,16 @@ OP_TABLE: list[OpCase] = [
                            (lambda a, b: ops.conv(ops.permute(a, (0, 2, 3, 1)), b, stride=2,
                                                   padding=1),
                             lambda a, b: _torch_conv(a.permute(0, 2, 3, 1), b, 2, 1),
-                            normal((2, 3, 6, 5), (3, 3, 3, 2)))]}),
+                            normal((2, 3, 6, 5), (3, 3, 3, 2))),
+                           # ... with a map of >= 256 positions: the per-image NCHW products
+                           (lambda a, b: ops.conv(ops.permute(a, (0, 2, 3, 1)), b, stride=1,
+                                                  padding=1),
+                            lambda a, b: _torch_conv(a.permute(0, 2, 3, 1), b, 1, 1),
+                            normal((2, 3, 16, 17), (3, 3, 3, 2))),
+                           (lambda a, b: ops.conv(ops.permute(a, (0, 2, 3, 1)), b, stride=2,
+                                                  padding=1),
+                            lambda a, b: _torch_conv(a.permute(0, 2, 3, 1), b, 2, 1),
+                            normal((1, 2, 33, 32), (3, 3, 2, 3)))]}),
     # the conv adjoints; (1, 5, 5) with kernel 2 and stride 2 leaves a row and column unused
     OpCase("conv_weight_grad",
            lambda a, g: ops.conv_weight_grad(a, g, (3, 3), stride=1, padding=1),
@@ -296,7 +305,14 @@ OP_TABLE: list[OpCase] = [
                             normal((2, 6, 7, 2), (2, 3, 4, 3))),
                            (lambda a, g: ops.conv_weight_grad(a, g, (2, 2), stride=2),
                             lambda a, g: _torch_conv_weight_grad(a, g, (2, 2), 2, 0),
-                            normal((1, 5, 5, 2), (1, 2, 2, 1)))]}),
+                            normal((1, 5, 5, 2), (1, 2, 2, 1))),
+                           # a and g stored NCHW with >= 256 positions: the NCHW products
+                           (lambda a, g: ops.conv_weight_grad(
+                               ops.permute(a, (0, 2, 3, 1)), ops.permute(g, (0, 2, 3, 1)),
+                               (3, 3), stride=2, padding=1),
+                            lambda a, g: _torch_conv_weight_grad(
+                                a.permute(0, 2, 3, 1), g.permute(0, 2, 3, 1), (3, 3), 2, 1),
+                            normal((2, 2, 32, 33), (2, 3, 16, 17)))]}),
     OpCase("conv_input_grad",
            lambda g, b: ops.conv_input_grad(g, b, stride=1, padding=1, in_hw=(5, 5)),
            lambda g, b: _torch_conv_input_grad(g, b, 1, 1, (5, 5)),
@@ -314,6 +330,13 @@ OP_TABLE: list[OpCase] = [
                             lambda g, b: _torch_conv_input_grad(g.permute(0, 2, 3, 1), b, 2, 1,
                                                                 (6, 7)),
                             normal((2, 3, 3, 4), (3, 3, 2, 3))),
+                           # ... with >= 256 positions: the per-image NCHW products
+                           (lambda g, b: ops.conv_input_grad(ops.permute(g, (0, 2, 3, 1)), b,
+                                                             stride=2, padding=1,
+                                                             in_hw=(32, 33)),
+                            lambda g, b: _torch_conv_input_grad(g.permute(0, 2, 3, 1), b, 2, 1,
+                                                                (32, 33)),
+                            normal((2, 3, 16, 17), (3, 3, 2, 3))),
                            # in_hw=None: the smallest input, (3 - 1) * 2 + 3 - 2 = 5
                            (lambda g, b: ops.conv_input_grad(g, b, stride=2, padding=1),
                             lambda g, b: _torch_conv_input_grad(g, b, 2, 1, (5, 5)),
