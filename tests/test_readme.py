@@ -20,6 +20,6 @@ def test_readme_python_examples_run(capsys):
     assert "[10.107339]" in capsys.readouterr().out  # the lecture's example: e(e + 1)
 
 
-@pytest.mark.parametrize("name", ["eager.md", "jit.md"])
+@pytest.mark.parametrize("name", ["eager.md", "jit.md", "static.md"])
 def test_doc_examples_run(name):
     _run_examples(REPO_ROOT / "docs" / name)
