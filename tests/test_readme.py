@@ -20,6 +20,7 @@ def test_readme_python_examples_run(capsys):
     assert "[10.107339]" in capsys.readouterr().out  # the lecture's example: e(e + 1)
 
 
-@pytest.mark.parametrize("name", ["eager.md", "jit.md", "static.md"])
-def test_doc_examples_run(name):
+@pytest.mark.parametrize("name", ["eager.md", "jit.md", "static.md", "caffe.md"])
+def test_doc_examples_run(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples may write files (a solver snapshot)
     _run_examples(REPO_ROOT / "docs" / name)
