@@ -162,6 +162,8 @@ OP_TABLE: list[OpCase] = [
            lambda a: torch.tensor((np.random.seed(5),
                                    np.random.rand(*a.shape).astype(np.float32) <= 0.3)[1]).float(),
            [normal((4, 5))], differentiable=False),
+    OpCase("to_device", lambda a: ops.to_device(a, ndl.cpu()), lambda a: a.clone(),
+           [normal((3, 4))]),
     OpCase("stop_gradient", ops.stop_gradient, lambda a: a.detach(), [normal((3, 4))],
            differentiable=False),
     OpCase("store", lambda a: ops.store(a * 2, target=ndl.Tensor(np.zeros(a.shape, np.float32),

@@ -68,3 +68,13 @@ def test_training_step_on_the_gpu_matches_the_cpu(jitted):
         results.append([p.numpy() for p in model.parameters()])
     for a, b in zip(*results):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_to_device_is_differentiable_both_ways():
+    x = ndl.Tensor([1.0, 2.0])
+    on_gpu = x.to(ndl.cuda())
+    assert on_gpu.device == ndl.cuda()
+    (on_gpu * 3.0).sum().backward()
+    assert x.grad.device == ndl.cpu() and x.grad.numpy().tolist() == [3.0, 3.0]
+    back = on_gpu.to(ndl.cpu())
+    assert back.device == ndl.cpu() and back.numpy().tolist() == [1.0, 2.0]

@@ -227,7 +227,7 @@ def make_from_op(op: Op, inputs: tuple) -> Value:
         raise TypeError(f"{op.name}: expected Tensor inputs, got {bad}") from None
     requires_grad = requires_grad and _GRAD_ENABLED and op.differentiable
     cls = TensorTuple if op.returns_tuple else Tensor
-    device = inputs[0].device if inputs else cpu()
+    device = op.out_device or (inputs[0].device if inputs else cpu())
     if lazy or _TRACE is not None:
         node = _new_node(cls, op, inputs, None, requires_grad, device)
         node._aval = op.infer(*[x.aval for x in inputs])
@@ -430,11 +430,11 @@ class Tensor(Value):
         return _new_node(Tensor, None, (), self._data, False, self.device)
 
     def to(self, device: Device) -> Tensor:
-        """A copy of this tensor on ``device`` (a new leaf)."""
+        """This tensor on ``device``: itself if it is there, else a copy that gradients flow
+        back through (the ``to_device`` op), as PyTorch's ``.to``."""
         if device == self.device:
             return self
-        arr, _ = _to_backend(self, device, None, copy=False)
-        return _new_node(Tensor, None, (), arr, self.requires_grad, device)
+        return _ops.to_device(self, device)
 
     def astype(self, dtype: Any) -> Tensor:
         return _ops.astype(self, np.dtype(dtype))

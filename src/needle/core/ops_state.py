@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from . import api as F
 from .registry import Aval, Op, ShapeError, fmt_shape, register
 
 
@@ -18,6 +21,32 @@ class StopGradient(Op):
 
     def emit(self, args, node):
         return args[0]
+
+    def infer(self, a: Aval) -> Aval:
+        return a
+
+
+@register("to_device", inputs=("a",))
+class ToDevice(Op):
+    """``a`` copied to ``device`` (CPU <-> GPU); the gradient is copied back to a's device."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.out_device = device
+
+    def attrs(self) -> tuple:
+        return (("device", str(self.device)),)
+
+    def compute(self, a):
+        from ..backend import device_of
+
+        source = device_of(a)
+        if source == self.device:
+            return a.copy()
+        return self.device.array(source.to_numpy(a))
+
+    def gradient(self, out_grad, node):
+        return F.to_device(out_grad, node.inputs[0].device)
 
     def infer(self, a: Aval) -> Aval:
         return a

@@ -34,6 +34,8 @@ class Op:
     differentiable: bool = True
     #: True when ``compute`` returns a tuple of arrays (the node is a TensorTuple)
     returns_tuple: bool = False
+    #: the device of the result when it is not the first input's (``to_device``)
+    out_device: Any = None
 
     def __call__(self, *args: Any) -> Any:
         return make_node(self, args)
