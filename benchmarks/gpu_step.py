@@ -17,6 +17,7 @@ import numpy as np
 import needle as ndl
 import needle.nn as nn
 from needle.apps.models import MLPResNet
+from needle.apps.trainer import make_train_step
 
 BATCH, STEPS = 100, 50
 
@@ -26,24 +27,16 @@ def _needle(jitted: bool) -> float:
     np.random.seed(0)
     model = MLPResNet(784).to(device)
     opt = ndl.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
-    loss_fn = nn.SoftmaxLoss()
-
-    def step(x, y):
-        loss = loss_fn(model(x), y)
-        opt.reset_grad()
-        loss.backward()
-        opt.step()
-        return loss
-
+    step = make_train_step(model, nn.SoftmaxLoss(), opt)
     run = ndl.jit(step) if jitted else step
     rng = np.random.default_rng(0)
     x = ndl.Tensor(rng.random((BATCH, 784), dtype=np.float32), device=device,
                    requires_grad=False)
     y = ndl.Tensor(rng.integers(0, 10, BATCH), device=device)
-    run(x, y).numpy()
+    run(x, y)[0].numpy()
     start = time.perf_counter()
     for _ in range(STEPS):
-        loss = run(x, y)
+        loss, _ = run(x, y)
     loss.numpy()  # waits for the GPU
     return (time.perf_counter() - start) / STEPS
 

@@ -22,6 +22,7 @@ import torch
 import needle as ndl
 import needle.nn as nn
 from needle.apps.models import MLPResNet
+from needle.apps.trainer import make_train_step
 from numpy_mlp_resnet import NumpyMLPResNet
 from op_overhead import CHAIN, _needle_chain, _torch_chain
 
@@ -55,15 +56,7 @@ def needle_epoch(X, Y, jitted: bool) -> float:
     np.random.seed(0)
     model = MLPResNet(784, hidden=100, num_blocks=3, drop_prob=0.1)
     opt = ndl.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
-    loss_fn = nn.SoftmaxLoss()
-
-    def train_step(x, y):
-        loss = loss_fn(model(x), y)
-        opt.reset_grad()
-        loss.backward()
-        opt.step()
-        return loss
-
+    train_step = make_train_step(model, nn.SoftmaxLoss(), opt)
     step = ndl.jit(train_step) if jitted else train_step
     batches = [(ndl.from_numpy(X[i:i + BATCH]), ndl.from_numpy(Y[i:i + BATCH]))
                for i in range(0, len(X), BATCH)]

@@ -28,6 +28,19 @@ MODES = ("eager", "jit")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
+def make_train_step(model: nn.Module, loss_fn: nn.Module, optimizer: optim.Optimizer):
+    """One optimization step ``(x, y) -> (loss, logits)``: forward, loss, ``reset_grad``,
+    ``backward``, ``step`` (``optimizer.minimize``). Plain eager code, so ``ndl.jit`` compiles
+    it as it is."""
+
+    def train_step(x, y):
+        logits = model(x)
+        loss = optimizer.minimize(loss_fn(logits, y))
+        return loss, logits
+
+    return train_step
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint made for another model, dataset or input shape."""
 
@@ -140,13 +153,7 @@ class Trainer:
     # -- training --------------------------------------------------------------------------------
     def _make_train_step(self):
         """One optimization step returning (loss, logits); compiled with ndl.jit in jit mode."""
-        model, loss_fn, opt = self.model, self.loss_fn, self.optimizer
-
-        def train_step(x, y):
-            logits = model(x)
-            loss = opt.minimize(loss_fn(logits, y))
-            return loss, logits
-
+        train_step = make_train_step(self.model, self.loss_fn, self.optimizer)
         if self.cfg.mode == "jit":
             return jit(train_step)
         if self.cfg.mode != "eager":
@@ -234,4 +241,4 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 25
 
 
 __all__ = ["CheckpointMismatchError", "MODES", "OPTIMIZERS", "TrainConfig", "Trainer",
-           "evaluate", "evaluate_checkpoint", "make_optimizer"]
+           "evaluate", "evaluate_checkpoint", "make_optimizer", "make_train_step"]
