@@ -212,3 +212,10 @@ def test_tensor_counter_counts_live_tensors():
     assert ndl.autograd.TENSOR_COUNTER == before + 2
     del x, y
     assert ndl.autograd.TENSOR_COUNTER == before
+
+
+def test_numpy_functions_see_the_values_through_array_protocol():
+    t = ndl.Tensor([[1.0, 2.0]])
+    np.testing.assert_array_equal(np.array(t), [[1.0, 2.0]])
+    assert np.asarray(t, dtype=np.float64).dtype == np.float64
+    np.testing.assert_allclose(t, [[1.0, 2.0]])

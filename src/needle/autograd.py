@@ -375,6 +375,12 @@ class Tensor(Value):
         """The values as a NumPy array (shares memory on the CPU)."""
         return self.device.to_numpy(self.realize_data("numpy()"))
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """``np.array(t)``, ``np.testing.assert_allclose(t, ...)`` see the values (a copy when
+        a dtype conversion asks for one)."""
+        values = self.numpy()
+        return values if dtype is None else values.astype(dtype, copy=False)
+
     def item(self) -> Any:
         """The single value as a Python number."""
         data = self.realize_data("item()")
