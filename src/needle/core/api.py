@@ -68,6 +68,7 @@ def _load() -> list[str]:
         ops_conv,
         ops_elementwise,
         ops_linalg,
+        ops_norm,
         ops_random,
         ops_reduce,
         ops_shape,
