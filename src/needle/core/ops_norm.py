@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import api as F
-from .ops_reduce import reduced_count, moments
+from .ops_reduce import moments, reduced_count
 from .ops_shape import as_axes, normalize_axes, reduce_sum
 from .registry import Aval, Op, ShapeError, fmt_shape, register
 
