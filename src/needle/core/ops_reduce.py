@@ -199,4 +199,5 @@ class Variance(Reduction):
         # d var / da = 2 (a - mean) / n
         a = node.inputs[0]
         centered = a - F.mean(a, self.axes, keepdims=True)
-        return self.expand(out_grad, node) * centered * 2.0 / reduced_count(a, self._axes(len(a.shape)))
+        count = reduced_count(a, self._axes(len(a.shape)))
+        return self.expand(out_grad, node) * centered * 2.0 / count
