@@ -184,3 +184,32 @@ def test_graph_is_freed_by_reference_counting_alone():
         assert ndl.autograd.TENSOR_COUNTER == before
     finally:
         gc.enable()
+
+
+def test_a_float32_training_step_never_promotes_to_float64():
+    import needle.core.registry as registry
+    import needle.nn as nn
+    from needle.apps.models import MLPResNet
+
+    seen = []
+    make = registry._NODE_FACTORY[0]
+
+    def recording(op, inputs):
+        node = make(op, inputs)
+        if not op.returns_tuple:
+            seen.append((op.name, node.dtype))
+        return node
+
+    np.random.seed(0)
+    model = MLPResNet(64, hidden=16, num_blocks=1)
+    opt = ndl.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
+    x = ndl.Tensor(np.random.rand(8, 64).astype(np.float32), requires_grad=False)
+    y = ndl.Tensor(np.random.randint(0, 10, 8))
+    registry._NODE_FACTORY[0] = recording
+    try:
+        opt.minimize(nn.SoftmaxLoss()(model(x), y))
+    finally:
+        registry._NODE_FACTORY[0] = make
+    promoted = sorted({name for name, dtype in seen if dtype == np.float64})
+    assert seen and not promoted, f"ops that produced float64: {promoted}"
+    assert all(p.dtype == np.float32 and p.grad.dtype == np.float32 for p in model.parameters())
