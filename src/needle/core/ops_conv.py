@@ -191,26 +191,27 @@ class ConvWeightGrad(Op):
         self.stride = int(stride)
         self.padding = int(padding)
 
+    def _check_g(self, a, g, out_nhw: tuple) -> None:
+        """A ShapeError when g is not the conv output (N, Ho, Wo, .) of input a."""
+        if g.shape[:3] != out_nhw:
+            kh, kw = self.kernel_hw
+            raise ShapeError(f"conv_weight_grad: g {fmt_shape(g.shape)} does not match the "
+                             f"conv output (N, Ho, Wo) = {out_nhw} of input "
+                             f"{fmt_shape(a.shape)} (kernel {kh}x{kw}, stride {self.stride}, "
+                             f"padding {self.padding})")
+
     def compute(self, a, g):
         kh, kw = self.kernel_hw
         if g.ndim == 4 and _channels_first(g) and _use_nchw(a, g.shape[1] * g.shape[2]):
             cols, (ho, wo) = _im2col_nchw(a, kh, kw, self.stride, self.padding)
             n, c_in, c_out = a.shape[0], a.shape[3], g.shape[3]
-            if g.shape[:3] != (n, ho, wo):
-                raise ShapeError(f"conv_weight_grad: g {fmt_shape(g.shape)} does not match the "
-                                 f"conv output (N, Ho, Wo) = {(n, ho, wo)} of input "
-                                 f"{fmt_shape(a.shape)} (kernel {kh}x{kw}, stride "
-                                 f"{self.stride}, padding {self.padding})")
+            self._check_g(a, g, (n, ho, wo))
             grads = g.transpose(0, 3, 1, 2).reshape(n, c_out, ho * wo)
             # sum over the batch of (C_out, HW) @ (HW, C*kh*kw)
             out = np.matmul(grads, cols.transpose(0, 2, 1)).sum(axis=0)
             return out.reshape(c_out, c_in, kh, kw).transpose(2, 3, 1, 0)
         cols, (n, ho, wo) = _im2col(a, kh, kw, self.stride, self.padding)
-        if g.shape[:3] != (n, ho, wo):
-            raise ShapeError(f"conv_weight_grad: g {fmt_shape(g.shape)} does not match the "
-                             f"conv output (N, Ho, Wo) = {(n, ho, wo)} of input "
-                             f"{fmt_shape(a.shape)} (kernel {kh}x{kw}, stride {self.stride}, "
-                             f"padding {self.padding})")
+        self._check_g(a, g, (n, ho, wo))
         c_out = g.shape[3]
         out = cols.T @ g.reshape(-1, c_out)
         return out.reshape(kh, kw, a.shape[3], c_out)
