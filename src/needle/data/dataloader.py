@@ -214,7 +214,33 @@ class _EpochPlan:
     def produce(self, k: int) -> tuple:
         """Batch number ``k`` of the epoch as NumPy arrays. Touches no global RNG when the
         dataset has no per-sample transforms, so worker threads may run it."""
-        batch = self.fetch(self.positions(k))
+        return self._transformed(self.fetch(self.positions(k)), k)
+
+    def produce_many(self, first: int, stop: int) -> list[tuple]:
+        """Batches ``first .. stop - 1``, gathered at once where the dataset allows it.
+
+        For our array datasets one gather per array covers all the batches, and each batch is a
+        run of its rows (a view, so a batch kept alive keeps its chunk alive): one call instead
+        of one per batch, which is what lets worker threads outrun the consumer. Other datasets
+        go batch by batch. (A chunk that raises is redone batch by batch by the worker, so the
+        error surfaces at the batch that caused it.)
+        """
+        if stop - first < 2 or self.collate_fn is not None or not isinstance(self.dataset,
+                                                                              Dataset):
+            return [self.produce(k) for k in range(first, stop)]
+        start = first * self.batch_size
+        end = min(stop * self.batch_size, len(self.dataset))
+        index = slice(start, end) if self.order is None else self.order[start:end]
+        arrays = self.dataset.gather(index)
+        batches = []
+        for k in range(first, stop):
+            rows = slice((k - first) * self.batch_size, min((k + 1 - first) * self.batch_size,
+                                                            end - start))
+            batches.append(self._transformed(tuple(a[rows] for a in arrays), k))
+        return batches
+
+    def _transformed(self, batch: tuple, k: int) -> tuple:
+        """``batch`` (number ``k``) after the batch transforms, drawing from its own generator."""
         if self.batch_transforms:
             rng = np.random.default_rng([self.seed, k])
             to_hwc = getattr(self.dataset, "to_hwc", None)
@@ -237,7 +263,7 @@ class _Prefetcher:
     when ``close`` is called.
     """
 
-    def __init__(self, produce: Callable[[int], tuple], start: int, stop: int, workers: int,
+    def __init__(self, produce: Callable[[int, int], list], start: int, stop: int, workers: int,
                  depth: int, chunk: int) -> None:
         self._start = start
         self._chunk = chunk
@@ -251,20 +277,24 @@ class _Prefetcher:
         for t in self._threads:
             t.start()
 
-    def _work(self, produce: Callable[[int], tuple], start: int, stop: int, w: int,
+    def _work(self, produce: Callable[[int, int], list], start: int, stop: int, w: int,
               workers: int, out: queue.Queue) -> None:
         first_chunk = start + w * self._chunk
         for chunk_start in range(first_chunk, stop, workers * self._chunk):
-            items = []
-            for k in range(chunk_start, min(chunk_start + self._chunk, stop)):
-                if self._stop_event.is_set():
-                    return
-                try:
-                    items.append((True, produce(k)))
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                    items.append((False, exc))
-                    out.put(items)
-                    return
+            if self._stop_event.is_set():
+                return
+            chunk_stop = min(chunk_start + self._chunk, stop)
+            try:
+                items = [(True, batch) for batch in produce(chunk_start, chunk_stop)]
+            except BaseException:  # noqa: BLE001 - re-raised in the consumer
+                items = []  # one by one, so the batches before the failing one still arrive
+                for k in range(chunk_start, chunk_stop):
+                    try:
+                        items.append((True, produce(k, k + 1)[0]))
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                        items.append((False, exc))
+                        out.put(items)
+                        return
             out.put(items)
 
     def get(self, k: int) -> tuple:
@@ -303,7 +333,7 @@ class _EpochIterator:
         self._prefetcher = None
         if loader._prefetchable() and start < self.num_batches:
             chunk = max(1, -(-_CHUNK_SAMPLES // loader.batch_size))
-            self._prefetcher = _Prefetcher(self._plan.produce, start, self.num_batches,
+            self._prefetcher = _Prefetcher(self._plan.produce_many, start, self.num_batches,
                                            loader.num_workers, loader.prefetch_factor, chunk)
 
     def __iter__(self) -> _EpochIterator:
