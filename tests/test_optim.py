@@ -400,22 +400,27 @@ def test_clip_grad_norm_with_shared_gradient_arrays():
     lambda ps: ndl.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
     lambda ps: ndl.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
 ])
-def test_flat_update_is_bitwise_the_per_parameter_update(make, monkeypatch):
+@pytest.mark.parametrize("user_holds_arrays", [False, True])
+def test_flat_update_is_bitwise_the_per_parameter_update(make, user_holds_arrays, monkeypatch):
     def run(flat: bool):
         rng = np.random.default_rng(0)
         params = [ndl.Tensor(rng.standard_normal(s).astype(np.float32))
                   for s in [(3, 4), (4,), (2, 2, 2), (5,), (1, 3)]]
-        arrays_before = [p._data for p in params]
+        # a user's p.numpy() taken before the optimizer exists must keep seeing the updates
+        held = [p.numpy() for p in params] if user_holds_arrays else None
         opt = make(params)
         if not flat:
             monkeypatch.setattr(opt, "_flat_step", lambda: False)
+        # arrays nobody else holds become views of the optimizer's flat buffer
+        assert opt._flat.holds([p._data for p in params]) is (not user_holds_arrays)
         for step in range(6):
             for i, p in enumerate(params):
                 g = rng.standard_normal(p.shape).astype(np.float32)
                 # step 3 leaves one gradient out: that step takes the per-parameter path
                 p.grad = None if (step == 3 and i == 1) else ndl.Tensor(g, requires_grad=False)
             opt.step()
-        assert all(p._data is a for p, a in zip(params, arrays_before))  # updated in place
+        if held is not None:
+            assert all(p._data is a for p, a in zip(params, held))  # updated in place
         return [p.numpy().copy() for p in params], opt.state_dict()
 
     (flat_params, flat_state), (plain_params, plain_state) = run(True), run(False)
@@ -424,3 +429,16 @@ def test_flat_update_is_bitwise_the_per_parameter_update(make, monkeypatch):
     for index, entry in plain_state["state"].items():
         for name, value in entry.items():
             np.testing.assert_array_equal(flat_state["state"][index][name], value)
+
+
+def test_flat_update_follows_a_replaced_parameter_array():
+    """``p.data = ...`` after the optimizer adopted the arrays: the new array is updated."""
+    params = [ndl.Tensor(np.ones(s, dtype=np.float32)) for s in [(2,), (3,), (4,), (5,)]]
+    opt = ndl.optim.SGD(params, lr=0.5)
+    params[2].data = np.full(4, 3.0, dtype=np.float32)
+    replaced = params[2].numpy()
+    for p in params:
+        p.grad = ndl.Tensor(np.ones(p.shape, dtype=np.float32), requires_grad=False)
+    opt.step()
+    np.testing.assert_array_equal(replaced, np.full(4, 2.5))
+    np.testing.assert_array_equal(params[0].numpy(), np.full(2, 0.5))

@@ -41,7 +41,9 @@ class ApplyUpdates(Op):
     def compute(self, *grads):
         opt = self.optimizer
         given = {id(p): g for p, g in zip(self.params, grads)}
-        saved = [(p, p._data, p.grad) for p in opt.params]
+        # only what this node changes is put back (nothing, under the JIT)
+        saved_grads = [(p, p.grad) for p in opt.params] if self.restore_grads else []
+        saved_data = [(p, p._data) for p in self.params] if self.storage is not None else []
         try:
             for p in opt.params:
                 g = given.get(id(p))
@@ -51,10 +53,10 @@ class ApplyUpdates(Op):
                     p._data = self.storage(p)  # updated in place by step()
             opt.step()
         finally:
-            for p, data, grad in saved:
+            for p, data in saved_data:
                 p._data = data
-                if self.restore_grads:
-                    p.grad = grad
+            for p, grad in saved_grads:
+                p.grad = grad
         return None
 
     def infer(self, *avals: Aval) -> Aval:

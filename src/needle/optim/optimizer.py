@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -58,6 +59,29 @@ class _FlatBuffers:
         return [flat[a:b].reshape(shape)
                 for a, b, shape in zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
 
+    def holds(self, datas: list) -> bool:
+        """Whether these parameter arrays are this buffer's own views (see ``adopt``)."""
+        return all(d is v for d, v in zip(datas, self.param_views))
+
+    def adopt(self, params: list) -> bool:
+        """Make each parameter's array its view of ``self.param`` (values copied in), so the
+        update runs on the parameters' own memory with no gather or write-back.
+
+        Done only when every array belongs to its parameter alone: an array that is a view of
+        other memory, or that anything else references (a user's ``p.numpy()``, a Caffe Blob,
+        another Tensor) keeps its identity, so whoever shares it still sees the updates. The
+        flat buffer then gathers and writes back instead. (A known trick: FSDP's flat
+        parameters and fused multi-tensor optimizers lay parameters out the same way.)
+        """
+        for p in params:
+            # the attribute and getrefcount's own argument: nothing else holds the array
+            if p._data.base is not None or sys.getrefcount(p._data) != 2:
+                return False
+        for p, view in zip(params, self.param_views):
+            np.copyto(view, p._data)
+            p._data = view
+        return True
+
 
 
 def _plain(value: Any) -> Any:
@@ -110,6 +134,11 @@ class Optimizer:
         self._scratch: dict[int, list[Any]] = {}
         # all parameters end to end, for the one-shot update (see _flat_step)
         self._flat: _FlatBuffers | None = None
+        datas = self._flat_eligible([p._data for p in params])
+        if datas is not None:
+            self._flat = _FlatBuffers([d.shape for d in datas], datas[0].dtype)
+            del datas  # adopt() checks that only the parameters hold their arrays
+            self._flat.adopt(params)
 
     # -- gradients ---------------------------------------------------------------------------
     def reset_grad(self) -> None:
@@ -166,32 +195,45 @@ class Optimizer:
 
         Every rule is elementwise, so updating one concatenated array gives bit-for-bit the
         per-parameter results, with a dozen NumPy calls instead of a dozen per parameter.
-        Parameters keep their own arrays (they are gathered and written back), so memory
-        shared with other objects (a Caffe Blob, a user's view) stays shared. Used on the CPU
+        The parameters' arrays are views of that array when the optimizer could adopt them
+        (``_FlatBuffers.adopt``); otherwise they are gathered and written back, so memory they
+        share with other objects (a Caffe Blob, a user's view) stays shared. Used on the CPU
         when every parameter has a gradient and all share one float dtype.
         """
         params = self.params
-        if len(params) < 4:
-            return False
-        datas = [p._data for p in params]
         grads = [None if p.grad is None else p.grad._data for p in params]
-        dtype = datas[0].dtype
-        for data, grad in zip(datas, grads):
-            if (grad is None or type(data) is not np.ndarray or type(grad) is not np.ndarray
-                    or data.dtype != dtype or not data.flags.writeable):
-                return False
-        if dtype.kind != "f":
+        if any(g is None or type(g) is not np.ndarray for g in grads):
+            return False
+        datas = self._flat_eligible([p._data for p in params])
+        if datas is None:
             return False
         flat = self._flat
         shapes = [data.shape for data in datas]
-        if flat is None or flat.shapes != shapes or flat.param.dtype != dtype:
-            flat = self._flat = _FlatBuffers(shapes, dtype)
+        if flat is None or flat.shapes != shapes or flat.param.dtype != datas[0].dtype:
+            flat = self._flat = _FlatBuffers(shapes, datas[0].dtype)
         np.concatenate([g.reshape(-1) for g in grads], out=flat.grad)
+        if flat.holds(datas):
+            self._update(_FLAT, flat.param, flat.grad)
+            return True
         np.concatenate([d.reshape(-1) for d in datas], out=flat.param)
         self._update(_FLAT, flat.param, flat.grad)
         for data, view in zip(datas, flat.param_views):
             np.copyto(data, view)
         return True
+
+    @staticmethod
+    def _flat_eligible(datas: list) -> list | None:
+        """``datas`` if one flat update can cover them (at least 4 writable NumPy arrays of one
+        float dtype), else None."""
+        if len(datas) < 4:
+            return None
+        dtype = datas[0].dtype
+        if dtype.kind != "f":
+            return None
+        for data in datas:
+            if type(data) is not np.ndarray or data.dtype != dtype or not data.flags.writeable:
+                return None
+        return datas
 
     def _begin_step(self) -> None:
         """Hook run once per ``step()`` before the per-parameter updates."""
@@ -302,7 +344,8 @@ class Optimizer:
         self.step_count = int(state_dict["step_count"])
         self.state = new_state
         self._scratch = {}
-        self._flat = None  # rebuilt from the loaded per-parameter state at the next step
+        if self._flat is not None:  # rebuilt from the loaded per-parameter state
+            self._flat.state = {}
 
     def _load_state(self, saved: dict[Any, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         """Checked copies of saved per-parameter arrays on each parameter's device and dtype."""
