@@ -89,6 +89,45 @@ def test_conv_op_gradient_finite_differences(stride, padding, k):
     check_gradient_fd(lambda x, w: ndl.conv(x, w, stride=stride, padding=padding), [a, b], rng)
 
 
+@pytest.mark.parametrize("hw", [5, 1, 16])  # NHWC product; a 1x1 map; per-image NCHW products
+@pytest.mark.parametrize("stride, padding, k", [(1, 1, 3), (2, 1, 3), (2, 0, 1), (1, 0, 1)])
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_conv_primitives_on_every_layout_path(hw, stride, padding, k, channels_first):
+    """Each primitive's result matches torch on every path (NHWC, an NCHW array seen through
+    a permute, small and large maps) and stays as it is when the op runs again: no result may
+    share memory with the op's internals or with a later call."""
+    shape = (2, 3, hw, hw) if channels_first else (2, hw, hw, 3)
+
+    def nhwc(array):  # the NHWC view nn.Conv passes, or a plain NHWC array
+        return array.transpose(0, 2, 3, 1) if channels_first else array
+
+    def results(seed):
+        r = np.random.default_rng(seed)
+        a = nhwc(r.standard_normal(shape).astype(np.float32))
+        b = r.standard_normal((k, k, 3, 4)).astype(np.float32)
+        y = ndl.ops.conv(ndl.Tensor(a), ndl.Tensor(b), stride=stride, padding=padding).numpy()
+        g = nhwc(r.standard_normal((2, 4) + y.shape[1:3]).astype(np.float32)) \
+            if channels_first else r.standard_normal(y.shape).astype(np.float32)
+        wg = ndl.ops.conv_weight_grad(ndl.Tensor(a), ndl.Tensor(g), kernel_hw=(k, k),
+                                      stride=stride, padding=padding).numpy()
+        xg = ndl.ops.conv_input_grad(ndl.Tensor(g), ndl.Tensor(b), stride=stride,
+                                     padding=padding, in_hw=(hw, hw)).numpy()
+        ta = torch.tensor(np.ascontiguousarray(a.transpose(0, 3, 1, 2)), requires_grad=True)
+        tb = torch.tensor(np.ascontiguousarray(b.transpose(3, 2, 0, 1)), requires_grad=True)
+        ty = TF.conv2d(ta, tb, stride=stride, padding=padding)
+        ty.backward(torch.tensor(np.ascontiguousarray(g.transpose(0, 3, 1, 2))))
+        expected = [ty.detach().numpy().transpose(0, 2, 3, 1),
+                    tb.grad.numpy().transpose(2, 3, 1, 0), ta.grad.numpy().transpose(0, 2, 3, 1)]
+        return [y, wg, xg], expected
+
+    first, expected = results(1)
+    kept = [x.copy() for x in first]
+    results(2)  # the same shapes again, other values
+    for got, copy, want in zip(first, kept, expected):
+        np.testing.assert_array_equal(got, copy)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kernel, stride", [(2, None), (3, None), (3, 2), (2, 1), (3, 1)])
 @pytest.mark.parametrize("pool, reference", [(nn.MaxPool2d, TF.max_pool2d),
                                              (nn.AvgPool2d, TF.avg_pool2d)])

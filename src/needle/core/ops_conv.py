@@ -283,7 +283,13 @@ class ConvInputGrad(Op):
                 for j in range(kw):
                     tap = xp.matmul(b[i, j], grads).reshape(n, c_in, ho, wo)
                     phases[i % s, j % s, :, :, i // s:i // s + ho, j // s:j // s + wo] += tap
-            padded = phases.transpose(2, 3, 4, 0, 5, 1).reshape(n, c_in, hq * s, wq * s)
+            if s == 1:
+                padded = phases[0, 0]
+            else:  # interleave: one strided assignment per phase beats one 6-d transpose
+                padded = xp.empty((n, c_in, hq * s, wq * s), dtype=dtype)
+                for r in range(s):
+                    for t in range(s):
+                        padded[:, :, r::s, t::s] = phases[r, t]
             return padded[:, :, p:p + h, p:p + w].transpose(0, 2, 3, 1)
         g2 = g.reshape(n * ho * wo, c_out)
         # Padded rows/cols y = s*y' + i are split by phase (y mod s): phase (i % s, j % s)
