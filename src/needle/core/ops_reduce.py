@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import api as F
-from .ops_shape import as_axes, normalize_axes, reduce_sum
+from .ops_shape import as_axes, normalize_axes, reduce_sum, sum_expr
 from .registry import Aval, Op, register
 
 
@@ -54,8 +54,7 @@ class Summation(Reduction):
         a = node.inputs[0]
         if a.dtype.kind != "f":
             return None
-        return (f"np.add.reduce({args[0]}, axis={self._axes(len(a.shape))!r}, "
-                f"keepdims={self.keepdims})")
+        return sum_expr(args[0], tuple(a.shape), self._axes(len(a.shape)), self.keepdims)
 
     def gradient(self, out_grad, node):
         return self.expand(out_grad, node)
@@ -73,7 +72,7 @@ class Mean(Reduction):
         count = 1
         for i in axes:
             count *= a.shape[i]
-        return np.true_divide(np.add.reduce(a, axis=axes, keepdims=self.keepdims), count)
+        return np.true_divide(reduce_sum(a, axes, self.keepdims), count)
 
     def emit(self, args, node):
         a = node.inputs[0]
@@ -81,8 +80,7 @@ class Mean(Reduction):
             return None
         axes = self._axes(len(a.shape))
         count = int(np.prod([a.shape[i] for i in axes]))
-        return (f"np.true_divide(np.add.reduce({args[0]}, axis={axes!r}, "
-                f"keepdims={self.keepdims}), {count})")
+        return f"np.true_divide({sum_expr(args[0], tuple(a.shape), axes, self.keepdims)}, {count})"
 
     def gradient(self, out_grad, node):
         a = node.inputs[0]
