@@ -85,6 +85,30 @@ def _torch_dilate(x, axes, d):
     return out
 
 
+def _batch_norm(x, w, b, axes, eps):
+    """batch_norm with x's own statistics, as BatchNorm1d/2d call it in training."""
+    return ops.batch_norm(x, w, b, ops.mean(x, axes, keepdims=True),
+                          ops.variance(x, axes, keepdims=True), axes=axes, eps=eps)
+
+
+def _batch_norm_grad(g, x, w, axes):
+    """batch_norm_grad with x's own statistics, its (dx, dweight, dbias) as dx + 2 dw + 3 db."""
+    dx, dw, db = ops.batch_norm_grad(g, x, w, ops.mean(x, axes, keepdims=True),
+                                     ops.variance(x, axes, keepdims=True), axes=axes, eps=1e-5)
+    return dx + dw * 2.0 + db * 3.0
+
+
+def _torch_batch_norm_grad(g, x, w):
+    """The same combination of torch's training-mode batch_norm adjoints, differentiable."""
+    b = torch.zeros_like(w, requires_grad=True)
+    x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+    w_in = w if w.requires_grad else w.detach().requires_grad_(True)
+    y = torch.nn.functional.batch_norm(x_in, None, None, w_in.reshape(-1), b.reshape(-1),
+                                       training=True, eps=1e-5)
+    dx, dw, db = torch.autograd.grad(y, [x_in, w_in, b], g, create_graph=True)
+    return dx + dw * 2.0 + db * 3.0
+
+
 def _torch_conv(x, w, stride, padding):
     out = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).contiguous(),
                                      w.permute(3, 2, 0, 1).contiguous(),
@@ -226,6 +250,23 @@ OP_TABLE: list[OpCase] = [
                             / torch.sqrt(v + 1e-5),
                             lambda rng: [*normal((6, 4), (6, 4))(rng),
                                          *positive((1, 4))(rng)])]}),
+    OpCase("batch_norm", lambda x, w, b: _batch_norm(x, w, b, (0,), 1e-5),
+           lambda x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, training=True,
+                                                          eps=1e-5),
+           [lambda rng: [*normal((6, 4), (4,), (4,))(rng)]], rtol=1e-4, atol=1e-5,
+           fd_rtol=1e-4,
+           extra={"more": [(lambda x, w, b: _batch_norm(x, w, b, (0, 2, 3), 1e-3),
+                            lambda x, w, b: torch.nn.functional.batch_norm(
+                                x, None, None, w.reshape(-1), b.reshape(-1), training=True,
+                                eps=1e-3),
+                            normal((3, 2, 2, 3), (1, 2, 1, 1), (1, 2, 1, 1)))]}),
+    # all three adjoints in one output, so every input gets a gradient (db needs neither x nor w)
+    OpCase("batch_norm_grad", lambda g, x, w: _batch_norm_grad(g, x, w, (0,)),
+           lambda g, x, w: _torch_batch_norm_grad(g, x, w),
+           [normal((6, 4), (6, 4), (4,))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4,
+           extra={"more": [(lambda g, x, w: _batch_norm_grad(g, x, w, (0, 2, 3)),
+                            _torch_batch_norm_grad,
+                            normal((3, 2, 2, 3), (3, 2, 2, 3), (1, 2, 1, 1)))]}),
     OpCase("inv_std", lambda a: ops.inv_std(a, (1,), 1e-5),
            lambda a: 1 / torch.sqrt(a.var(1, unbiased=False, keepdim=True) + 1e-5),
            [normal((3, 5))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4),

@@ -1,9 +1,10 @@
 """Normalization ops: BatchNorm's and LayerNorm's core as single nodes, forward and backward.
 
 ``normalize`` and its adjoint ``normalize_grad`` replace the ten-odd elementwise and reduction
-nodes of the textbook formulas (BatchNorm is hot in every training step); ``inv_std`` is the
-piece the adjoint's own gradient needs. Statistics follow np.mean's arithmetic (biased
-variance).
+nodes of the textbook formulas (LayerNorm); ``batch_norm`` and ``batch_norm_grad`` do the same
+for training-mode BatchNorm with its affine weight and bias, in as few passes over the
+activations as NumPy allows (BatchNorm is hot in every CNN step); ``inv_std`` is the piece the
+adjoints' own gradients need. Statistics follow np.mean's arithmetic (biased variance).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import api as F
 from .ops_reduce import moments, reduced_count
-from .ops_shape import as_axes, normalize_axes, reduce_sum
+from .ops_shape import as_axes, normalize_axes, reduce_sum, reduce_sum_of_products
 from .registry import Aval, Op, ShapeError, fmt_shape, register
 
 
@@ -91,7 +92,7 @@ class NormalizeGrad(NormOp):
         for i in axes:
             count *= g.shape[i]
         g_mean = np.true_divide(reduce_sum(g, axes, keepdims=True), count)
-        gy_mean = np.true_divide(reduce_sum(g * y, axes, keepdims=True), count)
+        gy_mean = np.true_divide(reduce_sum_of_products(g, y, axes, keepdims=True), count)
         out = g - g_mean
         out -= y * gy_mean
         out *= 1.0 / np.sqrt(var + self.eps)
@@ -113,6 +114,117 @@ class NormalizeGrad(NormOp):
     def infer(self, g: Aval, y: Aval, s: Aval) -> Aval:
         normalize_axes(self.name, self.axes, len(g.shape))
         return g
+
+
+def _check_batch_stats(op: str, x: Aval, axes: tuple, stats: dict[str, Aval]) -> None:
+    """A ShapeError unless each of ``stats`` broadcasts against x's kept shape over ``axes``
+    without growing it (a per-channel array: (C,), (1, C) or (1, C, 1, 1) ...)."""
+    kept = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    for name, aval in stats.items():
+        shape = aval.shape
+        fits = len(shape) <= len(kept) and all(
+            d == 1 or k is None or d is None or d == k
+            for d, k in zip(shape[::-1], kept[::-1]))
+        if not fits:
+            raise ShapeError(f"{op}: {name} of shape {fmt_shape(shape)} does not fit input "
+                             f"{fmt_shape(x.shape)} normalized over axes {axes}; expected a "
+                             f"per-channel shape that broadcasts to {fmt_shape(kept)}")
+
+
+@register("batch_norm", inputs=("x", "weight", "bias", "mean", "var"))
+class BatchNorm(NormOp):
+    """Training-mode BatchNorm: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    ``mean`` and ``var`` are x's own (biased) statistics over ``axes`` with kept dims, as
+    ``mean`` and ``variance`` make them (BatchNorm computes them once, for this and for its
+    running averages). ``weight`` and ``bias`` are per-channel arrays of one shape that
+    broadcast against that kept shape. Computed as PyTorch's CPU kernel does, in two passes:
+    ``y = x * alpha + beta`` with ``alpha = weight / sqrt(var + eps)`` and
+    ``beta = bias - mean * alpha``.
+
+    NOTE: as with ``normalize``, the gradient (``batch_norm_grad``) already accounts for the
+    statistics' dependence on ``x``, so none flows to the ``mean``/``var`` inputs.
+    """
+
+    def compute(self, x, weight, bias, mean, var):
+        alpha = weight * (1.0 / np.sqrt(var + self.eps))
+        beta = bias - mean * alpha
+        y = x * alpha
+        y += beta
+        return y
+
+    def gradient(self, out_grad, node):
+        x, weight, bias, mean, var = node.inputs
+        grads = F.batch_norm_grad(out_grad, x, weight, mean, var, axes=self.axes, eps=self.eps)
+        return grads[0], grads[1], grads[2], None, None
+
+    def infer(self, x: Aval, weight: Aval, bias: Aval, mean: Aval, var: Aval) -> Aval:
+        axes = normalize_axes(self.name, self.axes, len(x.shape))
+        _check_batch_stats(self.name, x, axes, {"weight": weight, "bias": bias, "mean": mean,
+                                                "var": var})
+        if weight.shape != bias.shape:
+            raise ShapeError(f"batch_norm: weight {fmt_shape(weight.shape)} and bias "
+                             f"{fmt_shape(bias.shape)} must have one shape")
+        return Aval(x.shape, np.result_type(x.dtype, weight.dtype))
+
+
+@register("batch_norm_grad", inputs=("g", "x", "weight", "mean", "var"))
+class BatchNormGrad(NormOp):
+    """The adjoint of ``batch_norm`` for output gradient ``g``: ``(dx, dweight, dbias)``.
+
+    With ``xhat = (x - mean) * inv``, ``inv = 1 / sqrt(var + eps)`` and n the reduced count::
+
+        dbias = sum(g),  dweight = sum(g * xhat) = inv * sum(g * (x - mean))
+        dx = weight * inv * (g - dbias / n - xhat * dweight / n)
+
+    ``dweight`` and ``dbias`` have the weight's shape. The sums read their inputs once
+    (einsum) and ``dx`` is ``a * g + b * (x - mean) + c`` with per-channel a, b, c: five
+    passes over the activations where the composite formula takes a dozen. Its own gradient
+    is the composite formula's, derived by the same autodiff, so second order works.
+    """
+
+    returns_tuple = True
+
+    def compute(self, g, x, weight, mean, var):
+        axes = normalize_axes(self.name, self.axes, x.ndim)
+        count = 1
+        for i in axes:
+            count *= x.shape[i]
+        inv = 1.0 / np.sqrt(var + self.eps)
+        centered = x - mean
+        dbias = reduce_sum(g, axes, keepdims=True)
+        dot = reduce_sum_of_products(g, centered, axes, keepdims=True)
+        scale = weight * inv
+        dx = g * scale
+        centered *= scale * (inv * inv) * dot * (-1.0 / count)
+        dx += centered
+        dx += scale * dbias * (-1.0 / count)
+        return dx, (dot * inv).reshape(weight.shape), dbias.reshape(weight.shape)
+
+    def _composite(self, g, x, weight):
+        xhat = F.normalize(x, axes=self.axes, eps=self.eps)
+        dx = F.normalize_grad(g * weight, xhat, x, axes=self.axes, eps=self.eps)
+        dweight = F.reshape(F.summation(g * xhat, self.axes, keepdims=True), weight.shape)
+        dbias = F.reshape(F.summation(g, self.axes, keepdims=True), weight.shape)
+        return [dx, dweight, dbias]
+
+    def gradient(self, out_grad, node):
+        from .autodiff import gradients
+
+        g, x, weight, _, _ = node.inputs
+        outputs = self._composite(g, x, weight)
+        seeds = [out_grad[i] for i in range(3)]
+        return (*gradients(outputs, [g, x, weight], seeds, stop_at_wrt=True), None, None)
+
+    def infer(self, g: Aval, x: Aval, weight: Aval, mean: Aval, var: Aval) -> tuple:
+        axes = normalize_axes(self.name, self.axes, len(x.shape))
+        _check_batch_stats(self.name, x, axes, {"weight": weight, "mean": mean, "var": var})
+        if len(g.shape) != len(x.shape) or any(
+                a is not None and b is not None and a != b for a, b in zip(g.shape, x.shape)):
+            raise ShapeError(f"batch_norm_grad: g {fmt_shape(g.shape)} does not match x "
+                             f"{fmt_shape(x.shape)}")
+        dtype = np.result_type(g.dtype, x.dtype, weight.dtype)
+        return (Aval(x.shape, dtype), Aval(weight.shape, dtype), Aval(weight.shape, dtype))
 
 
 @register("inv_std", inputs=("a",))

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import api as F
-from .ops_shape import as_axes, normalize_axes, reduce_sum, sum_expr
+from .ops_shape import as_axes, normalize_axes, reduce_sum, reduce_sum_of_products, sum_expr
 from .registry import Aval, Op, register
 
 
@@ -172,7 +172,7 @@ def moments(a: Any, axes: tuple[int, ...]) -> tuple[Any, Any, Any]:
         count *= a.shape[i]
     mean = np.true_divide(reduce_sum(a, axes, keepdims=True), count)
     centered = a - mean
-    var = np.true_divide(reduce_sum(centered * centered, axes, keepdims=True), count)
+    var = np.true_divide(reduce_sum_of_products(centered, centered, axes, keepdims=True), count)
     return mean, centered, var
 
 

@@ -193,6 +193,18 @@ def reduce_sum(a: Any, axes: tuple, keepdims: bool) -> Any:
     return np.sum(a, axis=axes, keepdims=keepdims)
 
 
+def reduce_sum_of_products(a: Any, b: Any, axes: tuple, keepdims: bool) -> Any:
+    """``(a * b).sum(axes)`` for arrays of one shape, without the product array where einsum
+    can do it (CPU floats with some axes kept: one read of each input)."""
+    if a.dtype.kind == "f" and isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        spec = einsum_sum_spec(a.ndim, axes)
+        if spec is not None:
+            inputs = spec.split("->")[0]
+            out = np.einsum(f"{inputs},{spec}", a, b)
+            return out.reshape(kept_shape(a.shape, axes)) if keepdims else out
+    return reduce_sum(a * b, axes, keepdims)
+
+
 def sum_expr(arg: str, shape: tuple, axes: tuple[int, ...], keepdims: bool) -> str:
     """The NumPy expression that ``reduce_sum`` evaluates for a float array of ``shape`` (for
     compiled plans, which inline it)."""

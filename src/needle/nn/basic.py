@@ -222,28 +222,29 @@ class BatchNorm1d(Module):
     def forward(self, x: Tensor) -> Tensor:
         axes = self._check(x)
         ndim = len(x.shape)
+        weight = self._per_channel(self.weight, ndim)
+        bias = self._per_channel(self.bias, ndim)
         if self.training:
             # the batch statistics, once: for the normalization and the running averages
             mean = ops.mean(x, axes=axes, keepdims=True)
             var = ops.variance(x, axes=axes, keepdims=True)
-            normed = ops.normalize(x, mean, var, axes=axes, eps=self.eps)
-            self._update_running(mean, var, normed)
-        else:
-            centered = x - self._per_channel(self.running_mean, ndim)
-            normed = centered / ops.sqrt(self._per_channel(self.running_var, ndim) + self.eps)
-        return (self._per_channel(self.weight, ndim) * normed
-                + self._per_channel(self.bias, ndim))
+            out = ops.batch_norm(x, weight, bias, mean, var, axes=axes, eps=self.eps)
+            self._update_running(mean, var, out)
+            return out
+        centered = x - self._per_channel(self.running_mean, ndim)
+        normed = centered / ops.sqrt(self._per_channel(self.running_var, ndim) + self.eps)
+        return weight * normed + bias
 
-    def _update_running(self, mean: Tensor, var: Tensor, normed: Tensor) -> None:
+    def _update_running(self, mean: Tensor, var: Tensor, out: Tensor) -> None:
         """running = (1 - m) running + m batch_stat, written in place with ``ops.store``.
 
         No gradient flows here. Eagerly the buffers change at once; in a traced graph (JIT) the
         store is an effect that runs on every call; a declared graph runs it when fetched.
         """
-        # ``normed`` ties each store to this forward pass (a control dependency)
+        # ``out`` ties each store to this forward pass (a control dependency)
         with no_grad():
-            ops.store(mean, normed, target=self.running_mean, momentum=self.momentum)
-            ops.store(var, normed, target=self.running_var, momentum=self.momentum)
+            ops.store(mean, out, target=self.running_mean, momentum=self.momentum)
+            ops.store(var, out, target=self.running_var, momentum=self.momentum)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, momentum={self.momentum}"
