@@ -347,3 +347,25 @@ def test_bad_arguments():
         DataLoader(_ids_dataset(3), batch_size=0)
     with pytest.raises(ValueError, match="num_workers"):
         DataLoader(_ids_dataset(3), num_workers=-1)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_plain_array_short_path_gives_the_general_paths_batches(shuffle):
+    """Plain NDArrayDatasets skip the general batch machinery; the batches are the same as
+    through it (a subclass overriding gather takes the general path)."""
+
+    class General(NDArrayDataset):
+        def gather(self, index):
+            return super().gather(index)
+
+    images = np.asfortranarray(np.random.default_rng(3).random((23, 4), dtype=np.float32))
+    labels = np.arange(23)
+    plain = DataLoader(NDArrayDataset(images, labels), batch_size=5, shuffle=shuffle)
+    general = DataLoader(General(images, labels), batch_size=5, shuffle=shuffle)
+    assert plain._plain_arrays() is not None and general._plain_arrays() is None
+    np.random.seed(4)
+    fast = _collect(plain)
+    np.random.seed(4)
+    slow = _collect(general)
+    _assert_same_batches(fast, slow)
+    assert len(fast) == 5 and all(x.flags.c_contiguous for x, _ in fast)
