@@ -14,8 +14,15 @@ from typing import Any
 import numpy as np
 
 from . import api as F
+from . import channels_last
 from .ops_reduce import moments, reduced_count
-from .ops_shape import as_axes, normalize_axes, reduce_sum, reduce_sum_of_products
+from .ops_shape import (
+    as_axes,
+    channel_axis,
+    normalize_axes,
+    reduce_sum,
+    reduce_sum_of_products,
+)
 from .registry import Aval, Op, ShapeError, fmt_shape, register
 
 
@@ -149,6 +156,11 @@ class BatchNorm(NormOp):
     def compute(self, x, weight, bias, mean, var):
         alpha = weight * (1.0 / np.sqrt(var + self.eps))
         beta = bias - mean * alpha
+        axis = channel_axis(x, normalize_axes(self.name, self.axes, x.ndim))
+        matrix = None if axis is None else channels_last.channel_matrix(x, axis)
+        if matrix is not None:  # channels-last memory: per-channel rows, same layout out
+            y = channels_last.scaled(matrix, alpha.reshape(-1), beta.reshape(-1))
+            return channels_last.from_channel_matrix(y, x, axis)
         y = x * alpha
         y += beta
         return y
@@ -191,6 +203,9 @@ class BatchNormGrad(NormOp):
         for i in axes:
             count *= x.shape[i]
         inv = 1.0 / np.sqrt(var + self.eps)
+        axis = channel_axis(x, axes)
+        if axis is not None and channels_last.channel_matrix(x, axis) is not None:
+            return self._channels_last(g, x, weight, mean, inv, axis, count)
         centered = x - mean
         dbias = reduce_sum(g, axes, keepdims=True)
         dot = reduce_sum_of_products(g, centered, axes, keepdims=True)
@@ -200,6 +215,27 @@ class BatchNormGrad(NormOp):
         dx += centered
         dx += scale * dbias * (-1.0 / count)
         return dx, (dot * inv).reshape(weight.shape), dbias.reshape(weight.shape)
+
+    @staticmethod
+    def _channels_last(g, x, weight, mean, inv, axis: int, count: int):
+        """``compute`` for channels-last x: the same arithmetic on (M, C) channel matrices
+        (g is brought to x's layout first if it differs)."""
+        cl = channels_last
+        xm = cl.channel_matrix(x, axis)
+        gm = cl.channel_matrix(g, axis)
+        if gm is None:
+            gm = np.ascontiguousarray(np.moveaxis(g, axis, -1)).reshape(xm.shape)
+        inv = inv.reshape(-1)
+        centered = cl.shifted(xm, -mean.reshape(-1))
+        dbias = cl.column_sums(gm)
+        dot = cl.column_dots(gm, centered)
+        scale = weight.reshape(-1) * inv
+        dx = cl.scaled(gm, scale)
+        cl.multiply_(centered, scale * (inv * inv) * dot * (-1.0 / count))
+        dx += centered
+        cl.add_(dx, scale * dbias * (-1.0 / count))
+        return (cl.from_channel_matrix(dx, x, axis), (dot * inv).reshape(weight.shape),
+                dbias.reshape(weight.shape))
 
     def _composite(self, g, x, weight):
         xhat = F.normalize(x, axes=self.axes, eps=self.eps)

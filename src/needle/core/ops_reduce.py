@@ -7,7 +7,15 @@ from typing import Any
 import numpy as np
 
 from . import api as F
-from .ops_shape import as_axes, normalize_axes, reduce_sum, reduce_sum_of_products, sum_expr
+from . import channels_last
+from .ops_shape import (
+    as_axes,
+    channel_axis,
+    normalize_axes,
+    reduce_sum,
+    reduce_sum_of_products,
+    sum_expr,
+)
 from .registry import Aval, Op, register
 
 
@@ -171,9 +179,20 @@ def moments(a: Any, axes: tuple[int, ...]) -> tuple[Any, Any, Any]:
     for i in axes:
         count *= a.shape[i]
     mean = np.true_divide(reduce_sum(a, axes, keepdims=True), count)
-    centered = a - mean
+    centered = subtract_per_channel(a, mean, axes)
     var = np.true_divide(reduce_sum_of_products(centered, centered, axes, keepdims=True), count)
     return mean, centered, var
+
+
+def subtract_per_channel(a: Any, stat: Any, axes: tuple[int, ...]) -> Any:
+    """``a - stat`` for a keepdims statistic over ``axes``; channels-last arrays keep their
+    layout and take the fast per-channel path (see core/channels_last.py)."""
+    axis = channel_axis(a, axes)
+    matrix = None if axis is None else channels_last.channel_matrix(a, axis)
+    if matrix is None:
+        return a - stat
+    shifted = channels_last.shifted(matrix, -stat.reshape(-1))
+    return channels_last.from_channel_matrix(shifted, a, axis)
 
 
 def reduced_count(a: Any, axes: tuple) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import api as F
+from . import channels_last
 from .registry import Aval, Op, ShapeError, fmt_shape, register
 
 
@@ -181,9 +182,23 @@ def kept_shape(shape: tuple, axes: tuple[int, ...]) -> tuple:
     return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
+def channel_axis(a: Any, axes: tuple) -> int | None:
+    """The one axis a sum over ``axes`` keeps, when a is a large float array (else None)."""
+    if a.ndim < 3 or len(axes) != a.ndim - 1 or a.size < EINSUM_MIN_SIZE:
+        return None
+    kept = [i for i in range(a.ndim) if i not in axes]
+    return kept[0] if len(kept) == 1 else None
+
+
 def reduce_sum(a: Any, axes: tuple, keepdims: bool) -> Any:
-    """``np.sum`` without its Python wrapper for float arrays; large partial sums by einsum."""
+    """``np.sum`` without its Python wrapper for float arrays; large partial sums by einsum, or
+    by ``channels_last.column_sums`` over every axis but the innermost one in memory."""
     if a.dtype.kind == "f" and isinstance(a, np.ndarray):
+        axis = channel_axis(a, axes)
+        matrix = None if axis is None else channels_last.channel_matrix(a, axis)
+        if matrix is not None:
+            out = channels_last.column_sums(matrix)
+            return out.reshape(kept_shape(a.shape, axes)) if keepdims else out
         if a.size >= EINSUM_MIN_SIZE:
             spec = einsum_sum_spec(a.ndim, axes)
             if spec is not None:
@@ -197,6 +212,12 @@ def reduce_sum_of_products(a: Any, b: Any, axes: tuple, keepdims: bool) -> Any:
     """``(a * b).sum(axes)`` for arrays of one shape, without the product array where einsum
     can do it (CPU floats with some axes kept: one read of each input)."""
     if a.dtype.kind == "f" and isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        axis = channel_axis(a, axes)
+        if axis is not None:
+            ma, mb = channels_last.channel_matrix(a, axis), channels_last.channel_matrix(b, axis)
+            if ma is not None and mb is not None:
+                out = channels_last.column_dots(ma, mb)
+                return out.reshape(kept_shape(a.shape, axes)) if keepdims else out
         spec = einsum_sum_spec(a.ndim, axes)
         if spec is not None:
             inputs = spec.split("->")[0]

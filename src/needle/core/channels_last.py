@@ -1,0 +1,112 @@
+"""Per-channel sums and affine maps for arrays whose channel axis is innermost in memory.
+
+A CNN kept channels-last (NHWC memory, seen through an NCHW permute) reduces over every axis
+but the channel one and scales each channel by its own constant (BatchNorm). NumPy does both
+poorly on such memory: its inner loop runs over the C channels only (16 to 64 elements), so a
+(64, 32, 32, 16) array takes 3-5x longer than the same work on NCHW memory. Seen as rows of a
+few thousand elements (a multiple of C), with the per-channel constants tiled to that length,
+the same work runs at full speed: ``column_sums``, ``column_dots`` and ``affine`` below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: the longest rows the channel matrix is viewed as (a multiple of C); the per-channel
+#: constants tiled to that length stay in the L2 cache
+ROW = 16384
+
+
+def channel_matrix(x: Any, axis: int) -> np.ndarray | None:
+    """x's memory as an (M, C) matrix with C = x.shape[axis], when ``axis`` is innermost in
+    memory and the rest is C-contiguous (a channels-last array of 3 or more dims), else None."""
+    if not isinstance(x, np.ndarray) or x.ndim < 3:
+        return None
+    moved = np.moveaxis(x, axis, -1)
+    if not moved.flags.c_contiguous:
+        return None
+    return moved.reshape(-1, x.shape[axis])
+
+
+def from_channel_matrix(matrix: np.ndarray, like: Any, axis: int) -> np.ndarray:
+    """The inverse of ``channel_matrix``: an (M, C) matrix as an array shaped like ``like``."""
+    moved = np.moveaxis(like, axis, -1).shape
+    return np.moveaxis(matrix.reshape(moved), -1, axis)
+
+
+def _rows(matrix: np.ndarray) -> np.ndarray | None:
+    """An (M, C) matrix as rows of C * k elements, k the largest power of two up to ROW / C that
+    divides M (None when that is 1: no better than the matrix itself)."""
+    m, c = matrix.shape
+    k = 1
+    while k * 2 * c <= ROW and m % (k * 2) == 0:
+        k *= 2
+    if k == 1:
+        return None
+    return matrix.reshape(-1, k * c)
+
+
+def _tiled(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per-channel ``values`` (C,) repeated along a row of ``rows``."""
+    return np.broadcast_to(values, (rows.shape[1] // values.shape[0], values.shape[0])).reshape(-1)
+
+
+def column_sums(matrix: np.ndarray) -> np.ndarray:
+    """The (C,) sums of an (M, C) channel matrix."""
+    rows = _rows(matrix)
+    if rows is None:
+        return np.einsum("mc->c", matrix)
+    # a BLAS matrix-vector product sums the rows 3x faster than einsum or np.add.reduce
+    ones = np.ones(rows.shape[0], dtype=rows.dtype)
+    return (ones @ rows).reshape(-1, matrix.shape[1]).sum(axis=0)
+
+
+def column_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The (C,) sums of the products of two (M, C) channel matrices."""
+    rows_a, rows_b = _rows(a), _rows(b)
+    if rows_a is None:
+        return np.einsum("mc,mc->c", a, b)
+    return np.einsum("mb,mb->b", rows_a, rows_b).reshape(-1, a.shape[1]).sum(axis=0)
+
+
+def scaled(matrix: np.ndarray, scale: np.ndarray, shift: np.ndarray | None = None
+           ) -> np.ndarray:
+    """A new (M, C) matrix ``matrix * scale + shift`` with per-channel (C,) constants."""
+    rows = _rows(matrix)
+    if rows is None:
+        out = matrix * scale
+        if shift is not None:
+            out += shift
+        return out
+    out = rows * _tiled(scale, rows)
+    if shift is not None:
+        out += _tiled(shift, rows)
+    return out.reshape(matrix.shape)
+
+
+def shifted(matrix: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """A new (M, C) matrix ``matrix + shift`` with a per-channel (C,) shift."""
+    rows = _rows(matrix)
+    if rows is None:
+        return matrix + shift
+    return (rows + _tiled(shift, rows)).reshape(matrix.shape)
+
+
+def add_(matrix: np.ndarray, values: np.ndarray) -> None:
+    """``matrix += values`` per channel, in place (``matrix`` C-contiguous)."""
+    rows = _rows(matrix)
+    if rows is None:
+        matrix += values
+    else:
+        rows += _tiled(values, rows)
+
+
+def multiply_(matrix: np.ndarray, values: np.ndarray) -> None:
+    """``matrix *= values`` per channel, in place (``matrix`` C-contiguous)."""
+    rows = _rows(matrix)
+    if rows is None:
+        matrix *= values
+    else:
+        rows *= _tiled(values, rows)
