@@ -88,7 +88,8 @@ class Mean(Reduction):
             return None
         axes = self._axes(len(a.shape))
         count = int(np.prod([a.shape[i] for i in axes]))
-        return f"np.true_divide({sum_expr(args[0], tuple(a.shape), axes, self.keepdims)}, {count})"
+        expr = sum_expr(args[0], tuple(a.shape), axes, self.keepdims)
+        return None if expr is None else f"np.true_divide({expr}, {count})"
 
     def gradient(self, out_grad, node):
         a = node.inputs[0]

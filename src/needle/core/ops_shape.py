@@ -226,10 +226,13 @@ def reduce_sum_of_products(a: Any, b: Any, axes: tuple, keepdims: bool) -> Any:
     return reduce_sum(a * b, axes, keepdims)
 
 
-def sum_expr(arg: str, shape: tuple, axes: tuple[int, ...], keepdims: bool) -> str:
+def sum_expr(arg: str, shape: tuple, axes: tuple[int, ...], keepdims: bool) -> str | None:
     """The NumPy expression that ``reduce_sum`` evaluates for a float array of ``shape`` (for
-    compiled plans, which inline it)."""
+    compiled plans, which inline it), or None where only the run-time layout can decide (a
+    large sum keeping one axis: channels-last arrays take ``channels_last.column_sums``)."""
     size = int(np.prod(shape)) if shape else 1
+    if len(shape) >= 3 and len(axes) == len(shape) - 1 and size >= EINSUM_MIN_SIZE:
+        return None
     spec = einsum_sum_spec(len(shape), axes) if size >= EINSUM_MIN_SIZE else None
     if spec is None:
         return f"np.add.reduce({arg}, axis={axes!r}, keepdims={keepdims})"
@@ -259,7 +262,8 @@ class SumTo(Op):
         axes, out_shape = _sum_to_plan(self.shape, tuple(a.shape))
         if not axes:
             return f"{args[0]}.reshape({out_shape!r})"
-        return f"{sum_expr(args[0], tuple(a.shape), axes, True)}.reshape({out_shape!r})"
+        expr = sum_expr(args[0], tuple(a.shape), axes, True)
+        return None if expr is None else f"{expr}.reshape({out_shape!r})"
 
     def gradient(self, out_grad, node):
         a = node.inputs[0]
