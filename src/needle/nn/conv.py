@@ -30,6 +30,8 @@ class Conv(Module):
     ``y[n, o] = b[o] + sum_{c, i, j} x_pad[n, c, s*h + i, s*w + j] * W[i, j, c, o]``;
     input (N, C_in, H, W), output (N, C_out, (H + 2p - k) // s + 1, (W + 2p - k) // s + 1).
     The weight is stored as (k, k, C_in, C_out) (needle's layout, torch's is (C_out, C_in, k, k)).
+    The output is an NCHW view of channels-last (NHWC) memory, as ``ops.conv`` stores its
+    results: later convolutions and BatchNorm run fastest on it (see docs/design.md).
 
     >>> conv = Conv(3, 8, 3)
     >>> conv(init.rand(2, 3, 5, 5)).shape
