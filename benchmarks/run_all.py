@@ -76,7 +76,11 @@ def run(only: list[str] | None, compile_torch: bool) -> str:
     return (f"# Benchmarks\n\nLatest run: {stamp} on {common.machine()}.\n"
             "Times are the best of several repeats; `ratio` is needle / PyTorch (lower is "
             "better for needle) unless a column says otherwise. Regenerate with "
-            "`python benchmarks/run_all.py`.\n\n" + "\n".join(sections))
+            "`python benchmarks/run_all.py`.\n\n"
+            "The machines here have slow phases (minutes in which everything, PyTorch "
+            "included, runs 30-50% slower); the scripts time needle and PyTorch back to "
+            "back, so compare ratios within a table, not absolute times across runs.\n\n"
+            + "\n".join(sections))
 
 
 def main() -> None:
