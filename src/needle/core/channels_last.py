@@ -5,7 +5,9 @@ but the channel one and scales each channel by its own constant (BatchNorm). Num
 poorly on such memory: its inner loop runs over the C channels only (16 to 64 elements), so a
 (64, 32, 32, 16) array takes 3-5x longer than the same work on NCHW memory. Seen as rows of a
 few thousand elements (a multiple of C), with the per-channel constants tiled to that length,
-the same work runs at full speed: ``column_sums``, ``column_dots`` and ``affine`` below.
+the same work runs at full speed: ``column_sums``, ``column_dots``, ``scaled``, ``shifted``,
+``add_`` and ``multiply_`` below. ``reduce_sum``, ``moments`` and the BatchNorm ops use them
+when ``channel_matrix`` finds such memory.
 """
 
 from __future__ import annotations
