@@ -41,18 +41,41 @@ def mnist_arrays() -> tuple[np.ndarray, np.ndarray, str]:
             "random data (MNIST files absent)")
 
 
-def _epoch_timer(step, batches, repeat: int = 3) -> float:
-    step(*batches[0])  # warm-up (and the trace, for compiled steps)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
+def _epoch_runner(step, batches):
+    """A callable that runs one epoch of ``step``, after one warm-up step (the trace or
+    compilation, for compiled steps)."""
+    step(*batches[0])
+
+    def epoch():
         for x, y in batches:
             step(x, y)
-        best = min(best, time.perf_counter() - start)
+
+    return epoch
+
+
+def best_epochs(epochs: dict, repeat: int = 3, pause: float = 5.0) -> dict:
+    """The best time of each epoch callable over ``repeat`` epochs after an untimed one, one
+    variant after the other, each after an idle ``pause``.
+
+    NOTE: taking the variants' epochs in turn (A B A B) is unfair here: NumPy's OpenBLAS and
+    torch's OpenMP threads spin for a while after their work and slowed the other library's
+    next epoch by up to 40%. These machines also slow down under sustained load, hence the
+    pause (the same start for every variant).
+    """
+    best = {}
+    for name, epoch in epochs.items():
+        time.sleep(pause)
+        epoch()  # absorbs the previous variant's spinning threads
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            epoch()
+            times.append(time.perf_counter() - start)
+        best[name] = min(times)
     return best
 
 
-def needle_epoch(X, Y, jitted: bool) -> float:
+def needle_epoch(X, Y, jitted: bool):
     np.random.seed(0)
     model = MLPResNet(784, hidden=100, num_blocks=3, drop_prob=0.1)
     opt = ndl.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
@@ -60,7 +83,7 @@ def needle_epoch(X, Y, jitted: bool) -> float:
     step = ndl.jit(train_step) if jitted else train_step
     batches = [(ndl.from_numpy(X[i:i + BATCH]), ndl.from_numpy(Y[i:i + BATCH]))
                for i in range(0, len(X), BATCH)]
-    return _epoch_timer(step, batches)
+    return _epoch_runner(step, batches)
 
 
 def torch_model() -> torch.nn.Module:
@@ -86,7 +109,7 @@ def torch_model() -> torch.nn.Module:
     return Net()
 
 
-def torch_epoch(X, Y, compiled: bool) -> float:
+def torch_epoch(X, Y, compiled: bool):
     torch.manual_seed(0)
     model = torch_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
@@ -102,14 +125,14 @@ def torch_epoch(X, Y, compiled: bool) -> float:
     step = torch.compile(train_step) if compiled else train_step
     batches = [(torch.from_numpy(X[i:i + BATCH]), torch.from_numpy(Y[i:i + BATCH]).long())
                for i in range(0, len(X), BATCH)]
-    return _epoch_timer(step, batches)
+    return _epoch_runner(step, batches)
 
 
-def numpy_epoch(X, Y) -> float:
+def numpy_epoch(X, Y):
     np.random.seed(0)
     model = NumpyMLPResNet()
     batches = [(X[i:i + BATCH], Y[i:i + BATCH]) for i in range(0, len(X), BATCH)]
-    return _epoch_timer(model.step, batches)
+    return _epoch_runner(model.step, batches)
 
 
 def jax_epoch() -> float | None:
@@ -152,16 +175,16 @@ def main(compile_torch: bool = True) -> list[dict]:
     common.torch_threads()
     X, Y, source = mnist_arrays()
     Y = Y.astype(np.int64)
-    jit_t = needle_epoch(X, Y, jitted=True)
-    eager_t = needle_epoch(X, Y, jitted=False)
-    torch_t = torch_epoch(X, Y, compiled=False)
-    numpy_t = numpy_epoch(X, Y)
-    compiled_t = None
+    epochs = {"jit": needle_epoch(X, Y, jitted=True), "eager": needle_epoch(X, Y, jitted=False),
+              "torch": torch_epoch(X, Y, compiled=False), "numpy": numpy_epoch(X, Y)}
     if compile_torch:
         try:
-            compiled_t = torch_epoch(X, Y, compiled=True)
+            epochs["compiled"] = torch_epoch(X, Y, compiled=True)  # compiles here
         except Exception as exc:  # noqa: BLE001 - report, do not fail the benchmark
             print(f"torch.compile unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+    best = best_epochs(epochs)
+    jit_t, eager_t, torch_t, numpy_t = (best[k] for k in ("jit", "eager", "torch", "numpy"))
+    compiled_t = best.get("compiled")
     jax_t = jax_epoch()
 
     def fmt(t):

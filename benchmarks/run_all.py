@@ -57,15 +57,19 @@ def _run_isolated(module_name: str, compile_torch: bool) -> list[dict]:
     raise RuntimeError(f"benchmarks/{module_name}.py printed no rows (exit {result.returncode})")
 
 
-def run(only: list[str] | None, compile_torch: bool) -> str:
+def run(only: list[str] | None, compile_torch: bool, pause: float) -> str:
     sections = []
-    for module_name, title, what in SCRIPTS:
+    for index, (module_name, title, what) in enumerate(SCRIPTS):
         if only and module_name not in only:
             continue
         if not os.path.exists(os.path.join(HERE, f"{module_name}.py")):
             sections.append(f"## {title}\n\n_not measured: benchmarks/{module_name}.py is "
                             "missing_\n")
             continue
+        if index and pause:
+            # these VMs slow down under sustained load (30-50% after ~10 s of full use);
+            # an idle pause lets each script start from the same state
+            time.sleep(pause)
         print(f"running {module_name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         rows = _run_isolated(module_name, compile_torch)
@@ -77,9 +81,10 @@ def run(only: list[str] | None, compile_torch: bool) -> str:
             "Times are the best of several repeats; `ratio` is needle / PyTorch (lower is "
             "better for needle) unless a column says otherwise. Regenerate with "
             "`python benchmarks/run_all.py`.\n\n"
-            "The machines here have slow phases (minutes in which everything, PyTorch "
-            "included, runs 30-50% slower); the scripts time needle and PyTorch back to "
-            "back, so compare ratios within a table, not absolute times across runs.\n\n"
+            "The machines here slow down under sustained load (everything, PyTorch "
+            "included, 30-50% slower after some seconds of full use), so each script starts "
+            "after an idle pause and times needle and PyTorch back to back: compare ratios "
+            "within a table rather than absolute times across runs.\n\n"
             + "\n".join(sections))
 
 
@@ -87,8 +92,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", help="benchmark module names to run")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--pause", type=float, default=30.0,
+                        help="idle seconds before each script (default 30)")
     args = parser.parse_args()
-    text = run(args.only, not args.no_compile)
+    text = run(args.only, not args.no_compile, args.pause)
     if args.only:  # a partial run is printed, never written over the full table
         print(text)
         return
