@@ -79,8 +79,9 @@ def step_rows() -> list[dict]:
         t_opt.step()
 
     needle_step(), torch_step()  # warm up (allocations, optimizer state)
-    n_t = common.best_time(needle_step, repeat=10)
-    t_t = common.best_time(torch_step, repeat=10)
+    best = common.best_times_in_rounds({"needle": needle_step, "torch": torch_step},
+                                       repeat=8)
+    n_t, t_t = best["needle"], best["torch"]
     return [{"benchmark": "CNN train step, batch 64 of 3x32x32 (s/step)", "needle": n_t,
              "pytorch": t_t, "ratio": n_t / t_t}]
 
@@ -115,8 +116,8 @@ def conv_layer_rows() -> list[dict]:
                              ("conv N64 C32->64 32x32 k3 s2 fwd+bwd (ms)", needle_step,
                               torch_step)]:
         n_fn(), t_fn()
-        n_t = common.best_time(n_fn, repeat=10) * 1e3
-        t_t = common.best_time(t_fn, repeat=10) * 1e3
+        best = common.best_times_in_rounds({"needle": n_fn, "torch": t_fn}, repeat=8)
+        n_t, t_t = best["needle"] * 1e3, best["torch"] * 1e3
         rows.append({"benchmark": name, "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t})
     return rows
 

@@ -28,6 +28,27 @@ def best_time(fn: Callable[[], object], repeat: int = 5, number: int = 1) -> flo
     return best
 
 
+def best_times_in_rounds(fns: dict[str, Callable[[], object]], rounds: int = 3,
+                         repeat: int = 3, pause: float = 2.0) -> dict[str, float]:
+    """The best time of each callable over ``rounds`` rounds; a round runs every callable in
+    turn: an idle ``pause``, one untimed call, then ``repeat`` timed calls.
+
+    NOTE: these VMs have slow phases (everything, PyTorch included, 30-50% slower for a
+    while), so one block per library can land one of them in a slow phase; rounds spread
+    each library's samples over the run. Within a round each library runs in one block:
+    alternating call by call is unfair, because OpenBLAS and OpenMP threads spin after
+    their work and slowed the other library's next call by up to 40%. The untimed call
+    absorbs that.
+    """
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(pause)
+            fn()
+            best[name] = min(best[name], best_time(fn, repeat=repeat))
+    return best
+
+
 def torch_threads() -> None:
     """Give torch the same thread count as NumPy's BLAS."""
     import torch

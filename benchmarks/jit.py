@@ -14,7 +14,6 @@ import common  # noqa: F401  (pins BLAS threads before NumPy and torch load)
 # isort: on
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -51,28 +50,6 @@ def _epoch_runner(step, batches):
             step(x, y)
 
     return epoch
-
-
-def best_epochs(epochs: dict, repeat: int = 3, pause: float = 5.0) -> dict:
-    """The best time of each epoch callable over ``repeat`` epochs after an untimed one, one
-    variant after the other, each after an idle ``pause``.
-
-    NOTE: taking the variants' epochs in turn (A B A B) is unfair here: NumPy's OpenBLAS and
-    torch's OpenMP threads spin for a while after their work and slowed the other library's
-    next epoch by up to 40%. These machines also slow down under sustained load, hence the
-    pause (the same start for every variant).
-    """
-    best = {}
-    for name, epoch in epochs.items():
-        time.sleep(pause)
-        epoch()  # absorbs the previous variant's spinning threads
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            epoch()
-            times.append(time.perf_counter() - start)
-        best[name] = min(times)
-    return best
 
 
 def needle_epoch(X, Y, jitted: bool):
@@ -182,7 +159,7 @@ def main(compile_torch: bool = True) -> list[dict]:
             epochs["compiled"] = torch_epoch(X, Y, compiled=True)  # compiles here
         except Exception as exc:  # noqa: BLE001 - report, do not fail the benchmark
             print(f"torch.compile unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
-    best = best_epochs(epochs)
+    best = common.best_times_in_rounds(epochs, rounds=2, repeat=2, pause=5.0)
     jit_t, eager_t, torch_t, numpy_t = (best[k] for k in ("jit", "eager", "torch", "numpy"))
     compiled_t = best.get("compiled")
     jax_t = jax_epoch()

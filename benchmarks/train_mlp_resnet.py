@@ -142,8 +142,8 @@ def main() -> list[dict]:
     needle_epoch, torch_epoch = needle_epoch_fn(X, y), torch_epoch_fn(X, y)
     n_loss, t_loss = needle_epoch(), torch_epoch()  # first epochs warm up (and are reported)
     print(f"first-epoch mean loss: needle {n_loss:.3f}, pytorch {t_loss:.3f}")
-    n_t = common.best_time(needle_epoch, repeat=5)
-    t_t = common.best_time(torch_epoch, repeat=5)
+    best = common.best_times_in_rounds({"needle": needle_epoch, "torch": torch_epoch})
+    n_t, t_t = best["needle"], best["torch"]
     data = "10k MNIST" if source.startswith("MNIST") else "10k RANDOM images (no MNIST)"
     return [{"benchmark": f"MLP-ResNet epoch, {data}, batch 100, Adam (s/epoch)",
              "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t}]
