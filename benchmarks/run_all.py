@@ -67,8 +67,7 @@ def run(only: list[str] | None, compile_torch: bool, pause: float) -> str:
                             "missing_\n")
             continue
         if index and pause:
-            # these VMs slow down under sustained load (30-50% after ~10 s of full use);
-            # an idle pause lets each script start from the same state
+            # these VMs have slow phases; an idle pause gives each script the same start
             time.sleep(pause)
         print(f"running {module_name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
@@ -81,10 +80,11 @@ def run(only: list[str] | None, compile_torch: bool, pause: float) -> str:
             "Times are the best of several repeats; `ratio` is needle / PyTorch (lower is "
             "better for needle) unless a column says otherwise. Regenerate with "
             "`python benchmarks/run_all.py`.\n\n"
-            "The machines here slow down under sustained load (everything, PyTorch "
-            "included, 30-50% slower after some seconds of full use), so each script starts "
-            "after an idle pause and times needle and PyTorch back to back: compare ratios "
-            "within a table rather than absolute times across runs.\n\n"
+            "The machines here have slow phases (tens of seconds in which work runs 20-50% "
+            "slower, memory-bound and small-op work unequally, so needle and PyTorch are not "
+            "slowed alike). Each script starts after an idle pause and times the libraries "
+            "in rounds; compare ratios within a table, and rerun a script whose ratio looks "
+            "off.\n\n"
             + "\n".join(sections))
 
 
