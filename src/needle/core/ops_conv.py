@@ -209,7 +209,8 @@ class ConvWeightGrad(Op):
                 out = np.matmul(grads, cols.transpose(0, 2, 1)).sum(axis=0).T
             else:  # (N, C*kh*kw, HW) @ (N, HW, C_out)
                 out = np.matmul(cols, g.reshape(n, ho * wo, c_out)).sum(axis=0)
-            return np.ascontiguousarray(out.reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3))
+            return array_module(a).ascontiguousarray(
+                out.reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3))
         cols, (n, ho, wo) = _im2col(a, kh, kw, self.stride, self.padding)
         self._check_g(a, g, (n, ho, wo))
         c_out = g.shape[3]
