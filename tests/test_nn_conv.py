@@ -186,3 +186,50 @@ def test_conv_and_pools_run_on_a_declared_graph():
         got = st.Session().run([conv(X), max_pool(X), avg_pool(X)], feed_dict={X: x})
     for value, reference in zip(got, expected):
         np.testing.assert_allclose(value, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cnn_at_full_size_matches_torch(train):
+    """A CNN large enough for the channels-last fast paths (conv results stored NHWC, BatchNorm
+    statistics and adjoints on channel matrices, the bias add as rows): loss, input gradient
+    and every parameter gradient against torch with the same weights."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    labels = rng.integers(0, 10, 8)
+    np.random.seed(3)
+    layers = [nn.Conv(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+              nn.Conv(16, 32, 3, stride=2), nn.BatchNorm2d(32), nn.ReLU()]
+    features, head = nn.Sequential(*layers), nn.Linear(32, 10)
+    t_layers = [torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.BatchNorm2d(32),
+                torch.nn.ReLU()]
+    for ours, theirs in zip(layers, t_layers):
+        if isinstance(ours, nn.Conv):
+            theirs.weight.data = torch.tensor(ours.weight.numpy().transpose(3, 2, 0, 1).copy())
+            theirs.bias.data = torch.tensor(ours.bias.numpy().copy())
+    t_head = torch.nn.Linear(32, 10)
+    t_head.weight.data = torch.tensor(head.weight.numpy().T.copy())
+    t_head.bias.data = torch.tensor(head.bias.numpy().reshape(-1).copy())
+    for m in (*layers, head):
+        m.train(train)
+    for m in (*t_layers, t_head):
+        m.train(train)
+
+    X = ndl.Tensor(x)
+    loss = nn.SoftmaxLoss()(head(ndl.ops.mean(features(X), axes=(2, 3))), ndl.Tensor(labels))
+    loss.backward()
+    tx = torch.tensor(x, requires_grad=True)
+    t_feat = torch.nn.Sequential(*t_layers)(tx)
+    t_loss = TF.cross_entropy(t_head(t_feat.mean(dim=(2, 3))), torch.tensor(labels))
+    t_loss.backward()
+    np.testing.assert_allclose(loss.numpy(), t_loss.item(), rtol=1e-5)
+    _close(X.grad, tx.grad, atol=1e-6, rtol=1e-3)
+    for ours, theirs in zip(layers, t_layers):
+        if isinstance(ours, nn.Conv):
+            _close(ours.weight.grad, theirs.weight.grad.permute(2, 3, 1, 0), atol=1e-5,
+                   rtol=1e-3)
+            _close(ours.bias.grad, theirs.bias.grad, atol=1e-5, rtol=1e-3)
+        if isinstance(ours, nn.BatchNorm2d):
+            _close(ours.weight.grad, theirs.weight.grad, atol=1e-5, rtol=1e-3)
+            _close(ours.bias.grad, theirs.bias.grad, atol=1e-5, rtol=1e-3)
