@@ -362,7 +362,7 @@ def test_plain_array_short_path_gives_the_general_paths_batches(shuffle):
     labels = np.arange(23)
     plain = DataLoader(NDArrayDataset(images, labels), batch_size=5, shuffle=shuffle)
     general = DataLoader(General(images, labels), batch_size=5, shuffle=shuffle)
-    assert plain._plain_arrays() is not None and general._plain_arrays() is None
+    assert plain._plain_batches() and not general._plain_batches()
     np.random.seed(4)
     fast = _collect(plain)
     np.random.seed(4)

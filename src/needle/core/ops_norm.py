@@ -18,7 +18,8 @@ from . import channels_last
 from .ops_reduce import moments, reduced_count
 from .ops_shape import (
     as_axes,
-    channel_axis,
+    channel_matrix_of,
+    kept_shape,
     normalize_axes,
     reduce_sum,
     reduce_sum_of_products,
@@ -69,7 +70,7 @@ class Normalize(NormOp):
 
     def infer(self, a: Aval, *stats: Aval) -> Aval:
         axes = normalize_axes(self.name, self.axes, len(a.shape))
-        kept = tuple(1 if i in axes else d for i, d in enumerate(a.shape))
+        kept = kept_shape(a.shape, axes)
         for stat in stats:
             if len(stat.shape) != len(kept) or any(
                     x is not None and y is not None and x != y for x, y in zip(stat.shape, kept)):
@@ -126,7 +127,7 @@ class NormalizeGrad(NormOp):
 def _check_batch_stats(op: str, x: Aval, axes: tuple, stats: dict[str, Aval]) -> None:
     """A ShapeError unless each of ``stats`` broadcasts against x's kept shape over ``axes``
     without growing it (a per-channel array: (C,), (1, C) or (1, C, 1, 1) ...)."""
-    kept = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    kept = kept_shape(x.shape, axes)
     for name, aval in stats.items():
         shape = aval.shape
         fits = len(shape) <= len(kept) and all(
@@ -156,9 +157,9 @@ class BatchNorm(NormOp):
     def compute(self, x, weight, bias, mean, var):
         alpha = weight * (1.0 / np.sqrt(var + self.eps))
         beta = bias - mean * alpha
-        axis = channel_axis(x, normalize_axes(self.name, self.axes, x.ndim))
-        matrix = None if axis is None else channels_last.channel_matrix(x, axis)
-        if matrix is not None:  # channels-last memory: per-channel rows, same layout out
+        found = channel_matrix_of(x, normalize_axes(self.name, self.axes, x.ndim))
+        if found is not None:  # channels-last memory: per-channel rows, same layout out
+            axis, matrix = found
             y = channels_last.scaled(matrix, alpha.reshape(-1), beta.reshape(-1))
             return channels_last.from_channel_matrix(y, x, axis)
         y = x * alpha
@@ -203,9 +204,9 @@ class BatchNormGrad(NormOp):
         for i in axes:
             count *= x.shape[i]
         inv = 1.0 / np.sqrt(var + self.eps)
-        axis = channel_axis(x, axes)
-        if axis is not None and channels_last.channel_matrix(x, axis) is not None:
-            return self._channels_last(g, x, weight, mean, inv, axis, count)
+        found = channel_matrix_of(x, axes)
+        if found is not None:
+            return self._channels_last(g, x, found, weight, mean, inv, count)
         centered = x - mean
         dbias = reduce_sum(g, axes, keepdims=True)
         dot = reduce_sum_of_products(g, centered, axes, keepdims=True)
@@ -217,11 +218,11 @@ class BatchNormGrad(NormOp):
         return dx, (dot * inv).reshape(weight.shape), dbias.reshape(weight.shape)
 
     @staticmethod
-    def _channels_last(g, x, weight, mean, inv, axis: int, count: int):
-        """``compute`` for channels-last x: the same arithmetic on (M, C) channel matrices
-        (g is brought to x's layout first if it differs)."""
+    def _channels_last(g, x, found: tuple, weight, mean, inv, count: int):
+        """``compute`` for channels-last x (``found``: its channel axis and matrix): the same
+        arithmetic on (M, C) channel matrices (g is brought to x's layout if it differs)."""
         cl = channels_last
-        xm = cl.channel_matrix(x, axis)
+        axis, xm = found
         gm = cl.channel_matrix(g, axis)
         if gm is None:
             gm = np.ascontiguousarray(np.moveaxis(g, axis, -1)).reshape(xm.shape)
@@ -281,4 +282,4 @@ class InvStd(NormOp):
 
     def infer(self, a: Aval) -> Aval:
         axes = normalize_axes(self.name, self.axes, len(a.shape))
-        return Aval(tuple(1 if i in axes else d for i, d in enumerate(a.shape)), a.dtype)
+        return Aval(kept_shape(a.shape, axes), a.dtype)

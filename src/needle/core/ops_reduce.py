@@ -10,7 +10,8 @@ from . import api as F
 from . import channels_last
 from .ops_shape import (
     as_axes,
-    channel_axis,
+    channel_matrix_of,
+    kept_shape,
     normalize_axes,
     reduce_sum,
     reduce_sum_of_products,
@@ -31,8 +32,7 @@ class Reduction(Op):
 
     def kept_shape(self, shape: tuple) -> tuple:
         """The input shape with the reduced axes set to 1."""
-        axes = self._axes(len(shape))
-        return tuple(1 if i in axes else d for i, d in enumerate(shape))
+        return kept_shape(shape, self._axes(len(shape)))
 
     def infer(self, a: Aval) -> Aval:
         axes = self._axes(len(a.shape))
@@ -188,10 +188,10 @@ def moments(a: Any, axes: tuple[int, ...]) -> tuple[Any, Any, Any]:
 def subtract_per_channel(a: Any, stat: Any, axes: tuple[int, ...]) -> Any:
     """``a - stat`` for a keepdims statistic over ``axes``; channels-last arrays keep their
     layout and take the fast per-channel path (see core/channels_last.py)."""
-    axis = channel_axis(a, axes)
-    matrix = None if axis is None else channels_last.channel_matrix(a, axis)
-    if matrix is None:
+    found = channel_matrix_of(a, axes)
+    if found is None:
         return a - stat
+    axis, matrix = found
     shifted = channels_last.shifted(matrix, -stat.reshape(-1))
     return channels_last.from_channel_matrix(shifted, a, axis)
 

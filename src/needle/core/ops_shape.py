@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -182,28 +183,41 @@ def kept_shape(shape: tuple, axes: tuple[int, ...]) -> tuple:
     return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
-def channel_axis(a: Any, axes: tuple) -> int | None:
-    """The one axis a sum over ``axes`` keeps, when a is a large float array (else None)."""
-    if a.ndim < 3 or len(axes) != a.ndim - 1 or a.size < EINSUM_MIN_SIZE:
+def _kept_axis(shape: tuple, axes: tuple) -> int | None:
+    """The one axis a sum over ``axes`` keeps, for a large array of 3 or more dims (else None):
+    where a channels-last layout, known only at run time, decides how to sum."""
+    if len(shape) < 3 or len(axes) != len(shape) - 1 or math.prod(shape) < EINSUM_MIN_SIZE:
         return None
-    kept = [i for i in range(a.ndim) if i not in axes]
+    kept = [i for i in range(len(shape)) if i not in axes]
     return kept[0] if len(kept) == 1 else None
+
+
+def channel_matrix_of(a: Any, axes: tuple) -> tuple[int, np.ndarray] | None:
+    """(channel axis, (M, C) channel matrix) when a sum over ``axes`` keeps one axis of a large
+    channels-last array (see core/channels_last.py), else None."""
+    axis = _kept_axis(a.shape, axes)
+    if axis is None:
+        return None
+    matrix = channels_last.channel_matrix(a, axis)
+    return None if matrix is None else (axis, matrix)
+
+
+def _keepdims(out: Any, shape: tuple, axes: tuple, keepdims: bool) -> Any:
+    """A sum without the reduced axes, given them back as size 1 with ``keepdims``."""
+    return out.reshape(kept_shape(shape, axes)) if keepdims else out
 
 
 def reduce_sum(a: Any, axes: tuple, keepdims: bool) -> Any:
     """``np.sum`` without its Python wrapper for float arrays; large partial sums by einsum, or
     by ``channels_last.column_sums`` over every axis but the innermost one in memory."""
     if a.dtype.kind == "f" and isinstance(a, np.ndarray):
-        axis = channel_axis(a, axes)
-        matrix = None if axis is None else channels_last.channel_matrix(a, axis)
-        if matrix is not None:
-            out = channels_last.column_sums(matrix)
-            return out.reshape(kept_shape(a.shape, axes)) if keepdims else out
+        found = channel_matrix_of(a, axes)
+        if found is not None:
+            return _keepdims(channels_last.column_sums(found[1]), a.shape, axes, keepdims)
         if a.size >= EINSUM_MIN_SIZE:
             spec = einsum_sum_spec(a.ndim, axes)
             if spec is not None:
-                out = np.einsum(spec, a)
-                return out.reshape(kept_shape(a.shape, axes)) if keepdims else out
+                return _keepdims(np.einsum(spec, a), a.shape, axes, keepdims)
         return np.add.reduce(a, axis=axes, keepdims=keepdims)
     return np.sum(a, axis=axes, keepdims=keepdims)
 
@@ -212,17 +226,14 @@ def reduce_sum_of_products(a: Any, b: Any, axes: tuple, keepdims: bool) -> Any:
     """``(a * b).sum(axes)`` for arrays of one shape, without the product array where einsum
     can do it (CPU floats with some axes kept: one read of each input)."""
     if a.dtype.kind == "f" and isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        axis = channel_axis(a, axes)
-        if axis is not None:
-            ma, mb = channels_last.channel_matrix(a, axis), channels_last.channel_matrix(b, axis)
-            if ma is not None and mb is not None:
-                out = channels_last.column_dots(ma, mb)
-                return out.reshape(kept_shape(a.shape, axes)) if keepdims else out
+        found_a, found_b = channel_matrix_of(a, axes), channel_matrix_of(b, axes)
+        if found_a is not None and found_b is not None:
+            out = channels_last.column_dots(found_a[1], found_b[1])
+            return _keepdims(out, a.shape, axes, keepdims)
         spec = einsum_sum_spec(a.ndim, axes)
         if spec is not None:
             inputs = spec.split("->")[0]
-            out = np.einsum(f"{inputs},{spec}", a, b)
-            return out.reshape(kept_shape(a.shape, axes)) if keepdims else out
+            return _keepdims(np.einsum(f"{inputs},{spec}", a, b), a.shape, axes, keepdims)
     return reduce_sum(a * b, axes, keepdims)
 
 
@@ -230,10 +241,9 @@ def sum_expr(arg: str, shape: tuple, axes: tuple[int, ...], keepdims: bool) -> s
     """The NumPy expression that ``reduce_sum`` evaluates for a float array of ``shape`` (for
     compiled plans, which inline it), or None where only the run-time layout can decide (a
     large sum keeping one axis: channels-last arrays take ``channels_last.column_sums``)."""
-    size = int(np.prod(shape)) if shape else 1
-    if len(shape) >= 3 and len(axes) == len(shape) - 1 and size >= EINSUM_MIN_SIZE:
+    if _kept_axis(shape, axes) is not None:
         return None
-    spec = einsum_sum_spec(len(shape), axes) if size >= EINSUM_MIN_SIZE else None
+    spec = einsum_sum_spec(len(shape), axes) if math.prod(shape) >= EINSUM_MIN_SIZE else None
     if spec is None:
         return f"np.add.reduce({arg}, axis={axes!r}, keepdims={keepdims})"
     expr = f"np.einsum({spec!r}, {arg})"
