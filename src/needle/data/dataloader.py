@@ -161,16 +161,14 @@ class DataLoader:
         global RNG (their draws must stay in the consumer's thread, in order)."""
         return self.num_workers > 0 and not getattr(self.dataset, "transforms", None)
 
-    def _plain_arrays(self) -> tuple | None:
-        """The dataset's arrays when a batch is nothing but their rows as CPU Tensors (an
-        NDArrayDataset with no transforms of any kind, no collate_fn, dtype or device), else
-        None. Such batches take a short path (see ``_EpochIterator.__next__``)."""
+    def _plain_batches(self) -> bool:
+        """Whether a batch is nothing but the dataset's gathered rows as CPU Tensors (an
+        NDArrayDataset with no transforms of any kind, no collate_fn, dtype or device): such
+        batches take a short path (see ``_EpochIterator.__next__``)."""
         ds = self.dataset
-        if (isinstance(ds, NDArrayDataset) and type(ds).gather is NDArrayDataset.gather
+        return (isinstance(ds, NDArrayDataset) and type(ds).gather is NDArrayDataset.gather
                 and not ds.transforms and self.collate_fn is None and not self.batch_transforms
-                and self.dtype is None and (self.device is None or self.device == cpu())):
-            return ds.arrays
-        return None
+                and self.dtype is None and (self.device is None or self.device == cpu()))
 
     def _to_tensors(self, batch: tuple) -> tuple[Tensor, ...]:
         """Wrap each array as a Tensor without copying (on the CPU, dtype unchanged)."""
@@ -341,7 +339,7 @@ class _EpochIterator:
         self.batch_index = start  # batches already yielded in this epoch
         self.num_batches = len(loader)
         self._plan = _EpochPlan(loader, order, seed)
-        self._arrays = loader._plain_arrays()
+        self._plain = loader._plain_batches()
         self._cpu = cpu()
         self._prefetcher = None
         if loader._prefetchable() and start < self.num_batches:
@@ -357,16 +355,17 @@ class _EpochIterator:
         if k >= self.num_batches:
             self.close()
             raise StopIteration
-        if self._prefetcher is None and self._arrays is not None:
-            # the plain-arrays path: one take() per array, wrapped as Tensors, nothing else
-            # (the same batches as produce(); it costs about a third of the general path)
-            size = self.loader.batch_size
-            rows = (slice(k * size, (k + 1) * size) if self.order is None
-                    else self.order[k * size:(k + 1) * size])
+        if self._plain and self._prefetcher is None:
+            # NDArrayDataset.gather's rows wrapped as Tensors, nothing else: the same batches
+            # as produce() and _to_tensors at about two thirds of their per-batch cost (the
+            # batch is sliced or taken here, as gather does, without its checks)
+            rows = self._plan.positions(k)
             self.batch_index = k + 1
-            return tuple(_new_node(Tensor, None, (), np.ascontiguousarray(
-                a[rows] if self.order is None else a.take(rows, axis=0)), False, self._cpu)
-                for a in self._arrays)
+            arrays = self.loader.dataset.arrays
+            batch = [a[rows] for a in arrays] if isinstance(rows, slice) else \
+                [a.take(rows, axis=0) for a in arrays]
+            return tuple([_new_node(Tensor, None, (), np.ascontiguousarray(a), False, self._cpu)
+                          for a in batch])
         if self._prefetcher is None:
             batch = self._plan.produce(k)
         else:
