@@ -22,6 +22,7 @@ import needle as ndl
 import needle.nn as nn
 from needle.apps.models import MLPResNet
 from needle.apps.trainer import make_train_step
+from needle.compiler import fused_update
 from numpy_mlp_resnet import NumpyMLPResNet
 from op_overhead import CHAIN, _needle_chain, _torch_chain
 
@@ -167,8 +168,10 @@ def main(compile_torch: bool = True) -> list[dict]:
     def fmt(t):
         return "n/a" if t is None else t
 
+    fusion = ("update rule fused by numba" if fused_update.available()
+              else "numba absent: update rule unfused")
     rows = [{
-        "benchmark": f"MLP-ResNet epoch, s ({source})", "needle jit": jit_t,
+        "benchmark": f"MLP-ResNet epoch, s ({source}; {fusion})", "needle jit": jit_t,
         "needle eager": eager_t, "numpy by hand": numpy_t, "pytorch eager": torch_t,
         "torch.compile": fmt(compiled_t), "jax.jit": fmt(jax_t),
         "jit speed-up vs eager": eager_t / jit_t, "jit / numpy": jit_t / numpy_t,

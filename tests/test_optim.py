@@ -410,7 +410,7 @@ def test_flat_update_is_bitwise_the_per_parameter_update(make, user_holds_arrays
         held = [p.numpy() for p in params] if user_holds_arrays else None
         opt = make(params)
         if not flat:
-            monkeypatch.setattr(opt, "_flat_step", lambda: False)
+            monkeypatch.setattr(opt, "_flat_step", lambda fuse=False: False)
         # arrays nobody else holds become views of the optimizer's flat buffer
         assert opt._flat.holds([p._data for p in params]) is (not user_holds_arrays)
         for step in range(6):

@@ -113,4 +113,8 @@ def array_module(array: Any) -> Any:
     """NumPy or CuPy, whichever module ``array`` belongs to (for calls that do not dispatch)."""
     if isinstance(array, np.ndarray):
         return np
+    # a symbolic array recording an update rule (compiler/fused_update.py) names its own module
+    recorder = getattr(array, "needle_array_module", None)
+    if recorder is not None:
+        return recorder
     return device_of(array).xp

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core.interpret import Program, plan_frees
 from ..core.registry import Aval
+from . import fused_update
 
 
 def _pure(op: Any) -> bool:
@@ -89,17 +90,37 @@ def fold_constants(program: Program, constant_value: Callable[[Any], Any]) -> in
     return folded
 
 
+def fuse_update_rules(program: Program) -> int:
+    """Let each optimizer step run its update rule as one compiled loop (``fused_update``).
+
+    Steps whose op offers ``with_fused_rule()`` get that copy; 0 where numba is missing.
+    """
+    if not fused_update.available():
+        return 0
+    fused = 0
+    for step in program.steps:
+        make_fused = getattr(step.op, "with_fused_rule", None)
+        if make_fused is not None:
+            step.op = make_fused()
+            fused += 1
+    return fused
+
+
 def optimize(program: Program, constant_value: Callable[[Any], Any]) -> Program:
-    """The shared pipeline: fold constants, merge duplicates, drop dead steps, plan frees."""
+    """The shared pipeline: fold constants, merge duplicates, drop dead steps, fuse update
+    rules, plan frees."""
     before = len(program.steps)
     folded = fold_constants(program, constant_value)
     merged = eliminate_common_subexpressions(program)
+    fused = fuse_update_rules(program)
     plan_frees(program)
     program.passes = [
         "prune",
         f"constant_folding ({folded} steps folded)",
         f"cse ({merged} steps merged)",
         f"dead_step_elimination ({before - folded - merged - len(program.steps)} dropped)",
+        f"fuse_update_rules ({fused} optimizer steps fused)" if fused_update.available()
+        else "fuse_update_rules (skipped: numba is not installed)",
         "memory_plan (free after last use)",
     ]
     return program

@@ -54,9 +54,9 @@ def adam_update(param: Any, grad: Any, m: Any, v: Any, t: int, lr: float, beta1:
 class Adam(Optimizer):
     """Adam with coupled weight decay: ``g = grad + wd * p``, then ``adam_update``.
 
-    ``Adam(params, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)``. One step
-    counter ``t`` counts ``step()`` calls (``step_count``). Matches ``torch.optim.Adam`` with
-    ``betas=(beta1, beta2)``.
+    ``Adam(params, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, fused=None)``
+    (``fused``: see ``Optimizer``). One step counter ``t`` counts ``step()`` calls
+    (``step_count``). Matches ``torch.optim.Adam`` with ``betas=(beta1, beta2)``.
     """
 
     hyperparams = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -65,8 +65,9 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.01, beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr)
+                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                 fused: bool | None = None) -> None:
+        super().__init__(params, lr, fused)
         name = type(self).__name__
         for label, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta < 1.0:
@@ -105,6 +106,7 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.001, beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01) -> None:
+                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+                 fused: bool | None = None) -> None:
         super().__init__(params, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                         weight_decay=weight_decay)
+                         weight_decay=weight_decay, fused=fused)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from ..autograd import Tensor, _new_node, make_from_op
 from ..core.registry import Aval, Op
+from .optimizer import Optimizer
 
 
 class ApplyUpdates(Op):
@@ -27,6 +29,9 @@ class ApplyUpdates(Op):
     writes_state = True
     differentiable = False
 
+    #: set by the compiler's fuse_update_rules pass: run the rule as one compiled loop
+    fuse_rule = False
+
     def __init__(self, optimizer: Any, params: tuple,
                  storage: Callable[[Any], Any] | None = None,
                  restore_grads: bool = False) -> None:
@@ -37,6 +42,12 @@ class ApplyUpdates(Op):
 
     def attrs(self) -> tuple:
         return (("optimizer", id(self.optimizer)), ("params", tuple(map(id, self.params))))
+
+    def with_fused_rule(self) -> ApplyUpdates:
+        """A copy whose update runs fused (unless the optimizer was made with fused=False)."""
+        op = copy.copy(self)
+        op.fuse_rule = True
+        return op
 
     def compute(self, *grads):
         opt = self.optimizer
@@ -51,7 +62,10 @@ class ApplyUpdates(Op):
                           else _new_node(Tensor, None, (), np.asarray(g), False, p.device))
                 if g is not None and self.storage is not None:
                     p._data = self.storage(p)  # updated in place by step()
-            opt.step()
+            if type(opt).step is Optimizer.step:
+                opt._apply_step(fuse=opt.fused is True or (self.fuse_rule and opt.fused is None))
+            else:  # a subclass with its own step()
+                opt.step()
         finally:
             for p, data in saved_data:
                 p._data = data

@@ -49,7 +49,7 @@ def sgd_update(param: Any, grad: Any, lr: float, momentum: float, u: Any | None,
 class SGD(Optimizer):
     """SGD with needle's damped momentum and coupled weight decay (``g = grad + wd * p``).
 
-    ``SGD(params, lr=0.01, momentum=0.0, weight_decay=0.0, nesterov=False)``; see
+    ``SGD(params, lr=0.01, momentum=0.0, weight_decay=0.0, nesterov=False, fused=None)``; see
     ``sgd_update`` for the equations. Unlike ``torch.optim.SGD`` the momentum buffer starts at
     0 and is damped by ``1 - momentum``, so the first step moves ``lr * (1 - momentum) * g``.
     """
@@ -57,8 +57,9 @@ class SGD(Optimizer):
     hyperparams = ("lr", "momentum", "weight_decay", "nesterov")
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.01, momentum: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
-        super().__init__(params, lr)
+                 weight_decay: float = 0.0, nesterov: bool = False,
+                 fused: bool | None = None) -> None:
+        super().__init__(params, lr, fused)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"SGD: momentum must be in [0, 1) (needle damps it by "
                              f"1 - momentum), got {momentum}")
