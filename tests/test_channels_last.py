@@ -116,3 +116,22 @@ def test_row_vector_add_is_numpys_add(shape):
     assert cl.add_row_vector(a[..., ::-1], b) is None
     assert cl.add_row_vector(a, b.astype(np.float64)) is None
     assert cl.add_row_vector(a, b[None]) is None
+
+
+def test_global_mean_pool_gradient_keeps_channels_last_layout():
+    """The adjoint of a mean is divided before it is broadcast: it reaches a channels-last
+    activation as a broadcast view, so the ReLU product keeps the activation's layout (an NCHW
+    copy met channels-last memory in a mixed-layout product, 4x slower) with torch's values."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    nhwc = rng.standard_normal((4, 6, 5, 8)).astype(np.float32)
+    x = ndl.Tensor(nhwc, requires_grad=True)
+    activation = ndl.ops.relu(ndl.ops.permute(x, (0, 3, 1, 2)))  # NCHW view, NHWC memory
+    ndl.ops.mean(activation, axes=(2, 3)).sum().backward()
+    grad = x.grad.numpy()
+    assert grad.strides[3] == grad.itemsize  # channels innermost, as x is stored
+
+    tx = torch.tensor(nhwc, requires_grad=True)
+    torch.relu(tx.permute(0, 3, 1, 2)).mean(dim=(2, 3)).sum().backward()
+    np.testing.assert_allclose(grad, tx.grad.numpy(), rtol=1e-6, atol=0)

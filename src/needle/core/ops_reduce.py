@@ -97,7 +97,11 @@ class Mean(Reduction):
         if None in reduced:  # the count is known only when the graph runs
             count = F.summation(F.full_like(a, 1), self.axes, keepdims=True)
             return self.expand(out_grad, node) / F.broadcast_to(count, a.shape)
-        return self.expand(out_grad, node) / int(np.prod(reduced))
+        # divide before broadcasting: n times less work, the same values, and the adjoint stays
+        # a broadcast view, so the next elementwise op keeps its other operand's memory layout
+        # (dividing the materialized broadcast made an NCHW copy that channels-last activations
+        # then met in a mixed-layout product, 4x slower than either layout alone)
+        return self.expand(out_grad / int(np.prod(reduced)), node)
 
 
 @register("max", inputs=("a",), methods=("max",))
