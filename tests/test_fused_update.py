@@ -206,3 +206,36 @@ def test_fused_source_reads_and_writes_each_array_once():
     stores = [line for line in source.splitlines() if line.strip().startswith("m")]
     # param, grad, m, v read once each; param, m, v written once each
     assert len(loads) == 4 and len(stores) == 3, source
+
+
+def _session_training(fused):
+    import needle.static as st
+
+    np.random.seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    rng = np.random.default_rng(1)
+    with st.Graph():
+        x = st.placeholder((8, 12))
+        y = st.placeholder((8,), dtype="int64")
+        loss = nn.SoftmaxLoss()(model(x), y)
+        opt = optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3, fused=fused)
+        train_op = opt.minimize(loss)
+        sess = st.Session()
+        feeds = {x: rng.standard_normal((8, 12)).astype(np.float32),
+                 y: rng.integers(0, 4, 8)}
+        passes = sess.plan(train_op, feeds).passes
+        for _ in range(5):
+            sess.run(train_op, {x: rng.standard_normal((8, 12)).astype(np.float32),
+                                y: rng.integers(0, 4, 8)})
+    return passes, [p.numpy().copy() for p in model.parameters()]
+
+
+def test_session_train_op_fuses_the_update(fused_calls):
+    passes, fused_params = _session_training(fused=None)
+    assert "fuse_update_rules (1 optimizer steps fused)" in passes
+    assert fused_calls and all(fused_calls)
+    fused_calls.clear()
+    _, numpy_params = _session_training(fused=False)
+    assert fused_calls == []
+    for a, b in zip(fused_params, numpy_params):
+        np.testing.assert_array_equal(a, b)
