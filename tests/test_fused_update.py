@@ -239,3 +239,23 @@ def test_session_train_op_fuses_the_update(fused_calls):
     assert fused_calls == []
     for a, b in zip(fused_params, numpy_params):
         np.testing.assert_array_equal(a, b)
+
+
+def test_float16_parameters_fall_back_to_numpy(fused_calls):
+    """numba has no float16 arithmetic: the rule runs as NumPy calls, with NumPy's results."""
+    def train(fused):
+        rng = np.random.default_rng(0)
+        params = [nn.Parameter(rng.standard_normal(s).astype(np.float16)) for s in SHAPES]
+        opt = optim.Adam(params, lr=1e-2, fused=fused)
+        for _ in range(3):
+            for p in params:
+                p.grad = ndl.Tensor(rng.standard_normal(p.shape).astype(np.float16))
+            opt.step()
+        return [p.numpy().copy() for p in params]
+
+    expected = train(fused=False)
+    got = train(fused=True)
+    assert fused_calls == [False, False, False]
+    for a, b in zip(expected, got):
+        assert a.dtype == np.float16
+        np.testing.assert_array_equal(a, b)

@@ -70,8 +70,8 @@ class Recorder:
     def __init__(self, arrays: tuple) -> None:
         first = arrays[0]
         self.shape, self.dtype = first.shape, first.dtype
-        if len(self.shape) != 1 or self.dtype.kind != "f":
-            raise NotFusable("the rule's arrays must be flat float arrays")
+        if len(self.shape) != 1 or self.dtype not in (np.float32, np.float64):
+            raise NotFusable("the rule's arrays must be flat float32 or float64 arrays")
         self.memory: list[np.ndarray] = []
         self.memory_refs: dict[int, tuple] = {}  # id(array) -> its ref
         self.scalars: list[Any] = []
@@ -244,7 +244,10 @@ def run_fused(rule: Callable[..., None], *arrays: np.ndarray) -> bool:
     except (NotFusable, TypeError):  # TypeError: the rule computed on a stand-in directly
         return False
     dtype = recorder.dtype.type
-    kernel(*recorder.memory, *[dtype(s) for s in recorder.scalars])
+    try:
+        kernel(*recorder.memory, *[dtype(s) for s in recorder.scalars])
+    except _numba().core.errors.NumbaError:  # compiling failed: nothing was written yet
+        return False
     return True
 
 
