@@ -259,3 +259,20 @@ def test_float16_parameters_fall_back_to_numpy(fused_calls):
     for a, b in zip(expected, got):
         assert a.dtype == np.float16
         np.testing.assert_array_equal(a, b)
+
+
+def test_fused_updates_keep_no_optimizer_memory_alive():
+    """The fused path's caches hold no reference to an optimizer's arrays once it is gone."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(0)
+    params = [nn.Parameter(rng.standard_normal(s).astype(np.float32)) for s in SHAPES]
+    opt = optim.Adam(params, lr=1e-2, fused=True)
+    for p in params:
+        p.grad = ndl.Tensor(rng.standard_normal(p.shape).astype(np.float32))
+    opt.step()
+    state_array = weakref.ref(opt._flat.state["m"])
+    del opt, params, p
+    gc.collect()
+    assert state_array() is None

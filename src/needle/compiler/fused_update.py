@@ -16,6 +16,7 @@ False and the caller runs the rule with NumPy. Measured in ``benchmarks/fusion_c
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -201,14 +202,15 @@ def _compile(statements: tuple, n_memory: int, n_scalars: int) -> Callable[..., 
     return kernel
 
 
-#: memory-array tuples already checked to be contiguous, writable and disjoint (arrays kept
-#: alive here so their ids stay theirs)
-_checked: dict[tuple, list] = {}
+#: id tuples of memory arrays already checked to be contiguous, writable and disjoint, with
+#: weak references that confirm the ids still name those arrays (nothing is kept alive here)
+_checked: dict[tuple, tuple] = {}
 
 
 def _check_memory(memory: list[np.ndarray]) -> None:
     key = tuple(map(id, memory))
-    if key in _checked:
+    refs = _checked.get(key)
+    if refs is not None and all(ref() is array for ref, array in zip(refs, memory)):
         return
     for i, array in enumerate(memory):
         if not (array.flags.c_contiguous and array.flags.writeable):
@@ -217,7 +219,7 @@ def _check_memory(memory: list[np.ndarray]) -> None:
             raise NotFusable("two arrays of the rule share memory")
     if len(_checked) > 64:
         _checked.clear()
-    _checked[key] = list(memory)
+    _checked[key] = tuple(weakref.ref(array) for array in memory)
 
 
 def _record(rule: Callable[..., None], arrays: tuple) -> Recorder:
