@@ -137,7 +137,12 @@ class Value:
 
     def __del__(self) -> None:
         global TENSOR_COUNTER
-        TENSOR_COUNTER -= 1
+        # NOTE: not contextlib.suppress: this runs for every freed node, and at interpreter
+        # shutdown (when globals such as TENSOR_COUNTER may already be None) contextlib may be gone
+        try:  # noqa: SIM105
+            TENSOR_COUNTER -= 1
+        except TypeError:
+            pass
 
     # -- state -------------------------------------------------------------------------------
     def is_leaf(self) -> bool:
