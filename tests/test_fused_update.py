@@ -17,7 +17,9 @@ from needle.backend import array_module
 from needle.compiler import fused_update
 from needle.optim.optimizer import _FLAT
 
-numba = pytest.importorskip("numba", reason="the fused path needs numba (needle[fast])")
+#: the fused loop needs numba (needle[fast], in the test extra); NEEDLE_NUMBA=0 turns it off
+needs_numba = pytest.mark.skipif(not fused_update.available(),
+                                 reason="numba is not installed or NEEDLE_NUMBA=0")
 
 # sizes that span several parameters, so the flat (all-parameters) path is taken
 SHAPES = [(7, 5), (5,), (5, 3), (3,), (2, 2, 2)]
@@ -64,6 +66,7 @@ def _train(make_opt, fused, steps: int = 12) -> list[np.ndarray]:
     return [p.numpy().copy() for p in params] + [np.array(a) for a in state]
 
 
+@needs_numba
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_fused_step_is_bit_identical_to_numpy(name, fused_calls):
     numpy_result = _train(OPTIMIZERS[name], fused=False)
@@ -75,6 +78,7 @@ def test_fused_step_is_bit_identical_to_numpy(name, fused_calls):
         np.testing.assert_array_equal(a, b)
 
 
+@needs_numba
 def test_default_eager_step_is_not_fused(fused_calls):
     _train(OPTIMIZERS["adam"], fused=None, steps=2)
     assert fused_calls == []
@@ -102,6 +106,7 @@ def _jit_training(fused, optimize=True, steps=6):
     return step, [p.numpy().copy() for p in model.parameters()]
 
 
+@needs_numba
 def test_jit_fuses_the_optimizer_step(fused_calls):
     step, fused_params = _jit_training(fused=None)
     passes = step.explain().cache_entries[0].passes
@@ -115,6 +120,7 @@ def test_jit_fuses_the_optimizer_step(fused_calls):
         np.testing.assert_array_equal(a, b)
 
 
+@needs_numba
 def test_jit_without_optimization_does_not_fuse(fused_calls):
     step, _ = _jit_training(fused=None, optimize=False, steps=2)
     assert fused_calls == []
@@ -133,6 +139,7 @@ def test_without_numba_everything_runs_unfused(monkeypatch, fused_calls):
     assert not any(fused_calls)
 
 
+@needs_numba
 def test_rule_outside_the_recorded_calls_falls_back(fused_calls):
     class ClippedSGD(optim.SGD):
         """Uses xp.clip, which the recorder does not cover."""
@@ -156,6 +163,7 @@ def test_rule_outside_the_recorded_calls_falls_back(fused_calls):
         np.testing.assert_allclose(p.numpy(), b - 0.1 * np.clip(g, -0.5, 0.5), rtol=1e-6)
 
 
+@needs_numba
 def test_run_fused_matches_numpy_on_inf_and_nan():
     """error_model='numpy': 1/0 is inf and 0/0 nan, as in NumPy (no exception)."""
     def rule(a, b):
@@ -174,6 +182,7 @@ def test_run_fused_matches_numpy_on_inf_and_nan():
     np.testing.assert_array_equal(b, expected_b)
 
 
+@needs_numba
 def test_run_fused_refuses_shared_memory_and_direct_numpy():
     base = np.zeros(10, np.float32)
 
@@ -192,6 +201,7 @@ def test_run_fused_refuses_shared_memory_and_direct_numpy():
     np.testing.assert_array_equal(a, np.ones(4, np.float32))
 
 
+@needs_numba
 def test_fused_source_reads_and_writes_each_array_once():
     rng = np.random.default_rng(0)
     params = [nn.Parameter(rng.standard_normal(s).astype(np.float32)) for s in SHAPES]
@@ -230,6 +240,7 @@ def _session_training(fused):
     return passes, [p.numpy().copy() for p in model.parameters()]
 
 
+@needs_numba
 def test_session_train_op_fuses_the_update(fused_calls):
     passes, fused_params = _session_training(fused=None)
     assert "fuse_update_rules (1 optimizer steps fused)" in passes
@@ -241,6 +252,7 @@ def test_session_train_op_fuses_the_update(fused_calls):
         np.testing.assert_array_equal(a, b)
 
 
+@needs_numba
 def test_float16_parameters_fall_back_to_numpy(fused_calls):
     """numba has no float16 arithmetic: the rule runs as NumPy calls, with NumPy's results."""
     def train(fused):
@@ -261,6 +273,7 @@ def test_float16_parameters_fall_back_to_numpy(fused_calls):
         np.testing.assert_array_equal(a, b)
 
 
+@needs_numba
 def test_fused_updates_keep_no_optimizer_memory_alive():
     """The fused path's caches hold no reference to an optimizer's arrays once it is gone."""
     import gc

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..backend.numba_support import numba_module
+
 __all__ = ["NotFusable", "available", "run_fused"]
 
 # the calls a rule may make, as the expression each becomes in the loop body
@@ -33,13 +35,8 @@ class NotFusable(Exception):
     """The rule did something the recorder cannot turn into a loop."""
 
 
-@functools.lru_cache(maxsize=1)
 def _numba() -> Any:
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba
+    return numba_module()
 
 
 def available() -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import api as F
-from . import channels_last
+from . import channels_last, cpu_kernels
 from .ops_reduce import moments, reduced_count
 from .ops_shape import (
     as_axes,
@@ -23,6 +23,7 @@ from .ops_shape import (
     normalize_axes,
     reduce_sum,
     reduce_sum_of_products,
+    stat_matrix,
 )
 from .registry import Aval, Op, ShapeError, fmt_shape, register
 
@@ -157,7 +158,12 @@ class BatchNorm(NormOp):
     def compute(self, x, weight, bias, mean, var):
         alpha = weight * (1.0 / np.sqrt(var + self.eps))
         beta = bias - mean * alpha
-        found = channel_matrix_of(x, normalize_axes(self.name, self.axes, x.ndim))
+        axes = normalize_axes(self.name, self.axes, x.ndim)
+        found = stat_matrix(x, axes) if alpha.dtype == x.dtype else None
+        y = None if found is None else cpu_kernels.column_affine(found[1], alpha, beta)
+        if y is not None:  # one compiled pass (numba)
+            return channels_last.from_channel_matrix(y, x, found[0])
+        found = channel_matrix_of(x, axes)
         if found is not None:  # channels-last memory: per-channel rows, same layout out
             axis, matrix = found
             y = channels_last.scaled(matrix, alpha.reshape(-1), beta.reshape(-1))
@@ -204,6 +210,9 @@ class BatchNormGrad(NormOp):
         for i in axes:
             count *= x.shape[i]
         inv = 1.0 / np.sqrt(var + self.eps)
+        done = self._compiled(g, x, axes, weight, mean, inv)
+        if done is not None:
+            return done
         found = channel_matrix_of(x, axes)
         if found is not None:
             return self._channels_last(g, x, found, weight, mean, inv, count)
@@ -216,6 +225,24 @@ class BatchNormGrad(NormOp):
         dx += centered
         dx += scale * dbias * (-1.0 / count)
         return dx, (dot * inv).reshape(weight.shape), dbias.reshape(weight.shape)
+
+    @staticmethod
+    def _compiled(g, x, axes: tuple, weight, mean, inv) -> tuple | None:
+        """``compute`` as two compiled passes (cpu_kernels, numba) where x's statistics are
+        column sums of its memory; None where they cannot run."""
+        found = stat_matrix(x, axes)
+        if found is None or g.shape != x.shape or inv.dtype != x.dtype:
+            return None
+        axis, xm = found
+        gm = channels_last.channel_matrix(g, axis) if x.ndim > 2 else g
+        if gm is None or not gm.flags.c_contiguous:  # g in another layout: bring it to x's
+            gm = np.ascontiguousarray(np.moveaxis(g, axis, -1)).reshape(xm.shape)
+        grads = cpu_kernels.batch_norm_grad(gm, xm, mean, inv, weight)
+        if grads is None:
+            return None
+        dx, dweight, dbias = grads
+        return (channels_last.from_channel_matrix(dx, x, axis), dweight.reshape(weight.shape),
+                dbias.reshape(weight.shape))
 
     @staticmethod
     def _channels_last(g, x, found: tuple, weight, mean, inv, count: int):

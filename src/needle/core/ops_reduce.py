@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import api as F
-from . import channels_last
+from . import channels_last, cpu_kernels
 from .ops_shape import (
     as_axes,
     channel_matrix_of,
@@ -15,6 +15,7 @@ from .ops_shape import (
     normalize_axes,
     reduce_sum,
     reduce_sum_of_products,
+    stat_matrix,
     sum_expr,
 )
 from .registry import Aval, Op, register
@@ -214,6 +215,11 @@ class Variance(Reduction):
 
     def compute(self, a):
         axes = self._axes(a.ndim)
+        found = stat_matrix(a, axes)
+        stats = cpu_kernels.column_moments(found[1]) if found is not None else None
+        if stats is not None:  # one compiled loop (numba) instead of five NumPy passes
+            var = stats[1]
+            return var.reshape(kept_shape(a.shape, axes)) if self.keepdims else var
         var = moments(a, axes)[2]
         return var if self.keepdims else np.squeeze(var, axis=axes)
 

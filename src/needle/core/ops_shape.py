@@ -202,6 +202,16 @@ def channel_matrix_of(a: Any, axes: tuple) -> tuple[int, np.ndarray] | None:
     return None if matrix is None else (axis, matrix)
 
 
+def stat_matrix(a: Any, axes: tuple) -> tuple[int, np.ndarray] | None:
+    """(kept axis, (M, C) matrix of a's memory) when statistics over ``axes`` are column sums
+    of that matrix: a C-contiguous 2-D array reduced over axis 0 (BatchNorm1d), or a large
+    channels-last array (``channel_matrix_of``); else None."""
+    if (a.ndim == 2 and tuple(axes) == (0,) and isinstance(a, np.ndarray)
+            and a.flags.c_contiguous):
+        return 1, a
+    return channel_matrix_of(a, axes)
+
+
 def _keepdims(out: Any, shape: tuple, axes: tuple, keepdims: bool) -> Any:
     """A sum without the reduced axes, given them back as size 1 with ``keepdims``."""
     return out.reshape(kept_shape(shape, axes)) if keepdims else out

@@ -1,0 +1,138 @@
+"""Compiled CPU kernels for the BatchNorm family, used where numba is installed.
+
+BatchNorm's statistics, its affine map and its backward are a few reductions and elementwise
+passes over an (M, C) channel matrix (M = N*H*W rows of C channels). In NumPy each pass is a
+call and a trip through memory: five to a dozen per op, and on the small activations of an
+MLP (100 x 50) the calls cost more than the arithmetic. These loops read each input once or
+twice. They are the same formulas as the NumPy paths in ops_reduce / ops_norm, which stay the
+reference and the fallback (no numba, CuPy arrays, other layouts); sums accumulate in float64,
+so results agree with NumPy's float32 sums to rounding, not bit for bit.
+
+Measured in one process, kernels on and off in turn (2 cores, 2 BLAS threads): the MLP-ResNet
+step 2.28 -> 2.16 ms eager and 1.45 -> 1.35 ms under ndl.jit, the CNN step (strides 1,2,2)
+23.3 -> 21.4 ms. Loops run on one thread: a second thread pool beside OpenBLAS's fights it
+for the cores (see compiler/fused_update.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from ..backend.numba_support import numba_module
+
+__all__ = ["batch_norm_grad", "column_affine", "column_moments"]
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> dict[str, Any] | None:
+    """The compiled loops (compiled lazily, per dtype, at their first call)."""
+    numba = numba_module()
+    if numba is None:
+        return None
+    # NOTE: error_model="numpy" (IEEE division, no ZeroDivisionError branches) lets LLVM
+    # vectorize the loops over channels
+    jit = numba.njit(error_model="numpy", nogil=True, cache=False)
+
+    @jit
+    def moments(xm, mean, var):
+        m, c = xm.shape
+        acc = np.zeros(c, np.float64)
+        for i in range(m):
+            for j in range(c):
+                acc[j] += xm[i, j]
+        for j in range(c):
+            mean[j] = acc[j] / m
+            acc[j] = 0.0
+        for i in range(m):
+            for j in range(c):
+                d = np.float64(xm[i, j] - mean[j])
+                acc[j] += d * d
+        for j in range(c):
+            var[j] = acc[j] / m
+
+    @jit
+    def affine(xm, scale, shift, out):
+        m, c = xm.shape
+        for i in range(m):
+            for j in range(c):
+                out[i, j] = xm[i, j] * scale[j] + shift[j]
+
+    @jit
+    def bn_grad(gm, xm, mean, inv, weight, dx, dweight, dbias):
+        m, c = xm.shape
+        sum_g = np.zeros(c, np.float64)
+        sum_gc = np.zeros(c, np.float64)
+        for i in range(m):
+            for j in range(c):
+                g = gm[i, j]
+                sum_g[j] += g
+                sum_gc[j] += g * (xm[i, j] - mean[j])
+        a = np.empty(c, xm.dtype)
+        b = np.empty(c, xm.dtype)
+        k = np.empty(c, xm.dtype)
+        for j in range(c):
+            scale = weight[j] * inv[j]
+            a[j] = scale
+            b[j] = -scale * inv[j] * inv[j] * (sum_gc[j] / m)
+            k[j] = -scale * (sum_g[j] / m)
+            dbias[j] = sum_g[j]
+            dweight[j] = sum_gc[j] * inv[j]
+        # dx = weight * inv * (g - dbias / n - xhat * dweight / n) = a g + b (x - mean) + k
+        for i in range(m):
+            for j in range(c):
+                dx[i, j] = gm[i, j] * a[j] + (xm[i, j] - mean[j]) * b[j] + k[j]
+
+    return {"moments": moments, "affine": affine, "bn_grad": bn_grad}
+
+
+def _usable(*matrices: Any) -> bool:
+    """Whether the kernels can take these (M, C) matrices: C-contiguous float32/float64 NumPy
+    arrays of one dtype, and numba present."""
+    first = matrices[0]
+    for matrix in matrices:
+        if (type(matrix) is not np.ndarray or matrix.ndim != 2 or matrix.dtype != first.dtype
+                or not matrix.flags.c_contiguous):
+            return False
+    return first.dtype in (np.float32, np.float64) and _kernels() is not None
+
+
+def _vector(values: Any, dtype: Any) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(values, dtype=dtype).reshape(-1))
+
+
+def column_moments(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, biased variance) of each column of ``xm``, or None where the kernels cannot run."""
+    if not _usable(xm) or xm.shape[0] == 0:
+        return None
+    mean = np.empty(xm.shape[1], xm.dtype)
+    var = np.empty(xm.shape[1], xm.dtype)
+    _kernels()["moments"](xm, mean, var)
+    return mean, var
+
+
+def column_affine(xm: np.ndarray, scale: Any, shift: Any) -> np.ndarray | None:
+    """``xm * scale + shift`` with per-column constants, or None where the kernels cannot run."""
+    if not _usable(xm):
+        return None
+    out = np.empty_like(xm)
+    _kernels()["affine"](xm, _vector(scale, xm.dtype), _vector(shift, xm.dtype), out)
+    return out
+
+
+def batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, inv: Any, weight: Any
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(dx, dweight, dbias) of BatchNorm over the rows of the (M, C) matrices ``gm`` (output
+    gradient) and ``xm`` (input), given per-column ``mean`` and ``inv = 1 / sqrt(var + eps)``;
+    None where the kernels cannot run."""
+    if not _usable(gm, xm) or xm.shape[0] == 0:
+        return None
+    c = xm.shape[1]
+    dx = np.empty_like(xm)
+    dweight = np.empty(c, xm.dtype)
+    dbias = np.empty(c, xm.dtype)
+    _kernels()["bn_grad"](gm, xm, _vector(mean, xm.dtype), _vector(inv, xm.dtype),
+                          _vector(weight, xm.dtype), dx, dweight, dbias)
+    return dx, dweight, dbias
