@@ -160,7 +160,9 @@ def main(compile_torch: bool = True) -> list[dict]:
             epochs["compiled"] = torch_epoch(X, Y, compiled=True)  # compiles here
         except Exception as exc:  # noqa: BLE001 - report, do not fail the benchmark
             print(f"torch.compile unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
-    best = common.best_times_in_rounds(epochs, rounds=2, repeat=2, pause=5.0)
+    # four rounds: a slow phase of the VM (tens of seconds) rarely covers every sample of one
+    # variant; the jitted and hand-written NumPy steps, BLAS- and memory-bound, slow most
+    best = common.best_times_in_rounds(epochs, rounds=4, repeat=2, pause=5.0)
     jit_t, eager_t, torch_t, numpy_t = (best[k] for k in ("jit", "eager", "torch", "numpy"))
     compiled_t = best.get("compiled")
     jax_t = jax_epoch()

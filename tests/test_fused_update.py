@@ -13,6 +13,7 @@ import pytest
 import needle as ndl
 import needle.nn as nn
 from needle import optim
+from needle.apps.trainer import make_train_step
 from needle.backend import array_module
 from needle.compiler import fused_update
 from needle.optim.optimizer import _FLAT
@@ -88,16 +89,7 @@ def _jit_training(fused, optimize=True, steps=6):
     np.random.seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3, fused=fused)
-    loss_fn = nn.SoftmaxLoss()
-
-    def train_step(x, y):
-        loss = loss_fn(model(x), y)
-        opt.reset_grad()
-        loss.backward()
-        opt.step()
-        return loss
-
-    step = ndl.jit(train_step, optimize=optimize)
+    step = ndl.jit(make_train_step(model, nn.SoftmaxLoss(), opt), optimize=optimize)
     rng = np.random.default_rng(1)
     for _ in range(steps):
         x = ndl.Tensor(rng.standard_normal((8, 12)).astype(np.float32))
@@ -106,18 +98,27 @@ def _jit_training(fused, optimize=True, steps=6):
     return step, [p.numpy().copy() for p in model.parameters()]
 
 
-@needs_numba
-def test_jit_fuses_the_optimizer_step(fused_calls):
-    step, fused_params = _jit_training(fused=None)
-    passes = step.explain().cache_entries[0].passes
+def _check_fused_against_numpy(train, fused_calls) -> list[str]:
+    """``train(fused)`` -> (passes, parameters): fused by default (the pass applied, the loop
+    ran), and bit for bit the parameters of the same plans with the rule run by NumPy."""
+    passes, fused_params = train(None)
     assert "fuse_update_rules (1 optimizer steps fused)" in passes
     assert fused_calls and all(fused_calls)
     fused_calls.clear()
-    # the same plans with the rule run by NumPy: the same parameters, bit for bit
-    _, numpy_params = _jit_training(fused=False)
+    _, numpy_params = train(False)
     assert fused_calls == []
     for a, b in zip(fused_params, numpy_params):
         np.testing.assert_array_equal(a, b)
+    return passes
+
+
+@needs_numba
+def test_jit_fuses_the_optimizer_step(fused_calls):
+    def train(fused):
+        step, params = _jit_training(fused=fused)
+        return step.explain().cache_entries[0].passes, params
+
+    _check_fused_against_numpy(train, fused_calls)
 
 
 @needs_numba
@@ -242,14 +243,7 @@ def _session_training(fused):
 
 @needs_numba
 def test_session_train_op_fuses_the_update(fused_calls):
-    passes, fused_params = _session_training(fused=None)
-    assert "fuse_update_rules (1 optimizer steps fused)" in passes
-    assert fused_calls and all(fused_calls)
-    fused_calls.clear()
-    _, numpy_params = _session_training(fused=False)
-    assert fused_calls == []
-    for a, b in zip(fused_params, numpy_params):
-        np.testing.assert_array_equal(a, b)
+    _check_fused_against_numpy(_session_training, fused_calls)
 
 
 @needs_numba
