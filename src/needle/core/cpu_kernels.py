@@ -28,64 +28,15 @@ __all__ = ["batch_norm_grad", "column_affine", "column_moments"]
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> dict[str, Any] | None:
-    """The compiled loops (compiled lazily, per dtype, at their first call)."""
-    numba = numba_module()
-    if numba is None:
+    """The compiled loops, or None without numba. They live in numba_kernels.py, imported
+    only here (numba's import costs ~0.2 s) and cached on disk by numba after their first
+    compilation (~1 s), so later processes load them."""
+    if numba_module() is None:
         return None
-    # NOTE: error_model="numpy" (IEEE division, no ZeroDivisionError branches) lets LLVM
-    # vectorize the loops over channels
-    jit = numba.njit(error_model="numpy", nogil=True, cache=False)
+    from . import numba_kernels
 
-    @jit
-    def moments(xm, mean, var):
-        m, c = xm.shape
-        acc = np.zeros(c, np.float64)
-        for i in range(m):
-            for j in range(c):
-                acc[j] += xm[i, j]
-        for j in range(c):
-            mean[j] = acc[j] / m
-            acc[j] = 0.0
-        for i in range(m):
-            for j in range(c):
-                d = np.float64(xm[i, j] - mean[j])
-                acc[j] += d * d
-        for j in range(c):
-            var[j] = acc[j] / m
-
-    @jit
-    def affine(xm, scale, shift, out):
-        m, c = xm.shape
-        for i in range(m):
-            for j in range(c):
-                out[i, j] = xm[i, j] * scale[j] + shift[j]
-
-    @jit
-    def bn_grad(gm, xm, mean, inv, weight, dx, dweight, dbias):
-        m, c = xm.shape
-        sum_g = np.zeros(c, np.float64)
-        sum_gc = np.zeros(c, np.float64)
-        for i in range(m):
-            for j in range(c):
-                g = gm[i, j]
-                sum_g[j] += g
-                sum_gc[j] += g * (xm[i, j] - mean[j])
-        a = np.empty(c, xm.dtype)
-        b = np.empty(c, xm.dtype)
-        k = np.empty(c, xm.dtype)
-        for j in range(c):
-            scale = weight[j] * inv[j]
-            a[j] = scale
-            b[j] = -scale * inv[j] * inv[j] * (sum_gc[j] / m)
-            k[j] = -scale * (sum_g[j] / m)
-            dbias[j] = sum_g[j]
-            dweight[j] = sum_gc[j] * inv[j]
-        # dx = weight * inv * (g - dbias / n - xhat * dweight / n) = a g + b (x - mean) + k
-        for i in range(m):
-            for j in range(c):
-                dx[i, j] = gm[i, j] * a[j] + (xm[i, j] - mean[j]) * b[j] + k[j]
-
-    return {"moments": moments, "affine": affine, "bn_grad": bn_grad}
+    return {"moments": numba_kernels.moments, "affine": numba_kernels.affine,
+            "bn_grad": numba_kernels.bn_grad}
 
 
 def _usable(*matrices: Any) -> bool:

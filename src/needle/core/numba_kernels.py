@@ -1,0 +1,70 @@
+"""The numba loops behind core/cpu_kernels.py (imported only where numba is installed).
+
+Top-level functions so numba can cache their machine code on disk (``cache=True``): the
+first process compiles them (about a second), later ones load them. See cpu_kernels.py for
+what they compute and why.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# NOTE: error_model="numpy" (IEEE division, no ZeroDivisionError branches) lets LLVM vectorize
+# the loops over channels; one thread on purpose (cpu_kernels.py)
+_jit = numba.njit(error_model="numpy", nogil=True, cache=True)
+
+
+@_jit
+def moments(xm, mean, var):
+    """Per-column mean and biased variance of xm (two passes, float64 sums)."""
+    m, c = xm.shape
+    acc = np.zeros(c, np.float64)
+    for i in range(m):
+        for j in range(c):
+            acc[j] += xm[i, j]
+    for j in range(c):
+        mean[j] = acc[j] / m
+        acc[j] = 0.0
+    for i in range(m):
+        for j in range(c):
+            d = np.float64(xm[i, j] - mean[j])
+            acc[j] += d * d
+    for j in range(c):
+        var[j] = acc[j] / m
+
+
+@_jit
+def affine(xm, scale, shift, out):
+    """out = xm * scale + shift, per column."""
+    m, c = xm.shape
+    for i in range(m):
+        for j in range(c):
+            out[i, j] = xm[i, j] * scale[j] + shift[j]
+
+
+@_jit
+def bn_grad(gm, xm, mean, inv, weight, dx, dweight, dbias):
+    """BatchNorm's (dx, dweight, dbias) from the output gradient gm (two passes)."""
+    m, c = xm.shape
+    sum_g = np.zeros(c, np.float64)
+    sum_gc = np.zeros(c, np.float64)
+    for i in range(m):
+        for j in range(c):
+            g = gm[i, j]
+            sum_g[j] += g
+            sum_gc[j] += g * (xm[i, j] - mean[j])
+    a = np.empty(c, xm.dtype)
+    b = np.empty(c, xm.dtype)
+    k = np.empty(c, xm.dtype)
+    for j in range(c):
+        scale = weight[j] * inv[j]
+        a[j] = scale
+        b[j] = -scale * inv[j] * inv[j] * (sum_gc[j] / m)
+        k[j] = -scale * (sum_g[j] / m)
+        dbias[j] = sum_g[j]
+        dweight[j] = sum_gc[j] * inv[j]
+    # dx = weight * inv * (g - dbias / n - xhat * dweight / n) = a g + b (x - mean) + k
+    for i in range(m):
+        for j in range(c):
+            dx[i, j] = gm[i, j] * a[j] + (xm[i, j] - mean[j]) * b[j] + k[j]
