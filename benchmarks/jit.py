@@ -113,12 +113,18 @@ def numpy_epoch(X, Y):
     return _epoch_runner(model.step, batches)
 
 
-def jax_epoch() -> float | None:
+def jax_epoch(X, Y):
+    """The epoch runner of the JAX port (benchmarks/jax_mlp_resnet.py), or None without JAX."""
     try:
-        import jax  # noqa: F401
+        import jax.numpy as jnp
     except ImportError:
         return None
-    return None  # a JAX port of the model is future work; reported as not measured
+    from jax_mlp_resnet import make_step
+
+    step = make_step()
+    batches = [(jnp.asarray(X[i:i + BATCH]), jnp.asarray(Y[i:i + BATCH].astype(np.int32)))
+               for i in range(0, len(X), BATCH)]
+    return _epoch_runner(step, batches)
 
 
 def chain_us_per_op(jitted: bool) -> float:
@@ -160,12 +166,15 @@ def main(compile_torch: bool = True) -> list[dict]:
             epochs["compiled"] = torch_epoch(X, Y, compiled=True)  # compiles here
         except Exception as exc:  # noqa: BLE001 - report, do not fail the benchmark
             print(f"torch.compile unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+    jax_runner = jax_epoch(X, Y)  # compiles here, where JAX is installed
+    if jax_runner is not None:
+        epochs["jax"] = jax_runner
     # four rounds: a slow phase of the VM (tens of seconds) rarely covers every sample of one
     # variant; the jitted and hand-written NumPy steps, BLAS- and memory-bound, slow most
     best = common.best_times_in_rounds(epochs, rounds=4, repeat=2, pause=5.0)
     jit_t, eager_t, torch_t, numpy_t = (best[k] for k in ("jit", "eager", "torch", "numpy"))
     compiled_t = best.get("compiled")
-    jax_t = jax_epoch()
+    jax_t = best.get("jax")
 
     def fmt(t):
         return "n/a" if t is None else t
@@ -178,6 +187,7 @@ def main(compile_torch: bool = True) -> list[dict]:
         "torch.compile": fmt(compiled_t), "jax.jit": fmt(jax_t),
         "jit speed-up vs eager": eager_t / jit_t, "jit / numpy": jit_t / numpy_t,
         "jit / torch.compile": fmt(None if compiled_t is None else jit_t / compiled_t),
+        "jit / jax.jit": fmt(None if jax_t is None else jit_t / jax_t),
     }]
     chain_jit, chain_eager = chain_us_per_op(True), chain_us_per_op(False)
     rows.append({
@@ -185,7 +195,7 @@ def main(compile_torch: bool = True) -> list[dict]:
         "needle eager": chain_eager, "numpy by hand": "n/a",
         "pytorch eager": torch_chain_us_per_op(), "torch.compile": "n/a", "jax.jit": "n/a",
         "jit speed-up vs eager": chain_eager / chain_jit, "jit / numpy": "n/a",
-        "jit / torch.compile": "n/a",
+        "jit / torch.compile": "n/a", "jit / jax.jit": "n/a",
     })
     return rows
 
