@@ -4,7 +4,7 @@ An optimizer's update rule is written once, as in-place NumPy calls on flat arra
 (``xp.multiply(v, beta2, out=v)``, ...): a dozen passes over memory. ``run_fused`` calls the
 rule with symbolic stand-ins whose array module records each call instead of computing it,
 turns the record into a single loop (scratch arrays become local variables, every array is
-read and written once per element) and runs that loop compiled by numba, in parallel.
+read and written once per element) and runs that loop compiled by numba, on one thread.
 
 The results are bit-for-bit those of the NumPy calls: the same float32 operations in the same
 order, Python scalars cast to the arrays' dtype as NumPy 2 does (NEP 50), and no fast-math
@@ -190,9 +190,9 @@ def _compile(statements: tuple, n_memory: int, n_scalars: int) -> Callable[..., 
               f"{_loop_source(list(statements))}\n")
     namespace: dict[str, Any] = {"np": np}
     exec(compile(source, "<fused update rule>", "exec"), namespace)  # noqa: S102 - generated
-    # NOTE: one thread on purpose: a second thread pool beside OpenBLAS's fights it for the
-    # cores (measured 20x slower in a training step). error_model="numpy" (IEEE results, no
-    # ZeroDivisionError checks) is what lets LLVM vectorize the loop: 8x faster.
+    # NOTE: one thread on purpose: a numba thread pool beside OpenBLAS's fought it for the
+    # cores (the loop 20x slower inside a training step, the step 2.5x). error_model="numpy"
+    # (IEEE results, no ZeroDivisionError checks) is what lets LLVM vectorize the loop: 8x.
     kernel = numba.njit(error_model="numpy", fastmath=False, nogil=True)(
         namespace["fused_rule"])
     kernel.source = source
