@@ -21,12 +21,18 @@ import numpy as np
 ROW = 16384
 
 
+def _to_last(ndim: int, axis: int) -> tuple[int, ...]:
+    """The transpose that moves ``axis`` last (np.moveaxis without its argument checks, which
+    cost more than the rest of a small op)."""
+    return (*range(axis), *range(axis + 1, ndim), axis)
+
+
 def channel_matrix(x: Any, axis: int) -> np.ndarray | None:
     """x's memory as an (M, C) matrix with C = x.shape[axis], when ``axis`` is innermost in
     memory and the rest is C-contiguous (a channels-last array of 3 or more dims), else None."""
     if not isinstance(x, np.ndarray) or x.ndim < 3:
         return None
-    moved = np.moveaxis(x, axis, -1)
+    moved = x.transpose(_to_last(x.ndim, axis % x.ndim))
     if not moved.flags.c_contiguous:
         return None
     return moved.reshape(-1, x.shape[axis])
@@ -34,8 +40,13 @@ def channel_matrix(x: Any, axis: int) -> np.ndarray | None:
 
 def from_channel_matrix(matrix: np.ndarray, like: Any, axis: int) -> np.ndarray:
     """The inverse of ``channel_matrix``: an (M, C) matrix as an array shaped like ``like``."""
-    moved = np.moveaxis(like, axis, -1).shape
-    return np.moveaxis(matrix.reshape(moved), -1, axis)
+    ndim = like.ndim
+    axis %= ndim
+    if axis == ndim - 1:
+        return matrix.reshape(like.shape)
+    order = _to_last(ndim, axis)
+    moved = matrix.reshape([like.shape[i] for i in order])
+    return moved.transpose((*range(axis), ndim - 1, *range(axis, ndim - 1)))  # axis back
 
 
 def _rows(matrix: np.ndarray) -> np.ndarray | None:

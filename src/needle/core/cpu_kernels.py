@@ -51,6 +51,9 @@ def _usable(*matrices: Any) -> bool:
 
 
 def _vector(values: Any, dtype: Any) -> np.ndarray:
+    """Per-column constants as a contiguous (C,) array of ``dtype``."""
+    if type(values) is np.ndarray and values.dtype == dtype and values.flags.c_contiguous:
+        return values.reshape(-1)
     return np.ascontiguousarray(np.asarray(values, dtype=dtype).reshape(-1))
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import array_module
 from . import api as F
 from . import channels_last, cpu_kernels
 from .ops_shape import (
@@ -126,12 +127,26 @@ class LogSumExp(Reduction):
 
     def compute(self, a):
         axes = self._axes(a.ndim)
-        peak = np.max(a, axis=axes, keepdims=True)
+        if a.size == 0 or not isinstance(a, np.ndarray):
+            return self._compute_general(a, axes)
+        peak = np.maximum.reduce(a, axis=axes, keepdims=True)
+        if not np.isfinite(peak).all():  # -inf, inf or nan slices: the careful form
+            return self._compute_general(a, axes)
+        # finite peaks: each slice's sum is >= 1 (its max gives exp(0)), so no log(0) and no
+        # errstate; ufunc reductions skip np.max / np.sum's Python wrappers (a loss is small)
+        out = np.log(np.add.reduce(np.exp(a - peak), axis=axes, keepdims=True))
+        out += peak
+        return out if self.keepdims else out.reshape(
+            [n for i, n in enumerate(a.shape) if i not in axes])
+
+    def _compute_general(self, a, axes: tuple):
+        xp = array_module(a)
+        peak = xp.max(a, axis=axes, keepdims=True)
         # NOTE: a slice of all -inf has max -inf; use 0 there so it gives -inf, not nan
-        peak = np.where(np.isfinite(peak), peak, 0)
+        peak = xp.where(xp.isfinite(peak), peak, 0)
         with np.errstate(divide="ignore"):  # log(0) = -inf is the right answer there
-            out = np.log(np.sum(np.exp(a - peak), axis=axes, keepdims=True)) + peak
-        return out if self.keepdims else np.squeeze(out, axis=axes)
+            out = xp.log(xp.sum(xp.exp(a - peak), axis=axes, keepdims=True)) + peak
+        return out if self.keepdims else xp.squeeze(out, axis=axes)
 
     def gradient(self, out_grad, node):
         # d lse / da = exp(a - lse): a softmax, bounded by 1, so it cannot overflow
