@@ -53,11 +53,12 @@ def test_column_affine_is_numpys_product_and_sum(shape):
 
 @needs_kernels
 @pytest.mark.parametrize("shape", SHAPES)
-def test_batch_norm_grad_matches_the_numpy_path(shape, monkeypatch):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_grad_matches_the_numpy_path(shape, dtype, monkeypatch):
     rng = np.random.default_rng(2)
-    x = rng.standard_normal(shape).astype(np.float32)
-    g = rng.standard_normal(shape).astype(np.float32)
-    weight = rng.standard_normal(shape[1]).astype(np.float32)
+    x = rng.standard_normal(shape).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    weight = rng.standard_normal(shape[1]).astype(dtype)
     mean, var = x.mean(0, keepdims=True), x.var(0, keepdims=True)
     op = BatchNormGrad((0,), 1e-5)
     compiled = op.compute(g, x, weight, mean, var)
