@@ -155,3 +155,14 @@ def test_variance_and_batch_norm_ops_keep_shapes_and_dtypes():
     # a float64 weight promotes, as NumPy does: the kernel steps aside
     y64 = BatchNorm((0,), 1e-5).compute(x, w.astype(np.float64), b, x.mean(0), x.var(0))
     assert y64.dtype == np.float64
+
+
+@needs_kernels
+def test_kernels_compile_where_numba_cannot_cache_them():
+    """A read-only install has no place for numba's disk cache: the loops still compile."""
+    from needle.core import numba_kernels
+
+    namespace: dict = {}
+    exec("def double(x):\n    return x * 2\n", namespace)  # no source file: nothing to cache to
+    double = numba_kernels._jit(namespace["double"])
+    assert double(np.float32(3)) == 6
