@@ -166,3 +166,18 @@ def test_kernels_compile_where_numba_cannot_cache_them():
     exec("def double(x):\n    return x * 2\n", namespace)  # no source file: nothing to cache to
     double = numba_kernels._jit(namespace["double"])
     assert double(np.float32(3)) == 6
+
+
+@needs_kernels
+def test_a_kernel_numba_cannot_compile_falls_back_to_numpy(monkeypatch):
+    from numba.core.errors import TypingError
+
+    def broken(*args):
+        raise TypingError("cannot compile here")
+
+    monkeypatch.setattr(cpu_kernels, "_disabled", [])
+    monkeypatch.setattr(cpu_kernels, "_kernels", lambda: {"moments": broken})
+    x = np.random.default_rng(5).standard_normal((10, 4)).astype(np.float32)
+    assert cpu_kernels.column_moments(x) is None
+    assert cpu_kernels._disabled == ["moments"]
+    np.testing.assert_allclose(Variance((0,), keepdims=False).compute(x), x.var(0), rtol=1e-5)

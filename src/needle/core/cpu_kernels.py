@@ -39,6 +39,21 @@ def _kernels() -> dict[str, Any] | None:
             "bn_grad": numba_kernels.bn_grad}
 
 
+def _run(name: str, *args: Any) -> bool:
+    """Call kernel ``name``; False (nothing written) if numba fails to compile it here, after
+    which the NumPy paths are used for the rest of the process."""
+    try:
+        _kernels()[name](*args)
+    except numba_module().core.errors.NumbaError:  # compilation fails before anything runs
+        _disabled.append(name)
+        return False
+    return True
+
+
+#: kernels numba could not compile in this process (the NumPy paths run instead)
+_disabled: list[str] = []
+
+
 def _usable(*matrices: Any) -> bool:
     """Whether the kernels can take these (M, C) matrices: C-contiguous float32/float64 NumPy
     arrays of one dtype, and numba present."""
@@ -47,7 +62,8 @@ def _usable(*matrices: Any) -> bool:
         if (type(matrix) is not np.ndarray or matrix.ndim != 2 or matrix.dtype != first.dtype
                 or not matrix.flags.c_contiguous):
             return False
-    return first.dtype in (np.float32, np.float64) and _kernels() is not None
+    return (first.dtype in (np.float32, np.float64) and not _disabled
+            and _kernels() is not None)
 
 
 def _vector(values: Any, dtype: Any) -> np.ndarray:
@@ -63,8 +79,7 @@ def column_moments(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     mean = np.empty(xm.shape[1], xm.dtype)
     var = np.empty(xm.shape[1], xm.dtype)
-    _kernels()["moments"](xm, mean, var)
-    return mean, var
+    return (mean, var) if _run("moments", xm, mean, var) else None
 
 
 def column_affine(xm: np.ndarray, scale: Any, shift: Any) -> np.ndarray | None:
@@ -72,8 +87,8 @@ def column_affine(xm: np.ndarray, scale: Any, shift: Any) -> np.ndarray | None:
     if not _usable(xm):
         return None
     out = np.empty_like(xm)
-    _kernels()["affine"](xm, _vector(scale, xm.dtype), _vector(shift, xm.dtype), out)
-    return out
+    done = _run("affine", xm, _vector(scale, xm.dtype), _vector(shift, xm.dtype), out)
+    return out if done else None
 
 
 def batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, inv: Any, weight: Any
@@ -87,6 +102,6 @@ def batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, inv: Any, weight:
     dx = np.empty_like(xm)
     dweight = np.empty(c, xm.dtype)
     dbias = np.empty(c, xm.dtype)
-    _kernels()["bn_grad"](gm, xm, _vector(mean, xm.dtype), _vector(inv, xm.dtype),
-                          _vector(weight, xm.dtype), dx, dweight, dbias)
-    return dx, dweight, dbias
+    done = _run("bn_grad", gm, xm, _vector(mean, xm.dtype), _vector(inv, xm.dtype),
+                _vector(weight, xm.dtype), dx, dweight, dbias)
+    return (dx, dweight, dbias) if done else None
