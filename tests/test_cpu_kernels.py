@@ -181,3 +181,30 @@ def test_a_kernel_numba_cannot_compile_falls_back_to_numpy(monkeypatch):
     assert cpu_kernels.column_moments(x) is None
     assert cpu_kernels._disabled == ["moments"]
     np.testing.assert_allclose(Variance((0,), keepdims=False).compute(x), x.var(0), rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("stride, padding, k, in_hw", [(1, 1, 3, (9, 7)), (2, 1, 3, (10, 9)),
+                                                       (2, 0, 1, (8, 8)), (3, 2, 5, (11, 12)),
+                                                       (1, 0, 2, (5, 6))])
+@pytest.mark.parametrize("channels_first_g", [False, True])
+def test_conv_input_grad_by_col2im_matches_the_numpy_path(stride, padding, k, in_hw,
+                                                          channels_first_g, monkeypatch):
+    from needle.core.ops_conv import ConvInputGrad, _out_size
+
+    rng = np.random.default_rng(6)
+    ho, wo = (_out_size(n, k, stride, padding) for n in in_hw)
+    g = rng.standard_normal((4, ho, wo, 6)).astype(np.float32)
+    if channels_first_g:  # NCHW memory seen as NHWC, as nn.Conv's adjoints can be
+        g = np.ascontiguousarray(g.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    b = rng.standard_normal((k, k, 5, 6)).astype(np.float32)
+    op = ConvInputGrad(stride=stride, padding=padding, in_hw=in_hw)
+    calls = []
+    original = cpu_kernels.col2im
+    monkeypatch.setattr(cpu_kernels, "col2im", lambda *a: calls.append(1) or original(*a))
+    compiled = op.compute(g, b)
+    assert calls == [1]
+    monkeypatch.setattr(cpu_kernels, "col2im", lambda *a: None)
+    reference = op.compute(g, b)
+    assert compiled.shape == reference.shape == (4, *in_hw, 5)
+    np.testing.assert_allclose(compiled, reference, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for the BatchNorm family, used where numba is installed.
+"""Compiled CPU kernels (BatchNorm family, conv's col2im), used where numba is installed.
 
 BatchNorm's statistics, its affine map and its backward are a few reductions and elementwise
 passes over an (M, C) channel matrix (M = N*H*W rows of C channels). In NumPy each pass is a
@@ -7,6 +7,11 @@ MLP (100 x 50) the calls cost more than the arithmetic. These loops read each in
 twice. They are the same formulas as the NumPy paths in ops_reduce / ops_norm, which stay the
 reference and the fallback (no numba, CuPy arrays, other layouts); sums accumulate in float64,
 so results agree with NumPy's float32 sums to rounding, not bit for bit.
+
+``col2im`` is conv_input_grad's scatter: after one matrix product for all kernel taps, each
+tap row is added into the input gradient in one pass, where NumPy needs kh*kw strided
+scatter-adds after kh*kw thin products (CNN step 23.3 -> 19.3 ms with strides 1,2,2,
+179 -> 146 ms with stride 1, measured in one process).
 
 Measured in one process, kernels on and off in turn (2 cores, 2 BLAS threads): the MLP-ResNet
 step 2.28 -> 2.16 ms eager and 1.45 -> 1.35 ms under ndl.jit, the CNN step (strides 1,2,2)
@@ -23,7 +28,7 @@ import numpy as np
 
 from ..backend.numba_support import numba_module
 
-__all__ = ["batch_norm_grad", "column_affine", "column_moments"]
+__all__ = ["batch_norm_grad", "col2im", "column_affine", "column_moments", "enabled"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,7 +41,7 @@ def _kernels() -> dict[str, Any] | None:
     from . import numba_kernels
 
     return {"moments": numba_kernels.moments, "affine": numba_kernels.affine,
-            "bn_grad": numba_kernels.bn_grad}
+            "bn_grad": numba_kernels.bn_grad, "col2im_add": numba_kernels.col2im_add}
 
 
 def _run(name: str, *args: Any) -> bool:
@@ -54,6 +59,11 @@ def _run(name: str, *args: Any) -> bool:
 _disabled: list[str] = []
 
 
+def enabled(dtype: Any) -> bool:
+    """Whether the kernels run for arrays of ``dtype`` here (numba present, float32/float64)."""
+    return dtype in (np.float32, np.float64) and not _disabled and _kernels() is not None
+
+
 def _usable(*matrices: Any) -> bool:
     """Whether the kernels can take these (M, C) matrices: C-contiguous float32/float64 NumPy
     arrays of one dtype, and numba present."""
@@ -62,8 +72,7 @@ def _usable(*matrices: Any) -> bool:
         if (type(matrix) is not np.ndarray or matrix.ndim != 2 or matrix.dtype != first.dtype
                 or not matrix.flags.c_contiguous):
             return False
-    return (first.dtype in (np.float32, np.float64) and not _disabled
-            and _kernels() is not None)
+    return enabled(first.dtype)
 
 
 def _vector(values: Any, dtype: Any) -> np.ndarray:
@@ -105,3 +114,14 @@ def batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, inv: Any, weight:
     done = _run("bn_grad", gm, xm, _vector(mean, xm.dtype), _vector(inv, xm.dtype),
                 _vector(weight, xm.dtype), dx, dweight, dbias)
     return (dx, dweight, dbias) if done else None
+
+
+def col2im(taps: np.ndarray, out_shape: tuple, ho: int, wo: int, kh: int, kw: int, stride: int,
+           padding: int) -> np.ndarray | None:
+    """The adjoint of im2col: ``taps`` (N*Ho*Wo, kh*kw*C), one row of kernel-tap values per
+    output position, summed into a new zero (N, H, W, C) array at the input positions they came
+    from (one pass; conv_input_grad's scatter). None where the kernels cannot run."""
+    if not _usable(taps):
+        return None
+    out = np.empty(out_shape, taps.dtype)
+    return out if _run("col2im_add", taps, ho, wo, kh, kw, stride, padding, out) else None

@@ -76,3 +76,27 @@ def bn_grad(gm, xm, mean, inv, weight, dx, dweight, dbias):
     for i in range(m):
         for j in range(c):
             dx[i, j] = gm[i, j] * a[j] + (xm[i, j] - mean[j]) * b[j] + k[j]
+
+
+@_jit
+def col2im_add(t, ho, wo, kh, kw, stride, padding, out):
+    """out[n, s*y+i-p, s*x+j-p, :] += t[(n, y, x), (i, j, :)] over every tap that lands inside
+    out (the adjoint of im2col); out is zeroed first. t is (N*Ho*Wo, kh*kw*C), out (N, H, W, C).
+    """
+    n, h, w, c = out.shape
+    out[:] = 0.0
+    for b in range(n):
+        for yo in range(ho):
+            for xo in range(wo):
+                row = (b * ho + yo) * wo + xo
+                for i in range(kh):
+                    y = stride * yo + i - padding
+                    if y < 0 or y >= h:
+                        continue
+                    for j in range(kw):
+                        x = stride * xo + j - padding
+                        if x < 0 or x >= w:
+                            continue
+                        base = (i * kw + j) * c
+                        for ch in range(c):
+                            out[b, y, x, ch] += t[row, base + ch]
