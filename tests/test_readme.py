@@ -15,7 +15,8 @@ def _run_examples(path) -> None:
     exec(compile(code, str(path), "exec"), {})
 
 
-def test_readme_python_examples_run(capsys):
+def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing an example writes lands in the repository
     _run_examples(REPO_ROOT / "README.md")
     assert "[10.107339]" in capsys.readouterr().out  # the lecture's example: e(e + 1)
 
