@@ -21,16 +21,9 @@ def _sgd(params):
     return ndl.optim.SGD(params, lr=0.05, momentum=0.9)
 
 
-def _train(model_fn, make_batch, steps: int, jitted: bool, make_opt=_sgd):
-    """Train a freshly built model for ``steps`` steps; return losses and final parameters.
-
-    NOTE: SGD, not Adam: a parameter whose true gradient is 0 (a Linear bias right before a
-    BatchNorm) gets float noise as gradient, which Adam scales up to full-size steps; the
-    JIT's buffer reuse changes array alignment and hence NumPy's summation rounding.
-    """
-    np.random.seed(0)
-    model = model_fn()
-    opt = make_opt(model.parameters())
+def _train_step(model, opt):
+    """The issue's training step, written as a user would: forward, loss, reset_grad,
+    backward, step."""
     loss_fn = nn.SoftmaxLoss()
 
     def train_step(x, y):
@@ -40,6 +33,19 @@ def _train(model_fn, make_batch, steps: int, jitted: bool, make_opt=_sgd):
         opt.step()
         return loss
 
+    return train_step
+
+
+def _train(model_fn, make_batch, steps: int, jitted: bool, make_opt=_sgd):
+    """Train a freshly built model for ``steps`` steps; return losses and final parameters.
+
+    NOTE: SGD, not Adam: a parameter whose true gradient is 0 (a Linear bias right before a
+    BatchNorm) gets float noise as gradient, which Adam scales up to full-size steps; the
+    JIT's buffer reuse changes array alignment and hence NumPy's summation rounding.
+    """
+    np.random.seed(0)
+    model = model_fn()
+    train_step = _train_step(model, make_opt(model.parameters()))
     step = ndl.jit(train_step) if jitted else train_step
     rng = np.random.default_rng(1)
     losses = []
@@ -210,16 +216,7 @@ def test_memory_stays_flat_over_many_jitted_training_steps():
     model_fn, batches = MODELS["mlp-resnet-batchnorm"]
     np.random.seed(0)
     model = model_fn()
-    opt = _sgd(model.parameters())
-    loss_fn = nn.SoftmaxLoss()
-
-    @ndl.jit
-    def step(x, y):
-        loss = loss_fn(model(x), y)
-        opt.reset_grad()
-        loss.backward()
-        opt.step()
-        return loss
+    step = ndl.jit(_train_step(model, _sgd(model.parameters())))
 
     x, y = batches(np.random.default_rng(5))
     for _ in range(20):
