@@ -130,20 +130,12 @@ class Recorder:
     def negative(self, a: Any, out: Any = None) -> Any:
         return self._record("negative", (self._ref(a),), out)
 
-    def copyto(self, dst: Any, src: Any) -> None:
-        self._record("copy", (self._ref(src),), dst)
-
     def empty_like(self, like: Any, dtype: Any = None) -> Symbol:
         """Scratch: a register, local to one element's computation."""
         if dtype is not None and np.dtype(dtype) != self.dtype:
             raise NotFusable("scratch of another dtype")
         self.registers += 1
         return Symbol(self, ("r", self.registers - 1), self.shape, self.dtype)
-
-    def zeros_like(self, like: Any, dtype: Any = None) -> Symbol:
-        register = self.empty_like(like, dtype)
-        self.copyto(register, 0.0)
-        return register
 
     def __getattr__(self, name: str) -> Any:
         raise NotFusable(f"the rule calls xp.{name}, which fusion does not cover")
@@ -168,10 +160,7 @@ def _loop_source(statements: list[tuple]) -> str:
 
     for name, operands, target in statements:
         args = [read(r) for r in operands]
-        if name == "copy":
-            expr = args[0]
-        else:
-            expr = (_BINARY.get(name) or _UNARY[name]).format(*args)
+        expr = (_BINARY.get(name) or _UNARY[name]).format(*args)
         var = f"x{len(lines)}"
         lines.append(f"{var} = {expr}")
         current[target] = var

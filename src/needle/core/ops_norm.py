@@ -159,10 +159,11 @@ class BatchNorm(NormOp):
         alpha = weight * (1.0 / np.sqrt(var + self.eps))
         beta = bias - mean * alpha
         axes = normalize_axes(self.name, self.axes, x.ndim)
-        found = stat_matrix(x, axes) if alpha.dtype == x.dtype else None
-        y = None if found is None else cpu_kernels.column_affine(found[1], alpha, beta)
-        if y is not None:  # one compiled pass (numba)
-            return channels_last.from_channel_matrix(y, x, found[0])
+        if alpha.dtype == x.dtype and cpu_kernels.enabled(x.dtype):
+            found = stat_matrix(x, axes)
+            y = None if found is None else cpu_kernels.column_affine(found[1], alpha, beta)
+            if y is not None:  # one compiled pass (numba)
+                return channels_last.from_channel_matrix(y, x, found[0])
         found = channel_matrix_of(x, axes)
         if found is not None:  # channels-last memory: per-channel rows, same layout out
             axis, matrix = found
@@ -230,8 +231,10 @@ class BatchNormGrad(NormOp):
     def _compiled(g, x, axes: tuple, weight, mean, inv) -> tuple | None:
         """``compute`` as two compiled passes (cpu_kernels, numba) where x's statistics are
         column sums of its memory; None where they cannot run."""
+        if g.shape != x.shape or inv.dtype != x.dtype or not cpu_kernels.enabled(x.dtype):
+            return None
         found = stat_matrix(x, axes)
-        if found is None or g.shape != x.shape or inv.dtype != x.dtype:
+        if found is None:
             return None
         axis, xm = found
         gm = channels_last.channel_matrix(g, axis) if x.ndim > 2 else g

@@ -230,7 +230,7 @@ class Variance(Reduction):
 
     def compute(self, a):
         axes = self._axes(a.ndim)
-        found = stat_matrix(a, axes)
+        found = stat_matrix(a, axes) if cpu_kernels.enabled(a.dtype) else None
         stats = cpu_kernels.column_moments(found[1]) if found is not None else None
         if stats is not None:  # one compiled loop (numba) instead of five NumPy passes
             var = stats[1]
