@@ -36,6 +36,7 @@ class NotFusable(Exception):
 
 
 def _numba() -> Any:
+    """numba or None (a seam of its own, so tests can take numba away from fusion alone)."""
     return numba_module()
 
 
