@@ -1,0 +1,177 @@
+"""The numba loops of the Winograd F(4x4, 3x3) convolution (core/winograd.py says why and how).
+
+Three tile transforms, each over one block of consecutive tiles (winograd.py hands blocks to
+threads): a 6x6 input tile to B^T d B, a 6x6 product tile back to the 4x4 output A^T m A,
+and a 4x4 output-gradient tile to A g A^T (the adjoint of the output transform, for the
+kernel gradient). Each 2-D transform is the 1-D one applied to the tile's columns, then to
+its rows. Every array is seen as a matrix of C-channel rows (an NHWC array as (N*H*W, C), a
+block of (T, 36, C) tiles as (36*T, C)), and a 1-D transform maps rows
+``first + i * step`` of one matrix to rows of another, one short loop per output row.
+
+NOTE: one loop per output row on purpose: a loop writing six rows from six touches twelve
+pointers, more than LLVM checks for overlap at run time, and then it stays scalar; one loop
+per row vectorizes over the channels. Rows are addressed by index rather than through
+slices: a slice in numba is a reference-counted view, and at ~100 per tile their atomic
+counts cost more than the arithmetic (both measured 2-3x slower).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .numba_kernels import _jit
+
+# float32 constants (numba freezes globals as typed constants): float literals would promote
+# every float32 sum to float64 and halve the vector width
+two, four, five, eight = (np.float32(v) for v in (2, 4, 5, 8))
+
+
+@numba.njit(inline="always")
+def _bt(src, s0, ss, dst, d0, ds):
+    """dst rows d0 + a*ds (a < 6) = B^T (src rows s0 + i*ss, i < 6); F(4, 3) with the points
+    0, 1, -1, 2, -2 and infinity."""
+    s1, s2, s3, s4, s5 = s0 + ss, s0 + 2 * ss, s0 + 3 * ss, s0 + 4 * ss, s0 + 5 * ss
+    for k in range(dst.shape[1]):
+        dst[d0, k] = four * src[s0, k] - five * src[s2, k] + src[s4, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + ds, k] = src[s3, k] + src[s4, k] - four * (src[s1, k] + src[s2, k])
+    for k in range(dst.shape[1]):
+        dst[d0 + 2 * ds, k] = four * (src[s1, k] - src[s2, k]) + src[s4, k] - src[s3, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + 3 * ds, k] = two * (src[s3, k] - src[s1, k]) + src[s4, k] - src[s2, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + 4 * ds, k] = two * (src[s1, k] - src[s3, k]) + src[s4, k] - src[s2, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + 5 * ds, k] = four * src[s1, k] - five * src[s3, k] + src[s5, k]
+
+
+@numba.njit(inline="always")
+def _at(src, s0, ss, dst, d0, ds):
+    """dst rows d0 + a*ds (a < 4) = A^T (src rows s0 + i*ss, i < 6)."""
+    s1, s2, s3, s4, s5 = s0 + ss, s0 + 2 * ss, s0 + 3 * ss, s0 + 4 * ss, s0 + 5 * ss
+    for k in range(dst.shape[1]):
+        dst[d0, k] = src[s0, k] + src[s1, k] + src[s2, k] + src[s3, k] + src[s4, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + ds, k] = src[s1, k] - src[s2, k] + two * (src[s3, k] - src[s4, k])
+    for k in range(dst.shape[1]):
+        dst[d0 + 2 * ds, k] = src[s1, k] + src[s2, k] + four * (src[s3, k] + src[s4, k])
+    for k in range(dst.shape[1]):
+        dst[d0 + 3 * ds, k] = (src[s1, k] - src[s2, k] + eight * (src[s3, k] - src[s4, k])
+                               + src[s5, k])
+
+
+@numba.njit(inline="always")
+def _a(src, s0, ss, dst, d0, ds):
+    """dst rows d0 + a*ds (a < 6) = A (src rows s0 + i*ss, i < 4): the adjoint of _at."""
+    s1, s2, s3 = s0 + ss, s0 + 2 * ss, s0 + 3 * ss
+    for k in range(dst.shape[1]):
+        dst[d0, k] = src[s0, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + ds, k] = src[s0, k] + src[s1, k] + src[s2, k] + src[s3, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + 2 * ds, k] = src[s0, k] - src[s1, k] + src[s2, k] - src[s3, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + 3 * ds, k] = src[s0, k] + two * src[s1, k] + four * src[s2, k] + eight * src[s3, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + 4 * ds, k] = src[s0, k] - two * src[s1, k] + four * src[s2, k] - eight * src[s3, k]
+    for k in range(dst.shape[1]):
+        dst[d0 + 5 * ds, k] = src[s3, k]
+
+
+@_jit
+def input_tiles(x, padding, tiles_h, tiles_w, t0, out):
+    """out[t, 6a + b] = (B^T d_t B)[a, b] for tiles t0 + t (numbered (n, ty, tx) in order),
+    d_t being the 6x6 window of x (N, H, W, C) at (4 ty - padding, 4 tx - padding), zeros
+    outside x."""
+    n_img, h, w, c = x.shape
+    rows = x.reshape(n_img * h * w, c)
+    tiles = out.reshape(-1, c)  # row 36 t + 6a + b
+    d = np.zeros((36, c), x.dtype)  # a border tile, zero-padded (row 6i + j)
+    r = np.empty((36, c), x.dtype)  # B^T d (row 6a + j)
+    for t in range(out.shape[0]):
+        n, rem = divmod(t0 + t, tiles_h * tiles_w)
+        ty, tx = divmod(rem, tiles_w)
+        y0 = 4 * ty - padding
+        x0 = 4 * tx - padding
+        if y0 >= 0 and x0 >= 0 and y0 + 6 <= h and x0 + 6 <= w:
+            base = (n * h + y0) * w + x0
+            for j in range(6):  # columns, read in place: r = B^T d
+                _bt(rows, base + j, w, r, j, 6)
+        else:
+            for i in range(6):
+                for j in range(6):
+                    yy, xx = y0 + i, x0 + j
+                    if 0 <= yy < h and 0 <= xx < w:
+                        src = (n * h + yy) * w + xx
+                        for k in range(c):
+                            d[6 * i + j, k] = rows[src, k]
+                    else:
+                        for k in range(c):
+                            d[6 * i + j, k] = 0.0
+            for j in range(6):
+                _bt(d, j, 6, r, j, 6)
+        for a in range(6):  # rows: out = r B
+            _bt(r, 6 * a, 1, tiles, 36 * t + 6 * a, 1)
+
+
+@_jit
+def output_tiles(m, tiles_h, tiles_w, t0, out):
+    """out[n, 4 ty + i, 4 tx + j, :] = (A^T m_t A)[i, j] for tiles t0 + t, whose 6x6 products
+    are m[t, 6a + b, :]; positions past the edge of out are dropped."""
+    n_img, h, w, c = out.shape
+    tiles = m.reshape(-1, c)
+    rows = out.reshape(n_img * h * w, c)
+    r = np.empty((24, c), m.dtype)  # A^T m (row 6i + b)
+    o = np.empty((16, c), m.dtype)  # a border tile's 4x4 outputs (row 4i + j)
+    for t in range(m.shape[0]):
+        n, rem = divmod(t0 + t, tiles_h * tiles_w)
+        ty, tx = divmod(rem, tiles_w)
+        for b in range(6):  # columns: r = A^T m
+            _at(tiles, 36 * t + b, 6, r, b, 6)
+        y0, x0 = 4 * ty, 4 * tx
+        if y0 + 4 <= h and x0 + 4 <= w:
+            for i in range(4):  # rows: out = r A, straight into place
+                _at(r, 6 * i, 1, rows, (n * h + y0 + i) * w + x0, 1)
+        else:
+            for i in range(4):
+                _at(r, 6 * i, 1, o, 4 * i, 1)
+            for i in range(min(4, h - y0)):
+                for j in range(min(4, w - x0)):
+                    dst = (n * h + y0 + i) * w + x0 + j
+                    for k in range(c):
+                        rows[dst, k] = o[4 * i + j, k]
+
+
+@_jit
+def gradient_tiles(g, tiles_h, tiles_w, t0, out):
+    """out[t, 6a + b] = (A g_t A^T)[a, b] for tiles t0 + t, g_t being the 4x4 window of the
+    output gradient g (N, Ho, Wo, C), zeros past its edge: the adjoint of output_tiles."""
+    n_img, h, w, c = g.shape
+    rows = g.reshape(n_img * h * w, c)
+    tiles = out.reshape(-1, c)
+    d = np.zeros((16, c), g.dtype)  # a border tile, zero-padded (row 4i + j)
+    r = np.empty((24, c), g.dtype)  # A g (row 4a + j)
+    for t in range(out.shape[0]):
+        n, rem = divmod(t0 + t, tiles_h * tiles_w)
+        ty, tx = divmod(rem, tiles_w)
+        y0 = 4 * ty
+        x0 = 4 * tx
+        if y0 + 4 <= h and x0 + 4 <= w:
+            base = (n * h + y0) * w + x0
+            for j in range(4):  # columns, read in place: r = A g
+                _a(rows, base + j, w, r, j, 4)
+        else:
+            for i in range(4):
+                for j in range(4):
+                    if y0 + i < h and x0 + j < w:
+                        src = (n * h + y0 + i) * w + x0 + j
+                        for k in range(c):
+                            d[4 * i + j, k] = rows[src, k]
+                    else:
+                        for k in range(c):
+                            d[4 * i + j, k] = 0.0
+            for j in range(4):
+                _a(d, j, 4, r, j, 4)
+        for a in range(6):  # rows: out = r A^T
+            _a(r, 4 * a, 1, tiles, 36 * t + 6 * a, 1)

@@ -1,0 +1,248 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray, 2016).
+
+Why: a 3x3 convolution over C channels costs 9 C multiply-adds per output value; im2col
+turns that into one BLAS product, and on a CNN's small channel counts that product plus the
+9x patch copy is most of a training step. Winograd's F(4x4, 3x3) computes each 4x4 output
+tile from a 6x6 input tile with 36 products per (input, output) channel pair instead of 144:
+4x fewer multiply-adds, done as 36 independent (tiles x C_in) @ (C_in x C_out) products, with
+cheap additions before (input transform B^T d B) and after (output transform A^T m A):
+
+    y_tile = A^T [ (G w G^T) * (B^T d_tile B) ] A       summed over input channels
+
+The three adjoints of ``conv`` (core/ops_conv.py) all become such products:
+
+    conv(x, w)                   M = V(x) @ U(w)                 y = A^T M A
+    conv_input_grad(g, w)        a conv of g with the flipped, transposed kernel (stride 1)
+    conv_weight_grad(x, g)       dU = V(x)^T @ (A g A^T)         dw = G^T dU G
+
+The work goes in blocks of BLOCK_TILES tiles: transform a block's input tiles, take the 36
+products for the block, transform back. A block's tiles (BLOCK_TILES x 36 x C floats) stay in
+the core's L2 cache between the three steps instead of making three trips through memory
+(layer 3 of the benchmark CNN: 16.5 -> 10.7 ms on one thread), and blocks are independent,
+so NUM_THREADS threads share them (5.7 ms on two; im2col took 27.6). The tile transforms
+are numba loops (core/numba_winograd.py) and numba and BLAS release the GIL, so plain
+Python threads run in parallel. Without numba, and for other kernels, strides or dtypes,
+ops_conv keeps its im2col path.
+
+NOTE: threads of our own rather than numba's ``parallel=True``: OpenBLAS's worker threads
+spin after every large product and numba's pool fought them for the two cores (CNN step
+105 -> 170 ms). A block's products are too small for OpenBLAS to start its own threads.
+
+Winograd trades a little accuracy for speed, as cuDNN's and oneDNN's Winograd convolutions
+do: in float32 the results differ from exact by a few 1e-6 of the output's largest value,
+about 10x im2col's rounding (tests/test_winograd.py bounds it against float64). Used for
+float32 only: float64 (finite-difference checks) keeps the im2col path. ``ENABLED = False``
+turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..backend.numba_support import numba_module
+
+__all__ = ["BLOCK_TILES", "ENABLED", "NUM_THREADS", "applies", "conv3x3",
+           "conv3x3_input_grad", "conv3x3_weight_grad"]
+
+#: turn the Winograd path off (ops_conv then runs im2col for every convolution)
+ENABLED = True
+
+#: smallest channel counts for which the transforms pay (below them the product is too thin)
+MIN_CHANNELS = 8
+
+#: tiles per block: a block's transformed tiles (36 x C floats each) stay in L2 cache
+BLOCK_TILES = 128
+
+
+def _default_threads() -> int:
+    """NEEDLE_NUM_THREADS, else OMP_NUM_THREADS (the usual way to cap a process's threads),
+    else the CPUs this process may run on."""
+    for name in ("NEEDLE_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+
+
+#: threads that share a convolution's blocks (the calling thread is one of them)
+NUM_THREADS = _default_threads()
+
+# F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2 and infinity
+_G = np.array([[1 / 4, 0, 0],
+               [-1 / 6, -1 / 6, -1 / 6],
+               [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6],
+               [1 / 24, -1 / 12, 1 / 6],
+               [0, 0, 1]])
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Any:
+    if numba_module() is None:
+        return None
+    from . import numba_winograd
+
+    return numba_winograd
+
+
+#: set when numba fails to compile a transform here: the im2col path runs from then on
+_disabled: list[bool] = []
+
+
+def applies(x: Any, other: Any, kernel_hw: tuple, stride: int, padding: int, c_in: int,
+            c_out: int) -> bool:
+    """Whether the Winograd path takes this convolution: float32 NumPy operands ``x`` and
+    ``other`` (the kernel, or the output gradient), a 3x3 kernel, stride 1, padding <= 2
+    (conv_input_grad pads by 2 - padding), enough channels and numba."""
+    return (ENABLED and stride == 1 and 0 <= padding <= 2 and tuple(kernel_hw) == (3, 3)
+            and type(x) is np.ndarray and type(other) is np.ndarray
+            and x.dtype == np.float32 and other.dtype == np.float32
+            and min(c_in, c_out) >= MIN_CHANNELS and not _disabled and _kernels() is not None)
+
+
+class _Pool:
+    """The worker threads, made on first use and again in a forked child (threads do not
+    survive a fork)."""
+
+    executor: ThreadPoolExecutor | None = None
+    workers = 0
+
+    @classmethod
+    def get(cls, workers: int) -> ThreadPoolExecutor:
+        if cls.executor is None or cls.workers < workers:
+            cls.executor = ThreadPoolExecutor(workers, thread_name_prefix="needle-winograd")
+            cls.workers = workers
+        return cls.executor
+
+    @classmethod
+    def forget(cls) -> None:
+        cls.executor, cls.workers = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Pool.forget)
+
+_local = threading.local()
+
+
+def _scratch(slot: str, shape: tuple, dtype: Any) -> np.ndarray:
+    """A per-thread buffer for one block's tiles, reused from call to call."""
+    size = int(np.prod(shape))
+    buffer = getattr(_local, slot, None)
+    if buffer is None or buffer.dtype != dtype or buffer.size < size:
+        buffer = np.empty(size, dtype)
+        setattr(_local, slot, buffer)
+    return buffer[:size].reshape(shape)
+
+
+def _in_parallel(work: Callable[[Iterator[tuple[int, int]]], Any], n_tiles: int
+                 ) -> list | None:
+    """``work(blocks)`` on each of up to NUM_THREADS threads (this one included), all drawing
+    (first tile, tile count) blocks of BLOCK_TILES tiles from one shared iterator; their
+    results, or None if numba could not compile a transform (the caller falls back to im2col).
+
+    NOTE: blocks are drawn, not dealt out in advance: a thread that shares its core (OpenBLAS
+    workers spin for a while after each large product) then takes fewer blocks, where a fixed
+    split waited for it (1.9x slower right after a large product).
+    """
+    parts = max(1, min(NUM_THREADS, -(-n_tiles // BLOCK_TILES)))
+    shared = _Shared((t0, min(BLOCK_TILES, n_tiles - t0))
+                     for t0 in range(0, n_tiles, BLOCK_TILES))
+    try:
+        others = [_Pool.get(parts - 1).submit(work, shared) for _ in range(1, parts)]
+        return [work(shared)] + [future.result() for future in others]
+    except numba_module().core.errors.NumbaError:
+        _disabled.append(True)
+        return None
+
+
+class _Shared:
+    """An iterator that several threads may draw from (a generator may not be entered by two
+    threads at once)."""
+
+    def __init__(self, items: Iterator) -> None:
+        self._items = items
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> _Shared:
+        return self
+
+    def __next__(self) -> Any:
+        with self._lock:
+            return next(self._items)
+
+
+def _tile_grid(h: int, w: int) -> tuple[int, int]:
+    return -(-h // 4), -(-w // 4)
+
+
+def _kernel_transform(w: np.ndarray) -> np.ndarray:
+    """U: (36, C_in, C_out) with U[6a + b] = (G w G^T)[a, b], in float64 then rounded once."""
+    u = np.einsum("ai,ijco,bj->abco", _G, w.astype(np.float64), _G, optimize=True)
+    return u.reshape(36, w.shape[2], w.shape[3]).astype(w.dtype)
+
+
+def conv3x3(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
+    """``conv(x, w, stride=1, padding)`` for NHWC ``x`` and a (3, 3, C_in, C_out) kernel
+    (None where numba cannot compile the transforms: the caller takes the im2col path)."""
+    n, h, wd, c_in = x.shape
+    c_out = w.shape[3]
+    ho, wo = h + 2 * padding - 2, wd + 2 * padding - 2
+    th, tw = _tile_grid(ho, wo)
+    n_tiles = n * th * tw
+    x = np.ascontiguousarray(x)
+    u = _kernel_transform(w)
+    out = np.empty((n, ho, wo, c_out), x.dtype)
+    kernels = _kernels()
+
+    def work(blocks: Iterator[tuple[int, int]]) -> None:
+        v = _scratch("v", (BLOCK_TILES, 36, c_in), x.dtype)
+        m = _scratch("m", (BLOCK_TILES, 36, c_out), x.dtype)
+        for t0, count in blocks:
+            kernels.input_tiles(x, padding, th, tw, t0, v[:count])
+            np.matmul(v[:count].transpose(1, 0, 2), u, out=m[:count].transpose(1, 0, 2))
+            kernels.output_tiles(m[:count], th, tw, t0, out)
+
+    return None if _in_parallel(work, n_tiles) is None else out
+
+
+def conv3x3_input_grad(g: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
+    """``conv_input_grad(g, w, stride=1, padding)``: the conv of ``g`` with the kernel flipped
+    in space and transposed in channels, padded by ``2 - padding``."""
+    return conv3x3(g, np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)), 2 - padding)
+
+
+def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarray | None:
+    """``conv_weight_grad(x, g, (3, 3), stride=1, padding)``: the adjoint of conv3x3 in the
+    kernel, dU = sum over tiles of V^T (A g A^T) per tile position, then dw = G^T dU G.
+    Each thread sums its blocks in float64."""
+    n, ho, wo, c_out = g.shape
+    c_in = x.shape[3]
+    th, tw = _tile_grid(ho, wo)
+    n_tiles = n * th * tw
+    x, g = np.ascontiguousarray(x), np.ascontiguousarray(g)
+    kernels = _kernels()
+
+    def work(blocks: Iterator[tuple[int, int]]) -> np.ndarray:
+        v = _scratch("v", (BLOCK_TILES, 36, c_in), x.dtype)
+        gt = _scratch("m", (BLOCK_TILES, 36, c_out), x.dtype)
+        du = np.zeros((36, c_in, c_out))
+        for t0, count in blocks:
+            kernels.input_tiles(x, padding, th, tw, t0, v[:count])
+            kernels.gradient_tiles(g, th, tw, t0, gt[:count])
+            du += np.matmul(v[:count].transpose(1, 2, 0), gt[:count].transpose(1, 0, 2))
+        return du
+
+    parts = _in_parallel(work, n_tiles)
+    if parts is None:
+        return None
+    du = sum(parts).reshape(6, 6, c_in, c_out)
+    return np.einsum("ai,abco,bj->ijco", _G, du, _G, optimize=True).astype(x.dtype)

@@ -1,0 +1,186 @@
+"""Winograd F(4x4, 3x3) convolutions (core/winograd.py) against exact references and PyTorch.
+
+Winograd rounds differently from im2col: its float32 results are compared with the float64
+im2col result, with a bound on the error relative to the output's largest value (measured
+2e-6 to 8e-6 on these shapes; im2col's own is about 10x smaller).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import needle as ndl
+import needle.nn as nn
+from needle.core import winograd
+from needle.core.ops_conv import Conv, ConvInputGrad, ConvWeightGrad
+
+needs_numba = pytest.mark.skipif(winograd._kernels() is None,
+                                 reason="numba is not installed or NEEDLE_NUMBA=0")
+
+#: error bound relative to the reference's largest magnitude
+RELATIVE_BOUND = 3e-5
+
+# (N, H, W, C_in, C_out, padding): odd sizes (partial tiles at the edges), every padding the
+# path takes, a problem smaller than one block and one of many blocks with a partial last one
+SHAPES = [(2, 9, 7, 8, 8, 1), (3, 10, 11, 8, 16, 0), (3, 10, 11, 16, 8, 2),
+          (1, 4, 4, 8, 12, 1), (5, 23, 17, 12, 9, 1)]
+
+
+def _relative_error(got: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.abs(got - exact).max() / np.abs(exact).max())
+
+
+def _problem(shape, seed=0):
+    n, h, w, c_in, c_out, padding = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, c_in)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype(np.float32)
+    g = rng.standard_normal((n, h + 2 * padding - 2, w + 2 * padding - 2, c_out))
+    return x, kernel, g.astype(np.float32), padding
+
+
+def _exact(op, *arrays):
+    """The op's im2col result in float64 (Winograd takes float32 only)."""
+    return op.compute(*(a.astype(np.float64) for a in arrays))
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_both_adjoints_match_float64(shape):
+    x, kernel, g, p = _problem(shape)
+    h, w = x.shape[1:3]
+    assert _relative_error(winograd.conv3x3(x, kernel, p),
+                           _exact(Conv(1, p), x, kernel)) < RELATIVE_BOUND
+    assert _relative_error(winograd.conv3x3_input_grad(g, kernel, p),
+                           _exact(ConvInputGrad(1, p, (h, w)), g, kernel)) < RELATIVE_BOUND
+    assert _relative_error(winograd.conv3x3_weight_grad(x, g, p),
+                           _exact(ConvWeightGrad((3, 3), 1, p), x, g)) < RELATIVE_BOUND
+
+
+@needs_numba
+def test_the_ops_take_the_winograd_path_only_where_it_applies(monkeypatch):
+    calls = []
+    for name in ("conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad"):
+        original = getattr(winograd, name)
+        monkeypatch.setattr(winograd, name,
+                            lambda *a, _name=name, _f=original: calls.append(_name) or _f(*a))
+    x, kernel, g, p = _problem((2, 8, 8, 8, 8, 1))
+    Conv(1, 1).compute(x, kernel)
+    ConvInputGrad(1, 1, (8, 8)).compute(g, kernel)
+    ConvWeightGrad((3, 3), 1, 1).compute(x, g)
+    # (conv3x3_input_grad runs conv3x3 on the flipped kernel)
+    assert set(calls) == {"conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad"}
+    calls.clear()
+    Conv(2, 1).compute(x, kernel)  # stride 2
+    Conv(1, 1).compute(x.astype(np.float64), kernel.astype(np.float64))  # float64
+    Conv(1, 0).compute(x, kernel[:1, :1])  # 1x1 kernel
+    Conv(1, 1).compute(x[..., :4], kernel[:, :, :4])  # too few channels
+    ConvWeightGrad((3, 3), 1, 3).compute(x, np.zeros((2, 12, 12, 8), np.float32))  # padding 3
+    assert calls == []
+
+
+@needs_numba
+def test_turning_it_off_gives_the_im2col_result(monkeypatch):
+    x, kernel, _, p = _problem((2, 9, 9, 8, 16, 1))
+    fast = Conv(1, p).compute(x, kernel)
+    monkeypatch.setattr(winograd, "ENABLED", False)
+    slow = Conv(1, p).compute(x, kernel)
+    assert not np.array_equal(fast, slow)  # they round differently ...
+    np.testing.assert_allclose(fast, slow, atol=RELATIVE_BOUND * np.abs(slow).max())
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_thread_count_gives_the_same_forward(threads, monkeypatch):
+    """Each tile is computed by one thread whatever the split: the forward is bit-identical;
+    the kernel gradient sums per-thread parts, so it agrees to rounding."""
+    x, kernel, g, p = _problem((6, 16, 16, 8, 8, 1))  # 96 tiles: several blocks of 16
+    monkeypatch.setattr(winograd, "BLOCK_TILES", 16)
+    reference = winograd.conv3x3(x, kernel, p), winograd.conv3x3_weight_grad(x, g, p)
+    monkeypatch.setattr(winograd, "NUM_THREADS", threads)
+    np.testing.assert_array_equal(winograd.conv3x3(x, kernel, p), reference[0])
+    np.testing.assert_allclose(winograd.conv3x3_weight_grad(x, g, p), reference[1],
+                               rtol=1e-6, atol=1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nn_conv_forward_and_backward_match_torch(stride):
+    """nn.Conv with enough channels for the fast path (stride 1), beside stride 2 (im2col)."""
+    rng = np.random.default_rng(3)
+    np.random.seed(3)
+    conv = nn.Conv(16, 24, 3, stride=stride, bias=True)
+    x = rng.standard_normal((4, 16, 13, 13)).astype(np.float32)
+    ours_x = ndl.Tensor(x, requires_grad=True)
+    out = conv(ours_x)
+    weights = np.random.default_rng(4).standard_normal(out.shape).astype(np.float32)
+    (out * ndl.Tensor(weights)).sum().backward()
+
+    reference = torch.nn.Conv2d(16, 24, 3, stride=stride, padding=1)
+    with torch.no_grad():  # needle keeps (kh, kw, C_in, C_out), torch (C_out, C_in, kh, kw)
+        reference.weight.copy_(torch.from_numpy(conv.weight.numpy().transpose(3, 2, 0, 1)))
+        reference.bias.copy_(torch.from_numpy(conv.bias.numpy().reshape(-1)))
+    torch_x = torch.from_numpy(x).requires_grad_()
+    torch_out = reference(torch_x)
+    (torch_out * torch.from_numpy(weights)).sum().backward()
+
+    scale = float(torch_out.detach().abs().max())
+    np.testing.assert_allclose(out.numpy(), torch_out.detach().numpy(), atol=3e-5 * scale)
+    np.testing.assert_allclose(ours_x.grad.numpy(), torch_x.grad.numpy(),
+                               atol=3e-5 * float(torch_x.grad.abs().max()))
+    weight_grad = reference.weight.grad.numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_allclose(conv.weight.grad.numpy(), weight_grad,
+                               atol=3e-5 * float(np.abs(weight_grad).max()))
+
+
+def _conv_in_child(queue) -> None:
+    x, kernel, _, p = _problem((4, 16, 16, 8, 8, 1))
+    queue.put(winograd.conv3x3(x, kernel, p))
+
+
+@needs_numba
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_fresh_worker_threads(monkeypatch):
+    """Threads do not survive fork: a child that inherited the pool must make its own."""
+    monkeypatch.setattr(winograd, "BLOCK_TILES", 16)
+    monkeypatch.setattr(winograd, "NUM_THREADS", 2)
+    x, kernel, _, p = _problem((4, 16, 16, 8, 8, 1))
+    expected = winograd.conv3x3(x, kernel, p)  # the parent's pool now exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_conv_in_child, args=(queue,))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(got, expected)
+
+
+@needs_numba
+def test_a_transform_numba_cannot_compile_falls_back_to_im2col(monkeypatch):
+    from numba.core.errors import TypingError
+
+    class Broken:
+        def __getattr__(self, name):
+            def fail(*args):
+                raise TypingError("cannot compile here")
+            return fail
+
+    monkeypatch.setattr(winograd, "_disabled", [])
+    monkeypatch.setattr(winograd, "_kernels", lambda: Broken())
+    x, kernel, _, p = _problem((2, 8, 8, 8, 8, 1))
+    assert winograd.conv3x3(x, kernel, p) is None
+    assert winograd._disabled and not winograd.applies(x, kernel, (3, 3), 1, 1, 8, 8)
+    np.testing.assert_allclose(Conv(1, p).compute(x, kernel), _exact(Conv(1, p), x, kernel),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_without_numba_the_path_steps_aside(monkeypatch):
+    monkeypatch.setattr(winograd, "_kernels", lambda: None)
+    x, kernel, _, _ = _problem((2, 8, 8, 8, 8, 1))
+    assert not winograd.applies(x, kernel, (3, 3), 1, 1, 8, 8)
