@@ -42,6 +42,29 @@ def test_column_moments_match_float64_statistics(shape, dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_sums_match_float64_sums(shape, dtype):
+    x = np.random.default_rng(7).standard_normal(shape).astype(dtype) + 2
+    sums = cpu_kernels.column_sums(x)
+    assert sums.dtype == dtype and sums.shape == (shape[1],)
+    np.testing.assert_allclose(sums, x.astype(np.float64).sum(0),
+                               rtol=1e-6 if dtype == np.float32 else 1e-12)
+
+
+@needs_kernels
+def test_channels_last_sums_take_the_kernel_and_match_the_numpy_path(monkeypatch):
+    from needle.core import channels_last
+
+    x = np.random.default_rng(8).standard_normal((64, 8, 8, 16)).astype(np.float32)
+    matrix = x.reshape(-1, 16)
+    compiled = channels_last.column_sums(matrix)
+    monkeypatch.setattr(cpu_kernels, "_kernels", lambda: None)
+    # float32 sums of 4096 values near zero: compare with an absolute bound
+    np.testing.assert_allclose(compiled, channels_last.column_sums(matrix), atol=1e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES)
 def test_column_affine_is_numpys_product_and_sum(shape):
     rng = np.random.default_rng(1)
     x = rng.standard_normal(shape).astype(np.float32)

@@ -43,6 +43,18 @@ def moments(xm, mean, var):
 
 
 @_jit
+def column_sums(xm, out):
+    """out[j] = sum of column j of xm (float64 sums)."""
+    m, c = xm.shape
+    acc = np.zeros(c, np.float64)
+    for i in range(m):
+        for j in range(c):
+            acc[j] += xm[i, j]
+    for j in range(c):
+        out[j] = acc[j]
+
+
+@_jit
 def affine(xm, scale, shift, out):
     """out = xm * scale + shift, per column."""
     m, c = xm.shape
