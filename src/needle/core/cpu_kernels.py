@@ -8,6 +8,9 @@ twice. They are the same formulas as the NumPy paths in ops_reduce / ops_norm, w
 reference and the fallback (no numba, CuPy arrays, other layouts); sums accumulate in float64,
 so results agree with NumPy's float32 sums to rounding, not bit for bit.
 
+``column_sums`` sums a channel matrix's columns (Mean and SumTo on channels-last arrays)
+without BLAS: see its NOTE on OpenBLAS's spinning worker thread.
+
 ``col2im`` is conv_input_grad's scatter: after one matrix product for all kernel taps, each
 tap row is added into the input gradient in one pass, where NumPy needs kh*kw strided
 scatter-adds after kh*kw thin products (CNN step 23.3 -> 19.3 ms with strides 1,2,2,
