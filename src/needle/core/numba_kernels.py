@@ -23,14 +23,20 @@ def _jit(fn):
         return numba.njit(error_model="numpy", nogil=True)(fn)
 
 
+@numba.njit(inline="always")
+def _float64_column_sums(xm):
+    acc = np.zeros(xm.shape[1], np.float64)
+    for i in range(xm.shape[0]):
+        for j in range(xm.shape[1]):
+            acc[j] += xm[i, j]
+    return acc
+
+
 @_jit
 def moments(xm, mean, var):
     """Per-column mean and biased variance of xm (two passes, float64 sums)."""
     m, c = xm.shape
-    acc = np.zeros(c, np.float64)
-    for i in range(m):
-        for j in range(c):
-            acc[j] += xm[i, j]
+    acc = _float64_column_sums(xm)
     for j in range(c):
         mean[j] = acc[j] / m
         acc[j] = 0.0
@@ -45,12 +51,8 @@ def moments(xm, mean, var):
 @_jit
 def column_sums(xm, out):
     """out[j] = sum of column j of xm (float64 sums)."""
-    m, c = xm.shape
-    acc = np.zeros(c, np.float64)
-    for i in range(m):
-        for j in range(c):
-            acc[j] += xm[i, j]
-    for j in range(c):
+    acc = _float64_column_sums(xm)
+    for j in range(xm.shape[1]):
         out[j] = acc[j]
 
 

@@ -79,6 +79,23 @@ def _a(src, s0, ss, dst, d0, ds):
         dst[d0 + 5 * ds, k] = src[s3, k]
 
 
+@numba.njit(inline="always")
+def _gather(rows, n, h, w, y0, x0, size, d):
+    """d row size*i + j = the row of position (y0 + i, x0 + j) of image n (i, j < size) in
+    rows, an (N*H*W, C) view of an NHWC array; zeros outside the image (a border tile)."""
+    for i in range(size):
+        for j in range(size):
+            yy, xx = y0 + i, x0 + j
+            dst = size * i + j
+            if 0 <= yy < h and 0 <= xx < w:
+                src = (n * h + yy) * w + xx
+                for k in range(rows.shape[1]):
+                    d[dst, k] = rows[src, k]
+            else:
+                for k in range(rows.shape[1]):
+                    d[dst, k] = 0.0
+
+
 @_jit
 def input_tiles(x, padding, tiles_h, tiles_w, t0, out):
     """out[t, 6a + b] = (B^T d_t B)[a, b] for tiles t0 + t (numbered (n, ty, tx) in order),
@@ -99,16 +116,7 @@ def input_tiles(x, padding, tiles_h, tiles_w, t0, out):
             for j in range(6):  # columns, read in place: r = B^T d
                 _bt(rows, base + j, w, r, j, 6)
         else:
-            for i in range(6):
-                for j in range(6):
-                    yy, xx = y0 + i, x0 + j
-                    if 0 <= yy < h and 0 <= xx < w:
-                        src = (n * h + yy) * w + xx
-                        for k in range(c):
-                            d[6 * i + j, k] = rows[src, k]
-                    else:
-                        for k in range(c):
-                            d[6 * i + j, k] = 0.0
+            _gather(rows, n, h, w, y0, x0, 6, d)
             for j in range(6):
                 _bt(d, j, 6, r, j, 6)
         for a in range(6):  # rows: out = r B
@@ -162,15 +170,7 @@ def gradient_tiles(g, tiles_h, tiles_w, t0, out):
             for j in range(4):  # columns, read in place: r = A g
                 _a(rows, base + j, w, r, j, 4)
         else:
-            for i in range(4):
-                for j in range(4):
-                    if y0 + i < h and x0 + j < w:
-                        src = (n * h + y0 + i) * w + x0 + j
-                        for k in range(c):
-                            d[4 * i + j, k] = rows[src, k]
-                    else:
-                        for k in range(c):
-                            d[4 * i + j, k] = 0.0
+            _gather(rows, n, h, w, y0, x0, 4, d)
             for j in range(4):
                 _a(d, j, 4, r, j, 4)
         for a in range(6):  # rows: out = r A^T
