@@ -90,8 +90,9 @@ def step_row(label: str, strides: tuple) -> dict:
             "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t}
 
 
-def conv_layer_rows() -> list[dict]:
-    """One strided conv op (NHWC in needle, NCHW in torch), forward and forward+backward."""
+def conv_layer_rows(stride: int) -> list[dict]:
+    """One conv op (NHWC in needle, NCHW in torch), forward and forward+backward; stride 1
+    takes needle's Winograd path (with numba), stride 2 im2col."""
     rng = np.random.default_rng(1)
     a = rng.standard_normal((64, 32, 32, 32)).astype(np.float32)
     w = rng.standard_normal((3, 3, 32, 64)).astype(np.float32) * 0.05
@@ -101,24 +102,24 @@ def conv_layer_rows() -> list[dict]:
 
     def needle_fwd():
         with ndl.no_grad():
-            ops.conv(na, nw, stride=2, padding=1)
+            ops.conv(na, nw, stride=stride, padding=1)
 
     def torch_fwd():
         with torch.no_grad():
-            torch.nn.functional.conv2d(ta, tw, stride=2, padding=1)
+            torch.nn.functional.conv2d(ta, tw, stride=stride, padding=1)
 
     def needle_step():
         na.grad = nw.grad = None
-        ops.conv(na, nw, stride=2, padding=1).sum().backward(create_graph=False)
+        ops.conv(na, nw, stride=stride, padding=1).sum().backward(create_graph=False)
 
     def torch_step():
         ta.grad = tw.grad = None
-        torch.nn.functional.conv2d(ta, tw, stride=2, padding=1).sum().backward()
+        torch.nn.functional.conv2d(ta, tw, stride=stride, padding=1).sum().backward()
 
     rows = []
-    for name, n_fn, t_fn in [("conv N64 C32->64 32x32 k3 s2 fwd (ms)", needle_fwd, torch_fwd),
-                             ("conv N64 C32->64 32x32 k3 s2 fwd+bwd (ms)", needle_step,
-                              torch_step)]:
+    label = f"conv N64 C32->64 32x32 k3 s{stride}"
+    for name, n_fn, t_fn in [(f"{label} fwd (ms)", needle_fwd, torch_fwd),
+                             (f"{label} fwd+bwd (ms)", needle_step, torch_step)]:
         n_fn(), t_fn()
         best = common.best_times_in_rounds({"needle": n_fn, "torch": t_fn}, repeat=8)
         n_t, t_t = best["needle"] * 1e3, best["torch"] * 1e3
@@ -128,7 +129,8 @@ def conv_layer_rows() -> list[dict]:
 
 def main() -> list[dict]:
     common.torch_threads()
-    return [step_row(label, strides) for label, strides in CONFIGS] + conv_layer_rows()
+    return ([step_row(label, strides) for label, strides in CONFIGS]
+            + conv_layer_rows(1) + conv_layer_rows(2))
 
 
 if __name__ == "__main__":
