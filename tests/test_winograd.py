@@ -80,6 +80,8 @@ def test_the_ops_take_the_winograd_path_only_where_it_applies(monkeypatch):
     Conv(1, 1).compute(x.astype(np.float64), kernel.astype(np.float64))  # float64
     Conv(1, 0).compute(x, kernel[:1, :1])  # 1x1 kernel
     Conv(1, 1).compute(x[..., :4], kernel[:, :, :4])  # too few channels
+    wide = np.zeros((3, 3, 8, winograd.MAX_CHANNEL_PRODUCT // 8 + 1), np.float32)
+    Conv(1, 1).compute(x, wide)  # too many: im2col's one product is faster
     ConvWeightGrad((3, 3), 1, 3).compute(x, np.zeros((2, 12, 12, 8), np.float32))  # padding 3
     assert calls == []
 

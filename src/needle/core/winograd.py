@@ -15,8 +15,8 @@ The three adjoints of ``conv`` (core/ops_conv.py) all become such products:
     conv_input_grad(g, w)        a conv of g with the flipped, transposed kernel (stride 1)
     conv_weight_grad(x, g)       dU = V(x)^T @ (A g A^T)         dw = G^T dU G
 
-The work goes in blocks of BLOCK_TILES tiles: transform a block's input tiles, take the 36
-products for the block, transform back. A block's tiles (BLOCK_TILES x 36 x C floats) stay in
+The work goes in blocks of up to BLOCK_TILES tiles: transform a block's input tiles, take the
+36 products for the block, transform back. A block's tiles (tiles x 36 x C floats) stay in
 the core's L2 cache between the three steps instead of making three trips through memory
 (layer 3 of the benchmark CNN: 16.5 -> 10.7 ms on one thread), and blocks are independent,
 so NUM_THREADS threads share them (5.7 ms on two; im2col took 27.6). The tile transforms
@@ -57,8 +57,16 @@ ENABLED = True
 #: smallest channel counts for which the transforms pay (below them the product is too thin)
 MIN_CHANNELS = 8
 
-#: tiles per block: a block's transformed tiles (36 x C floats each) stay in L2 cache
+#: largest C_in * C_out that takes the path. Measured (2 threads): 2-4x faster than im2col
+#: up to 128 x 128 channels, even at 128 x 256 and slower beyond, where im2col's one large
+#: product runs near BLAS peak and the blocks, sized for the cache, get too thin
+MAX_CHANNEL_PRODUCT = 128 * 128
+
+#: most tiles per block: a block's transformed tiles (36 x C floats each) stay in L2 cache
 BLOCK_TILES = 128
+
+#: bytes of a block's input and output tiles that _block_tiles aims at
+BLOCK_BYTES = 2 * 2**20
 
 
 def _default_threads() -> int:
@@ -101,11 +109,12 @@ def applies(x: Any, other: Any, kernel_hw: tuple, stride: int, padding: int, c_i
             c_out: int) -> bool:
     """Whether the Winograd path takes this convolution: float32 NumPy operands ``x`` and
     ``other`` (the kernel, or the output gradient), a 3x3 kernel, stride 1, padding <= 2
-    (conv_input_grad pads by 2 - padding), enough channels and numba."""
+    (conv_input_grad pads by 2 - padding), channel counts where it pays, and numba."""
     return (ENABLED and stride == 1 and 0 <= padding <= 2 and tuple(kernel_hw) == (3, 3)
             and type(x) is np.ndarray and type(other) is np.ndarray
             and x.dtype == np.float32 and other.dtype == np.float32
-            and min(c_in, c_out) >= MIN_CHANNELS and not _disabled and _kernels() is not None)
+            and min(c_in, c_out) >= MIN_CHANNELS and c_in * c_out <= MAX_CHANNEL_PRODUCT
+            and not _disabled and _kernels() is not None)
 
 
 class _Pool:
@@ -143,19 +152,18 @@ def _scratch(slot: str, shape: tuple, dtype: Any) -> np.ndarray:
     return buffer[:size].reshape(shape)
 
 
-def _in_parallel(work: Callable[[Iterator[tuple[int, int]]], Any], n_tiles: int
-                 ) -> list | None:
+def _in_parallel(work: Callable[[Iterator[tuple[int, int]]], Any], n_tiles: int,
+                 block: int) -> list | None:
     """``work(blocks)`` on each of up to NUM_THREADS threads (this one included), all drawing
-    (first tile, tile count) blocks of BLOCK_TILES tiles from one shared iterator; their
+    (first tile, tile count) blocks of ``block`` tiles from one shared iterator; their
     results, or None if numba could not compile a transform (the caller falls back to im2col).
 
     NOTE: blocks are drawn, not dealt out in advance: a thread that shares its core (OpenBLAS
     workers spin for a while after each large product) then takes fewer blocks, where a fixed
     split waited for it (1.9x slower right after a large product).
     """
-    parts = max(1, min(NUM_THREADS, -(-n_tiles // BLOCK_TILES)))
-    shared = _Shared((t0, min(BLOCK_TILES, n_tiles - t0))
-                     for t0 in range(0, n_tiles, BLOCK_TILES))
+    parts = max(1, min(NUM_THREADS, -(-n_tiles // block)))
+    shared = _Shared((t0, min(block, n_tiles - t0)) for t0 in range(0, n_tiles, block))
     try:
         others = [_Pool.get(parts - 1).submit(work, shared) for _ in range(1, parts)]
         return [work(shared)] + [future.result() for future in others]
@@ -185,9 +193,28 @@ def _tile_grid(h: int, w: int) -> tuple[int, int]:
 
 
 def _kernel_transform(w: np.ndarray) -> np.ndarray:
-    """U: (36, C_in, C_out) with U[6a + b] = (G w G^T)[a, b], in float64 then rounded once."""
-    u = np.einsum("ai,ijco,bj->abco", _G, w.astype(np.float64), _G, optimize=True)
-    return u.reshape(36, w.shape[2], w.shape[3]).astype(w.dtype)
+    """U: (36, C_in, C_out) with U[6a + b] = (G w G^T)[a, b], in float64 then rounded once.
+
+    NOTE: two matrix products; np.einsum("ai,ijco,bj->abco") took 18x longer (512x512)."""
+    c_in, c_out = w.shape[2:]
+    rows = (_G @ w.astype(np.float64).reshape(3, -1)).reshape(6, 3, -1)  # G w
+    return np.matmul(_G, rows).reshape(36, c_in, c_out).astype(w.dtype)  # (G w) G^T
+
+
+def _kernel_adjoint(du: np.ndarray, dtype: Any) -> np.ndarray:
+    """dw: (3, 3, C_in, C_out) = G^T dU G for dU (36, C_in, C_out), the adjoint of
+    _kernel_transform."""
+    c_in, c_out = du.shape[1:]
+    rows = (_G.T @ du.reshape(6, -1)).reshape(3, 6, -1)  # G^T dU
+    return np.matmul(_G.T, rows).reshape(3, 3, c_in, c_out).astype(dtype)  # (G^T dU) G
+
+
+def _block_tiles(n_tiles: int, c_in: int, c_out: int) -> int:
+    """Tiles per block: at most BLOCK_TILES, fewer for wide layers (a block's tiles should
+    stay near the L2 cache), and few enough that every thread gets blocks to draw."""
+    by_cache = BLOCK_BYTES // (36 * 4 * (c_in + c_out))
+    by_threads = -(-n_tiles // (2 * NUM_THREADS))
+    return max(8, min(BLOCK_TILES, by_cache, by_threads))
 
 
 def conv3x3(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
@@ -198,20 +225,21 @@ def conv3x3(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
     ho, wo = h + 2 * padding - 2, wd + 2 * padding - 2
     th, tw = _tile_grid(ho, wo)
     n_tiles = n * th * tw
+    block = _block_tiles(n_tiles, c_in, c_out)
     x = np.ascontiguousarray(x)
     u = _kernel_transform(w)
     out = np.empty((n, ho, wo, c_out), x.dtype)
     kernels = _kernels()
 
     def work(blocks: Iterator[tuple[int, int]]) -> None:
-        v = _scratch("v", (BLOCK_TILES, 36, c_in), x.dtype)
-        m = _scratch("m", (BLOCK_TILES, 36, c_out), x.dtype)
+        v = _scratch("v", (block, 36, c_in), x.dtype)
+        m = _scratch("m", (block, 36, c_out), x.dtype)
         for t0, count in blocks:
             kernels.input_tiles(x, padding, th, tw, t0, v[:count])
             np.matmul(v[:count].transpose(1, 0, 2), u, out=m[:count].transpose(1, 0, 2))
             kernels.output_tiles(m[:count], th, tw, t0, out)
 
-    return None if _in_parallel(work, n_tiles) is None else out
+    return None if _in_parallel(work, n_tiles, block) is None else out
 
 
 def conv3x3_input_grad(g: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
@@ -228,12 +256,13 @@ def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarra
     c_in = x.shape[3]
     th, tw = _tile_grid(ho, wo)
     n_tiles = n * th * tw
+    block = _block_tiles(n_tiles, c_in, c_out)
     x, g = np.ascontiguousarray(x), np.ascontiguousarray(g)
     kernels = _kernels()
 
     def work(blocks: Iterator[tuple[int, int]]) -> np.ndarray:
-        v = _scratch("v", (BLOCK_TILES, 36, c_in), x.dtype)
-        gt = _scratch("m", (BLOCK_TILES, 36, c_out), x.dtype)
+        v = _scratch("v", (block, 36, c_in), x.dtype)
+        gt = _scratch("m", (block, 36, c_out), x.dtype)
         du = np.zeros((36, c_in, c_out))
         for t0, count in blocks:
             kernels.input_tiles(x, padding, th, tw, t0, v[:count])
@@ -241,8 +270,7 @@ def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarra
             du += np.matmul(v[:count].transpose(1, 2, 0), gt[:count].transpose(1, 0, 2))
         return du
 
-    parts = _in_parallel(work, n_tiles)
+    parts = _in_parallel(work, n_tiles, block)
     if parts is None:
         return None
-    du = sum(parts).reshape(6, 6, c_in, c_out)
-    return np.einsum("ai,abco,bj->ijco", _G, du, _G, optimize=True).astype(x.dtype)
+    return _kernel_adjoint(sum(parts), x.dtype)
