@@ -98,16 +98,17 @@ def test_turning_it_off_gives_the_im2col_result(monkeypatch):
 
 @needs_numba
 @pytest.mark.parametrize("threads", [1, 3])
-def test_any_thread_count_gives_the_same_forward(threads, monkeypatch):
-    """Each tile is computed by one thread whatever the split: the forward is bit-identical;
-    the kernel gradient sums per-thread parts, so it agrees to rounding."""
+def test_any_thread_count_gives_the_same_bits(threads, monkeypatch):
+    """Each tile is computed by one thread whatever the split, so the forward is
+    bit-identical; the kernel gradient adds float32 block products in float64, where such
+    sums are exact (their magnitudes span far less than 2^29), so it is bit-identical too:
+    training does not depend on which thread took which block."""
     x, kernel, g, p = _problem((6, 16, 16, 8, 8, 1))  # 96 tiles: several blocks of 16
     monkeypatch.setattr(winograd, "BLOCK_TILES", 16)
     reference = winograd.conv3x3(x, kernel, p), winograd.conv3x3_weight_grad(x, g, p)
     monkeypatch.setattr(winograd, "NUM_THREADS", threads)
     np.testing.assert_array_equal(winograd.conv3x3(x, kernel, p), reference[0])
-    np.testing.assert_allclose(winograd.conv3x3_weight_grad(x, g, p), reference[1],
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(winograd.conv3x3_weight_grad(x, g, p), reference[1])
 
 
 @needs_numba

@@ -251,7 +251,9 @@ def conv3x3_input_grad(g: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray
 def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarray | None:
     """``conv_weight_grad(x, g, (3, 3), stride=1, padding)``: the adjoint of conv3x3 in the
     kernel, dU = sum over tiles of V^T (A g A^T) per tile position, then dw = G^T dU G.
-    Each thread sums its blocks in float64."""
+    Each thread adds its blocks' float32 products in float64, which is exact for gradients
+    (magnitudes spanning less than 2^29), so the result does not depend on which thread
+    took which block."""
     n, ho, wo, c_out = g.shape
     c_in = x.shape[3]
     th, tw = _tile_grid(ho, wo)
