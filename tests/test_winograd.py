@@ -16,6 +16,7 @@ import torch
 
 import needle as ndl
 import needle.nn as nn
+from needle.backend import cpu_threads
 from needle.core import winograd
 from needle.core.ops_conv import Conv, ConvInputGrad, ConvWeightGrad
 
@@ -106,7 +107,7 @@ def test_any_thread_count_gives_the_same_bits(threads, monkeypatch):
     x, kernel, g, p = _problem((6, 16, 16, 8, 8, 1))  # 96 tiles: several blocks of 16
     monkeypatch.setattr(winograd, "BLOCK_TILES", 16)
     reference = winograd.conv3x3(x, kernel, p), winograd.conv3x3_weight_grad(x, g, p)
-    monkeypatch.setattr(winograd, "NUM_THREADS", threads)
+    monkeypatch.setattr(cpu_threads, "NUM_THREADS", threads)
     np.testing.assert_array_equal(winograd.conv3x3(x, kernel, p), reference[0])
     np.testing.assert_array_equal(winograd.conv3x3_weight_grad(x, g, p), reference[1])
 
@@ -151,7 +152,7 @@ def _conv_in_child(queue) -> None:
 def test_a_forked_child_gets_fresh_worker_threads(monkeypatch):
     """Threads do not survive fork: a child that inherited the pool must make its own."""
     monkeypatch.setattr(winograd, "BLOCK_TILES", 16)
-    monkeypatch.setattr(winograd, "NUM_THREADS", 2)
+    monkeypatch.setattr(cpu_threads, "NUM_THREADS", 2)
     x, kernel, _, p = _problem((4, 16, 16, 8, 8, 1))
     expected = winograd.conv3x3(x, kernel, p)  # the parent's pool now exists
     context = multiprocessing.get_context("fork")

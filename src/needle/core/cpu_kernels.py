@@ -135,11 +135,15 @@ def batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, inv: Any, weight:
 
 
 def col2im(taps: np.ndarray, out_shape: tuple, ho: int, wo: int, kh: int, kw: int, stride: int,
-           padding: int) -> np.ndarray | None:
+           padding: int, out: np.ndarray | None = None) -> np.ndarray | None:
     """The adjoint of im2col: ``taps`` (N*Ho*Wo, kh*kw*C), one row of kernel-tap values per
-    output position, summed into a new zero (N, H, W, C) array at the input positions they came
-    from (one pass; conv_input_grad's scatter). None where the kernels cannot run."""
-    if not _usable(taps):
+    output position, summed into a zeroed (N, H, W, C) array at the input positions they came
+    from (one pass; conv_input_grad's scatter): ``out`` (C-contiguous, overwritten) or a new
+    one. None where the kernels cannot run."""
+    if not _usable(taps) or (out is not None and (
+            type(out) is not np.ndarray or out.dtype != taps.dtype
+            or not out.flags.c_contiguous)):
         return None
-    out = np.empty(out_shape, taps.dtype)
+    if out is None:
+        out = np.empty(out_shape, taps.dtype)
     return out if _run("col2im_add", taps, ho, wo, kh, kw, stride, padding, out) else None

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
+from ..backend import array_module, cpu_threads
 from . import api as F
 from . import cpu_kernels, winograd
 from .registry import Aval, Op, ShapeError, fmt_shape, register
@@ -124,6 +124,38 @@ def _check_nhwc(op: str, what: str, shape: tuple, other: str, other_shape: tuple
                          f"{fmt_shape(other_shape)}")
 
 
+#: smallest multiply-add count for which an im2col convolution is split by images across
+#: needle's CPU threads (smaller ones lose more to the hand-off than they gain)
+SPLIT_MIN_MACS = 1 << 22
+
+
+def _image_chunks(n: int, macs: int, *arrays) -> list[tuple[int, int]] | None:
+    """Contiguous image ranges [s, e) for splitting a convolution of ``n`` images across
+    needle's threads (backend/cpu_threads.py), two per thread so one that shares its core
+    takes fewer; None to run it whole (one thread, a small problem, CuPy arrays, or no
+    control of BLAS's threads: concurrent products on OpenBLAS's own threads ran slower)."""
+    parts = min(cpu_threads.NUM_THREADS, n)
+    if (parts < 2 or macs < SPLIT_MIN_MACS or cpu_threads.blas_control() is None
+            or any(type(x) is not np.ndarray for x in arrays)):
+        return None
+    count = min(n, 2 * parts)
+    bounds = [n * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _by_images(images, chunks: list[tuple[int, int]] | None, n: int) -> list:
+    """``images(s, e)`` for every chunk, on needle's threads with BLAS on one thread (or for
+    all n images at once where ``chunks`` is None); the results in image order."""
+    if chunks is None:
+        return [images(0, n)]
+    with cpu_threads.single_threaded_blas():
+        done = cpu_threads.in_parallel(
+            lambda shared: [(s, images(s, e)) for s, e in shared], chunks,
+            min(cpu_threads.NUM_THREADS, len(chunks)))
+    return [result for _, result in sorted((pair for part in done for pair in part),
+                                           key=lambda pair: pair[0])]
+
+
 @register("conv", inputs=("a", "b"))
 class Conv(Op):
     """Cross-correlation of NHWC ``a`` with a (kh, kw, C_in, C_out) kernel ``b``.
@@ -144,16 +176,30 @@ class Conv(Op):
             out = winograd.conv3x3(a, b, self.padding)
             if out is not None:
                 return out
-        positions = (_out_size(a.shape[1], kh, self.stride, self.padding)
-                     * _out_size(a.shape[2], kw, self.stride, self.padding))
-        if _use_nchw(a, positions) and a.shape[3] == c_in:
+        n = a.shape[0]
+        ho = _out_size(a.shape[1], kh, self.stride, self.padding)
+        wo = _out_size(a.shape[2], kw, self.stride, self.padding)
+        if a.shape[3] != c_in:
+            raise ShapeError(f"conv: input {fmt_shape(a.shape)} has {a.shape[3]} channels but "
+                             f"the kernel {fmt_shape(b.shape)} expects {c_in}")
+        out = array_module(a).empty((n, ho, wo, c_out), np.result_type(a.dtype, b.dtype))
+        if _use_nchw(a, ho * wo):
             # NCHW in memory: out (N, Ho*Wo, C_out) = cols.T @ W, per image, NHWC as it comes
-            cols, (ho, wo) = _im2col_nchw(a, kh, kw, self.stride, self.padding)
             weight = b.transpose(2, 0, 1, 3).reshape(c_in * kh * kw, c_out)
-            out = np.matmul(cols.transpose(0, 2, 1), weight)
-            return out.reshape(a.shape[0], ho, wo, c_out)
-        cols, (n, ho, wo) = _im2col(a, kh, kw, self.stride, self.padding)
-        return (cols @ b.reshape(-1, c_out)).reshape(n, ho, wo, c_out)
+
+            def images(s: int, e: int) -> None:
+                cols, _ = _im2col_nchw(a[s:e], kh, kw, self.stride, self.padding)
+                np.matmul(cols.transpose(0, 2, 1), weight,
+                          out=out[s:e].reshape(e - s, ho * wo, c_out))
+        else:
+            weight = b.reshape(-1, c_out)
+
+            def images(s: int, e: int) -> None:
+                cols, _ = _im2col(a[s:e], kh, kw, self.stride, self.padding)
+                np.matmul(cols, weight, out=out[s:e].reshape(-1, c_out))
+
+        _by_images(images, _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out, a, b), n)
+        return out
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
@@ -217,22 +263,32 @@ class ConvWeightGrad(Op):
             out = winograd.conv3x3_weight_grad(a, g, self.padding)
             if out is not None:
                 return out
-        if g.ndim == 4 and _use_nchw(a, g.shape[1] * g.shape[2]):
-            cols, (ho, wo) = _im2col_nchw(a, kh, kw, self.stride, self.padding)
-            n, c_in, c_out = a.shape[0], a.shape[3], g.shape[3]
-            self._check_g(a, g, (n, ho, wo))
-            if _channels_first(g):  # (N, C_out, HW) @ (N, HW, C*kh*kw), summed over images
-                grads = g.transpose(0, 3, 1, 2).reshape(n, c_out, ho * wo)
-                out = np.matmul(grads, cols.transpose(0, 2, 1)).sum(axis=0).T
-            else:  # (N, C*kh*kw, HW) @ (N, HW, C_out)
-                out = np.matmul(cols, g.reshape(n, ho * wo, c_out)).sum(axis=0)
-            return array_module(a).ascontiguousarray(
-                out.reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3))
-        cols, (n, ho, wo) = _im2col(a, kh, kw, self.stride, self.padding)
+        n, c_in = a.shape[0], a.shape[3]
+        ho = _out_size(a.shape[1], kh, self.stride, self.padding)
+        wo = _out_size(a.shape[2], kw, self.stride, self.padding)
         self._check_g(a, g, (n, ho, wo))
         c_out = g.shape[3]
-        out = cols.T @ g.reshape(-1, c_out)
-        return out.reshape(kh, kw, a.shape[3], c_out)
+        if _use_nchw(a, ho * wo):
+            def images(s: int, e: int):
+                cols, _ = _im2col_nchw(a[s:e], kh, kw, self.stride, self.padding)
+                if _channels_first(g):  # (N, C_out, HW) @ (N, HW, C*kh*kw), summed over images
+                    grads = g[s:e].transpose(0, 3, 1, 2).reshape(e - s, c_out, ho * wo)
+                    return np.matmul(grads, cols.transpose(0, 2, 1)).sum(axis=0).T
+                # (N, C*kh*kw, HW) @ (N, HW, C_out)
+                return np.matmul(cols, g[s:e].reshape(e - s, ho * wo, c_out)).sum(axis=0)
+
+            parts = _by_images(images, _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out,
+                                                     a, g), n)
+            return array_module(a).ascontiguousarray(
+                sum(parts).reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3))
+
+        def images(s: int, e: int):
+            cols, _ = _im2col(a[s:e], kh, kw, self.stride, self.padding)
+            return cols.T @ g[s:e].reshape(-1, c_out)
+
+        parts = _by_images(images, _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out,
+                                                 a, g), n)
+        return sum(parts).reshape(kh, kw, c_in, c_out)
 
     def gradient(self, out_grad, node):
         a, g = node.inputs
@@ -300,16 +356,22 @@ class ConvInputGrad(Op):
         xp = array_module(g)
         dtype = np.result_type(g.dtype, b.dtype)
         hq, wq = -(-(h + 2 * p) // s), -(-(w + 2 * p) // s)
-        g2 = g.reshape(n * ho * wo, c_out)  # a copy when g is stored channels-first
-        if isinstance(g2, np.ndarray) and isinstance(b, np.ndarray) and \
+        if isinstance(g, np.ndarray) and isinstance(b, np.ndarray) and \
                 cpu_kernels.enabled(dtype):
             # one matrix product for all kh*kw taps (c_in*kh*kw columns: a wider, faster
             # product than kh*kw thin ones), then one compiled scatter pass (numba)
             weights = b.transpose(3, 0, 1, 2).reshape(c_out, kh * kw * c_in)
-            taps = np.matmul(g2, weights, dtype=dtype)
-            out = cpu_kernels.col2im(taps, (n, h, w, c_in), ho, wo, kh, kw, s, p)
-            if out is not None:
+            out = np.empty((n, h, w, c_in), dtype)
+
+            def images(start: int, end: int) -> bool:
+                taps = np.matmul(g[start:end].reshape(-1, c_out), weights, dtype=dtype)
+                return cpu_kernels.col2im(taps, (end - start, h, w, c_in), ho, wo, kh, kw, s,
+                                          p, out=out[start:end]) is not None
+
+            chunks = _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out, g, b)
+            if all(_by_images(images, chunks, n)):
                 return out
+        g2 = g.reshape(n * ho * wo, c_out)  # a copy when g is stored channels-first
         # Padded rows/cols y = s*y' + i are split by phase (y mod s): phase (i % s, j % s)
         # receives tap (i, j) as one slice with contiguous rows, so each of the kh*kw
         # scatter-adds runs over long contiguous runs instead of C-element pieces.

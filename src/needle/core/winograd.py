@@ -19,10 +19,9 @@ The work goes in blocks of up to BLOCK_TILES tiles: transform a block's input ti
 36 products for the block, transform back. A block's tiles (tiles x 36 x C floats) stay in
 the core's L2 cache between the three steps instead of making three trips through memory
 (layer 3 of the benchmark CNN: 16.5 -> 10.7 ms on one thread), and blocks are independent,
-so NUM_THREADS threads share them (5.7 ms on two; im2col took 27.6). The tile transforms
-are numba loops (core/numba_winograd.py) and numba and BLAS release the GIL, so plain
-Python threads run in parallel. Without numba, and for other kernels, strides or dtypes,
-ops_conv keeps its im2col path.
+so needle's CPU threads (backend/cpu_threads.py) share them: 5.7 ms on two, where im2col
+took 27.6. The tile transforms are numba loops (core/numba_winograd.py). Without numba, and
+for other kernels, strides or dtypes, ops_conv keeps its im2col path.
 
 NOTE: threads of our own rather than numba's ``parallel=True``: OpenBLAS's worker threads
 spin after every large product and numba's pool fought them for the two cores (CNN step
@@ -38,17 +37,16 @@ turns it off.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from ..backend import cpu_threads
 from ..backend.numba_support import numba_module
 
-__all__ = ["BLOCK_TILES", "ENABLED", "NUM_THREADS", "applies", "conv3x3",
+__all__ = ["BLOCK_TILES", "ENABLED", "applies", "conv3x3",
            "conv3x3_input_grad", "conv3x3_weight_grad"]
 
 #: turn the Winograd path off (ops_conv then runs im2col for every convolution)
@@ -68,20 +66,6 @@ BLOCK_TILES = 128
 #: bytes of a block's input and output tiles that _block_tiles aims at
 BLOCK_BYTES = 2 * 2**20
 
-
-def _default_threads() -> int:
-    """NEEDLE_NUM_THREADS, else OMP_NUM_THREADS (the usual way to cap a process's threads),
-    else the CPUs this process may run on."""
-    for name in ("NEEDLE_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or 1)
-
-
-#: threads that share a convolution's blocks (the calling thread is one of them)
-NUM_THREADS = _default_threads()
 
 # F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2 and infinity
 _G = np.array([[1 / 4, 0, 0],
@@ -117,28 +101,6 @@ def applies(x: Any, other: Any, kernel_hw: tuple, stride: int, padding: int, c_i
             and not _disabled and _kernels() is not None)
 
 
-class _Pool:
-    """The worker threads, made on first use and again in a forked child (threads do not
-    survive a fork)."""
-
-    executor: ThreadPoolExecutor | None = None
-    workers = 0
-
-    @classmethod
-    def get(cls, workers: int) -> ThreadPoolExecutor:
-        if cls.executor is None or cls.workers < workers:
-            cls.executor = ThreadPoolExecutor(workers, thread_name_prefix="needle-winograd")
-            cls.workers = workers
-        return cls.executor
-
-    @classmethod
-    def forget(cls) -> None:
-        cls.executor, cls.workers = None, 0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_Pool.forget)
-
 _local = threading.local()
 
 
@@ -154,7 +116,7 @@ def _scratch(slot: str, shape: tuple, dtype: Any) -> np.ndarray:
 
 def _in_parallel(work: Callable[[Iterator[tuple[int, int]]], Any], n_tiles: int,
                  block: int) -> list | None:
-    """``work(blocks)`` on each of up to NUM_THREADS threads (this one included), all drawing
+    """``work(blocks)`` on up to NUM_THREADS threads (backend/cpu_threads.py), all drawing
     (first tile, tile count) blocks of ``block`` tiles from one shared iterator; their
     results, or None if numba could not compile a transform (the caller falls back to im2col).
 
@@ -162,30 +124,13 @@ def _in_parallel(work: Callable[[Iterator[tuple[int, int]]], Any], n_tiles: int,
     workers spin for a while after each large product) then takes fewer blocks, where a fixed
     split waited for it (1.9x slower right after a large product).
     """
-    parts = max(1, min(NUM_THREADS, -(-n_tiles // block)))
-    shared = _Shared((t0, min(block, n_tiles - t0)) for t0 in range(0, n_tiles, block))
+    parts = max(1, min(cpu_threads.NUM_THREADS, -(-n_tiles // block)))
+    blocks = ((t0, min(block, n_tiles - t0)) for t0 in range(0, n_tiles, block))
     try:
-        others = [_Pool.get(parts - 1).submit(work, shared) for _ in range(1, parts)]
-        return [work(shared)] + [future.result() for future in others]
+        return cpu_threads.in_parallel(work, blocks, parts)
     except numba_module().core.errors.NumbaError:
         _disabled.append(True)
         return None
-
-
-class _Shared:
-    """An iterator that several threads may draw from (a generator may not be entered by two
-    threads at once)."""
-
-    def __init__(self, items: Iterator) -> None:
-        self._items = items
-        self._lock = threading.Lock()
-
-    def __iter__(self) -> _Shared:
-        return self
-
-    def __next__(self) -> Any:
-        with self._lock:
-            return next(self._items)
 
 
 def _tile_grid(h: int, w: int) -> tuple[int, int]:
@@ -213,7 +158,7 @@ def _block_tiles(n_tiles: int, c_in: int, c_out: int) -> int:
     """Tiles per block: at most BLOCK_TILES, fewer for wide layers (a block's tiles should
     stay near the L2 cache), and few enough that every thread gets blocks to draw."""
     by_cache = BLOCK_BYTES // (36 * 4 * (c_in + c_out))
-    by_threads = -(-n_tiles // (2 * NUM_THREADS))
+    by_threads = -(-n_tiles // (2 * cpu_threads.NUM_THREADS))
     return max(8, min(BLOCK_TILES, by_cache, by_threads))
 
 
