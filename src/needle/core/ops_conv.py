@@ -12,7 +12,8 @@ with ``<conv(a, b), g> = <a, conv_input_grad(g, b)> = <b, conv_weight_grad(a, g)
 
 Float32 3x3 stride-1 convolutions with 8 or more channels take Winograd's F(4x4, 3x3)
 instead (core/winograd.py: 4x fewer multiply-adds, blocked and threaded; the benchmark CNN's
-step 132 -> 55 ms) where numba is installed; everything else, and float64, runs im2col.
+step 132 -> 55 ms) where numba is installed; everything else, and float64, runs im2col,
+split by images across needle's CPU threads where it pays (``_by_images``).
 
 Results are stored channels-last (C-contiguous NHWC), whatever the layout of the inputs. An
 NCHW model (nn.Conv permutes in and out) therefore keeps its activations channels-last behind
