@@ -78,19 +78,35 @@ def test_blas_gets_its_thread_count_back_after_a_split(monkeypatch):
     monkeypatch.setattr(ops_conv, "SPLIT_MIN_MACS", 0)
     x, kernel, _, stride, padding = _problem(CASES[0])
     Conv(stride, padding).compute(x, kernel)
-    assert seen and all(count == 1 for count in seen[0])  # one BLAS thread inside
+    assert before and seen and seen[0] == [1] * len(before)  # one BLAS thread inside
     assert [lib["num_threads"] for lib in cpu_threads.blas_control().info()] == before
 
 
+@needs_blas_control
+def test_only_the_main_thread_splits(monkeypatch):
+    """OpenBLAS ignores a thread count set off the main thread once the main thread has set
+    one, so a conv called from another thread runs whole."""
+    import threading
+
+    monkeypatch.setattr(cpu_threads, "NUM_THREADS", 2)
+    found = []
+    worker = threading.Thread(target=lambda: found.append(ops_conv._image_chunks(
+        8, 10**9, np.zeros(1))))
+    worker.start()
+    worker.join(10)
+    assert found == [None]
+    assert ops_conv._image_chunks(8, 10**9, np.zeros(1)) is not None  # here, on the main one
+
+
 def test_without_blas_control_nothing_is_split(monkeypatch):
-    monkeypatch.setattr(cpu_threads, "blas_control", lambda: None)
+    monkeypatch.setattr(cpu_threads, "can_hold_blas", lambda: False)
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 4)
     monkeypatch.setattr(ops_conv, "SPLIT_MIN_MACS", 0)
     assert ops_conv._image_chunks(8, 10**9, np.zeros(1)) is None
 
 
 def test_chunks_cover_every_image_once(monkeypatch):
-    monkeypatch.setattr(cpu_threads, "blas_control", lambda: object())
+    monkeypatch.setattr(cpu_threads, "can_hold_blas", lambda: True)
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 3)
     chunks = ops_conv._image_chunks(7, 10**9, np.zeros(1))
     assert chunks[0][0] == 0 and chunks[-1][1] == 7 and len(chunks) == 6

@@ -11,7 +11,8 @@ threads while OpenBLAS also threads it ran 1.5x slower than either alone, and a 
 OpenBLAS worker took the second core from the Winograd threads. So the split products run
 with OpenBLAS on one thread (``single_threaded_blas``, through threadpoolctl), and OpenBLAS's
 own count is restored afterwards, for the user's NumPy code and needle's other products.
-Without threadpoolctl (the ``fast`` extra installs it) the im2col convolutions are not split.
+Without threadpoolctl (the ``fast`` extra installs it), and off the main thread, the im2col
+convolutions are not split.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["NUM_THREADS", "SharedIterator", "blas_control", "in_parallel",
+__all__ = ["NUM_THREADS", "SharedIterator", "blas_control", "can_hold_blas", "in_parallel",
            "single_threaded_blas"]
 
 
@@ -102,13 +103,24 @@ def blas_control() -> Any:
     return blas if blas.lib_controllers else None
 
 
+def can_hold_blas() -> bool:
+    """Whether this thread can hold BLAS on one thread for a split: threadpoolctl present
+    and this the main thread.
+
+    NOTE: measured with NumPy's OpenBLAS 0.3.31: once the main thread has set a thread count,
+    a count set from another thread is ignored, and products split there would run on
+    OpenBLAS's threads from two of ours at once (1.5x slower than not splitting). Holding
+    only from the main thread also keeps two holds from overlapping.
+    """
+    return blas_control() is not None and threading.current_thread() is threading.main_thread()
+
+
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """BLAS on one thread inside the block (products that needle's threads split), restored
-    after. Needs blas_control(); a no-op without it."""
-    blas = blas_control()
-    if blas is None:
+    after. Only where can_hold_blas(); a no-op elsewhere."""
+    if not can_hold_blas():
         yield
         return
-    with blas.limit(limits=1):
+    with blas_control().limit(limits=1):
         yield

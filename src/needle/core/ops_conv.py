@@ -133,10 +133,10 @@ SPLIT_MIN_MACS = 1 << 22
 def _image_chunks(n: int, macs: int, *arrays) -> list[tuple[int, int]] | None:
     """Contiguous image ranges [s, e) for splitting a convolution of ``n`` images across
     needle's threads (backend/cpu_threads.py), two per thread so one that shares its core
-    takes fewer; None to run it whole (one thread, a small problem, CuPy arrays, or no
-    control of BLAS's threads: concurrent products on OpenBLAS's own threads ran slower)."""
+    takes fewer; None to run it whole (one thread, a small problem, CuPy arrays, or no hold
+    on BLAS's threads: concurrent products on OpenBLAS's own threads ran slower)."""
     parts = min(cpu_threads.NUM_THREADS, n)
-    if (parts < 2 or macs < SPLIT_MIN_MACS or cpu_threads.blas_control() is None
+    if (parts < 2 or macs < SPLIT_MIN_MACS or not cpu_threads.can_hold_blas()
             or any(type(x) is not np.ndarray for x in arrays)):
         return None
     count = min(n, 2 * parts)
