@@ -183,21 +183,22 @@ class Conv(Op):
         if a.shape[3] != c_in:
             raise ShapeError(f"conv: input {fmt_shape(a.shape)} has {a.shape[3]} channels but "
                              f"the kernel {fmt_shape(b.shape)} expects {c_in}")
-        out = array_module(a).empty((n, ho, wo, c_out), np.result_type(a.dtype, b.dtype))
+        xp = array_module(a)
+        out = xp.empty((n, ho, wo, c_out), np.result_type(a.dtype, b.dtype))
         if _use_nchw(a, ho * wo):
             # NCHW in memory: out (N, Ho*Wo, C_out) = cols.T @ W, per image, NHWC as it comes
             weight = b.transpose(2, 0, 1, 3).reshape(c_in * kh * kw, c_out)
 
             def images(s: int, e: int) -> None:
                 cols, _ = _im2col_nchw(a[s:e], kh, kw, self.stride, self.padding)
-                np.matmul(cols.transpose(0, 2, 1), weight,
+                xp.matmul(cols.transpose(0, 2, 1), weight,
                           out=out[s:e].reshape(e - s, ho * wo, c_out))
         else:
             weight = b.reshape(-1, c_out)
 
             def images(s: int, e: int) -> None:
                 cols, _ = _im2col(a[s:e], kh, kw, self.stride, self.padding)
-                np.matmul(cols, weight, out=out[s:e].reshape(-1, c_out))
+                xp.matmul(cols, weight, out=out[s:e].reshape(-1, c_out))
 
         _by_images(images, _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out, a, b), n)
         return out
