@@ -9,8 +9,10 @@ on a batch of 64 random 3x32x32 images; one step = forward, backward, Adam(lr 1e
 Two rows: strides (1, 1, 1), the model as issue #3 states it (no strides given; the PyTorch
 time it quotes, 0.095 s/step, is this model's), and strides (1, 2, 2), a downsampling variant
 that puts the strided conv gradient on the hot path (the row of earlier BENCHMARKS.md tables).
-A third row times one conv layer alone (N64, C32->64, 32x32, k3, stride 2), forward and
-forward+backward.
+A third row trains needle's own `apps.models.ResidualCNN` (16 and 32 channels, two residual
+blocks, one stride-2 layer: Winograd and im2col convolutions in one model) beside the same
+model in PyTorch. The last rows time one conv layer alone (N64, C32->64, 32x32, k3, stride 1
+and stride 2), forward and forward+backward.
 Run: python benchmarks/cnn_step.py
 """
 
@@ -90,6 +92,65 @@ def step_row(label: str, strides: tuple) -> dict:
             "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t}
 
 
+class TorchResidualCNN(torch.nn.Module):
+    """apps.models.ResidualCNN in PyTorch: ConvBN(3, w), Residual(ConvBN(w, w)),
+    ConvBN(w, 2w, stride 2), Residual(ConvBN(2w, 2w)), global average pool, Linear."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+
+        def conv_bn(c_in: int, c_out: int, stride: int = 1) -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 3, stride, 1),
+                                       torch.nn.BatchNorm2d(c_out), torch.nn.ReLU())
+
+        self.stem, self.block1 = conv_bn(3, width), conv_bn(width, width)
+        self.down, self.block2 = conv_bn(width, 2 * width, 2), conv_bn(2 * width, 2 * width)
+        self.head = torch.nn.Linear(2 * width, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.block1(x)
+        x = self.down(x)
+        x = x + self.block2(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def residual_row() -> dict:
+    """needle's ResidualCNN (NHWC input, as its data pipeline gives it) vs the same model in
+    PyTorch (NCHW input, its native layout)."""
+    from needle.apps.models import ResidualCNN
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((BATCH, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, BATCH)
+    np.random.seed(0)
+    model = ResidualCNN(3)
+    opt = ndl.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.SoftmaxLoss()
+    x, y = ndl.from_numpy(images), ndl.from_numpy(labels)
+
+    def needle_step():
+        opt.minimize(loss_fn(model(x), y))
+
+    torch.manual_seed(0)
+    t_model = TorchResidualCNN()
+    t_opt = torch.optim.Adam(t_model.parameters(), lr=1e-3)
+    tx = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    ty = torch.from_numpy(labels)
+
+    def torch_step():
+        t_opt.zero_grad()
+        torch.nn.functional.cross_entropy(t_model(tx), ty).backward()
+        t_opt.step()
+
+    needle_step(), torch_step()
+    best = common.best_times_in_rounds({"needle": needle_step, "torch": torch_step},
+                                       repeat=8)
+    n_t, t_t = best["needle"], best["torch"]
+    return {"benchmark": "ResidualCNN train step (apps.models), batch 64 of 32x32x3 (s/step)",
+            "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t}
+
+
 def conv_layer_rows(stride: int) -> list[dict]:
     """One conv op (NHWC in needle, NCHW in torch), forward and forward+backward; stride 1
     takes needle's Winograd path (with numba), stride 2 im2col."""
@@ -129,7 +190,7 @@ def conv_layer_rows(stride: int) -> list[dict]:
 
 def main() -> list[dict]:
     common.torch_threads()
-    return ([step_row(label, strides) for label, strides in CONFIGS]
+    return ([step_row(label, strides) for label, strides in CONFIGS] + [residual_row()]
             + conv_layer_rows(1) + conv_layer_rows(2))
 
 
