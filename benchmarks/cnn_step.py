@@ -60,13 +60,9 @@ def torch_cnn(strides: tuple = (1, 1, 1)) -> torch.nn.Module:
                                torch.nn.Linear(CHANNELS[-1], CLASSES))
 
 
-def step_row(label: str, strides: tuple) -> dict:
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
-    labels = rng.integers(0, CLASSES, BATCH)
-
-    np.random.seed(0)
-    model = NeedleCNN(strides)
+def _train_step_row(name: str, model: nn.Module, images: np.ndarray, t_model: torch.nn.Module,
+                    t_images: np.ndarray, labels: np.ndarray) -> dict:
+    """One Adam(lr 1e-3) training step of each model on the same batch, best of rounds."""
     opt = ndl.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.SoftmaxLoss()
     x, y = ndl.from_numpy(images), ndl.from_numpy(labels)
@@ -74,10 +70,8 @@ def step_row(label: str, strides: tuple) -> dict:
     def needle_step():
         opt.minimize(loss_fn(model(x), y))
 
-    torch.manual_seed(0)
-    t_model = torch_cnn(strides)
     t_opt = torch.optim.Adam(t_model.parameters(), lr=1e-3)
-    tx, ty = torch.from_numpy(images), torch.from_numpy(labels)
+    tx, ty = torch.from_numpy(t_images), torch.from_numpy(labels)
 
     def torch_step():
         t_opt.zero_grad()
@@ -88,8 +82,18 @@ def step_row(label: str, strides: tuple) -> dict:
     best = common.best_times_in_rounds({"needle": needle_step, "torch": torch_step},
                                        repeat=8)
     n_t, t_t = best["needle"], best["torch"]
-    return {"benchmark": f"CNN train step, batch 64 of 3x32x32, {label} (s/step)",
-            "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t}
+    return {"benchmark": name, "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t}
+
+
+def step_row(label: str, strides: tuple) -> dict:
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, BATCH)
+    np.random.seed(0)
+    model = NeedleCNN(strides)
+    torch.manual_seed(0)
+    return _train_step_row(f"CNN train step, batch 64 of 3x32x32, {label} (s/step)", model,
+                           images, torch_cnn(strides), images, labels)
 
 
 class TorchResidualCNN(torch.nn.Module):
@@ -125,30 +129,10 @@ def residual_row() -> dict:
     labels = rng.integers(0, CLASSES, BATCH)
     np.random.seed(0)
     model = ResidualCNN(3)
-    opt = ndl.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = nn.SoftmaxLoss()
-    x, y = ndl.from_numpy(images), ndl.from_numpy(labels)
-
-    def needle_step():
-        opt.minimize(loss_fn(model(x), y))
-
     torch.manual_seed(0)
-    t_model = TorchResidualCNN()
-    t_opt = torch.optim.Adam(t_model.parameters(), lr=1e-3)
-    tx = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    ty = torch.from_numpy(labels)
-
-    def torch_step():
-        t_opt.zero_grad()
-        torch.nn.functional.cross_entropy(t_model(tx), ty).backward()
-        t_opt.step()
-
-    needle_step(), torch_step()
-    best = common.best_times_in_rounds({"needle": needle_step, "torch": torch_step},
-                                       repeat=8)
-    n_t, t_t = best["needle"], best["torch"]
-    return {"benchmark": "ResidualCNN train step (apps.models), batch 64 of 32x32x3 (s/step)",
-            "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t}
+    return _train_step_row("ResidualCNN train step (apps.models), batch 64 of 32x32x3 (s/step)",
+                           model, images, TorchResidualCNN(),
+                           images.transpose(0, 3, 1, 2).copy(), labels)
 
 
 def conv_layer_rows(stride: int) -> list[dict]:
