@@ -54,6 +54,8 @@ class _Pool:
     @classmethod
     def get(cls, workers: int) -> ThreadPoolExecutor:
         if cls.executor is None or cls.workers < workers:
+            if cls.executor is not None:  # a larger pool replaces it; let its threads end
+                cls.executor.shutdown(wait=False)
             cls.executor = ThreadPoolExecutor(workers, thread_name_prefix="needle-cpu")
             cls.workers = workers
         return cls.executor

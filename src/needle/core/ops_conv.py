@@ -172,17 +172,16 @@ class Conv(Op):
 
     def compute(self, a, b):
         kh, kw, c_in, c_out = b.shape
-        if a.shape[3] == c_in and winograd.applies(a, b, (kh, kw), self.stride, self.padding,
-                                                   c_in, c_out):
+        if a.shape[3] != c_in:
+            raise ShapeError(f"conv: input {fmt_shape(a.shape)} has {a.shape[3]} channels but "
+                             f"the kernel {fmt_shape(b.shape)} expects {c_in}")
+        if winograd.applies(a, b, (kh, kw), self.stride, self.padding, c_in, c_out):
             out = winograd.conv3x3(a, b, self.padding)
             if out is not None:
                 return out
         n = a.shape[0]
         ho = _out_size(a.shape[1], kh, self.stride, self.padding)
         wo = _out_size(a.shape[2], kw, self.stride, self.padding)
-        if a.shape[3] != c_in:
-            raise ShapeError(f"conv: input {fmt_shape(a.shape)} has {a.shape[3]} channels but "
-                             f"the kernel {fmt_shape(b.shape)} expects {c_in}")
         xp = array_module(a)
         out = xp.empty((n, ho, wo, c_out), np.result_type(a.dtype, b.dtype))
         if _use_nchw(a, ho * wo):
@@ -258,18 +257,16 @@ class ConvWeightGrad(Op):
 
     def compute(self, a, g):
         kh, kw = self.kernel_hw
-        if g.ndim == 4 and a.ndim == 4 and winograd.applies(
-                a, g, self.kernel_hw, self.stride, self.padding, a.shape[3], g.shape[3]):
-            self._check_g(a, g, (a.shape[0], _out_size(a.shape[1], 3, 1, self.padding),
-                                 _out_size(a.shape[2], 3, 1, self.padding)))
-            out = winograd.conv3x3_weight_grad(a, g, self.padding)
-            if out is not None:
-                return out
         n, c_in = a.shape[0], a.shape[3]
         ho = _out_size(a.shape[1], kh, self.stride, self.padding)
         wo = _out_size(a.shape[2], kw, self.stride, self.padding)
         self._check_g(a, g, (n, ho, wo))
         c_out = g.shape[3]
+        if winograd.applies(a, g, self.kernel_hw, self.stride, self.padding, c_in, c_out):
+            out = winograd.conv3x3_weight_grad(a, g, self.padding)
+            if out is not None:
+                return out
+        chunks = _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out, a, g)
         if _use_nchw(a, ho * wo):
             def images(s: int, e: int):
                 cols, _ = _im2col_nchw(a[s:e], kh, kw, self.stride, self.padding)
@@ -279,8 +276,7 @@ class ConvWeightGrad(Op):
                 # (N, C*kh*kw, HW) @ (N, HW, C_out)
                 return np.matmul(cols, g[s:e].reshape(e - s, ho * wo, c_out)).sum(axis=0)
 
-            parts = _by_images(images, _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out,
-                                                     a, g), n)
+            parts = _by_images(images, chunks, n)
             return array_module(a).ascontiguousarray(
                 sum(parts).reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3))
 
@@ -288,9 +284,7 @@ class ConvWeightGrad(Op):
             cols, _ = _im2col(a[s:e], kh, kw, self.stride, self.padding)
             return cols.T @ g[s:e].reshape(-1, c_out)
 
-        parts = _by_images(images, _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out,
-                                                 a, g), n)
-        return sum(parts).reshape(kh, kw, c_in, c_out)
+        return sum(_by_images(images, chunks, n)).reshape(kh, kw, c_in, c_out)
 
     def gradient(self, out_grad, node):
         a, g = node.inputs
