@@ -190,6 +190,11 @@ OP_TABLE: list[OpCase] = [
            [normal((3, 4))]),
     OpCase("stop_gradient", ops.stop_gradient, lambda a: a.detach(), [normal((3, 4))],
            differentiable=False),
+    # a check: identity on valid class ids (bad ones: tests/test_checks.py)
+    OpCase("check_class_ids", lambda a: ops.check_class_ids(a, 4), lambda a: a.clone(),
+           [lambda rng: [rng.integers(0, 4, (6,)).astype(np.float32)]], differentiable=False,
+           extra={"more": [(lambda a: ops.check_class_ids(a, classes=4, what="labels"),
+                            lambda a: a.clone(), lambda rng: [rng.integers(0, 4, (2, 3))])]}),
     OpCase("store", lambda a: ops.store(a * 2, target=ndl.Tensor(np.zeros(a.shape, np.float32),
                                                                  requires_grad=False)),
            lambda a: a * 2, [normal((2, 3))], differentiable=False,

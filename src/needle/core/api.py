@@ -65,6 +65,7 @@ def install_tensor_methods(tensor_cls: type) -> None:
 
 def _load() -> list[str]:
     from . import (  # noqa: F401
+        ops_check,
         ops_conv,
         ops_elementwise,
         ops_linalg,

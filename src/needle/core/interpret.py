@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .autodiff import find_topo_sort
-from .registry import Op, fmt_shape
+from .registry import CheckError, Op, fmt_shape
 
 
 class NodeRunError(RuntimeError):
@@ -38,7 +38,7 @@ def describe_node(node: Any) -> str:
 
 def writes_state(op: Any) -> bool:
     """Whether running ``op`` changes state other steps may read (assign, optimizer updates)."""
-    return bool(getattr(op, "writes_state", False))
+    return bool(op.writes_state)
 
 
 @dataclass
@@ -242,6 +242,8 @@ def _step_error(step: Step, args: list, exc: Exception) -> Exception:
     """The error to raise for a step that failed: its node, op, input shapes and origin."""
     if isinstance(exc, NodeRunError):
         return exc  # from a sub-program (a cond branch): it names the innermost node already
+    if isinstance(exc, CheckError):
+        return exc  # a check op's message is the same in every mode (eager raises it as is)
     shapes = ", ".join(fmt_shape(a.shape) if hasattr(a, "shape") else type(a).__name__
                        for a in args)
     return NodeRunError(f"error running node {describe_node(step.node)} on inputs of shapes "

@@ -18,6 +18,14 @@ class ShapeError(ValueError):
     """An op's inputs do not fit together (shapes, axes, dtypes)."""
 
 
+class CheckError(ValueError):
+    """A check op (``check_class_ids``) found bad input values.
+
+    Every executor raises it unchanged (eager ops, a Session's steps, a JIT plan's
+    ``jit_call``), so every mode gives the same type and message.
+    """
+
+
 class Aval(NamedTuple):
     """Abstract value: what is known of a node before it has data. ``None`` dims are unknown."""
 
@@ -36,6 +44,13 @@ class Op:
     returns_tuple: bool = False
     #: the device of the result when it is not the first input's (``to_device``)
     out_device: Any = None
+    #: True for ops that do something besides computing their value (store, assign, print,
+    #: an optimizer update): they run even when nothing reads their value
+    side_effect: bool = False
+    #: True for ops that change state other steps may read (assign, store, updates)
+    writes_state: bool = False
+    #: True for ops that draw random numbers (two nodes never compute the same value)
+    random: bool = False
 
     def __call__(self, *args: Any) -> Any:
         return make_node(self, args)

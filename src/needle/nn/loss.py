@@ -39,27 +39,28 @@ def _as_tensor(value: Any, like: Tensor) -> Tensor:
     return Tensor(np.asarray(value), device=like.device, requires_grad=False)
 
 
-def _check_labels(loss: str, logits: Tensor, y: Tensor) -> None:
-    """Shapes (B, C) and (B,), and (when the labels have values) whole class ids in [0, C)."""
+def _checked_labels(loss: str, logits: Tensor, y: Tensor) -> Tensor:
+    """``y`` through the ``check_class_ids`` op, after the static checks of shapes and dtype.
+
+    Shapes must be (B, C) and (B,) (known while the graph is built, so checked here in
+    Python; an unknown B in either agrees with any). The values, whole class ids in [0, C),
+    are checked by the op when they exist: at once in eager mode, on every Session run and
+    every JIT call. Use the returned labels, so that no graph pass can drop the check.
+    """
     if len(logits.shape) != 2:
         raise ValueError(f"{loss}: logits must be (batch, classes), got shape "
                          f"{tuple(logits.shape)}")
     batch, classes = logits.shape
-    if tuple(y.shape) != (batch,):
+    if classes is None:
+        raise ValueError(f"{loss}: the number of classes (logits' last dim) must be known, got "
+                         f"shape {tuple(logits.shape)}")
+    if len(y.shape) != 1 or (None not in (batch, y.shape[0]) and y.shape[0] != batch):
         raise ValueError(f"{loss}: labels must have shape ({batch},) for logits of shape "
                          f"{tuple(logits.shape)}, got {tuple(y.shape)}; pass one class id per "
                          "row (e.g. y.reshape((batch,)))")
     if y.dtype.kind not in "iuf":
         raise ValueError(f"{loss}: labels must be integer class ids, got dtype {y.dtype}")
-    if y._data is None:
-        return  # lazy labels: their values are checked when they exist
-    values = y.numpy()
-    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
-        raise ValueError(f"{loss}: float labels must be whole numbers (class ids)")
-    if values.size and (values.min() < 0 or values.max() >= classes):
-        bad = values[(values < 0) | (values >= classes)]
-        raise ValueError(f"{loss}: class ids must lie in [0, {classes}) for logits of shape "
-                         f"{tuple(logits.shape)}, got {bad[:5].tolist()}")
+    return ops.check_class_ids(y, classes, what=loss)
 
 
 def _one_hot_like(logits: Tensor, y: Tensor) -> Tensor:
@@ -93,8 +94,7 @@ class SoftmaxLoss(Module):
         self.reduction = _check_reduction(type(self).__name__, reduction)
 
     def forward(self, logits: Tensor, y: Any) -> Tensor:
-        y = _as_tensor(y, logits)
-        _check_labels(type(self).__name__, logits, y)
+        y = _checked_labels(type(self).__name__, logits, _as_tensor(y, logits))
         target = _one_hot_like(logits, y)
         if self.label_smoothing:
             s = self.label_smoothing

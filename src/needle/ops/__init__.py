@@ -2,7 +2,7 @@
 
 from ..core import api as _api
 from ..core.api import *  # the op functions: add, multiply, summation, matmul, ...
-from ..core.registry import REGISTRY, Op, ShapeError
+from ..core.registry import REGISTRY, CheckError, Op, ShapeError
 from ..core.registry import Op as TensorOp  # needle's base-class name
 
 # needle's op class names (EWiseAdd, AddScalar, ...) come from the registry too
@@ -20,5 +20,5 @@ def ones_like(a, dtype=None):
     return _api.full_like(a, 1, dtype)
 
 
-__all__ = [*_api.OP_FUNCTIONS, "Op", "ShapeError", "TensorOp", "ones_like", "zeros_like",
-           *(r.cls.__name__ for r in REGISTRY.values())]
+__all__ = [*_api.OP_FUNCTIONS, "CheckError", "Op", "ShapeError", "TensorOp", "ones_like",
+           "zeros_like", *(r.cls.__name__ for r in REGISTRY.values())]
