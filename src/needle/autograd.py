@@ -7,7 +7,6 @@ references it, and then the whole graph behind it is freed by reference counting
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,11 @@ import numpy as np
 from .backend import Device, NDArray, as_ndarray, cpu, device_of
 from .core import registry
 from .core.autodiff import find_topo_sort
-from .core.registry import Aval, NodeMeta, Op, ShapeError, fmt_shape
+from .core.context import GradMode, is_grad_enabled, lazy_node_made, recording
+from .core.context import _get as _get_state
+from .core.context import state as _thread_state
+from .core.registry import Aval, CheckError, NodeMeta, Op, ShapeError, fmt_shape
+from .core.source import user_source
 
 __all__ = [
     "TENSOR_COUNTER", "Tensor", "TensorTuple", "Value", "enable_grad", "find_topo_sort",
@@ -24,15 +27,6 @@ __all__ = [
 
 #: number of live graph values (Tensors and TensorTuples)
 TENSOR_COUNTER = 0
-
-_GRAD_ENABLED = True
-#: >0 while a front-end (graph builder, JIT tracer) needs every node to keep op and inputs
-_RECORDING = 0
-#: callables run on every lazy node when it is made (the declarative front-end's bookkeeping)
-LAZY_NODE_HOOKS: list = []
-#: the JIT's trace in progress (needle.jit.tracing.Trace), or None: while set, every op makes a
-#: lazy node (nothing is computed) and effects (op.side_effect) are collected in order
-_TRACE = None
 
 
 class TracerConversionError(RuntimeError):
@@ -51,47 +45,17 @@ class TracerConversionError(RuntimeError):
                          "tracing")
 
 
-def is_grad_enabled() -> bool:
-    """Whether new nodes record the graph needed for backward."""
-    return _GRAD_ENABLED
+def no_grad() -> GradMode:
+    """Nothing made inside records a graph: ``with ndl.no_grad(): y = model(x)``.
+
+    Grad mode belongs to the thread: another thread's ops are unaffected.
+    """
+    return GradMode(False)
 
 
-class _GradMode(contextlib.ContextDecorator):
-    """Context manager / decorator that sets whether new nodes record a graph."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._saved: list[bool] = []
-
-    def __enter__(self) -> None:
-        global _GRAD_ENABLED
-        self._saved.append(_GRAD_ENABLED)
-        _GRAD_ENABLED = self.enabled
-
-    def __exit__(self, *exc: object) -> None:
-        global _GRAD_ENABLED
-        _GRAD_ENABLED = self._saved.pop()
-
-
-def no_grad() -> _GradMode:
-    """Nothing made inside records a graph: ``with ndl.no_grad(): y = model(x)``."""
-    return _GradMode(False)
-
-
-def enable_grad() -> _GradMode:
-    """Record graphs again inside a ``no_grad`` block."""
-    return _GradMode(True)
-
-
-@contextlib.contextmanager
-def recording():
-    """Keep op and inputs on every node made inside, even without gradients (graph builders)."""
-    global _RECORDING
-    _RECORDING += 1
-    try:
-        yield
-    finally:
-        _RECORDING -= 1
+def enable_grad() -> GradMode:
+    """Record graphs again inside a ``no_grad`` block (this thread only)."""
+    return GradMode(True)
 
 
 def _default_dtype_array(data: Any) -> np.ndarray:
@@ -160,8 +124,8 @@ class Value:
     def realize_data(self, what: str = "reading the value") -> Any:
         """The backend array (or tuple of arrays); an error for a node without a value yet."""
         if self._data is None:
-            if _TRACE is not None:
-                raise TracerConversionError(what, _TRACE.user_source())
+            if _thread_state().trace is not None:
+                raise TracerConversionError(what, user_source())
             raise RuntimeError(
                 f"{self._describe()} has no value: it belongs to a declared graph; "
                 "run it with needle.static.Session().run(...)"
@@ -174,18 +138,46 @@ class Value:
         return f"node {name or what!r}"
 
 
-def _new_node(cls: type, op: Op | None, inputs: tuple, data: Any, requires_grad: bool,
-              device: Device) -> Any:
-    """Allocate a node without running ``__init__`` (the hot path of every op)."""
+def init_leaf(node: Any, data: Any, *, aval: Aval | None = None, requires_grad: bool = False,
+              device: Device | None = None, meta: NodeMeta | None = None) -> Any:
+    """Fill an allocated node as a leaf: no op, no inputs, ``data`` (or None and its ``aval``).
+
+    The one leaf constructor of every front-end: eager constants, detached values, a JIT's
+    stand-ins for arguments, a declared graph's placeholders, Variables and constants.
+    """
+    global TENSOR_COUNTER
+    TENSOR_COUNTER += 1
+    node.op = None
+    node.inputs = ()
+    node._data = data
+    node.requires_grad = requires_grad
+    if device is None:
+        device = device_of(data) if data is not None else cpu()
+    node.device = device
+    node._aval = aval
+    node.meta = meta
+    if isinstance(node, Tensor):
+        node.grad = None
+    return node
+
+
+def new_leaf(cls: type, data: Any, **facts: Any) -> Any:
+    """A new leaf node of class ``cls`` (see :func:`init_leaf`), made without ``__init__``."""
+    return init_leaf(object.__new__(cls), data, **facts)
+
+
+def _new_lazy_node(cls: type, op: Op, inputs: tuple, requires_grad: bool, device: Device,
+                   aval: Any) -> Any:
+    """A node whose value is not computed yet (a declared graph's, or a trace's)."""
     global TENSOR_COUNTER
     node = object.__new__(cls)
     TENSOR_COUNTER += 1
     node.op = op
     node.inputs = inputs
-    node._data = data
+    node._data = None
     node.requires_grad = requires_grad
     node.device = device
-    node._aval = None
+    node._aval = aval
     node.meta = None
     if cls is Tensor:
         node.grad = None
@@ -194,8 +186,8 @@ def _new_node(cls: type, op: Op | None, inputs: tuple, data: Any, requires_grad:
 
 def _op_error(op: Op, inputs: tuple, exc: Exception) -> Exception:
     """A clear error for an op that failed: mixed devices, a shape rule, or the op's own."""
-    if isinstance(exc, ShapeError):
-        return exc
+    if isinstance(exc, ShapeError | CheckError):
+        return exc  # already names the op and what was wrong (a check's is the same in every mode)
     devices = {x.device for x in inputs if isinstance(x, Value)}
     if len(devices) > 1:
         return ValueError(
@@ -230,25 +222,25 @@ def make_from_op(op: Op, inputs: tuple) -> Value:
     except AttributeError:
         bad = next(type(x).__name__ for x in inputs if not isinstance(x, Value))
         raise TypeError(f"{op.name}: expected Tensor inputs, got {bad}") from None
-    requires_grad = requires_grad and _GRAD_ENABLED and op.differentiable
+    # one lookup of this thread's state (grad mode, trace, recording): see core/context.py
+    state = _get_state(None) or _thread_state()
+    trace = state.trace
+    requires_grad = requires_grad and state.grad_enabled and op.differentiable
     cls = TensorTuple if op.returns_tuple else Tensor
     device = op.out_device or (inputs[0].device if inputs else cpu())
-    if lazy or _TRACE is not None:
-        node = _new_node(cls, op, inputs, None, requires_grad, device)
-        node._aval = op.infer(*[x.aval for x in inputs])
-        for hook in LAZY_NODE_HOOKS:
-            hook(node)
-        if _TRACE is not None and getattr(op, "side_effect", False):
-            _TRACE.effects.append(node)
+    if lazy or trace is not None:
+        node = _new_lazy_node(cls, op, inputs, requires_grad, device,
+                              op.infer(*[x.aval for x in inputs]))
+        lazy_node_made(node, state)
         return node
     try:
         data = op.compute(*arrays)
     except Exception as exc:  # noqa: BLE001 - rewrapped with the op name and shapes
         raise _op_error(op, inputs, exc) from exc
-    # inlined _new_node: this is the hot path of every eager op
+    # the node's fields set here, not by a call: this is the hot path of every eager op
     node = object.__new__(cls)
     TENSOR_COUNTER += 1
-    if requires_grad or _RECORDING:
+    if requires_grad or state.recording:
         node.op = op
         node.inputs = inputs
     else:
@@ -291,7 +283,9 @@ class TensorTuple(Value):
         return tuple(self)
 
     def detach(self) -> TensorTuple:
-        return _new_node(TensorTuple, None, (), self.realize_data(), False, self.device)
+        data = self.realize_data()
+        return new_leaf(TensorTuple, data, device=self.device,
+                        aval=tuple(Aval(a.shape, a.dtype) for a in data))
 
     def numpy(self) -> tuple:
         return tuple(self.device.to_numpy(a) for a in self.realize_data())
@@ -322,23 +316,15 @@ class Tensor(Value):
 
     def __init__(self, data: Any, *, device: Device | None = None, dtype: Any = None,
                  requires_grad: bool = True) -> None:
-        global TENSOR_COUNTER
         arr, device = _to_backend(data, device, dtype, copy=True)
-        TENSOR_COUNTER += 1
-        self.op = None
-        self.inputs = ()
-        self._data = arr
-        self.requires_grad = bool(requires_grad) and arr.dtype.kind in "fc"
-        self.device = device
-        self._aval = None
-        self.meta = None
-        self.grad = None
+        init_leaf(self, arr, device=device,
+                  requires_grad=bool(requires_grad) and arr.dtype.kind in "fc")
 
     # -- construction helpers ----------------------------------------------------------------
     @classmethod
     def make_const(cls, data: Any, requires_grad: bool = False) -> Tensor:
         """A leaf Tensor holding a backend array as is (no copy, no dtype change)."""
-        return _new_node(cls, None, (), data, requires_grad, device_of(data))
+        return new_leaf(cls, data, requires_grad=requires_grad)
 
     @classmethod
     def make_from_op(cls, op: Op, inputs: list) -> Value:
@@ -438,7 +424,7 @@ class Tensor(Value):
         value that is not computed yet)."""
         if self._data is None:
             return _ops.stop_gradient(self)
-        return _new_node(Tensor, None, (), self._data, False, self.device)
+        return new_leaf(Tensor, self._data, device=self.device)
 
     def to(self, device: Device) -> Tensor:
         """This tensor on ``device``: itself if it is there, else a copy that gradients flow
@@ -473,7 +459,7 @@ class Tensor(Value):
         if tuple(out_grad.shape) != tuple(self.shape):
             raise ShapeError(f"backward(): out_grad shape {fmt_shape(out_grad.shape)} differs "
                              f"from the tensor's shape {fmt_shape(self.shape)}")
-        with _GradMode(create_graph and _GRAD_ENABLED):
+        with GradMode(create_graph and is_grad_enabled()):
             _backward(self, out_grad)
 
     # -- printing ----------------------------------------------------------------------------
@@ -482,8 +468,8 @@ class Tensor(Value):
         if self.requires_grad:
             extra += ", requires_grad=True"
         if self._data is None:
-            if _TRACE is not None:
-                raise TracerConversionError("printing", _TRACE.user_source())
+            if _thread_state().trace is not None:
+                raise TracerConversionError("printing", user_source())
             what = self.op.name if self.op is not None else "placeholder"
             return f"Tensor(<{what}: no value yet>, shape={fmt_shape(self.shape)}, " \
                    f"dtype={self.dtype}{extra})"
@@ -623,7 +609,7 @@ _ops.install_tensor_methods(Tensor)
 _EWISE_ADD = _get_op("add").cls()
 _EWISE_MUL = _get_op("multiply").cls()
 _EWISE_DIV = _get_op("divide").cls()
-__all__ += ["NDArray", "from_numpy", "recording"]
+__all__ += ["NDArray", "from_numpy", "init_leaf", "new_leaf", "recording"]
 
 from .function import Function, FunctionCtx  # noqa: E402 - Function builds on Tensor
 

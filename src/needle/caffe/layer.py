@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..autograd import Tensor, _new_node, is_grad_enabled, make_from_op, no_grad
+from ..autograd import Tensor, is_grad_enabled, make_from_op, new_leaf, no_grad
 from ..backend import cpu
 from ..core import autodiff
 from ..core.registry import Aval, get_op
@@ -123,9 +123,7 @@ class Layer:
 
 def _abstract(shape: tuple, dtype: Any) -> Tensor:
     """A leaf Tensor with a shape and dtype but no values (ops on it only infer shapes)."""
-    node = _new_node(Tensor, None, (), None, False, cpu())
-    node._aval = Aval(tuple(shape), np.dtype(dtype))
-    return node
+    return new_leaf(Tensor, None, aval=Aval(tuple(shape), np.dtype(dtype)), device=cpu())
 
 
 class TensorLayer(Layer):

@@ -16,7 +16,7 @@ from . import fused_update
 
 
 def _pure(op: Any) -> bool:
-    return not getattr(op, "side_effect", False) and not getattr(op, "random", False)
+    return not op.side_effect and not op.random
 
 
 def _rename(program: Program, alias: dict[int, int]) -> None:
@@ -33,7 +33,7 @@ def eliminate_dead_steps(program: Program) -> int:
     needed = set(program.outputs)
     kept = []
     for step in reversed(program.steps):
-        if step.out in needed or getattr(step.op, "side_effect", False):
+        if step.out in needed or step.op.side_effect:
             kept.append(step)
             needed.update(step.inputs)
     dropped = len(program.steps) - len(kept)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -101,3 +103,76 @@ class Store(Op):
             raise ShapeError(f"store: value of shape {fmt_shape(value.shape)} does not fit the "
                              f"target of shape {fmt_shape(target.shape)}")
         return target
+
+
+class ApplyUpdates(Op):
+    """Give the parameters these gradients and run the optimizer's eager update rule, in place.
+
+    How a traced training step (``opt.step()`` under ``ndl.jit``) and a declared train op
+    (``st.minimize``) update parameters: an effect that changes the parameters and the
+    optimizer's state when it runs; its value is nothing. Parameters of the optimizer not in
+    ``params`` get no gradient for this step (as after ``reset_grad()``), whatever ``.grad``
+    they held. ``storage(p)``, if given, is the array the update writes for parameter ``p``
+    (a Session's value of a graph Variable); with ``restore_grads`` the ``.grad`` attributes
+    are put back afterwards (a Session run leaves eager state alone), else they keep this
+    step's gradients as in eager mode. The optimizer is reached only through its
+    ``run_update(fuse_rule)`` method, so the core knows no optimizer class.
+    """
+
+    name = "apply_updates"
+    side_effect = True
+    writes_state = True
+    differentiable = False
+
+    #: set by the compiler's fuse_update_rules pass: run the rule as one compiled loop
+    fuse_rule = False
+
+    def __init__(self, optimizer: Any, params: tuple,
+                 storage: Callable[[Any], Any] | None = None,
+                 restore_grads: bool = False) -> None:
+        self.optimizer = optimizer
+        self.params = params
+        self.storage = storage
+        self.restore_grads = restore_grads
+
+    def attrs(self) -> tuple:
+        return (("optimizer", id(self.optimizer)), ("params", tuple(map(id, self.params))))
+
+    def with_fused_rule(self) -> ApplyUpdates:
+        """A copy whose update runs fused (unless the optimizer was made with fused=False)."""
+        op = copy.copy(self)
+        op.fuse_rule = True
+        return op
+
+    def compute(self, *grads):
+        from ..autograd import Tensor, new_leaf
+
+        opt = self.optimizer
+        given = {id(p): g for p, g in zip(self.params, grads)}
+        # only what this node changes is put back (nothing, under the JIT)
+        saved_grads = [(p, p.grad) for p in opt.params] if self.restore_grads else []
+        saved_data = [(p, p._data) for p in self.params] if self.storage is not None else []
+        try:
+            for p in opt.params:
+                g = given.get(id(p))
+                p.grad = None if g is None else new_leaf(Tensor, np.asarray(g), device=p.device)
+                if g is not None and self.storage is not None:
+                    p._data = self.storage(p)  # updated in place by the step
+            opt.run_update(self.fuse_rule)
+        finally:
+            for p, data in saved_data:
+                p._data = data
+            for p, grad in saved_grads:
+                p.grad = grad
+        return None
+
+    def infer(self, *avals: Aval) -> Aval:
+        return Aval((), np.dtype("float32"))
+
+
+def apply_updates(optimizer: Any, grads: dict) -> Any:
+    """The node that runs ``optimizer``'s update with ``grads`` (parameter -> gradient node)."""
+    from ..autograd import make_from_op
+
+    op = ApplyUpdates(optimizer, tuple(grads))
+    return make_from_op(op, tuple(grads.values()))

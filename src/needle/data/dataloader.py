@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..autograd import Tensor, _new_node
+from ..autograd import Tensor, new_leaf
 from ..backend import Device, cpu
 from .collate import default_collate
 from .datasets import Dataset, NDArrayDataset, batch_index
@@ -364,7 +364,7 @@ class _EpochIterator:
             arrays = self.loader.dataset.arrays
             batch = [a[rows] for a in arrays] if isinstance(rows, slice) else \
                 [a.take(rows, axis=0) for a in arrays]
-            return tuple([_new_node(Tensor, None, (), np.ascontiguousarray(a), False, self._cpu)
+            return tuple([new_leaf(Tensor, np.ascontiguousarray(a), device=self._cpu)
                           for a in batch])
         if self._prefetcher is None:
             batch = self._plan.produce(k)

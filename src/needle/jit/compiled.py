@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
+import warnings
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .. import autograd
 from ..autograd import TracerConversionError, make_from_op
 from ..backend import cpu
 from ..compiler import optimize as optimize_program
 from ..compiler.buffers import plan_inplace
 from ..core import api as F
 from ..core import autodiff
+from ..core.context import active_trace, is_grad_enabled, tracing
 from ..core.interpret import (
     CompiledProgram,
     Program,
@@ -32,8 +35,18 @@ from ..core.interpret import (
     plan_frees,
 )
 from ..core.registry import Aval, Op
+from .guards import Guard, GuardCollector, Unguarded, compile_checks
 from .signature import describe_difference, flatten, rebuild, static_key
-from .tracing import Trace, trace_input, tracing
+from .tracing import Trace, trace_input
+
+#: plans kept per jitted function (least recently used dropped first); ``ndl.jit(fn,
+#: cache_size=N)`` overrides it per function
+CACHE_SIZE = 64
+#: a function traced this many times again warns once, naming the guard that keeps failing
+#: (as torch.compile's recompile limit does)
+RECOMPILE_WARNING = 8
+#: retraces and fallbacks remembered for explain()
+_MAX_RECORDS = 100
 
 
 class JitError(RuntimeError):
@@ -52,6 +65,10 @@ class EntryRecord:
     effects: int
     calls: int = 0
     fallback: bool = False
+    #: the Python values the plan is guarded on (globals, closure cells, module attributes)
+    guards: list[str] = field(default_factory=list)
+    #: values baked into the plan that no guard checks (``file:line: what``)
+    unguarded: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +97,8 @@ class JitReport:
     retraces: list[RetraceRecord]
     fallbacks: list[FallbackRecord]
     optimize: bool
+    #: values baked into some plan without a guard (np.random draws, NumPy arrays read)
+    unguarded: list[Unguarded] = field(default_factory=list)
 
     @property
     def num_cache_entries(self) -> int:
@@ -145,7 +164,7 @@ class CompiledPlan:
         # NOTE: random values (Dropout's masks) are extra outputs: the gradient plan, which
         # otherwise recomputes what it needs from the sources, must see the same draws
         self.residuals = [n for n in ancestors(outputs, is_source)
-                          if getattr(n.op, "random", False)]
+                          if n.op is not None and n.op.random]
         program = build_program([*outputs, *self.residuals, *effects], is_source)
         self.nodes_before = len(program.steps)
         if optimize:
@@ -199,33 +218,54 @@ class CompiledPlan:
 
 # -- the user-facing compiled function -------------------------------------------------------------
 class _Entry:
+    """One cached plan (or a fallback) and everything that must hold to replay it."""
+
     def __init__(self, plan: CompiledPlan | None, template: Any, module_guard: tuple,
-                 leaf_sources: list, record: EntryRecord) -> None:
+                 leaf_sources: list, record: EntryRecord, guards: list[Guard] | None = None,
+                 keep: list | None = None) -> None:
         self.plan = plan
         self.template = template
         self.module_guard = module_guard
         self.leaf_sources = leaf_sources
         self.record = record
+        self.guards = guards or []
+        self.check = compile_checks(self.guards)
+        self.keep = keep  # objects the signature names by identity, kept alive
 
-    def guards_hold(self) -> bool:
-        return all(m.training == flag for m, flag in self.module_guard)
+    def failed_guard(self) -> str | None:
+        """None if the plan may be replayed, else what changed since it was traced."""
+        for module, flag in self.module_guard:
+            if module.training != flag:
+                return f"{type(module).__name__}.training changed from {flag} to {not flag}"
+        index = self.check()
+        return None if index < 0 else self.guards[index].explain_failure()
 
 
 class CompiledFunction:
     """The result of ``ndl.jit(fn)``: call it like ``fn``; ``explain()`` says what happened."""
 
     def __init__(self, fn: Callable, strict: bool = False, optimize: bool = True,
-                 static_argnames: tuple[str, ...] = (), modules: list | None = None) -> None:
+                 static_argnames: tuple[str, ...] = (), modules: list | None = None,
+                 cache_size: int | None = None) -> None:
         self.fn = fn
         self.strict = strict
         self.optimize = optimize
         self.static_argnames = tuple(static_argnames)
+        self.cache_size = CACHE_SIZE if cache_size is None else int(cache_size)
+        if self.cache_size < 1:
+            raise ValueError(f"ndl.jit: cache_size must be at least 1, got {cache_size}")
         self._modules = modules or []
-        self._cache: dict[tuple, list[_Entry]] = {}
+        # signature -> plans traced for it (one per set of guards), least recently used first
+        self._cache: OrderedDict[tuple, list[_Entry]] = OrderedDict()
+        self._num_entries = 0
+        self._lock = threading.RLock()
         self._last_signature: tuple | None = None
         self._traces = 0
-        self._retraces: list[RetraceRecord] = []
-        self._fallbacks: list[FallbackRecord] = []
+        self._retraces: deque[RetraceRecord] = deque(maxlen=_MAX_RECORDS)
+        self._num_retraces = 0
+        self._warned = False
+        self._fallbacks: deque[FallbackRecord] = deque(maxlen=_MAX_RECORDS)
+        self._unguarded: dict[tuple, Unguarded] = {}
         try:
             self._signature_of = inspect.signature(fn)
         except (TypeError, ValueError):
@@ -233,32 +273,41 @@ class CompiledFunction:
         functools.update_wrapper(self, fn, updated=())
 
     # -- calling ---------------------------------------------------------------------------------
-    def _signature(self, args: tuple, kwargs: dict) -> tuple[tuple, list, Any]:
+    def _signature(self, args: tuple, kwargs: dict) -> tuple[tuple, list, Any, list]:
         leaves: list = []
         sig: list = []
+        keep: list = []
         static: dict = {}
         if self.static_argnames and self._signature_of is not None:
             bound = self._signature_of.bind(*args, **kwargs).arguments
             static = {name: bound[name] for name in self.static_argnames if name in bound}
             sig.extend((f"static {k}", static_key(v)) for k, v in static.items())
+            keep.extend(static.values())
         template = flatten((args, kwargs), "call", leaves, sig, static_ids={
-            id(v) for v in static.values()})
-        sig.append(("grad mode", ("value", "bool", autograd._GRAD_ENABLED)))
+            id(v) for v in static.values()}, keep=keep)
+        sig.append(("grad mode", ("value", "bool", is_grad_enabled())))
         sig.extend((f"module[{i}].training", ("value", "bool", m.training))
                    for i, m in enumerate(self._modules))
-        return tuple(sig), leaves, template
+        return tuple(sig), leaves, template, keep
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if autograd._TRACE is not None:  # called inside another trace: inline it
+        if active_trace() is not None:  # called inside another trace: inline it
             return self.fn(*args, **kwargs)
-        signature, leaves, template = self._signature(args, kwargs)
+        signature, leaves, template, keep = self._signature(args, kwargs)
         entry = None
-        for candidate in self._cache.get(signature, ()):
-            if candidate.guards_hold():
-                entry = candidate
-                break
+        failed = None
+        with self._lock:
+            group = self._cache.get(signature)
+            if group is not None:
+                self._cache.move_to_end(signature)
+                for candidate in group:
+                    failed = candidate.failed_guard()
+                    if failed is None:
+                        entry = candidate
+                        break
         if entry is None:
-            entry, eager_result = self._compile(signature, leaves, template, args, kwargs)
+            entry, eager_result = self._compile(signature, leaves, template, keep, args,
+                                                kwargs, failed)
             if entry.plan is None:  # fell back to eager for this signature (it already ran)
                 return eager_result
         entry.record.calls += 1
@@ -272,26 +321,73 @@ class CompiledFunction:
         outputs = [result[i] for i in range(entry.plan.num_outputs)]
         return rebuild(entry.template, outputs)
 
-    # -- tracing ---------------------------------------------------------------------------------
-    def _compile(self, signature: tuple, leaves: list, template: Any, args: tuple,
-                 kwargs: dict) -> tuple[_Entry, Any]:
-        """Trace ``fn`` for this signature; on a fallback, run it eagerly and return its result."""
-        if self._last_signature is not None:
-            if signature in self._cache:
-                reason = "a module's training flag changed since the cached trace"
-            else:
-                reason = describe_difference(self._last_signature, signature)
-            self._retraces.append(RetraceRecord(reason, signature))
+    # -- the cache -------------------------------------------------------------------------------
+    def _add(self, signature: tuple, entry: _Entry) -> None:
+        """Cache ``entry``; past ``cache_size`` plans, drop the least recently used one."""
+        with self._lock:
+            self._cache.setdefault(signature, []).append(entry)
+            self._cache.move_to_end(signature)
+            self._num_entries += 1
+            while self._num_entries > self.cache_size:
+                oldest_signature, oldest = next(iter(self._cache.items()))
+                oldest.pop(0)
+                if not oldest:
+                    del self._cache[oldest_signature]
+                self._num_entries -= 1
+
+    def _note_retrace(self, signature: tuple, failed_guard: str | None) -> None:
+        """Record why this call traced again; warn once when it keeps happening."""
+        if self._last_signature is None:
+            self._last_signature = signature
+            return
+        if failed_guard is not None:
+            reason = failed_guard
+        elif signature in self._cache:
+            reason = "a module's training flag changed since the cached trace"
+        else:
+            reason = describe_difference(self._last_signature, signature)
         self._last_signature = signature
-        self._traces += 1
+        self._retraces.append(RetraceRecord(reason, signature))
+        self._num_retraces += 1
+        if self._num_retraces >= RECOMPILE_WARNING and not self._warned:
+            self._warned = True
+            name = getattr(self.fn, "__qualname__", repr(self.fn))
+            reasons = Counter(r.reason.split(" changed from ")[0].split(": ")[0]
+                              for r in self._retraces)
+            common = reasons.most_common(1)[0][0]
+            warnings.warn(
+                f"ndl.jit: {name} has been traced {self._traces + 1} times; the guard that "
+                f"keeps failing: {common} (last: {reason}). Each trace costs time and a cache "
+                f"slot (at most {self.cache_size} are kept). Pass values that change on every "
+                "call as tensors, or mark them with static_argnames only if they take few "
+                "values.", RuntimeWarning, stacklevel=4)
+
+    # -- tracing ---------------------------------------------------------------------------------
+    def _compile(self, signature: tuple, leaves: list, template: Any, keep: list, args: tuple,
+                 kwargs: dict, failed_guard: str | None) -> tuple[_Entry, Any]:
+        """Trace ``fn`` for this signature; on a fallback, run it eagerly and return its result."""
+        with self._lock:
+            self._note_retrace(signature, failed_guard)
+            self._traces += 1
         trace = Trace()
+        collector = GuardCollector(self.fn)
         stand_ins = [trace_input(t, f"arg{i}") for i, t in enumerate(leaves)]
         try:
-            with tracing(trace):
+            with tracing(trace), collector:
                 call_args, call_kwargs = rebuild(template, stand_ins)
                 out = self.fn(*call_args, **call_kwargs)
         except TracerConversionError as exc:
-            return self._fall_back(exc, signature, args, kwargs)
+            return self._fall_back(exc, signature, keep, args, kwargs)
+        guards, unguarded = collector.result()
+        if unguarded:
+            if self.strict:
+                name = getattr(self.fn, "__qualname__", repr(self.fn))
+                raise JitError(
+                    f"jitted {name} bakes values into its plan that no guard can check "
+                    "(strict=True refuses them):\n  " + "\n  ".join(map(str, unguarded)))
+            with self._lock:
+                for item in unguarded:
+                    self._unguarded.setdefault((item.what, item.source), item)
         out_leaves: list = []
         out_template = flatten(out, "out", out_leaves, [])
         plan = CompiledPlan(out_leaves, list(stand_ins), trace.effects, self.optimize)
@@ -304,12 +400,14 @@ class CompiledFunction:
         modules = {id(m): m for m in trace.modules}
         guard = tuple((m, m.training) for m in modules.values())
         record = EntryRecord(signature, plan.nodes_before, len(plan.program.steps),
-                             list(plan.program.passes), len(trace.effects))
-        entry = _Entry(plan, out_template, guard, extra, record)
-        self._cache.setdefault(signature, []).append(entry)
+                             list(plan.program.passes), len(trace.effects),
+                             guards=[g.description for g in guards],
+                             unguarded=[str(u) for u in unguarded])
+        entry = _Entry(plan, out_template, guard, extra, record, guards, keep)
+        self._add(signature, entry)
         return entry, None
 
-    def _fall_back(self, exc: TracerConversionError, signature: tuple, args: tuple,
+    def _fall_back(self, exc: TracerConversionError, signature: tuple, keep: list, args: tuple,
                    kwargs: dict) -> tuple[_Entry, Any]:
         name = getattr(self.fn, "__qualname__", repr(self.fn))
         if self.strict:
@@ -320,40 +418,50 @@ class CompiledFunction:
                 "(ndl.jit(fn, static_argnames=('flag',)) and a Python bool/number), or express "
                 "the branch in the graph with needle.static.cond(pred, true_fn, false_fn); or "
                 "drop strict=True to run such calls eagerly.") from exc
-        self._fallbacks.append(FallbackRecord(exc.what, exc.source, signature))
+        with self._lock:
+            self._fallbacks.append(FallbackRecord(exc.what, exc.source, signature))
         record = EntryRecord(signature, 0, 0, [], 0, calls=1, fallback=True)
-        entry = _Entry(None, None, (), [], record)
-        self._cache.setdefault(signature, []).append(entry)
+        entry = _Entry(None, None, (), [], record, keep=keep)
+        self._add(signature, entry)
         return entry, self.fn(*args, **kwargs)  # eager, correct
 
     # -- reporting -------------------------------------------------------------------------------
     def explain(self) -> JitReport:
-        entries = [e.record for group in self._cache.values() for e in group]
-        return JitReport(self._traces, entries, list(self._retraces), list(self._fallbacks),
-                         self.optimize)
+        """What happened so far: traces, cached plans (with their guards), retraces and why,
+        fallbacks, and the values baked in without a guard."""
+        with self._lock:
+            entries = [e.record for group in self._cache.values() for e in group]
+            return JitReport(self._traces, entries, list(self._retraces), list(self._fallbacks),
+                             self.optimize, list(self._unguarded.values()))
 
 
 def jit(fn: Callable | None = None, *, strict: bool = False, optimize: bool = True,
-        static_argnames: tuple[str, ...] | list[str] = ()) -> Any:
+        static_argnames: tuple[str, ...] | list[str] = (), cache_size: int | None = None) -> Any:
     """Compile ``fn`` (a function of Tensors, or an ``nn.Module``) by tracing it.
 
     ``ndl.jit(fn)``, ``@ndl.jit`` or ``@ndl.jit(strict=True)``. The plan is cached per input
     signature (shapes, dtypes, device, requires_grad, Python values, container structure, grad
-    mode, and the training flags of the modules the trace used); a call that matches no plan
-    is traced again. Converting a traced tensor to a Python value falls back to eager for that
-    signature (``strict=True`` raises instead). ``optimize=False`` skips the graph passes.
+    mode, and the training flags of the modules the trace used) and replayed while the
+    guards on the values the trace read hold (globals, closure cells, module attributes and
+    parameters; see docs/jit.md). A call that matches no plan is traced again. Converting a
+    traced tensor to a Python value falls back to eager for that signature (``strict=True``
+    raises instead, and also refuses values baked in without a guard). ``optimize=False``
+    skips the graph passes. At most ``cache_size`` plans are kept (least recently used
+    dropped first; default ``needle.jit.compiled.CACHE_SIZE``).
     """
     if fn is None:
         return lambda f: jit(f, strict=strict, optimize=optimize,
-                             static_argnames=static_argnames)
+                             static_argnames=static_argnames, cache_size=cache_size)
     from ..nn.module import Module
 
     if isinstance(fn, Module):
         module = fn
         return CompiledFunction(module.__call__, strict, optimize, tuple(static_argnames),
-                                modules=[m for _, m in module.named_modules()])
-    return CompiledFunction(fn, strict, optimize, tuple(static_argnames))
+                                modules=[m for _, m in module.named_modules()],
+                                cache_size=cache_size)
+    return CompiledFunction(fn, strict, optimize, tuple(static_argnames),
+                            cache_size=cache_size)
 
 
-__all__ = ["CompiledFunction", "EntryRecord", "FallbackRecord", "JitCall", "JitError",
-           "JitReport", "RetraceRecord", "jit"]
+__all__ = ["CACHE_SIZE", "RECOMPILE_WARNING", "CompiledFunction", "EntryRecord",
+           "FallbackRecord", "JitCall", "JitError", "JitReport", "RetraceRecord", "jit"]

@@ -1,13 +1,17 @@
 """Call signatures of jitted functions: what must match for a compiled plan to be replayed.
 
-A signature is a tuple of (path, description) pairs, one per argument leaf: tensors by shape,
-dtype, device and requires_grad; Python scalars and strings by value; containers by type and
-length. Comparing two signatures names the first guard that failed (for ``explain()``).
+A signature is a tuple of (path, description) pairs, one per argument leaf: tensors and
+NumPy arrays by shape, dtype, device and requires_grad (their values are read at every call);
+Python scalars and strings by exact value (NaN equals NaN); containers by type and length;
+any other object by identity, kept alive by the cache entry so that its ``id`` can never be
+another object's. Comparing two signatures names the first guard that failed.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from ..autograd import Tensor
 
@@ -19,40 +23,54 @@ def static_key(value: Any) -> tuple:
     if isinstance(value, Tensor):
         data = value.numpy()
         return ("static tensor", data.shape, data.dtype.str, data.tobytes())
-    return ("static", type(value).__name__, value)
+    return ("static", type(value).__name__, _scalar_key(value))
+
+
+def _scalar_key(value: Any) -> Any:
+    """A Python scalar as a guard: floats by their exact bits (NaN equals NaN; -0.0 is not
+    0.0), everything else as it is."""
+    return value.hex() if type(value) is float else value
 
 
 def flatten(value: Any, path: str, leaves: list, sig: list,
-            static_ids: set[int] | frozenset = frozenset()) -> Any:
+            static_ids: set[int] | frozenset = frozenset(), keep: list | None = None) -> Any:
     """Walk ``value``: collect tensors into ``leaves`` and guards into ``sig``.
 
     Returns a template of the same structure with tensors replaced by their leaf index, so
-    :func:`rebuild` can put traced or concrete tensors back in place. Values whose ids are in
-    ``static_ids`` stay as they are (their values are guarded elsewhere).
+    :func:`rebuild` can put traced or concrete tensors back in place. NumPy arrays become
+    constant Tensors sharing their memory (leaves too, so each call's values are used).
+    Objects guarded by identity are appended to ``keep``: whoever keeps the signature must
+    keep them alive. Values whose ids are in ``static_ids`` stay as they are (their values
+    are guarded elsewhere).
     """
     if id(value) in static_ids:
         return value
+    if isinstance(value, np.ndarray):
+        value = Tensor.make_const(value if type(value) is np.ndarray
+                                  else value.view(np.ndarray))
     if isinstance(value, Tensor):
         sig.append((path, ("tensor", tuple(value.shape), value.dtype.str, value.device.name,
                            bool(value.requires_grad))))
         leaves.append(value)
         return _Leaf(len(leaves) - 1)
     if isinstance(value, _SCALARS):
-        sig.append((path, ("value", type(value).__name__, value)))
+        sig.append((path, ("value", type(value).__name__, _scalar_key(value))))
         return value
     if isinstance(value, list | tuple):
         sig.append((path, (type(value).__name__, len(value))))
-        items = [flatten(v, f"{path}[{i}]", leaves, sig, static_ids)
+        items = [flatten(v, f"{path}[{i}]", leaves, sig, static_ids, keep)
                  for i, v in enumerate(value)]
         if isinstance(value, list):
             return items
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, dict):
         sig.append((path, ("dict", tuple(value))))
-        return {k: flatten(v, f"{path}[{k!r}]", leaves, sig, static_ids)
+        return {k: flatten(v, f"{path}[{k!r}]", leaves, sig, static_ids, keep)
                 for k, v in value.items()}
-    # any other object (a module, a function, a NumPy array): guarded by identity
+    # any other object (a module, a function): guarded by identity, kept alive by the entry
     sig.append((path, ("object", type(value).__name__, id(value))))
+    if keep is not None:
+        keep.append(value)
     return value
 
 
@@ -92,6 +110,10 @@ def describe_difference(old: tuple, new: tuple) -> str:
     return "no difference in arguments"
 
 
+def _shown(desc: tuple) -> Any:
+    return float.fromhex(desc[2]) if desc[1] == "float" else desc[2]
+
+
 def _describe(before: tuple, after: tuple) -> str:
     if before[0] == after[0] == "tensor":
         names = ("shape", "dtype", "device", "requires_grad")
@@ -99,7 +121,7 @@ def _describe(before: tuple, after: tuple) -> str:
             if a != b:
                 return f"tensor {name} changed from {a} to {b}"
     if before[0] == after[0] == "value":
-        return f"Python value changed from {before[2]!r} to {after[2]!r}"
+        return f"Python value changed from {_shown(before)!r} to {_shown(after)!r}"
     if before[0] == after[0] and before[0] in ("list", "tuple"):
         return f"{before[0]} length changed from {before[1]} to {after[1]}"
     return f"changed from {before} to {after}"

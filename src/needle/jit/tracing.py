@@ -2,48 +2,36 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 from typing import Any
 
-from .. import autograd
-from ..autograd import Tensor
+from ..autograd import Tensor, init_leaf
+from ..core.context import active_trace, tracing
 from ..core.registry import Aval, NodeMeta
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .guards import GuardCollector
 
 
 class Trace:
-    """What one trace recorded: effects in order (optimizer steps, buffer stores) and modules."""
+    """What one trace recorded: effects in order (optimizer steps, buffer stores), the modules
+    it called, and the Python values it read (see :mod:`needle.jit.guards`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, collect_guards: bool = False) -> None:
         self.effects: list = []
         self.modules: list = []
+        self.guards = GuardCollector() if collect_guards else None
 
-    @staticmethod
-    def user_source() -> str | None:
-        """``file:line`` of the innermost frame outside the needle package."""
-        frame = sys._getframe(1)
-        while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-                _PACKAGE_DIR):
-            frame = frame.f_back
-        return None if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    def node_made(self, node: Any) -> None:
+        """A lazy node was made while this trace was active."""
+        if node.op.side_effect:
+            self.effects.append(node)
 
-
-@contextlib.contextmanager
-def tracing(trace: Trace):
-    """While active, every op makes a lazy node and effects are collected in ``trace``."""
-    previous = autograd._TRACE
-    autograd._TRACE = trace
-    try:
-        yield trace
-    finally:
-        autograd._TRACE = previous
+    def module_called(self, module: Any) -> None:
+        """An ``nn.Module`` was called while this trace was active."""
+        self.modules.append(module)
 
 
 def is_tracing() -> bool:
-    return autograd._TRACE is not None
+    """Whether this thread is tracing a function for ``ndl.jit``."""
+    return active_trace() is not None
 
 
 class TraceInput(Tensor):
@@ -54,11 +42,9 @@ class TraceInput(Tensor):
 
 def trace_input(like: Any, name: str, requires_grad: bool | None = None) -> TraceInput:
     """A stand-in with ``like``'s shape, dtype, device (and requires_grad unless given)."""
-    node = Tensor.__new__(TraceInput)
-    autograd.TENSOR_COUNTER += 1
-    node.op, node.inputs, node._data, node.grad = None, (), None, None
-    node.requires_grad = like.requires_grad if requires_grad is None else requires_grad
-    node.device = like.device
-    node._aval = Aval(tuple(like.shape), like.dtype)
-    node.meta = NodeMeta(name=name)
-    return node
+    return init_leaf(Tensor.__new__(TraceInput), None, aval=Aval(tuple(like.shape), like.dtype),
+                     requires_grad=like.requires_grad if requires_grad is None else requires_grad,
+                     device=like.device, meta=NodeMeta(name=name))
+
+
+__all__ = ["Trace", "TraceInput", "is_tracing", "trace_input", "tracing"]

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import autograd
 from ..autograd import Tensor
+from ..core.context import module_called
 
 
 class Parameter(Tensor):
@@ -58,9 +58,7 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        trace = autograd._TRACE
-        if trace is not None:  # the JIT guards on the training flag of every module it saw
-            trace.modules.append(self)
+        module_called(self)  # a JIT trace in progress guards on the modules it calls
         return self.forward(*args, **kwargs)
 
     # -- discovery -----------------------------------------------------------------------------

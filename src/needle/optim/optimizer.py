@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import autograd
 from ..autograd import Tensor
 from ..backend import array_module, device_of
 from ..compiler import fused_update
+from ..core import context
+from ..core.ops_state import apply_updates
 
 __all__ = ["Optimizer", "coupled_weight_decay", "decoupled_weight_decay"]
 
@@ -166,10 +167,8 @@ class Optimizer:
         Returns ``loss``. For a declared graph's loss (no value yet, outside a JIT trace) it
         returns the train op instead, as ``needle.static.minimize`` does.
         """
-        if loss._data is None and autograd._TRACE is None:  # a declared graph's loss
-            from .. import static
-
-            return static.minimize(self, loss)
+        if loss._data is None and context.active_trace() is None:  # a declared graph's loss
+            return context.service("minimize_declared")(self, loss)
         self.reset_grad()
         # the gradients are only read by step(), so they need no graph of their own
         loss.backward(create_graph=False)
@@ -183,13 +182,19 @@ class Optimizer:
         While ``ndl.jit`` traces, gradients have no values yet: the step is recorded as a graph
         node that the compiled function runs on every call.
         """
-        if autograd._TRACE is not None and any(
+        if context.active_trace() is not None and any(
                 p.grad is not None and p.grad._data is None for p in self.params):
-            from .graph_step import record_step
-
-            record_step(self)
+            apply_updates(self, {p: p.grad for p in self.params if p.grad is not None})
             return
         self._apply_step(fuse=self.fused is True)
+
+    def run_update(self, fuse_rule: bool) -> None:
+        """What a graph's ``apply_updates`` node runs once it has set the gradients: this
+        optimizer's update (as one compiled loop if ``fuse_rule`` and ``fused`` allows)."""
+        if type(self).step is Optimizer.step:
+            self._apply_step(fuse=self.fused is True or (fuse_rule and self.fused is None))
+        else:  # a subclass with its own step()
+            self.step()
 
     def _apply_step(self, fuse: bool) -> None:
         """``step()`` on gradients with values; ``fuse`` runs the flat update as one loop."""

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..autograd import LAZY_NODE_HOOKS, Tensor, Value, make_from_op
+from ..autograd import Tensor, Value, make_from_op, new_leaf
 from ..core import api as F
 from ..core import autodiff
+from ..core.context import watching_nodes
 from ..core.interpret import (
     CompiledProgram,
     build_program,
@@ -37,11 +38,8 @@ def _recording_created(created: set[int]):
     def hook(node: Any) -> None:
         created.add(id(node))
 
-    LAZY_NODE_HOOKS.append(hook)
-    try:
+    with watching_nodes(hook):
         yield
-    finally:
-        LAZY_NODE_HOOKS.remove(hook)
 
 
 def _as_list(outputs: Any, what: str) -> tuple[list, bool]:
@@ -77,7 +75,7 @@ class _Branch:
     def run(self, values: dict[int, Any]) -> tuple:
         """The branch outputs, given the values of (at least) its captures by node id."""
         sources = [values[id(c)] for c in self.captures]
-        observers = runtime.STEP_OBSERVERS
+        observers = runtime.step_observers()
         if observers:  # a RunMetadata is listening: walk the steps and report each
             env = {id(c): v for c, v in zip(self.captures, sources)}
             env = run_program(self.program, env, on_step=observers[-1])
@@ -182,16 +180,9 @@ class _LoopVar(Tensor):
 
 
 def _loop_var(like: Tensor, i: int) -> _LoopVar:
-    node = Tensor.__new__(_LoopVar)
-    from .. import autograd
-
-    autograd.TENSOR_COUNTER += 1
-    node.op, node.inputs, node._data, node.grad = None, (), None, None
-    node.requires_grad = like.requires_grad
-    node.device = like.device
-    node._aval = Aval(tuple(like.shape), like.dtype)
-    node.meta = NodeMeta(name=f"loop_var_{i}")
-    return node
+    return new_leaf(_LoopVar, None, aval=Aval(tuple(like.shape), like.dtype),
+                    requires_grad=like.requires_grad, device=like.device,
+                    meta=NodeMeta(name=f"loop_var_{i}"))
 
 
 class WhileLoop(Op):

@@ -2,42 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
 import warnings
 import weakref
 from typing import Any
 
-from .. import autograd
-from ..autograd import LAZY_NODE_HOOKS
+from ..core import context
 from ..core.registry import NodeMeta
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_needle_frame(filename: str) -> bool:
-    # generated op functions are compiled with file names such as "<needle op matmul>"
-    return filename.startswith("<needle") or os.path.abspath(filename).startswith(_PACKAGE_DIR)
-
-
-def user_source() -> str | None:
-    """``file:line`` of the innermost caller outside the needle package."""
-    frame = sys._getframe(1)
-    while frame is not None and _is_needle_frame(frame.f_code.co_filename):
-        frame = frame.f_back
-    if frame is None:
-        return None
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
-
-
-def _caller_site() -> tuple[str, int] | None:
-    """(file, line) of the user code calling into needle (for the growing-graph warning)."""
-    frame = sys._getframe(1)
-    while frame is not None and _is_needle_frame(frame.f_code.co_filename):
-        frame = frame.f_back
-    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
+from ..core.source import caller_site, user_source
 
 
 class Graph:
@@ -62,25 +33,25 @@ class Graph:
         # st.minimize / st.state_updates look them up
         self._effects: list = []
         self._prune_at = 1024
-        self._recording: list = []
         self._last_run: tuple | None = None  # (call site, node_count) at the previous run
         self._growing_runs = 0
         self._warned = False
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> Graph:
-        _DEFAULT_STACK.append(self)
-        recording = autograd.recording()
-        recording.__enter__()
-        self._recording.append(recording)
+        # the default graph and recording belong to this thread (as in TensorFlow 1)
+        state = context.state()
+        state.graphs.append(self)
+        state.recording += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._recording.pop().__exit__(None, None, None)
+        state = context.state()
+        state.recording -= 1
         # remove this graph's innermost entry (graphs may be entered more than once)
-        for i in range(len(_DEFAULT_STACK) - 1, 0, -1):
-            if _DEFAULT_STACK[i] is self:
-                del _DEFAULT_STACK[i]
+        for i in range(len(state.graphs) - 1, -1, -1):
+            if state.graphs[i] is self:
+                del state.graphs[i]
                 break
 
     def as_default(self) -> Graph:
@@ -97,7 +68,7 @@ class Graph:
         self.node_count += 1
         self._nodes.append(weakref.ref(node))
         # a JIT trace is not a declared graph: its effects belong to the trace alone
-        if getattr(node.op, "side_effect", False) and getattr(autograd, "_TRACE", None) is None:
+        if node.op.side_effect and context.active_trace() is None:
             self._effects.append(node)
         if len(self._nodes) >= self._prune_at:  # drop dead references now and then
             self._nodes = [r for r in self._nodes if r() is not None]
@@ -121,7 +92,7 @@ class Graph:
         Making nodes between runs is fine (build, run, extend, run); a run made from the
         same line again and again with new nodes each time is a graph built inside a loop.
         """
-        site = _caller_site()
+        site = caller_site()
         last = self._last_run
         if last is not None and last[0] == site and self.node_count > last[1]:
             self._growing_runs += 1
@@ -145,17 +116,20 @@ class Graph:
         return to_dot(self, fetches, feed_dict)
 
 
-_DEFAULT_STACK: list[Graph] = [Graph()]
+#: the process-wide default graph, used by threads that have not entered one
+_GLOBAL_GRAPH: list[Graph] = [Graph()]
 
 
 def get_default_graph() -> Graph:
-    """The graph that new placeholders, Variables, constants and op nodes belong to."""
-    return _DEFAULT_STACK[-1]
+    """The graph that new placeholders, Variables, constants and op nodes belong to: the
+    innermost one this thread entered (``with g:``), else the process-wide default."""
+    graphs = context.state().graphs
+    return graphs[-1] if graphs else _GLOBAL_GRAPH[0]
 
 
 def reset_default_graph() -> None:
-    """Replace the global default graph by an empty one."""
-    _DEFAULT_STACK[0] = Graph()
+    """Replace the process-wide default graph by an empty one."""
+    _GLOBAL_GRAPH[0] = Graph()
 
 
 def _on_lazy_node(node: Any) -> None:
@@ -166,4 +140,4 @@ def _on_lazy_node(node: Any) -> None:
     graph.add_node(node)
 
 
-LAZY_NODE_HOOKS.append(_on_lazy_node)
+context.add_node_hook(_on_lazy_node)

@@ -6,27 +6,20 @@ from typing import Any
 
 import numpy as np
 
-from ..autograd import Tensor, _to_backend
+from ..autograd import Tensor, _to_backend, init_leaf
 from ..backend import Device, cpu
 from ..core.registry import Aval, NodeMeta, fmt_shape
-from .graph import get_default_graph, user_source
+from ..core.source import user_source
+from .graph import get_default_graph
 
 
 def _init_leaf(node: Any, shape: tuple, dtype: Any, name: str | None, kind: str,
                requires_grad: bool = False, device: Device | None = None) -> Any:
     """Fill a graph leaf (no data: its value comes from a feed or a Session) and register it."""
-    from .. import autograd
-
-    autograd.TENSOR_COUNTER += 1
     graph = get_default_graph()
-    node.op = None
-    node.inputs = ()
-    node._data = None
-    node.requires_grad = requires_grad
-    node.device = device or cpu()
-    node._aval = Aval(tuple(shape), np.dtype(dtype))
-    node.meta = NodeMeta(name=_unique_name(graph, name or kind), source=user_source())
-    node.grad = None
+    init_leaf(node, None, aval=Aval(tuple(shape), np.dtype(dtype)), requires_grad=requires_grad,
+              device=device or cpu(),
+              meta=NodeMeta(name=_unique_name(graph, name or kind), source=user_source()))
     graph.add_leaf(node, kind + "s")
     return node
 

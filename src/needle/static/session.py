@@ -195,7 +195,7 @@ class _Runner:
                                  "a placeholder, Variable or constant of a graph")
         self.constant_ids = {id(v) for v in program.constants.values()}
         # outputs of effect ops (an assign's or a store's value may be the state's own array)
-        effects = {s.out for s in program.steps if getattr(s.op, "side_effect", False)}
+        effects = {s.out for s in program.steps if s.op.side_effect}
         self.copy_always = [slot in effects for slot in program.outputs]
         self.compiled = None if self.missing else compile_program(program)
 
@@ -349,14 +349,11 @@ class Session:
             raise ValueError(f"Session.run: these placeholders are needed by the fetches and "
                              f"were not fed: {names}")
         sources = runner.source_values(feeds)
-        runtime._RUNNING.append(self)  # state ops find their Session here
-        try:
+        with runtime.running(self):  # state ops find their Session here
             if run_metadata is None:
                 outputs = runner.compiled(sources)
             else:
                 outputs = self._run_traced(runner, sources, run_metadata)
-        finally:
-            runtime._RUNNING.pop()
         aliased = {id(v) for v in sources} | runner.constant_ids
         return runner.rebuild([snapshot(v) if copy else _fetched(v, aliased)
                                for v, copy in zip(outputs, runner.copy_always)])
@@ -373,11 +370,12 @@ class Session:
 
         tracker = ByteTracker(exclude=[*sources, *program.constants.values()])
         env = {id(n): v for n, v in zip(program.sources, sources)}
-        runtime.STEP_OBSERVERS.append(on_step)
+        observers = runtime.step_observers()
+        observers.append(on_step)
         try:
             env = run_program(program, env, tracker, on_step)
         finally:
-            runtime.STEP_OBSERVERS.pop()
+            observers.pop()
         metadata.peak_bytes = tracker.peak
         return [env[slot] for slot in program.outputs]
 

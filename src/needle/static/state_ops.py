@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from ..autograd import Tensor, make_from_op
+from ..core import context
 from ..core.autodiff import find_topo_sort
+from ..core.ops_state import ApplyUpdates
 from ..core.registry import Aval, Op
-from ..optim.graph_step import ApplyUpdates
 from .graph import get_default_graph
 from .runtime import current_session
 
@@ -214,3 +215,6 @@ def minimize(optimizer: Any, loss: Tensor) -> Tensor:
     train = make_from_op(op, tuple(g for _, g in pairs))
     updates = state_updates(loss)
     return group(train, *updates) if updates else train
+
+
+context.provide("minimize_declared", minimize)

@@ -1,0 +1,178 @@
+"""Per-thread state of the core: grad mode, graph recording, the active trace, front-end hooks.
+
+Everything that changes how an op applied *now* behaves lives in one :class:`ThreadState`
+per thread, never in module globals: a thread that traces a function, builds a graph or
+evaluates under ``no_grad()`` does not change what another thread's ops do (as PyTorch keeps
+grad mode thread-local). Front-ends (``static``, ``jit``, ``nn``, ``optim``) talk to it
+through the functions below, never through each other's globals.
+
+The state sits in a ``ContextVar``: reading it is one lookup on the hot path of every op.
+A new thread starts with the defaults (grad enabled, no trace, no graph).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+class ThreadState:
+    """What ops made in this thread must know: grad mode, recording, trace, graphs, hooks."""
+
+    __slots__ = ("grad_enabled", "recording", "trace", "node_hooks", "graphs", "sessions",
+                 "step_observers")
+
+    def __init__(self) -> None:
+        #: whether new nodes record the graph that backward needs
+        self.grad_enabled = True
+        #: >0 while a front-end needs every node to keep op and inputs (a graph being built)
+        self.recording = 0
+        #: the JIT trace in progress (it makes every op lazy and collects effects), or None
+        self.trace: Any = None
+        #: callables told about every lazy node made in this thread (innermost last)
+        self.node_hooks: list[Callable[[Any], None]] = []
+        #: declared graphs entered with ``with graph:`` (innermost last)
+        self.graphs: list = []
+        #: Sessions whose ``run`` is executing (state ops find their Variables there)
+        self.sessions: list = []
+        #: callables told about every step a Session runs (RunMetadata, cond branches)
+        self.step_observers: list = []
+
+
+_STATE: contextvars.ContextVar[ThreadState] = contextvars.ContextVar("needle_state")
+_get = _STATE.get
+
+
+def state() -> ThreadState:
+    """This thread's state (made with the defaults on first use in a thread)."""
+    current = _get(None)
+    if current is None:
+        current = ThreadState()
+        _STATE.set(current)
+    return current
+
+
+state()  # the importing thread's state exists before any asyncio task copies the context
+
+
+# -- grad mode -------------------------------------------------------------------------------
+def is_grad_enabled() -> bool:
+    """Whether new nodes in this thread record the graph needed for backward."""
+    return state().grad_enabled
+
+
+class GradMode(contextlib.ContextDecorator):
+    """Context manager / decorator that sets this thread's grad mode inside its block."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+        self._saved: list[bool] = []
+
+    def _recreate_cm(self) -> GradMode:
+        # a decorated function may run in several threads at once: one object per call
+        return GradMode(self.enabled)
+
+    def __enter__(self) -> None:
+        current = state()
+        self._saved.append(current.grad_enabled)
+        current.grad_enabled = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        state().grad_enabled = self._saved.pop()
+
+
+# -- recording and tracing -------------------------------------------------------------------
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """Every node made inside keeps its op and inputs, even without gradients."""
+    current = state()
+    current.recording += 1
+    try:
+        yield
+    finally:
+        current.recording -= 1
+
+
+@contextlib.contextmanager
+def tracing(trace: Any) -> Iterator[Any]:
+    """While active in this thread, every op makes a lazy node and tells ``trace`` of it."""
+    current = state()
+    previous = current.trace
+    current.trace = trace
+    try:
+        yield trace
+    finally:
+        current.trace = previous
+
+
+def active_trace() -> Any:
+    """The trace in progress in this thread, or None."""
+    return state().trace
+
+
+def module_called(module: Any) -> None:
+    """A Module is being called: the active trace guards on it (training flag, attributes)."""
+    trace = state().trace
+    if trace is not None:
+        trace.module_called(module)
+
+
+# -- hooks on lazy nodes ---------------------------------------------------------------------
+#: process-wide hooks told about every lazy node in any thread (a front-end's bookkeeping,
+#: installed once at import); they act on the calling thread's state
+_GLOBAL_NODE_HOOKS: list[Callable[[Any], None]] = []
+
+
+def add_node_hook(hook: Callable[[Any], None]) -> None:
+    """Tell ``hook`` about every lazy node made from now on, in every thread."""
+    _GLOBAL_NODE_HOOKS.append(hook)
+
+
+@contextlib.contextmanager
+def watching_nodes(hook: Callable[[Any], None]) -> Iterator[None]:
+    """Tell ``hook`` about every lazy node made in this thread inside the block."""
+    hooks = state().node_hooks
+    hooks.append(hook)
+    try:
+        yield
+    finally:
+        hooks.remove(hook)
+
+
+def lazy_node_made(node: Any, current: ThreadState) -> None:
+    """Run the hooks for a new lazy node and let the active trace record it."""
+    for hook in _GLOBAL_NODE_HOOKS:
+        hook(node)
+    for hook in current.node_hooks:
+        hook(node)
+    if current.trace is not None:
+        current.trace.node_made(node)
+
+
+# -- front-end services ----------------------------------------------------------------------
+#: name -> callable a front-end provides to the library (so the library imports no front-end)
+_SERVICES: dict[str, Callable[..., Any]] = {}
+
+
+def provide(name: str, fn: Callable[..., Any]) -> None:
+    """A front-end offers ``fn`` under ``name`` (``static`` offers ``"minimize_declared"``)."""
+    _SERVICES[name] = fn
+
+
+def service(name: str) -> Callable[..., Any]:
+    """The callable a front-end provided under ``name``, importing the front-ends if needed."""
+    fn = _SERVICES.get(name)
+    if fn is None:
+        import needle.static  # noqa: F401 - provides its services on import
+
+        fn = _SERVICES[name]
+    return fn
+
+
+__all__ = [
+    "GradMode", "ThreadState", "active_trace", "add_node_hook", "is_grad_enabled",
+    "lazy_node_made", "module_called", "provide", "recording", "service", "state", "tracing",
+    "watching_nodes",
+]
