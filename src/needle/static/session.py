@@ -9,6 +9,8 @@ checks the fed values' shapes, gathers the sources and calls the compiled functi
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +36,7 @@ from .nodes import Constant, Placeholder, Variable
 
 _CPU = cpu()
 
-#: plans kept per Session (the oldest is dropped first)
+#: plans kept per Session by default (the least recently used is dropped first)
 MAX_CACHED_PLANS = 64
 
 
@@ -165,6 +167,9 @@ class _Runner:
 
     def __init__(self, session: Session, fetches: Any, feed_nodes: list) -> None:
         flat, self.rebuild = _flatten(fetches)
+        # the plan cache is keyed by these nodes' ids: holding them keeps the ids theirs
+        # (constant folding may leave none of them in the program)
+        self.keys = (flat, feed_nodes)
         fed = {id(n) for n in feed_nodes}
 
         def is_source(node: Any) -> bool:
@@ -221,16 +226,27 @@ class Session:
 
     Only the ancestors of the fetches that are not replaced by feeds run, each once per run.
     Variables of the graph get their initial values when the session starts and keep their
-    values across runs. Plans are cached per (fetches, fed nodes); with ``optimize`` the
-    shared compiler passes (constant folding, CSE, dead-step elimination, freeing values after
-    their last use) apply; results are identical either way.
+    values across runs. Plans are cached per (fetches, fed nodes), at most
+    ``max_cached_plans`` (default ``MAX_CACHED_PLANS``, least recently used dropped first);
+    with ``optimize`` the shared compiler passes (constant folding, CSE, dead-step
+    elimination, freeing values after their last use) apply; results are identical either
+    way. Several threads may run one Session at once (as in TensorFlow 1).
     """
 
-    def __init__(self, graph: Graph | None = None, optimize: bool = True) -> None:
+    def __init__(self, graph: Graph | None = None, optimize: bool = True,
+                 max_cached_plans: int | None = None) -> None:
         self.graph = graph if graph is not None else get_default_graph()
         self.optimize = bool(optimize)
+        self.max_cached_plans = (MAX_CACHED_PLANS if max_cached_plans is None
+                                 else int(max_cached_plans))
+        if self.max_cached_plans < 1:
+            raise ValueError(f"Session: max_cached_plans must be at least 1, got "
+                             f"{max_cached_plans}")
         self._values: dict[int, tuple[Variable, Any]] = {}
-        self._runners: dict[tuple, _Runner] = {}
+        # (fetch structure, fed nodes) -> plan, least recently used first; each plan holds
+        # the nodes its key names, so a key's ids cannot be reused by other nodes
+        self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
+        self._lock = threading.Lock()
         self._closed = False
         for var in self.graph.variables:
             self._init_variable(var)
@@ -318,16 +334,20 @@ class Session:
         if self._closed:
             raise RuntimeError("Session.run: the session is closed")
         key = (_fetch_key(fetches), frozenset(map(id, feed_dict)) if feed_dict else None)
-        runner = self._runners.get(key)
-        if runner is None:
-            feed_nodes = list(feed_dict or ())
-            for node in feed_nodes:
-                if not isinstance(node, Tensor) or isinstance(node, TensorTuple):
-                    raise TypeError(f"feed_dict keys must be graph tensors, got {node!r}")
-            runner = _Runner(self, fetches, feed_nodes)
-            if len(self._runners) >= MAX_CACHED_PLANS:
-                del self._runners[next(iter(self._runners))]
+        with self._lock:
+            runner = self._runners.get(key)
+            if runner is not None:
+                self._runners.move_to_end(key)
+                return runner
+        feed_nodes = list(feed_dict or ())
+        for node in feed_nodes:
+            if not isinstance(node, Tensor) or isinstance(node, TensorTuple):
+                raise TypeError(f"feed_dict keys must be graph tensors, got {node!r}")
+        runner = _Runner(self, fetches, feed_nodes)
+        with self._lock:
             self._runners[key] = runner
+            while len(self._runners) > self.max_cached_plans:
+                self._runners.popitem(last=False)
         return runner
 
     # -- running ---------------------------------------------------------------------------------
