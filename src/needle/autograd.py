@@ -208,27 +208,32 @@ def _op_error(op: Op, inputs: tuple, exc: Exception) -> Exception:
 def make_from_op(op: Op, inputs: tuple) -> Value:
     """Apply ``op`` to input nodes: compute now (eager) or record a lazy node (no data yet)."""
     global TENSOR_COUNTER
-    lazy = False
-    requires_grad = False
-    arrays = []
     try:
-        for x in inputs:
-            data = x._data
-            if data is None:
-                lazy = True
-            if x.requires_grad:
-                requires_grad = True
-            arrays.append(data)
+        # one and two inputs unrolled: most ops, and this is the hot path of every eager op
+        if len(inputs) == 2:
+            a, b = inputs
+            arrays: Any = (a._data, b._data)
+            lazy = arrays[0] is None or arrays[1] is None
+            requires_grad = a.requires_grad or b.requires_grad
+        elif len(inputs) == 1:
+            a = inputs[0]
+            arrays = (a._data,)
+            lazy = arrays[0] is None
+            requires_grad = a.requires_grad
+        else:
+            arrays = [x._data for x in inputs]
+            lazy = any(d is None for d in arrays)
+            requires_grad = any(x.requires_grad for x in inputs)
     except AttributeError:
         bad = next(type(x).__name__ for x in inputs if not isinstance(x, Value))
         raise TypeError(f"{op.name}: expected Tensor inputs, got {bad}") from None
     # one lookup of this thread's state (grad mode, trace, recording): see core/context.py
     state = _get_state(None) or _thread_state()
-    trace = state.trace
-    requires_grad = requires_grad and state.grad_enabled and op.differentiable
+    if requires_grad:
+        requires_grad = state.grad_enabled and op.differentiable
     cls = TensorTuple if op.returns_tuple else Tensor
     device = op.out_device or (inputs[0].device if inputs else cpu())
-    if lazy or trace is not None:
+    if lazy or state.trace is not None:
         node = _new_lazy_node(cls, op, inputs, requires_grad, device,
                               op.infer(*[x.aval for x in inputs]))
         lazy_node_made(node, state)

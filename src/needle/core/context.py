@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,23 +65,24 @@ def is_grad_enabled() -> bool:
 
 
 class GradMode(contextlib.ContextDecorator):
-    """Context manager / decorator that sets this thread's grad mode inside its block."""
+    """Context manager / decorator that sets this thread's grad mode inside its block.
+
+    One object may be entered by several threads at once (a module-level ``NO_GRAD =
+    ndl.no_grad()``, a decorated function): each thread restores its own previous mode.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = bool(enabled)
-        self._saved: list[bool] = []
-
-    def _recreate_cm(self) -> GradMode:
-        # a decorated function may run in several threads at once: one object per call
-        return GradMode(self.enabled)
+        self._saved = threading.local()
 
     def __enter__(self) -> None:
         current = state()
-        self._saved.append(current.grad_enabled)
+        stack = self._saved.__dict__.setdefault("stack", [])
+        stack.append(current.grad_enabled)
         current.grad_enabled = self.enabled
 
     def __exit__(self, *exc: object) -> None:
-        state().grad_enabled = self._saved.pop()
+        state().grad_enabled = self._saved.stack.pop()
 
 
 # -- recording and tracing -------------------------------------------------------------------

@@ -36,7 +36,13 @@ from ..core.interpret import (
 )
 from ..core.registry import Aval, Op
 from .guards import Guard, GuardCollector, Unguarded, compile_checks
-from .signature import describe_difference, flatten, rebuild, static_key
+from .signature import (
+    describe_difference,
+    flatten,
+    flatten_tensor_args,
+    rebuild,
+    static_key,
+)
 from .tracing import Trace, trace_input
 
 #: plans kept per jitted function (least recently used dropped first); ``ndl.jit(fn,
@@ -234,11 +240,13 @@ class _Entry:
 
     def failed_guard(self) -> str | None:
         """None if the plan may be replayed, else what changed since it was traced."""
+        index = self.check()
+        if index >= 0:
+            return self.guards[index].explain_failure()
         for module, flag in self.module_guard:
             if module.training != flag:
                 return f"{type(module).__name__}.training changed from {flag} to {not flag}"
-        index = self.check()
-        return None if index < 0 else self.guards[index].explain_failure()
+        return None
 
 
 class CompiledFunction:
@@ -258,7 +266,7 @@ class CompiledFunction:
         # signature -> plans traced for it (one per set of guards), least recently used first
         self._cache: OrderedDict[tuple, list[_Entry]] = OrderedDict()
         self._num_entries = 0
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # guards changes to the cache and the records
         self._last_signature: tuple | None = None
         self._traces = 0
         self._retraces: deque[RetraceRecord] = deque(maxlen=_MAX_RECORDS)
@@ -278,13 +286,16 @@ class CompiledFunction:
         sig: list = []
         keep: list = []
         static: dict = {}
-        if self.static_argnames and self._signature_of is not None:
-            bound = self._signature_of.bind(*args, **kwargs).arguments
-            static = {name: bound[name] for name in self.static_argnames if name in bound}
-            sig.extend((f"static {k}", static_key(v)) for k, v in static.items())
-            keep.extend(static.values())
-        template = flatten((args, kwargs), "call", leaves, sig, static_ids={
-            id(v) for v in static.values()}, keep=keep)
+        template = None if kwargs or self.static_argnames else flatten_tensor_args(
+            args, leaves, sig)  # the common call: tensors only, the signature fast
+        if template is None:
+            if self.static_argnames and self._signature_of is not None:
+                bound = self._signature_of.bind(*args, **kwargs).arguments
+                static = {name: bound[name] for name in self.static_argnames if name in bound}
+                sig.extend((f"static {k}", static_key(v)) for k, v in static.items())
+                keep.extend(static.values())
+            template = flatten((args, kwargs), "call", leaves, sig, static_ids={
+                id(v) for v in static.values()}, keep=keep)
         sig.append(("grad mode", ("value", "bool", is_grad_enabled())))
         sig.extend((f"module[{i}].training", ("value", "bool", m.training))
                    for i, m in enumerate(self._modules))
@@ -296,15 +307,16 @@ class CompiledFunction:
         signature, leaves, template, keep = self._signature(args, kwargs)
         entry = None
         failed = None
-        with self._lock:
-            group = self._cache.get(signature)
-            if group is not None:
-                self._cache.move_to_end(signature)
-                for candidate in group:
-                    failed = candidate.failed_guard()
-                    if failed is None:
-                        entry = candidate
-                        break
+        # NOTE: no lock on this hot path: dict and OrderedDict calls are atomic under the GIL,
+        # and a plan another thread drops meanwhile at worst makes this call trace again
+        group = self._cache.get(signature)
+        if group is not None:
+            self._cache.move_to_end(signature)
+            for candidate in group:
+                failed = candidate.failed_guard()
+                if failed is None:
+                    entry = candidate
+                    break
         if entry is None:
             entry, eager_result = self._compile(signature, leaves, template, keep, args,
                                                 kwargs, failed)
