@@ -267,6 +267,7 @@ class CompiledFunction:
         self._cache: OrderedDict[tuple, list[_Entry]] = OrderedDict()
         self._num_entries = 0
         self._lock = threading.Lock()  # guards changes to the cache and the records
+        self._trace_lock = threading.RLock()  # a trace may call the function again (inlined)
         self._last_signature: tuple | None = None
         self._traces = 0
         self._retraces: deque[RetraceRecord] = deque(maxlen=_MAX_RECORDS)
@@ -318,14 +319,24 @@ class CompiledFunction:
                     entry = candidate
                     break
         if entry is None:
-            entry, eager_result = self._compile(signature, leaves, template, keep, args,
-                                                kwargs, failed)
-            if entry.plan is None:  # fell back to eager for this signature (it already ran)
-                return eager_result
+            with self._trace_lock:  # one trace at a time: a thread that waited may find it
+                entry = self._lookup(signature)
+                if entry is None:
+                    entry, eager_result = self._compile(signature, leaves, template, keep,
+                                                        args, kwargs, failed)
+                    if entry.plan is None:  # fell back to eager (it already ran)
+                        return eager_result
         entry.record.calls += 1
         if entry.plan is None:
             return self.fn(*args, **kwargs)
         return self._run(entry, leaves)
+
+    def _lookup(self, signature: tuple) -> _Entry | None:
+        """The cached plan for ``signature`` whose guards hold now, or None."""
+        for candidate in self._cache.get(signature, ()):
+            if candidate.failed_guard() is None:
+                return candidate
+        return None
 
     def _run(self, entry: _Entry, leaves: list) -> Any:
         inputs = (*leaves, *entry.leaf_sources)
