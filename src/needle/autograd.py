@@ -221,9 +221,15 @@ def make_from_op(op: Op, inputs: tuple) -> Value:
             lazy = arrays[0] is None
             requires_grad = a.requires_grad
         else:
-            arrays = [x._data for x in inputs]
-            lazy = any(d is None for d in arrays)
-            requires_grad = any(x.requires_grad for x in inputs)
+            lazy = requires_grad = False
+            arrays = []
+            for x in inputs:
+                data = x._data
+                if data is None:
+                    lazy = True
+                if x.requires_grad:
+                    requires_grad = True
+                arrays.append(data)
     except AttributeError:
         bad = next(type(x).__name__ for x in inputs if not isinstance(x, Value))
         raise TypeError(f"{op.name}: expected Tensor inputs, got {bad}") from None

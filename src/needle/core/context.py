@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,12 +21,14 @@ from typing import Any
 class ThreadState:
     """What ops made in this thread must know: grad mode, recording, trace, graphs, hooks."""
 
-    __slots__ = ("grad_enabled", "recording", "trace", "node_hooks", "graphs", "sessions",
-                 "step_observers")
+    __slots__ = ("grad_enabled", "saved_grad_modes", "recording", "trace", "node_hooks",
+                 "graphs", "sessions", "step_observers")
 
     def __init__(self) -> None:
         #: whether new nodes record the graph that backward needs
         self.grad_enabled = True
+        #: the modes that enclosing ``no_grad()`` / ``enable_grad()`` blocks replaced
+        self.saved_grad_modes: list[bool] = []
         #: >0 while a front-end needs every node to keep op and inputs (a graph being built)
         self.recording = 0
         #: the JIT trace in progress (it makes every op lazy and collects effects), or None
@@ -67,22 +68,22 @@ def is_grad_enabled() -> bool:
 class GradMode(contextlib.ContextDecorator):
     """Context manager / decorator that sets this thread's grad mode inside its block.
 
-    One object may be entered by several threads at once (a module-level ``NO_GRAD =
-    ndl.no_grad()``, a decorated function): each thread restores its own previous mode.
+    The mode it replaces is saved on the thread's own stack, so one object may be entered by
+    several threads at once (a module-level ``NO_GRAD = ndl.no_grad()``, a decorated
+    function) and each thread gets its own mode back.
     """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = bool(enabled)
-        self._saved = threading.local()
 
     def __enter__(self) -> None:
         current = state()
-        stack = self._saved.__dict__.setdefault("stack", [])
-        stack.append(current.grad_enabled)
+        current.saved_grad_modes.append(current.grad_enabled)
         current.grad_enabled = self.enabled
 
     def __exit__(self, *exc: object) -> None:
-        state().grad_enabled = self._saved.stack.pop()
+        current = state()
+        current.grad_enabled = current.saved_grad_modes.pop()
 
 
 # -- recording and tracing -------------------------------------------------------------------
@@ -116,9 +117,9 @@ def active_trace() -> Any:
 
 def module_called(module: Any) -> None:
     """A Module is being called: the active trace guards on it (training flag, attributes)."""
-    trace = state().trace
-    if trace is not None:
-        trace.module_called(module)
+    current = _get(None)  # a thread without state yet has no trace either
+    if current is not None and current.trace is not None:
+        current.trace.module_called(module)
 
 
 # -- hooks on lazy nodes ---------------------------------------------------------------------
