@@ -2,7 +2,8 @@
 
 Each round runs one short process per variant, alternating (A, B, A, B, ...), so a slow
 phase of a shared machine hits both; the best time of each variant over all rounds is
-reported with the ratio this/earlier. Measured: the 100-op chain of op_overhead.py (eager,
+reported with the ratio this/earlier, and the medians beside them (a best time can be
+one lucky sample). Measured: the 100-op chain of op_overhead.py (eager,
 forward+backward and no-grad, us/op), and the MLP-ResNet epoch of jit.py (eager and
 ndl.jit, seconds). The earlier revision is checked out in a temporary git worktree.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,20 +80,22 @@ def main() -> None:
                        check=True, capture_output=True)
         try:
             variants = {"this": os.path.join(ROOT, "src"), args.rev: os.path.join(base, "src")}
-            best: dict[str, dict[str, float]] = {name: {} for name in variants}
+            samples: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
             for _ in range(args.rounds):
                 for name, src in variants.items():
                     for key, value in _measure(src).items():
-                        best[name][key] = min(value, best[name].get(key, float("inf")))
+                        samples[name].setdefault(key, []).append(value)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base],
                            check=False, capture_output=True)
-    print(f"| benchmark (best of {args.rounds} alternating rounds) | this tree | {args.rev} "
-          "| this / earlier |")
-    print("|---|---|---|---|")
-    for key, value in best["this"].items():
-        before = best[args.rev][key]
-        print(f"| {key} | {value:.4g} | {before:.4g} | {value / before:.3f} |")
+    print(f"| benchmark ({args.rounds} alternating rounds) | this tree: best | {args.rev}: best "
+          "| ratio of bests | ratio of medians |")
+    print("|---|---|---|---|---|")
+    for key, values in samples["this"].items():
+        before = samples[args.rev][key]
+        print(f"| {key} | {min(values):.4g} | {min(before):.4g} | "
+              f"{min(values) / min(before):.3f} | "
+              f"{statistics.median(values) / statistics.median(before):.3f} |")
 
 
 if __name__ == "__main__":

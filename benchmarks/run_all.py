@@ -85,7 +85,16 @@ def run(only: list[str] | None, compile_torch: bool, pause: float) -> str:
             "slowed alike). Each script starts after an idle pause and times the libraries "
             "in rounds; compare ratios within a table, and rerun a script whose ratio looks "
             "off.\n\n"
-            + "\n".join(sections))
+            + "\n".join(sections) + _before_after())
+
+
+def _before_after() -> str:
+    """The kept record of before/after checks (benchmarks/before_after.md), if any."""
+    path = os.path.join(HERE, "before_after.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return "\n" + f.read()
 
 
 def main() -> None:
