@@ -66,6 +66,12 @@ class Program:
     def step_names(self) -> list[str]:
         return [describe_node(s.node) for s in self.steps]
 
+    def __str__(self) -> str:
+        """The program as jaxpr-style text: one line per step (``core/program_text.py``)."""
+        from .program_text import program_text
+
+        return program_text(self)
+
 
 def ancestors(fetches: list, is_source: Callable[[Any], bool]) -> list:
     """Post-order of the nodes the fetches depend on, not descending below sources."""

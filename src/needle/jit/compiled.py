@@ -389,6 +389,15 @@ class CompiledFunction:
     def _compile(self, signature: tuple, leaves: list, template: Any, keep: list, args: tuple,
                  kwargs: dict, failed_guard: str | None) -> tuple[_Entry, Any]:
         """Trace ``fn`` for this signature; on a fallback, run it eagerly and return its result."""
+        traced = self._trace(signature, leaves, template, keep, failed_guard)
+        if isinstance(traced, TracerConversionError):
+            return self._fall_back(traced, signature, keep, args, kwargs)
+        return traced, None
+
+    def _trace(self, signature: tuple, leaves: list, template: Any, keep: list,
+               failed_guard: str | None) -> _Entry | TracerConversionError:
+        """Trace ``fn`` on stand-ins for ``leaves`` and cache the plan (or return why the
+        trace needs values it cannot have)."""
         with self._lock:
             self._note_retrace(signature, failed_guard)
             self._traces += 1
@@ -400,7 +409,7 @@ class CompiledFunction:
                 call_args, call_kwargs = rebuild(template, stand_ins)
                 out = self.fn(*call_args, **call_kwargs)
         except TracerConversionError as exc:
-            return self._fall_back(exc, signature, keep, args, kwargs)
+            return exc
         guards, unguarded = collector.result()
         if unguarded:
             if self.strict:
@@ -428,7 +437,7 @@ class CompiledFunction:
                              unguarded=[str(u) for u in unguarded])
         entry = _Entry(plan, out_template, guard, extra, record, guards, keep)
         self._add(signature, entry)
-        return entry, None
+        return entry
 
     def _fall_back(self, exc: TracerConversionError, signature: tuple, keep: list, args: tuple,
                    kwargs: dict) -> tuple[_Entry, Any]:
@@ -449,6 +458,24 @@ class CompiledFunction:
         return entry, self.fn(*args, **kwargs)  # eager, correct
 
     # -- reporting -------------------------------------------------------------------------------
+    def lower(self, *args: Any, **kwargs: Any) -> Program:
+        """The optimized program a call with these arguments runs, traced (and cached) if
+        needed but not run: ``print(f.lower(x))`` shows the printable IR. The backward plan,
+        when there is one, is ``f.lower(x)`` of the gradient; a call that falls back to eager
+        has no program (JitError)."""
+        signature, leaves, template, keep = self._signature(args, kwargs)
+        with self._trace_lock:
+            entry = self._lookup(signature)
+            if entry is None:
+                trace = self._trace(signature, leaves, template, keep, None)
+                if isinstance(trace, TracerConversionError):
+                    raise JitError(f"{trace.source or '<unknown>'}: {trace.what} of a traced "
+                                   "tensor: this call runs eagerly and has no program")
+                entry = trace
+        if entry.plan is None:
+            raise JitError("this signature falls back to eager execution: it has no program")
+        return entry.plan.program
+
     def explain(self) -> JitReport:
         """What happened so far: traces, cached plans (with their guards), retraces and why,
         fallbacks, and the values baked in without a guard."""

@@ -23,6 +23,7 @@ from ..compiler import optimize as optimize_program
 from ..compiler import predict_peak_bytes
 from ..core.interpret import (
     ByteTracker,
+    Program,
     build_program,
     compile_program,
     describe_node,
@@ -74,12 +75,17 @@ class RunPlan:
     passes: list[str]
     nodes_before: int
     nodes_after: int
+    #: the optimized program itself; ``str(program)`` is the printable IR
+    program: Program | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         lines = [f"RunPlan: {self.nodes_after} steps ({self.nodes_before} before passes: "
                  f"{', '.join(self.passes)})"]
-        lines += [f"  {i:4d}  {name}  [{op}]" for i, (name, op) in
-                  enumerate(zip(self.steps, self.ops))]
+        if self.program is not None:
+            lines += ["  " + line for line in str(self.program).splitlines()]
+        else:
+            lines += [f"  {i:4d}  {name}  [{op}]" for i, (name, op) in
+                      enumerate(zip(self.steps, self.ops))]
         for fed, skipped in self.replaced_by_feeds.items():
             lines.append(f"  feed {fed}: " + (f"replaces {', '.join(skipped)}" if skipped
                                               else "placeholder"))
@@ -445,6 +451,7 @@ class Session:
             passes=list(program.passes),
             nodes_before=program.nodes_before,
             nodes_after=len(program.steps),
+            program=program,
         )
 
 
