@@ -13,6 +13,11 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
+import needle.backend  # noqa: E402
+
+# what `python -m needle` does too: freed training arrays stay mapped (backend/allocator.py)
+needle.backend.tune_malloc()
+
 
 def best_time(fn: Callable[[], object], repeat: int = 5, number: int = 1) -> float:
     """The best wall time of ``repeat`` rounds of ``number`` calls, in seconds per call.

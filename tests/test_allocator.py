@@ -17,7 +17,9 @@ _SCRIPT = """
 import json, resource
 import numpy as np
 import needle.backend.allocator as allocator
-import needle  # noqa: F401  (applies the tuning unless opted out)
+import needle
+if TUNE:
+    needle.backend.tune_malloc()  # the explicit opt-in (a no-op with NEEDLE_MALLOC_TUNING=0)
 
 def step():
     arrays = [np.ones(5_000_000, dtype=np.float32) for _ in range(3)]
@@ -32,11 +34,12 @@ print(json.dumps({"faults": faults, "applied": allocator.applied}))
 """
 
 
-def _run(**env: str) -> dict:
+def _run(tune: bool = True, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith("MALLOC_") and k != "NEEDLE_MALLOC_TUNING"}
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env={**clean, **env}, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", _SCRIPT.replace("TUNE", str(tune))],
+                         env={**clean, **env}, check=True, capture_output=True,
+                         text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -55,3 +58,8 @@ def test_glibc_environment_variables_take_precedence():
     expected = ("glibc's MALLOC_*_ environment variables are set; they are left to decide"
                 if allocator._glibc() else "not glibc malloc")
     assert result["applied"] == expected
+
+
+def test_import_needle_leaves_malloc_alone():
+    # a library must not change its host process on import: tuning is an explicit call
+    assert _run(tune=False)["applied"] == "not called"

@@ -580,3 +580,167 @@ def test_checkpoint_info_summarizes_without_loading(tmp_path):
     text = format_info(checkpoint_info(path, verify=True))
     assert "model/fc.weight" in text and "epoch: int 7" in text and "verified" in text
     assert "loss: float nan" in text
+
+
+# -- abandoned temporary files ---------------------------------------------------------------------
+_KILLED_MID_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    from needle.checkpoint import archive, save
+
+    def die(fileobj, array):
+        fileobj.write(b"\\x93NUMPY partial")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    archive._write_array = die
+    save(sys.argv[1], weights=np.ones(1000))
+""")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_next_save_removes_temp_files_of_saves_that_were_killed(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save(path, epoch=1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC_DIR),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    for _ in range(3):
+        child = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, str(path)], env=env)
+        assert child.returncode == -signal.SIGKILL
+    # each killed save first removed the file its killed predecessor left; the last one stays
+    assert len(temp_files(tmp_path)) == 1
+    assert load(path)["epoch"] == 1
+    save(path, epoch=2)
+    assert temp_files(tmp_path) == [] and os.listdir(tmp_path) == ["ckpt.npz"]
+    assert load(path)["epoch"] == 2
+
+
+def test_stale_temp_cleanup_spares_other_files_and_live_or_newer_saves(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save(path, epoch=1)
+    old = 1_000_000_000  # 2001: long before this save
+    mine = [".ckpt.npz.tmp", "ckpt.npz.0123456789ab.tmp", ".ckpt.npz.0123456789AB.tmp",
+            ".ckpt.npz.0123456789ab.tmp.keep", ".ckpt.npz.notours12345.tmp",
+            ".other.npz.0123456789ab.tmp", "notes.txt"]
+    for name in mine:
+        (tmp_path / name).write_bytes(b"user data")
+        os.utime(tmp_path / name, (old, old))
+    newer = tmp_path / ".ckpt.npz.00000000000a.tmp"        # written after the save starts
+    newer.write_bytes(b"x")
+    os.utime(newer, (4_000_000_000, 4_000_000_000))
+    stale = tmp_path / ".ckpt.npz.00000000000b.tmp"
+    stale.write_bytes(b"x" * 100)
+    os.utime(stale, (old, old))
+    live = tmp_path / ".ckpt.npz.00000000000c.tmp"         # a save in progress elsewhere
+    live.write_bytes(b"x")
+    os.utime(live, (old, old))
+    fcntl = pytest.importorskip("fcntl")
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        save(path, epoch=2)
+    assert not stale.exists()
+    assert live.exists() and newer.exists()
+    assert all((tmp_path / name).read_bytes() == b"user data" for name in mine)
+    assert load(path)["epoch"] == 2
+
+
+# -- sizes and compression: never expand or allocate more than the file holds ----------------------
+def _npy_header(shape, descr="<f4") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return buffer.getvalue()
+
+
+def test_array_declaring_more_data_than_its_member_holds_is_refused_before_allocating(tmp_path):
+    """A member whose header and metadata agree on 37 GiB but which holds 40 bytes."""
+    path = tmp_path / "ckpt.npz"
+    save(path, weights=np.zeros(10, np.float32))
+    count = 37 * 2**30 // 4
+    with zipfile.ZipFile(path) as archive:
+        meta = json.loads(archive.read("meta.json"))
+    node = meta["items"]["values"][0]
+    node["shape"], node["nbytes"] = [count], count * 4
+    rewrite_member(path, "meta.json", json.dumps(meta).encode())
+    rewrite_member(path, "weights.npy", _npy_header((count,)) + bytes(40))
+    for read in (load, lambda p: checkpoint_info(p, verify=True)):
+        with pytest.raises(CheckpointError, match="declares 39728447488 bytes of data, its "
+                                                  "member holds 40"):
+            read(path)
+
+
+def test_member_size_larger_than_the_file_is_refused(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save(path, weights=np.zeros(10, np.float32))
+    data = bytearray(path.read_bytes())
+    # the central directory's sizes of weights.npy: compressed at +20, uncompressed at +24
+    entry = data.rindex(b"PK\x01\x02")
+    for offset in (20, 24):
+        data[entry + offset: entry + offset + 4] = (2**31).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="weights.npy declares 2147483648 bytes, more than"):
+        load(path)
+
+
+@pytest.mark.parametrize("member", ["meta.json", "weights.npy"])
+def test_compressed_members_are_refused_without_expanding_them(tmp_path, member):
+    path = tmp_path / "ckpt.npz"
+    save(path, weights=np.zeros(1000, np.float32))
+    with zipfile.ZipFile(path) as archive:
+        members = [(info.filename, archive.read(info.filename)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, blob in members:
+            archive.writestr(name, blob, compress_type=zipfile.ZIP_DEFLATED if name == member
+                             else zipfile.ZIP_STORED)
+    with pytest.raises(CheckpointError, match=f"refused: member {member} is compressed"):
+        load(path)
+
+
+# -- nesting depth ---------------------------------------------------------------------------------
+def _nested(depth: int, leaf=1):
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_nesting_up_to_the_limit_round_trips_and_deeper_is_refused_on_save(tmp_path):
+    from needle.checkpoint.tree import MAX_DEPTH
+
+    path = tmp_path / "ckpt.npz"
+    save(path, x=_nested(MAX_DEPTH - 1, np.ones(2)))       # 'x' plus MAX_DEPTH - 1 lists
+    assert_same(_nested(MAX_DEPTH - 1, np.ones(2)), load(path)["x"])
+    save(path, epoch=1)
+    with pytest.raises(ValueError, match=f"more than {MAX_DEPTH} levels deep"):
+        save(path, x=_nested(MAX_DEPTH + 1))
+    assert load(path) == {"epoch": 1}
+
+
+def _deep_meta(depth: int) -> bytes:
+    inner = '{"type": "int", "value": 1}'
+    tree = '{"type": "list", "items": [' * depth + inner + "]}" * depth
+    return ('{"format": "needle-checkpoint", "version": 1, "items": {"type": "dict", "keys": '
+            '["a"], "values": [' + tree + "]}}").encode()
+
+
+@pytest.mark.parametrize("depth", [150, 5000, 200_000])
+def test_deeply_nested_metadata_is_refused_whatever_the_stack_depth(tmp_path, depth):
+    path = tmp_path / "deep.npz"
+    save(path, a=1)
+    rewrite_member(path, "meta.json", _deep_meta(depth))
+
+    def at_stack_depth(frames):
+        return at_stack_depth(frames - 1) if frames else load(path)
+
+    for frames in (0, 500):                                # the same answer, however deep
+        with pytest.raises(CheckpointError, match="nested too deeply"):
+            at_stack_depth(frames)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        checkpoint_info(path)
+
+
+def test_info_and_load_of_a_path_under_a_file(tmp_path):
+    (tmp_path / "a_file").write_bytes(b"x")
+    with pytest.raises(CheckpointNotFoundError, match="no such checkpoint file"):
+        load(tmp_path / "a_file" / "x.npz")
+    with pytest.raises(CheckpointNotFoundError, match="no such checkpoint file"):
+        checkpoint_info(tmp_path / "a_file" / "x.npz")

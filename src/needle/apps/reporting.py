@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import sys
@@ -58,15 +59,28 @@ class _EpochBar:
             self.bar.close()
 
 
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def write_metrics(path: str, rows: list[dict]) -> None:
-    """Write all epochs' metrics as CSV (atomically: a temporary file, then a rename)."""
+    """Write all epochs' metrics as CSV (atomically: a temporary file, then a rename).
+
+    On any error (a full disk, say) the temporary file is removed and ``path`` is left as it
+    was; the error propagates.
+    """
     tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row[k] for k in METRIC_FIELDS})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row[k] for k in METRIC_FIELDS})
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
 
 
 def plot_curves(path: str, rows: list[dict]) -> bool:
@@ -91,7 +105,12 @@ def plot_curves(path: str, rows: list[dict]) -> bool:
         ax.legend()
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return True

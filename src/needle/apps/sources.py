@@ -80,8 +80,23 @@ def _load_cifar(folder: str) -> DataSplit:
     return DataSplit(f"cifar10:{folder}", arrays[0], arrays[1], (32, 32, 3), 10)
 
 
+def _check_split(split: DataSplit) -> DataSplit:
+    """Refuse splits that cannot train or test: no images, or labels outside the classes."""
+    for which, ds in (("training", split.train), ("test", split.test)):
+        if len(ds) == 0:
+            raise DataSourceError(f"{split.spec}: the {which} split has no images (train "
+                                  f"{len(split.train)}, test {len(split.test)}); needle needs "
+                                  "at least one of each")
+        labels = ds.arrays[1]
+        if labels.min() < 0 or labels.max() >= split.num_classes:
+            raise DataSourceError(f"{split.spec}: {which} labels must lie in "
+                                  f"0..{split.num_classes - 1}, found "
+                                  f"{labels.min()}..{labels.max()}")
+    return split
+
+
 def load_data(spec: str) -> DataSplit:
-    """Resolve a data spec (see ``DATA_HELP``) into train/test sets."""
+    """Resolve a data spec (see ``DATA_HELP``) into train/test sets (each non-empty)."""
     name, _, folder = spec.partition(":")
     if name == "digits" and not folder:
         train, test = DigitsDataset(train=True), DigitsDataset(train=False)
@@ -92,5 +107,5 @@ def load_data(spec: str) -> DataSplit:
             raise DataSourceError(f"{name}: give the folder as {name}:DIR")
         if not os.path.isdir(folder):
             raise DataSourceError(f"{spec}: folder {folder!r} does not exist")
-        return _load_mnist(folder) if name == "mnist" else _load_cifar(folder)
+        return _check_split(_load_mnist(folder) if name == "mnist" else _load_cifar(folder))
     raise DataSourceError(f"unknown data {spec!r}; use {DATA_HELP}")

@@ -8,24 +8,36 @@ training k, resuming and training N - k, bit for bit.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .. import nn, optim
 from ..autograd import no_grad
-from ..checkpoint import load, rng_state, save, set_rng_state
+from ..checkpoint import CheckpointError, load, rng_state, save, set_rng_state
 from ..data import BatchRandomCrop, BatchRandomFlip, DataLoader, NDArrayDataset
 from ..jit import jit
 from .models import build_model
-from .reporting import Progress, plot_curves, write_metrics
+from .reporting import METRIC_FIELDS, Progress, plot_curves, write_metrics
 from .sources import DataSplit, load_data
 
 CHECKPOINT_NAME = "checkpoint.npz"
+METRICS_NAME = "metrics.csv"
+CURVES_NAME = "curves.png"
+#: what a run writes into its output folder (an earlier run's copies are never replaced
+#: silently; see ``check_output_folder``)
+OUTPUT_NAMES = (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME)
 MODES = ("eager", "jit")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+#: the hyperparameters the command line can change when it resumes a run
+RESUMABLE_HYPERPARAMS = ("lr", "weight_decay", "momentum")
 
 
 def make_train_step(model: nn.Module, loss_fn: nn.Module, optimizer: optim.Optimizer):
@@ -43,6 +55,164 @@ def make_train_step(model: nn.Module, loss_fn: nn.Module, optimizer: optim.Optim
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint made for another model, dataset or input shape."""
+
+
+class OutputError(ValueError):
+    """The output folder cannot be used or written: it is a file, unwritable, full, or holds
+    an earlier run that would be replaced."""
+
+
+class TrainingDivergedError(ArithmeticError):
+    """The loss (or the weights) became NaN or infinite; nothing was saved after that."""
+
+
+def check_hyperparams(values: dict[str, float], source: str = "") -> None:
+    """Raise ValueError unless lr > 0, weight_decay >= 0 and 0 <= momentum < 1, all finite.
+
+    ``nan <= 0`` is False, so every value is first checked with ``math.isfinite``. ``source``
+    prefixes the message (a checkpoint's path); without it the names are written as options.
+    """
+    rules = {"lr": ("must be a positive number", lambda v: v > 0),
+             "weight_decay": ("must be a number >= 0", lambda v: v >= 0),
+             "momentum": ("must be a number in [0, 1)", lambda v: 0 <= v < 1)}
+    for name, value in values.items():
+        what, ok = rules.get(name, ("must be a finite number", lambda v: True))
+        label = f"{source}: the checkpoint's optimizer {name}" if source \
+            else f"--{name.replace('_', '-')}"
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                or not math.isfinite(value) or not ok(value):
+            hint = f"; give --{name.replace('_', '-')} to resume with another value" \
+                if source and name in RESUMABLE_HYPERPARAMS else ""
+            raise ValueError(f"{label} {what}, got {value!r}{hint}")
+
+
+def describe_os_error(exc: OSError, what: str) -> str:
+    """One line for a failed write: a full disk, a read-only or unwritable folder, or else the
+    system's own words."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"no space left on the device while writing {what} (the disk is full)"
+    if exc.errno == errno.EROFS:
+        return f"cannot write {what}: the file system is read-only"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot write {what}: permission denied"
+    return f"cannot write {what}: {exc.strerror or exc}"
+
+
+def check_output_folder(out: str, resume: str | None = None, overwrite: bool = False) -> None:
+    """Refuse an output folder that would lose data or cannot be written, before any work.
+
+    ``out`` must be a folder (or not exist yet, under a folder). If it holds a checkpoint,
+    metrics or curves of an earlier run, training into it would replace them: allowed only
+    with ``overwrite``, or when resuming that very checkpoint.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(f"--out {out}: is a file, not a folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"--out {out}: {parent} is a file, not a folder")
+    folder = out if os.path.isdir(out) else parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: cannot write into {folder} (permission denied or "
+                          "read-only)")
+    if not os.path.isdir(out) or overwrite:
+        return
+    earlier = [n for n in OUTPUT_NAMES if os.path.lexists(os.path.join(out, n))]
+    if not earlier:
+        return
+    own = os.path.join(out, CHECKPOINT_NAME)
+    if resume and os.path.exists(own) and os.path.exists(resume) \
+            and os.path.samefile(resume, own):
+        return
+    raise OutputError(f"--out {out} already holds an earlier run ({', '.join(earlier)}); "
+                      f"continue it with --resume {own}, replace it with --overwrite, or choose "
+                      "another --out")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) \
+        and not isinstance(value, (bool, np.bool_))
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) \
+        and value >= 0
+
+
+def _bad_field(path: str, name: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: bad checkpoint field '{name}': {what}")
+
+
+def _error_text(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(str(text).split())
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+@contextmanager
+def _field_errors(path: str, name: str, expected: str = "") -> Iterator[None]:
+    """Turn what restoring a field of an untrusted checkpoint can raise into one line."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, OverflowError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise _bad_field(path, name, f"{expected} ({_error_text(exc)})" if expected
+                         else _error_text(exc)) from None
+
+
+def check_training_checkpoint(ckpt: dict, path: str) -> dict:
+    """Check the fields of a ``needle train`` checkpoint that resuming or evaluating reads,
+    raising CheckpointError naming the first bad one. Returns its config."""
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or "identity" not in config:
+        raise CheckpointMismatchError(f"{path}: not a training checkpoint of `needle train` "
+                                      "(no config)")
+    identity = config["identity"]
+    shape = identity.get("image_shape") if isinstance(identity, dict) else None
+    if not (isinstance(identity, dict) and isinstance(identity.get("model"), str)
+            and isinstance(shape, list) and len(shape) == 3
+            and all(_count(n) and n > 0 for n in shape)
+            and _count(identity.get("num_classes")) and identity["num_classes"] > 0):
+        raise _bad_field(path, "config", "'identity' needs a model name, an image_shape of "
+                         "three positive ints and a positive num_classes")
+    if not isinstance(config.get("data", ""), str):
+        raise _bad_field(path, "config", f"'data' must be a string, got {config['data']!r}")
+    for name in ("epoch", "step"):
+        if name in ckpt and not _count(ckpt[name]):
+            raise _bad_field(path, name, f"expected a count (an int >= 0), got {ckpt[name]!r}")
+    if not isinstance(ckpt.get("model"), dict):
+        raise _bad_field(path, "model", "expected the model's state dict")
+    return config
+
+
+def _check_resume_fields(ckpt: dict, path: str) -> None:
+    """The fields only resuming reads: epoch, step, history, rng, optimizer, loader."""
+    for name in ("epoch", "step", "history", "rng", "optimizer", "loader"):
+        if name not in ckpt:
+            raise _bad_field(path, name, "missing")
+    history = ckpt["history"]
+    if not isinstance(history, list):
+        raise _bad_field(path, "history", f"expected a list of per-epoch rows, got "
+                         f"{type(history).__name__}")
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or not all(_number(row.get(k)) for k in METRIC_FIELDS):
+            raise _bad_field(path, "history", f"row {i} needs the numbers "
+                             f"{', '.join(METRIC_FIELDS)}")
+    if len(history) != ckpt["epoch"]:
+        raise _bad_field(path, "history", f"{len(history)} rows for epoch {ckpt['epoch']}")
+    with _field_errors(path, "rng", "expected NumPy's RNG state, as np.random.get_state() "
+                       "returns it"):
+        np.random.RandomState().set_state(ckpt["rng"])  # a scratch generator checks the state
+    optimizer = ckpt["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("hyperparams"), dict)
+            and isinstance(optimizer.get("state"), dict)
+            and _count(optimizer.get("step_count"))):
+        raise _bad_field(path, "optimizer", "expected an optimizer state dict (hyperparams, "
+                         "state, step_count)")
+    if not isinstance(ckpt["loader"], dict):
+        raise _bad_field(path, "loader", "expected the data loader's state dict")
 
 
 @dataclass
@@ -123,6 +293,8 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0
         self.step = 0
+        #: (path, epoch) of the last checkpoint this run wrote or resumed from
+        self.saved: tuple[str, int] | None = None
         self.train_step = self._make_train_step()
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -130,25 +302,81 @@ class Trainer:
         return os.path.join(self.cfg.out, CHECKPOINT_NAME)
 
     def save(self, path: str | None = None) -> str:
+        """Write a checkpoint of the run so far (atomically; OutputError if it cannot be)."""
         path = path or self.checkpoint_path()
         config = asdict(self.cfg)
         config["identity"] = self.cfg.identity(self.split)
-        save(path, config=config, model=self.model, optimizer=self.optimizer,
-             loader=self.loader, rng=rng_state(), epoch=self.epoch, step=self.step,
-             history=self.history)
+        self._write(path, lambda: save(
+            path, config=config, model=self.model, optimizer=self.optimizer, loader=self.loader,
+            rng=rng_state(), epoch=self.epoch, step=self.step, history=self.history))
+        self.saved = (path, self.epoch)
         return path
 
-    def resume(self, path: str) -> None:
-        """Continue from a checkpoint of the same model, data shape and classes."""
+    def _write(self, path: str, write: Callable[..., Any], *args: Any) -> Any:
+        """``write(*args)``, one output write, with an OSError turned into a one-line
+        OutputError."""
+        try:
+            return write(*args)
+        except OSError as exc:
+            raise OutputError(f"{path}: {describe_os_error(exc, os.path.basename(path))}; the "
+                              "earlier file is intact") from None
+
+    def resume(self, path: str, overrides: dict[str, float] | None = None) -> None:
+        """Continue from a checkpoint of the same model, data shape and classes.
+
+        The optimizer's hyperparameters are the checkpoint's, except those in ``overrides``
+        (the ``lr``, ``weight_decay`` or ``momentum`` given on the command line), which replace
+        them; a line says so. The config saved from then on records the values in use, so
+        config and optimizer always agree. Bad fields raise CheckpointError naming them.
+        """
+        overrides = dict(overrides or {})
         ckpt = load(path)
+        check_training_checkpoint(ckpt, path)
         check_identity(ckpt, self.cfg.identity(self.split), path)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.loader.load_state_dict(ckpt["loader"])
+        _check_resume_fields(ckpt, path)
+        state = dict(ckpt["optimizer"])
+        hyper = dict(state["hyperparams"])
+        saved_config = ckpt["config"]
+        notes = []
+        for name in RESUMABLE_HYPERPARAMS:
+            if name in overrides:
+                value = float(overrides[name])
+                if name in hyper and hyper[name] != value:
+                    had = f"{hyper[name]:g}" if _number(hyper[name]) else repr(hyper[name])
+                    notes.append(f"{name.replace('_', ' ')} {value:g} (checkpoint had {had})")
+                if name in hyper:
+                    hyper[name] = value
+            elif name in hyper:
+                value = hyper[name]
+            else:  # not a hyperparameter of this optimizer (Adam's momentum): keep the record
+                value = saved_config.get(name, getattr(self.cfg, name))
+                if not _number(value):
+                    value = getattr(self.cfg, name)
+            setattr(self.cfg, name, float(value))
+        check_hyperparams({k: v for k, v in hyper.items()
+                           if k in RESUMABLE_HYPERPARAMS and k not in overrides}, path)
+        check_hyperparams({k: v for k, v in hyper.items()
+                           if k not in RESUMABLE_HYPERPARAMS and _number(v)}, path)
+        state["hyperparams"] = hyper
+        if "momentum" in hyper:
+            # a new momentum can add or drop SGD's momentum buffers: keep only what it uses
+            self.optimizer.momentum = float(hyper["momentum"])
+            names = set(self.optimizer.state_names)
+            state["state"] = {k: entry for k, entry in state["state"].items()
+                              if isinstance(entry, dict) and set(entry) == names}
+        with _field_errors(path, "model"):
+            self.model.load_state_dict(ckpt["model"])
+        with _field_errors(path, "optimizer"):
+            self.optimizer.load_state_dict(state)
+        with _field_errors(path, "loader"):
+            self.loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.history = [dict(row) for row in ckpt["history"]]
+        self.saved = (path, self.epoch)
         self.progress.say(f"resumed from {path} after epoch {self.epoch}")
+        if notes:
+            self.progress.say("resuming with " + ", ".join(notes))
 
     # -- training --------------------------------------------------------------------------------
     def _make_train_step(self):
@@ -160,41 +388,85 @@ class Trainer:
             raise ValueError(f"unknown mode {self.cfg.mode!r}; choose one of {', '.join(MODES)}")
         return train_step
 
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        """The error for a loss or weights gone NaN/infinite in the epoch being trained."""
+        if self.saved is None:
+            kept = "nothing was saved"
+        else:
+            kept = f"{self.saved[0]} (epoch {self.saved[1]}) is untouched"
+        return TrainingDivergedError(
+            f"epoch {self.epoch + 1}: {what}; training stopped and {kept}; try a smaller --lr "
+            f"(this run used {self.cfg.lr:g})")
+
     def train_epoch(self) -> tuple[float, float]:
+        """One pass over the training data; TrainingDivergedError if the loss stops being
+        finite (checked after every step)."""
         self.model.train()
         total_loss, correct, count = 0.0, 0, 0
         bar = self.progress.epoch(self.loader, len(self.loader), self.epoch + 1, self.cfg.epochs)
         try:
             for x, y in bar:
                 loss, logits = self.train_step(x, y)
+                value = float(loss.numpy())
+                if not math.isfinite(value):
+                    raise self._diverged(f"the training loss became {value} at step "
+                                         f"{self.step + 1}")
                 n = len(y.numpy())
-                total_loss += float(loss.numpy()) * n
+                total_loss += value * n
                 correct += int((logits.numpy().argmax(axis=1) == y.numpy()).sum())
                 count += n
                 self.step += 1
                 bar.update(total_loss / count, correct / count)
         finally:
             bar.close()
+        if count == 0:
+            raise ValueError(f"{self.split.spec}: no training batches (the training split has "
+                             f"{len(self.split.train)} images)")
         return total_loss / count, correct / count
 
+    def _check_finite(self, test_loss: float) -> None:
+        """Refuse to save weights, buffers or a test loss that are NaN or infinite."""
+        if not math.isfinite(test_loss):
+            raise self._diverged(f"the test loss became {test_loss}")
+        for name, value in self.model.state_dict().items():
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                raise self._diverged(f"the model's {name} holds NaN or infinite values")
+
+    def _make_output_folder(self) -> None:
+        out = self.cfg.out
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise OutputError(f"--out {out}: is a file, not a folder")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"--out {out}: {describe_os_error(exc, 'the folder')}") from None
+
     def fit(self) -> dict:
-        """Train up to ``cfg.epochs`` epochs, checkpointing and writing metrics after each."""
+        """Train up to ``cfg.epochs`` epochs, checkpointing and writing metrics after each.
+
+        Stops with TrainingDivergedError, saving nothing more, as soon as the loss or the
+        weights stop being finite; NumPy's overflow warnings are silenced meanwhile, since
+        that check reports them. A write that fails raises OutputError; earlier files stay.
+        """
         cfg = self.cfg
-        os.makedirs(cfg.out, exist_ok=True)
+        self._make_output_folder()
         warned_plot = False
         while self.epoch < cfg.epochs:
             start = time.perf_counter()
-            train_loss, train_acc = self.train_epoch()
-            test_loss, test_acc = evaluate(self.model, self.split.test)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                train_loss, train_acc = self.train_epoch()
+                test_loss, test_acc = evaluate(self.model, self.split.test)
+                self._check_finite(test_loss)
             self.epoch += 1
             row = {"epoch": self.epoch, "train_loss": train_loss, "train_acc": train_acc,
                    "test_loss": test_loss, "test_acc": test_acc,
                    "seconds": time.perf_counter() - start}
             self.history.append(row)
             self.save()
-            write_metrics(os.path.join(cfg.out, "metrics.csv"), self.history)
-            if not plot_curves(os.path.join(cfg.out, "curves.png"), self.history) \
-                    and not warned_plot:
+            metrics = os.path.join(cfg.out, METRICS_NAME)
+            self._write(metrics, write_metrics, metrics, self.history)
+            curves = os.path.join(cfg.out, CURVES_NAME)
+            if not self._write(curves, plot_curves, curves, self.history) and not warned_plot:
                 warned_plot = True
                 self.progress.say("matplotlib is not installed: wrote metrics.csv but no "
                                   "curves.png (pip install 'needle[plot]')")
@@ -210,7 +482,7 @@ class Trainer:
 def check_identity(ckpt: dict, expected: dict, path: str) -> None:
     """Raise CheckpointMismatchError naming what differs between a checkpoint and a run."""
     found = ckpt.get("config", {}).get("identity") if isinstance(ckpt.get("config"), dict) else None
-    if found is None:
+    if not isinstance(found, dict):
         raise CheckpointMismatchError(f"{path}: not a training checkpoint of `needle train` "
                                       "(no config)")
     diffs = [f"{k}: checkpoint {found.get(k)!r}, requested {v!r}"
@@ -223,9 +495,11 @@ def check_identity(ckpt: dict, expected: dict, path: str) -> None:
 def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 256) -> dict:
     """Accuracy and loss of a training checkpoint on the test split of its (or other) data."""
     ckpt = load(path)
-    config = ckpt.get("config")
-    if not isinstance(config, dict) or "identity" not in config:
-        raise CheckpointMismatchError(f"{path}: not a training checkpoint of `needle train`")
+    config = check_training_checkpoint(ckpt, path)
+    if "epoch" not in ckpt:
+        raise _bad_field(path, "epoch", "missing")
+    if not data and not isinstance(config.get("data"), str):
+        raise _bad_field(path, "config", "no 'data' to evaluate on; give --data")
     split = load_data(data or config["data"])
     identity = config["identity"]
     if list(split.image_shape) != list(identity["image_shape"]):
@@ -234,11 +508,14 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 25
             f"{split.spec} has {split.image_shape}")
     model = build_model(identity["model"], tuple(identity["image_shape"]),
                         identity["num_classes"])
-    model.load_state_dict(ckpt["model"])
+    with _field_errors(path, "model"):
+        model.load_state_dict(ckpt["model"])
     loss, acc = evaluate(model, split.test, batch_size)
     return {"data": split.spec, "model": identity["model"], "test_loss": loss, "test_acc": acc,
             "epoch": int(ckpt["epoch"]), "examples": len(split.test)}
 
 
-__all__ = ["CheckpointMismatchError", "MODES", "OPTIMIZERS", "TrainConfig", "Trainer",
-           "evaluate", "evaluate_checkpoint", "make_optimizer", "make_train_step"]
+__all__ = ["CheckpointMismatchError", "MODES", "OPTIMIZERS", "OutputError", "TrainConfig",
+           "Trainer", "TrainingDivergedError", "check_hyperparams", "check_output_folder",
+           "check_training_checkpoint", "evaluate", "evaluate_checkpoint", "make_optimizer",
+           "make_train_step"]

@@ -1,5 +1,6 @@
 """Devices (array modules) and the NDArray view that user code sees."""
 
+from .allocator import tune_malloc
 from .device import (
     CPUDevice,
     CUDADevice,
@@ -15,5 +16,5 @@ from .ndarray import NDArray, array, as_ndarray
 __all__ = [
     "CPUDevice", "CUDADevice", "Device", "NDArray", "array", "array_module", "as_ndarray", "cpu",
     "cuda",
-    "default_device", "device_of",
+    "default_device", "device_of", "tune_malloc",
 ]

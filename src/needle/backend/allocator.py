@@ -12,9 +12,11 @@ starts from that end point (a 32 MiB mmap threshold, a 64 MiB trim threshold) in
 reaching it block by block, and never goes beyond it: at most 64 MiB of freed memory stays
 mapped at the top of the heap.
 
-It is process-wide, so it is explicit: ``import needle`` calls it once; set the environment
-variable ``NEEDLE_MALLOC_TUNING=0`` to leave malloc alone. glibc's own environment variables
-(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ...) win when set.
+It changes the whole process, so a library must not do it on import: programs opt in with
+``needle.backend.tune_malloc()`` (``python -m needle`` and the benchmarks do; a user's
+training script may). ``NEEDLE_MALLOC_TUNING=0`` makes the call do nothing, and glibc's own
+environment variables (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ...) win when
+set.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from .tree import array_nodes, flatten, path_name, unflatten
 
 
 def _writer() -> str:
-    from .. import __version__  # late: needle/__init__ may still be importing this package
+    from .._version import __version__
 
     return f"needle {__version__}"
 

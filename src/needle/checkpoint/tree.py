@@ -30,6 +30,9 @@ from ..autograd import Tensor
 from .errors import CheckpointError
 
 ARRAY_TYPES = ("ndarray", "tensor", "numpy_scalar")
+#: How many containers deep a value may nest (saving refuses deeper values, loading deeper
+#: metadata), so that reading a file never depends on, or exhausts, Python's recursion limit.
+MAX_DEPTH = 100
 _SCALAR_TYPES = {"bool": (bool,), "int": (int,), "str": (str,)}
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _UNSAFE_MEMBER_CHARS = re.compile(r"[^A-Za-z0-9_.\-]+")
@@ -105,6 +108,9 @@ class _Flattener:
     def container(self, value: Any, path: tuple) -> dict:
         if id(value) in self._active:
             raise ValueError(f"save: '{path_name(path)}' contains itself (a reference cycle)")
+        if len(path) > MAX_DEPTH:
+            raise ValueError(f"save: '{path_name(path[:3])}/...' nests containers more than "
+                             f"{MAX_DEPTH} levels deep, more than a checkpoint may hold")
         self._active.add(id(value))
         try:
             if isinstance(value, Mapping):
@@ -179,6 +185,9 @@ def unflatten(node: Any, load_array: Callable[[dict, tuple], Any], source: str,
     if not isinstance(node, dict):
         raise _corrupt(source, path, f"expected an object, found {type(node).__name__}")
     kind = node.get("type")
+    if kind in ("dict", "list", "tuple") and len(path) > MAX_DEPTH:
+        raise CheckpointError(f"{source}: corrupted metadata: nested too deeply (more than "
+                              f"{MAX_DEPTH} levels, at '{path_name(path[:3])}/...')")
     if kind == "none":
         return None
     if kind in _SCALAR_TYPES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -38,15 +39,44 @@ def load_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) \
             else type(data).__name__
         raise ValueError(f"{name}: 'data' must be a uint8 array of shape (n, 3072), got {what}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: 'labels' must be a list of integers ({exc})") from None
-    if labels.shape != (len(data),):
-        raise ValueError(f"{name}: {len(data)} images but labels of shape {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{name}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+    labels = _check_labels(labels, len(data), name)
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def _is_class(value: object) -> bool:
+    """Whether one label is a class number 0..9: an integer, or an integral float (3.0)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return 0 <= value <= 9
+    if isinstance(value, (float, np.floating)):
+        return math.isfinite(value) and float(value).is_integer() and 0 <= value <= 9
+    return False
+
+
+def _check_labels(labels: object, count: int, name: str) -> np.ndarray:
+    """The labels as int64 after checking each is a class number 0..9 (ValueError naming the
+    file and the first bad label otherwise: 0.7 must not silently become class 0, nor 1e30 or
+    2**70 overflow)."""
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1:
+            raise ValueError(f"{name}: {count} images but labels of shape {labels.shape}")
+        if labels.dtype.kind not in "iuf":
+            raise ValueError(f"{name}: 'labels' must be integers 0..9, got a {labels.dtype} "
+                             "array")
+        values = labels.tolist()
+    elif isinstance(labels, (list, tuple)):
+        values = list(labels)
+    else:
+        raise ValueError(f"{name}: 'labels' must be a list of integers 0..9, got "
+                         f"{type(labels).__name__}")
+    if len(values) != count:
+        raise ValueError(f"{name}: {count} images but labels of shape ({len(values)},)")
+    for i, value in enumerate(values):
+        if not _is_class(value):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+            raise ValueError(f"{name}: label {i} is {shown}; labels must be integers in 0..9")
+    return np.array([int(v) for v in values], dtype=np.int64)
 
 
 class CIFAR10Dataset(ImageDataset):

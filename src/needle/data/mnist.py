@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -16,17 +18,24 @@ IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (count)
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _read_gzip(path: str | os.PathLike) -> bytes:
-    """The decompressed bytes of a gzip file; ValueError naming the file when it is not one."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] != _GZIP_MAGIC:
-        raise ValueError(f"{os.fspath(path)}: not a gzip file (starts with {raw[:2]!r}, "
+#: The most decompressed IDX data needle reads from one file (1 GiB, well above EMNIST's
+#: largest, about 0.55 GB): a small gzip file can claim, or expand to, any size.
+MAX_IDX_BYTES = 1 << 30
+
+
+def _read_exactly(stream: gzip.GzipFile, size: int) -> bytes:
+    """Up to ``size`` decompressed bytes, never more (short only at the end of the data)."""
+    return stream.read(size) if size > 0 else b""
+
+
+def _open_gzip(path: str | os.PathLike, raw: BinaryIO) -> gzip.GzipFile:
+    """A decompressing reader over ``raw``; ValueError naming the file when it is not gzip."""
+    head = raw.read(2)
+    if head != _GZIP_MAGIC:
+        raise ValueError(f"{os.fspath(path)}: not a gzip file (starts with {head!r}, "
                          f"expected {_GZIP_MAGIC!r}); MNIST files are gzip-compressed IDX")
-    try:
-        return gzip.decompress(raw)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise ValueError(f"{os.fspath(path)}: corrupt or truncated gzip data ({exc})") from None
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw, mode="rb")
 
 
 def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
@@ -34,26 +43,43 @@ def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
 
     Header (big-endian int32): ``magic`` (2051 images with dims rows, cols; 2049 labels), count,
     then one int32 per extra dimension. Raises ValueError naming the file for a wrong magic
-    number, a short header, or a payload whose size differs from the header's promise.
+    number, a short header, a payload whose size differs from the header's promise, or a
+    promise above ``MAX_IDX_BYTES``. Decompresses only as much as the header promises (plus
+    one byte to detect trailing data), so a gzip bomb never expands in memory.
     """
     name = os.fspath(path)
-    data = _read_gzip(path)
     ndim = magic & 0xFF
-    header = 4 * (1 + ndim)
-    if len(data) < header:
-        raise ValueError(f"{name}: truncated IDX header ({len(data)} bytes, need {header})")
-    found = int.from_bytes(data[:4], "big")
-    if found != magic:
-        raise ValueError(f"{name}: wrong IDX magic number {found} (0x{found:08x}), expected "
-                         f"{magic} (0x{magic:08x}, {'images' if ndim == 3 else 'labels'})")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
-    expected = int(np.prod(shape))
-    payload = len(data) - header
-    if payload != expected:
-        what = "truncated" if payload < expected else "has trailing bytes"
-        raise ValueError(f"{name}: {what}: {payload} data bytes, the header promises "
-                         f"{' x '.join(map(str, shape))} = {expected}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    header_size = 4 * (1 + ndim)
+    try:
+        with open(path, "rb") as raw, _open_gzip(path, raw) as stream:
+            header = _read_exactly(stream, header_size)
+            if len(header) < header_size:
+                raise ValueError(f"{name}: truncated IDX header ({len(header)} bytes, need "
+                                 f"{header_size})")
+            found = int.from_bytes(header[:4], "big")
+            if found != magic:
+                raise ValueError(f"{name}: wrong IDX magic number {found} (0x{found:08x}), "
+                                 f"expected {magic} (0x{magic:08x}, "
+                                 f"{'images' if ndim == 3 else 'labels'})")
+            shape = tuple(int.from_bytes(header[4 * i:4 * i + 4], "big")
+                          for i in range(1, ndim + 1))
+            expected = math.prod(shape)
+            dims = " x ".join(map(str, shape))
+            if expected > MAX_IDX_BYTES:
+                raise ValueError(f"{name}: the IDX header declares {dims} = {expected} bytes, "
+                                 f"more than needle reads from one file ({MAX_IDX_BYTES})")
+            data = _read_exactly(stream, expected)
+            # one byte more: trailing data, or else the end (where gzip checks its CRC)
+            extra = _read_exactly(stream, 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"{name}: corrupt or truncated gzip data ({exc})") from None
+    if len(data) < expected:
+        raise ValueError(f"{name}: truncated: {len(data)} data bytes, the header promises "
+                         f"{dims} = {expected}")
+    if extra:
+        raise ValueError(f"{name}: has trailing bytes: more than the {expected} data bytes "
+                         f"the header promises ({dims})")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _load_pair(image_filename: str | os.PathLike, label_filename: str | os.PathLike
