@@ -1,5 +1,8 @@
 """``python -m needle``: train a model, evaluate a checkpoint, or show what a checkpoint holds.
 
+``needle`` alone prints the help and exits 0, as pip does (git exits 1); ``needle --version``
+prints ``needle <version>``.
+
 Exit status: 0 on success; 2 for bad input (unknown model, missing data folder, a folder
 without the expected files, an unreadable, bad or mismatched checkpoint, an output folder that
 cannot be written or holds an earlier run), with one line on stderr and no traceback; 3 when
@@ -21,6 +24,16 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a tool killed by SIGPIPE
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help texts end with ``(default: ...)``, except for flags and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool) \
+                or action.default is argparse.SUPPRESS or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit status 2)."""
 
@@ -30,31 +43,44 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
     from .apps.models import MODEL_NAMES
     from .apps.sources import DATA_HELP
     from .apps.trainer import MODES, OPTIMIZERS, TrainConfig
 
     defaults = TrainConfig()
-    parser = _Parser(prog="needle", description="needle: train and inspect models")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="needle", description="needle: train and inspect models",
+                     formatter_class=_HelpFormatter,
+                     epilog="run `needle COMMAND --help` for a command's options")
+    parser.add_argument("--version", action="version", version=f"needle {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train a model (default: MLP-ResNet on bundled digits)")
-    train.add_argument("--model", choices=MODEL_NAMES, default=defaults.model)
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+
+    train = command("train", "train a model (default: MLP-ResNet on the bundled digits)")
+    train.add_argument("--model", choices=MODEL_NAMES, default=defaults.model,
+                       help="the network to train")
     train.add_argument("--data", default=defaults.data, help=DATA_HELP)
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    # default None: with --resume, only values given explicitly replace the checkpoint's
+    train.add_argument("--epochs", type=int, default=defaults.epochs,
+                       help="train until the run has this many epochs (with --resume: in all)")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="training examples per step")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
+                       help="the update rule")
+    # default None: with --resume, only values given explicitly replace the checkpoint's;
+    # the help shows the default a fresh run uses
     resumed = "; with --resume, the checkpoint's unless given"
     train.add_argument("--lr", type=float, default=None,
-                       help=f"learning rate (default {defaults.lr:g}{resumed})")
+                       help=f"learning rate (default: {defaults.lr:g}{resumed})")
     train.add_argument("--weight-decay", type=float, default=None,
-                       help=f"default {defaults.weight_decay:g}{resumed}")
+                       help=f"L2 weight decay (default: {defaults.weight_decay:g}{resumed})")
     train.add_argument("--momentum", type=float, default=None,
-                       help=f"SGD momentum in [0, 1) (default {defaults.momentum:g}{resumed})")
+                       help=f"SGD momentum in [0, 1) (default: {defaults.momentum:g}{resumed})")
     train.add_argument("--augment", action="store_true", help="random crops (and flips for "
                        "CIFAR-10) of the training images")
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--seed", type=int, default=defaults.seed,
+                       help="seed of the weights, shuffling and augmentation")
     train.add_argument("--out", default=defaults.out, help="folder for checkpoint.npz, "
                        "metrics.csv and curves.png")
     train.add_argument("--resume", metavar="PATH", help="continue from a checkpoint")
@@ -63,15 +89,22 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--mode", choices=MODES, default=defaults.mode,
                        help="how the model runs: eager autodiff, or the training step compiled "
                        "by ndl.jit")
+    train.add_argument("--tensorboard", metavar="DIR", help="also write the metrics as "
+                       "TensorBoard event files into DIR (needs tensorboardX: pip install "
+                       "'needle[tensorboard]')")
     train.add_argument("--quiet", action="store_true", help="print only the final result")
 
-    ev = sub.add_parser("eval", help="accuracy and loss of a checkpoint on test data")
-    ev.add_argument("checkpoint")
+    ev = command("eval", "accuracy and loss of a checkpoint on test data")
+    ev.add_argument("checkpoint", help="a checkpoint.npz written by `needle train`")
     ev.add_argument("--data", default=None, help=f"{DATA_HELP} (default: the training data)")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=256, help="test examples per batch")
 
-    info = sub.add_parser("info", help="what a checkpoint holds")
-    info.add_argument("checkpoint")
+    info = command("info", "what a checkpoint holds: model, data, optimizer, accuracy, size")
+    info.add_argument("checkpoint", help="a checkpoint file (.npz) written by needle")
+    info.add_argument("--arrays", action="store_true", help="also list every array: name, "
+                      "dtype, shape, size")
+    info.add_argument("--verify", action="store_true", help="read every array and check its "
+                      "SHA-256; exit 2 naming the bad ones on a mismatch")
     return parser
 
 
@@ -91,6 +124,12 @@ def _train(args: argparse.Namespace) -> int:
 
     for name in ("epochs", "batch_size"):
         _positive(name.replace("_", "-"), getattr(args, name))
+    if args.tensorboard:
+        from .apps.reporting import require_tensorboard
+
+        require_tensorboard()
+        if os.path.exists(args.tensorboard) and not os.path.isdir(args.tensorboard):
+            raise ValueError(f"--tensorboard {args.tensorboard}: is a file, not a folder")
     given = {name: getattr(args, name) for name in RESUMABLE_HYPERPARAMS
              if getattr(args, name) is not None}
     check_hyperparams(given)
@@ -101,14 +140,20 @@ def _train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, optimizer=args.optimizer, **values,
                       augment=args.augment, seed=args.seed, out=args.out, mode=args.mode,
                       quiet=args.quiet)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, tensorboard=args.tensorboard)
     if args.resume:
         trainer.resume(args.resume, overrides=given)
+        if trainer.epoch >= cfg.epochs:
+            how = "fewer" if trainer.epoch > cfg.epochs else "no more"
+            had = f"{trainer.epoch} epoch{'' if trainer.epoch == 1 else 's'}"
+            print(f"the checkpoint already has {had}; --epochs {cfg.epochs} "
+                  f"asks for {how}: nothing to train")
+            return 0
     result = trainer.fit()
-    acc = result["test_acc"]
-    print(f"final test accuracy: {acc:.4f} ({cfg.model} on {trainer.split.spec}, "
-          f"{result['epochs']} epochs; checkpoint {result['checkpoint']})" if acc is not None
-          else "nothing to train: the checkpoint already has all epochs")
+    print(f"final test accuracy: {result['test_acc']:.4f} (best {result['best_test_acc']:.4f} "
+          f"at epoch {result['best_epoch']}; {cfg.model} on {trainer.split.spec}, "
+          f"{result['epochs']} epoch{'' if result['epochs'] == 1 else 's'}; checkpoint "
+          f"{result['checkpoint']})")
     return 0
 
 
@@ -122,10 +167,27 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .checkpoint import checkpoint_info, format_info
+    from .apps.inspect import describe_checkpoint, verification_report
+    from .checkpoint import CheckpointError
+    from .checkpoint.api import verify_checkpoint
 
-    print(format_info(checkpoint_info(args.checkpoint)))
-    return 0
+    if not args.verify:
+        print(describe_checkpoint(args.checkpoint, arrays=args.arrays))
+        return 0
+    total, bad = verify_checkpoint(args.checkpoint)
+    ok, line = verification_report(args.checkpoint, total, bad)
+    try:
+        print(describe_checkpoint(args.checkpoint, arrays=args.arrays, bad=bad))
+    except CheckpointError:
+        if ok:
+            raise
+        # a bad array the summary reads (a NumPy scalar): the report below names it
+    if ok:
+        print(line)
+        return 0
+    sys.stdout.flush()
+    print(f"needle info: error: {line}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _one_line(text: object) -> str:
@@ -146,7 +208,11 @@ def _quiet_broken_pipe() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m needle`` and the ``needle`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `needle` alone: the help, as pip does
+        parser.print_help()
+        return 0
     from .backend import tune_malloc
 
     tune_malloc()  # a program, unlike the library, may set process-wide malloc thresholds

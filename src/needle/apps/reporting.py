@@ -1,4 +1,4 @@
-"""Progress output, metrics.csv and curves.png for training runs."""
+"""Progress output, metrics.csv, curves.png and TensorBoard event files for training runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import contextlib
 import csv
 import os
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
@@ -83,27 +84,66 @@ def write_metrics(path: str, rows: list[dict]) -> None:
         raise
 
 
-def plot_curves(path: str, rows: list[dict]) -> bool:
-    """Loss and accuracy per epoch as a PNG; False when matplotlib is not installed."""
-    try:
-        import matplotlib
+def best_epoch(rows: list[dict]) -> dict | None:
+    """The row with the highest test accuracy (the earliest of equals); None without rows."""
+    return max(rows, key=lambda r: r["test_acc"]) if rows else None
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+
+def curves_figure(rows: list[dict], title: str = "", resumed_at: Sequence[int] = ()) -> Any:
+    """Loss (log scale) and accuracy per epoch as a matplotlib Figure, whole-number epoch
+    ticks, the best epoch starred, a dashed line at each epoch a run was resumed from.
+
+    Raises ImportError when matplotlib is not installed. No pyplot: nothing global changes.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
     ax_loss.plot(epochs, [r["test_loss"] for r in rows], "s-", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss")
+    ax_loss.set_yscale("log")
+    # ticks at 1, 2, 5 times powers of ten, written as plain numbers (0.2, not 2x10^-1:
+    # mathtext labels would double the time a figure takes)
+    ax_loss.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax_loss.yaxis.set_minor_formatter(NullFormatter())
     ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
     ax_acc.plot(epochs, [r["test_acc"] for r in rows], "s-", label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    best = best_epoch(rows)
+    if best is not None:
+        ax_acc.plot([best["epoch"]], [best["test_acc"]], "*", color="gold", markersize=14,
+                    markeredgecolor="black", zorder=5,
+                    label=f"best test {best['test_acc']:.4f} (epoch {best['epoch']})")
+    resumed = sorted(set(resumed_at))
+    label = f"resumed at epoch{'s' if len(resumed) > 1 else ''} " \
+        + ", ".join(str(e) for e in resumed)
+    for i, epoch in enumerate(resumed):
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(epoch, color="gray", linestyle="--", linewidth=1,
+                       label=label if i == 0 else None)
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    # fixed margins: tight_layout would draw the figure once more
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.84, wspace=0.25)
+    return fig
+
+
+def plot_curves(path: str, rows: list[dict], title: str = "",
+                resumed_at: Sequence[int] = ()) -> bool:
+    """Write :func:`curves_figure` as a PNG (atomically); False when matplotlib is not
+    installed."""
+    try:
+        fig = curves_figure(rows, title, resumed_at)
+    except ImportError:
+        return False
     tmp = f"{path}.tmp.png"
     try:
         fig.savefig(tmp, dpi=100)
@@ -111,6 +151,47 @@ def plot_curves(path: str, rows: list[dict]) -> bool:
     except BaseException:
         _remove_quietly(tmp)
         raise
-    finally:
-        plt.close(fig)
     return True
+
+
+TENSORBOARD_INSTALL = "pip install 'needle[tensorboard]'"
+#: the scalar tags ``TensorBoardWriter`` writes per epoch, and the row field (or "lr") of each
+TENSORBOARD_TAGS = {"loss/train": "train_loss", "loss/test": "test_loss",
+                    "accuracy/train": "train_acc", "accuracy/test": "test_acc", "lr": "lr"}
+
+
+def require_tensorboard() -> None:
+    """Raise ValueError (one line, naming the extra) unless tensorboardX can be imported."""
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboardX package, which is not "
+                         f"installed: {TENSORBOARD_INSTALL}") from None
+
+
+class TensorBoardWriter:
+    """Per-epoch scalars (loss and accuracy, train and test, and the learning rate) as
+    TensorBoard event files in ``logdir``, with tensorboardX.
+
+    ``purge_step``: on a resumed run, the first epoch it trains; TensorBoard then drops what
+    earlier event files in ``logdir`` hold from that epoch on (a longer run resumed early).
+    """
+
+    def __init__(self, logdir: str, purge_step: int | None = None) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.logdir = logdir
+        # tensorboardX names its files by the second (and opens them with "wb"): a suffix in
+        # nanoseconds keeps two runs in one second apart, and in order by name
+        self._writer = SummaryWriter(logdir, purge_step=purge_step, flush_secs=10,
+                                     filename_suffix=f".{time.time_ns()}")
+
+    def write(self, row: dict, lr: float) -> None:
+        """Add one epoch's scalars (step = the epoch) and flush them to disk."""
+        values = {**row, "lr": lr}
+        for tag, key in TENSORBOARD_TAGS.items():
+            self._writer.add_scalar(tag, float(values[key]), global_step=int(row["epoch"]))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()

@@ -25,7 +25,14 @@ from ..checkpoint import CheckpointError, load, rng_state, save, set_rng_state
 from ..data import BatchRandomCrop, BatchRandomFlip, DataLoader, NDArrayDataset
 from ..jit import jit
 from .models import build_model
-from .reporting import METRIC_FIELDS, Progress, plot_curves, write_metrics
+from .reporting import (
+    METRIC_FIELDS,
+    Progress,
+    TensorBoardWriter,
+    best_epoch,
+    plot_curves,
+    write_metrics,
+)
 from .sources import DataSplit, load_data
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -240,6 +247,23 @@ class TrainConfig:
                 "num_classes": split.num_classes}
 
 
+def describe_run(cfg: TrainConfig, data: str) -> str:
+    """Model, data and optimizer settings in one line (the title of curves.png)."""
+    settings = [f"lr {cfg.lr:g}", f"weight decay {cfg.weight_decay:g}"]
+    if cfg.optimizer == "sgd":
+        settings.append(f"momentum {cfg.momentum:g}")
+    return (f"{cfg.model} on {data}; {cfg.optimizer}, {', '.join(settings)}, "
+            f"batch {cfg.batch_size}")
+
+
+def _resume_epochs(value: Any, epoch: int) -> list[int]:
+    """The epochs a checkpoint's run was resumed at (its config's ``resumed_at``), or [] when
+    that record is missing or makes no sense."""
+    if isinstance(value, list) and all(_count(e) and e < epoch for e in value):
+        return sorted({int(e) for e in value})
+    return []
+
+
 def make_optimizer(cfg: TrainConfig, params: list) -> optim.Optimizer:
     if cfg.optimizer == "sgd":
         return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -278,8 +302,11 @@ def evaluate(model: nn.Module, dataset: NDArrayDataset,
 class Trainer:
     """One training run: builds the model, data, optimizer; trains; writes outputs."""
 
-    def __init__(self, cfg: TrainConfig, progress: Progress | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, progress: Progress | None = None,
+                 tensorboard: str | None = None) -> None:
         self.cfg = cfg
+        #: a folder for TensorBoard event files (needs tensorboardX), or None
+        self.tensorboard = tensorboard
         self.progress = progress or Progress(cfg.quiet)
         self.split = load_data(cfg.data)
         if self.split.note:
@@ -295,6 +322,8 @@ class Trainer:
         self.step = 0
         #: (path, epoch) of the last checkpoint this run wrote or resumed from
         self.saved: tuple[str, int] | None = None
+        #: the epochs this run (and the runs it continues) was resumed at
+        self.resumed_at: list[int] = []
         self.train_step = self._make_train_step()
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -306,6 +335,8 @@ class Trainer:
         path = path or self.checkpoint_path()
         config = asdict(self.cfg)
         config["identity"] = self.cfg.identity(self.split)
+        if self.resumed_at:
+            config["resumed_at"] = list(self.resumed_at)
         self._write(path, lambda: save(
             path, config=config, model=self.model, optimizer=self.optimizer, loader=self.loader,
             rng=rng_state(), epoch=self.epoch, step=self.step, history=self.history))
@@ -373,6 +404,8 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.history = [dict(row) for row in ckpt["history"]]
+        self.resumed_at = [*_resume_epochs(saved_config.get("resumed_at"), self.epoch),
+                           self.epoch]
         self.saved = (path, self.epoch)
         self.progress.say(f"resumed from {path} after epoch {self.epoch}")
         if notes:
@@ -450,6 +483,35 @@ class Trainer:
         """
         cfg = self.cfg
         self._make_output_folder()
+        board = self._open_tensorboard() if self.epoch < cfg.epochs else None
+        try:
+            self._fit(board)
+        finally:
+            if board is not None:
+                board.close()
+        final = self.history[-1] if self.history else {}
+        best = best_epoch(self.history) or {}
+        return {"test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
+                "epochs": self.epoch, "checkpoint": self.checkpoint_path(),
+                "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch")}
+
+    def _open_tensorboard(self) -> TensorBoardWriter | None:
+        """The TensorBoard writer of ``self.tensorboard`` (None without one)."""
+        if not self.tensorboard:
+            return None
+        logdir = self.tensorboard
+        if os.path.exists(logdir) and not os.path.isdir(logdir):
+            raise OutputError(f"--tensorboard {logdir}: is a file, not a folder")
+        try:
+            # TensorBoard hides what earlier runs wrote into logdir from this epoch on
+            return TensorBoardWriter(logdir, purge_step=self.epoch + 1)
+        except OSError as exc:
+            raise OutputError(f"--tensorboard {logdir}: "
+                              f"{describe_os_error(exc, 'the event file')}") from None
+
+    def _fit(self, board: TensorBoardWriter | None) -> None:
+        cfg = self.cfg
+        title = describe_run(cfg, self.split.spec)
         warned_plot = False
         while self.epoch < cfg.epochs:
             start = time.perf_counter()
@@ -466,7 +528,8 @@ class Trainer:
             metrics = os.path.join(cfg.out, METRICS_NAME)
             self._write(metrics, write_metrics, metrics, self.history)
             curves = os.path.join(cfg.out, CURVES_NAME)
-            if not self._write(curves, plot_curves, curves, self.history) and not warned_plot:
+            if not self._write(curves, plot_curves, curves, self.history, title,
+                               self.resumed_at) and not warned_plot:
                 warned_plot = True
                 self.progress.say("matplotlib is not installed: wrote metrics.csv but no "
                                   "curves.png (pip install 'needle[plot]')")
@@ -474,9 +537,8 @@ class Trainer:
                 f"epoch {self.epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc "
                 f"{train_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
                 f"{row['seconds']:.1f}s")
-        final = self.history[-1] if self.history else {}
-        return {"test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
-                "epochs": self.epoch, "checkpoint": self.checkpoint_path()}
+            if board is not None:
+                self._write(board.logdir, board.write, row, float(self.optimizer.lr))
 
 
 def check_identity(ckpt: dict, expected: dict, path: str) -> None:
@@ -517,5 +579,5 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 25
 
 __all__ = ["CheckpointMismatchError", "MODES", "OPTIMIZERS", "OutputError", "TrainConfig",
            "Trainer", "TrainingDivergedError", "check_hyperparams", "check_output_folder",
-           "check_training_checkpoint", "evaluate", "evaluate_checkpoint", "make_optimizer",
-           "make_train_step"]
+           "check_training_checkpoint", "describe_run", "evaluate", "evaluate_checkpoint",
+           "make_optimizer", "make_train_step"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,6 +71,67 @@ def _load_leaf(reader: CheckpointReader, node: dict, path: tuple, verify: bool) 
     return array[()] if node["type"] == "numpy_scalar" else array
 
 
+class ArrayInfo(NamedTuple):
+    """What :func:`load_metadata` leaves in place of an array: its description, not its data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def size(self) -> int:
+        """The number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def load_metadata(path: str | os.PathLike) -> dict:
+    """Like :func:`load`, but every array is an :class:`ArrayInfo` (name, dtype, shape, bytes)
+    and only NumPy scalars are read: the values of a checkpoint without its arrays' data.
+
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.npz")
+    >>> save(path, weights={"w": np.ones((2, 3), np.float32)}, epoch=3)
+    >>> meta = load_metadata(path)
+    >>> meta["epoch"], meta["weights"]["w"].shape, meta["weights"]["w"].nbytes
+    (3, (2, 3), 24)
+    """
+    with CheckpointReader(path) as reader:
+        def leaf(node: dict, where: tuple) -> Any:
+            if node["type"] == "numpy_scalar":
+                return _load_leaf(reader, node, where, verify=True)
+            return ArrayInfo(path_name(where), _dtype_name(node["dtype"]), tuple(node["shape"]),
+                             node["nbytes"])
+
+        try:
+            return unflatten(reader.meta["items"], leaf, reader.path)
+        except RecursionError:
+            raise CheckpointError(f"{reader.path}: corrupted metadata: nested too deeply") from None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> tuple[int, dict[str, str]]:
+    """Read every array and check it against the SHA-256 the file stores for it.
+
+    Returns ``(number of arrays, {name: problem})``, the second empty when all match. Unlike
+    :func:`load`, which stops at the first bad array, every array is checked and named.
+    Raises :class:`CheckpointError` only when the file itself (its zip or metadata) is bad.
+    """
+    with CheckpointReader(path) as reader:
+        try:
+            found = list(array_nodes(reader.meta["items"], reader.path))
+        except RecursionError:
+            raise CheckpointError(f"{reader.path}: corrupted metadata: nested too deeply") from None
+        bad = {}
+        for where, node in found:
+            try:
+                reader.read_array(node, where, verify=True)
+            except CheckpointError as exc:
+                text = str(exc)
+                prefix = f"{reader.path}: "
+                bad[path_name(where)] = text[len(prefix):] if text.startswith(prefix) else text
+        return len(found), bad
+
+
 def _no_arrays(node: dict, path: tuple) -> None:
     raise AssertionError("a scalar node holds no array")
 
@@ -123,7 +184,8 @@ def checkpoint_info(path: str | os.PathLike, *, verify: bool = False) -> dict:
                 "verified": verify, "metadata": meta}
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KiB``, ``3.2 MiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -131,21 +193,42 @@ def _size(n: int) -> str:
     return f"{n} B"  # unreachable
 
 
-def format_info(info: dict) -> str:
-    """A human-readable listing of :func:`checkpoint_info`'s result (for ``needle info``)."""
+def format_info(info: dict, arrays: bool = True) -> str:
+    """A human-readable listing of :func:`checkpoint_info`'s result (for ``needle info``): a
+    header, one line per item and, with ``arrays``, one line per array."""
     lines = [f"{info['path']}: {info['format']} v{info['version']}, written by "
-             f"{info['writer'] or 'unknown'}, {_size(info['file_bytes'])}, "
-             f"{info['num_arrays']} arrays ({_size(info['array_bytes'])})"
+             f"{info['writer'] or 'unknown'}, {format_size(info['file_bytes'])}, "
+             f"{info['num_arrays']} arrays ({format_size(info['array_bytes'])})"
              + (", checksums verified" if info["verified"] else "")]
+    root = info.get("metadata", {}).get("items", {})
+    nodes = dict(zip(root.get("keys", []), root.get("values", [])))
     for name, item in info["items"].items():
         if "value" in item:
             lines.append(f"  {name}: {item['type']} {item['value']!r}")
             continue
         source = f" (state_dict of {item['state_dict_of']})" if item["state_dict_of"] else ""
+        entries = nodes.get(name, {}).get("keys", nodes.get(name, {}).get("items"))
+        if item["num_arrays"] == 0 and isinstance(entries, list):
+            lines.append(f"  {name}: {item['type']}{source} of {len(entries)} entries")
+            continue
         lines.append(f"  {name}: {item['type']}{source}, {item['num_arrays']} array(s), "
-                     f"{_size(item['array_bytes'])}")
-    width = max((len(a["name"]) for a in info["arrays"]), default=0)
-    for array in info["arrays"]:
-        lines.append(f"    {array['name']:<{width}}  {array['dtype']:<8} "
-                     f"{str(array['shape']):<16} {_size(array['bytes'])}")
+                     f"{format_size(item['array_bytes'])}")
+    if arrays:
+        lines.extend(format_arrays(info["arrays"]))
     return "\n".join(lines)
+
+
+def format_arrays(arrays: list[dict], bad: dict[str, str] | None = None,
+                  indent: str = "    ") -> list[str]:
+    """One aligned line per array of :func:`checkpoint_info`: name, dtype, shape, size (and,
+    for a name in ``bad``, its problem)."""
+    bad = bad or {}
+    width = max((len(a["name"]) for a in arrays), default=0)
+    lines = []
+    for array in arrays:
+        line = (f"{indent}{array['name']:<{width}}  {array['dtype']:<8} "
+                f"{str(array['shape']):<16} {format_size(array['bytes'])}")
+        if array["name"] in bad:
+            line += f"  BAD: {bad[array['name']]}"
+        lines.append(line.rstrip())
+    return lines
