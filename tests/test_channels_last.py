@@ -1,4 +1,4 @@
-"""core/channels_last.py and the channels-last paths of the reductions, BatchNorm and conv.
+"""kernels/layout.py and the channels-last paths of the reductions, BatchNorm and conv.
 
 An NCHW model keeps its activations channels-last (NHWC memory behind NCHW views); these paths
 must give what the plain NumPy formulas give on any layout.
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import needle as ndl
-from needle.core import channels_last as cl
 from needle.core.ops_norm import BatchNorm, BatchNormGrad
-from needle.core.ops_shape import reduce_sum, reduce_sum_of_products
+from needle.kernels import layout as cl
+from needle.kernels.reduce import reduce_sum, reduce_sum_of_products
 
 
 def _channels_last(shape, seed=0):

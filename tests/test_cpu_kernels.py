@@ -1,4 +1,4 @@
-"""Compiled BatchNorm kernels (core/cpu_kernels.py) against NumPy and PyTorch, and their use.
+"""Compiled BatchNorm kernels (kernels/cpu_kernels.py) against NumPy and PyTorch, and their use.
 
 The kernels accumulate in float64, so they agree with the NumPy paths to float32 rounding;
 the NumPy paths stay the reference and run wherever the kernels cannot (checked here too).
@@ -12,9 +12,9 @@ import torch
 
 import needle as ndl
 import needle.nn as nn
-from needle.core import cpu_kernels
 from needle.core.ops_norm import BatchNorm, BatchNormGrad
 from needle.core.ops_reduce import Variance
+from needle.kernels import cpu_kernels
 
 needs_kernels = pytest.mark.skipif(cpu_kernels._kernels() is None,
                                    reason="numba is not installed or NEEDLE_NUMBA=0")
@@ -53,7 +53,7 @@ def test_column_sums_match_float64_sums(shape, dtype):
 
 @needs_kernels
 def test_channels_last_sums_take_the_kernel_and_match_the_numpy_path(monkeypatch):
-    from needle.core import channels_last
+    from needle.kernels import layout as channels_last
 
     x = np.random.default_rng(8).standard_normal((64, 8, 8, 16)).astype(np.float32)
     matrix = x.reshape(-1, 16)
@@ -183,7 +183,7 @@ def test_variance_and_batch_norm_ops_keep_shapes_and_dtypes():
 @needs_kernels
 def test_kernels_compile_where_numba_cannot_cache_them():
     """A read-only install has no place for numba's disk cache: the loops still compile."""
-    from needle.core import numba_kernels
+    from needle.kernels import numba_kernels
 
     namespace: dict = {}
     exec("def double(x):\n    return x * 2\n", namespace)  # no source file: nothing to cache to

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from needle.backend import cpu_threads
-from needle.core import cpu_kernels, ops_conv
 from needle.core.ops_conv import Conv, ConvInputGrad, ConvWeightGrad
+from needle.kernels import conv as conv_kernels
+from needle.kernels import cpu_kernels
 
 needs_blas_control = pytest.mark.skipif(cpu_threads.blas_control() is None,
                                         reason="threadpoolctl is not installed")
@@ -30,7 +31,7 @@ def _problem(case, seed=0):
     if channels_first:  # NCHW memory seen through an NHWC permute, as nn.Conv passes it
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
     kernel = rng.standard_normal((k, k, c_in, c_out)).astype(np.float32)
-    ho, wo = (ops_conv._out_size(d, k, stride, padding) for d in (h, w))
+    ho, wo = (conv_kernels._out_size(d, k, stride, padding) for d in (h, w))
     g = rng.standard_normal((n, ho, wo, c_out)).astype(np.float32)
     return x, kernel, g, stride, padding
 
@@ -53,7 +54,7 @@ def test_split_convolutions_match_the_whole_ones(case, monkeypatch):
     monkeypatch.setattr(cpu_threads, "in_parallel",
                         lambda *a: split_calls.append(a[2]) or original(*a))
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 3)
-    monkeypatch.setattr(ops_conv, "SPLIT_MIN_MACS", 0)
+    monkeypatch.setattr(conv_kernels, "SPLIT_MIN_MACS", 0)
     split = _all_three(x, kernel, g, stride, padding)
     # each op was split (conv_input_grad only on its compiled col2im path)
     assert len(split_calls) == (3 if cpu_kernels.enabled(np.float32) else 2)
@@ -75,7 +76,7 @@ def test_blas_gets_its_thread_count_back_after_a_split(monkeypatch):
 
     monkeypatch.setattr(cpu_threads, "in_parallel", spy)
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 2)
-    monkeypatch.setattr(ops_conv, "SPLIT_MIN_MACS", 0)
+    monkeypatch.setattr(conv_kernels, "SPLIT_MIN_MACS", 0)
     x, kernel, _, stride, padding = _problem(CASES[0])
     Conv(stride, padding).compute(x, kernel)
     assert before and seen and seen[0] == [1] * len(before)  # one BLAS thread inside
@@ -90,30 +91,30 @@ def test_only_the_main_thread_splits(monkeypatch):
 
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 2)
     found = []
-    worker = threading.Thread(target=lambda: found.append(ops_conv._image_chunks(
+    worker = threading.Thread(target=lambda: found.append(conv_kernels._image_chunks(
         8, 10**9, np.zeros(1))))
     worker.start()
     worker.join(10)
     assert found == [None]
-    assert ops_conv._image_chunks(8, 10**9, np.zeros(1)) is not None  # here, on the main one
+    assert conv_kernels._image_chunks(8, 10**9, np.zeros(1)) is not None  # here, on the main one
 
 
 def test_without_blas_control_nothing_is_split(monkeypatch):
     monkeypatch.setattr(cpu_threads, "can_hold_blas", lambda: False)
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 4)
-    monkeypatch.setattr(ops_conv, "SPLIT_MIN_MACS", 0)
-    assert ops_conv._image_chunks(8, 10**9, np.zeros(1)) is None
+    monkeypatch.setattr(conv_kernels, "SPLIT_MIN_MACS", 0)
+    assert conv_kernels._image_chunks(8, 10**9, np.zeros(1)) is None
 
 
 def test_chunks_cover_every_image_once(monkeypatch):
     monkeypatch.setattr(cpu_threads, "can_hold_blas", lambda: True)
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 3)
-    chunks = ops_conv._image_chunks(7, 10**9, np.zeros(1))
+    chunks = conv_kernels._image_chunks(7, 10**9, np.zeros(1))
     assert chunks[0][0] == 0 and chunks[-1][1] == 7 and len(chunks) == 6
     assert all(e > s for s, e in chunks)
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
-    assert ops_conv._image_chunks(7, 10, np.zeros(1)) is None  # too small to pay
-    assert ops_conv._image_chunks(1, 10**9, np.zeros(1)) is None  # one image
+    assert conv_kernels._image_chunks(7, 10, np.zeros(1)) is None  # too small to pay
+    assert conv_kernels._image_chunks(1, 10**9, np.zeros(1)) is None  # one image
 
 
 def test_an_error_in_a_worker_reaches_the_caller():

@@ -80,7 +80,7 @@ MODELS = {
     "mlp-resnet-batchnorm": (lambda: MLPResNet(64, hidden=32, num_blocks=2, drop_prob=0.0),
                              _images((16, 8, 8, 1))),
     "cnn": (lambda: ResidualCNN(1, width=4), _images((8, 8, 8, 1))),
-    # 8 and 16 channels: its stride-1 3x3 convs take the Winograd path (core/winograd.py)
+    # 8 and 16 channels: its stride-1 3x3 convs take the Winograd path (kernels/winograd.py)
     "cnn-winograd": (lambda: ResidualCNN(1, width=8), _images((8, 12, 12, 1))),
     "lstm": (_LSTMClassifier, _images((8, 5, 6))),
 }

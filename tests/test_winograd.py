@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) convolutions (core/winograd.py) against exact references and PyTorch.
+"""Winograd F(4x4, 3x3) convolutions (kernels/winograd.py) against exact references and PyTorch.
 
 Winograd rounds differently from im2col: its float32 results are compared with the float64
 im2col result, with a bound on the error relative to the output's largest value (measured
@@ -17,8 +17,8 @@ import torch
 import needle as ndl
 import needle.nn as nn
 from needle.backend import cpu_threads
-from needle.core import winograd
 from needle.core.ops_conv import Conv, ConvInputGrad, ConvWeightGrad
+from needle.kernels import winograd
 
 needs_numba = pytest.mark.skipif(winograd._kernels() is None,
                                  reason="numba is not installed or NEEDLE_NUMBA=0")

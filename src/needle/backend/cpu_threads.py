@@ -1,8 +1,8 @@
 """needle's own CPU threads: how many, the worker pool, and BLAS kept off its threads meanwhile.
 
 Large CPU ops split their work across ``NUM_THREADS`` threads (the calling thread is one):
-the Winograd convolutions (core/winograd.py) and the im2col convolutions, split by images
-(core/ops_conv.py). numba loops and BLAS products release the GIL, so plain Python threads
+the Winograd convolutions (kernels/winograd.py) and the im2col convolutions, split by images
+(kernels/conv.py). numba loops and BLAS products release the GIL, so plain Python threads
 run in parallel.
 
 NOTE: OpenBLAS keeps a pool of its own, and its worker thread spins for about 0.1 s after

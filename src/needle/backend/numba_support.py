@@ -1,7 +1,7 @@
 """numba, the one optional compiler needle uses on the CPU, imported lazily and only once.
 
 Used by the fused optimizer update (compiler/fused_update.py) and the BatchNorm kernels
-(core/cpu_kernels.py). ``pip install 'needle[fast]'`` installs it; without it both step
+(kernels/cpu_kernels.py). ``pip install 'needle[fast]'`` installs it; without it both step
 aside and NumPy runs everything. ``NEEDLE_NUMBA=0`` turns it off where it is installed (for
 A/B measurements, or if a numba release misbehaves).
 """

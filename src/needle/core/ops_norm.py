@@ -13,19 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from . import api as F
-from . import channels_last, cpu_kernels
-from .ops_reduce import moments, reduced_count
-from .ops_shape import (
-    as_axes,
-    channel_matrix_of,
-    kept_shape,
-    normalize_axes,
-    reduce_sum,
-    reduce_sum_of_products,
-    stat_matrix,
-)
-from .registry import Aval, Op, ShapeError, fmt_shape, register
+from ..kernels import batchnorm
+from ..kernels.reduce import moments, reduce_sum, reduce_sum_of_products
+from .ops_reduce import reduced_count
+from .ops_shape import as_axes, kept_shape, normalize_axes
+from .registry import Aval, F, Op, ShapeError, fmt_shape, register
 
 
 class NormOp(Op):
@@ -158,20 +150,7 @@ class BatchNorm(NormOp):
     def compute(self, x, weight, bias, mean, var):
         alpha = weight * (1.0 / np.sqrt(var + self.eps))
         beta = bias - mean * alpha
-        axes = normalize_axes(self.name, self.axes, x.ndim)
-        if alpha.dtype == x.dtype and cpu_kernels.enabled(x.dtype):
-            found = stat_matrix(x, axes)
-            y = None if found is None else cpu_kernels.column_affine(found[1], alpha, beta)
-            if y is not None:  # one compiled pass (numba)
-                return channels_last.from_channel_matrix(y, x, found[0])
-        found = channel_matrix_of(x, axes)
-        if found is not None:  # channels-last memory: per-channel rows, same layout out
-            axis, matrix = found
-            y = channels_last.scaled(matrix, alpha.reshape(-1), beta.reshape(-1))
-            return channels_last.from_channel_matrix(y, x, axis)
-        y = x * alpha
-        y += beta
-        return y
+        return batchnorm.affine(x, alpha, beta, normalize_axes(self.name, self.axes, x.ndim))
 
     def gradient(self, out_grad, node):
         x, weight, bias, mean, var = node.inputs
@@ -206,67 +185,9 @@ class BatchNormGrad(NormOp):
     returns_tuple = True
 
     def compute(self, g, x, weight, mean, var):
-        axes = normalize_axes(self.name, self.axes, x.ndim)
-        count = 1
-        for i in axes:
-            count *= x.shape[i]
         inv = 1.0 / np.sqrt(var + self.eps)
-        done = self._compiled(g, x, axes, weight, mean, inv)
-        if done is not None:
-            return done
-        found = channel_matrix_of(x, axes)
-        if found is not None:
-            return self._channels_last(g, x, found, weight, mean, inv, count)
-        centered = x - mean
-        dbias = reduce_sum(g, axes, keepdims=True)
-        dot = reduce_sum_of_products(g, centered, axes, keepdims=True)
-        scale = weight * inv
-        dx = g * scale
-        centered *= scale * (inv * inv) * dot * (-1.0 / count)
-        dx += centered
-        dx += scale * dbias * (-1.0 / count)
-        return dx, (dot * inv).reshape(weight.shape), dbias.reshape(weight.shape)
-
-    @staticmethod
-    def _compiled(g, x, axes: tuple, weight, mean, inv) -> tuple | None:
-        """``compute`` as two compiled passes (cpu_kernels, numba) where x's statistics are
-        column sums of its memory; None where they cannot run."""
-        if g.shape != x.shape or inv.dtype != x.dtype or not cpu_kernels.enabled(x.dtype):
-            return None
-        found = stat_matrix(x, axes)
-        if found is None:
-            return None
-        axis, xm = found
-        gm = channels_last.channel_matrix(g, axis) if x.ndim > 2 else g
-        if gm is None or not gm.flags.c_contiguous:  # g in another layout: bring it to x's
-            gm = np.ascontiguousarray(np.moveaxis(g, axis, -1)).reshape(xm.shape)
-        grads = cpu_kernels.batch_norm_grad(gm, xm, mean, inv, weight)
-        if grads is None:
-            return None
-        dx, dweight, dbias = grads
-        return (channels_last.from_channel_matrix(dx, x, axis), dweight.reshape(weight.shape),
-                dbias.reshape(weight.shape))
-
-    @staticmethod
-    def _channels_last(g, x, found: tuple, weight, mean, inv, count: int):
-        """``compute`` for channels-last x (``found``: its channel axis and matrix): the same
-        arithmetic on (M, C) channel matrices (g is brought to x's layout if it differs)."""
-        cl = channels_last
-        axis, xm = found
-        gm = cl.channel_matrix(g, axis)
-        if gm is None:
-            gm = np.ascontiguousarray(np.moveaxis(g, axis, -1)).reshape(xm.shape)
-        inv = inv.reshape(-1)
-        centered = cl.shifted(xm, -mean.reshape(-1))
-        dbias = cl.column_sums(gm)
-        dot = cl.column_dots(gm, centered)
-        scale = weight.reshape(-1) * inv
-        dx = cl.scaled(gm, scale)
-        cl.multiply_(centered, scale * (inv * inv) * dot * (-1.0 / count))
-        dx += centered
-        cl.add_(dx, scale * dbias * (-1.0 / count))
-        return (cl.from_channel_matrix(dx, x, axis), (dot * inv).reshape(weight.shape),
-                dbias.reshape(weight.shape))
+        axes = normalize_axes(self.name, self.axes, x.ndim)
+        return batchnorm.backward(g, x, weight, mean, inv, axes)
 
     def _composite(self, g, x, weight):
         xhat = F.normalize(x, axes=self.axes, eps=self.eps)

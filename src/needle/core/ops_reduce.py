@@ -7,19 +7,10 @@ from typing import Any
 import numpy as np
 
 from ..backend import array_module
-from . import api as F
-from . import channels_last, cpu_kernels
-from .ops_shape import (
-    as_axes,
-    channel_matrix_of,
-    kept_shape,
-    normalize_axes,
-    reduce_sum,
-    reduce_sum_of_products,
-    stat_matrix,
-    sum_expr,
-)
-from .registry import Aval, Op, register
+from ..kernels import batchnorm
+from ..kernels.reduce import reduce_sum, sum_expr
+from .ops_shape import as_axes, kept_shape, normalize_axes
+from .registry import Aval, F, Op, register
 
 
 class Reduction(Op):
@@ -101,8 +92,8 @@ class Mean(Reduction):
             return self.expand(out_grad, node) / F.broadcast_to(count, a.shape)
         # divide before broadcasting: n times less work, the same values, and the adjoint stays
         # a broadcast view, so the next elementwise op keeps its other operand's memory layout
-        # (dividing the materialized broadcast made an NCHW copy that channels-last activations
-        # then met in a mixed-layout product, 4x slower than either layout alone)
+        # (dividing the materialized broadcast made a copy in a layout of its own, and products
+        # of operands in two layouts ran 4x slower than either layout alone)
         return self.expand(out_grad / int(np.prod(reduced)), node)
 
 
@@ -194,28 +185,6 @@ class Softmax(AxisOp):
         return node * (out_grad - weighted)
 
 
-def moments(a: Any, axes: tuple[int, ...]) -> tuple[Any, Any, Any]:
-    """(mean, a - mean, biased variance) over ``axes`` (kept as size 1), in np.mean's arithmetic."""
-    count = 1
-    for i in axes:
-        count *= a.shape[i]
-    mean = np.true_divide(reduce_sum(a, axes, keepdims=True), count)
-    centered = subtract_per_channel(a, mean, axes)
-    var = np.true_divide(reduce_sum_of_products(centered, centered, axes, keepdims=True), count)
-    return mean, centered, var
-
-
-def subtract_per_channel(a: Any, stat: Any, axes: tuple[int, ...]) -> Any:
-    """``a - stat`` for a keepdims statistic over ``axes``; channels-last arrays keep their
-    layout and take the fast per-channel path (see core/channels_last.py)."""
-    found = channel_matrix_of(a, axes)
-    if found is None:
-        return a - stat
-    axis, matrix = found
-    shifted = channels_last.shifted(matrix, -stat.reshape(-1))
-    return channels_last.from_channel_matrix(shifted, a, axis)
-
-
 def reduced_count(a: Any, axes: tuple) -> Any:
     """The number of elements reduced over ``axes``: an int, or a tensor when a dim is unknown."""
     dims = [a.shape[i] for i in axes]
@@ -229,14 +198,7 @@ class Variance(Reduction):
     """Biased variance over ``axes`` (divide by n, as BatchNorm and LayerNorm use)."""
 
     def compute(self, a):
-        axes = self._axes(a.ndim)
-        found = stat_matrix(a, axes) if cpu_kernels.enabled(a.dtype) else None
-        stats = cpu_kernels.column_moments(found[1]) if found is not None else None
-        if stats is not None:  # one compiled loop (numba) instead of five NumPy passes
-            var = stats[1]
-            return var.reshape(kept_shape(a.shape, axes)) if self.keepdims else var
-        var = moments(a, axes)[2]
-        return var if self.keepdims else np.squeeze(var, axis=axes)
+        return batchnorm.variance(a, self._axes(a.ndim), self.keepdims)
 
     def gradient(self, out_grad, node):
         # d var / da = 2 (a - mean) / n

@@ -6,8 +6,9 @@ poorly on such memory: its inner loop runs over the C channels only (16 to 64 el
 (64, 32, 32, 16) array takes 3-5x longer than the same work on NCHW memory. Seen as rows of a
 few thousand elements (a multiple of C), with the per-channel constants tiled to that length,
 the same work runs at full speed: ``column_sums``, ``column_dots``, ``scaled``, ``shifted``,
-``add_`` and ``multiply_`` below. ``reduce_sum``, ``moments`` and the BatchNorm ops use them
-when ``channel_matrix`` finds such memory.
+``add_`` and ``multiply_`` below. The reductions (reduce.py) and the BatchNorm kernels
+(batchnorm.py) use them when ``channel_matrix`` finds such memory; ``add`` (the ``add`` op on
+large arrays) adds a bias to NHWC activations as such rows.
 """
 
 from __future__ import annotations
@@ -145,3 +146,11 @@ def add_row_vector(a: Any, b: Any) -> np.ndarray | None:
             or b.shape[0] > SHORT_ROW or a.dtype != b.dtype or not a.flags.c_contiguous):
         return None
     return shifted(a.reshape(-1, b.shape[0]), b).reshape(a.shape)
+
+
+def add(a: Any, b: Any) -> Any:
+    """``a + b``, where a large array plus a short row vector along its last axis (a conv bias
+    on NHWC activations) is added as tiled rows (``add_row_vector``); bit-identical to
+    ``a + b``. The ``add`` op calls it for arrays of ``ADD_ROWS_MIN_SIZE`` or more elements."""
+    out = add_row_vector(a, b) if a.size >= b.size else add_row_vector(b, a)
+    return a + b if out is None else out

@@ -1,4 +1,4 @@
-"""The numba loops of the Winograd F(4x4, 3x3) convolution (core/winograd.py says why and how).
+"""The numba loops of the Winograd F(4x4, 3x3) convolution (winograd.py says why and how).
 
 Three tile transforms, each over one block of consecutive tiles (winograd.py hands blocks to
 threads): a 6x6 input tile to B^T d B, a 6x6 product tile back to the 4x4 output A^T m A,

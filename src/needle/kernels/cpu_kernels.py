@@ -4,7 +4,7 @@ BatchNorm's statistics, its affine map and its backward are a few reductions and
 passes over an (M, C) channel matrix (M = N*H*W rows of C channels). In NumPy each pass is a
 call and a trip through memory: five to a dozen per op, and on the small activations of an
 MLP (100 x 50) the calls cost more than the arithmetic. These loops read each input once or
-twice. They are the same formulas as the NumPy paths in ops_reduce / ops_norm, which stay the
+twice. They are the same formulas as the NumPy paths in reduce.py / batchnorm.py, which stay the
 reference and the fallback (no numba, CuPy arrays, other layouts); sums accumulate in float64,
 so results agree with NumPy's float32 sums to rounding, not bit for bit.
 

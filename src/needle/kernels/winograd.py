@@ -9,7 +9,7 @@ cheap additions before (input transform B^T d B) and after (output transform A^T
 
     y_tile = A^T [ (G w G^T) * (B^T d_tile B) ] A       summed over input channels
 
-The three adjoints of ``conv`` (core/ops_conv.py) all become such products:
+The three adjoints of ``conv`` (core/ops_conv.py, kernels/conv.py) all become such products:
 
     conv(x, w)                   M = V(x) @ U(w)                 y = A^T M A
     conv_input_grad(g, w)        a conv of g with the flipped, transposed kernel (stride 1)
@@ -20,8 +20,8 @@ The work goes in blocks of up to BLOCK_TILES tiles: transform a block's input ti
 the core's L2 cache between the three steps instead of making three trips through memory
 (layer 3 of the benchmark CNN: 16.5 -> 10.7 ms on one thread), and blocks are independent,
 so needle's CPU threads (backend/cpu_threads.py) share them: 5.7 ms on two, where im2col
-took 27.6. The tile transforms are numba loops (core/numba_winograd.py). Without numba, and
-for other kernels, strides or dtypes, ops_conv keeps its im2col path.
+took 27.6. The tile transforms are numba loops (numba_winograd.py). Without numba, and for
+other kernels, strides or dtypes, conv.py keeps its im2col path.
 
 NOTE: threads of our own rather than numba's ``parallel=True``: OpenBLAS's worker threads
 spin after every large product and numba's pool fought them for the two cores (CNN step
@@ -49,7 +49,8 @@ from ..backend.numba_support import numba_module
 __all__ = ["BLOCK_TILES", "ENABLED", "applies", "conv3x3",
            "conv3x3_input_grad", "conv3x3_weight_grad"]
 
-#: turn the Winograd path off (ops_conv then runs im2col for every convolution)
+#: turn the Winograd path off (kernels/conv.py then runs im2col for every convolution):
+#: ``needle.kernels.winograd.ENABLED = False``
 ENABLED = True
 
 #: smallest channel counts for which the transforms pay (below them the product is too thin)

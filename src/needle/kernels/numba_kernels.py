@@ -1,4 +1,4 @@
-"""The numba loops behind core/cpu_kernels.py (imported only where numba is installed).
+"""The numba loops behind cpu_kernels.py (imported only where numba is installed).
 
 Top-level functions so numba can cache their machine code on disk (``cache=True``): the
 first process compiles them (about a second), later ones load them. See cpu_kernels.py for

@@ -1,0 +1,16 @@
+"""Kernels: how the ops in core/ compute fast (im2col, Winograd, layouts, threads, numba loops).
+
+The layer below core/: it may import needle.backend, never needle.core or anything above it.
+An op's ``compute`` states the math and calls one function here; each choice of algorithm and
+each fallback ladder (numba -> NumPy, Winograd -> im2col, channels-last -> plain NumPy) is
+written once, in the module that owns it:
+
+    conv.py            the three convolutions: the algorithm choice, im2col, col2im, threads
+    winograd.py        3x3 stride-1 convolutions by Winograd's F(4x4, 3x3), blocked and threaded
+    numba_winograd.py  its numba tile transforms
+    reduce.py          sums and statistics over axes (einsum, column sums); the JIT's sum code
+    batchnorm.py       BatchNorm's statistics, affine map and backward (numba -> NumPy)
+    layout.py          per-channel work on channels-last memory (rows of a multiple of C)
+    cpu_kernels.py     the compiled loops' entry points: None where numba cannot run them
+    numba_kernels.py   those loops (imported only where numba is installed)
+"""
