@@ -208,7 +208,11 @@ OP_TABLE: list[OpCase] = [
     # -- linear algebra --
     OpCase("matmul", lambda a, b: a @ b, lambda a, b: a @ b,
            [normal((3, 4), (4, 5)), normal((2, 3, 4), (4, 5)), normal((2, 1, 3, 4), (5, 4, 2)),
-            normal((1, 1), (1, 3))], rtol=1e-4, atol=1e-5),
+            normal((1, 1), (1, 3)),
+            # 1-D operands as np.matmul: vector @ matrix, matrix @ vector, vector @ vector,
+            # and vectors against batched matrices
+            normal((4,), (4, 2)), normal((3, 4), (4,)), normal((4,), (4,)),
+            normal((2, 3, 4), (4,)), normal((4,), (2, 4, 3))], rtol=1e-4, atol=1e-5),
     # -- reductions --
     OpCase("summation", lambda a: ops.summation(a, axes=(0, 2)), lambda a: a.sum((0, 2)),
            [normal((2, 3, 4))],

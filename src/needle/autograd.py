@@ -58,10 +58,24 @@ def enable_grad() -> GradMode:
     return GradMode(True)
 
 
+def _holds_float64(data: Any) -> bool:
+    """Whether nested lists/tuples ``data`` hold a float64 NumPy scalar, array or Tensor."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list | tuple):
+            stack.extend(item)
+        elif getattr(item, "dtype", None) == np.float64:
+            return True
+    return False
+
+
 def _default_dtype_array(data: Any) -> np.ndarray:
-    """A NumPy array from Python data: floats become float32 and ints int64, as in PyTorch."""
+    """A NumPy array from Python data, with PyTorch's rules: Python floats become float32 and
+    ints int64, while NumPy scalars and arrays (and Tensors) inside lists keep their dtype, so
+    ``[np.float64(1.0)]`` stays float64 and ``[np.float32(1.0), 2.0]`` is float32."""
     arr = np.asarray(data)
-    if arr.dtype == np.float64:
+    if arr.dtype == np.float64 and not _holds_float64(data):
         return arr.astype(np.float32)
     if arr.dtype.kind == "O":
         raise TypeError(f"Tensor: cannot make a tensor from {type(data).__name__} data")
@@ -312,8 +326,14 @@ class Tensor(Value):
     """An n-dimensional array that records how it was made, so gradients can flow back.
 
     ``Tensor(data, device=None, dtype=None, requires_grad=True)``: ``data`` may be a list, a
-    number, a NumPy/CuPy array, an NDArray or a Tensor. NumPy data keeps its dtype; Python
-    floats become float32 and ints int64. The data is copied.
+    number, a NumPy/CuPy array, an NDArray or a Tensor; it is copied. Without ``dtype``
+    (PyTorch's rules where the course and PyTorch differ):
+
+    * NumPy arrays and NumPy scalars keep their dtype (``np.float64(0.5)`` stays float64),
+      also inside lists (``[np.float64(1.0)]`` is float64);
+    * Python floats, and lists of them, become float32; Python ints int64; bools bool;
+    * integer and bool tensors never require a gradient (``requires_grad`` is ignored), so
+      labels can be made with the default ``requires_grad=True``.
 
     >>> x = Tensor([[1.0, 2.0]], requires_grad=True)
     >>> (x * x).sum().backward()
@@ -622,6 +642,3 @@ _EWISE_MUL = _get_op("multiply").cls()
 _EWISE_DIV = _get_op("divide").cls()
 __all__ += ["NDArray", "from_numpy", "init_leaf", "new_leaf", "recording"]
 
-from .function import Function, FunctionCtx  # noqa: E402 - Function builds on Tensor
-
-__all__ += ["Function", "FunctionCtx"]

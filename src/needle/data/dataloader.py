@@ -32,6 +32,8 @@ import contextlib
 import math
 import queue
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -44,6 +46,8 @@ from .datasets import Dataset, NDArrayDataset, batch_index
 
 # Worker threads hand batches over in chunks of at least this many samples.
 _CHUNK_SAMPLES = 1024
+# How long closing an iterator waits for its worker threads to finish the chunk in hand.
+_JOIN_SECONDS = 1.0
 
 
 class DataLoader:
@@ -90,16 +94,26 @@ class DataLoader:
         self.batch_transforms = list(batch_transforms) if batch_transforms else []
         self.device = device
         self.dtype = dtype
-        self._iterator: _EpochIterator | None = None
+        # NOTE: the loader refers to its iterator weakly, so an iterator abandoned mid-epoch
+        # (a ``break``) is freed at once and stops its worker threads; the epoch's position
+        # stays in ``_progress`` for ``state_dict``
+        self._iterator: weakref.ref | None = None
+        self._progress: _Progress | None = None
         self._resume: dict | None = None
 
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def _close_iterator(self) -> None:
+        """Stop the current epoch's iterator (its worker threads), if it is still alive."""
+        it = self._iterator() if self._iterator is not None else None
+        if it is not None:
+            it.close()
+        self._iterator = None
+
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        if self._iterator is not None:
-            self._iterator.close()
+        self._close_iterator()
         if self._resume is not None:
             state, self._resume = self._resume, None
             order = state["order"] if self.shuffle else None
@@ -110,8 +124,10 @@ class DataLoader:
             seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) \
                 if self.batch_transforms else -1
             start = 0
-        self._iterator = _EpochIterator(self, order, start, seed)
-        return self._iterator
+        it = _EpochIterator(self, order, start, seed)
+        self._iterator = weakref.ref(it)
+        self._progress = it.progress
+        return it
 
     # -- resume ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -125,7 +141,7 @@ class DataLoader:
         if self._resume is not None:
             return {k: (v.copy() if isinstance(v, np.ndarray) else v)
                     for k, v in self._resume.items()}
-        it = self._iterator
+        it = self._progress
         if it is None or it.batch_index >= it.num_batches:
             return {"order": np.zeros(0, dtype=np.int64), "batch_index": 0, "seed": -1}
         order = it.order if it.order is not None else np.arange(len(self.dataset))
@@ -150,9 +166,8 @@ class DataLoader:
         if self.batch_transforms and seed < 0:
             raise ValueError("DataLoader.load_state_dict: this loader has batch transforms but "
                              "the state has no epoch seed")
-        if self._iterator is not None:
-            self._iterator.close()
-            self._iterator = None
+        self._close_iterator()
+        self._progress = None
         self._resume = {"order": order, "batch_index": batch, "seed": seed}
 
     # -- building one batch ------------------------------------------------------------------
@@ -318,7 +333,9 @@ class _Prefetcher:
             raise value
         return value
 
-    def close(self) -> None:
+    def close(self, wait: float = _JOIN_SECONDS) -> None:
+        """Stop the workers: each finishes the chunk in hand, and ``close`` waits for that
+        (at most ``wait`` seconds in all), so no thread outlives its iterator for long."""
         self._stop_event.set()
         self._current = []
         # Free the queues so that a worker blocked in put() can finish and stop.
@@ -326,18 +343,37 @@ class _Prefetcher:
             with contextlib.suppress(queue.Empty):
                 while True:
                     q.get_nowait()
+        deadline = time.monotonic() + wait
+        current = threading.current_thread()
+        for t in self._threads:
+            if t is not current:  # a garbage collection may run this in a worker
+                t.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Progress:
+    """Where an epoch stands (what ``DataLoader.state_dict`` saves); outlives its iterator."""
+
+    __slots__ = ("order", "seed", "batch_index", "num_batches")
+
+    def __init__(self, order: np.ndarray | None, seed: int, start: int, num_batches: int) -> None:
+        self.order = order
+        self.seed = seed
+        self.batch_index = start  # batches already yielded in this epoch
+        self.num_batches = num_batches
 
 
 class _EpochIterator:
-    """One pass over the data: yields batches ``batch_index, batch_index + 1, ...`` in order."""
+    """One pass over the data: yields batches ``batch_index, batch_index + 1, ...`` in order.
+
+    Only the for loop (or whoever called ``iter``) holds it: when it is dropped before the
+    end of the epoch, ``__del__`` stops its worker threads.
+    """
 
     def __init__(self, loader: DataLoader, order: np.ndarray | None, start: int,
                  seed: int) -> None:
         self.loader = loader
-        self.order = order
-        self.seed = seed
-        self.batch_index = start  # batches already yielded in this epoch
-        self.num_batches = len(loader)
+        self.progress = _Progress(order, seed, start, len(loader))
+        self.num_batches = self.progress.num_batches
         self._plan = _EpochPlan(loader, order, seed)
         self._plain = loader._plain_batches()
         self._cpu = cpu()
@@ -350,8 +386,14 @@ class _EpochIterator:
     def __iter__(self) -> _EpochIterator:
         return self
 
+    @property
+    def batch_index(self) -> int:
+        """Batches already yielded in this epoch."""
+        return self.progress.batch_index
+
     def __next__(self) -> tuple[Tensor, ...]:
-        k = self.batch_index
+        progress = self.progress
+        k = progress.batch_index
         if k >= self.num_batches:
             self.close()
             raise StopIteration
@@ -360,7 +402,7 @@ class _EpochIterator:
             # as produce() and _to_tensors at about two thirds of their per-batch cost (the
             # batch is sliced or taken here, as gather does, without its checks)
             rows = self._plan.positions(k)
-            self.batch_index = k + 1
+            progress.batch_index = k + 1
             arrays = self.loader.dataset.arrays
             batch = [a[rows] for a in arrays] if isinstance(rows, slice) else \
                 [a.take(rows, axis=0) for a in arrays]
@@ -375,7 +417,7 @@ class _EpochIterator:
                 # Stop the workers; a retry rebuilds batch k in this thread.
                 self.close()
                 raise
-        self.batch_index = k + 1
+        progress.batch_index = k + 1
         return self.loader._to_tensors(batch)
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..autograd import Tensor
+from ..backend.ndarray import lossless_astype
 from ..core.context import module_called
 
 
@@ -50,6 +51,9 @@ class Module:
     define ``forward``. Parameters are found by walking attributes in insertion order
     (also inside lists, tuples and dicts), so no registration calls are needed.
     """
+
+    #: how layers below nn (the JIT's guards) recognise a module without importing nn
+    __needle_module__ = True
 
     def __init__(self) -> None:
         self.training = True
@@ -152,7 +156,9 @@ class Module:
         """Copy values into parameters and buffers, in place.
 
         With ``strict``, missing or unexpected keys raise a KeyError naming all of them; a
-        shape mismatch always raises a ValueError naming every offending key with both shapes.
+        shape mismatch always raises a ValueError naming every offending key with both shapes,
+        and so do values that the parameter's dtype cannot hold (1e300 for float32, 2.5 for
+        an integer buffer). Nothing changes when it raises.
         """
         own = OrderedDict([*self.named_parameters(), *self.named_buffers()])
         values = {k: (v.numpy() if isinstance(v, Tensor) else np.asarray(v))
@@ -168,9 +174,21 @@ class Module:
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict({type(self).__name__}): missing keys {missing}, "
                            f"unexpected keys {unexpected}")
+        converted, lossy = {}, []
         for key, tensor in own.items():
-            if key in values:
-                tensor.data = values[key].astype(tensor.dtype, copy=True)
+            if key not in values:
+                continue
+            try:  # 1e300 into float32, 2.5 into int64: refused, naming the key
+                array = lossless_astype(values[key], tensor.dtype, repr(key))
+            except ValueError as exc:
+                lossy.append(str(exc))
+                continue
+            # a value of the right dtype comes back uncopied (it may be a user's array)
+            converted[key] = array.copy() if values[key].dtype == tensor.dtype else array
+        if lossy:  # checked before anything changes
+            raise ValueError(f"load_state_dict({type(self).__name__}): " + "; ".join(lossy))
+        for key, array in converted.items():
+            own[key].data = array
 
     # -- printing --------------------------------------------------------------------------------
     def extra_repr(self) -> str:

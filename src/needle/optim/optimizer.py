@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-from ..autograd import Tensor
+from ..autograd import Tensor, new_leaf
 from ..backend import array_module, device_of
 from ..compiler import fused_update
 from ..core import context
@@ -88,11 +89,46 @@ class _FlatBuffers:
 
 def _plain(value: Any) -> Any:
     """A hyperparameter as a Python number, so NumPy float64 scalars never promote float32 math."""
+    if value is None:  # an optional setting left at its default (SGD's dampening)
+        return None
     if isinstance(value, bool | np.bool_):
         return bool(value)
     if isinstance(value, int | np.integer):
         return int(value)
     return float(value)
+
+
+def _number_in(low: float, high: float, high_open: bool) -> Callable[[Any], bool]:
+    """A test: a real, finite number in [low, high) or [low, high] (NaN and inf fail)."""
+
+    def test(value: Any) -> bool:
+        if isinstance(value, bool | np.bool_ | str | bytes):
+            return False
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return False
+        return math.isfinite(value) and low <= value and (
+            value < high if high_open else value <= high)
+
+    return test
+
+
+#: The valid values of every optimizer's hyperparameters, by name: (test, the rule in words).
+#: The constructors and ``load_state_dict`` both check through ``_check_hyperparams``, so a
+#: state dict can never set what a constructor refuses.
+HYPERPARAM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (_number_in(0.0, math.inf, True), "a finite number >= 0"),
+    "initial_lr": (_number_in(0.0, math.inf, True), "a finite number >= 0"),
+    # needle damps the momentum buffer by 1 - momentum, so momentum stays below 1
+    "momentum": (_number_in(0.0, 1.0, True), "in [0, 1)"),
+    "dampening": (lambda v: v is None or _number_in(0.0, 1.0, False)(v), "None or in [0, 1]"),
+    "beta1": (_number_in(0.0, 1.0, True), "in [0, 1)"),
+    "beta2": (_number_in(0.0, 1.0, True), "in [0, 1)"),
+    "eps": (_number_in(0.0, math.inf, True), "a finite number >= 0"),
+    "weight_decay": (_number_in(0.0, math.inf, True), "a finite number >= 0"),
+    "nesterov": (lambda v: isinstance(v, bool | np.bool_), "True or False"),
+}
 
 
 class Optimizer:
@@ -129,8 +165,7 @@ class Optimizer:
                 raise ValueError(f"{name}: params[{i}] appears more than once; each parameter "
                                  "must be listed once or it would be updated twice per step")
             seen.add(id(p))
-        if lr < 0:
-            raise ValueError(f"{name}: lr must be >= 0, got {lr}")
+        self._check_hyperparams(name, {"lr": lr})
         self.params: list[Tensor] = params
         self.lr = float(lr)
         #: None: fuse the update only in compiled plans; True: always; False: never
@@ -150,6 +185,15 @@ class Optimizer:
             self._flat = _FlatBuffers([d.shape for d in datas], datas[0].dtype)
             del datas  # adopt() checks that only the parameters hold their arrays
             self._flat.adopt(params)
+
+    @classmethod
+    def _check_hyperparams(cls, where: str, values: dict[str, Any]) -> None:
+        """Raise one ValueError naming the first value outside its rule (``HYPERPARAM_RULES``;
+        names without a rule are not checked). Subclasses add rules between values."""
+        for key, value in values.items():
+            rule = HYPERPARAM_RULES.get(key)
+            if rule is not None and not rule[0](value):
+                raise ValueError(f"{where}: {key} must be {rule[1]}, got {value!r}")
 
     # -- gradients ---------------------------------------------------------------------------
     def reset_grad(self) -> None:
@@ -188,13 +232,36 @@ class Optimizer:
             return
         self._apply_step(fuse=self.fused is True)
 
-    def run_update(self, fuse_rule: bool) -> None:
-        """What a graph's ``apply_updates`` node runs once it has set the gradients: this
-        optimizer's update (as one compiled loop if ``fuse_rule`` and ``fused`` allows)."""
-        if type(self).step is Optimizer.step:
-            self._apply_step(fuse=self.fused is True or (fuse_rule and self.fused is None))
-        else:  # a subclass with its own step()
-            self.step()
+    def run_update(self, params: tuple, grads: tuple, storage: Any = None,
+                   restore_grads: bool = False, fuse_rule: bool = False) -> None:
+        """What a graph's ``apply_updates`` node runs: give ``params`` these gradient arrays
+        (the optimizer's other parameters none, as after ``reset_grad()``) and update.
+
+        ``storage(p)``, if given, is the array the update writes for ``p`` (a Session's value
+        of a Variable); ``restore_grads`` puts the ``.grad`` attributes back afterwards; the
+        update runs as one compiled loop if ``fuse_rule`` and ``fused`` allows.
+        """
+        given = {id(p): g for p, g in zip(params, grads)}
+        # only what this call changes is put back (nothing, under the JIT)
+        saved_grads = [(p, p.grad) for p in self.params] if restore_grads else []
+        saved_data = [(p, p._data) for p in params] if storage is not None else []
+        try:
+            for p in self.params:
+                g = given.get(id(p))
+                if isinstance(g, np.generic):  # a full reduction's NumPy scalar
+                    g = np.asarray(g)
+                p.grad = None if g is None else new_leaf(Tensor, g, device=p.device)
+                if g is not None and storage is not None:
+                    p._data = storage(p)  # updated in place by the step
+            if type(self).step is Optimizer.step:
+                self._apply_step(fuse=self.fused is True or (fuse_rule and self.fused is None))
+            else:  # a subclass with its own step()
+                self.step()
+        finally:
+            for p, data in saved_data:
+                p._data = data
+            for p, grad in saved_grads:
+                p.grad = grad
 
     def _apply_step(self, fuse: bool) -> None:
         """``step()`` on gradients with values; ``fuse`` runs the flat update as one loop."""
@@ -362,10 +429,16 @@ class Optimizer:
         missing = [h for h in self.hyperparams if h not in hyper]
         if missing:
             raise KeyError(f"{name}.load_state_dict: hyperparameters {missing} are missing")
+        # the constructor's checks: a state dict cannot set what the constructor refuses
+        checked = {h: hyper[h] for h in self.hyperparams}
+        if hyper.get("initial_lr") is not None:
+            checked["initial_lr"] = hyper["initial_lr"]
+        self._check_hyperparams(f"{name}.load_state_dict", checked)
+        new_hyper = {h: _plain(hyper[h]) for h in self.hyperparams}
         old_hyper = {h: getattr(self, h) for h in self.hyperparams}
         # hyperparameters first: they decide which state arrays exist (SGD's momentum)
-        for h in self.hyperparams:
-            setattr(self, h, _plain(hyper[h]))
+        for h, value in new_hyper.items():
+            setattr(self, h, value)
         try:
             new_state = self._load_state(state_dict["state"])
         except Exception:

@@ -27,8 +27,14 @@ from ..core.interpret import (
     plan_frees,
     run_program,
 )
-from ..core.registry import Aval, NodeMeta, Op, ShapeError, fmt_shape
+from ..core.registry import Aval, NodeMeta, Op, ShapeError, fmt_shape, register
+from ..core.source import user_source
 from . import runtime
+
+#: The most iterations a ``while_loop`` without ``maximum_iterations`` may run: one that is
+#: still going then is taken for a loop that never ends and raises (per loop:
+#: ``iteration_limit=``; for every loop, set this attribute).
+MAX_UNBOUNDED_ITERATIONS = 1_000_000
 
 
 @contextlib.contextmanager
@@ -99,10 +105,10 @@ def _union(*lists: list) -> list:
     return list(seen.values())
 
 
+@register("cond", inputs=("*captures",), internal=True)
 class Cond(Op):
     """Run the true or the false branch by the value of a boolean scalar; outputs a tuple."""
 
-    name = "cond"
     returns_tuple = True
 
     def __init__(self, true_branch: _Branch, false_branch: _Branch, captures: list) -> None:
@@ -185,20 +191,31 @@ def _loop_var(like: Tensor, i: int) -> _LoopVar:
                     meta=NodeMeta(name=f"loop_var_{i}"))
 
 
+@register("while_loop", inputs=("*values",), internal=True)
 class WhileLoop(Op):
     """Repeat ``body`` while ``cond`` holds (at most ``maximum_iterations`` times)."""
 
-    name = "while_loop"
     returns_tuple = True
 
     def __init__(self, cond_fn: Callable, body_fn: Callable, stand_ins: list,
                  cond_branch: _Branch, body_branch: _Branch, captures: list,
-                 maximum_iterations: int | None) -> None:
+                 maximum_iterations: int | None, iteration_limit: int | None = None,
+                 label: str = "while_loop", source: str | None = None) -> None:
         self.cond_fn, self.body_fn = cond_fn, body_fn
         self.stand_ins = stand_ins
         self.cond_branch, self.body_branch = cond_branch, body_branch
         self.captures = captures
         self.maximum_iterations = maximum_iterations
+        self.iteration_limit = iteration_limit
+        self.label = label
+        self.source = source
+
+    def _runaway(self, limit: int) -> RuntimeError:
+        where = f" (created at {self.source})" if self.source else ""
+        return RuntimeError(
+            f"while_loop {self.label!r}{where} ran {limit} iterations and cond_fn is still true; "
+            "give maximum_iterations=N to bound it, or iteration_limit=N (default "
+            "needle.static.control.MAX_UNBOUNDED_ITERATIONS) if it really needs more")
 
     def attrs(self) -> tuple:
         return (("loop", id(self)),)
@@ -208,11 +225,19 @@ class WhileLoop(Op):
         state, outer = list(values[:n]), values[n:]
         by_id = {id(c): v for c, v in zip(self.captures, outer)}
         steps = 0
-        while self.maximum_iterations is None or steps < self.maximum_iterations:
+        bound = self.maximum_iterations
+        # NOTE: without maximum_iterations a guard bounds the loop: one that never ends raises
+        # instead of hanging the Session (read at run time, so the module default can change)
+        guard = None if bound is not None else (
+            self.iteration_limit if self.iteration_limit is not None
+            else MAX_UNBOUNDED_ITERATIONS)
+        while bound is None or steps < bound:
             by_id.update({id(s): v for s, v in zip(self.stand_ins, state)})
             (go,) = self.cond_branch.run(by_id)
             if not bool(go):
                 break
+            if steps == guard:
+                raise self._runaway(guard)
             state = list(self.body_branch.run(by_id))
             steps += 1
         return tuple(state)
@@ -241,12 +266,23 @@ class WhileLoop(Op):
 
 
 def while_loop(cond_fn: Callable[..., Any], body_fn: Callable[..., Any], loop_vars: Any,
-               maximum_iterations: int | None = None) -> Any:
+               maximum_iterations: int | None = None, *, iteration_limit: int | None = None,
+               name: str | None = None) -> Any:
     """Run ``loop_vars = body_fn(*loop_vars)`` while ``cond_fn(*loop_vars)`` is true.
 
     ``loop_vars`` is a tensor or a list of tensors; the body returns the same number of
     tensors with the same shapes. Differentiable when ``maximum_iterations`` is given.
+
+    A loop without ``maximum_iterations`` is guarded: once it has run ``iteration_limit``
+    iterations (default ``MAX_UNBOUNDED_ITERATIONS``, 1,000,000) and ``cond_fn`` is still
+    true, the run raises a RuntimeError naming the loop (``name``) and the line that made
+    it, instead of never returning.
     """
+    for label, value in (("maximum_iterations", maximum_iterations),
+                         ("iteration_limit", iteration_limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
+                                  or value < 0):
+            raise ValueError(f"while_loop: {label} must be an int >= 0 or None, got {value!r}")
     init, single = _as_list(loop_vars, "while_loop: loop_vars")
     stand_ins = [_loop_var(v, i) for i, v in enumerate(init)]
     internal = {id(s) for s in stand_ins}
@@ -262,7 +298,12 @@ def while_loop(cond_fn: Callable[..., Any], body_fn: Callable[..., Any], loop_va
     captures = [c for c in _union(cond_branch.captures, body_branch.captures)
                 if id(c) not in internal]
     op = _mark_effects(WhileLoop(cond_fn, body_fn, stand_ins, cond_branch, body_branch,
-                                 captures, maximum_iterations), cond_branch, body_branch)
+                                 captures, maximum_iterations,
+                                 None if iteration_limit is None else int(iteration_limit),
+                                 name or "while_loop", user_source()),
+                       cond_branch, body_branch)
     node = make_from_op(op, (*init, *captures))
+    if name is None and node.meta is not None and node.meta.name:
+        op.label = node.meta.name  # the graph's unique name, as Session errors show it
     outputs = [node[i] for i in range(len(init))]
     return outputs[0] if single else outputs

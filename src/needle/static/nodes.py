@@ -8,6 +8,7 @@ import numpy as np
 
 from ..autograd import Tensor, _to_backend, init_leaf
 from ..backend import Device, cpu
+from ..backend.ndarray import lossless_astype
 from ..core.registry import Aval, NodeMeta, fmt_shape
 from ..core.source import user_source
 from .graph import get_default_graph
@@ -47,7 +48,12 @@ class Placeholder(Tensor):
         return self.meta.name
 
     def check_feed(self, value: Any) -> np.ndarray:
-        """The fed value as an array of this dtype, or a ValueError naming both shapes."""
+        """The fed value as an array of this dtype, or a ValueError naming both shapes.
+
+        A conversion that would change values is refused with a ValueError naming the
+        placeholder: non-whole floats (or NaN, or out-of-range values) for an integer
+        placeholder (2.0 converts, 2.5 does not), finite values that overflow a float dtype.
+        """
         if type(value) is not np.ndarray:
             value = value.numpy() if isinstance(value, Tensor) else np.asarray(value)
         declared, dtype = self._aval
@@ -56,7 +62,9 @@ class Placeholder(Tensor):
                 d is not None and d != n for d, n in zip(declared, shape)):
             raise ValueError(f"feed for placeholder {self.name!r}: declared shape "
                              f"{fmt_shape(declared)}, fed shape {fmt_shape(shape)}")
-        return value if value.dtype == dtype else value.astype(dtype)
+        if value.dtype == dtype:
+            return value
+        return lossless_astype(value, dtype, f"feed for placeholder {self.name!r} ({dtype})")
 
     def __repr__(self) -> str:
         return f"placeholder({self.name!r}, shape={fmt_shape(self.shape)}, dtype={self.dtype})"

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..autograd import Tensor, TensorTuple, Value, _to_backend
+from ..autograd import Tensor, TensorTuple, _to_backend
 from ..backend import cpu, device_of
 from ..compiler import optimize as optimize_program
 from ..compiler import predict_peak_bytes
@@ -32,6 +31,7 @@ from ..core.interpret import (
 )
 from ..core.registry import Aval, fmt_shape
 from . import runtime
+from .fetches import fetch_key, flatten_fetches
 from .graph import Graph, get_default_graph
 from .nodes import Constant, Placeholder, Variable
 
@@ -96,52 +96,6 @@ class RunPlan:
         return "\n".join(lines)
 
 
-# -- fetch structures -----------------------------------------------------------------------------
-def _fetch_key(fetches: Any) -> Any:
-    """A hashable key for a (nested) fetch structure: node ids and container kinds."""
-    if isinstance(fetches, Value):
-        return id(fetches)
-    if isinstance(fetches, list):
-        return ("list", *[_fetch_key(f) for f in fetches])
-    if isinstance(fetches, tuple):
-        return (type(fetches), *[_fetch_key(f) for f in fetches])
-    if isinstance(fetches, dict):
-        return (type(fetches), *[(k, _fetch_key(v)) for k, v in fetches.items()])
-    raise TypeError(f"Session.run: cannot fetch a {type(fetches).__name__}; fetch graph "
-                    "tensors, operations, or lists / tuples / dicts of them")
-
-
-def _flatten(fetches: Any) -> tuple[list, Callable[[list], Any]]:
-    """Flat list of fetched nodes and a function rebuilding the nested structure from values."""
-    if isinstance(fetches, Value):
-        return [fetches], lambda values: values[0]
-    if isinstance(fetches, dict):
-        keys = list(fetches)
-        parts = [_flatten(fetches[k]) for k in keys]
-    elif isinstance(fetches, list | tuple):
-        keys = None
-        parts = [_flatten(f) for f in fetches]
-    else:
-        _fetch_key(fetches)  # raises the TypeError naming the bad fetch
-        raise AssertionError("unreachable")
-    flat = [node for sub, _ in parts for node in sub]
-    sizes = [len(sub) for sub, _ in parts]
-    kind = type(fetches)
-
-    def rebuild(values: list) -> Any:
-        out, start = [], 0
-        for (_, inner), n in zip(parts, sizes):
-            out.append(inner(values[start:start + n]))
-            start += n
-        if keys is not None:
-            return kind(zip(keys, out))
-        if kind is list:
-            return out
-        return kind(*out) if hasattr(kind, "_fields") else kind(out)  # namedtuples
-
-    return flat, rebuild
-
-
 def _node_name(node: Any) -> str:
     meta = node.meta
     name = meta.name if meta is not None and meta.name else None
@@ -172,7 +126,7 @@ class _Runner:
     function, how to get each source value, the placeholders still missing."""
 
     def __init__(self, session: Session, fetches: Any, feed_nodes: list) -> None:
-        flat, self.rebuild = _flatten(fetches)
+        flat, self.rebuild = flatten_fetches(fetches)
         # the plan cache is keyed by these nodes' ids: holding them keeps the ids theirs
         # (constant folding may leave none of them in the program)
         self.keys = (flat, feed_nodes)
@@ -284,14 +238,24 @@ class Session:
             raise TypeError(f"{describe_node(node)} is not a Variable or parameter")
         return node._data
 
+    def _check_open(self, what: str) -> None:
+        # a closed session dropped its Variables' values: reading them would silently give
+        # (or writing them would set) fresh initial values
+        if self._closed:
+            raise RuntimeError(f"Session.{what}: Session is closed")
+
     def variables(self) -> dict[str, np.ndarray]:
-        """Name -> value (a copy) of every Variable of the graph, ready for ``ndl.save``."""
+        """Name -> value (a copy) of every Variable of the graph, ready for ``ndl.save``.
+        Raises RuntimeError after ``close()``."""
+        self._check_open("variables")
         return {var.name: var.device.to_numpy(self.variable_value(var)).copy()
                 for var in self.graph.variables}
 
     def load_variables(self, values: dict[str, Any], strict: bool = True) -> None:
         """Set Variables by name from arrays or Tensors (what ``variables()`` or a checkpoint
-        entry holds). With ``strict`` unknown and missing names raise one KeyError."""
+        entry holds). With ``strict`` unknown and missing names raise one KeyError; after
+        ``close()`` a RuntimeError."""
+        self._check_open("load_variables")
         by_name = {var.name: var for var in self.graph.variables}
         unknown = [k for k in values if k not in by_name]
         missing = [k for k in by_name if k not in values]
@@ -339,7 +303,7 @@ class Session:
     def _runner(self, fetches: Any, feed_dict: dict | None) -> _Runner:
         if self._closed:
             raise RuntimeError("Session.run: the session is closed")
-        key = (_fetch_key(fetches), frozenset(map(id, feed_dict)) if feed_dict else None)
+        key = (fetch_key(fetches), frozenset(map(id, feed_dict)) if feed_dict else None)
         with self._lock:
             runner = self._runners.get(key)
             if runner is not None:
@@ -416,7 +380,7 @@ class Session:
         feed_dict = feed_dict or {}
         feeds = {id(node): self._feed_value(node, value) for node, value in feed_dict.items()}
         program = runner.program
-        flat, _ = _flatten(fetches)
+        flat, _ = flatten_fetches(fetches)
 
         def is_source(node: Any) -> bool:
             return node.op is None or id(node) in feeds
