@@ -17,7 +17,10 @@ IDS = [f"{case.op}-{i}" for i, (case, *_rest) in enumerate(CASES)]
 
 
 def test_every_registered_op_has_a_table_row():
-    assert {case.op for case in OP_TABLE} == set(REGISTRY)
+    # ops registered by user code (ndl.register_op, as tests of it do) are theirs to test
+    builtin = {name for name, record in REGISTRY.items()
+               if record.cls.__module__.startswith("needle.") and not record.internal}
+    assert {case.op for case in OP_TABLE} == builtin
 
 
 @pytest.mark.parametrize(("case", "fn", "ref", "sample"), CASES, ids=IDS)
@@ -62,7 +65,7 @@ def test_gradient_matches_finite_differences(case, fn, ref, sample):
     check_gradient_fd(fn, sample(rng), rng, rtol=case.fd_rtol)
 
 
-# -- large partial sums take np.einsum (see ops_shape.einsum_sum_spec) --------------------------
+# -- large partial sums take np.einsum (see kernels/reduce.py, einsum_sum_spec) -----------------
 @pytest.mark.parametrize("shape, axes", [
     ((64, 8, 16, 16), (0, 2, 3)),   # BatchNorm2d statistics over an NCHW array
     ((16, 16, 16, 8), (0, 1, 2)),   # the same over NHWC (channels innermost)

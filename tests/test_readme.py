@@ -21,7 +21,14 @@ def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
     assert "[10.107339]" in capsys.readouterr().out  # the lecture's example: e(e + 1)
 
 
-@pytest.mark.parametrize("name", ["eager.md", "jit.md", "static.md", "caffe.md"])
+@pytest.mark.parametrize("name", ["eager.md", "jit.md", "static.md", "caffe.md",
+                                  "adding_an_op.md"])
 def test_doc_examples_run(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples may write files (a solver snapshot)
     _run_examples(REPO_ROOT / "docs" / name)
+
+
+def test_export_doc_examples_run(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    _run_examples(REPO_ROOT / "docs" / "export.md")

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .autograd import Tensor, Value, make_from_op
-from .core.registry import Aval, Op, ShapeError, fmt_shape
+from .core.registry import Aval, Op, ShapeError, fmt_shape, register
 
 __all__ = ["Function", "FunctionBackwardOp", "FunctionCtx", "FunctionOp"]
 
@@ -79,6 +79,7 @@ def _as_array(value: Any, like: Any, what: str) -> Any:
     return arr
 
 
+@register("function", inputs=("*inputs",), internal=True)
 class FunctionOp(Op):
     """The forward node of ``fn.apply(*args)``: compute runs ``fn.forward(ctx, *args)``.
 
@@ -223,6 +224,7 @@ def _from_shape_rule(op: FunctionOp, rule: Any, avals: tuple) -> Aval | tuple:
     return Aval(tuple(out), dtype)
 
 
+@register("function_backward", inputs=("*inputs",), internal=True)
 class FunctionBackwardOp(Op):
     """The gradient node of a FunctionOp node: compute runs ``fn.backward(ctx, *out_grads)``.
 

@@ -612,12 +612,19 @@ class Net:
 
     @classmethod
     def from_module(cls, module: Any, example_input: Any, loss: str | None = None,
-                    **kwargs: Any) -> Net:
+                    input_name: str = "data", label_name: str = "label",
+                    dtype: Any = "float32") -> Net:
         """Lower an ``nn.Sequential``-style model into a Net with the same parameter values
-        (see :func:`needle.caffe.bridge.lower_module`)."""
-        from .bridge import lower_module
+        (see :func:`needle.caffe.lowering.lower_to_spec`); its phase follows
+        ``module.training``."""
+        from .lowering import lower_to_spec
 
-        return lower_module(module, example_input, loss=loss, net_cls=cls, **kwargs)
+        spec, values = lower_to_spec(module, example_input, loss, input_name, label_name)
+        net = cls(spec, phase="train" if module.training else "test", dtype=dtype)
+        for name, arrays in values.items():
+            for blob, value in zip(net.params[name], arrays):
+                np.copyto(blob.data, value.astype(blob.data.dtype, copy=False))
+        return net
 
     def __repr__(self) -> str:
         lines = [f"Net(phase={self.phase!r}, inputs={self.inputs}, outputs={self.outputs})"]

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import api as F
-from .registry import NodeMeta
+from .registry import F, NodeMeta, fit_to_input
 
 
 def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False,
@@ -41,19 +40,6 @@ def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False,
                 stack.pop()
                 order.append(node)
     return order
-
-
-def _fit_to_input(grad: Any, node: Any) -> Any:
-    """Sum a broadcast adjoint back to the input's shape and cast it to the input's dtype."""
-    g_data, n_data = grad._data, node._data
-    if (g_data is not None and n_data is not None  # eager fast path: compare the arrays
-            and g_data.shape == n_data.shape and g_data.dtype == n_data.dtype):
-        return grad
-    if grad.shape != node.shape:
-        grad = F.sum_to(grad, tuple(node.shape))
-    if grad.dtype != node.dtype:
-        grad = F.astype(grad, node.dtype)
-    return grad
 
 
 def _accumulate(adjoints: dict, node: Any, grad: Any) -> None:
@@ -103,7 +89,7 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
                 continue
         if stop and id(node) in stop:
             continue
-        if op.name == "tuple_get_item":
+        if op.selects_item:
             source = node.inputs[0]
             if source.requires_grad:
                 _accumulate(tuple_parts.setdefault(source, {}), op.index, grad)
@@ -120,7 +106,7 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
             if (type(i_data) is not tuple and (inp.op is None or not inp.op.returns_tuple)
                     and (g_data is None or i_data is None or g_data.shape != i_data.shape
                          or g_data.dtype != i_data.dtype)):
-                in_grad = _fit_to_input(in_grad, inp)
+                in_grad = fit_to_input(in_grad, inp)
             previous = adjoints.get(inp)
             adjoints[inp] = in_grad if previous is None else previous + in_grad
 

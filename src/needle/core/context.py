@@ -165,12 +165,11 @@ def provide(name: str, fn: Callable[..., Any]) -> None:
 
 
 def service(name: str) -> Callable[..., Any]:
-    """The callable a front-end provided under ``name``, importing the front-ends if needed."""
+    """The callable a front-end provided under ``name`` (``import needle`` loads them all)."""
     fn = _SERVICES.get(name)
     if fn is None:
-        import needle.static  # noqa: F401 - provides its services on import
-
-        fn = _SERVICES[name]
+        raise LookupError(f"no front-end provides {name!r}: import needle (or the front-end "
+                          "that provides it) first")
     return fn
 
 

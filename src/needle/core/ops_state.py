@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import api as F
-from .registry import Aval, Op, ShapeError, fmt_shape, register
+from .registry import Aval, F, Op, ShapeError, fmt_shape, make_node, register
 
 
 @register("stop_gradient", inputs=("a",))
@@ -105,6 +104,7 @@ class Store(Op):
         return target
 
 
+@register("apply_updates", inputs=("*grads",), internal=True)
 class ApplyUpdates(Op):
     """Give the parameters these gradients and run the optimizer's eager update rule, in place.
 
@@ -116,10 +116,9 @@ class ApplyUpdates(Op):
     (a Session's value of a graph Variable); with ``restore_grads`` the ``.grad`` attributes
     are put back afterwards (a Session run leaves eager state alone), else they keep this
     step's gradients as in eager mode. The optimizer is reached only through its
-    ``run_update(fuse_rule)`` method, so the core knows no optimizer class.
+    ``run_update`` method, so the core knows no optimizer class.
     """
 
-    name = "apply_updates"
     side_effect = True
     writes_state = True
     differentiable = False
@@ -145,25 +144,8 @@ class ApplyUpdates(Op):
         return op
 
     def compute(self, *grads):
-        from ..autograd import Tensor, new_leaf
-
-        opt = self.optimizer
-        given = {id(p): g for p, g in zip(self.params, grads)}
-        # only what this node changes is put back (nothing, under the JIT)
-        saved_grads = [(p, p.grad) for p in opt.params] if self.restore_grads else []
-        saved_data = [(p, p._data) for p in self.params] if self.storage is not None else []
-        try:
-            for p in opt.params:
-                g = given.get(id(p))
-                p.grad = None if g is None else new_leaf(Tensor, np.asarray(g), device=p.device)
-                if g is not None and self.storage is not None:
-                    p._data = self.storage(p)  # updated in place by the step
-            opt.run_update(self.fuse_rule)
-        finally:
-            for p, data in saved_data:
-                p._data = data
-            for p, grad in saved_grads:
-                p.grad = grad
+        self.optimizer.run_update(self.params, grads, self.storage, self.restore_grads,
+                                  self.fuse_rule)
         return None
 
     def infer(self, *avals: Aval) -> Aval:
@@ -172,7 +154,4 @@ class ApplyUpdates(Op):
 
 def apply_updates(optimizer: Any, grads: dict) -> Any:
     """The node that runs ``optimizer``'s update with ``grads`` (parameter -> gradient node)."""
-    from ..autograd import make_from_op
-
-    op = ApplyUpdates(optimizer, tuple(grads))
-    return make_from_op(op, tuple(grads.values()))
+    return make_node(ApplyUpdates(optimizer, tuple(grads)), tuple(grads.values()))

@@ -51,6 +51,8 @@ class Op:
     writes_state: bool = False
     #: True for ops that draw random numbers (two nodes never compute the same value)
     random: bool = False
+    #: True for ``tuple_get_item``: autodiff gathers the items' adjoints into one tuple
+    selects_item: bool = False
 
     def __call__(self, *args: Any) -> Any:
         return make_node(self, args)
@@ -64,13 +66,24 @@ class Op:
         raise NotImplementedError(f"{self.name}: no gradient")
 
     def gradient_as_tuple(self, out_grad: Any, node: Any) -> tuple:
-        """``gradient`` as a tuple with one entry per input (None: no gradient)."""
+        """``gradient`` as a tuple with one entry per input (None: no gradient), each summed
+        back to its input's shape and cast to its dtype, as the autodiff engine does.
+
+        Course code calls this directly: ``(6, 6, 5, 4) @ (4, 3)`` gives a ``(4, 3)`` adjoint
+        of the second input here, while ``gradient`` returns the broadcast ``(6, 6, 4, 3)``.
+        """
         grads = self.gradient(out_grad, node)
-        if isinstance(grads, tuple):
-            return grads
         if isinstance(grads, list):
-            return tuple(grads)
-        return (grads,)
+            grads = tuple(grads)
+        elif not isinstance(grads, tuple):
+            grads = (grads,)
+        fitted = list(grads)
+        for i, (grad, inp) in enumerate(zip(grads, node.inputs)):
+            # tuple inputs (make_tuple, split) take tuple adjoints as they are, as in the engine
+            if grad is not None and not isinstance(inp._data, tuple) and not (
+                    inp.op is not None and inp.op.returns_tuple):
+                fitted[i] = fit_to_input(grad, inp)
+        return tuple(fitted)
 
     def infer(self, *avals: Aval) -> Aval | tuple:
         """Static shape and dtype of the output; raises ShapeError naming the op and shapes."""
@@ -120,6 +133,20 @@ class NodeMeta:
 _NODE_FACTORY: list = []
 
 
+def fit_to_input(grad: Any, node: Any) -> Any:
+    """Sum a broadcast adjoint back to the input's shape and cast it to the input's dtype
+    (the one un-broadcast of the autodiff engine and of ``Op.gradient_as_tuple``)."""
+    g_data, n_data = grad._data, node._data
+    if (g_data is not None and n_data is not None  # eager fast path: compare the arrays
+            and g_data.shape == n_data.shape and g_data.dtype == n_data.dtype):
+        return grad
+    if grad.shape != node.shape:
+        grad = F.sum_to(grad, tuple(node.shape))
+    if grad.dtype != node.dtype:
+        grad = F.astype(grad, node.dtype)
+    return grad
+
+
 def make_node(op: Op, inputs: tuple) -> Any:
     """Make a graph node applying ``op`` to ``inputs`` (delegates to the front-end)."""
     return _NODE_FACTORY[0](op, inputs)
@@ -136,19 +163,38 @@ class OpRecord:
     methods: tuple[str, ...] = ()
     tuple_input: bool = False
     doc: str = field(default="", repr=False)
+    #: a node kind the front-ends make themselves (assign, cond, jit_call, ...): enumerable
+    #: here, but no ``ndl.ops`` function (its attributes are objects, not values)
+    internal: bool = False
 
 
 REGISTRY: dict[str, OpRecord] = {}
 
 
+class OpFunctions:
+    """The op functions by name (``F.add(a, b)``, ``F.summation(a, axes=(0,))``), one
+    attribute per registered op, set as each op registers.
+
+    Op definitions write gradients with it (``from .registry import F``), so an op file
+    imports only the registry, and ``core/api.py`` can import every op file without a cycle.
+    """
+
+    def __repr__(self) -> str:
+        return f"<needle op functions: {len(vars(self))} ops>"
+
+
+F: Any = OpFunctions()
+
+
 def register(name: str, inputs: tuple[str, ...] = ("a",), methods: tuple[str, ...] = (),
-             tuple_input: bool = False):
+             tuple_input: bool = False, internal: bool = False):
     """Class decorator: record an op under ``name``.
 
     ``inputs`` names the array arguments of the generated ``ndl.ops.<name>`` function; the
     op's ``__init__`` parameters become its keyword/positional attributes after them.
     ``methods`` lists Tensor methods that call the op with the tensor as first input.
-    ``tuple_input`` marks ops whose single input is a TensorTuple (``stack``).
+    ``tuple_input`` marks ops whose single input is a TensorTuple (``stack``). ``internal``
+    marks node kinds a front-end makes itself (no generated function).
     """
 
     def decorate(cls: type) -> type:
@@ -158,11 +204,56 @@ def register(name: str, inputs: tuple[str, ...] = ("a",), methods: tuple[str, ..
         if cls.__init__ is not object.__init__:
             params = list(inspect.signature(cls.__init__).parameters)[1:]
         cls.name = name
-        REGISTRY[name] = OpRecord(name, cls, tuple(inputs), tuple(params), tuple(methods),
-                                  tuple_input, inspect.getdoc(cls) or "")
+        record = OpRecord(name, cls, tuple(inputs), tuple(params), tuple(methods),
+                          tuple_input, inspect.getdoc(cls) or "", internal)
+        REGISTRY[name] = record
+        if not internal:
+            setattr(F, name, _generate(record))
         return cls
 
     return decorate
+
+
+def _function_source(record: OpRecord) -> tuple[str, dict]:
+    """Python source of the op function for ``record`` and the names it refers to."""
+    cls = record.cls
+    namespace: dict[str, Any] = {"_cls": cls, "_factory": _NODE_FACTORY}
+    params = []
+    for name in record.attrs:
+        default = inspect.signature(cls.__init__).parameters[name].default
+        if default is inspect.Parameter.empty:
+            params.append(name)
+        else:
+            namespace[f"_default_{name}"] = default
+            params.append(f"{name}=_default_{name}")
+    inputs = ", ".join(record.inputs)
+    if any(name.startswith("*") for name in record.inputs):
+        params = [p if "=" in p else f"{p}=None" for p in params]  # keyword-only after *args
+    signature = ", ".join([inputs] + params)
+    args_tuple = f"({inputs},)"  # "(a, *rest,)" unpacks a variadic input too
+    if record.attrs:
+        make_op = f"_cls({', '.join(record.attrs)})"
+    else:
+        namespace["_op"] = cls()
+        make_op = "_op"
+    body = ""
+    if record.tuple_input:
+        arg = record.inputs[0]
+        body += f"    if isinstance({arg}, (list, tuple)):\n        {arg} = make_tuple(*{arg})\n"
+    body += f"    return _factory[0]({make_op}, {args_tuple})\n"
+    source = f"def {record.name}({signature}):\n{body}"
+    return source, namespace
+
+
+def _generate(record: OpRecord) -> Any:
+    source, namespace = _function_source(record)
+    namespace["make_tuple"] = lambda *args: F.make_tuple(*args)
+    exec(compile(source, f"<needle op {record.name}>", "exec"), namespace)  # noqa: S102
+    fn = namespace[record.name]
+    fn.__doc__ = record.doc
+    fn.__module__ = "needle.ops"
+    fn.__qualname__ = record.name
+    return fn
 
 
 def get_op(name: str) -> OpRecord:

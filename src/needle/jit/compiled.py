@@ -34,7 +34,7 @@ from ..core.interpret import (
     compile_program,
     plan_frees,
 )
-from ..core.registry import Aval, Op
+from ..core.registry import Aval, Op, register
 from .guards import Guard, GuardCollector, Unguarded, compile_checks
 from .signature import (
     describe_difference,
@@ -112,10 +112,10 @@ class JitReport:
 
 
 # -- the op that runs a plan ----------------------------------------------------------------------
+@register("jit_call", inputs=("*values",), internal=True)
 class JitCall(Op):
     """Run a compiled Program on (call tensors..., parameters...) and return its outputs."""
 
-    name = "jit_call"
     returns_tuple = True
 
     def __init__(self, plan: CompiledPlan) -> None:
@@ -502,9 +502,7 @@ def jit(fn: Callable | None = None, *, strict: bool = False, optimize: bool = Tr
     if fn is None:
         return lambda f: jit(f, strict=strict, optimize=optimize,
                              static_argnames=static_argnames, cache_size=cache_size)
-    from ..nn.module import Module
-
-    if isinstance(fn, Module):
+    if getattr(type(fn), "__needle_module__", False) is True:  # an nn.Module (jit is below nn)
         module = fn
         return CompiledFunction(module.__call__, strict, optimize, tuple(static_argnames),
                                 modules=[m for _, m in module.named_modules()],

@@ -284,6 +284,11 @@ def _global_numpy_state() -> tuple:
     return key.tobytes(), pos
 
 
+def _is_module(value: Any) -> bool:
+    """Whether ``value`` is an ``nn.Module`` (told by a class flag: jit sits below nn)."""
+    return getattr(type(value), "__needle_module__", False) is True
+
+
 def _is_library_file(filename: str) -> bool:
     return filename.startswith("<frozen") or filename.startswith(_LIBRARY_DIRS)
 
@@ -311,9 +316,6 @@ class GuardCollector:
     """Collects guards and reports while a trace runs (a context manager around it)."""
 
     def __init__(self, top_function: Any = None) -> None:
-        from ..nn.module import Module
-
-        self._module_type = Module
         self._top_code, self._top_cells, self._top_source = None, {}, None
         fn = getattr(top_function, "__func__", top_function)
         code = getattr(fn, "__code__", None)
@@ -380,7 +382,7 @@ class GuardCollector:
             if not code.co_argcount or code.co_varnames[0] != "self":
                 return
             this = frame.f_locals.get("self")
-            if not isinstance(this, self._module_type):
+            if not _is_module(this):
                 return
             for path in access_paths(code):
                 if path.root_kind == "arg" and path.root_name == "self" and path.attrs:
@@ -408,8 +410,7 @@ class GuardCollector:
                 root = local.get(path.root_name, _MISSING)
                 if root is _MISSING or isinstance(root, Tensor | np.ndarray):
                     continue  # tensor arguments are guarded by the call signature
-                name = (type(root).__name__ if isinstance(root, self._module_type)
-                        else path.root_name)
+                name = type(root).__name__ if _is_module(root) else path.root_name
                 self._guard_path(root, (), path.attrs, name, frame, path.method)
 
     # -- recording -----------------------------------------------------------------------------

@@ -44,9 +44,9 @@ def to_dot(graph: Any, fetches: Any = None, feed_dict: dict | None = None) -> st
     With ``fetches``, the nodes a ``Session.run(fetches, feed_dict)`` would execute are filled
     blue, fed nodes orange, read sources green, and everything pruned is dashed grey.
     """
-    from .session import _flatten
+    from .fetches import flatten_fetches
 
-    flat = _flatten(fetches)[0] if fetches is not None else []
+    flat = flatten_fetches(fetches)[0] if fetches is not None else []
     fed = {id(n) for n in (feed_dict or {})}
     roots = [*graph.placeholders, *graph.variables, *graph.constants, *graph.nodes(), *flat]
     nodes = find_topo_sort(roots)

@@ -14,8 +14,8 @@ import numpy as np
 from ..autograd import Tensor, make_from_op
 from ..core import context
 from ..core.autodiff import find_topo_sort
-from ..core.ops_state import ApplyUpdates
-from ..core.registry import Aval, Op
+from ..core.ops_state import ApplyUpdates, Store
+from ..core.registry import Aval, Op, register
 from .graph import get_default_graph
 from .runtime import current_session
 
@@ -40,14 +40,13 @@ def _current_value(var: Any) -> Any:
     return var._data
 
 
+@register("assign", inputs=("value",), internal=True)
 class Assign(Op):
     """Store ``value`` (or var + value, var - value) into a Variable; outputs the new value.
 
     The target is a ``st.Variable`` (the running Session's value) or an eager leaf such as a
     Parameter or a BatchNorm buffer (its own array), written in place.
     """
-
-    name = "assign"
 
     side_effect = True
     writes_state = True
@@ -97,10 +96,9 @@ def assign_sub(var: Any, value: Any) -> Tensor:
     return make_from_op(Assign(var, "sub"), (_as_node(value, var),))
 
 
+@register("with_dependencies", inputs=("value", "*after"), internal=True)
 class WithDependencies(Op):
     """Identity on its first input that also needs its other inputs (operations) to have run."""
-
-    name = "with_dependencies"
 
     def compute(self, value, *dependencies):
         return value
@@ -125,10 +123,9 @@ def with_dependencies(dependencies: list | tuple, output: Tensor) -> Tensor:
     return make_from_op(WithDependencies(), (output, *dependencies))
 
 
+@register("print", inputs=("value",), internal=True)
 class Print(Op):
     """Identity that prints ``message`` and the value each time it runs (debugging a graph)."""
-
-    name = "print"
 
     side_effect = True
 
@@ -154,10 +151,9 @@ def print_(tensor: Tensor, message: str = "", summarize: int = 6) -> Tensor:
     return make_from_op(Print(message, summarize), (tensor,))
 
 
+@register("group", inputs=("*nodes",), internal=True)
 class Group(Op):
     """Runs its inputs (operations) and produces nothing: ``st.group(op1, op2)``."""
-
-    name = "group"
 
     side_effect = True
     differentiable = False
@@ -183,7 +179,7 @@ def state_updates(output: Tensor | list) -> list:
     to ``y``.
     """
     outputs = list(output) if isinstance(output, list | tuple) else [output]
-    stores = [n for n in get_default_graph().effect_nodes() if n.op.name == "store"]
+    stores = [n for n in get_default_graph().effect_nodes() if isinstance(n.op, Store)]
     if not stores:
         return []
     ancestors = {id(n) for n in find_topo_sort(outputs)}
