@@ -25,7 +25,7 @@ LAYERS = [
     # Caffe layers wrap library pieces (SoftmaxLoss, the optimizers' update rules, save/load)
     ("caffe", ["needle.caffe"]),
     # exchange formats read and write graphs of every front-end and library module
-    ("interchange", ["needle.onnx"]),
+    ("interchange", ["needle.onnx", "needle.program"]),
     ("apps", ["needle.apps", "needle.cli", "needle.__main__", "needle.extend", "needle"]),
 ]
 

@@ -23,6 +23,7 @@ from .backend import Device, NDArray, cpu, cuda, default_device
 from .checkpoint import CheckpointError, checkpoint_info, load, save
 from .extend import register_op
 from .ops import *
+from .program import ExportedProgram, export, load_program
 
 # PyTorch users find custom functions as autograd.Function; function.py builds on autograd.py,
 # so the package, above both, makes the name available there
