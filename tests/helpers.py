@@ -58,6 +58,73 @@ def check_gradient_fd(fn: Callable, arrays: list[np.ndarray], rng: np.random.Gen
     np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=atol)
 
 
+def second_order_gradients(fn: Callable, arrays: list[np.ndarray], weights: np.ndarray,
+                           v: list[np.ndarray | None]) -> tuple[list[np.ndarray], np.ndarray]:
+    """needle's gradient of a gradient (gradgradcheck's quantity), both by autodiff.
+
+    With y = fn(*x), the seed w as a leaf and g_i = d<y, w>/dx_i (first order, built with
+    ops: ``backward`` records a graph for gradients, needle's default), returns the gradients
+    of s = sum_i <g_i, v_i> with respect to every x_i (a Hessian-vector product, zeros where s
+    does not depend on x_i: linear ops) and with respect to w (a Jacobian-vector product,
+    J v: for a linear op, the derivative of its gradient rule by its seed)."""
+    inputs = leaves(arrays)
+    out = fn(*inputs)
+    seed = ndl.Tensor(weights, dtype=out.dtype, requires_grad=True)
+    out.backward(seed)
+    firsts = [x.grad for x in inputs]
+    terms = [(g * ndl.Tensor(vi, dtype=g.dtype, requires_grad=False)).sum()
+             for g, vi in zip(firsts, v) if vi is not None and g is not None]
+    assert terms, "no input got a first-order gradient"
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    for x in inputs:  # backward sets .grad only on the leaves it reaches
+        x.grad = None
+    assert total.requires_grad, "first-order gradients do not depend on their seed"
+    total.backward()
+    for x in inputs:
+        assert x.grad is None or (x.grad.shape == x.shape and x.grad.dtype == x.dtype)
+    assert seed.grad is not None and seed.grad.shape == seed.shape
+    second = [x.grad.numpy() if x.grad is not None else np.zeros(a.shape, a.dtype)
+              for x, a in zip(inputs, arrays)]
+    return second, seed.grad.numpy()
+
+
+def projected_gradient(fn: Callable, arrays: list[np.ndarray], weights: np.ndarray,
+                       v: list[np.ndarray | None]) -> float:
+    """sum_i <d<fn(x), w>/dx_i, v_i> in float64, the gradients made as in
+    ``second_order_gradients`` (``backward``'s default, create_graph=True)."""
+    inputs = leaves(arrays)
+    out = fn(*inputs)
+    out.backward(ndl.Tensor(weights, dtype=out.dtype, requires_grad=False))
+    return sum(float(np.sum(x.grad.numpy().astype(np.float64) * vi))
+               for x, vi in zip(inputs, v) if vi is not None and x.grad is not None)
+
+
+def check_second_order_fd(fn: Callable, arrays: list[np.ndarray], rng: np.random.Generator,
+                          rtol: float = 1e-6, atol: float = 1e-7, eps: float = 1e-6) -> None:
+    """needle's gradient of sum_i <g_i, v_i> (``second_order_gradients``) agrees with a float64
+    central difference of that projected first-order gradient along a random direction in
+    (x, w) jointly (one scalar check covers every input and the seed at once)."""
+    arrays = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in arrays]
+    with ndl.no_grad():
+        out_shape = fn(*leaves(arrays)).shape
+    weights = rng.standard_normal(out_shape)
+    v = [rng.standard_normal(a.shape) if a.dtype.kind == "f" else None for a in arrays]
+    dx = [rng.standard_normal(a.shape) if a.dtype.kind == "f" else None for a in arrays]
+    dw = rng.standard_normal(out_shape)
+    second_x, second_w = second_order_gradients(fn, arrays, weights, v)
+    analytic = float(np.sum(second_w * dw)) + sum(
+        float(np.sum(h * d)) for h, d in zip(second_x, dx) if d is not None)
+
+    def objective(sign: float) -> float:
+        shifted = [a + sign * eps * d if d is not None else a for a, d in zip(arrays, dx)]
+        return projected_gradient(fn, shifted, weights + sign * eps * dw, v)
+
+    numeric = (objective(1.0) - objective(-1.0)) / (2 * eps)
+    np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=atol)
+
+
 def swish_function():
     """A custom ``ndl.autograd.Function`` with a hand-written backward (x * sigmoid(x))."""
     from needle.function import Function

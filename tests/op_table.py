@@ -1,32 +1,47 @@
-"""One row per registered op: how to call it, the torch reference, and sample inputs.
+"""One OpInfo row per registered op (and call form): how to call it, the torch reference,
+typed sample inputs and flags that say which checks apply.
 
-Samples cover broadcasting, size-1 dims, 0-d scalars and batched matmul; input domains keep
-away from kinks (0 for relu/abs, ties for max/maximum) so finite differences are meaningful.
+In the spirit of PyTorch's OpInfo: a row is ``OpInfo(op, fn, ref, samples, flags...)``; each
+sample is a ``SampleInput(make, name, kind, args, kwargs)``: ``make(rng)`` gives the arrays,
+``fn(*tensors, *args, **kwargs)`` runs needle and ``ref(*torch_tensors, *args, **kwargs)``
+torch. Sample kinds (``Kind``) say what a sample is there for (broadcasting, size-1 dims,
+0-d, batched, a memory layout, an attribute variant); ``tests/test_ops.py`` checks each kind
+holds. Consumers (``tests/test_ops*.py``, ``test_jit_ops.py``, ``test_static_ops.py``)
+never test an op by name: what differs between ops is a flag on its row.
+
+Input domains keep away from kinks (0 for relu/abs, ties for max/maximum) so finite
+differences, first and second order, are meaningful.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
+import pytest
 import torch
 
 import needle as ndl
 from needle import ops
 
-Sample = Callable[[np.random.Generator], list[np.ndarray]]
+Make = Callable[[np.random.Generator], list[np.ndarray]]
+
+# the seed consumers give NumPy's global RNG before running a ``nondeterministic`` row
+RANDOM_SEED = 5
 
 
-def normal(*shapes: tuple) -> Sample:
+def normal(*shapes: tuple) -> Make:
     return lambda rng: [rng.standard_normal(s).astype(np.float32) for s in shapes]
 
 
-def positive(*shapes: tuple, low: float = 0.5, high: float = 2.0) -> Sample:
+def positive(*shapes: tuple, low: float = 0.5, high: float = 2.0) -> Make:
     return lambda rng: [rng.uniform(low, high, s).astype(np.float32) for s in shapes]
 
 
-def away_from_zero(*shapes: tuple) -> Sample:
+def away_from_zero(*shapes: tuple) -> Make:
     """Values in +-[0.2, 1.5]: no kink at 0 within finite-difference reach."""
 
     def make(rng):
@@ -39,38 +54,151 @@ def away_from_zero(*shapes: tuple) -> Sample:
     return make
 
 
-def distinct(*shapes: tuple) -> Sample:
-    """Values with no near-ties (a shuffled grid), for max and maximum."""
+def distinct(*shapes: tuple) -> Make:
+    """Values with no ties and no near-ties, within an array and across arrays: one evenly
+    spaced grid over [-1.85, 1.85], shuffled and dealt to the arrays (for max and maximum)."""
 
     def make(rng):
-        out = []
-        offset = 0.0
-        for s in shapes:
-            n = int(np.prod(s))
-            vals = (np.arange(n) * 0.37 + offset) % 3.7 - 1.85
-            offset += 0.11
-            out.append(rng.permutation(vals).reshape(s).astype(np.float32))
+        sizes = [int(np.prod(s)) for s in shapes]
+        total = sum(sizes)
+        grid = rng.permutation(np.linspace(-1.85, 1.85, total))
+        out, start = [], 0
+        for s, n in zip(shapes, sizes):
+            out.append(grid[start:start + n].reshape(s).astype(np.float32))
+            start += n
         return out
 
     return make
 
 
+def joined(*makes: Make) -> Make:
+    """The arrays of several makers, in order (inputs with different domains)."""
+    return lambda rng: [a for make in makes for a in make(rng)]
+
+
+class Kind(enum.Enum):
+    """What a sample is there for; ``tests/test_ops.py`` checks that each holds."""
+
+    BASIC = "basic"            # plain shapes
+    BROADCAST = "broadcast"    # inputs of different shapes, broadcast against each other
+    SIZE_ONE = "size_one"      # some input has a dimension of size 1
+    SCALAR = "scalar"          # some input is 0-d
+    BATCHED = "batched"        # some input has leading batch dimensions (3 or more dims)
+    VECTOR = "vector"          # some input is 1-d where the op takes matrices (matmul)
+    LAYOUT = "layout"          # an input seen through a permute (kwargs nchw=True)
+    ATTRS = "attrs"            # the same shapes class, other attributes (args / kwargs)
+
+
+@dataclass(frozen=True)
+class SampleInput:
+    """One sample: ``make(rng)`` gives the arrays; ``args`` and ``kwargs`` follow them in the
+    calls of both ``fn`` and ``ref`` (attributes: axes, strides, indices, exponents)."""
+
+    make: Make
+    name: str
+    kind: Kind = Kind.BASIC
+    args: tuple = ()
+    kwargs: Mapping = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def S(make: Make, name: str, kind: Kind = Kind.BASIC, *args, **kwargs) -> SampleInput:
+    """Shorthand for a SampleInput: ``S(normal((3, 4)), "basic")``."""
+    return SampleInput(make, name, kind, args, kwargs)
+
+
 @dataclass
-class OpCase:
-    """How to test one op: ``fn(*tensors)`` in needle, ``ref(*torch_tensors)`` in torch."""
+class OpInfo:
+    """How to test one op (one call form of it, if ``variant`` is set).
+
+    Flags (what the consumers read instead of an op's name):
+    - ``differentiable``: gradients exist (else: the output must not require a gradient).
+      Every differentiable row also gets its gradient of the gradient checked, against
+      torch's double backward and float64 finite differences
+      (``tests/test_ops_second_order.py``); there is no opting out, only ``xfails``.
+    - ``second_order_ref``: the torch function whose double backward is the reference, where
+      ``ref``'s own is wrong or missing in torch (None: ``ref``).
+    - ``second_order_sample``: the sample (by name) the second-order check uses (None: the
+      first sample); one sample per row keeps that check cheap.
+    - ``xfails``: known bugs, ``{check: reason}``; the consumer of that check marks the
+      (row, sample) ``xfail(strict=True)`` (``marks(case, check)``), so the bug stays
+      visible and the test turns red once it is fixed. Checks: see ``CHECKS``.
+    - ``supports_jit``: ``tests/test_jit_ops.py`` runs the row under ``ndl.jit``.
+    - ``nondeterministic``: the op draws from NumPy's global RNG; consumers seed it with
+      ``RANDOM_SEED`` (``reseed()``) before every evaluation, eager, graph, jit and torch.
+    """
 
     op: str
     fn: Callable
     ref: Callable
-    samples: list[Sample]
+    samples: list[SampleInput]
+    variant: str = ""
     differentiable: bool = True
+    second_order_ref: Callable | None = None
+    second_order_sample: str | None = None
+    xfails: Mapping[str, str] = field(default_factory=dict)
+    supports_jit: bool = True
+    nondeterministic: bool = False
     rtol: float = 1e-5
     atol: float = 1e-6
     fd_rtol: float = 1e-5
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The row's id: the op, and the call form after a dot (``summation.method``)."""
+        return f"{self.op}.{self.variant}" if self.variant else self.op
 
     def __repr__(self) -> str:
-        return self.op
+        return self.name
+
+    def call(self, sample: SampleInput, *inputs):
+        """needle: ``fn(*inputs, *sample.args, **sample.kwargs)``."""
+        return self.fn(*inputs, *sample.args, **sample.kwargs)
+
+    def call_ref(self, sample: SampleInput, *inputs, second_order: bool = False):
+        """torch: ``ref`` (or ``second_order_ref``) on torch tensors, the same attributes."""
+        ref = self.second_order_ref if second_order and self.second_order_ref else self.ref
+        return ref(*inputs, *sample.args, **sample.kwargs)
+
+    def reseed(self) -> None:
+        """Seed NumPy's global RNG if this op draws from it (a no-op otherwise)."""
+        if self.nondeterministic:
+            np.random.seed(RANDOM_SEED)
+
+    def marks(self, check: str) -> list:
+        """pytest marks for this row in ``check``: a strict xfail where ``xfails`` names it."""
+        assert check in CHECKS, check
+        reason = self.xfails.get(check)
+        return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+
+    def sample_for_second_order(self) -> SampleInput:
+        if self.second_order_sample is None:
+            return self.samples[0]
+        return next(s for s in self.samples if s.name == self.second_order_sample)
+
+
+# the checks a row's ``xfails`` may name (the test functions that read them)
+CHECKS = ("forward", "gradient_torch", "gradient_fd", "gradient_without_graph", "jit",
+          "session", "second_order_torch", "second_order_fd")
+
+
+# -- torch references ---------------------------------------------------------------------------
+def _dims(a, axes) -> tuple:
+    """needle's ``axes`` (None, an int or a tuple) as torch's ``dim`` tuple."""
+    if axes is None:
+        return tuple(range(a.ndim))
+    return (axes,) if isinstance(axes, int) else tuple(axes)
+
+
+def _torch_index(index):
+    """A NumPy-style index with NumPy arrays in it, with torch tensors instead."""
+    if isinstance(index, np.ndarray):
+        return torch.tensor(index)
+    if isinstance(index, tuple):
+        return tuple(torch.tensor(i) if isinstance(i, np.ndarray) else i for i in index)
+    return index
 
 
 def _torch_dilate(x, axes, d):
@@ -85,323 +213,395 @@ def _torch_dilate(x, axes, d):
     return out
 
 
-def _batch_norm(x, w, b, axes, eps):
-    """batch_norm with x's own statistics, as BatchNorm1d/2d call it in training."""
-    return ops.batch_norm(x, w, b, ops.mean(x, axes, keepdims=True),
-                          ops.variance(x, axes, keepdims=True), axes=axes, eps=eps)
+def _torch_scatter(x, index, shape):
+    """Zeros of ``shape`` with x added at ``index`` (repeated indices accumulate)."""
+    index = _torch_index(index)
+    out = torch.zeros(shape, dtype=x.dtype)
+    if any(isinstance(i, torch.Tensor) for i in index):
+        return out.index_put(index, x, accumulate=True)
+    out[index] = x
+    return out
 
 
-def _batch_norm_grad(g, x, w, axes):
-    """batch_norm_grad with x's own statistics, its (dx, dweight, dbias) as dx + 2 dw + 3 db."""
-    dx, dw, db = ops.batch_norm_grad(g, x, w, ops.mean(x, axes, keepdims=True),
-                                     ops.variance(x, axes, keepdims=True), axes=axes, eps=1e-5)
-    return dx + dw * 2.0 + db * 3.0
+def _torch_normalize(a, axes=None, eps=1e-5, given_stats=False):
+    dims = _dims(a, axes)
+    return (a - a.mean(dims, keepdim=True)) / torch.sqrt(
+        a.var(dims, unbiased=False, keepdim=True) + eps)
 
 
-def _torch_batch_norm_grad(g, x, w):
-    """The same combination of torch's training-mode batch_norm adjoints, differentiable."""
+def _torch_normalize_grad(g, y, s, axes, eps=1e-5, given_var=False):
+    var = s if given_var else s.var(axes, unbiased=False, keepdim=True)
+    return ((g - g.mean(axes, keepdim=True) - y * (g * y).mean(axes, keepdim=True))
+            / torch.sqrt(var + eps))
+
+
+def _torch_batch_norm(x, w, b, axes=(0,), eps=1e-5):
+    """Training-mode batch norm (the channel axis is 1, the only one not in ``axes``)."""
+    return torch.nn.functional.batch_norm(x, None, None, w.reshape(-1), b.reshape(-1),
+                                          training=True, eps=eps)
+
+
+def _torch_batch_norm_composite(x, w, b, axes=(0,), eps=1e-5):
+    """The same as elementary torch ops, differentiable to any order (torch's own
+    ``batch_norm`` double backward treats the saved batch statistics as constants, so its
+    third derivative in x is wrong: ``torch.autograd.gradgradcheck`` of
+    ``_torch_batch_norm_grad`` fails)."""
+    shape = [1] * x.ndim
+    shape[1] = -1
+    mean = x.mean(axes, keepdim=True)
+    var = x.var(axes, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w.reshape(shape) + b.reshape(shape)
+
+
+def _torch_batch_norm_grad(g, x, w, axes=(0,), batch_norm=_torch_batch_norm):
+    """dx + 2 dw + 3 db of training-mode batch norm, differentiable (create_graph)."""
     b = torch.zeros_like(w, requires_grad=True)
     x_in = x if x.requires_grad else x.detach().requires_grad_(True)
     w_in = w if w.requires_grad else w.detach().requires_grad_(True)
-    y = torch.nn.functional.batch_norm(x_in, None, None, w_in.reshape(-1), b.reshape(-1),
-                                       training=True, eps=1e-5)
+    y = batch_norm(x_in, w_in, b, axes=axes, eps=1e-5)
     dx, dw, db = torch.autograd.grad(y, [x_in, w_in, b], g, create_graph=True)
     return dx + dw * 2.0 + db * 3.0
 
 
-def _torch_conv(x, w, stride, padding):
+def _nhwc(t):
+    """An NCHW array seen as NHWC (the permute nn.Conv applies)."""
+    return t.permute(0, 2, 3, 1)
+
+
+def _torch_conv(x, w, stride=1, padding=0, nchw=False):
+    x = _nhwc(x) if nchw else x
     out = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).contiguous(),
                                      w.permute(3, 2, 0, 1).contiguous(),
                                      stride=stride, padding=padding)
     return out.permute(0, 2, 3, 1)
 
 
-def _torch_conv_weight_grad(a, g, kernel_hw, stride, padding):
+def _torch_conv_weight_grad(a, g, kernel_hw, stride=1, padding=0, nchw=False):
     """The kernel adjoint of conv, differentiable in ``a`` and ``g`` (conv is bilinear)."""
+    a, g = (_nhwc(a), _nhwc(g)) if nchw else (a, g)
     w0 = torch.zeros((*kernel_hw, a.shape[3], g.shape[3]), dtype=a.dtype, requires_grad=True)
     out = _torch_conv(a, w0, stride, padding)
     return torch.autograd.grad(out, w0, g, create_graph=True)[0]
 
 
-def _torch_conv_input_grad(g, b, stride, padding, in_hw):
-    """The input adjoint of conv, differentiable in ``g`` and ``b``."""
+def _torch_conv_input_grad(g, b, stride=1, padding=0, in_hw=None, nchw=False):
+    """The input adjoint of conv, differentiable in ``g`` and ``b``; ``in_hw=None`` is the
+    smallest input that gives g's size, ``(h - 1) * stride + k - 2 * padding``."""
+    g = _nhwc(g) if nchw else g
+    if in_hw is None:
+        in_hw = tuple((g.shape[1 + i] - 1) * stride + b.shape[i] - 2 * padding for i in (0, 1))
     x0 = torch.zeros((g.shape[0], *in_hw, b.shape[2]), dtype=g.dtype, requires_grad=True)
     out = _torch_conv(x0, b, stride, padding)
     return torch.autograd.grad(out, x0, g, create_graph=True)[0]
 
 
-def _torch_scatter(x, index, shape):
-    out = torch.zeros(shape, dtype=x.dtype)
-    return out.index_put(index, x, accumulate=True) if isinstance(index, tuple) else out
+# -- needle call forms --------------------------------------------------------------------------
+def _batch_norm(x, w, b, axes=(0,), eps=1e-5):
+    """batch_norm with x's own statistics, as BatchNorm1d/2d call it in training."""
+    return ops.batch_norm(x, w, b, ops.mean(x, axes, keepdims=True),
+                          ops.variance(x, axes, keepdims=True), axes=axes, eps=eps)
+
+
+def _batch_norm_grad(g, x, w, axes=(0,)):
+    """batch_norm_grad with x's own statistics, its (dx, dweight, dbias) as dx + 2 dw + 3 db."""
+    dx, dw, db = ops.batch_norm_grad(g, x, w, ops.mean(x, axes, keepdims=True),
+                                     ops.variance(x, axes, keepdims=True), axes=axes, eps=1e-5)
+    return dx + dw * 2.0 + db * 3.0
+
+
+def _normalize(a, axes=None, eps=1e-5, given_stats=False):
+    """normalize with its own statistics (``given_stats``: passed in, as BatchNorm does)."""
+    if given_stats:
+        return ops.normalize(a, ops.mean(a, axes, keepdims=True),
+                             ops.variance(a, axes, keepdims=True), axes=axes, eps=eps)
+    return ops.normalize(a, axes=axes, eps=eps)
+
+
+def _conv(a, b, nchw=False, **attrs):
+    return ops.conv(ops.permute(a, (0, 2, 3, 1)) if nchw else a, b, **attrs)
+
+
+def _conv_weight_grad(a, g, kernel_hw, nchw=False, **attrs):
+    if nchw:
+        a, g = ops.permute(a, (0, 2, 3, 1)), ops.permute(g, (0, 2, 3, 1))
+    return ops.conv_weight_grad(a, g, kernel_hw, **attrs)
+
+
+def _conv_input_grad(g, b, nchw=False, **attrs):
+    """(``nchw``: g stored NCHW, as nn.Conv's backward passes it)."""
+    return ops.conv_input_grad(ops.permute(g, (0, 2, 3, 1)) if nchw else g, b, **attrs)
+
+
+def _const(array) -> ndl.Tensor:
+    return ndl.Tensor(array, requires_grad=False)
 
 
 _IDX = np.array([2, 0, 2, 1])
 _COND = np.array([[True, False, True, True], [False, False, True, False], [True] * 4])
 
+B, BC, S1, SC, BT, V, L, A = (Kind.BASIC, Kind.BROADCAST, Kind.SIZE_ONE, Kind.SCALAR,
+                              Kind.BATCHED, Kind.VECTOR, Kind.LAYOUT, Kind.ATTRS)
 
-OP_TABLE: list[OpCase] = [
+
+OP_TABLE: list[OpInfo] = [
     # -- elementwise arithmetic (broadcasting, size-1 dims, 0-d) --
-    OpCase("add", lambda a, b: a + b, lambda a, b: a + b,
-           [normal((3, 4), (3, 4)), normal((3, 1), (1, 4)), normal((2, 3, 4), (4,)),
-            normal((), (2, 3))]),
-    OpCase("add_scalar", lambda a: a + 1.5, lambda a: a + 1.5, [normal((3, 4)), normal(())]),
-    OpCase("multiply", lambda a, b: a * b, lambda a, b: a * b,
-           [normal((3, 4), (3, 4)), normal((4, 1, 3), (2, 1)), normal((), (5,))]),
-    OpCase("mul_scalar", lambda a: a * -2.5, lambda a: a * -2.5, [normal((2, 3))]),
-    OpCase("divide", lambda a, b: a / b, lambda a, b: a / b,
-           [lambda rng: normal((3, 4))(rng) + away_from_zero((3, 4))(rng),
-            lambda rng: normal((2, 3))(rng) + away_from_zero((3,))(rng)]),
-    OpCase("divide_scalar", lambda a: a / 4.0, lambda a: a / 4.0, [normal((3, 2))]),
-    OpCase("power", lambda a, b: a**b, lambda a, b: a**b,
-           [lambda rng: positive((3, 4))(rng) + normal((3, 4))(rng),
-            lambda rng: positive((2, 3))(rng) + normal((3,))(rng)]),
-    OpCase("power_scalar", lambda a: a**3, lambda a: a**3, [normal((3, 4))],
-           extra={"more": [(lambda a: a**0.5, lambda a: a**0.5, positive((4,))),
-                           (lambda a: a**-1, lambda a: a**-1, positive((2, 2))),
-                           (lambda a: a**2, lambda a: a**2, normal((5,)))]}),
-    OpCase("negate", lambda a: -a, lambda a: -a, [normal((3, 4)), normal(())]),
+    OpInfo("add", lambda a, b: a + b, lambda a, b: a + b,
+           [S(normal((3, 4), (3, 4)), "basic"), S(normal((3, 1), (1, 4)), "size_one", S1),
+            S(normal((2, 3, 4), (4,)), "broadcast", BC), S(normal((), (2, 3)), "scalar", SC)],
+           second_order_sample="broadcast"),
+    OpInfo("add_scalar", lambda a: a + 1.5, lambda a: a + 1.5,
+           [S(normal((3, 4)), "basic"), S(normal(()), "scalar", SC)]),
+    OpInfo("multiply", lambda a, b: a * b, lambda a, b: a * b,
+           [S(normal((3, 4), (3, 4)), "basic"), S(normal((4, 1, 3), (2, 1)), "size_one", S1),
+            S(normal((), (5,)), "scalar", SC)],
+           second_order_sample="size_one"),
+    OpInfo("mul_scalar", lambda a: a * -2.5, lambda a: a * -2.5, [S(normal((2, 3)), "basic")]),
+    OpInfo("divide", lambda a, b: a / b, lambda a, b: a / b,
+           [S(joined(normal((3, 4)), away_from_zero((3, 4))), "basic"),
+            S(joined(normal((2, 3)), away_from_zero((3,))), "broadcast", BC)],
+           second_order_sample="broadcast"),
+    OpInfo("divide_scalar", lambda a: a / 4.0, lambda a: a / 4.0, [S(normal((3, 2)), "basic")]),
+    OpInfo("power", lambda a, b: a**b, lambda a, b: a**b,
+           [S(joined(positive((3, 4)), normal((3, 4))), "basic"),
+            S(joined(positive((2, 3)), normal((3,))), "broadcast", BC)],
+           second_order_sample="broadcast"),
+    OpInfo("power_scalar", lambda a, exponent: a**exponent, lambda a, exponent: a**exponent,
+           [S(normal((3, 4)), "cube", A, exponent=3), S(positive((4,)), "sqrt", A, exponent=0.5),
+            S(positive((2, 2)), "reciprocal", A, exponent=-1),
+            S(normal((5,)), "square", A, exponent=2)]),
+    OpInfo("negate", lambda a: -a, lambda a: -a,
+           [S(normal((3, 4)), "basic"), S(normal(()), "scalar", SC)]),
     # -- transcendental / activations --
-    OpCase("log", ops.log, torch.log, [positive((3, 4))]),
-    OpCase("exp", ops.exp, torch.exp, [normal((3, 4))]),
-    OpCase("relu", ops.relu, torch.relu, [away_from_zero((3, 4))]),
-    OpCase("tanh", ops.tanh, torch.tanh, [normal((3, 4))]),
-    OpCase("sigmoid", ops.sigmoid, torch.sigmoid, [normal((3, 4))]),
-    OpCase("sqrt", ops.sqrt, torch.sqrt, [positive((3, 4))]),
-    OpCase("abs", ops.abs, torch.abs, [away_from_zero((3, 4))]),
-    OpCase("erf", ops.erf, torch.erf, [normal((4, 5))], atol=2e-7),
-    OpCase("maximum", ops.maximum, torch.maximum,
-           [distinct((3, 4), (3, 4)), distinct((3, 4), (4,))]),
-    OpCase("where", lambda a, b: ops.where(ndl.Tensor(_COND, requires_grad=False), a, b),
+    OpInfo("log", ops.log, torch.log, [S(positive((3, 4)), "basic")]),
+    OpInfo("exp", ops.exp, torch.exp, [S(normal((3, 4)), "basic")]),
+    OpInfo("relu", ops.relu, torch.relu, [S(away_from_zero((3, 4)), "basic")]),
+    OpInfo("tanh", ops.tanh, torch.tanh, [S(normal((3, 4)), "basic")]),
+    OpInfo("sigmoid", ops.sigmoid, torch.sigmoid, [S(normal((3, 4)), "basic")]),
+    OpInfo("sqrt", ops.sqrt, torch.sqrt, [S(positive((3, 4)), "basic")]),
+    OpInfo("abs", ops.abs, torch.abs, [S(away_from_zero((3, 4)), "basic")]),
+    OpInfo("erf", ops.erf, torch.erf, [S(normal((4, 5)), "basic")], atol=2e-7),
+    OpInfo("maximum", ops.maximum, torch.maximum,
+           [S(distinct((3, 4), (3, 4)), "basic"), S(distinct((3, 4), (4,)), "broadcast", BC)],
+           second_order_sample="broadcast"),
+    OpInfo("where", lambda a, b: ops.where(_const(_COND), a, b),
            lambda a, b: torch.where(torch.tensor(_COND), a, b),
-           [normal((3, 4), (3, 4)), normal((3, 4), (4,))]),
+           [S(normal((3, 4), (3, 4)), "basic"), S(normal((3, 4), (4,)), "broadcast", BC)],
+           second_order_sample="broadcast"),
     # -- non-differentiable --
-    OpCase("compare", lambda a, b: ops.compare(a, b, "lt"), lambda a, b: a < b,
-           [normal((3, 4), (3, 4)), normal((3, 4), (4,))], differentiable=False),
-    OpCase("compare_scalar", lambda a: ops.compare_scalar(a, 0.1, "ge"), lambda a: a >= 0.1,
-           [normal((3, 4))], differentiable=False),
-    OpCase("sign", ops.sign, torch.sign, [away_from_zero((3, 4))], differentiable=False),
-    OpCase("full_like", lambda a: ops.full_like(a, 2.5), lambda a: torch.full_like(a, 2.5),
-           [normal((3, 4))], differentiable=False),
-    OpCase("bernoulli_like", lambda a: (np.random.seed(5), ops.bernoulli_like(a, 0.3))[1],
-           lambda a: torch.tensor((np.random.seed(5),
-                                   np.random.rand(*a.shape).astype(np.float32) <= 0.3)[1]).float(),
-           [normal((4, 5))], differentiable=False),
-    OpCase("to_device", lambda a: ops.to_device(a, ndl.cpu()), lambda a: a.clone(),
-           [normal((3, 4))]),
-    OpCase("stop_gradient", ops.stop_gradient, lambda a: a.detach(), [normal((3, 4))],
+    OpInfo("compare", lambda a, b: ops.compare(a, b, "lt"), lambda a, b: a < b,
+           [S(normal((3, 4), (3, 4)), "basic"), S(normal((3, 4), (4,)), "broadcast", BC)],
            differentiable=False),
+    OpInfo("compare_scalar", lambda a: ops.compare_scalar(a, 0.1, "ge"), lambda a: a >= 0.1,
+           [S(normal((3, 4)), "basic")], differentiable=False),
+    OpInfo("sign", ops.sign, torch.sign, [S(away_from_zero((3, 4)), "basic")],
+           differentiable=False),
+    OpInfo("full_like", lambda a: ops.full_like(a, 2.5), lambda a: torch.full_like(a, 2.5),
+           [S(normal((3, 4)), "basic")], differentiable=False),
+    OpInfo("bernoulli_like", lambda a: ops.bernoulli_like(a, 0.3),
+           lambda a: torch.tensor(np.random.rand(*a.shape).astype(np.float32) <= 0.3).float(),
+           [S(normal((4, 5)), "basic")], differentiable=False, nondeterministic=True),
+    OpInfo("to_device", lambda a: ops.to_device(a, ndl.cpu()), lambda a: a.clone(),
+           [S(normal((3, 4)), "basic")]),
+    OpInfo("stop_gradient", ops.stop_gradient, lambda a: a.detach(),
+           [S(normal((3, 4)), "basic")], differentiable=False),
     # a check: identity on valid class ids (bad ones: tests/test_checks.py)
-    OpCase("check_class_ids", lambda a: ops.check_class_ids(a, 4), lambda a: a.clone(),
-           [lambda rng: [rng.integers(0, 4, (6,)).astype(np.float32)]], differentiable=False,
-           extra={"more": [(lambda a: ops.check_class_ids(a, classes=4, what="labels"),
-                            lambda a: a.clone(), lambda rng: [rng.integers(0, 4, (2, 3))])]}),
-    OpCase("store", lambda a: ops.store(a * 2, target=ndl.Tensor(np.zeros(a.shape, np.float32),
-                                                                 requires_grad=False)),
-           lambda a: a * 2, [normal((2, 3))], differentiable=False,
-           extra={"more": [(lambda a: ops.store(a, target=ndl.Tensor(
-                               np.ones(6, np.float32), requires_grad=False), momentum=0.25),
-                            lambda a: 0.75 + 0.25 * a.reshape(6), normal((2, 3))),
-                           (lambda a: ops.store(a[0], a * 2, target=ndl.Tensor(
-                               np.ones(3, np.float32), requires_grad=False), momentum=0.5),
-                            lambda a: 0.5 + 0.5 * a[0], normal((4, 3)))]}),
-    OpCase("astype", lambda a: ops.astype(a, "float64"), lambda a: a.double(), [normal((3, 4))]),
+    OpInfo("check_class_ids", ops.check_class_ids, lambda a, *args, **kwargs: a.clone(),
+           [S(lambda rng: [rng.integers(0, 4, (6,)).astype(np.float32)], "float_ids", B, 4),
+            S(lambda rng: [rng.integers(0, 4, (2, 3))], "int_labels", A, classes=4,
+              what="labels")],
+           differentiable=False),
+    # store makes its target inside fn: a trace keeps the one it made, so jit replays blend
+    # into it (the JIT's documented capture of tensors made while tracing)
+    OpInfo("store", lambda a: ops.store(a * 2, target=_const(np.zeros(a.shape, np.float32))),
+           lambda a: a * 2, [S(normal((2, 3)), "basic")], differentiable=False,
+           supports_jit=False),
+    OpInfo("store", lambda a: ops.store(a, target=_const(np.ones(6, np.float32)), momentum=0.25),
+           lambda a: 0.75 + 0.25 * a.reshape(6), [S(normal((2, 3)), "basic")],
+           variant="momentum", differentiable=False, supports_jit=False),
+    OpInfo("store", lambda a: ops.store(a[0], a * 2, target=_const(np.ones(3, np.float32)),
+                                        momentum=0.5),
+           lambda a: 0.5 + 0.5 * a[0], [S(normal((4, 3)), "basic")],
+           variant="after", differentiable=False, supports_jit=False),
+    OpInfo("astype", lambda a: ops.astype(a, "float64"), lambda a: a.double(),
+           [S(normal((3, 4)), "basic")]),
     # -- linear algebra --
-    OpCase("matmul", lambda a, b: a @ b, lambda a, b: a @ b,
-           [normal((3, 4), (4, 5)), normal((2, 3, 4), (4, 5)), normal((2, 1, 3, 4), (5, 4, 2)),
-            normal((1, 1), (1, 3)),
+    OpInfo("matmul", lambda a, b: a @ b, lambda a, b: a @ b,
+           [S(normal((3, 4), (4, 5)), "basic"), S(normal((2, 3, 4), (4, 5)), "batched", BT),
+            S(normal((2, 1, 3, 4), (5, 4, 2)), "batched_broadcast", BT),
+            S(normal((1, 1), (1, 3)), "size_one", S1),
             # 1-D operands as np.matmul: vector @ matrix, matrix @ vector, vector @ vector,
             # and vectors against batched matrices
-            normal((4,), (4, 2)), normal((3, 4), (4,)), normal((4,), (4,)),
-            normal((2, 3, 4), (4,)), normal((4,), (2, 4, 3))], rtol=1e-4, atol=1e-5),
-    # -- reductions --
-    OpCase("summation", lambda a: ops.summation(a, axes=(0, 2)), lambda a: a.sum((0, 2)),
-           [normal((2, 3, 4))],
-           extra={"more": [(lambda a: a.sum(), lambda a: a.sum(), normal((3, 4))),
-                           (lambda a: ops.summation(a, 1, keepdims=True),
-                            lambda a: a.sum(1, keepdim=True), normal((3, 4))),
-                           (lambda a: ops.summation(a, -1), lambda a: a.sum(-1),
-                            normal((2, 1, 4)))]}),
-    OpCase("mean", lambda a: ops.mean(a, axes=(1,)), lambda a: a.mean(1), [normal((3, 4, 2))],
-           extra={"more": [(lambda a: a.mean(), lambda a: a.mean(), normal((3, 4)))]}),
-    OpCase("max", lambda a: ops.max(a, axes=(1,)), lambda a: a.amax(1), [distinct((3, 4, 2))],
-           extra={"more": [(lambda a: a.max(), lambda a: a.amax(), distinct((3, 4))),
-                           (lambda a: ops.max(a, 0, keepdims=True),
-                            lambda a: a.amax(0, keepdim=True), distinct((3, 4)))]}),
-    OpCase("logsumexp", lambda a: ops.logsumexp(a, axes=(1,)), lambda a: a.logsumexp(1),
-           [normal((3, 4))],
-           extra={"more": [(lambda a: ops.logsumexp(a), lambda a: a.logsumexp((0, 1)),
-                            normal((2, 5)))]}),
-    OpCase("variance", lambda a: ops.variance(a, axes=(0,)), lambda a: a.var(0, unbiased=False),
-           [normal((5, 3))], rtol=1e-5, atol=1e-6,
-           extra={"more": [(lambda a: ops.variance(a, (0, 2), keepdims=True),
-                            lambda a: a.var((0, 2), unbiased=False, keepdim=True),
-                            normal((3, 2, 4)))]}),
-    OpCase("normalize", lambda a: ops.normalize(a, axes=(0,), eps=1e-5),
-           lambda a: (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False) + 1e-5),
-           [normal((6, 4))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4,
-           extra={"more": [(lambda a: ops.normalize(a, ops.mean(a, (0,), keepdims=True),
-                                                    ops.variance(a, (0,), keepdims=True),
-                                                    axes=(0,), eps=1e-5),
-                            lambda a: (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False)
-                                                                  + 1e-5),
-                            normal((6, 4))),
-                           (lambda a: ops.normalize(a, axes=(0, 2, 3), eps=1e-3),
-                            lambda a: (a - a.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
-                                a.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-3),
-                            normal((3, 2, 2, 3)))]}),
-    OpCase("normalize_grad", lambda g, y, a: ops.normalize_grad(g, y, a, axes=(0,), eps=1e-5),
-           lambda g, y, a: (g - g.mean(0) - y * (g * y).mean(0))
-           / torch.sqrt(a.var(0, unbiased=False) + 1e-5),
-           [normal((6, 4), (6, 4), (6, 4))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4,
-           extra={"more": [(lambda g, y, v: ops.normalize_grad(g, y, v, axes=(0,), eps=1e-5,
-                                                              given_var=True),
-                            lambda g, y, v: (g - g.mean(0) - y * (g * y).mean(0))
-                            / torch.sqrt(v + 1e-5),
-                            lambda rng: [*normal((6, 4), (6, 4))(rng),
-                                         *positive((1, 4))(rng)])]}),
-    OpCase("batch_norm", lambda x, w, b: _batch_norm(x, w, b, (0,), 1e-5),
-           lambda x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, training=True,
-                                                          eps=1e-5),
-           [lambda rng: [*normal((6, 4), (4,), (4,))(rng)]], rtol=1e-4, atol=1e-5,
-           fd_rtol=1e-4,
-           extra={"more": [(lambda x, w, b: _batch_norm(x, w, b, (0, 2, 3), 1e-3),
-                            lambda x, w, b: torch.nn.functional.batch_norm(
-                                x, None, None, w.reshape(-1), b.reshape(-1), training=True,
-                                eps=1e-3),
-                            normal((3, 2, 2, 3), (1, 2, 1, 1), (1, 2, 1, 1)))]}),
-    # all three adjoints in one output, so every input gets a gradient (db needs neither x nor w)
-    OpCase("batch_norm_grad", lambda g, x, w: _batch_norm_grad(g, x, w, (0,)),
-           lambda g, x, w: _torch_batch_norm_grad(g, x, w),
-           [normal((6, 4), (6, 4), (4,))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4,
-           extra={"more": [(lambda g, x, w: _batch_norm_grad(g, x, w, (0, 2, 3)),
-                            _torch_batch_norm_grad,
-                            normal((3, 2, 2, 3), (3, 2, 2, 3), (1, 2, 1, 1)))]}),
-    OpCase("inv_std", lambda a: ops.inv_std(a, (1,), 1e-5),
-           lambda a: 1 / torch.sqrt(a.var(1, unbiased=False, keepdim=True) + 1e-5),
-           [normal((3, 5))], rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
-    OpCase("logsoftmax", ops.logsoftmax, lambda a: torch.log_softmax(a, -1), [normal((3, 5))]),
-    OpCase("softmax", lambda a: ops.softmax(a, axis=0), lambda a: torch.softmax(a, 0),
-           [normal((3, 5))]),
-    # -- shape --
-    OpCase("reshape", lambda a: ops.reshape(a, (4, 3)), lambda a: a.reshape(4, 3),
-           [normal((2, 6))],
-           extra={"more": [(lambda a: a.reshape((-1,)), lambda a: a.reshape(-1), normal((2, 3)))]}),
-    OpCase("broadcast_to", lambda a: ops.broadcast_to(a, (2, 3, 4)),
-           lambda a: a.broadcast_to((2, 3, 4)), [normal((3, 1)), normal((4,)), normal(())]),
-    OpCase("sum_to", lambda a: ops.sum_to(a, (3, 1)), lambda a: a.sum((0, 2), keepdim=True)[0],
-           [normal((2, 3, 4))]),
-    OpCase("transpose", ops.transpose, lambda a: a.transpose(-1, -2), [normal((2, 3, 4))],
-           extra={"more": [(lambda a: ops.transpose(a, (0, 2)), lambda a: a.transpose(0, 2),
-                            normal((2, 3, 4)))]}),
-    OpCase("permute", lambda a: ops.permute(a, (2, 0, 1)), lambda a: a.permute(2, 0, 1),
-           [normal((2, 3, 4))]),
-    OpCase("stack", lambda a, b: ops.stack([a, b, a], 1), lambda a, b: torch.stack([a, b, a], 1),
-           [normal((3, 4), (3, 4))]),
-    OpCase("concatenate", lambda a, b: ops.concatenate([a, b, a], 1),
-           lambda a, b: torch.cat([a, b, a], 1), [normal((3, 2), (3, 4)), normal((2, 1, 3),
-                                                                            (2, 2, 3))]),
-    OpCase("split", lambda a: ops.split(a, 1)[2] * 2 + ops.split(a, 1)[0],
-           lambda a: a[:, 2] * 2 + a[:, 0], [normal((3, 4, 2))]),
-    OpCase("make_tuple", lambda a, b: ops.make_tuple(a, b)[1] - ops.make_tuple(a, b)[0] * 3,
-           lambda a, b: b - a * 3, [normal((3, 2), (3, 2))]),
-    OpCase("tuple_get_item", lambda a: ops.split(a, 0)[1] * ops.split(a, 0)[1],
-           lambda a: a[1] * a[1], [normal((3, 4))]),
-    OpCase("flip", lambda a: ops.flip(a, (0, 2)), lambda a: a.flip((0, 2)), [normal((2, 3, 4))]),
-    OpCase("dilate", lambda a: ops.dilate(a, (0, 1), 2), lambda a: _torch_dilate(a, (0, 1), 2),
-           [normal((2, 3))]),
-    OpCase("undilate", lambda a: ops.undilate(a, (1,), 1), lambda a: a[:, ::2], [normal((3, 5))]),
-    OpCase("getitem", lambda a: a[1:, ::2], lambda a: a[1:, ::2], [normal((3, 5))],
-           extra={"more": [
-               (lambda a: a[_IDX], lambda a: a[torch.tensor(_IDX)], normal((3, 2))),
-               (lambda a: a[None, -1, 1:3], lambda a: a[None, -1, 1:3], normal((4, 5))),
-               (lambda a: a[np.arange(3), np.array([0, 2, 1])],
-                lambda a: a[torch.arange(3), torch.tensor([0, 2, 1])], normal((3, 3))),
-               (lambda a: a[..., 0], lambda a: a[..., 0], normal((2, 3, 2)))]}),
-    OpCase("scatter", lambda a: ops.scatter(a, (_IDX,), (3, 2)),
-           lambda a: _torch_scatter(a, (torch.tensor(_IDX),), (3, 2)), [normal((4, 2))],
-           extra={"more": [(lambda a: ops.scatter(a, (slice(1, 3),), (4, 2)),
-                            lambda a: torch.nn.functional.pad(a, (0, 0, 1, 1)),
-                            normal((2, 2)))]}),
-    OpCase("pad", lambda a: ops.pad(a, ((1, 2), (0, 1))),
-           lambda a: torch.nn.functional.pad(a, (0, 1, 1, 2)), [normal((2, 3))]),
-    OpCase("conv", lambda a, b: ops.conv(a, b, stride=1, padding=1),
-           lambda a, b: _torch_conv(a, b, 1, 1), [normal((2, 5, 5, 3), (3, 3, 3, 4))],
+            S(normal((4,), (4, 2)), "vec_mat", V), S(normal((3, 4), (4,)), "mat_vec", V),
+            S(normal((4,), (4,)), "vec_vec", V), S(normal((2, 3, 4), (4,)), "batched_vec", V),
+            S(normal((4,), (2, 4, 3)), "vec_batched", V)],
            rtol=1e-4, atol=1e-5,
-           extra={"more": [(lambda a, b: ops.conv(a, b, stride=2, padding=1),
-                            lambda a, b: _torch_conv(a, b, 2, 1),
-                            normal((2, 6, 7, 2), (3, 3, 2, 3))),
-                           (lambda a, b: ops.conv(a, b, stride=2),
-                            lambda a, b: _torch_conv(a, b, 2, 0),
-                            normal((1, 5, 5, 2), (2, 2, 2, 1))),
-                           # an NCHW input seen through a permute (nn.Conv): output stored NCHW
-                           (lambda a, b: ops.conv(ops.permute(a, (0, 2, 3, 1)), b, stride=2,
-                                                  padding=1),
-                            lambda a, b: _torch_conv(a.permute(0, 2, 3, 1), b, 2, 1),
-                            normal((2, 3, 6, 5), (3, 3, 3, 2))),
-                           # ... with a map of >= 256 positions: the per-image NCHW products
-                           (lambda a, b: ops.conv(ops.permute(a, (0, 2, 3, 1)), b, stride=1,
-                                                  padding=1),
-                            lambda a, b: _torch_conv(a.permute(0, 2, 3, 1), b, 1, 1),
-                            normal((2, 3, 16, 17), (3, 3, 3, 2))),
-                           (lambda a, b: ops.conv(ops.permute(a, (0, 2, 3, 1)), b, stride=2,
-                                                  padding=1),
-                            lambda a, b: _torch_conv(a.permute(0, 2, 3, 1), b, 2, 1),
-                            normal((1, 2, 33, 32), (3, 3, 2, 3)))]}),
+           second_order_sample="batched_broadcast"),
+    # -- reductions --
+    OpInfo("summation", ops.summation,
+           lambda a, axes=None, keepdims=False: a.sum(_dims(a, axes), keepdim=keepdims),
+           [S(normal((2, 3, 4)), "axes", A, axes=(0, 2)),
+            S(normal((3, 4)), "keepdims", A, 1, keepdims=True),
+            S(normal((2, 1, 4)), "negative_axis", S1, -1)]),
+    OpInfo("summation", lambda a: a.sum(), lambda a: a.sum(), [S(normal((3, 4)), "all")],
+           variant="method"),
+    OpInfo("mean", ops.mean,
+           lambda a, axes=None, keepdims=False: a.mean(_dims(a, axes), keepdim=keepdims),
+           [S(normal((3, 4, 2)), "axes", A, axes=(1,))]),
+    OpInfo("mean", lambda a: a.mean(), lambda a: a.mean(), [S(normal((3, 4)), "all")],
+           variant="method"),
+    OpInfo("max", ops.max,
+           lambda a, axes=None, keepdims=False: a.amax(_dims(a, axes), keepdim=keepdims),
+           [S(distinct((3, 4, 2)), "axes", A, axes=(1,)),
+            S(distinct((3, 4)), "keepdims", A, 0, keepdims=True)]),
+    OpInfo("max", lambda a: a.max(), lambda a: a.amax(), [S(distinct((3, 4)), "all")],
+           variant="method"),
+    OpInfo("logsumexp", ops.logsumexp,
+           lambda a, axes=None, keepdims=False: a.logsumexp(_dims(a, axes), keepdim=keepdims),
+           [S(normal((3, 4)), "axes", A, axes=(1,)), S(normal((2, 5)), "all")]),
+    OpInfo("variance", ops.variance,
+           lambda a, axes=None, keepdims=False: a.var(_dims(a, axes), unbiased=False,
+                                                      keepdim=keepdims),
+           [S(normal((5, 3)), "axes", A, axes=(0,)),
+            S(normal((3, 2, 4)), "keepdims", A, (0, 2), keepdims=True)]),
+    OpInfo("normalize", _normalize, _torch_normalize,
+           [S(normal((6, 4)), "axes", A, axes=(0,), eps=1e-5),
+            S(normal((6, 4)), "given_stats", A, axes=(0,), eps=1e-5, given_stats=True),
+            S(normal((3, 2, 2, 3)), "nchw_axes", A, axes=(0, 2, 3), eps=1e-3)],
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("normalize_grad", ops.normalize_grad, _torch_normalize_grad,
+           [S(normal((6, 4), (6, 4), (6, 4)), "axes", A, axes=(0,), eps=1e-5),
+            S(joined(normal((6, 4), (6, 4)), positive((1, 4))), "given_var", BC, axes=(0,),
+              eps=1e-5, given_var=True)],
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("batch_norm", _batch_norm, _torch_batch_norm,
+           [S(normal((6, 4), (4,), (4,)), "axes", BC, axes=(0,), eps=1e-5),
+            S(normal((3, 2, 2, 3), (1, 2, 1, 1), (1, 2, 1, 1)), "nchw_axes", A,
+              axes=(0, 2, 3), eps=1e-3)],
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    # all three adjoints in one output, so every input gets a gradient (db needs neither x nor w)
+    OpInfo("batch_norm_grad", _batch_norm_grad, _torch_batch_norm_grad,
+           [S(normal((6, 4), (6, 4), (4,)), "axes", BC, axes=(0,)),
+            S(normal((3, 2, 2, 3), (3, 2, 2, 3), (1, 2, 1, 1)), "nchw_axes", A,
+              axes=(0, 2, 3))],
+           second_order_ref=partial(_torch_batch_norm_grad,
+                                    batch_norm=_torch_batch_norm_composite),
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("inv_std", lambda a: ops.inv_std(a, (1,), 1e-5),
+           lambda a: 1 / torch.sqrt(a.var(1, unbiased=False, keepdim=True) + 1e-5),
+           [S(normal((3, 5)), "basic")], rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("logsoftmax", ops.logsoftmax, lambda a: torch.log_softmax(a, -1),
+           [S(normal((3, 5)), "basic")]),
+    OpInfo("softmax", lambda a: ops.softmax(a, axis=0), lambda a: torch.softmax(a, 0),
+           [S(normal((3, 5)), "basic")]),
+    # -- shape --
+    OpInfo("reshape", lambda a: ops.reshape(a, (4, 3)), lambda a: a.reshape(4, 3),
+           [S(normal((2, 6)), "basic")]),
+    OpInfo("reshape", lambda a: a.reshape((-1,)), lambda a: a.reshape(-1),
+           [S(normal((2, 3)), "flatten")], variant="method"),
+    OpInfo("broadcast_to", lambda a: ops.broadcast_to(a, (2, 3, 4)),
+           lambda a: a.broadcast_to((2, 3, 4)),
+           [S(normal((3, 1)), "size_one", S1), S(normal((4,)), "new_axes"),
+            S(normal(()), "scalar", SC)]),
+    OpInfo("sum_to", lambda a: ops.sum_to(a, (3, 1)), lambda a: a.sum((0, 2), keepdim=True)[0],
+           [S(normal((2, 3, 4)), "basic")]),
+    OpInfo("transpose", ops.transpose, lambda a, axes=(-1, -2): a.transpose(*axes),
+           [S(normal((2, 3, 4)), "last_two"), S(normal((2, 3, 4)), "axes", A, (0, 2))]),
+    OpInfo("permute", lambda a: ops.permute(a, (2, 0, 1)), lambda a: a.permute(2, 0, 1),
+           [S(normal((2, 3, 4)), "basic")]),
+    OpInfo("stack", lambda a, b: ops.stack([a, b, a], 1), lambda a, b: torch.stack([a, b, a], 1),
+           [S(normal((3, 4), (3, 4)), "basic")]),
+    OpInfo("concatenate", lambda a, b: ops.concatenate([a, b, a], 1),
+           lambda a, b: torch.cat([a, b, a], 1),
+           [S(normal((3, 2), (3, 4)), "basic"), S(normal((2, 1, 3), (2, 2, 3)), "size_one", S1)]),
+    OpInfo("split", lambda a: ops.split(a, 1)[2] * 2 + ops.split(a, 1)[0],
+           lambda a: a[:, 2] * 2 + a[:, 0], [S(normal((3, 4, 2)), "basic")]),
+    OpInfo("make_tuple", lambda a, b: ops.make_tuple(a, b)[1] - ops.make_tuple(a, b)[0] * 3,
+           lambda a, b: b - a * 3, [S(normal((3, 2), (3, 2)), "basic")]),
+    OpInfo("tuple_get_item", lambda a: ops.split(a, 0)[1] * ops.split(a, 0)[1],
+           lambda a: a[1] * a[1], [S(normal((3, 4)), "basic")]),
+    OpInfo("flip", lambda a: ops.flip(a, (0, 2)), lambda a: a.flip((0, 2)),
+           [S(normal((2, 3, 4)), "basic")]),
+    OpInfo("dilate", lambda a: ops.dilate(a, (0, 1), 2), lambda a: _torch_dilate(a, (0, 1), 2),
+           [S(normal((2, 3)), "basic")]),
+    OpInfo("undilate", lambda a: ops.undilate(a, (1,), 1), lambda a: a[:, ::2],
+           [S(normal((3, 5)), "basic")]),
+    OpInfo("getitem", lambda a, index: a[index], lambda a, index: a[_torch_index(index)],
+           [S(normal((3, 5)), "slices", A, index=np.s_[1:, ::2]),
+            S(normal((3, 2)), "int_array", A, index=_IDX),
+            S(normal((4, 5)), "newaxis", A, index=np.s_[None, -1, 1:3]),
+            S(normal((3, 3)), "two_arrays", A, index=(np.arange(3), np.array([0, 2, 1]))),
+            S(normal((2, 3, 2)), "ellipsis", A, index=np.s_[..., 0])],
+           second_order_sample="int_array"),
+    OpInfo("scatter", ops.scatter, _torch_scatter,
+           [S(normal((4, 2)), "int_array", A, (_IDX,), (3, 2)),
+            S(normal((2, 2)), "slice", A, (slice(1, 3),), (4, 2))]),
+    OpInfo("pad", lambda a: ops.pad(a, ((1, 2), (0, 1))),
+           lambda a: torch.nn.functional.pad(a, (0, 1, 1, 2)), [S(normal((2, 3)), "basic")]),
+    OpInfo("conv", _conv, _torch_conv,
+           [S(normal((2, 5, 5, 3), (3, 3, 3, 4)), "same", A, stride=1, padding=1),
+            S(normal((2, 6, 7, 2), (3, 3, 2, 3)), "stride2", A, stride=2, padding=1),
+            S(normal((1, 5, 5, 2), (2, 2, 2, 1)), "stride2_unpadded", S1, stride=2),
+            # an NCHW input seen through a permute (nn.Conv): output stored NCHW
+            S(normal((2, 3, 6, 5), (3, 3, 3, 2)), "nchw", L, stride=2, padding=1, nchw=True),
+            # ... with a map of >= 256 positions: the per-image NCHW products
+            S(normal((2, 3, 16, 17), (3, 3, 3, 2)), "nchw_large", L, stride=1, padding=1,
+              nchw=True),
+            S(normal((1, 2, 33, 32), (3, 3, 2, 3)), "nchw_large_stride2", L, stride=2,
+              padding=1, nchw=True)],
+           rtol=1e-4, atol=1e-5,
+           second_order_sample="stride2"),
     # the conv adjoints; (1, 5, 5) with kernel 2 and stride 2 leaves a row and column unused
-    OpCase("conv_weight_grad",
-           lambda a, g: ops.conv_weight_grad(a, g, (3, 3), stride=1, padding=1),
-           lambda a, g: _torch_conv_weight_grad(a, g, (3, 3), 1, 1),
-           [normal((2, 5, 5, 3), (2, 5, 5, 4))], rtol=1e-4, atol=1e-5,
-           extra={"more": [(lambda a, g: ops.conv_weight_grad(a, g, (3, 3), stride=2, padding=1),
-                            lambda a, g: _torch_conv_weight_grad(a, g, (3, 3), 2, 1),
-                            normal((2, 6, 7, 2), (2, 3, 4, 3))),
-                           (lambda a, g: ops.conv_weight_grad(a, g, (2, 2), stride=2),
-                            lambda a, g: _torch_conv_weight_grad(a, g, (2, 2), 2, 0),
-                            normal((1, 5, 5, 2), (1, 2, 2, 1))),
-                           # a and g stored NCHW with >= 256 positions: the NCHW products
-                           (lambda a, g: ops.conv_weight_grad(
-                               ops.permute(a, (0, 2, 3, 1)), ops.permute(g, (0, 2, 3, 1)),
-                               (3, 3), stride=2, padding=1),
-                            lambda a, g: _torch_conv_weight_grad(
-                                a.permute(0, 2, 3, 1), g.permute(0, 2, 3, 1), (3, 3), 2, 1),
-                            normal((2, 2, 32, 33), (2, 3, 16, 17)))]}),
-    OpCase("conv_input_grad",
-           lambda g, b: ops.conv_input_grad(g, b, stride=1, padding=1, in_hw=(5, 5)),
-           lambda g, b: _torch_conv_input_grad(g, b, 1, 1, (5, 5)),
-           [normal((2, 5, 5, 4), (3, 3, 3, 4))], rtol=1e-4, atol=1e-5,
-           extra={"more": [(lambda g, b: ops.conv_input_grad(g, b, stride=2, padding=1,
-                                                             in_hw=(6, 7)),
-                            lambda g, b: _torch_conv_input_grad(g, b, 2, 1, (6, 7)),
-                            normal((2, 3, 4, 3), (3, 3, 2, 3))),
-                           (lambda g, b: ops.conv_input_grad(g, b, stride=2, in_hw=(5, 5)),
-                            lambda g, b: _torch_conv_input_grad(g, b, 2, 0, (5, 5)),
-                            normal((1, 2, 2, 1), (2, 2, 2, 1))),
-                           # g stored NCHW (as nn.Conv's backward passes it)
-                           (lambda g, b: ops.conv_input_grad(ops.permute(g, (0, 2, 3, 1)), b,
-                                                             stride=2, padding=1, in_hw=(6, 7)),
-                            lambda g, b: _torch_conv_input_grad(g.permute(0, 2, 3, 1), b, 2, 1,
-                                                                (6, 7)),
-                            normal((2, 3, 3, 4), (3, 3, 2, 3))),
-                           # ... with >= 256 positions: the per-image NCHW products
-                           (lambda g, b: ops.conv_input_grad(ops.permute(g, (0, 2, 3, 1)), b,
-                                                             stride=2, padding=1,
-                                                             in_hw=(32, 33)),
-                            lambda g, b: _torch_conv_input_grad(g.permute(0, 2, 3, 1), b, 2, 1,
-                                                                (32, 33)),
-                            normal((2, 3, 16, 17), (3, 3, 2, 3))),
-                           # in_hw=None: the smallest input, (3 - 1) * 2 + 3 - 2 = 5
-                           (lambda g, b: ops.conv_input_grad(g, b, stride=2, padding=1),
-                            lambda g, b: _torch_conv_input_grad(g, b, 2, 1, (5, 5)),
-                            normal((2, 3, 3, 2), (3, 3, 4, 2)))]}),
+    OpInfo("conv_weight_grad", _conv_weight_grad, _torch_conv_weight_grad,
+           [S(normal((2, 5, 5, 3), (2, 5, 5, 4)), "same", A, (3, 3), stride=1, padding=1),
+            S(normal((2, 6, 7, 2), (2, 3, 4, 3)), "stride2", A, (3, 3), stride=2, padding=1),
+            S(normal((1, 5, 5, 2), (1, 2, 2, 1)), "stride2_unused", S1, (2, 2), stride=2),
+            # a and g stored NCHW with >= 256 positions: the NCHW products
+            S(normal((2, 2, 32, 33), (2, 3, 16, 17)), "nchw_large", L, (3, 3), stride=2,
+              padding=1, nchw=True)],
+           rtol=1e-4, atol=1e-5,
+           second_order_sample="stride2"),
+    OpInfo("conv_input_grad", _conv_input_grad, _torch_conv_input_grad,
+           [S(normal((2, 5, 5, 4), (3, 3, 3, 4)), "same", A, stride=1, padding=1, in_hw=(5, 5)),
+            S(normal((2, 3, 4, 3), (3, 3, 2, 3)), "stride2", A, stride=2, padding=1,
+              in_hw=(6, 7)),
+            S(normal((1, 2, 2, 1), (2, 2, 2, 1)), "stride2_unpadded", S1, stride=2,
+              in_hw=(5, 5)),
+            # g stored NCHW (as nn.Conv's backward passes it)
+            S(normal((2, 3, 3, 4), (3, 3, 2, 3)), "nchw", L, stride=2, padding=1, in_hw=(6, 7),
+              nchw=True),
+            # ... with >= 256 positions: the per-image NCHW products
+            S(normal((2, 3, 16, 17), (3, 3, 2, 3)), "nchw_large", L, stride=2, padding=1,
+              in_hw=(32, 33), nchw=True),
+            # in_hw=None: the smallest input, (3 - 1) * 2 + 3 - 2 = 5
+            S(normal((2, 3, 3, 2), (3, 3, 4, 2)), "smallest_input", A, stride=2, padding=1)],
+           rtol=1e-4, atol=1e-5,
+           second_order_sample="stride2"),
 ]
 
 
-def all_cases() -> list[tuple[OpCase, Callable, Callable, Sample]]:
-    """Every (case, needle fn, torch fn, sample) combination, the extra variants included."""
+def samples(table: list[OpInfo] | None = None) -> list[tuple[OpInfo, SampleInput]]:
+    """Every (row, sample) pair of the table."""
+    return [(case, sample) for case in (OP_TABLE if table is None else table)
+            for sample in case.samples]
+
+
+def sample_id(case: OpInfo, sample: SampleInput) -> str:
+    """The test id of a (row, sample) pair: ``op[.variant]-sample``."""
+    return f"{case.name}-{sample.name}"
+
+
+def params(check: str, pairs: list[tuple[OpInfo, SampleInput]] | None = None) -> list:
+    """``pytest.param(row, sample)`` for each pair (default: all), with its id and the strict
+    xfail marks the row's ``xfails`` gives ``check``."""
+    return [pytest.param(case, sample, id=sample_id(case, sample), marks=case.marks(check))
+            for case, sample in (samples() if pairs is None else pairs)]
+
+
+def all_cases() -> list[tuple[OpInfo, Callable, Callable, Make]]:
+    """Every (row, needle fn, torch fn, make) with the sample's attributes bound: the flat
+    form older consumers use (``fn(*tensors)``, ``ref(*torch_tensors)``, ``make(rng)``)."""
     out = []
-    for case in OP_TABLE:
-        for sample in case.samples:
-            out.append((case, case.fn, case.ref, sample))
-        for fn, ref, sample in case.extra.get("more", []):
-            out.append((case, fn, ref, sample))
+    for case, sample in samples():
+        out.append((case, partial(case.call, sample), partial(case.call_ref, sample),
+                    sample.make))
     return out

@@ -1,4 +1,5 @@
-"""Every op of the registry against torch (forward, gradient) and finite differences."""
+"""Every op of the registry against torch (forward, gradient) and finite differences; the
+op table's structure (sample kinds hold, ids unique, every differentiable op checked)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import needle as ndl
 from needle.core.registry import REGISTRY
 
 from .helpers import check_gradient_fd, leaves, to_torch
-from .op_table import OP_TABLE, all_cases
+from .op_table import CHECKS, OP_TABLE, Kind, params, sample_id, samples
 
-CASES = all_cases()
-IDS = [f"{case.op}-{i}" for i, (case, *_rest) in enumerate(CASES)]
+CASES = samples()
+IDS = [sample_id(case, sample) for case, sample in CASES]
+DIFFERENTIABLE = [(c, s) for c, s in CASES if c.differentiable]
 
 
 def test_every_registered_op_has_a_table_row():
@@ -23,30 +25,72 @@ def test_every_registered_op_has_a_table_row():
     assert {case.op for case in OP_TABLE} == builtin
 
 
-@pytest.mark.parametrize(("case", "fn", "ref", "sample"), CASES, ids=IDS)
-def test_forward_matches_torch(case, fn, ref, sample):
-    arrays = sample(np.random.default_rng(0))
-    out = fn(*leaves(arrays))
-    expected = ref(*[to_torch(a, requires_grad=False) for a in arrays])
+def test_table_rows_and_samples_are_well_formed():
+    assert len(set(IDS)) == len(IDS), "a (row, sample) id is repeated"
+    assert len({case.name for case in OP_TABLE}) == len(OP_TABLE), "a row name is repeated"
+    for case in OP_TABLE:
+        assert case.samples, case
+        # flags that only mean something for differentiable ops
+        if not case.differentiable:
+            assert case.second_order_ref is None, case
+        assert set(case.xfails) <= set(CHECKS), case
+        case.sample_for_second_order()  # names an existing sample (StopIteration otherwise)
+
+
+def _has(arrays, predicate) -> bool:
+    return any(predicate(a) for a in arrays)
+
+
+KIND_HOLDS = {
+    Kind.BASIC: lambda arrays, sample: True,
+    Kind.ATTRS: lambda arrays, sample: bool(sample.args or sample.kwargs),
+    Kind.BROADCAST: lambda arrays, sample: len({a.shape for a in arrays}) > 1,
+    Kind.SIZE_ONE: lambda arrays, sample: _has(arrays, lambda a: 1 in a.shape),
+    Kind.SCALAR: lambda arrays, sample: _has(arrays, lambda a: a.ndim == 0),
+    Kind.BATCHED: lambda arrays, sample: _has(arrays, lambda a: a.ndim >= 3),
+    Kind.VECTOR: lambda arrays, sample: _has(arrays, lambda a: a.ndim == 1),
+    Kind.LAYOUT: lambda arrays, sample: sample.kwargs.get("nchw") is True,
+}
+
+
+@pytest.mark.parametrize(("case", "sample"), CASES, ids=IDS)
+def test_sample_is_of_its_kind(case, sample):
+    arrays = sample.make(np.random.default_rng(0))
+    assert arrays and all(isinstance(a, np.ndarray) for a in arrays)
+    assert KIND_HOLDS[sample.kind](arrays, sample), f"{sample.name} is not {sample.kind}"
+
+
+def test_the_table_covers_every_sample_kind():
+    assert {sample.kind for _case, sample in CASES} == set(Kind)
+
+
+@pytest.mark.parametrize(("case", "sample"), params("forward"))
+def test_forward_matches_torch(case, sample):
+    arrays = sample.make(np.random.default_rng(0))
+    case.reseed()
+    out = case.call(sample, *leaves(arrays))
+    case.reseed()
+    expected = case.call_ref(sample, *[to_torch(a, requires_grad=False) for a in arrays])
     assert out.shape == tuple(expected.shape)
     assert out.dtype == expected.detach().numpy().dtype
     np.testing.assert_allclose(out.numpy(), expected.detach().numpy(), rtol=case.rtol,
                                atol=case.atol)
 
 
-@pytest.mark.parametrize(("case", "fn", "ref", "sample"), CASES, ids=IDS)
-def test_gradient_matches_torch(case, fn, ref, sample):
+@pytest.mark.parametrize(("case", "sample"), params("gradient_torch"))
+def test_gradient_matches_torch(case, sample):
     rng = np.random.default_rng(1)
-    arrays = sample(rng)
+    arrays = sample.make(rng)
     inputs = leaves(arrays)
-    out = fn(*inputs)
+    case.reseed()
+    out = case.call(sample, *inputs)
     if not case.differentiable:
         assert not out.requires_grad
         return
     weights = rng.standard_normal(out.shape).astype(out.dtype)
     out.backward(ndl.Tensor(weights, requires_grad=False))
     t_inputs = [to_torch(a) for a in arrays]
-    ref(*t_inputs).backward(torch.tensor(weights))
+    case.call_ref(sample, *t_inputs).backward(torch.tensor(weights))
     for x, t in zip(inputs, t_inputs):
         assert x.grad is not None
         assert x.grad.shape == x.shape
@@ -55,14 +99,28 @@ def test_gradient_matches_torch(case, fn, ref, sample):
                                    atol=case.atol * 10)
 
 
-DIFFERENTIABLE = [(c, i) for c, i in zip(CASES, IDS) if c[0].differentiable]
-
-
-@pytest.mark.parametrize(("case", "fn", "ref", "sample"), [c for c, _ in DIFFERENTIABLE],
-                         ids=[i for _, i in DIFFERENTIABLE])
-def test_gradient_matches_finite_differences(case, fn, ref, sample):
+@pytest.mark.parametrize(("case", "sample"), params("gradient_fd", DIFFERENTIABLE))
+def test_gradient_matches_finite_differences(case, sample):
     rng = np.random.default_rng(2)
-    check_gradient_fd(fn, sample(rng), rng, rtol=case.fd_rtol)
+    check_gradient_fd(lambda *xs: case.call(sample, *xs), sample.make(rng), rng,
+                      rtol=case.fd_rtol)
+
+
+@pytest.mark.parametrize(("case", "sample"), params("gradient_without_graph", DIFFERENTIABLE))
+def test_gradient_without_create_graph_equals_the_recorded_one(case, sample):
+    """backward(create_graph=False) records nothing for the gradients and gives the values
+    backward() gives (the same ops in the same order: bitwise)."""
+    rng = np.random.default_rng(6)
+    arrays = sample.make(rng)
+    recorded, plain = leaves(arrays), leaves(arrays)
+    out = case.call(sample, *recorded)
+    weights = ndl.Tensor(rng.standard_normal(out.shape).astype(out.dtype), requires_grad=False)
+    out.backward(weights)
+    case.call(sample, *plain).backward(weights, create_graph=False)
+    for r, p in zip(recorded, plain):
+        assert p.grad is not None, "no gradient without create_graph"
+        assert not p.grad.requires_grad and p.grad.op is None
+        np.testing.assert_array_equal(p.grad.numpy(), r.grad.numpy())
 
 
 # -- large partial sums take np.einsum (see kernels/reduce.py, einsum_sum_spec) -----------------

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..kernels import batchnorm
 from ..kernels.reduce import moments, reduce_sum, reduce_sum_of_products
+from .context import GradMode
 from .ops_reduce import reduced_count
 from .ops_shape import as_axes, kept_shape, normalize_axes
 from .registry import Aval, F, Op, ShapeError, fmt_shape, register
@@ -109,7 +110,10 @@ class NormalizeGrad(NormOp):
         from .autodiff import gradients
 
         inputs = list(node.inputs)
-        expr = self._composite(*inputs)
+        # the composite must record its graph even under backward(create_graph=False), or
+        # the adjoints of its inputs are lost; the gradients follow the caller's grad mode
+        with GradMode(True):
+            expr = self._composite(*inputs)
         return tuple(gradients([expr], inputs, [out_grad], stop_at_wrt=True))
 
     def infer(self, g: Aval, y: Aval, s: Aval) -> Aval:
@@ -200,7 +204,8 @@ class BatchNormGrad(NormOp):
         from .autodiff import gradients
 
         g, x, weight, _, _ = node.inputs
-        outputs = self._composite(g, x, weight)
+        with GradMode(True):  # recorded even under create_graph=False (see NormalizeGrad)
+            outputs = self._composite(g, x, weight)
         seeds = [out_grad[i] for i in range(3)]
         return (*gradients(outputs, [g, x, weight], seeds, stop_at_wrt=True), None, None)
 
