@@ -7,7 +7,8 @@ references it, and then the whole graph behind it is freed by reference counting
 
 from __future__ import annotations
 
-from typing import Any
+import builtins
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,10 @@ __all__ = [
 
 #: number of live graph values (Tensors and TensorTuples)
 TENSOR_COUNTER = 0
+#: PyTorch's names for custom functions, set by needle/__init__.py to function.Function and
+#: function.FunctionCtx (function.py builds on this module, so it cannot import them here)
+Function: Any
+FunctionCtx: Any
 
 
 class TracerConversionError(RuntimeError):
@@ -112,6 +117,13 @@ class Value:
 
     __slots__ = ("op", "inputs", "_data", "requires_grad", "device", "_aval", "meta",
                  "__weakref__")
+    op: Op | None
+    inputs: tuple[Any, ...]
+    _data: Any
+    requires_grad: bool
+    device: Device
+    _aval: Any
+    meta: NodeMeta | None
 
     def __del__(self) -> None:
         global TENSOR_COUNTER
@@ -184,7 +196,7 @@ def _new_lazy_node(cls: type, op: Op, inputs: tuple, requires_grad: bool, device
                    aval: Any) -> Any:
     """A node whose value is not computed yet (a declared graph's, or a trace's)."""
     global TENSOR_COUNTER
-    node = object.__new__(cls)
+    node: Any = object.__new__(cls)
     TENSOR_COUNTER += 1
     node.op = op
     node.inputs = inputs
@@ -219,8 +231,11 @@ def _op_error(op: Op, inputs: tuple, exc: Exception) -> Exception:
     return type(exc)(f"{op.name} on inputs of shapes {shapes}: {exc}")
 
 
-def make_from_op(op: Op, inputs: tuple) -> Value:
-    """Apply ``op`` to input nodes: compute now (eager) or record a lazy node (no data yet)."""
+def make_from_op(op: Op, inputs: tuple) -> Any:
+    """Apply ``op`` to input nodes: compute now (eager) or record a lazy node (no data yet).
+
+    The node is a Tensor, or a TensorTuple for an op that ``returns_tuple``.
+    """
     global TENSOR_COUNTER
     try:
         # one and two inputs unrolled: most ops, and this is the hot path of every eager op
@@ -254,8 +269,8 @@ def make_from_op(op: Op, inputs: tuple) -> Value:
     cls = TensorTuple if op.returns_tuple else Tensor
     device = op.out_device or (inputs[0].device if inputs else cpu())
     if lazy or state.trace is not None:
-        node = _new_lazy_node(cls, op, inputs, requires_grad, device,
-                              op.infer(*[x.aval for x in inputs]))
+        node: Any = _new_lazy_node(cls, op, inputs, requires_grad, device,
+                                   op.infer(*[x.aval for x in inputs]))
         lazy_node_made(node, state)
         return node
     try:
@@ -312,7 +327,7 @@ class TensorTuple(Value):
         return new_leaf(TensorTuple, data, device=self.device,
                         aval=tuple(Aval(a.shape, a.dtype) for a in data))
 
-    def numpy(self) -> tuple:
+    def numpy(self) -> builtins.tuple:  # (``tuple`` here is the method above)
         return tuple(self.device.to_numpy(a) for a in self.realize_data())
 
     def __repr__(self) -> str:
@@ -322,7 +337,17 @@ class TensorTuple(Value):
         return _ops.make_tuple(*[a + b for a, b in zip(self, other)])
 
 
-class Tensor(Value):
+if TYPE_CHECKING:
+    # the method forms of ops (x.sum(), x.exp(), ...) that core/api.py installs below, declared
+    # in the generated stub core/api.pyi; at run time Tensor's only base is Value
+    from .core.api import TensorMethods
+
+    class _TensorBase(Value, TensorMethods): ...
+else:
+    _TensorBase = Value
+
+
+class Tensor(_TensorBase):
     """An n-dimensional array that records how it was made, so gradients can flow back.
 
     ``Tensor(data, device=None, dtype=None, requires_grad=True)``: ``data`` may be a list, a
@@ -342,6 +367,7 @@ class Tensor(Value):
     """
 
     __slots__ = ("grad",)
+    grad: Tensor | None
     # Make NumPy defer to our reflected operators (ndarray + Tensor -> Tensor.__radd__).
     __array_ufunc__ = None
 
@@ -358,7 +384,7 @@ class Tensor(Value):
         return new_leaf(cls, data, requires_grad=requires_grad)
 
     @classmethod
-    def make_from_op(cls, op: Op, inputs: list) -> Value:
+    def make_from_op(cls, op: Op, inputs: list) -> Any:
         """needle's constructor for op results."""
         return make_from_op(op, tuple(inputs))
 
@@ -524,55 +550,55 @@ class Tensor(Value):
         return other
 
     def __add__(self, other: Any) -> Tensor:
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return make_from_op(_EWISE_ADD, (self, other))
         other = self._other(other)
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return _ops.add(self, other)
         return _ops.add_scalar(self, other)
 
     __radd__ = __add__
 
     def __sub__(self, other: Any) -> Tensor:
-        if not isinstance(other, Value):
+        if not isinstance(other, _Operand):
             other = self._other(other)
-            if not isinstance(other, Value):
+            if not isinstance(other, _Operand):
                 return _ops.add_scalar(self, -other)
         return _ops.add(self, _ops.negate(other))
 
     def __rsub__(self, other: Any) -> Tensor:
         other = self._other(other)
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return _ops.add(other, _ops.negate(self))
         return _ops.add_scalar(_ops.negate(self), other)
 
     def __mul__(self, other: Any) -> Tensor:
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return make_from_op(_EWISE_MUL, (self, other))
         other = self._other(other)
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return _ops.multiply(self, other)
         return _ops.mul_scalar(self, other)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other: Any) -> Tensor:
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return make_from_op(_EWISE_DIV, (self, other))
         other = self._other(other)
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return _ops.divide(self, other)
         return _ops.divide_scalar(self, other)
 
     def __rtruediv__(self, other: Any) -> Tensor:
         other = self._other(other)
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return _ops.divide(other, self)
         return _ops.mul_scalar(_ops.power_scalar(self, -1), other)
 
     def __pow__(self, other: Any) -> Tensor:
         other = self._other(other)
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return _ops.power(self, other)
         return _ops.power_scalar(self, other)
 
@@ -591,7 +617,7 @@ class Tensor(Value):
 
     def _compare(self, other: Any, kind: str) -> Tensor:
         other = self._other(other)
-        if isinstance(other, Value):
+        if isinstance(other, _Operand):
             return _ops.compare(self, other, kind)
         return _ops.compare_scalar(self, other, kind)
 
@@ -619,6 +645,14 @@ class Tensor(Value):
     def retain_grad(self) -> None:
         """Also keep ``.grad`` on this non-leaf tensor at the next backward."""
         self.meta = _with_retain(self.meta)
+
+
+# An operand node of Tensor's operators: ops take Tensors, so the type checker reads the
+# ``isinstance(other, Value)`` tests as Tensor tests (a TensorTuple operand fails in the op).
+if TYPE_CHECKING:
+    _Operand = Tensor
+else:
+    _Operand = Value
 
 
 def _with_retain(meta: NodeMeta | None) -> NodeMeta:

@@ -37,7 +37,7 @@ for a second derivative through one raises a NotImplementedError naming the Func
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,6 +61,11 @@ class FunctionCtx:
 
     def save_for_backward(self, *arrays: Any) -> None:
         self.saved_tensors = tuple(arrays)
+
+    if TYPE_CHECKING:  # any attribute forward sets for backward (``ctx.scale = 2.0``)
+        def __getattr__(self, name: str) -> Any: ...
+
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
 
 def _as_array(value: Any, like: Any, what: str) -> Any:
@@ -92,7 +97,7 @@ class FunctionOp(Op):
     #: never merged, folded or replayed by graph passes: user code may be random or stateful
     random = True
 
-    def __init__(self, fn: type, positions: tuple[int, ...], consts: tuple,
+    def __init__(self, fn: type[Function], positions: tuple[int, ...], consts: tuple,
                  needs_input_grad: tuple = ()) -> None:
         self.fn = fn
         self.positions = positions  # where each Tensor input goes among forward's arguments

@@ -10,7 +10,7 @@ metadata is read (no array data) unless verifying.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from .models import build_model
 _NAMED_BAD = 5
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float, np.integer, np.floating)) \
         and not isinstance(value, (bool, np.bool_))
 
@@ -33,7 +33,7 @@ def _g(value: Any) -> str:
     return f"{value:g}" if _number(value) else repr(value)
 
 
-def _plural(n: int, word: str) -> str:
+def _plural(n: float, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
@@ -51,7 +51,8 @@ def _parameter_names(identity: dict) -> set[str] | None:
         return None
     state = np.random.get_state()
     try:
-        model = build_model(identity["model"], tuple(int(n) for n in shape), classes)
+        model = build_model(identity["model"], (int(shape[0]), int(shape[1]), int(shape[2])),
+                            classes)
         return {name for name, _ in model.named_parameters()}
     except (ValueError, TypeError, KeyError, IndexError):
         return None

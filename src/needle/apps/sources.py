@@ -51,7 +51,8 @@ def _load_mnist(folder: str) -> DataSplit:
     if not any(present.values()):
         wanted = ", ".join(f for files in _MNIST_FILES.values() for f in files)
         raise DataSourceError(f"mnist:{folder}: no MNIST files found (expected {wanted})")
-    sets = {k: MNISTDataset(*[os.path.join(folder, f) for f in _MNIST_FILES[k]], flatten=False)
+    sets = {k: MNISTDataset(os.path.join(folder, _MNIST_FILES[k][0]),
+                            os.path.join(folder, _MNIST_FILES[k][1]), flatten=False)
             for k, ok in present.items() if ok}
     shape = next(iter(sets.values())).image_shape
     note = ""

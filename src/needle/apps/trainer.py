@@ -144,7 +144,7 @@ def _number(value: Any) -> bool:
 
 def _count(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) \
-        and value >= 0
+        and bool(value >= 0)
 
 
 def _bad_field(path: str, name: str, what: str) -> CheckpointError:
@@ -391,7 +391,8 @@ class Trainer:
         state["hyperparams"] = hyper
         if "momentum" in hyper:
             # a new momentum can add or drop SGD's momentum buffers: keep only what it uses
-            self.optimizer.momentum = float(hyper["momentum"])
+            # (an SGD: the only optimizer with momentum)
+            self.optimizer.momentum = float(hyper["momentum"])  # type: ignore[attr-defined]
             names = set(self.optimizer.state_names)
             state["state"] = {k: entry for k, entry in state["state"].items()
                               if isinstance(entry, dict) and set(entry) == names}

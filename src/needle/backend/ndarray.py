@@ -35,8 +35,8 @@ class NDArray(np.ndarray):
         """A plain NumPy copy."""
         return np.array(self, copy=True).view(np.ndarray)
 
-    @property
-    def device(self) -> Device:
+    @property  # needle's Device, where NumPy 2's array API has the string "cpu"
+    def device(self) -> Device:  # type: ignore[override]
         return cpu()
 
     def pad(self, pad_width: Any) -> NDArray:

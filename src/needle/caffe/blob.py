@@ -25,6 +25,9 @@ class Blob:
     """
 
     __slots__ = ("name", "data", "_diff", "lr_mult", "decay_mult")
+    #: the arrays (None until the blob is shaped; layers and solvers read them once it is)
+    data: Any
+    _diff: Any
 
     def __init__(self, data: Any = None, name: str = "", lr_mult: float = 1.0,
                  decay_mult: float = 1.0) -> None:

@@ -117,6 +117,6 @@ def as_module(layer: Layer, bottom_shapes: list[tuple] | None = None) -> LayerMo
 
 
 def lower_module(module: nn.Module, example_input: Any, loss: str | None = None,
-                 net_cls: type = Net, **kwargs: Any) -> Net:
+                 net_cls: type[Net] = Net, **kwargs: Any) -> Net:
     """``net_cls.from_module(module, example_input, loss, ...)``: a Net computing the module."""
     return net_cls.from_module(module, example_input, loss, **kwargs)

@@ -13,8 +13,9 @@ any registry op a layer with no new code.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from ..backend import cpu
 from ..core import autodiff
 from ..core.registry import Aval, get_op
 from .blob import Blob, fill
+
+if TYPE_CHECKING:
+    from ..function import Function
 
 __all__ = ["LAYER_TYPES", "FunctionLayer", "Layer", "LayerError", "OpLayer", "TensorLayer",
            "register_layer"]
@@ -34,7 +38,7 @@ LAYER_TYPES: dict[str, type] = {}
 def register_layer(name: str):
     """Class decorator: make a Layer subclass available to Net specs as ``"type": name``."""
 
-    def decorate(cls: type) -> type:
+    def decorate(cls: type[Layer]) -> type[Layer]:
         if name in LAYER_TYPES and LAYER_TYPES[name] is not cls:
             raise ValueError(f"layer type {name!r} registered twice")
         cls.type = name
@@ -67,6 +71,8 @@ class Layer:
     is_loss: bool = False
     #: False for layers whose tops never carry a gradient (Accuracy)
     differentiable: bool = True
+    #: which forward call the layer's state belongs to (set by the Function bridge, bridge.py)
+    _bridge_token: object
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or type(self).__name__
@@ -270,7 +276,8 @@ class FunctionLayer(TensorLayer):
     bottom_count = (1, None)
     top_count = (1, None)
 
-    def __init__(self, function: type, args: Sequence = (), name: str | None = None) -> None:
+    def __init__(self, function: builtins.type[Function], args: Sequence = (),
+                 name: str | None = None) -> None:
         from ..function import Function
 
         if not (isinstance(function, type) and issubclass(function, Function)):

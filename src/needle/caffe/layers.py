@@ -158,6 +158,7 @@ class Pooling(TensorLayer):
         if kernel_size is None and not self.global_pooling:
             raise ValueError(f"Pooling {self.name!r}: give kernel_size (or global_pooling)")
         if not self.global_pooling:
+            assert kernel_size is not None  # (checked above)
             cls = nn.MaxPool2d if self.pool == "MAX" else nn.AvgPool2d
             self.module = cls(int(kernel_size), int(stride))
 

@@ -146,7 +146,7 @@ def parse_spec(spec: Any) -> tuple[dict[str, tuple | None], list[LayerEntry]]:
                     raise NetSpecError(f"{where}: input {top!r} is declared twice")
                 inputs[top] = shape
             continue
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for key, value in raw.items():
             if key in _ENTRY_KEYS:
                 continue
@@ -230,7 +230,7 @@ class Net:
         self._is_setup = False
         if all(s is not None for s in self.input_shapes.values()):  # also: no inputs at all
             self._setup({k: tuple(1 if d is None else d for d in s)
-                         for k, s in self.input_shapes.items()})
+                         for k, s in self.input_shapes.items() if s is not None})
 
     # -- wiring ------------------------------------------------------------------------------
     def _wire(self, entries: list[LayerEntry]) -> None:
@@ -297,7 +297,8 @@ class Net:
         self.inputs = list(self.input_shapes)
         self._values: list[Any] = [None] * len(self._version_names)
         self._loss_tops = [(v, w) for vids, e in zip(self._top_vids, entries)
-                           for v, w in zip(vids, e.loss_weight) if w != 0.0]
+                           # (_wire gave every entry its loss_weight list above)
+                           for v, w in zip(vids, e.loss_weight) if w != 0.0]  # type: ignore[arg-type]
         self.blobs: OrderedDict[str, Blob] = OrderedDict(
             (name, Blob(name=name)) for name in first)
 

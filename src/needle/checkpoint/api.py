@@ -184,7 +184,7 @@ def checkpoint_info(path: str | os.PathLike, *, verify: bool = False) -> dict:
                 "verified": verify, "metadata": meta}
 
 
-def format_size(n: int) -> str:
+def format_size(n: float) -> str:
     """A byte count for people: ``512 B``, ``1.5 KiB``, ``3.2 MiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

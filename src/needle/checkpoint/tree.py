@@ -55,7 +55,8 @@ def path_name(path: tuple) -> str:
 def array_sha256(array: np.ndarray) -> str:
     """SHA-256 (hex) of the array's bytes in C order, the same whatever its memory layout."""
     flat = np.ascontiguousarray(array).reshape(-1)
-    return hashlib.sha256(flat.view(np.uint8)).hexdigest()
+    # (arrays have the buffer protocol; NumPy's stubs declare it from Python 3.12 on)
+    return hashlib.sha256(flat.view(np.uint8)).hexdigest()  # type: ignore[arg-type]
 
 
 def _member_segment(part: Any) -> str:

@@ -13,7 +13,7 @@ runs on its hot path.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +81,7 @@ def ancestors(fetches: list, is_source: Callable[[Any], bool]) -> list:
 
         def __init__(self, node: Any) -> None:
             self.node = node
-            self._inputs = None
+            self._inputs: tuple | None = None
 
         @property
         def inputs(self) -> tuple:
@@ -260,7 +260,9 @@ def run_program(program: Program, env: dict[int, Any], tracker: ByteTracker | No
                 on_step: Callable[[Step], None] | None = None) -> dict[int, Any]:
     """Compute every step into ``env`` (slot -> value), freeing values as the plan says."""
     env.update(program.constants)
-    frees = program.frees or [()] * len(program.steps)
+    frees: Sequence[Sequence[int]] = program.frees
+    if not frees:
+        frees = [()] * len(program.steps)
     snap = snapshot_slots(program)
     for slot in snap.intersection(env):  # fetched sources: their values at the start
         env[slot] = snapshot(env[slot])

@@ -235,7 +235,7 @@ class Permute(Op):
     """a with its axes reordered (``np.transpose(a, axes)``)."""
 
     def __init__(self, axes: Any) -> None:
-        self.axes = as_axes(axes)
+        self.axes: Any = as_axes(axes)  # (None only if misused: np.transpose reverses then)
 
     def compute(self, a):
         return np.transpose(a, self.axes)

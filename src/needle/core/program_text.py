@@ -82,7 +82,8 @@ def program_text(program: Any) -> str:
         return name
 
     read = {slot for step in program.steps for slot in step.inputs} | set(program.outputs)
-    fixed, fed = [], []
+    fixed: list[str] = []
+    fed: list[str] = []
     for i, node in enumerate(program.sources):
         if id(node) not in read or id(node) in program.constants:
             continue  # pruned away, or its value is a constant of the program

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -85,8 +85,9 @@ class Op:
                 fitted[i] = fit_to_input(grad, inp)
         return tuple(fitted)
 
-    def infer(self, *avals: Aval) -> Aval | tuple:
-        """Static shape and dtype of the output; raises ShapeError naming the op and shapes."""
+    def infer(self, *avals: Any) -> Aval | tuple:
+        """Static shape and dtype of the output from each input's Aval (a tuple of them for a
+        tuple input); raises ShapeError naming the op and shapes."""
         raise NotImplementedError(f"{self.name}: no shape rule")
 
     def ufunc(self) -> tuple[str, tuple] | None:
@@ -157,7 +158,7 @@ class OpRecord:
     """What the registry knows of one op: its class, input names and attribute names."""
 
     name: str
-    cls: type
+    cls: type[Op]
     inputs: tuple[str, ...]
     attrs: tuple[str, ...]
     methods: tuple[str, ...] = ()
@@ -169,6 +170,7 @@ class OpRecord:
 
 
 REGISTRY: dict[str, OpRecord] = {}
+_OpClass = TypeVar("_OpClass", bound=Op)
 
 
 class OpFunctions:
@@ -197,7 +199,7 @@ def register(name: str, inputs: tuple[str, ...] = ("a",), methods: tuple[str, ..
     marks node kinds a front-end makes itself (no generated function).
     """
 
-    def decorate(cls: type) -> type:
+    def decorate(cls: type[_OpClass]) -> type[_OpClass]:
         if name in REGISTRY:
             raise ValueError(f"op {name!r} registered twice")
         params = []

@@ -48,9 +48,9 @@ def _is_class(value: object) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return False
     if isinstance(value, (int, np.integer)):
-        return 0 <= value <= 9
+        return bool(0 <= value <= 9)
     if isinstance(value, (float, np.floating)):
-        return math.isfinite(value) and float(value).is_integer() and 0 <= value <= 9
+        return math.isfinite(value) and float(value).is_integer() and bool(0 <= value <= 9)
     return False
 
 

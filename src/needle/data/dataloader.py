@@ -292,7 +292,7 @@ class _Prefetcher:
         self._start = start
         self._chunk = chunk
         self._stop_event = threading.Event()
-        self._queues = [queue.Queue(maxsize=depth) for _ in range(workers)]
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in range(workers)]
         self._current: list = []  # the chunk being consumed: (ok, batch or error) pairs
         self._threads = [
             threading.Thread(target=self._work, args=(produce, start, stop, w, workers, q),
@@ -404,7 +404,7 @@ class _EpochIterator:
             rows = self._plan.positions(k)
             progress.batch_index = k + 1
             arrays = self.loader.dataset.arrays
-            batch = [a[rows] for a in arrays] if isinstance(rows, slice) else \
+            batch: list | tuple = [a[rows] for a in arrays] if isinstance(rows, slice) else \
                 [a.take(rows, axis=0) for a in arrays]
             return tuple([new_leaf(Tensor, np.ascontiguousarray(a), device=self._cpu)
                           for a in batch])

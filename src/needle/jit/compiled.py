@@ -276,7 +276,7 @@ class CompiledFunction:
         self._fallbacks: deque[FallbackRecord] = deque(maxlen=_MAX_RECORDS)
         self._unguarded: dict[tuple, Unguarded] = {}
         try:
-            self._signature_of = inspect.signature(fn)
+            self._signature_of: inspect.Signature | None = inspect.signature(fn)
         except (TypeError, ValueError):
             self._signature_of = None
         functools.update_wrapper(self, fn, updated=())
@@ -339,9 +339,11 @@ class CompiledFunction:
         return None
 
     def _run(self, entry: _Entry, leaves: list) -> Any:
+        plan = entry.plan
+        assert plan is not None  # (an entry without a plan falls back before _run)
         inputs = (*leaves, *entry.leaf_sources)
-        result = make_from_op(JitCall(entry.plan), inputs)
-        outputs = [result[i] for i in range(entry.plan.num_outputs)]
+        result = make_from_op(JitCall(plan), inputs)
+        outputs = [result[i] for i in range(plan.num_outputs)]
         return rebuild(entry.template, outputs)
 
     # -- the cache -------------------------------------------------------------------------------
@@ -503,7 +505,7 @@ def jit(fn: Callable | None = None, *, strict: bool = False, optimize: bool = Tr
         return lambda f: jit(f, strict=strict, optimize=optimize,
                              static_argnames=static_argnames, cache_size=cache_size)
     if getattr(type(fn), "__needle_module__", False) is True:  # an nn.Module (jit is below nn)
-        module = fn
+        module: Any = fn
         return CompiledFunction(module.__call__, strict, optimize, tuple(static_argnames),
                                 modules=[m for _, m in module.named_modules()],
                                 cache_size=cache_size)

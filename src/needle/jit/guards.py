@@ -281,7 +281,8 @@ class Unguarded:
 def _global_numpy_state() -> tuple:
     """Where NumPy's global (legacy) generator stands: its key's bytes and position."""
     _, key, pos, *_ = np.random.get_state()
-    return key.tobytes(), pos
+    # (the legacy tuple, get_state's default; NumPy's stubs also allow its dict form)
+    return key.tobytes(), pos  # type: ignore[attr-defined]
 
 
 def _is_module(value: Any) -> bool:

@@ -202,7 +202,7 @@ def conv2d_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
         return out
     chunks = _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out, a, g)
     if _use_nchw(a, ho * wo):
-        def images(s: int, e: int):
+        def images_nchw(s: int, e: int):
             cols, _ = _im2col_nchw(a[s:e], kh, kw, stride, padding)
             if _channels_first(g):  # (N, C_out, HW) @ (N, HW, C*kh*kw), summed over images
                 grads = g[s:e].transpose(0, 3, 1, 2).reshape(e - s, c_out, ho * wo)
@@ -210,7 +210,7 @@ def conv2d_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
             # (N, C*kh*kw, HW) @ (N, HW, C_out)
             return np.matmul(cols, g[s:e].reshape(e - s, ho * wo, c_out)).sum(axis=0)
 
-        parts = _by_images(images, chunks, n)
+        parts = _by_images(images_nchw, chunks, n)
         return array_module(a).ascontiguousarray(
             sum(parts).reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3))
 

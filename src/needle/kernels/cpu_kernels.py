@@ -52,8 +52,10 @@ def _kernels() -> dict[str, Any] | None:
 def _run(name: str, *args: Any) -> bool:
     """Call kernel ``name``; False (nothing written) if numba fails to compile it here, after
     which the NumPy paths are used for the rest of the process."""
+    kernels = _kernels()
+    assert kernels is not None  # (callers check enabled() first)
     try:
-        _kernels()[name](*args)
+        kernels[name](*args)
     except numba_module().core.errors.NumbaError:  # compilation fails before anything runs
         _disabled.append(name)
         return False

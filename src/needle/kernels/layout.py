@@ -85,7 +85,7 @@ def column_sums(matrix: np.ndarray) -> np.ndarray:
 def column_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The (C,) sums of the products of two (M, C) channel matrices."""
     rows_a, rows_b = _rows(a), _rows(b)
-    if rows_a is None:
+    if rows_a is None or rows_b is None:  # (both or neither: a and b have one shape)
         return np.einsum("mc,mc->c", a, b)
     return np.einsum("mb,mb->b", rows_a, rows_b).reshape(-1, a.shape[1]).sum(axis=0)
 

@@ -93,7 +93,8 @@ def reduce_sum(a: Any, axes: tuple, keepdims: bool) -> Any:
             spec = einsum_sum_spec(a.ndim, axes)
             if spec is not None:
                 return _keepdims(np.einsum(spec, a), a.shape, axes, keepdims)
-        return np.add.reduce(a, axis=axes, keepdims=keepdims)
+        # (NumPy's stubs type keepdims only as a literal True or False)
+        return np.add.reduce(a, axis=axes, keepdims=keepdims)  # type: ignore[call-overload]
     return np.sum(a, axis=axes, keepdims=keepdims)
 
 

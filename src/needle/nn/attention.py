@@ -80,7 +80,7 @@ class MultiHeadAttention(Module):
         self.in_proj_bias = (Parameter(init.zeros(3 * d, device=device, dtype=dtype))
                              if bias else None)
         self.out_proj = Linear(d, d, bias=bias, device=device, dtype=dtype)
-        if bias:
+        if self.out_proj.bias is not None:  # (Linear made one: ``bias`` is true)
             self.out_proj.bias.data = np.zeros(self.out_proj.bias.shape, dtype=dtype)
         self.dropout = Dropout(dropout)
 
@@ -94,6 +94,8 @@ class MultiHeadAttention(Module):
     def _project(self, x: Tensor, part: slice) -> Tensor:
         """x (B, L, D) times the ``part`` columns of in_proj (plus bias): (B, L, width)."""
         b, length, d = x.shape
+        weight: Tensor
+        bias: Tensor | None
         weight, bias = self.in_proj_weight, self.in_proj_bias
         if part != slice(None):
             weight = ops.getitem(weight, (slice(None), part))

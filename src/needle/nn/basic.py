@@ -147,6 +147,8 @@ class Sequential(Module):
     ``named_modules`` here go through ``named_children`` instead of the method.
     """
 
+    modules: tuple[Module, ...]  # type: ignore[assignment]  # hides Module.modules(), as above
+
     def __init__(self, *modules: Module) -> None:
         super().__init__()
         for i, m in enumerate(modules):

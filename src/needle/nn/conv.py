@@ -55,8 +55,8 @@ class Conv(Module):
             device=device, dtype=dtype))
         if bias:
             bound = 1.0 / math.sqrt(fan_in)
-            self.bias = Parameter(init.rand(self.out_channels, low=-bound, high=bound,
-                                            device=device, dtype=dtype))
+            self.bias: Parameter | None = Parameter(init.rand(
+                self.out_channels, low=-bound, high=bound, device=device, dtype=dtype))
         else:
             self.bias = None
 

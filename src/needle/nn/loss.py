@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,11 +168,13 @@ def l2_penalty(parameters: Iterable[Tensor] | Module, weight_decay: float) -> Te
     adds, so ``loss + l2_penalty(model.parameters(), wd)`` with a plain optimizer trains like
     the optimizer with ``weight_decay=wd`` (use one or the other, not both).
     """
-    params = parameters.parameters() if isinstance(parameters, Module) else list(parameters)
+    params: Sequence[Tensor] = (list(parameters) if not isinstance(parameters, Module)
+                                else parameters.parameters())
     if not params:
         return Tensor(0.0, requires_grad=False)
     total = None
     for p in params:
         term = ops.summation(p * p)
         total = term if total is None else total + term
+    assert total is not None  # (params is not empty)
     return total * (weight_decay / 2.0)

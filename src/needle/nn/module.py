@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,10 @@ class Buffer(Tensor):
 
     def __init__(self, data: Any, *, device: Any = None, dtype: Any = None) -> None:
         super().__init__(data, device=device, dtype=dtype, requires_grad=False)
+
+
+#: Parameter or Buffer: what ``Module._ordered`` collects
+_TensorKind = TypeVar("_TensorKind", bound=Tensor)
 
 
 def _walk(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
@@ -101,11 +105,11 @@ class Module:
     def buffers(self) -> list[Buffer]:
         return [b for _, b in self.named_buffers()]
 
-    def _ordered(self, kind: type) -> Iterator[tuple[str, Tensor]]:
+    def _ordered(self, kind: type[_TensorKind]) -> Iterator[tuple[str, _TensorKind]]:
         """Tensors of ``kind`` in attribute order, children in place (depth first)."""
         seen: set[int] = set()
 
-        def visit(module: Module, base: str) -> Iterator[tuple[str, Tensor]]:
+        def visit(module: Module, base: str) -> Iterator[tuple[str, _TensorKind]]:
             for name, value in module._members():
                 full = f"{base}.{name}" if base else name
                 if isinstance(value, Module):

@@ -63,7 +63,7 @@ def _uniform(shape: tuple, bound: float, device: Any, dtype: str) -> Parameter:
     return Parameter(init.rand(*shape, low=-bound, high=bound, device=device, dtype=dtype))
 
 
-def _project_input(cell: Module, x: Tensor) -> Tensor:
+def _project_input(cell: RNNCell | LSTMCell, x: Tensor) -> Tensor:
     """``x W_ih + (b_ih + b_hh)``: the part of a step that does not depend on the state."""
     out = x @ cell.W_ih
     if cell.bias_ih is not None:
@@ -71,7 +71,7 @@ def _project_input(cell: Module, x: Tensor) -> Tensor:
     return out
 
 
-def _project_sequence(cell: Module, x: Tensor) -> list[Tensor]:
+def _project_sequence(cell: RNNCell | LSTMCell, x: Tensor) -> list[Tensor]:
     """The input projections of all steps of x (seq, batch, in) as one matrix product
     (one weight-gradient product in backward instead of one per step), split by step."""
     seq, batch, width = x.shape
@@ -108,8 +108,8 @@ class RNNCell(Module):
         self.W_ih = _uniform((self.input_size, self.hidden_size), k, device, dtype)
         self.W_hh = _uniform((self.hidden_size, self.hidden_size), k, device, dtype)
         if bias:
-            self.bias_ih = _uniform((self.hidden_size,), k, device, dtype)
-            self.bias_hh = _uniform((self.hidden_size,), k, device, dtype)
+            self.bias_ih: Parameter | None = _uniform((self.hidden_size,), k, device, dtype)
+            self.bias_hh: Parameter | None = _uniform((self.hidden_size,), k, device, dtype)
         else:
             self.bias_ih = self.bias_hh = None
 
@@ -150,8 +150,8 @@ class LSTMCell(Module):
         self.W_ih = _uniform((self.input_size, four), k, device, dtype)
         self.W_hh = _uniform((self.hidden_size, four), k, device, dtype)
         if bias:
-            self.bias_ih = _uniform((four,), k, device, dtype)
-            self.bias_hh = _uniform((four,), k, device, dtype)
+            self.bias_ih: Parameter | None = _uniform((four,), k, device, dtype)
+            self.bias_hh: Parameter | None = _uniform((four,), k, device, dtype)
         else:
             self.bias_ih = self.bias_hh = None
 

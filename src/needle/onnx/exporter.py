@@ -23,10 +23,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import onnx
+from numpy.typing import DTypeLike
 from onnx import helper, numpy_helper
 
 from .. import nn
@@ -146,7 +148,7 @@ class _Graph:
     def unsqueeze(self, x: str, axes: list[int]) -> str:
         return self.node("Unsqueeze", [x, self.const(list(axes))])
 
-    def cast(self, x: str, src: np.dtype, dst: np.dtype) -> str:
+    def cast(self, x: str, src: DTypeLike, dst: DTypeLike) -> str:
         if np.dtype(src) == np.dtype(dst):
             return x
         return self.node("Cast", [x], to=helper.np_dtype_to_tensor_dtype(np.dtype(dst)))
@@ -178,7 +180,7 @@ def _binary(onnx_op: str) -> Callable[[_Ctx], str]:
     def emit(c: _Ctx) -> str:
         return c.g.node(onnx_op, c.inputs_as(c.aval.dtype))
 
-    emit.onnx = onnx_op
+    emit.onnx = onnx_op  # type: ignore[attr-defined]  # (a function attribute: its ONNX op)
     return emit
 
 
@@ -186,7 +188,7 @@ def _unary(onnx_op: str) -> Callable[[_Ctx], str]:
     def emit(c: _Ctx) -> str:
         return c.g.node(onnx_op, c.inputs_as(c.aval.dtype))
 
-    emit.onnx = onnx_op
+    emit.onnx = onnx_op  # type: ignore[attr-defined]  # (a function attribute: its ONNX op)
     return emit
 
 
@@ -196,7 +198,7 @@ def _scalar(onnx_op: str) -> Callable[[_Ctx], str]:
         (x,) = c.inputs_as(dtype)
         return c.g.node(onnx_op, [x, c.g.const(c.op.scalar, dtype)])
 
-    emit.onnx = onnx_op
+    emit.onnx = onnx_op  # type: ignore[attr-defined]  # (a function attribute: its ONNX op)
     return emit
 
 
@@ -296,7 +298,7 @@ def _reduction(onnx_op: str) -> Callable[[_Ctx], str]:
         ndim = len(c.in_avals[0].shape)
         return c.g.reduce(onnx_op, c.ins[0], _axes_of(c.op.axes, ndim), c.op.keepdims)
 
-    emit.onnx = onnx_op
+    emit.onnx = onnx_op  # type: ignore[attr-defined]  # (a function attribute: its ONNX op)
     return emit
 
 
@@ -330,7 +332,7 @@ def _emit_softmax(onnx_op: str) -> Callable[[_Ctx], str]:
     def emit(c: _Ctx) -> str:
         return c.g.node(onnx_op, [c.ins[0]], axis=int(c.op.axis))
 
-    emit.onnx = onnx_op
+    emit.onnx = onnx_op  # type: ignore[attr-defined]  # (a function attribute: its ONNX op)
     return emit
 
 
@@ -623,7 +625,7 @@ class _Origins:
         self.where: dict[int, str] = {}
 
     def __call__(self, node: Any) -> None:
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         found = None
         user = None
         while frame is not None:
@@ -669,7 +671,7 @@ def _slot_index(program: Program) -> dict[int, tuple]:
     return index
 
 
-def _structure(program: Program) -> list:
+def _structure(program: Program) -> tuple:
     index = _slot_index(program)
     return ([(s.op.name, tuple(index.get(x) for x in s.inputs)) for s in program.steps],
             [index.get(o) for o in program.outputs])
@@ -865,7 +867,8 @@ def _embedding_lookups(program: Program) -> dict[int, tuple[int, int]]:
         if cast is None or cast.op.name != "astype" or readers.get(hot) != 1:
             continue
         eq = steps.get(cast.inputs[0])
-        if (eq is None or eq.op.name != "compare" or eq.op.kind != "eq"
+        if (eq is None or eq.op.name != "compare"
+                or eq.op.kind != "eq"  # type: ignore[attr-defined]  # (a compare op has kind)
                 or readers.get(eq.out) != 1):
             continue
         ids, classes = eq.inputs
@@ -912,7 +915,7 @@ def _write(program: Program, program2: Program | None, b1: int, b2: int, inputs:
     graph_inputs = []
     stand_ins = {int(n.meta.name[3:]): n for n in program.sources
                  if isinstance(n, TraceInput) and n.meta is not None
-                 and (n.meta.name or "").startswith("arg")}
+                 and n.meta.name is not None and n.meta.name.startswith("arg")}
     for i, (x, name) in enumerate(zip(inputs, input_names)):
         g.used.add(name)
         shape = list(x.shape)
@@ -956,7 +959,7 @@ def _write(program: Program, program2: Program | None, b1: int, b2: int, inputs:
         names[slot] = g.const(array, array.dtype)
         dims[slot] = tuple(array.shape)
     # the steps
-    steps2 = program2.steps if program2 is not None else [None] * len(program.steps)
+    steps2: list[Any] = [None] * len(program.steps) if program2 is None else program2.steps
     for step, step2 in zip(program.steps, steps2):
         what = f"step {step.op.name}"
         dims[step.out] = _dims_of(step.node.aval, None if step2 is None else step2.node.aval,

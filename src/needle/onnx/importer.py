@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -723,17 +723,18 @@ def _imp_range(n, start, limit, delta):
 def _reduce(kind: str) -> Callable:
     def run(n: _Node, x: Any, axes_input: Any = None) -> Any:
         ndim = _rank(x)
-        axes = _axes(n, axes_input, ndim)
+        axes: Sequence[int] | None = _axes(n, axes_input, ndim)
         keep = bool(n.attr("keepdims", 1))
         if not axes:
             if n.attr("noop_with_empty_axes", 0):
                 return x
             axes = list(range(ndim))
         if _is_static(x):
-            fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min,
-                  "prod": np.prod}.get(kind)
+            fn: Any = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min,
+                       "prod": np.prod}.get(kind)  # (NumPy's stubs type these unlike each other)
             if fn is not None:
-                return _static_math(lambda a: fn(a, axis=tuple(axes), keepdims=keep), x, n=n)
+                static_axes = tuple(axes)
+                return _static_math(lambda a: fn(a, axis=static_axes, keepdims=keep), x, n=n)
         x = _tensor(x)
         axes = tuple(axes)
         if kind == "sum":
@@ -926,9 +927,9 @@ def _topological(graph: Any, producers: dict[str, int]) -> list[onnx.NodeProto]:
                 if not any(j in stuck for j in users[i]):
                     stuck.discard(i)
                     trimmed = True
-        stuck = [_label(nodes[i], i) for i in sorted(stuck)]
+        labels = [_label(nodes[i], i) for i in sorted(stuck)]
         raise OnnxError("the ONNX graph has a cycle; these nodes wait on each other: "
-                        + ", ".join(stuck))
+                        + ", ".join(labels))
     return [nodes[i] for i in order]
 
 
@@ -1011,7 +1012,7 @@ def import_model(path_or_proto: Any) -> OnnxModule:
             kept.append(node)
             needed.update(x for x in node.input if x)
     kept.reverse()
-    buffers = set()
+    buffers: set[str] = set()
     for prop in model.metadata_props:
         if prop.key == BUFFERS_KEY:
             buffers.update(n for n in prop.value.split(",") if n)

@@ -1,9 +1,18 @@
 """needle's op functions and op classes, all generated from the one registry in ``needle.core``."""
 
+from typing import TYPE_CHECKING
+
 from ..core import api as _api
 from ..core.api import *  # the op functions: add, multiply, summation, matmul, ...
 from ..core.registry import REGISTRY, CheckError, Op, ShapeError
 from ..core.registry import Op as TensorOp  # needle's base-class name
+
+if TYPE_CHECKING:
+    # type checkers cannot evaluate the __all__ below: they take the op function names from
+    # core/api.pyi's __all__ (so `from .ops import *` gives them needle.add, needle.exp, ...)
+    from ..core.api import __all__ as __all__
+
+    __all__.remove("install_tensor_methods")
 
 # needle's op class names (EWiseAdd, AddScalar, ...) come from the registry too
 for _record in REGISTRY.values():

@@ -31,6 +31,7 @@ def clip_grad_norm(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:
         return 0.0
     squares = 0.0
     for p in with_grad:
+        assert p.grad is not None
         g = p.grad.realize_data()
         flat = g.reshape(-1)
         # a dot product accumulates in the gradient's dtype without a temporary g * g
@@ -39,6 +40,7 @@ def clip_grad_norm(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for p in with_grad:
+            assert p.grad is not None
             g = p.grad.realize_data()
             p.grad = Tensor.make_const(array_module(g).multiply(g, coef))
     return total

@@ -287,7 +287,7 @@ class Optimizer:
         when every parameter has a gradient and all share one float dtype.
         """
         params = self.params
-        grads = [None if p.grad is None else p.grad._data for p in params]
+        grads: list[Any] = [None if p.grad is None else p.grad._data for p in params]
         if any(g is None or type(g) is not np.ndarray for g in grads):
             return False
         datas = self._flat_eligible([p._data for p in params])
@@ -375,6 +375,7 @@ class Optimizer:
         after steps with a missing gradient), so switching between the paths keeps the state.
         """
         flat = self._flat
+        assert flat is not None  # (the _FLAT state exists only with the flat buffers)
         if set(flat.state) != set(self.state_names):
             for name in self.state_names:
                 if name in flat.state:

@@ -73,8 +73,8 @@ class ExportedProgram:
         env: dict[int, Any] = dict(self._values)
         batch = None
         for given, spec in zip(inputs, declared):
-            tensor = given if isinstance(given, Value) else Tensor(np.asarray(given),
-                                                                   requires_grad=False)
+            tensor: Any = given if isinstance(given, Value) else Tensor(np.asarray(given),
+                                                                        requires_grad=False)
             _check_input(spec, tensor)
             if spec["shape"] and spec["shape"][0] is None:
                 batch = tensor.shape[0] if tensor.shape[0] is not None else batch
@@ -258,7 +258,8 @@ def export(fn: Any, *example_inputs: Any, dynamic_batch: bool = True,
                                "dimension (pass dynamic_batch=False otherwise)")
         other = _trace(fn, [_with_batch(x, batch + 3) for x in inputs], {})
     training = getattr(fn, "training", None)
-    return _to_program(program, other, batch, batch + 3 if other is not None else None,
+    return _to_program(program, other, batch,
+                       batch + 3 if other is not None and batch is not None else None,
                        names, sources, training)
 
 
@@ -277,7 +278,7 @@ def _to_program(program: Any, other: Any, b1: int | None, b2: int | None, names:
         if node is None:
             raise ProgramError(f"export: input {name!r} is not used by the function")
         ids[id(node)] = i
-        shape = list(node.aval.shape)
+        shape: list | None = list(node.aval.shape)
         if other is not None and shape:
             shape[0] = None
         spec["inputs"].append({"id": i, "name": name, "shape": shape,
@@ -333,7 +334,7 @@ def _to_program(program: Any, other: Any, b1: int | None, b2: int | None, names:
                                 "by the op")
         aval = step.node.aval
         shape = list(aval.shape) if hasattr(aval, "shape") else None
-        if shape is not None and other is not None and shape:
+        if shape is not None and other_steps is not None and shape:
             other_aval = other_steps[k].node.aval
             shape = [None if a != b else a for a, b in zip(shape, other_aval.shape)]
         spec["nodes"].append({

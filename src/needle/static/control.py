@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -91,7 +91,10 @@ class _Branch:
         return tuple(self._compiled(sources))
 
 
-def _mark_effects(op: Op, *branches: _Branch) -> Op:
+_OpT = TypeVar("_OpT", bound=Op)
+
+
+def _mark_effects(op: _OpT, *branches: _Branch) -> _OpT:
     for flag in set().union(*(b.flags for b in branches)):
         setattr(op, flag, True)
     return op

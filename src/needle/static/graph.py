@@ -100,6 +100,7 @@ class Graph:
             self._growing_runs = 0
         if self._growing_runs >= self.GROWTH_WARNING_RUNS and not self._warned:
             self._warned = True
+            assert last is not None  # (runs grow only after a last run)
             added = self.node_count - last[1]
             where = f" at {site[0]}:{site[1]}" if site else ""
             warnings.warn(

@@ -45,7 +45,9 @@ class Placeholder(Tensor):
 
     @property
     def name(self) -> str:
-        return self.meta.name
+        meta = self.meta
+        assert meta is not None and meta.name is not None  # (set when the node is made)
+        return meta.name
 
     def check_feed(self, value: Any) -> np.ndarray:
         """The fed value as an array of this dtype, or a ValueError naming both shapes.
@@ -91,7 +93,9 @@ class Variable(Tensor):
 
     @property
     def name(self) -> str:
-        return self.meta.name
+        meta = self.meta
+        assert meta is not None and meta.name is not None  # (set when the node is made)
+        return meta.name
 
     def __repr__(self) -> str:
         return f"Variable({self.name!r}, shape={fmt_shape(self.shape)}, dtype={self.dtype})"
@@ -101,10 +105,13 @@ class Constant(Tensor):
     """A fixed value in a graph (folded into its consumers by the optimizer)."""
 
     __slots__ = ("value",)
+    value: Any
 
     @property
     def name(self) -> str:
-        return self.meta.name
+        meta = self.meta
+        assert meta is not None and meta.name is not None  # (set when the node is made)
+        return meta.name
 
     def __repr__(self) -> str:
         return f"constant({self.name!r}, shape={fmt_shape(self.shape)}, dtype={self.dtype})"

@@ -165,7 +165,7 @@ class _Runner:
         self.compiled = None if self.missing else compile_program(program)
 
     def source_values(self, feeds: dict[int, Any]) -> list:
-        values = []
+        values: list = []
         append = values.append
         for kind, item in self.sources:
             if kind == _FIXED:
@@ -341,6 +341,7 @@ class Session:
         sources = runner.source_values(feeds)
         with runtime.running(self):  # state ops find their Session here
             if run_metadata is None:
+                assert runner.compiled is not None  # (compiled unless placeholders are missing)
                 outputs = runner.compiled(sources)
             else:
                 outputs = self._run_traced(runner, sources, run_metadata)
