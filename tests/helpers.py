@@ -144,3 +144,17 @@ def swish_function():
             return out_grad * (s + x * s * (1 - s))
 
     return Swish
+
+
+def sum_loss_step(model, opt):
+    """A user's training step on the sum of the model's output: forward, reset_grad,
+    backward, step (plain eager code, for ndl.jit or export to take)."""
+
+    def step(x):
+        loss = model(x).sum()
+        opt.reset_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step

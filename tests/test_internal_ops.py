@@ -11,6 +11,8 @@ import needle.static as st
 from needle.core.registry import REGISTRY
 from needle.function import Function
 
+from .helpers import sum_loss_step
+
 
 def _assign():
     with st.Graph():
@@ -54,13 +56,7 @@ def _jit_call_and_apply_updates():
     w0 = model.weight.numpy().copy()
     opt = ndl.optim.SGD(model.parameters(), lr=0.5)
 
-    @ndl.jit
-    def step(x):
-        loss = model(x).sum()
-        opt.reset_grad()
-        loss.backward()
-        opt.step()
-        return loss
+    step = ndl.jit(sum_loss_step(model, opt))
 
     x = np.ones((2, 3), np.float32)
     step(x)

@@ -13,6 +13,8 @@ import needle as ndl
 import needle.nn as nn
 from needle.jit import JitError
 
+from .helpers import sum_loss_step
+
 
 def _t(*shape, seed=0):
     return ndl.Tensor(np.random.default_rng(seed).standard_normal(shape).astype(np.float32),
@@ -191,13 +193,7 @@ def test_unchanged_values_do_not_retrace():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.1))
     opt = ndl.optim.SGD(model.parameters(), lr=0.1)
 
-    @ndl.jit
-    def step(x):
-        loss = model(x).sum()
-        opt.reset_grad()
-        loss.backward()
-        opt.step()
-        return loss
+    step = ndl.jit(sum_loss_step(model, opt))
 
     for seed in range(5):
         step(_t(8, 3, seed=seed))

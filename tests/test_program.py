@@ -17,6 +17,7 @@ from needle.apps.models import MLPResNet, ResidualCNN, build_model
 from needle.checkpoint import CheckpointError
 from needle.program import ProgramError
 
+from .helpers import sum_loss_step
 from .models import LSTMLanguageModel, TransformerLanguageModel
 
 
@@ -109,12 +110,7 @@ def test_a_training_step_is_refused_naming_its_effects():
     model = nn.Linear(3, 1)
     opt = ndl.optim.SGD(model.parameters(), lr=0.1)
 
-    def step(x):
-        loss = model(x).sum()
-        opt.reset_grad()
-        loss.backward()
-        opt.step()
-        return loss
+    step = sum_loss_step(model, opt)
 
     with pytest.raises(ProgramError, match="apply_updates .* cannot be exported"):
         ndl.export(step, np.ones((2, 3), np.float32))
