@@ -40,3 +40,17 @@ def test_op_in_graph_matches_eager(case, sample):
     for x, g in zip(eager_inputs, values):
         assert g.shape == x.shape and g.dtype == x.dtype
         np.testing.assert_array_equal(g, x.grad.numpy())
+
+
+def test_indexing_a_placeholder_with_several_unknown_dims_keeps_them_unknown():
+    # two unknown dims once stood in as 2**40 each, whose product NumPy refused
+    import needle.static as st
+    from needle import ops
+
+    with st.Graph():
+        x = st.placeholder((None, None, 5))
+        assert ops.getitem(x, (slice(None), slice(0, 2))).shape == (None, 2, 5)
+        assert ops.getitem(x, (0,)).shape == (None, 5)
+        out = st.Session().run(ops.getitem(x, (slice(None), slice(0, 2))),
+                               {x: np.arange(30, dtype=np.float32).reshape(2, 3, 5)})
+    np.testing.assert_array_equal(out, np.arange(30, dtype=np.float32).reshape(2, 3, 5)[:, :2])

@@ -513,14 +513,17 @@ def _indexed_shape(op_name: str, shape: tuple, index: tuple) -> tuple:
     if None in shape and _is_advanced(index):
         raise ShapeError(f"{op_name}: array indexing needs a fully known input shape, got "
                          f"{fmt_shape(shape)}")
+    # NOTE: unknown dims stand in as one huge size each, kept small enough that their
+    # product stays below NumPy's 2**63 elements (two 2**40 dims were "too large")
+    unknown = min(_UNKNOWN, 2 ** (62 // max(1, shape.count(None)) - 1))
     dummy = np.broadcast_to(np.empty((), dtype=np.int8),
-                            tuple(_UNKNOWN if d is None else d for d in shape))
+                            tuple(unknown if d is None else d for d in shape))
     try:
         out = dummy[index].shape
-    except IndexError as exc:
+    except (IndexError, ValueError) as exc:
         raise ShapeError(f"{op_name}: index {index!r} does not fit shape {fmt_shape(shape)}: "
                          f"{exc}") from None
-    return tuple(None if d >= _UNKNOWN // 2 else d for d in out)
+    return tuple(None if d >= unknown // 2 else d for d in out)
 
 
 @register("getitem", inputs=("a",))
