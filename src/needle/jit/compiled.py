@@ -23,17 +23,11 @@ from ..autograd import TracerConversionError, make_from_op
 from ..backend import cpu
 from ..compiler import optimize as optimize_program
 from ..compiler.buffers import plan_inplace
+from ..compiler.codegen import CompiledProgram, compile_program
 from ..core import api as F
 from ..core import autodiff
 from ..core.context import active_trace, is_grad_enabled, tracing
-from ..core.interpret import (
-    CompiledProgram,
-    Program,
-    ancestors,
-    build_program,
-    compile_program,
-    plan_frees,
-)
+from ..core.interpret import Program, ancestors, build_program, plan_frees
 from ..core.registry import Aval, Op, register
 from .guards import Guard, GuardCollector, Unguarded, compile_checks
 from .signature import (

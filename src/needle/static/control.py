@@ -17,16 +17,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..autograd import Tensor, Value, make_from_op, new_leaf
+from ..compiler.codegen import CompiledProgram, compile_program
 from ..core import api as F
 from ..core import autodiff
 from ..core.context import watching_nodes
-from ..core.interpret import (
-    CompiledProgram,
-    build_program,
-    compile_program,
-    plan_frees,
-    run_program,
-)
+from ..core.interpret import build_program, plan_frees, run_program
 from ..core.registry import Aval, NodeMeta, Op, ShapeError, fmt_shape, register
 from ..core.source import user_source
 from . import runtime

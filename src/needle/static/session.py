@@ -20,11 +20,11 @@ from ..autograd import Tensor, TensorTuple, _to_backend
 from ..backend import cpu, device_of
 from ..compiler import optimize as optimize_program
 from ..compiler import predict_peak_bytes
+from ..compiler.codegen import compile_program
 from ..core.interpret import (
     ByteTracker,
     Program,
     build_program,
-    compile_program,
     describe_node,
     run_program,
     snapshot,
