@@ -158,3 +158,21 @@ def sum_loss_step(model, opt):
         return loss
 
     return step
+
+
+def damaged_copies(path: Path, directory: Path) -> tuple[Path, Path]:
+    """Two broken copies of the archive at ``path``: cut in half, and with one byte flipped
+    inside an array member (its SHA-256 no longer matches)."""
+    import zipfile
+
+    data = path.read_bytes()
+    cut = directory / "cut.npz"
+    cut.write_bytes(data[: len(data) // 2])
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith(".npy"))
+        offset = member.header_offset + 30 + len(member.filename) + len(member.extra)
+    corrupted = bytearray(data)
+    corrupted[offset + member.file_size - 1] ^= 0xFF
+    flipped = directory / "flip.npz"
+    flipped.write_bytes(bytes(corrupted))
+    return cut, flipped

@@ -17,7 +17,7 @@ from needle.apps.models import MLPResNet, ResidualCNN, build_model
 from needle.checkpoint import CheckpointError
 from needle.program import ProgramError
 
-from .helpers import sum_loss_step
+from .helpers import damaged_copies, sum_loss_step
 from .models import LSTMLanguageModel, TransformerLanguageModel
 
 
@@ -180,19 +180,11 @@ def test_missing_array_is_named(tmp_path):
 
 def test_truncated_file_and_hash_mismatch_are_refused(tmp_path):
     _, path = _saved(tmp_path)
-    data = path.read_bytes()
-    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    cut, flipped = damaged_copies(path, tmp_path)
     with pytest.raises(CheckpointError):
-        ndl.load_program(tmp_path / "cut.npz")
-    # flip one byte inside an array member: its SHA-256 no longer matches
-    with zipfile.ZipFile(path) as archive:
-        member = next(i for i in archive.infolist() if i.filename.endswith(".npy"))
-        offset = member.header_offset + 30 + len(member.filename) + len(member.extra)
-    corrupted = bytearray(data)
-    corrupted[offset + member.file_size - 1] ^= 0xFF
-    (tmp_path / "flip.npz").write_bytes(bytes(corrupted))
+        ndl.load_program(cut)
     with pytest.raises(CheckpointError, match="(?i)sha-256|hash|corrupt"):
-        ndl.load_program(tmp_path / "flip.npz")
+        ndl.load_program(flipped)
 
 
 def test_a_checkpoint_is_not_a_program(tmp_path):
@@ -207,3 +199,21 @@ def test_a_saved_program_holds_only_json_and_npy_members(tmp_path):
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
     assert all(n.endswith((".npy", ".json")) for n in names), names
+
+
+def test_numpy_scalar_attributes_keep_their_dtype(tmp_path):
+    """``x * np.float64(c)`` and ``x * c`` round differently on float32 data (NEP 50): a
+    loaded program must apply the same kind of scalar (it wrote Python floats before)."""
+    c = np.float64(2.0) / np.sqrt(np.pi)
+
+    def fn(x):
+        return ndl.exp(x) * c + np.float32(0.1) * x
+
+    x = np.random.default_rng(3).standard_normal((64, 7)).astype(np.float32)
+    prog = ndl.export(fn, x)
+    prog.save(tmp_path / "p.npz")
+    loaded = ndl.load_program(tmp_path / "p.npz")
+    expected = fn(ndl.Tensor(x)).numpy()
+    got = loaded(x).numpy()
+    assert got.dtype == expected.dtype
+    assert np.array_equal(got, expected)

@@ -10,6 +10,7 @@ cross over to ``needle.nn``. See docs/caffe.md.
 from .blob import Blob, fill
 from .bridge import LayerModule, as_module, lower_module
 from .gradient_check import GradientCheckError, GradientCheckReport, check_gradient
+from .inference import NetExportError, NetFunction
 from .layer import (
     LAYER_TYPES,
     FunctionLayer,
@@ -54,8 +55,9 @@ __all__ = [
     "LAYER_TYPES", "LR_POLICIES", "Accuracy", "AdamSolver", "BatchNorm", "Blob", "Concat",
     "Convolution", "Dropout", "Eltwise", "EuclideanLoss", "Flatten", "FunctionLayer",
     "GradientCheckError", "GradientCheckReport", "InnerProduct", "Layer", "LayerError",
-    "LayerModule", "MemoryData", "Net", "NetSpecError", "OpLayer", "Pooling", "ReLU", "SGDSolver",
-    "Scale", "Sigmoid", "Softmax", "SoftmaxWithLoss", "Solver", "Split", "TanH", "TensorLayer",
+    "LayerModule", "MemoryData", "Net", "NetExportError", "NetFunction", "NetSpecError",
+    "OpLayer", "Pooling", "ReLU", "SGDSolver", "Scale", "Sigmoid", "Softmax", "SoftmaxWithLoss",
+    "Solver", "Split", "TanH", "TensorLayer",
     "as_module", "check_gradient", "fill", "learning_rate", "lower_module", "mlp_resnet_spec",
     "parse_spec", "register_layer", "sgd_caffe_update",
 ]

@@ -546,9 +546,47 @@ class GetItem(Op):
         return Aval(_indexed_shape(self.name, a.shape, self.index), a.dtype)
 
 
+def _known_shape(shape: tuple, index: tuple, values_shape: tuple) -> tuple:
+    """``shape`` with its unknown (None) dims read from the values scattered at run time.
+
+    A declared graph with an unknown batch size gives getitem's gradient the static input
+    shape ``(None, ...)``. An axis the (basic) index keeps whole (``:``, ``::-1``, or under an
+    Ellipsis) has the same size in the values, so it is read there; an axis the index cuts
+    (``1:``, an int) has lost its size, and the scatter is refused naming it.
+    """
+    big = min(_UNKNOWN, 2 ** (62 // max(1, shape.count(None)) - 1)) // 2
+
+    def indexed(stand_ins: dict) -> tuple:
+        dummy = np.broadcast_to(np.empty((), dtype=np.int8),
+                                tuple(stand_ins.get(i, d) for i, d in enumerate(shape)))
+        return dummy[index].shape
+
+    unknown = [i for i, d in enumerate(shape) if d is None]
+    probe = dict.fromkeys(unknown, big)
+    before = indexed(probe)
+    lead = len(before) - len(values_shape)
+    resolved = list(shape)
+    for axis in unknown:
+        # grow this axis by one: the output axis that keeps it whole grows by one and holds it
+        after = indexed({**probe, axis: big + 1})
+        where = [j for j, (m, n) in enumerate(zip(before, after))
+                 if (m, n) == (big, big + 1) and j >= lead]
+        if len(where) != 1 or len(after) != len(before):
+            raise ShapeError(f"scatter: dim {axis} of the shape {fmt_shape(shape)} is unknown "
+                             f"(None) and the index {index!r} does not keep axis {axis} whole, "
+                             "so its size cannot be read from the values; give that axis a "
+                             "known size (a placeholder shape without None there)")
+        resolved[axis] = int(values_shape[where[0] - lead])
+    return tuple(resolved)
+
+
 @register("scatter", inputs=("a",))
 class Scatter(Op):
-    """Zeros of ``shape`` with a added at ``index`` (repeats accumulate): getitem's adjoint."""
+    """Zeros of ``shape`` with a added at ``index`` (repeats accumulate): getitem's adjoint.
+
+    ``shape`` may hold None (a declared graph's unknown batch size): the size of such an axis
+    is read from ``a`` at run time where the index keeps the axis whole (see _known_shape).
+    """
 
     def __init__(self, index: Any, shape: Any) -> None:
         self.index = normalize_index(index)
@@ -558,7 +596,9 @@ class Scatter(Op):
         return (("index", _index_key(self.index)), ("shape", self.shape))
 
     def compute(self, a):
-        out = np.zeros_like(a, shape=self.shape)
+        shape = self.shape if None not in self.shape else _known_shape(self.shape, self.index,
+                                                                        a.shape)
+        out = np.zeros_like(a, shape=shape)
         if not _is_advanced(self.index):
             out[self.index] = a
         elif isinstance(out, np.ndarray):

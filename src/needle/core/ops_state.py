@@ -64,27 +64,32 @@ class Store(Op):
     declared graph can tell which forward computation made it.
     ``target`` is a leaf with data (a parameter or a buffer). Eagerly the write happens at
     once; in a traced or declared graph it happens when the node runs, so the JIT replays it
-    on every call.
+    on every call. ``storage(target)``, if given, is the array written instead of the
+    target's own (a Session's value of a graph Variable: a loaded graph's running
+    statistics), as in ``ApplyUpdates``.
     """
 
     differentiable = False
     side_effect = True
     writes_state = True
 
-    def __init__(self, target, momentum: float = 1.0) -> None:
+    def __init__(self, target, momentum: float = 1.0,
+                 storage: Callable[[Any], Any] | None = None) -> None:
         if target is None:
             raise TypeError("store: give the target tensor (store(value, target=buffer))")
-        if getattr(target, "op", None) is not None or getattr(target, "_data", None) is None:
+        if getattr(target, "op", None) is not None or (
+                storage is None and getattr(target, "_data", None) is None):
             raise TypeError("store: the target must be a leaf tensor with data (a parameter or "
                             "buffer)")
         self.target = target
         self.momentum = float(momentum)
+        self.storage = storage
 
     def attrs(self) -> tuple:
         return (("target", id(self.target)), ("momentum", self.momentum))
 
     def compute(self, value, *after):
-        target = self.target._data
+        target = self.target._data if self.storage is None else self.storage(self.target)
         value = value.reshape(target.shape)
         if self.momentum == 1.0:
             np.copyto(target, value, casting="same_kind")

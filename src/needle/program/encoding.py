@@ -1,9 +1,9 @@
 """Op attributes as JSON data and back: what a program file may hold, and nothing that runs.
 
-An attribute is a number, a string, None, a dtype, a slice, ``...``, an array (stored beside
-the graph, by name), a tuple or list of those, or ``k * batch`` in a program exported with a
-dynamic batch size. Anything else cannot be written down as data, and the op holding it is
-named in the error.
+An attribute is a number (a NumPy scalar keeps its dtype), a string, None, a dtype, a slice,
+``...``, an array (stored beside the graph, by name), a tuple or list of those, or
+``k * batch`` in a program exported with a dynamic batch size. Anything else cannot be
+written down as data, and the op holding it is named in the error.
 """
 
 from __future__ import annotations
@@ -44,9 +44,16 @@ def encode(value: Any, arrays: dict[str, np.ndarray], name: str) -> Any:
     """``value`` as JSON data; arrays go into ``arrays`` under names made from ``name``."""
     if value is None or isinstance(value, bool | str):
         return value
-    if isinstance(value, int | np.integer) and not isinstance(value, np.bool_):
+    if isinstance(value, np.number) and not isinstance(value, np.bool_):
+        # a NumPy scalar keeps its type: float32 * np.float64 rounds differently from
+        # float32 * a Python float (NEP 50), so a loaded op must see the same kind of scalar
+        number = value.item()
+        if isinstance(number, float) and not math.isfinite(number):
+            number = repr(number)
+        return {"scalar": [np.dtype(type(value)).name, number]}
+    if isinstance(value, int) and not isinstance(value, bool):
         return int(value)
-    if isinstance(value, float | np.floating):
+    if isinstance(value, float):
         value = float(value)
         return value if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, np.bool_):
@@ -83,6 +90,8 @@ def decode(data: Any, arrays: dict[str, np.ndarray], batch: int | None) -> Any:
     (kind, body), = data.items()
     if kind == "float":
         return float(body)
+    if kind == "scalar":
+        return _scalar(data, body)
     if kind == "batch":
         return None if batch is None else int(body) * batch
     if kind == "dtype":
@@ -105,6 +114,33 @@ def decode(data: Any, arrays: dict[str, np.ndarray], batch: int | None) -> Any:
     raise ProgramError(f"unknown attribute kind {kind!r}")
 
 
+def _scalar(data: Any, body: Any) -> np.number:
+    """The NumPy scalar ``{"scalar": [dtype name, value]}`` describes."""
+    try:
+        dtype = np.dtype(body[0]) if isinstance(body, list) and len(body) == 2 else None
+    except TypeError:
+        dtype = None
+    value = body[1] if dtype is not None else None
+    if dtype is None or dtype.kind not in "iuf" or isinstance(value, bool) \
+            or not isinstance(value, int | float | str):
+        raise ProgramError(f"malformed scalar attribute {data!r}")
+    try:
+        return dtype.type(float(value) if isinstance(value, str) else value)
+    except (ValueError, OverflowError) as exc:
+        raise ProgramError(f"malformed scalar attribute {data!r}: {exc}") from None
+
+
+def check_format(spec: Any, fmt: str, version: int, what: str) -> None:
+    """Refuse a spec that is not ``fmt`` (``what`` names it: "program", "graph") or was
+    written by a newer needle than this one reads."""
+    if not isinstance(spec, dict) or spec.get("format") != fmt:
+        raise ProgramError(f"not a needle {what} (no {fmt!r} format marker)")
+    found = spec.get("version")
+    if not isinstance(found, int) or found > version:
+        raise ProgramError(f"{what} format version {found!r} is newer than this needle "
+                           f"reads ({version}): upgrade needle")
+
+
 def has_batch(data: Any) -> bool:
     """Whether an encoded attribute depends on the batch size."""
     if isinstance(data, dict):
@@ -114,4 +150,5 @@ def has_batch(data: Any) -> bool:
     return False
 
 
-__all__ = ["Batch", "ProgramError", "Unencodable", "decode", "encode", "has_batch"]
+__all__ = ["Batch", "ProgramError", "Unencodable", "check_format", "decode", "encode",
+           "has_batch"]

@@ -35,7 +35,15 @@ from ..core.registry import REGISTRY, Aval
 from ..core.source import user_source
 from ..jit import jit
 from ..jit.tracing import Trace, TraceInput, trace_input
-from .encoding import Batch, ProgramError, Unencodable, decode, encode, has_batch
+from .encoding import (
+    Batch,
+    ProgramError,
+    Unencodable,
+    check_format,
+    decode,
+    encode,
+    has_batch,
+)
 
 FORMAT = "needle-program"
 VERSION = 1
@@ -139,12 +147,7 @@ def _make_op(node: dict, arrays: dict, batch: int | None) -> Any:
 # -- loading: everything checked before anything runs -------------------------------------------
 def _validate(spec: Any, arrays: dict) -> None:
     """Every problem of a program's graph at once, as one ProgramError."""
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ProgramError("not a needle program (no 'needle-program' format marker)")
-    version = spec.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise ProgramError(f"program format version {version!r} is newer than this needle "
-                           f"reads ({VERSION}): upgrade needle")
+    check_format(spec, FORMAT, VERSION, "program")
     problems: list[str] = []
     defined: set[int] = set()
     for item in spec.get("inputs", []):
@@ -242,7 +245,11 @@ def export(fn: Any, *example_inputs: Any, dynamic_batch: bool = True,
     ExportedProgram. With ``dynamic_batch`` the first dimension of every input is the batch:
     the function is traced at a second batch size too, and attributes that follow it
     (reshape targets) become ``k * batch``; anything else that depends on it is refused.
-    A module runs in the mode (train / eval) it was exported in."""
+    A module runs in the mode (train / eval) it was exported in. A ``needle.caffe`` Net is
+    exported as its inference function (``net.inference_function()``: test phase, losses
+    and accuracies dropped), its inputs named after its blobs; without example inputs, zeros
+    of the shapes its spec declares stand in."""
+    fn, example_inputs, input_names = _net_function(fn, example_inputs, input_names)
     inputs = [x if isinstance(x, Tensor) else Tensor(np.asarray(x), requires_grad=False)
               for x in example_inputs]
     if not inputs:
@@ -261,6 +268,19 @@ def export(fn: Any, *example_inputs: Any, dynamic_batch: bool = True,
     return _to_program(program, other, batch,
                        batch + 3 if other is not None and batch is not None else None,
                        names, sources, training)
+
+
+def _net_function(fn: Any, examples: tuple, names: list[str] | None) -> tuple:
+    """A caffe Net (or its NetFunction) as the function to trace, its example inputs (cast
+    to the Net's dtype, or made from its declared shapes) and its input names."""
+    from ..caffe.inference import NetFunction
+    from ..caffe.net import Net
+
+    if isinstance(fn, Net):
+        fn = fn.inference_function()
+    if not isinstance(fn, NetFunction):
+        return fn, examples, names
+    return fn, tuple(fn.example_inputs(examples)), names or fn.input_names
 
 
 def _to_program(program: Any, other: Any, b1: int | None, b2: int | None, names: list[str],

@@ -8,7 +8,7 @@ operator and ``nn.Module`` applied to graph tensors makes nodes without computin
 from . import dot
 from .control import cond, while_loop
 from .gradients import gradients
-from .graph import Graph, get_default_graph, reset_default_graph
+from .graph import Graph, get_default_graph, load_graph, reset_default_graph
 from .nodes import Constant, Placeholder, Variable, constant, placeholder
 from .session import RunMetadata, RunPlan, Session
 from .state_ops import (
@@ -25,6 +25,7 @@ from .state_ops import (
 __all__ = [
     "Constant", "Graph", "Placeholder", "RunMetadata", "RunPlan", "Session", "Variable",
     "assign", "assign_add", "assign_sub", "cond", "constant", "dot",
-    "get_default_graph", "gradients", "group", "minimize", "placeholder", "print_",
+    "get_default_graph", "gradients", "group", "load_graph", "minimize", "placeholder",
+    "print_",
     "reset_default_graph", "state_updates", "while_loop", "with_dependencies",
 ]

@@ -36,6 +36,7 @@ class Graph:
         self._last_run: tuple | None = None  # (call site, node_count) at the previous run
         self._growing_runs = 0
         self._warned = False
+        self._names: dict[str, Any] = {}  # names given by Graph.save / st.load_graph
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> Graph:
@@ -110,6 +111,35 @@ class Graph:
                 RuntimeWarning, stacklevel=3)
         self._last_run = (site, self.node_count)
 
+    # -- names and files -------------------------------------------------------------------------
+    def get(self, name: str) -> Any:
+        """The node called ``name``: one named when the graph was saved or loaded, a
+        placeholder, Variable or constant, or an op node (``matmul_12``); a KeyError lists
+        the known names otherwise."""
+        node = self._names.get(name)
+        if node is not None:
+            return node
+        for leaf in (*self.placeholders, *self.variables, *self.constants):
+            if leaf.meta.name == name:
+                return leaf
+        for node in self.nodes():
+            if node.meta is not None and node.meta.name == name:
+                return node
+        known = sorted(self._names) + [leaf.meta.name for leaf in (
+            *self.placeholders, *self.variables, *self.constants)]
+        shown = ", ".join(known[:40]) + (f", ... ({len(known) - 40} more)"
+                                          if len(known) > 40 else "")
+        raise KeyError(f"no node named {name!r} in the graph; known names: {shown or 'none'} "
+                       "(and op nodes by their names, e.g. 'matmul_12')")
+
+    def save(self, path: Any, session: Any = None, names: dict[str, Any] | None = None) -> None:
+        """Write the whole graph (its effects, Variables, placeholders, constants, the nodes
+        in ``names`` and everything they reach) to ``path``, a data-only needle archive:
+        Variables with ``session``'s values (their initial values without one), a train op
+        with its optimizer's state. ``st.load_graph(path)`` reads it back where the code that
+        built it is absent; ``names`` become ``g.get(name)`` there."""
+        context.service("save_graph")(self, path, session, names)
+
     def to_dot(self, fetches: Any = None, feed_dict: dict | None = None) -> str:
         """Graphviz DOT text of the graph (see :func:`needle.static.dot.to_dot`)."""
         from .dot import to_dot
@@ -126,6 +156,13 @@ def get_default_graph() -> Graph:
     innermost one this thread entered (``with g:``), else the process-wide default."""
     graphs = context.state().graphs
     return graphs[-1] if graphs else _GLOBAL_GRAPH[0]
+
+
+def load_graph(path: Any) -> Graph:
+    """The graph ``Graph.save`` wrote to ``path`` (see ``needle.program.graph_io``): every
+    problem named in one error before anything is built; nothing in the file runs but
+    registered ops. A ``Session`` on it starts from the saved Variable values."""
+    return context.service("load_graph")(path)
 
 
 def reset_default_graph() -> None:
