@@ -86,11 +86,39 @@ def _function_and_backward():
     np.testing.assert_allclose(x.grad.numpy(), [3.0, 12.0], rtol=1e-6)
 
 
+def _arm_gradient_hook():
+    """DistributedDataParallel's node in a jitted forward whose backward runs eagerly: every
+    replay of the plan arms the reducer once (a world of one makes none: a stand-in counts)."""
+    from needle.autograd import make_from_op
+    from needle.distributed.reducer import ArmGradientHook
+
+    class Reducer:
+        calls = 0
+
+        def arm(self):
+            self.calls += 1
+
+    reducer = Reducer()
+
+    def forward(x):
+        y = x * 2.0
+        make_from_op(ArmGradientHook(reducer), (y,))  # an effect: kept though nothing reads it
+        return y
+
+    fn = ndl.jit(forward)
+    x = np.ones(2, np.float32)
+    for _ in range(3):
+        np.testing.assert_array_equal(fn(x).numpy(), [2.0, 2.0])
+    assert reducer.calls == 3
+    assert "arm_gradient_hook" in {s.op.name for s in fn.lower(x).steps}
+
+
 CASES = {"assign": _assign, "print": _print, "group": _group_and_with_dependencies,
          "with_dependencies": _group_and_with_dependencies, "cond": _cond_and_while_loop,
          "while_loop": _cond_and_while_loop, "jit_call": _jit_call_and_apply_updates,
          "apply_updates": _jit_call_and_apply_updates, "function": _function_and_backward,
-         "function_backward": _function_and_backward}
+         "function_backward": _function_and_backward,
+         "arm_gradient_hook": _arm_gradient_hook}
 
 
 def test_every_internal_node_kind_is_registered_and_has_a_case():

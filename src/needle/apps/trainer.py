@@ -458,6 +458,10 @@ class Trainer:
                              f"{len(self.split.train)} images)")
         return total_loss / count, correct / count
 
+    def _evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy after an epoch (a distributed run shares the work)."""
+        return evaluate(self.model, self.split.test)
+
     def _check_finite(self, test_loss: float) -> None:
         """Refuse to save weights, buffers or a test loss that are NaN or infinite."""
         if not math.isfinite(test_loss):
@@ -518,7 +522,7 @@ class Trainer:
             start = time.perf_counter()
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 train_loss, train_acc = self.train_epoch()
-                test_loss, test_acc = evaluate(self.model, self.split.test)
+                test_loss, test_acc = self._evaluate()
                 self._check_finite(test_loss)
             self.epoch += 1
             row = {"epoch": self.epoch, "train_loss": train_loss, "train_acc": train_acc,

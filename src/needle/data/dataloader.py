@@ -54,7 +54,11 @@ class DataLoader:
     """Iterate over ``dataset`` in batches, each a tuple of Tensors (``requires_grad=False``).
 
     ``DataLoader(dataset, batch_size=1, shuffle=False, drop_last=False, collate_fn=None,
-    num_workers=0, batch_transforms=None, device=None, dtype=None, prefetch_factor=2)``
+    num_workers=0, batch_transforms=None, device=None, dtype=None, prefetch_factor=2,
+    sampler=None)``
+
+    * ``sampler``: an iterable of dataset indices with a ``len`` (``needle.distributed.
+      DistributedSampler``) giving each epoch's order instead of ``shuffle``.
 
     * Array-backed datasets (``NDArrayDataset``, MNIST, CIFAR-10, digits) without per-sample
       transforms build a batch with one vectorized gather per array; an unshuffled batch is a
@@ -77,13 +81,16 @@ class DataLoader:
                  drop_last: bool = False, collate_fn: Callable | None = None,
                  num_workers: int = 0, batch_transforms: Sequence[Callable] | None = None,
                  device: Device | None = None, dtype: Any = None,
-                 prefetch_factor: int = 2) -> None:
+                 prefetch_factor: int = 2, sampler: Any = None) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"DataLoader: batch_size must be >= 1, got {batch_size}")
         if int(num_workers) < 0:
             raise ValueError(f"DataLoader: num_workers must be >= 0, got {num_workers}")
         if int(prefetch_factor) < 1:
             raise ValueError(f"DataLoader: prefetch_factor must be >= 1, got {prefetch_factor}")
+        if sampler is not None and shuffle:
+            raise ValueError("DataLoader: give either a sampler or shuffle=True, not both (the "
+                             "sampler decides the order)")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -94,6 +101,8 @@ class DataLoader:
         self.batch_transforms = list(batch_transforms) if batch_transforms else []
         self.device = device
         self.dtype = dtype
+        #: iterable of dataset indices giving each epoch's order (a DistributedSampler), or None
+        self.sampler = sampler
         # NOTE: the loader refers to its iterator weakly, so an iterator abandoned mid-epoch
         # (a ``break``) is freed at once and stops its worker threads; the epoch's position
         # stays in ``_progress`` for ``state_dict``
@@ -102,7 +111,7 @@ class DataLoader:
         self._resume: dict | None = None
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = len(self.dataset) if self.sampler is None else len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _close_iterator(self) -> None:
@@ -116,11 +125,13 @@ class DataLoader:
         self._close_iterator()
         if self._resume is not None:
             state, self._resume = self._resume, None
-            order = state["order"] if self.shuffle else None
+            order = state["order"] if self.shuffle or self.sampler is not None else None
             start, seed = state["batch_index"], state["seed"]
         else:
             # The RNG draws of an epoch, all here in the caller's thread, in this order.
             order = np.random.permutation(len(self.dataset)) if self.shuffle else None
+            if self.sampler is not None:  # the sampler's indices (it draws nothing global)
+                order = np.fromiter(iter(self.sampler), dtype=np.int64)
             seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) \
                 if self.batch_transforms else -1
             start = 0
@@ -157,7 +168,12 @@ class DataLoader:
             self._resume = None
             return
         n = len(self.dataset)
-        if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+        if self.sampler is not None:  # the sampler's indices: repeats allowed
+            if order.shape != (len(self.sampler),) or order.min() < 0 or order.max() >= n:
+                raise ValueError(f"DataLoader.load_state_dict: 'order' must hold "
+                                 f"{len(self.sampler)} indices of the {n} dataset items, got "
+                                 f"shape {order.shape}")
+        elif order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
             raise ValueError(f"DataLoader.load_state_dict: 'order' must be a permutation of the "
                              f"{n} dataset items, got shape {order.shape}")
         if not 0 <= batch <= len(self):
@@ -220,7 +236,8 @@ class _EpochPlan:
     def positions(self, k: int) -> slice | np.ndarray:
         """The dataset items of batch ``k``: a slice in natural order, else a piece of order."""
         start = k * self.batch_size
-        stop = min(start + self.batch_size, len(self.dataset))
+        n = len(self.dataset) if self.order is None else len(self.order)
+        stop = min(start + self.batch_size, n)
         return slice(start, stop) if self.order is None else self.order[start:stop]
 
     def fetch(self, index: slice | np.ndarray) -> tuple:
@@ -253,7 +270,8 @@ class _EpochPlan:
                                                                               Dataset):
             return [self.produce(k) for k in range(first, stop)]
         start = first * self.batch_size
-        end = min(stop * self.batch_size, len(self.dataset))
+        n = len(self.dataset) if self.order is None else len(self.order)
+        end = min(stop * self.batch_size, n)
         index = slice(start, end) if self.order is None else self.order[start:end]
         arrays = self.dataset.gather(index)
         batches = []

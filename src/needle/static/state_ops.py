@@ -13,7 +13,7 @@ import numpy as np
 
 from ..autograd import Tensor, make_from_op
 from ..core import context
-from ..core.autodiff import find_topo_sort
+from ..core.autodiff import find_topo_sort, hooked_gradients
 from ..core.ops_state import ApplyUpdates, Store
 from ..core.registry import Aval, Op, register
 from .graph import get_default_graph
@@ -201,7 +201,8 @@ def minimize(optimizer: Any, loss: Tensor) -> Tensor:
               if p.requires_grad and getattr(p, "trainable", True)]
     if not params:
         raise ValueError("minimize: the optimizer has no trainable parameters")
-    grads = gradients(loss, params)
+    # gradient hooks (a data-parallel wrapper's all-reduce) see and may replace them
+    grads = hooked_gradients(params, gradients(loss, params))
     pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
     if not pairs:
         raise ValueError("minimize: the loss does not depend on any of the optimizer's "
