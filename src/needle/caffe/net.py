@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 
 from ..autograd import Tensor
+from ..core import profiling
 from .blob import Blob
+from .inference import NetFunction
 from .layer import LAYER_TYPES, Layer, LayerError
 
 __all__ = ["Net", "NetSpecError", "parse_spec"]
@@ -454,6 +456,7 @@ class Net:
 
     def _run(self, start: int, end: int) -> None:
         values = self._values
+        profiler = profiling.active()  # ndl.profile(): each layer's forward is a region
         for i in range(start, end + 1):
             layer = self.layers[i]
             bottom = []
@@ -467,7 +470,9 @@ class Net:
             shapes = [tuple(b.shape) for b in bottom]
             try:
                 top_shapes = layer.reshape(shapes)
-                tops = layer.forward(bottom)
+                tops = layer.forward(bottom) if profiler is None else profiler.call(
+                    layer.forward, (bottom,), layer.type or type(layer).__name__,
+                    category="caffe", node=layer.name, inputs=bottom)
             except (LayerError, NetSpecError):
                 raise
             except Exception as exc:
@@ -552,6 +557,7 @@ class Net:
             if values[v] is None:
                 raise RuntimeError("Net.backward: run forward first")
             diffs[v] = np.full(np.shape(values[v]), w, dtype=np.asarray(values[v]).dtype)
+        profiler = profiling.active()  # ndl.profile(): each layer's backward is a region
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
             if not layer.needs_backward:
@@ -564,7 +570,10 @@ class Net:
                         for d, v in zip(top_diff, vids)]
             needs = self._bottom_needs[i]
             try:
-                bottom_diff = layer.backward(top_diff, list(needs))
+                bottom_diff = layer.backward(top_diff, list(needs)) if profiler is None \
+                    else profiler.call(layer.backward, (top_diff, list(needs)),
+                                       layer.type or type(layer).__name__, category="caffe",
+                                       phase="backward", node=layer.name, inputs=top_diff)
             except (LayerError, NetSpecError):
                 raise
             except Exception as exc:
@@ -610,6 +619,12 @@ class Net:
             np.copyto(blob.data, value.astype(blob.data.dtype, copy=False))
         if problems:
             raise ValueError("Net.load_state_dict: shape mismatch for " + "; ".join(problems))
+
+    def inference_function(self, outputs: list[str] | str | None = None) -> NetFunction:
+        """The layers that predict, as a function of Tensors run in the test phase (losses,
+        accuracies and their labels dropped; ``outputs`` names other blobs to return). Run it
+        eagerly or under ``ndl.jit``; ``ndl.export(net, ...)`` saves it as a program."""
+        return NetFunction(self, outputs)
 
     @classmethod
     def from_module(cls, module: Any, example_input: Any, loss: str | None = None,

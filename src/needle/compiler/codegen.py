@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.context import _get as _thread_state
 from ..core.interpret import Program, Step, snapshot, snapshot_slots, step_error
 
 
@@ -30,10 +31,17 @@ class CompiledProgram:
     bound ``compute``, each free a ``del``; constants and the compute functions are bound as
     default arguments (fast local loads). Nothing is looked up per step at run time, which
     is where a walking interpreter spends its time on graphs of small ops.
+
+    While ``ndl.profile()`` is active in the calling thread, a call runs a second generated
+    function instead (``profiled=True``: the same lines, each step between a clock read and
+    a call recording it), made at the first such call; the usual one is left unchanged.
     """
 
-    def __init__(self, program: Program, inplace: dict[int, int] | None = None) -> None:
+    def __init__(self, program: Program, inplace: dict[int, int] | None = None,
+                 profiled: bool = False) -> None:
         self.program = program
+        self._inplace = inplace
+        self._profiled: CompiledProgram | None = None
         direct = inplace is not None
         inplace = inplace or {}
         names: dict[int, str] = {}
@@ -58,6 +66,8 @@ class CompiledProgram:
             fn = f"f{i}"
             args = [names[s] for s in step.inputs]
             self._arg_names.append(args)
+            if profiled:
+                lines.append("    _t = _prof.begin()")
             self._line_step[body_start + len(lines)] = i
             call = step.op.ufunc() if direct else None
             inline = _inline(step, args) if direct and call is None else None
@@ -76,6 +86,9 @@ class CompiledProgram:
                 lines.append(f"    v{i} = {fn}({', '.join(args)}{out})")
             if step.out in snap:
                 lines.append(f"    v{i} = snapshot(v{i})")
+            if profiled:
+                inputs = "".join(f"{a}, " for a in self._arg_names[i])
+                lines.append(f"    _prof.step(_steps[{i}], _t, ({inputs}), v{i})")
             dead = [names[s] for s in frees[i]]
             if dead:
                 lines.append(f"    del {', '.join(dead)}")
@@ -83,8 +96,11 @@ class CompiledProgram:
         unpack = f"    ({''.join(f's{i}, ' for i in range(n_src))}) = sources" if n_src \
             else "    pass"
         outputs = ", ".join(names[s] for s in program.outputs)
+        if profiled:
+            bound["_steps"] = program.steps
         params = "".join(f", {k}={k}" for k in bound)
-        source = "\n".join([f"def _needle_program(sources{params}):", unpack, *lines,
+        prof = ", _prof" if profiled else ""
+        source = "\n".join([f"def _needle_program(sources{prof}{params}):", unpack, *lines,
                             f"    return [{outputs}]", ""])
         namespace = dict(bound)
         namespace["np"] = np
@@ -95,10 +111,25 @@ class CompiledProgram:
         self.source = source
 
     def __call__(self, sources: list) -> list:
+        current = _thread_state(None)
+        if current is not None and current.profiler is not None:
+            return self._call_profiled(sources, current.profiler)
         try:
             return self._fn(sources)
         except Exception as exc:  # noqa: BLE001 - rewrapped with the failing node's origin
             raise self._locate(exc) from exc
+
+    def _call_profiled(self, sources: list, profiler: Any) -> list:
+        """Run the instrumented variant, recording every step into ``profiler``."""
+        variant = self._profiled
+        if variant is None:
+            variant = self._profiled = CompiledProgram(self.program, self._inplace, True)
+        depth = profiler.depth()
+        try:
+            return variant._fn(sources, profiler)
+        except Exception as exc:  # noqa: BLE001 - rewrapped with the failing node's origin
+            profiler.abort(depth)
+            raise variant._locate(exc) from exc
 
     def _locate(self, exc: Exception) -> Exception:
         """The NodeRunError for an exception raised inside the generated function."""

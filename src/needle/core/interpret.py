@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import profiling
 from .autodiff import find_topo_sort
 from .registry import CheckError, Op, fmt_shape
 
@@ -256,7 +257,12 @@ def step_error(step: Step, args: list, exc: Exception) -> Exception:
 
 def run_program(program: Program, env: dict[int, Any], tracker: ByteTracker | None = None,
                 on_step: Callable[[Step], None] | None = None) -> dict[int, Any]:
-    """Compute every step into ``env`` (slot -> value), freeing values as the plan says."""
+    """Compute every step into ``env`` (slot -> value), freeing values as the plan says.
+
+    While ``ndl.profile()`` (or a Session's ``RunMetadata``) is active in this thread, each
+    step is timed and recorded (``core/profiling.py``).
+    """
+    profiler = profiling.active()
     env.update(program.constants)
     frees: Sequence[Sequence[int]] = program.frees
     if not frees:
@@ -266,12 +272,19 @@ def run_program(program: Program, env: dict[int, Any], tracker: ByteTracker | No
         env[slot] = snapshot(env[slot])
     for step, dead in zip(program.steps, frees):
         args = [env[slot] for slot in step.inputs]
+        if profiler is not None:
+            depth = profiler.depth()
+            start = profiler.begin()
         try:
             value = step.op.compute(*args)
         except Exception as exc:  # noqa: BLE001 - rewrapped with the node's origin
+            if profiler is not None:
+                profiler.abort(depth)
             raise step_error(step, args, exc) from exc
         if step.out in snap:
             value = snapshot(value)
+        if profiler is not None:
+            profiler.step(step, start, args, value)
         env[step.out] = value
         if tracker is not None:
             tracker.add(value)
