@@ -102,6 +102,13 @@ class Op:
         shapes inline it instead of calling ``compute`` (no per-call shape handling)."""
         return None
 
+    def scalar_expr(self, args: list[str], const: Any) -> str | None:
+        """This elementwise op on one element: a numba-compilable expression over the operand
+        expressions ``args`` (already cast to the dtype NumPy computes in), or None.
+        ``const(value)`` names an attribute value cast to that dtype. Region fusion
+        (``compiler/fusion.py``) inlines it into one loop; ops without it are never fused."""
+        return None
+
     def attrs(self) -> tuple:
         """The op's attributes as a hashable, ordered tuple of (name, value)."""
         return tuple(sorted(vars(self).items()))
