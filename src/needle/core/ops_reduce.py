@@ -9,6 +9,7 @@ import numpy as np
 from ..backend import array_module
 from ..kernels import batchnorm
 from ..kernels.reduce import reduce_sum, sum_expr
+from ..kernels.softmax import logsumexp_last_axis, softmax_last_axis
 from .ops_shape import as_axes, kept_shape, normalize_axes
 from .registry import Aval, F, Op, register
 
@@ -118,6 +119,10 @@ class LogSumExp(Reduction):
 
     def compute(self, a):
         axes = self._axes(a.ndim)
+        if axes == (a.ndim - 1,):  # a loss's rows: blocks that stay in cache
+            out = logsumexp_last_axis(a)
+            if out is not None:
+                return out if self.keepdims else out.reshape(a.shape[:-1])
         if a.size == 0 or not isinstance(a, np.ndarray):
             return self._compute_general(a, axes)
         peak = np.maximum.reduce(a, axis=axes, keepdims=True)
@@ -125,7 +130,9 @@ class LogSumExp(Reduction):
             return self._compute_general(a, axes)
         # finite peaks: each slice's sum is >= 1 (its max gives exp(0)), so no log(0) and no
         # errstate; ufunc reductions skip np.max / np.sum's Python wrappers (a loss is small)
-        out = np.log(np.add.reduce(np.exp(a - peak), axis=axes, keepdims=True))
+        shifted = np.subtract(a, peak)
+        np.exp(shifted, out=shifted)  # in place: one vocabulary-sized temporary, not two
+        out = np.log(np.add.reduce(shifted, axis=axes, keepdims=True))
         out += peak
         return out if self.keepdims else out.reshape(
             [n for i, n in enumerate(a.shape) if i not in axes])
@@ -140,10 +147,16 @@ class LogSumExp(Reduction):
         return out if self.keepdims else xp.squeeze(out, axis=axes)
 
     def gradient(self, out_grad, node):
-        # d lse / da = exp(a - lse): a softmax, bounded by 1, so it cannot overflow
+        # d lse / da = exp(a - lse): a softmax, bounded by 1, so it cannot overflow. lse and
+        # the adjoint stay kept-shape operands that broadcast in the subtraction and product:
+        # no a-sized negate of a broadcast copy (a vocabulary-sized loss is memory-bound)
         a = node.inputs[0]
-        lse = F.broadcast_to(F.reshape(node, self.kept_shape(a.shape)), a.shape)
-        return self.expand(out_grad, node) * F.exp(a - lse)
+        kept = self.kept_shape(a.shape)
+        grad = out_grad if self.keepdims else F.reshape(out_grad, kept)
+        axes = self._axes(len(a.shape))
+        if len(axes) == 1:  # the same softmax times the adjoint, one cache-blocked op
+            return F.scaled_softmax(a, grad, axes[0])
+        return F.exp(a - F.reshape(node, kept)) * grad
 
 
 class AxisOp(Op):
@@ -176,6 +189,10 @@ class Softmax(AxisOp):
     """exp(a) / sum(exp(a)) along ``axis`` (default the last), stable."""
 
     def compute(self, a):
+        if self.axis in (-1, a.ndim - 1):
+            blocked = softmax_last_axis(a)  # rows in cache-sized blocks, the same bits
+            if blocked is not None:
+                return blocked
         out = np.exp(a - np.max(a, axis=self.axis, keepdims=True))
         out /= np.sum(out, axis=self.axis, keepdims=True)
         return out
@@ -183,6 +200,36 @@ class Softmax(AxisOp):
     def gradient(self, out_grad, node):
         weighted = F.summation(out_grad * node, self.axis, keepdims=True)
         return node * (out_grad - weighted)
+
+
+@register("scaled_softmax", inputs=("a", "scale"))
+class ScaledSoftmax(Op):
+    """softmax(a) * scale along ``axis``: logsumexp's adjoint (``scale`` is the output
+    adjoint, kept-shape: one value per slice), in one pass over ``a`` where the blocked kernel
+    applies (a vocabulary-sized loss writes one array, not a softmax and then a product)."""
+
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = int(axis)
+
+    def compute(self, a, scale):
+        if self.axis in (-1, a.ndim - 1):
+            blocked = softmax_last_axis(a, scale)
+            if blocked is not None:
+                return blocked
+        out = np.exp(a - np.max(a, axis=self.axis, keepdims=True))
+        out /= np.sum(out, axis=self.axis, keepdims=True)
+        return out * scale
+
+    def gradient(self, out_grad, node):
+        # node = s p with p = softmax(a): d/da = node * (g - sum(g p)), d/ds = g p
+        a, _ = node.inputs
+        p = F.softmax(a, self.axis)
+        weighted = F.summation(out_grad * p, self.axis, keepdims=True)
+        return node * (out_grad - weighted), out_grad * p
+
+    def infer(self, a: Aval, scale: Aval) -> Aval:
+        normalize_axes(self.name, self.axis, len(a.shape))
+        return Aval(a.shape, np.result_type(a.dtype, scale.dtype))
 
 
 def reduced_count(a: Any, axes: tuple) -> Any:

@@ -63,18 +63,11 @@ def _checked_labels(loss: str, logits: Tensor, y: Tensor) -> Tensor:
     return ops.check_class_ids(y, classes, what=loss)
 
 
-def _one_hot_like(logits: Tensor, y: Tensor) -> Tensor:
-    """(B, C) one-hot of ``y`` in the logits' dtype, built with ops (works on lazy labels).
-
-    compare((C, 1) class ids, (B,) labels) broadcasts to (C, B); transposing gives (B, C)
-    without needing the batch size, which a lazy graph may not know.
-    """
-    classes = logits.shape[1]
-    ids = Tensor.make_const(np.arange(classes, dtype=y.dtype).reshape(classes, 1))
-    if ids.device != y.device:
-        ids = ids.to(y.device)
-    hot = ops.transpose(ops.compare(ids, y, "eq"))
-    return ops.astype(hot, logits.dtype)
+def _picked_logits(logits: Tensor, y: Tensor) -> Tensor:
+    """(B,) logits z_i[y_i] of each row's label: one gather of B values (its adjoint adds B
+    values into zeros), no (B, C) one-hot target; works while B is unknown (-1 reshapes)."""
+    picked = ops.take_along_axis(logits, ops.reshape(y, (-1, 1)), axis=1)
+    return ops.reshape(picked, (-1,))
 
 
 class SoftmaxLoss(Module):
@@ -95,11 +88,11 @@ class SoftmaxLoss(Module):
 
     def forward(self, logits: Tensor, y: Any) -> Tensor:
         y = _checked_labels(type(self).__name__, logits, _as_tensor(y, logits))
-        target = _one_hot_like(logits, y)
+        picked = _picked_logits(logits, y)
         if self.label_smoothing:
+            # sum_c target_ic z_ic = (1 - s) z_i[y_i] + s mean_c z_ic
             s = self.label_smoothing
-            target = target * (1.0 - s) + s / logits.shape[1]
-        picked = ops.summation(logits * target, axes=(1,))
+            picked = picked * (1.0 - s) + ops.mean(logits, axes=(1,)) * s
         return _reduce(ops.logsumexp(logits, axes=(1,)) - picked, self.reduction)
 
 

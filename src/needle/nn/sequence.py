@@ -31,29 +31,11 @@ class Embedding(Module):
                                            device=device, dtype=dtype))
 
     def forward(self, x: Any) -> Tensor:
-        if isinstance(x, Tensor) and x._data is None:
-            return self._one_hot_lookup(x)
-        ids = x.numpy() if isinstance(x, Tensor) else np.asarray(x)
-        if ids.dtype.kind == "f":
-            if not np.array_equal(ids, np.round(ids)):
-                raise ValueError("Embedding: ids must be whole numbers, got non-integral floats")
-            ids = ids.astype(np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
-            raise IndexError(f"Embedding: ids must lie in [0, {self.num_embeddings}), got "
-                             f"min {ids.min()} and max {ids.max()}")
-        return self.weight[ids]
-
-    def _one_hot_lookup(self, x: Tensor) -> Tensor:
-        """The lookup as one_hot(x) @ weight, for ids that have no value yet (a declared or
-        traced graph): the ids stay a graph input instead of a constant baked into an index."""
-        classes = Tensor(np.arange(self.num_embeddings, dtype=x.dtype), device=x.device,
-                         requires_grad=False)
-        flat = ops.reshape(x, (-1, 1))
-        hot = ops.astype(ops.compare(flat, classes, "eq"), self.weight.dtype)
-        # a 2-D product: the weight's gradient is one (num, dim) matmul, not one per step
-        out = hot @ self.weight
-        return ops.reshape(out, (*(-1 if d is None else d for d in x.shape),
-                                 self.embedding_dim))
+        # one gather in every mode (eager, a Session's placeholder, a JIT trace): the ids stay
+        # an input of the graph, and the take op checks they lie in [0, num_embeddings)
+        ids = x if isinstance(x, Tensor) else Tensor(np.asarray(x), device=self.weight.device,
+                                                     requires_grad=False)
+        return ops.take(self.weight, ids, axis=0)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
