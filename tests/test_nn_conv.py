@@ -146,13 +146,20 @@ def test_pool_matches_torch(pool, reference, kernel, stride):
     _close(X.grad, tx.grad)
 
 
-def test_max_pool_ties_split_the_gradient():
-    """Equal values in a window share its gradient (torch would give it all to one)."""
-    x = ndl.Tensor(np.ones((1, 1, 2, 4), dtype=np.float32))
-    out = nn.MaxPool2d(2)(x)
+def test_max_pool_ties_give_the_gradient_to_the_first_maximum_as_torch():
+    """Equal values in a window: all of its gradient goes to the first (row-major), as in
+    torch (needle's old pairwise-maximum pool split it among them)."""
+    x = np.ones((1, 1, 2, 4), dtype=np.float32)
+    x[0, 0, 1, 3] = 0.5
+    g = np.array([[[[4.0, 8.0]]]], dtype=np.float32)
+    X = ndl.Tensor(x)
+    out = nn.MaxPool2d(2)(X)
+    out.backward(ndl.Tensor(g))
+    tx = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.max_pool2d(tx, 2).backward(torch.tensor(g))
     np.testing.assert_array_equal(out.numpy(), np.ones((1, 1, 1, 2)))
-    out.backward(ndl.Tensor(np.array([[[[4.0, 8.0]]]], dtype=np.float32)))
-    np.testing.assert_allclose(x.grad.numpy(), [[[[1, 1, 2, 2], [1, 1, 2, 2]]]])
+    np.testing.assert_array_equal(X.grad.numpy(), tx.grad.numpy())
+    np.testing.assert_array_equal(X.grad.numpy(), [[[[4, 0, 8, 0], [0, 0, 0, 0]]]])
 
 
 def test_pool_rejects_small_input():

@@ -78,9 +78,10 @@ class Conv(Module):
 class _Pool2d(Module):
     """Shared window logic of the 2-D pools: NCHW in and out, no padding, floor mode.
 
-    The k*k window offsets are k*k strided slices of the input (each (N, C, Ho, Wo)), combined
-    elementwise. NOTE: this is ~10x faster in NumPy than reducing a (..., k, ..., k) view over
-    its small strided axes, and it uses only basic ops, so it also runs on lazy graphs.
+    By default the k*k window offsets are k*k strided slices of the input (each (N, C, Ho,
+    Wo)) combined elementwise by ``_combine`` (AvgPool2d); MaxPool2d is one op of its own.
+    NOTE: slices are ~10x faster in NumPy than reducing a (..., k, ..., k) view over its small
+    strided axes.
     """
 
     def __init__(self, kernel_size: int | tuple, stride: int | tuple | None = None) -> None:
@@ -92,16 +93,22 @@ class _Pool2d(Module):
     def _combine(self, windows: list[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check(self, x: Tensor) -> None:
+        """One line naming the module for input the pool cannot take."""
         name = type(self).__name__
         if len(x.shape) != 4:
             raise ValueError(f"{name}: expected NCHW input, got shape {tuple(x.shape)}")
         h, w = x.shape[2], x.shape[3]
-        k, s = self.kernel_size, self.stride
+        k = self.kernel_size
         if h is None or w is None:
             raise ValueError(f"{name}: height and width must be known, got {tuple(x.shape)}")
         if h < k or w < k:
             raise ValueError(f"{name}: kernel {k}x{k} is larger than the input {h}x{w}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        k, s = self.kernel_size, self.stride
+        h, w = x.shape[2], x.shape[3]
         ho, wo = (h - k) // s + 1, (w - k) // s + 1
         windows = [x[:, :, i: i + s * (ho - 1) + 1: s, j: j + s * (wo - 1) + 1: s]
                    for i in range(k) for j in range(k)]
@@ -113,14 +120,12 @@ class _Pool2d(Module):
 
 class MaxPool2d(_Pool2d):
     """Max over k x k windows with stride s (default k): (N, C, H, W) -> (N, C, Ho, Wo),
-    Ho = (H - k) // s + 1. Tied maxima split the gradient (torch gives it to one of them)."""
+    Ho = (H - k) // s + 1. The gradient goes to each window's first maximum, as in PyTorch
+    (one op, ``max_pool2d``, with its own adjoint: no k*k slices and scatters)."""
 
-    def _combine(self, windows: list[Tensor]) -> Tensor:
-        # a balanced tree of pairwise maxima keeps the graph shallow (log2(k*k) levels)
-        while len(windows) > 1:
-            paired = [ops.maximum(a, b) for a, b in zip(windows[::2], windows[1::2])]
-            windows = paired + windows[len(paired) * 2:]
-        return windows[0]
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return ops.max_pool2d(x, kernel_size=self.kernel_size, stride=self.stride)
 
 
 class AvgPool2d(_Pool2d):
