@@ -190,3 +190,19 @@ def test_pyproject_license_and_numpy_floor():
     # the behaviour the floor stands for: a Python float keeps float32 math float32
     assert (np.array(1.0, np.float32) / 3.0).dtype == np.float32
     assert ndl.ops.divide_scalar(ndl.Tensor(np.float32(3.0)), 2.0).dtype == np.float32
+
+
+@pytest.mark.parametrize("cls", [optim.Adam, optim.AdamW])
+@pytest.mark.parametrize("kwargs", [{"eps": float("nan")}, {"beta1": float("nan")},
+                                    {"beta2": 1.0}, {"weight_decay": float("inf")}])
+def test_adam_constructor_refuses_what_load_state_dict_refuses(cls, kwargs):
+    """One rule table for constructors and load_state_dict: Adam's own checks let NaN eps
+    and NaN betas through (comparisons with NaN are False)."""
+    params = [ndl.Tensor(np.zeros(3, dtype=np.float32), requires_grad=True)]
+    (key,) = kwargs
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: {key} must be"):
+        cls(params, **kwargs)
+    state = cls(params).state_dict()
+    state["hyperparams"][key] = kwargs[key]
+    with pytest.raises(ValueError, match=rf"{key} must be"):
+        cls(params).load_state_dict(state)

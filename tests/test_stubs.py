@@ -106,3 +106,25 @@ def test_tensor_has_no_runtime_base_from_the_stub():
     # TensorMethods exists only for type checkers: at run time Tensor's base is Value alone
     assert ndl.Tensor.__bases__ == (ndl.autograd.Value,)
     assert not hasattr(api, "TensorMethods")
+
+
+def test_stub_declares_every_op_class_of_the_core_where_it_is_defined():
+    """``ndl.ops.EWiseAdd`` and the other core op classes (set into ``needle.ops`` from the
+    registry at run time) are re-exported by the stub from the module that defines each,
+    so type checkers see the same class the registry holds."""
+    tree = _stub_tree()
+    imported = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                imported[alias.asname or alias.name] = (node.module, node.level)
+    exported = next(ast.literal_eval(node.value) for node in tree.body
+                    if isinstance(node, ast.Assign) and node.targets[0].id == "__all__")
+    for record in REGISTRY.values():
+        module = record.cls.__module__
+        if not module.startswith("needle.core."):
+            continue  # a front-end's internal op (Cond, JitCall) or a user's op
+        name = record.cls.__name__
+        assert name in exported and name in imported, name
+        assert f"needle.core.{imported[name][0]}" == module, (name, module)
+        assert getattr(ndl.ops, name) is record.cls

@@ -148,6 +148,20 @@ def _def(name: str, params: list[str], result: str, doc: str, indent: str = "") 
     return "\n".join(lines)
 
 
+def _op_classes() -> list[tuple[str, str]]:
+    """(module relative to this package, class name) of every op class the core registers
+    (internal ones too): ``ndl.ops.EWiseAdd`` and friends, for type checkers. Ops that the
+    front-ends register (``Cond``, ``JitCall``) are not in ``ndl.ops``: left out."""
+    seen = []
+    for record in REGISTRY.values():
+        module = record.cls.__module__
+        if module.startswith(f"{__package__}."):
+            entry = ("." + module[len(__package__) + 1:], record.cls.__name__)
+            if entry not in seen:
+                seen.append(entry)
+    return seen
+
+
 def _result(record: OpRecord) -> str:
     return "TensorTuple" if record.cls.returns_tuple else "Tensor"
 
@@ -156,10 +170,17 @@ def render() -> str:
     """The text of ``core/api.pyi`` for the ops registered now."""
     records = _records()
     names = [r.name for r in records]
-    parts = [_HEADER]
+    classes = _op_classes()
+    # one import per line, parents before siblings, then by module and name (ruff's isort)
+    imports = [("..autograd", "Tensor, TensorTuple"), *((m, f"{c} as {c}") for m, c in classes)]
+    imports.sort(key=lambda entry: (not entry[0].startswith(".."), entry[0], entry[1].lower()))
+    header = _HEADER.replace("from ..autograd import Tensor, TensorTuple\n", "")
+    parts = [header.rstrip("\n") + "\n\n"
+             + "".join(f"from {module} import {names}\n" for module, names in imports)]
     all_lines = ["__all__ = ["]
     line = "   "
-    for entry in [f'"{n}"' for n in [*names, "install_tensor_methods"]]:
+    entries = [*names, "install_tensor_methods", *(cls for _, cls in classes)]
+    for entry in [f'"{n}"' for n in entries]:
         if len(line) + len(entry) + 2 > LINE_LENGTH:
             all_lines.append(line)
             line = "   "

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
     __all__.remove("install_tensor_methods")
 
-# needle's op class names (EWiseAdd, AddScalar, ...) come from the registry too
+# needle's op class names (EWiseAdd, AddScalar, ...) come from the registry too (core/api.pyi
+# declares the package's own for type checkers)
 for _record in REGISTRY.values():
     globals()[_record.cls.__name__] = _record.cls
 

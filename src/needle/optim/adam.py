@@ -68,14 +68,9 @@ class Adam(Optimizer):
                  beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
                  fused: bool | None = None) -> None:
         super().__init__(params, lr, fused)
-        name = type(self).__name__
-        for label, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"{name}: {label} must be in [0, 1), got {beta}")
-        if eps < 0:
-            raise ValueError(f"{name}: eps must be >= 0, got {eps}")
-        if weight_decay < 0:
-            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+        # the shared rule table (optimizer.py), as load_state_dict checks: NaN is refused too
+        self._check_hyperparams(type(self).__name__, {
+            "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay})
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
         self.eps = float(eps)
