@@ -17,15 +17,17 @@ LAYERS = [
     ("kernels", ["needle.kernels"]),
     ("core", ["needle.core"]),
     ("compiler", ["needle.compiler"]),
-    ("tensor", ["needle.autograd", "needle.function", "needle.ops"]),
+    ("tensor", ["needle.autograd", "needle.function", "needle.ops", "needle.profiler"]),
     ("front-ends", ["needle.static", "needle.jit"]),
     # the modular library sits on the front-ends' hooks (a module traced, a graph minimized)
     ("library", ["needle.nn", "needle.optim", "needle.init", "needle.data",
-                 "needle.checkpoint"]),
+                 "needle.checkpoint", "needle.distributed"]),
     # Caffe layers wrap library pieces (SoftmaxLoss, the optimizers' update rules, save/load)
     ("caffe", ["needle.caffe"]),
     # exchange formats read and write graphs of every front-end and library module
     ("interchange", ["needle.onnx", "needle.program"]),
+    # remote Sessions ship graphs with program.graph_io and run them in a static Session
+    ("remote", ["needle.remote"]),
     ("apps", ["needle.apps", "needle.cli", "needle.__main__", "needle.extend", "needle"]),
 ]
 

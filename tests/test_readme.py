@@ -22,7 +22,7 @@ def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["eager.md", "jit.md", "static.md", "caffe.md",
-                                  "adding_an_op.md"])
+                                  "adding_an_op.md", "profiling.md"])
 def test_doc_examples_run(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples may write files (a solver snapshot)
     _run_examples(REPO_ROOT / "docs" / name)

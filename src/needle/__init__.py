@@ -9,6 +9,7 @@ from . import (
     backend_ndarray,
     checkpoint,
     data,
+    distributed,  # data-parallel training on MPI; mpi4py is imported only under mpirun
     function,
     init,
     jit,
@@ -16,6 +17,7 @@ from . import (
     onnx,  # ONNX export/import; the onnx package is imported only when called
     ops,
     optim,
+    remote,  # remote Sessions and serving (gRPC is imported only when used)
 )
 from ._version import __version__
 from .autograd import Tensor, TensorTuple, enable_grad, from_numpy, is_grad_enabled, no_grad
@@ -23,6 +25,7 @@ from .backend import Device, NDArray, cpu, cuda, default_device
 from .checkpoint import CheckpointError, checkpoint_info, load, save
 from .extend import register_op
 from .ops import *
+from .profiler import profile
 from .program import ExportedProgram, export, load_program
 
 # PyTorch users find custom functions as autograd.Function; function.py builds on autograd.py,

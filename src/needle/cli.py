@@ -1,4 +1,5 @@
-"""``python -m needle``: train a model, evaluate a checkpoint, or show what a checkpoint holds.
+"""``python -m needle``: train a model (``--distributed`` under mpirun), evaluate a checkpoint,
+show what a checkpoint holds, export it as a program or ONNX file, or serve remote Sessions.
 
 ``needle`` alone prints the help and exits 0, as pip does (git exits 1); ``needle --version``
 prints ``needle <version>``.
@@ -93,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
                        "TensorBoard event files into DIR (needs tensorboardX: pip install "
                        "'needle[tensorboard]')")
     train.add_argument("--quiet", action="store_true", help="print only the final result")
+    train.add_argument("--distributed", action="store_true", help="data-parallel over the "
+                       "processes of `mpirun -n N` (--batch-size is the global batch; rank 0 "
+                       "prints and writes; needs 'needle[distributed]')")
+    train.add_argument("--sync-bn", action="store_true", help="with --distributed: BatchNorm "
+                       "statistics of the global batch (nn.SyncBatchNorm)")
 
     ev = command("eval", "accuracy and loss of a checkpoint on test data")
     ev.add_argument("checkpoint", help="a checkpoint.npz written by `needle train`")
@@ -105,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
                       "dtype, shape, size")
     info.add_argument("--verify", action="store_true", help="read every array and check its "
                       "SHA-256; exit 2 naming the bad ones on a mismatch")
+
+    from .remote.serve import add_arguments as serve_arguments
+
+    serve_arguments(command("serve", "serve remote Sessions (st.Session(target=ADDRESS)) and "
+                            "a saved program's inference over gRPC; prints the address"))
+
+    from .apps.export_command import add_arguments as export_arguments
+
+    export_arguments(command("export", "a trained model as a needle program or an ONNX file "
+                             "(eval mode, any batch size)"))
     return parser
 
 
@@ -140,16 +156,28 @@ def _train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, optimizer=args.optimizer, **values,
                       augment=args.augment, seed=args.seed, out=args.out, mode=args.mode,
                       quiet=args.quiet)
-    trainer = Trainer(cfg, tensorboard=args.tensorboard)
+    if args.distributed:
+        from .apps.distributed_trainer import DistributedTrainer
+
+        trainer: Trainer = DistributedTrainer(cfg, tensorboard=args.tensorboard,
+                                              sync_bn=args.sync_bn)
+    elif args.sync_bn:
+        raise ValueError("--sync-bn needs --distributed")
+    else:
+        trainer = Trainer(cfg, tensorboard=args.tensorboard)
+    speaks = getattr(trainer, "writes_outputs", True)  # a distributed run: rank 0 only
     if args.resume:
         trainer.resume(args.resume, overrides=given)
         if trainer.epoch >= cfg.epochs:
             how = "fewer" if trainer.epoch > cfg.epochs else "no more"
             had = f"{trainer.epoch} epoch{'' if trainer.epoch == 1 else 's'}"
-            print(f"the checkpoint already has {had}; --epochs {cfg.epochs} "
-                  f"asks for {how}: nothing to train")
+            if speaks:
+                print(f"the checkpoint already has {had}; --epochs {cfg.epochs} "
+                      f"asks for {how}: nothing to train")
             return 0
     result = trainer.fit()
+    if not speaks:
+        return 0
     print(f"final test accuracy: {result['test_acc']:.4f} (best {result['best_test_acc']:.4f} "
           f"at epoch {result['best_epoch']}; {cfg.model} on {trainer.split.spec}, "
           f"{result['epochs']} epoch{'' if result['epochs'] == 1 else 's'}; checkpoint "
@@ -190,6 +218,21 @@ def _info(args: argparse.Namespace) -> int:
     return EXIT_USAGE
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .remote.serve import serve
+
+    try:
+        return serve(args)
+    except ImportError as exc:  # the remote extra (grpcio, protobuf) is not installed
+        raise ValueError(str(exc)) from None
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .apps.export_command import run
+
+    return run(args)
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
@@ -222,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
     command = f"needle {args.command}"
     try:
-        status = {"train": _train, "eval": _eval, "info": _info}[args.command](args)
+        status = {"train": _train, "eval": _eval, "info": _info,
+                  "serve": _serve, "export": _export}[args.command](args)
         sys.stdout.flush()  # here, so that a closed pipe is seen (and handled) now
         return status
     except BrokenPipeError:

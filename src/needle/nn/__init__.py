@@ -6,3 +6,4 @@ from .conv import *
 from .loss import *
 from .module import *
 from .sequence import *
+from .sync_batchnorm import *

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from ..backend import cpu, device_of
 from ..compiler import optimize as optimize_program
 from ..compiler import predict_peak_bytes
 from ..compiler.codegen import compile_program
+from ..compiler.fusion import tiered
+from ..core import context, profiling
 from ..core.interpret import (
     ByteTracker,
     Program,
@@ -29,7 +32,9 @@ from ..core.interpret import (
     run_program,
     snapshot,
 )
+from ..core.profiling import Event
 from ..core.registry import Aval, fmt_shape
+from ..profiler import chrome_trace
 from . import runtime
 from .fetches import fetch_key, flatten_fetches
 from .graph import Graph, get_default_graph
@@ -43,16 +48,33 @@ MAX_CACHED_PLANS = 64
 
 @dataclass
 class RunMetadata:
-    """Filled by ``Session.run(..., run_metadata=...)``: what ran and the memory it held.
+    """Filled by ``Session.run(..., run_metadata=...)``: what ran, its times and memory.
 
     ``executed``: node names in execution order (cond / while_loop branch steps included,
     right after nothing else ran in between); ``peak_bytes``: the most bytes of intermediate
     values held at once (buffers of Variables, parameters, feeds and constants excluded;
-    values inside branches not counted).
+    values inside branches not counted); ``step_stats``: one profiler ``Event`` per step
+    run, in the order the steps finished (``node``, ``name`` (the op), ``seconds``,
+    ``input_shapes``, ``output_shapes``, ``bytes``), as TensorFlow 1's step stats.
     """
 
     executed: list[str] = field(default_factory=list)
     peak_bytes: int = 0
+    step_stats: list[Event] = field(default_factory=list)
+
+    @property
+    def node_times(self) -> dict[str, float]:
+        """Node name -> seconds it ran (summed over the runs of a while_loop body)."""
+        times: dict[str, float] = {}
+        for event in self.step_stats:
+            key = event.node or event.name
+            times[key] = times.get(key, 0.0) + event.seconds
+        return times
+
+    def chrome_trace(self, path: str | None = None) -> dict:
+        """The steps as a Chrome / Perfetto trace (``{"traceEvents": [...]}``), written to
+        ``path`` as JSON when given (TensorFlow 1's timeline)."""
+        return chrome_trace(self.step_stats, path)
 
 
 @dataclass
@@ -162,7 +184,11 @@ class _Runner:
         # outputs of effect ops (an assign's or a store's value may be the state's own array)
         effects = {s.out for s in program.steps if s.op.side_effect}
         self.copy_always = [slot in effects for slot in program.outputs]
-        self.compiled = None if self.missing else compile_program(program)
+        self.compiled: Callable[[list], list] | None = None
+        if not self.missing:
+            self.compiled = compile_program(program)
+            if session.optimize:  # elementwise regions as numba loops once the plan is hot
+                self.compiled = tiered(program, self.compiled, compile_program)
 
     def source_values(self, feeds: dict[int, Any]) -> list:
         values: list = []
@@ -191,10 +217,25 @@ class Session:
     with ``optimize`` the shared compiler passes (constant folding, CSE, dead-step
     elimination, freeing values after their last use) apply; results are identical either
     way. Several threads may run one Session at once (as in TensorFlow 1).
+
+    ``target="grpc://host:port"`` (and ``token``) makes a remote Session instead: the same
+    API, the graph and its Variables living on a ``needle serve`` server (needle.remote,
+    docs/remote.md).
     """
 
+    def __new__(cls, graph: Graph | None = None, optimize: bool = True,
+                max_cached_plans: int | None = None, target: str | None = None,
+                token: str | None = None) -> Any:
+        if target is None:
+            return super().__new__(cls)
+        # needle.remote (a layer above) provides it; gRPC is imported only now
+        return context.service("remote_session")(
+            graph=graph, target=target, token=token, optimize=optimize,
+            max_cached_plans=max_cached_plans)
+
     def __init__(self, graph: Graph | None = None, optimize: bool = True,
-                 max_cached_plans: int | None = None) -> None:
+                 max_cached_plans: int | None = None, target: str | None = None,
+                 token: str | None = None) -> None:
         self.graph = graph if graph is not None else get_default_graph()
         self.optimize = bool(optimize)
         self.max_cached_plans = (MAX_CACHED_PLANS if max_cached_plans is None
@@ -342,7 +383,9 @@ class Session:
         with runtime.running(self):  # state ops find their Session here
             if run_metadata is None:
                 assert runner.compiled is not None  # (compiled unless placeholders are missing)
-                outputs = runner.compiled(sources)
+                profiler = profiling.active()
+                outputs = runner.compiled(sources) if profiler is None else profiler.call(
+                    runner.compiled, (sources,), "Session.run", category="session")
             else:
                 outputs = self._run_traced(runner, sources, run_metadata)
         aliased = {id(v) for v in sources} | runner.constant_ids
@@ -351,7 +394,7 @@ class Session:
 
     @staticmethod
     def _run_traced(runner: _Runner, sources: list, metadata: RunMetadata) -> list:
-        """Walk the steps one by one, recording names and live bytes."""
+        """Walk the steps one by one, recording names, times and live bytes."""
         program = runner.program
         metadata.executed = []
         record = metadata.executed.append
@@ -363,10 +406,15 @@ class Session:
         env = {id(n): v for n, v in zip(program.sources, sources)}
         observers = runtime.step_observers()
         observers.append(on_step)
+        # the steps are timed by this thread's profile (a temporary one if none is active)
+        profiler, first = profiling.start()
         try:
-            env = run_program(program, env, tracker, on_step)
+            env = profiler.call(run_program, (program, env, tracker, on_step), "Session.run",
+                                category="session")
         finally:
             observers.pop()
+            profiling.stop(profiler)
+        metadata.step_stats = [e for e in profiler.events[first:] if e.kind == "step"]
         metadata.peak_bytes = tracker.peak
         return [env[slot] for slot in program.outputs]
 
