@@ -223,6 +223,25 @@ def _torch_scatter(x, index, shape):
     return out
 
 
+def _torch_take(a, ids, axis=0):
+    """``np.take(a, ids, axis)`` with index_select (which takes 1-d ids)."""
+    flat = torch.index_select(a, axis, torch.tensor(ids).reshape(-1))
+    return flat.reshape(*a.shape[:axis], *ids.shape, *a.shape[axis + 1:])
+
+
+def _torch_index_add(v, ids, size, axis=0):
+    """Zeros with ``size`` along ``axis``, the slices of v added at ids (torch.index_add)."""
+    flat = v.reshape(*v.shape[:axis], ids.size, *v.shape[axis + ids.ndim:])
+    out = torch.zeros(*v.shape[:axis], size, *v.shape[axis + ids.ndim:], dtype=v.dtype)
+    return out.index_add(axis, torch.tensor(ids).reshape(-1), flat)
+
+
+def _torch_scatter_add(v, ids, size, axis=-1):
+    shape = list(v.shape)
+    shape[axis] = size
+    return torch.zeros(shape, dtype=v.dtype).scatter_add(axis, torch.tensor(ids), v)
+
+
 def _torch_normalize(a, axes=None, eps=1e-5, given_stats=False):
     dims = _dims(a, axes)
     return (a - a.mean(dims, keepdim=True)) / torch.sqrt(
@@ -317,6 +336,32 @@ def _normalize(a, axes=None, eps=1e-5, given_stats=False):
     return ops.normalize(a, axes=axes, eps=eps)
 
 
+def _torch_max_pool_scatter(x, g, kernel_size, stride):
+    """torch's max_pool2d backward: ``g`` at each window's first maximum (differentiable in g)."""
+    x0 = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = torch.nn.functional.max_pool2d(x0, kernel_size, stride)
+        (dx,) = torch.autograd.grad(y, x0, g, create_graph=True)
+    return dx + 0 * x  # no gradient through x (the argmax is piecewise constant)
+
+
+def _torch_max_pool_gather(x, a, kernel_size, stride):
+    """``a`` read at each window's first maximum of ``x`` (torch's pooling indices)."""
+    _, index = torch.nn.functional.max_pool2d(x.detach(), kernel_size, stride,
+                                              return_indices=True)
+    picked = a.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+    return picked + 0 * x.sum()
+
+
+def _max_pool_scatter(x, g, **attrs):
+    # + 0 * x, as in the torch reference: x gets a (zero) gradient in both
+    return ops.max_pool2d_scatter(x, ops.max_pool2d(x, **attrs), g, **attrs) + 0 * x
+
+
+def _max_pool_gather(x, a, **attrs):
+    return ops.max_pool2d_gather(x, ops.max_pool2d(x, **attrs), a, **attrs) + 0 * x.sum()
+
+
 def _conv(a, b, nchw=False, **attrs):
     return ops.conv(ops.permute(a, (0, 2, 3, 1)) if nchw else a, b, **attrs)
 
@@ -338,6 +383,8 @@ def _const(array) -> ndl.Tensor:
 
 _IDX = np.array([2, 0, 2, 1])
 _COND = np.array([[True, False, True, True], [False, False, True, False], [True] * 4])
+_RELU_AT = np.array([[0.5, -1.0, 0.0, 2.0], [-0.0, 1e-3, -2.5, 3.0], [np.nan, -1e-3, 1.0, -0.5]],
+                    np.float32)  # relu_grad's a: both signs, zeros and NaN (gradient 0 there)
 
 B, BC, S1, SC, BT, V, L, A = (Kind.BASIC, Kind.BROADCAST, Kind.SIZE_ONE, Kind.SCALAR,
                               Kind.BATCHED, Kind.VECTOR, Kind.LAYOUT, Kind.ATTRS)
@@ -375,6 +422,8 @@ OP_TABLE: list[OpInfo] = [
     OpInfo("log", ops.log, torch.log, [S(positive((3, 4)), "basic")]),
     OpInfo("exp", ops.exp, torch.exp, [S(normal((3, 4)), "basic")]),
     OpInfo("relu", ops.relu, torch.relu, [S(away_from_zero((3, 4)), "basic")]),
+    OpInfo("relu_grad", lambda g: ops.relu_grad(_const(_RELU_AT), g),
+           lambda g: g * (torch.tensor(_RELU_AT) > 0), [S(normal((3, 4)), "basic")]),
     OpInfo("tanh", ops.tanh, torch.tanh, [S(normal((3, 4)), "basic")]),
     OpInfo("sigmoid", ops.sigmoid, torch.sigmoid, [S(normal((3, 4)), "basic")]),
     OpInfo("sqrt", ops.sqrt, torch.sqrt, [S(positive((3, 4)), "basic")]),
@@ -404,6 +453,17 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((3, 4)), "basic")]),
     OpInfo("stop_gradient", ops.stop_gradient, lambda a: a.detach(),
            [S(normal((3, 4)), "basic")], differentiable=False),
+    # collectives across MPI ranks: in the test process (a world of one) each is the identity,
+    # and so is its gradient; several ranks: tests/test_distributed.py (closed forms)
+    OpInfo("all_reduce", ops.all_reduce, lambda a, op="sum": a.clone(),
+           [S(normal((3, 4)), "basic"), S(normal((2, 3)), "mean", A, op="mean")]),
+    OpInfo("broadcast", ops.broadcast, lambda a, root=0: a.clone(),
+           [S(normal((3, 4)), "basic")]),
+    OpInfo("reduce_to_root", ops.reduce_to_root, lambda a, root=0: a.clone(),
+           [S(normal((3, 4)), "basic")]),
+    OpInfo("all_gather", ops.all_gather, lambda a: a.clone(), [S(normal((3, 4)), "basic")]),
+    OpInfo("reduce_scatter", ops.reduce_scatter, lambda a: a.clone(),
+           [S(normal((3, 4)), "basic")]),
     # a check: identity on valid class ids (bad ones: tests/test_checks.py)
     OpInfo("check_class_ids", ops.check_class_ids, lambda a, *args, **kwargs: a.clone(),
            [S(lambda rng: [rng.integers(0, 4, (6,)).astype(np.float32)], "float_ids", B, 4),
@@ -493,6 +553,13 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((3, 5)), "basic")]),
     OpInfo("softmax", lambda a: ops.softmax(a, axis=0), lambda a: torch.softmax(a, 0),
            [S(normal((3, 5)), "basic")]),
+    # logsumexp's adjoint: softmax times one scale per row (a large sample: the blocked kernel)
+    OpInfo("scaled_softmax", ops.scaled_softmax,
+           lambda a, s, axis=-1: torch.softmax(a, axis) * s,
+           [S(normal((4, 6), (4, 1)), "rows", BC),
+            S(normal((3, 5), (1, 5)), "axis0", A, axis=0),
+            S(normal((300, 250), (300, 1)), "blocked", BC)],
+           second_order_sample="rows"),
     # -- shape --
     OpInfo("reshape", lambda a: ops.reshape(a, (4, 3)), lambda a: a.reshape(4, 3),
            [S(normal((2, 6)), "basic")]),
@@ -535,6 +602,27 @@ OP_TABLE: list[OpInfo] = [
     OpInfo("scatter", ops.scatter, _torch_scatter,
            [S(normal((4, 2)), "int_array", A, (_IDX,), (3, 2)),
             S(normal((2, 2)), "slice", A, (slice(1, 3),), (4, 2))]),
+    # gathers by integer ids (a constant input here; placeholder ids: tests/test_gather_ops.py)
+    OpInfo("take", lambda a, ids, axis=0: ops.take(a, _const(ids), axis),
+           _torch_take,
+           [S(normal((5, 3)), "rows_repeated", A, ids=np.array([4, 0, 4, 2])),
+            S(normal((2, 5, 3)), "axis1_2d_ids", BT, ids=np.array([[1, 4], [1, 0]]), axis=1)]),
+    OpInfo("index_add", lambda v, ids, size, axis=0: ops.index_add(v, _const(ids), size, axis),
+           _torch_index_add,
+           [S(normal((4, 3)), "rows_repeated", A, ids=np.array([4, 0, 4, 2]), size=5),
+            S(normal((2, 2, 2, 3)), "axis1_2d_ids", BT, ids=np.array([[1, 4], [1, 0]]),
+              size=5, axis=1)]),
+    OpInfo("take_along_axis", lambda a, ids, axis=-1: ops.take_along_axis(a, _const(ids), axis),
+           lambda a, ids, axis=-1: torch.gather(a, axis, torch.tensor(ids)),
+           [S(normal((4, 6)), "one_per_row", A, ids=np.array([[5], [0], [2], [5]])),
+            S(normal((3, 4)), "axis0_repeated", A, ids=np.array([[2, 0, 0, 1], [2, 2, 1, 0]]),
+              axis=0)]),
+    OpInfo("scatter_add",
+           lambda v, ids, size, axis=-1: ops.scatter_add(v, _const(ids), size, axis),
+           lambda v, ids, size, axis=-1: _torch_scatter_add(v, ids, size, axis),
+           [S(normal((4, 1)), "one_per_row", S1, ids=np.array([[5], [0], [2], [5]]), size=6),
+            S(normal((2, 4)), "axis0_repeated", A, ids=np.array([[2, 0, 0, 1], [2, 2, 1, 0]]),
+              size=3, axis=0)]),
     OpInfo("pad", lambda a: ops.pad(a, ((1, 2), (0, 1))),
            lambda a: torch.nn.functional.pad(a, (0, 1, 1, 2)), [S(normal((2, 3)), "basic")]),
     OpInfo("conv", _conv, _torch_conv,
@@ -576,6 +664,22 @@ OP_TABLE: list[OpInfo] = [
             S(normal((2, 3, 3, 2), (3, 3, 4, 2)), "smallest_input", A, stride=2, padding=1)],
            rtol=1e-4, atol=1e-5,
            second_order_sample="stride2"),
+    # max pooling: distinct values (no ties within finite-difference reach); windows that
+    # tile the map (k = s), overlap (s < k) and leave a row and column unused
+    OpInfo("max_pool2d", lambda x, **k: ops.max_pool2d(x, **k),
+           lambda x, kernel_size, stride: torch.nn.functional.max_pool2d(x, kernel_size, stride),
+           [S(distinct((2, 3, 6, 4)), "tiled", A, kernel_size=2, stride=2),
+            S(distinct((1, 2, 7, 6)), "overlapping", A, kernel_size=3, stride=2),
+            S(distinct((2, 1, 5, 5)), "leftover", A, kernel_size=2, stride=2)]),
+    OpInfo("max_pool2d_scatter", _max_pool_scatter, _torch_max_pool_scatter,
+           [S(joined(distinct((2, 3, 6, 4)), normal((2, 3, 3, 2))), "tiled", A, kernel_size=2,
+              stride=2),
+            S(joined(distinct((1, 2, 7, 6)), normal((1, 2, 3, 2))), "overlapping", A,
+              kernel_size=3, stride=2)]),
+    OpInfo("max_pool2d_gather", _max_pool_gather, _torch_max_pool_gather,
+           [S(distinct((2, 3, 6, 4), (2, 3, 6, 4)), "tiled", A, kernel_size=2, stride=2),
+            S(distinct((1, 2, 7, 6), (1, 2, 7, 6)), "overlapping", A, kernel_size=3,
+              stride=2)]),
 ]
 
 

@@ -80,7 +80,8 @@ def test_fused_step_is_bit_identical_to_numpy(name, fused_calls):
 
 
 @needs_numba
-def test_default_eager_step_is_not_fused(fused_calls):
+def test_default_eager_step_of_a_small_model_is_not_fused(fused_calls):
+    """(below optimizer.EAGER_FUSE_MIN_ELEMENTS; tests/test_fused_update_cache.py has the rest)"""
     _train(OPTIMIZERS["adam"], fused=None, steps=2)
     assert fused_calls == []
 

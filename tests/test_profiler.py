@@ -47,11 +47,11 @@ def test_eager_ops_and_counts_match_a_hand_count():
     assert _counts(prof.events, "forward") == {
         "matmul": 2, "relu": 1, "multiply": 1, "summation": 1}
     # backward: the ones seed; sum -> reshape + broadcast_to; (* c) -> one multiply (c needs
-    # no gradient); @ w2 -> two adjoints (transpose + matmul each); relu -> compare_scalar
-    # (the positive mask) and a multiply; x @ w1 -> only w1's adjoint (x needs none)
+    # no gradient); @ w2 -> two adjoints (transpose + matmul each); relu -> one relu_grad;
+    # x @ w1 -> only w1's adjoint (x needs none)
     assert _counts(prof.events, "backward") == {
-        "full_like": 1, "reshape": 1, "broadcast_to": 1, "multiply": 2,
-        "transpose": 3, "matmul": 3, "compare_scalar": 1}
+        "full_like": 1, "reshape": 1, "broadcast_to": 1, "multiply": 1,
+        "transpose": 3, "matmul": 3, "relu_grad": 1}
     regions = [e for e in prof.events if e.kind == "region"]
     assert [(e.name, e.category) for e in regions] == [("backward", "autograd")]
     first = next(e for e in prof.events if e.name == "matmul")
@@ -75,7 +75,7 @@ def test_times_are_positive_and_fit_in_the_block():
     region = next(e for e in prof.events if e.name == "backward")
     inside = [e for e in prof.events if e.kind == "op" and e.phase == "backward"
               and region.start_ns <= e.start_ns <= region.start_ns + region.dur_ns]
-    assert len(inside) == 12
+    assert len(inside) == 11
     assert region.self_ns == region.dur_ns - sum(e.dur_ns for e in inside)
 
 

@@ -238,20 +238,22 @@ def make_from_op(op: Op, inputs: tuple) -> Any:
     """
     global TENSOR_COUNTER
     try:
-        # one and two inputs unrolled: most ops, and this is the hot path of every eager op
-        if len(inputs) == 2:
+        # one and two inputs unrolled (and compute called without a packed tuple below): most
+        # ops, and this is the hot path of every eager op
+        n_inputs = len(inputs)
+        if n_inputs == 2:
             a, b = inputs
-            arrays: Any = (a._data, b._data)
-            lazy = arrays[0] is None or arrays[1] is None
+            data_a, data_b = a._data, b._data
+            lazy = data_a is None or data_b is None
             requires_grad = a.requires_grad or b.requires_grad
-        elif len(inputs) == 1:
+        elif n_inputs == 1:
             a = inputs[0]
-            arrays = (a._data,)
-            lazy = arrays[0] is None
+            data_a = a._data
+            lazy = data_a is None
             requires_grad = a.requires_grad
         else:
             lazy = requires_grad = False
-            arrays = []
+            arrays: list = []
             for x in inputs:
                 data = x._data
                 if data is None:
@@ -266,19 +268,32 @@ def make_from_op(op: Op, inputs: tuple) -> Any:
     state = _get_state(None) or _thread_state()
     if requires_grad:
         requires_grad = state.grad_enabled and op.differentiable
-    cls = TensorTuple if op.returns_tuple else Tensor
     device = op.out_device or (inputs[0].device if inputs else cpu())
     if lazy or state.trace is not None:
-        node: Any = _new_lazy_node(cls, op, inputs, requires_grad, device,
-                                   op.infer(*[x.aval for x in inputs]))
+        node: Any = _new_lazy_node(TensorTuple if op.returns_tuple else Tensor, op, inputs,
+                                   requires_grad, device, op.infer(*[x.aval for x in inputs]))
         lazy_node_made(node, state)
         return node
     try:
-        data = op.compute(*arrays)
+        if state.profiler is not None:  # ndl.profile() is active in this thread: time, record
+            data = state.profiler.run_op(op, (data_a, data_b) if n_inputs == 2 else
+                                         (data_a,) if n_inputs == 1 else arrays)
+        elif n_inputs == 2:
+            data = op.compute(data_a, data_b)
+        elif n_inputs == 1:
+            data = op.compute(data_a)
+        else:
+            data = op.compute(*arrays)
     except Exception as exc:  # noqa: BLE001 - rewrapped with the op name and shapes
         raise _op_error(op, inputs, exc) from exc
     # the node's fields set here, not by a call: this is the hot path of every eager op
-    node = object.__new__(cls)
+    if op.returns_tuple:
+        node = object.__new__(TensorTuple)
+        node._aval = tuple(Aval(a.shape, a.dtype) for a in data)
+    else:
+        node = object.__new__(Tensor)
+        node._aval = None
+        node.grad = None
     TENSOR_COUNTER += 1
     if requires_grad or state.recording:
         node.op = op
@@ -290,11 +305,6 @@ def make_from_op(op: Op, inputs: tuple) -> Any:
     node.requires_grad = requires_grad
     node.device = device
     node.meta = None
-    if cls is Tensor:
-        node._aval = None
-        node.grad = None
-    else:
-        node._aval = tuple(Aval(a.shape, a.dtype) for a in data)
     return node
 
 
@@ -506,6 +516,14 @@ class Tensor(_TensorBase):
                 "backward(): this tensor does not require a gradient: none of its inputs has "
                 "requires_grad=True, or it was made under no_grad()"
             )
+        profiler = _thread_state().profiler
+        if profiler is None:
+            self._backward(out_grad, create_graph)
+        else:  # the seed and the gradient ops nest in one "backward" region, backward phase
+            profiler.call(self._backward, (out_grad, create_graph), "backward",
+                          category="autograd", phase="backward", inputs=(self._data,))
+
+    def _backward(self, out_grad: Tensor | None, create_graph: bool) -> None:
         from .core.autodiff import backward as _backward
 
         if out_grad is None:

@@ -11,6 +11,13 @@ order, Python scalars cast to the arrays' dtype as NumPy 2 does (NEP 50), and no
 (no reassociation or fused multiply-add). numba is optional (``pip install 'needle[fast]'``):
 without it, or for a rule that uses a call outside the small set below, ``run_fused`` returns
 False and the caller runs the rule with NumPy. Measured in ``benchmarks/fusion_choice.py``.
+
+Recording runs on every step, because the rule computes its scalars (learning rate, bias
+corrections) in Python as it goes. A ``FusedRule`` (one per optimizer) keeps the last
+recording and its compiled loop: the next step replays the rule on the same recorder and,
+when it made the same calls on the same arrays, runs the kept loop with the new scalars as
+arguments; any other recording (a hyperparameter change that alters which calls are made,
+new state arrays) is recorded afresh and compiled (or found in the compile cache).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import numpy as np
 
 from ..backend.numba_support import numba_module
 
-__all__ = ["NotFusable", "available", "run_fused"]
+__all__ = ["FusedRule", "NotFusable", "available", "run_fused"]
 
 # the calls a rule may make, as the expression each becomes in the loop body
 _BINARY = {"add": "{} + {}", "subtract": "{} - {}", "multiply": "{} * {}", "divide": "{} / {}"}
@@ -79,6 +86,18 @@ class Recorder:
         self.symbols = [Symbol(self, self._memory_ref(a), self.shape, self.dtype)
                         for a in arrays]
 
+    def restart(self, arrays: tuple) -> bool:
+        """Get ready to record the same rule again on ``arrays`` (the arrays of the first
+        recording, the same objects); False if they are not. Memory arrays seen so far keep
+        their refs, so a replay that makes the same calls records the same statements."""
+        memory = self.memory
+        if len(arrays) > len(memory) or any(a is not m for a, m in zip(arrays, memory)):
+            return False
+        self.scalars = []
+        self.statements = []
+        self.registers = 0
+        return True
+
     # -- operands ------------------------------------------------------------------------------
     def _memory_ref(self, array: np.ndarray) -> tuple:
         if type(array) is not np.ndarray or array.shape != self.shape \
@@ -106,24 +125,33 @@ class Recorder:
     def _record(self, name: str, refs: tuple, out: Any) -> Any:
         if out is None:  # a fresh result: a register
             out = self.empty_like(None)
-        target = self._ref(out)
+        # (a symbol of this recording, the common operand, is looked up inline: this runs for
+        # every call of the rule, on every step)
+        target = out.ref if type(out) is Symbol and out.needle_array_module is self \
+            else self._ref(out)
         if target[0] == "s":
             raise NotFusable("out= is a scalar")
         self.statements.append((name, refs, target))
         return out
 
+    def _binary(self, name: str, a: Any, b: Any, out: Any) -> Any:
+        return self._record(name, (
+            a.ref if type(a) is Symbol and a.needle_array_module is self else self._ref(a),
+            b.ref if type(b) is Symbol and b.needle_array_module is self else self._ref(b),
+        ), out)
+
     # -- the array-module calls a rule may make --------------------------------------------
     def add(self, a: Any, b: Any, out: Any = None) -> Any:
-        return self._record("add", (self._ref(a), self._ref(b)), out)
+        return self._binary("add", a, b, out)
 
     def subtract(self, a: Any, b: Any, out: Any = None) -> Any:
-        return self._record("subtract", (self._ref(a), self._ref(b)), out)
+        return self._binary("subtract", a, b, out)
 
     def multiply(self, a: Any, b: Any, out: Any = None) -> Any:
-        return self._record("multiply", (self._ref(a), self._ref(b)), out)
+        return self._binary("multiply", a, b, out)
 
     def divide(self, a: Any, b: Any, out: Any = None) -> Any:
-        return self._record("divide", (self._ref(a), self._ref(b)), out)
+        return self._binary("divide", a, b, out)
 
     def sqrt(self, a: Any, out: Any = None) -> Any:
         return self._record("sqrt", (self._ref(a),), out)
@@ -216,26 +244,75 @@ def _record(rule: Callable[..., None], arrays: tuple) -> Recorder:
     return recorder
 
 
-def run_fused(rule: Callable[..., None], *arrays: np.ndarray) -> bool:
+class FusedRule:
+    """One optimizer's fused update between steps: the recorder and the loop compiled from it.
+
+    ``kernel_for`` replays the rule on the kept recorder; the kept loop serves when the replay
+    made the same calls on the same arrays (only the scalars differ), else the rule is
+    recorded afresh. It holds the arrays of the last recording (the optimizer's own flat
+    buffers), so it belongs to the optimizer and dies with it.
+    """
+
+    __slots__ = ("recorder", "statements", "n_memory", "kernel")
+
+    def __init__(self) -> None:
+        self.recorder: Recorder | None = None
+        self.statements: list[tuple] | None = None
+        self.n_memory = 0
+        self.kernel: Callable[..., None] | None = None
+
+    def forget(self) -> None:
+        """Drop the recording (its arrays too); the next step records afresh."""
+        self.recorder = self.statements = self.kernel = None
+        self.n_memory = 0
+
+    def kernel_for(self, rule: Callable[..., None], arrays: tuple) -> tuple[Any, Recorder]:
+        """The compiled loop for this step's recording of ``rule`` and that recording."""
+        recorder = self.recorder
+        if recorder is not None and recorder.restart(arrays):
+            rule(*recorder.symbols)
+            if len(recorder.memory) == self.n_memory and recorder.statements == self.statements:
+                return self.kernel, recorder
+        self.forget()  # another structure: record afresh (no stale arrays kept as arguments)
+        recorder = _record(rule, arrays)
+        kernel = _compile(tuple(recorder.statements), len(recorder.memory),
+                          len(recorder.scalars))
+        self.recorder, self.statements, self.kernel = recorder, recorder.statements, kernel
+        self.n_memory = len(recorder.memory)
+        return kernel, recorder
+
+
+def run_fused(rule: Callable[..., None], *arrays: np.ndarray,
+              cache: FusedRule | None = None) -> bool:
     """Run ``rule(*arrays)`` as one compiled loop; False (nothing done) if it cannot be.
 
     ``rule`` receives stand-ins for ``arrays`` (flat arrays of one shape and dtype) and makes
     in-place calls on ``array_module(stand_in)``; other NumPy arrays it passes as operands
     (optimizer state) are read and written in place too, and arrays it gets from
-    ``empty_like`` are scratch. It must not compute with the stand-ins any other way.
+    ``empty_like`` are scratch. It must not compute with the stand-ins any other way, and it
+    may be called more than once per step (it only records). ``cache`` (the caller's
+    ``FusedRule``) keeps the recording and its loop for the next step.
     """
-    if _numba() is None:
+    numba = _numba()
+    if numba is None:
         return False
     try:
-        recorder = _record(rule, arrays)
-        kernel = _compile(tuple(recorder.statements), len(recorder.memory),
-                          len(recorder.scalars))
+        if cache is None:
+            recorder = _record(rule, arrays)
+            kernel = _compile(tuple(recorder.statements), len(recorder.memory),
+                              len(recorder.scalars))
+        else:
+            kernel, recorder = cache.kernel_for(rule, arrays)
     except (NotFusable, TypeError):  # TypeError: the rule computed on a stand-in directly
+        if cache is not None:
+            cache.forget()
         return False
     dtype = recorder.dtype.type
     try:
         kernel(*recorder.memory, *[dtype(s) for s in recorder.scalars])
-    except _numba().core.errors.NumbaError:  # compiling failed: nothing was written yet
+    except numba.core.errors.NumbaError:  # compiling failed: nothing was written yet
+        if cache is not None:
+            cache.forget()
         return False
     return True
 

@@ -10,17 +10,105 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..autograd import Tensor, TensorTuple
+from .ops_check import CheckClassIds as CheckClassIds
+from .ops_collective import AllGather as AllGather
+from .ops_collective import AllReduce as AllReduce
+from .ops_collective import Broadcast as Broadcast
+from .ops_collective import Reduce as Reduce
+from .ops_collective import ReduceScatter as ReduceScatter
+from .ops_conv import Conv as Conv
+from .ops_conv import ConvInputGrad as ConvInputGrad
+from .ops_conv import ConvWeightGrad as ConvWeightGrad
+from .ops_elementwise import Abs as Abs
+from .ops_elementwise import AddScalar as AddScalar
+from .ops_elementwise import AsType as AsType
+from .ops_elementwise import Compare as Compare
+from .ops_elementwise import CompareScalar as CompareScalar
+from .ops_elementwise import DivScalar as DivScalar
+from .ops_elementwise import Erf as Erf
+from .ops_elementwise import EWiseAdd as EWiseAdd
+from .ops_elementwise import EWiseDiv as EWiseDiv
+from .ops_elementwise import EWiseMul as EWiseMul
+from .ops_elementwise import EWisePow as EWisePow
+from .ops_elementwise import Exp as Exp
+from .ops_elementwise import FullLike as FullLike
+from .ops_elementwise import Log as Log
+from .ops_elementwise import Maximum as Maximum
+from .ops_elementwise import MulScalar as MulScalar
+from .ops_elementwise import Negate as Negate
+from .ops_elementwise import PowerScalar as PowerScalar
+from .ops_elementwise import ReLU as ReLU
+from .ops_elementwise import ReLUGrad as ReLUGrad
+from .ops_elementwise import Sigmoid as Sigmoid
+from .ops_elementwise import Sign as Sign
+from .ops_elementwise import Sqrt as Sqrt
+from .ops_elementwise import Tanh as Tanh
+from .ops_elementwise import Where as Where
+from .ops_index import IndexAdd as IndexAdd
+from .ops_index import ScatterAdd as ScatterAdd
+from .ops_index import Take as Take
+from .ops_index import TakeAlongAxis as TakeAlongAxis
+from .ops_linalg import MatMul as MatMul
+from .ops_norm import BatchNorm as BatchNorm
+from .ops_norm import BatchNormGrad as BatchNormGrad
+from .ops_norm import InvStd as InvStd
+from .ops_norm import Normalize as Normalize
+from .ops_norm import NormalizeGrad as NormalizeGrad
+from .ops_pool import MaxPool2d as MaxPool2d
+from .ops_pool import MaxPool2dGather as MaxPool2dGather
+from .ops_pool import MaxPool2dScatter as MaxPool2dScatter
+from .ops_random import BernoulliLike as BernoulliLike
+from .ops_reduce import LogSoftmax as LogSoftmax
+from .ops_reduce import LogSumExp as LogSumExp
+from .ops_reduce import Max as Max
+from .ops_reduce import Mean as Mean
+from .ops_reduce import ScaledSoftmax as ScaledSoftmax
+from .ops_reduce import Softmax as Softmax
+from .ops_reduce import Summation as Summation
+from .ops_reduce import Variance as Variance
+from .ops_shape import BroadcastTo as BroadcastTo
+from .ops_shape import Concatenate as Concatenate
+from .ops_shape import Dilate as Dilate
+from .ops_shape import Flip as Flip
+from .ops_shape import GetItem as GetItem
+from .ops_shape import MakeTuple as MakeTuple
+from .ops_shape import Pad as Pad
+from .ops_shape import Permute as Permute
+from .ops_shape import Reshape as Reshape
+from .ops_shape import Scatter as Scatter
+from .ops_shape import Split as Split
+from .ops_shape import Stack as Stack
+from .ops_shape import SumTo as SumTo
+from .ops_shape import Transpose as Transpose
+from .ops_shape import TupleGetItem as TupleGetItem
+from .ops_shape import UnDilate as UnDilate
+from .ops_state import ApplyUpdates as ApplyUpdates
+from .ops_state import StopGradient as StopGradient
+from .ops_state import Store as Store
+from .ops_state import ToDevice as ToDevice
 
 __all__ = [
-    "check_class_ids", "conv", "conv_weight_grad", "conv_input_grad", "add", "add_scalar",
-    "multiply", "mul_scalar", "divide", "divide_scalar", "power_scalar", "power", "negate", "log",
-    "exp", "relu", "tanh", "sigmoid", "sqrt", "abs", "erf", "maximum", "where", "compare",
-    "compare_scalar", "sign", "full_like", "astype", "matmul", "reshape", "broadcast_to", "sum_to",
-    "transpose", "permute", "make_tuple", "tuple_get_item", "stack", "concatenate", "split", "flip",
-    "dilate", "undilate", "getitem", "scatter", "pad", "summation", "mean", "max", "logsumexp",
-    "logsoftmax", "softmax", "variance", "normalize", "normalize_grad", "batch_norm",
-    "batch_norm_grad", "inv_std", "bernoulli_like", "stop_gradient", "to_device", "store",
-    "install_tensor_methods",
+    "check_class_ids", "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter",
+    "conv", "conv_weight_grad", "conv_input_grad", "add", "add_scalar", "multiply", "mul_scalar",
+    "divide", "divide_scalar", "power_scalar", "power", "negate", "log", "exp", "relu", "relu_grad",
+    "tanh", "sigmoid", "sqrt", "abs", "erf", "maximum", "where", "compare", "compare_scalar",
+    "sign", "full_like", "astype", "reshape", "broadcast_to", "sum_to", "transpose", "permute",
+    "make_tuple", "tuple_get_item", "stack", "concatenate", "split", "flip", "dilate", "undilate",
+    "getitem", "scatter", "pad", "take", "index_add", "take_along_axis", "scatter_add", "matmul",
+    "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax", "scaled_softmax", "variance",
+    "normalize", "normalize_grad", "batch_norm", "batch_norm_grad", "inv_std", "max_pool2d",
+    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "stop_gradient", "to_device",
+    "store", "install_tensor_methods", "CheckClassIds", "AllReduce", "Broadcast", "Reduce",
+    "AllGather", "ReduceScatter", "Conv", "ConvWeightGrad", "ConvInputGrad", "EWiseAdd",
+    "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow",
+    "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum",
+    "Where", "Compare", "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "BroadcastTo",
+    "SumTo", "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split",
+    "Flip", "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis",
+    "ScatterAdd", "MatMul", "Summation", "Mean", "Max", "LogSumExp", "LogSoftmax", "Softmax",
+    "ScaledSoftmax", "Variance", "Normalize", "NormalizeGrad", "BatchNorm", "BatchNormGrad",
+    "InvStd", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike", "StopGradient",
+    "ToDevice", "Store", "ApplyUpdates",
 ]
 
 #: the names of the generated op functions, in registration order
@@ -31,6 +119,22 @@ def install_tensor_methods(tensor_cls: type) -> None:
 
 def check_class_ids(y: Tensor, classes: int, what: str = "check_class_ids") -> Tensor:
     """``y`` unchanged, after checking that every value is a whole class id in [0, classes)."""
+
+def all_reduce(a: Tensor, op: str = "sum") -> Tensor:
+    """The elementwise sum (``op="sum"``) or mean (``op="mean"``) of ``a`` over all ranks."""
+
+def broadcast(a: Tensor, root: int = 0) -> Tensor:
+    """Rank ``root``'s ``a`` on every rank (every rank passes an array of that shape)."""
+
+def reduce_to_root(a: Tensor, root: int = 0) -> Tensor:
+    """The sum of ``a`` over ranks on rank ``root``, zeros on the others."""
+
+def all_gather(a: Tensor) -> Tensor:
+    """Every rank's ``a`` (one shape on all ranks) concatenated along axis 0 in rank order."""
+
+def reduce_scatter(a: Tensor) -> Tensor:
+    """This rank's block of axis 0 of the sum of ``a`` over ranks (axis 0 of ``a`` is world size
+    blocks of equal length)."""
 
 def conv(a: Tensor, b: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
     """Cross-correlation of NHWC ``a`` with a (kh, kw, C_in, C_out) kernel ``b``."""
@@ -89,6 +193,10 @@ def exp(a: Tensor) -> Tensor:
 def relu(a: Tensor) -> Tensor:
     """max(a, 0); gradient 0 at a = 0, as in PyTorch."""
 
+def relu_grad(a: Tensor, g: Tensor) -> Tensor:
+    """g * (a > 0): ReLU's adjoint as one node (0 where a <= 0 or a is NaN; -0.0 and NaN from g
+    kept, as the product with a 0/1 mask gives them)."""
+
 def tanh(a: Tensor) -> Tensor:
     """Hyperbolic tangent; gradient 1 - out**2."""
 
@@ -124,10 +232,6 @@ def full_like(a: Tensor, fill_value: Any, dtype: Any = None) -> Tensor:
 
 def astype(a: Tensor, dtype: Any) -> Tensor:
     """a converted to ``dtype``; the gradient converts back."""
-
-def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
-    vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
 
 def reshape(a: Tensor, shape: Any) -> Tensor:
     """a with a new shape of the same size."""
@@ -177,6 +281,30 @@ def scatter(a: Tensor, index: Any, shape: Any) -> Tensor:
 def pad(a: Tensor, pad_width: Any) -> Tensor:
     """Zero padding: ``pad_width`` is one (before, after) pair per axis, as ``np.pad``."""
 
+def take(a: Tensor, ids: Tensor, axis: int = 0) -> Tensor:
+    """The slices of ``a`` at integer ``ids`` along ``axis``: ``out.shape = a.shape[:axis] +
+    ids.shape + a.shape[axis + 1:]`` (an embedding lookup: ``take(weight, ids)``)."""
+
+def index_add(values: Tensor, ids: Tensor, size: int, axis: int = 0) -> Tensor:
+    """Zeros with ``size`` slices along ``axis``, each ``values`` slice added at its id (repeats
+    accumulate): the adjoint of ``take``. ``values`` has ``take``'s output shape,
+    ``values.shape[axis:axis + ids.ndim] == ids.shape``."""
+
+def take_along_axis(a: Tensor, ids: Tensor, axis: int = -1) -> Tensor:
+    """``out[i, j] = a[i, ids[i, j]]`` for ``axis=-1`` (any rank: ``np.take_along_axis``,
+    ``torch.gather``): ids has a's shape except along ``axis``. The gradient adds the output
+    adjoint back at the picked positions (``scatter_add``). A loss picks each row's label logit
+    with it: ``take_along_axis(logits, labels[:, None])``."""
+
+def scatter_add(values: Tensor, ids: Tensor, size: int, axis: int = -1) -> Tensor:
+    """Zeros of ``values``'s shape with ``size`` along ``axis``, each value added at its id along
+    that axis (``torch.scatter_add`` into zeros; repeats accumulate): the adjoint of
+    ``take_along_axis``. ``ids`` has ``values``'s shape."""
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
+    vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
+
 def summation(a: Tensor, axes: Any = None, keepdims: bool = False) -> Tensor:
     """Sum over ``axes`` (None: all), removing them unless ``keepdims``."""
 
@@ -194,6 +322,11 @@ def logsoftmax(a: Tensor, axis: int = -1) -> Tensor:
 
 def softmax(a: Tensor, axis: int = -1) -> Tensor:
     """exp(a) / sum(exp(a)) along ``axis`` (default the last), stable."""
+
+def scaled_softmax(a: Tensor, scale: Tensor, axis: int = -1) -> Tensor:
+    """softmax(a) * scale along ``axis``: logsumexp's adjoint (``scale`` is the output adjoint,
+    kept-shape: one value per slice), in one pass over ``a`` where the blocked kernel applies (a
+    vocabulary-sized loss writes one array, not a softmax and then a product)."""
 
 def variance(a: Tensor, axes: Any = None, keepdims: bool = False) -> Tensor:
     """Biased variance over ``axes`` (divide by n, as BatchNorm and LayerNorm use)."""
@@ -236,6 +369,15 @@ def batch_norm_grad(
 def inv_std(a: Tensor, axes: Any, eps: float = 1e-05) -> Tensor:
     """1 / sqrt(var(a) + eps) over ``axes``, kept as size-1 dims (biased variance)."""
 
+def max_pool2d(x: Tensor, kernel_size: int, stride: int) -> Tensor:
+    """The maximum of each k x k window of NCHW ``x`` (no padding, floor mode)."""
+
+def max_pool2d_scatter(x: Tensor, y: Tensor, g: Tensor, kernel_size: int, stride: int) -> Tensor:
+    """``g`` added into zeros like ``x`` at each window's first maximum (``y`` = the pooled x)."""
+
+def max_pool2d_gather(x: Tensor, y: Tensor, a: Tensor, kernel_size: int, stride: int) -> Tensor:
+    """``a`` (shaped like ``x``) read at each window's first maximum of ``x``."""
+
 def bernoulli_like(a: Tensor, p: float) -> Tensor:
     """A 0/1 mask of a's shape and dtype, 1 with probability ``p``: ``rand(*a.shape) <= p``."""
 
@@ -245,7 +387,13 @@ def stop_gradient(a: Tensor) -> Tensor:
 def to_device(a: Tensor, device: Any) -> Tensor:
     """``a`` copied to ``device`` (CPU <-> GPU); the gradient is copied back to a's device."""
 
-def store(value: Tensor, *after: Tensor, target: Any = None, momentum: float = 1.0) -> Tensor:
+def store(
+    value: Tensor,
+    *after: Tensor,
+    target: Any = None,
+    momentum: float = 1.0,
+    storage: Any = None,
+) -> Tensor:
     """Write ``value`` into ``target``'s array in place (an effect); the result is that array."""
 
 class TensorMethods:
@@ -273,10 +421,6 @@ class TensorMethods:
     def abs(self) -> Tensor:
         """|a|; gradient sign(a) (0 at 0)."""
 
-    def matmul(self, b: Tensor) -> Tensor:
-        """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
-        vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
-
     def reshape(self, shape: Any) -> Tensor:
         """a with a new shape of the same size."""
 
@@ -288,6 +432,10 @@ class TensorMethods:
 
     def permute(self, axes: Any) -> Tensor:
         """a with its axes reordered (``np.transpose(a, axes)``)."""
+
+    def matmul(self, b: Tensor) -> Tensor:
+        """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
+        vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
 
     def sum(self, axes: Any = None, keepdims: bool = False) -> Tensor:
         """Sum over ``axes`` (None: all), removing them unless ``keepdims``."""

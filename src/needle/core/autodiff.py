@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import context
 from .registry import F, NodeMeta, fit_to_input
 
 
@@ -42,6 +43,34 @@ def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False,
     return order
 
 
+def _grad_topo_sort(outputs: list) -> list:
+    """``find_topo_sort(outputs, requires_grad_only=True)``, the same order, for the reverse
+    sweep: nodes themselves in the visited set (identity-hashed, as the sweep's adjoints
+    dict keys them) instead of their ids, one call less per node."""
+    visited: set = set()
+    add = visited.add
+    order: list = []
+    append = order.append
+    for root in outputs:
+        if root in visited:
+            continue
+        add(root)
+        stack = [(root, iter(root.inputs))]
+        push, pop = stack.append, stack.pop
+        while stack:
+            node, children = stack[-1]
+            for child in children:
+                if child in visited or not child.requires_grad:
+                    continue
+                add(child)
+                push((child, iter(child.inputs)))
+                break
+            else:
+                pop()
+                append(node)
+    return order
+
+
 def _accumulate(adjoints: dict, node: Any, grad: Any) -> None:
     previous = adjoints.get(node)
     adjoints[node] = grad if previous is None else previous + grad
@@ -68,13 +97,15 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
     NOTE: adjoints of ``tuple_get_item`` nodes are gathered per item and combined once per
     tuple, so a sequence split into n steps costs O(n) gradient nodes, not O(n^2) zeros.
     """
-    topo = find_topo_sort(outputs, requires_grad_only=True, stop=stop)
+    topo = (find_topo_sort(outputs, requires_grad_only=True, stop=stop) if stop
+            else _grad_topo_sort(outputs))
     adjoints: dict = {}
     tuple_parts: dict = {}
     for out, grad in zip(outputs, out_grads):
         _accumulate(adjoints, out, grad)
+    pop_adjoint, get_adjoint = adjoints.pop, adjoints.get  # (bound once: the hot loop)
     for node in reversed(topo):
-        grad = adjoints.pop(node, None)
+        grad = pop_adjoint(node, None)
         if tuple_parts:
             parts = tuple_parts.pop(node, None)
             if parts:
@@ -101,24 +132,68 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
             if in_grad is None or not inp.requires_grad:
                 continue
             g_data, i_data = in_grad._data, inp._data
-            # eager fast path inline: same shape and dtype needs no sum_to / astype; tuple
+            # eager fast path inline: same shape and dtype needs no sum_to / astype (dtypes
+            # compared by identity first: NumPy's builtin dtypes are singletons); tuple
             # inputs (make_tuple, split) take tuple adjoints as they are
             if (type(i_data) is not tuple and (inp.op is None or not inp.op.returns_tuple)
                     and (g_data is None or i_data is None or g_data.shape != i_data.shape
-                         or g_data.dtype != i_data.dtype)):
+                         or (g_data.dtype is not i_data.dtype
+                             and g_data.dtype != i_data.dtype))):
                 in_grad = fit_to_input(in_grad, inp)
-            previous = adjoints.get(inp)
+            previous = get_adjoint(inp)
             adjoints[inp] = in_grad if previous is None else previous + in_grad
 
 
 def backward(output: Any, out_grad: Any) -> None:
-    """``Tensor.backward``: set ``.grad`` on leaves that require it (and on retained nodes)."""
+    """``Tensor.backward``: set ``.grad`` on leaves that require it (and on retained nodes).
+
+    The thread's gradient hooks (``context.add_grad_hook``) hear of each leaf's gradient as
+    soon as it is final, and may replace gradients when the sweep ends.
+    """
+    hooks = context.state().grad_hooks
+    if hooks:
+        run_grad_hooks(list(hooks), lambda on_grad: reverse_mode([output], [out_grad], on_grad))
+        return
 
     def store(node: Any, grad: Any) -> None:
         if node.op is None or node.meta.retain_grad:
             node.grad = grad
 
     reverse_mode([output], [out_grad], store)
+
+
+def run_grad_hooks(hooks: list, sweep: Callable[[Callable[[Any, Any], None]], None]) -> None:
+    """Run ``sweep(on_grad)`` with ``hooks`` told of each leaf's final gradient (``.grad`` set
+    first), then let each hook finish and set the gradients it replaced."""
+
+    def store(node: Any, grad: Any) -> None:
+        if node.op is None or node.meta.retain_grad:
+            node.grad = grad
+            if node.op is None:
+                for hook in hooks:
+                    hook.grad_ready(node, grad)
+
+    sweep(store)
+    for hook in hooks:
+        for node, grad in (hook.backward_done() or {}).items():
+            node.grad = grad
+
+
+def hooked_gradients(leaves: list, grads: list) -> list:
+    """``grads`` (of ``leaves``, computed at once: a declared graph's train op) after the
+    thread's gradient hooks saw them, last leaf first (the order a backward sweep reaches
+    a model's parameters), with the gradients the hooks replaced."""
+    hooks = list(context.state().grad_hooks)
+    if not hooks:
+        return list(grads)
+    pairs = [(leaf, grad) for leaf, grad in zip(leaves, grads) if grad is not None]
+    replaced: dict[int, Any] = {}
+    for hook in hooks:
+        for leaf, grad in reversed(pairs):
+            hook.grad_ready(leaf, grad)
+        for leaf, grad in (hook.backward_done() or {}).items():
+            replaced[id(leaf)] = grad
+    return [replaced.get(id(leaf), grad) for leaf, grad in zip(leaves, grads)]
 
 
 def gradients(outputs: list, wrt: list, out_grads: list | None = None,

@@ -22,7 +22,8 @@ class ThreadState:
     """What ops made in this thread must know: grad mode, recording, trace, graphs, hooks."""
 
     __slots__ = ("grad_enabled", "saved_grad_modes", "recording", "trace", "node_hooks",
-                 "graphs", "sessions", "step_observers")
+                 "graphs", "sessions", "step_observers", "grad_hooks",
+                 "profiler")
 
     def __init__(self) -> None:
         #: whether new nodes record the graph that backward needs
@@ -41,6 +42,11 @@ class ThreadState:
         self.sessions: list = []
         #: callables told about every step a Session runs (RunMetadata, cond branches)
         self.step_observers: list = []
+        #: gradient hooks of the next backward in this thread (see ``add_grad_hook``)
+        self.grad_hooks: list = []
+        #: the profile recorder while ``ndl.profile()`` is active in this thread
+        #: (``core/profiling.py``), else None: executors check it once per op or program
+        self.profiler: Any = None
 
 
 _STATE: contextvars.ContextVar[ThreadState] = contextvars.ContextVar("needle_state")
@@ -154,6 +160,28 @@ def lazy_node_made(node: Any, current: ThreadState) -> None:
         current.trace.node_made(node)
 
 
+# -- gradient hooks --------------------------------------------------------------------------
+def add_grad_hook(hook: Any) -> None:
+    """Tell ``hook`` about the gradients of this thread's backward passes from now on.
+
+    ``hook.grad_ready(leaf, grad)`` is called as soon as a leaf's gradient is final (all
+    of its consumers processed: the reverse sweep will not add to it), and
+    ``hook.backward_done()`` once the sweep ends; it returns ``{leaf: replacement}`` for
+    gradients the hook changed (a data-parallel wrapper's averaged ones) and may remove the
+    hook. Adding a hook twice keeps one entry. Declared graphs (``st.minimize``) call them
+    too, with graph gradients. Without hooks backward pays one lookup.
+    """
+    hooks = state().grad_hooks
+    if not any(h is hook for h in hooks):
+        hooks.append(hook)
+
+
+def remove_grad_hook(hook: Any) -> None:
+    """Stop telling ``hook`` about gradients (no error if it was not added)."""
+    hooks = state().grad_hooks
+    hooks[:] = [h for h in hooks if h is not hook]
+
+
 # -- front-end services ----------------------------------------------------------------------
 #: name -> callable a front-end provides to the library (so the library imports no front-end)
 _SERVICES: dict[str, Callable[..., Any]] = {}
@@ -174,7 +202,8 @@ def service(name: str) -> Callable[..., Any]:
 
 
 __all__ = [
-    "GradMode", "ThreadState", "active_trace", "add_node_hook", "is_grad_enabled",
+    "GradMode", "ThreadState", "active_trace", "add_grad_hook", "add_node_hook",
+    "is_grad_enabled", "remove_grad_hook",
     "lazy_node_made", "module_called", "provide", "recording", "service", "state", "tracing",
     "watching_nodes",
 ]

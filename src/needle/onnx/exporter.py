@@ -14,8 +14,9 @@ that depends on the batch size anywhere else is refused with an OnnxError.
 Layout: needle's ``conv`` is NHWC with (kh, kw, C_in, C_out) kernels; ONNX's Conv is NCHW
 with (C_out, C_in, kh, kw). The emitter wraps Conv in Transposes and stores the kernel in
 ONNX's layout; a final pass cancels the Transpose pairs that nn.Conv's own NCHW <-> NHWC
-permutes leave behind, so an nn model exports as plain NCHW Convs. nn.Embedding's traced
-lookup (a one-hot product, so traced ids stay inputs) is recognized and written as a Gather.
+permutes leave behind, so an nn model exports as plain NCHW Convs. nn.Embedding's lookup
+(the take op) is written as a Gather; a one-hot product ``astype(compare(ids, arange(n))) @ W``
+(how older nn.Embedding code traced) is still recognized and written as a Gather.
 """
 
 from __future__ import annotations
@@ -517,6 +518,28 @@ def _emit_pad(c: _Ctx) -> str:
     return c.g.node("Pad", [c.ins[0], c.g.const(pads)], mode="constant")
 
 
+def _emit_max_pool(c: _Ctx) -> str:
+    """max_pool2d (NCHW, no padding, floor mode) is ONNX's MaxPool as it is."""
+    k, s = int(c.op.kernel_size), int(c.op.stride)
+    return c.g.node("MaxPool", [c.ins[0]], kernel_shape=[k, k], strides=[s, s])
+
+
+def _emit_scaled_softmax(c: _Ctx) -> str:
+    a, scale = c.inputs_as(c.aval.dtype)
+    return c.g.node("Mul", [c.g.node("Softmax", [a], axis=c.op.axis), scale])
+
+
+def _emit_gather(onnx_op: str) -> Callable[[_Ctx], str]:
+    """take -> Gather, take_along_axis -> GatherElements (int64 indices, the same axis)."""
+
+    def emit(c: _Ctx) -> str:
+        ids = c.g.cast(c.ins[1], c.in_avals[1].dtype, np.int64)
+        return c.g.node(onnx_op, [c.ins[0], ids], axis=c.op.axis)
+
+    emit.onnx = onnx_op  # type: ignore[attr-defined]  # (a function attribute: its ONNX op)
+    return emit
+
+
 def _emit_conv(c: _Ctx) -> str:
     """needle's NHWC conv as Transpose -> NCHW Conv -> Transpose (kernel stored OIHW)."""
     g = c.g
@@ -544,7 +567,7 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "compare": _emit_compare, "compare_scalar": _emit_compare_scalar, "where": _emit_where,
     "astype": _emit_astype, "full_like": _emit_full_like,
     "stop_gradient": _emit_identity, "to_device": _emit_identity,
-    "matmul": _emit_matmul, "conv": _emit_conv,
+    "matmul": _emit_matmul, "conv": _emit_conv, "max_pool2d": _emit_max_pool,
     "reshape": _emit_reshape, "broadcast_to": _emit_broadcast_to, "sum_to": _emit_sum_to,
     "summation": _reduction("ReduceSum"), "mean": _reduction("ReduceMean"),
     "max": _reduction("ReduceMax"), "logsumexp": _emit_logsumexp,
@@ -555,6 +578,8 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "split": _emit_split, "make_tuple": _emit_make_tuple,
     "tuple_get_item": _emit_tuple_get_item, "stack": _emit_stack,
     "concatenate": _emit_concatenate, "flip": _emit_flip, "pad": _emit_pad,
+    "take": _emit_gather("Gather"), "take_along_axis": _emit_gather("GatherElements"),
+    "scaled_softmax": _emit_scaled_softmax,
 }
 
 #: the ONNX ops each composite emitter writes (for ``mapping_table``)
@@ -564,6 +589,7 @@ _WRITES = {
     "where": "Where", "astype": "Cast", "full_like": "ConstantOfShape (+Shape)",
     "stop_gradient": "Identity", "to_device": "Identity", "matmul": "MatMul",
     "conv": "Conv (NCHW, OIHW kernel; Transposes around it cancel with nn.Conv's permutes)",
+    "max_pool2d": "MaxPool",
     "reshape": "Reshape (0 / -1 / Shape-based dims for the batch)",
     "broadcast_to": "Expand", "sum_to": "ReduceSum", "logsumexp": "ReduceMax, Sub, Exp, "
     "ReduceSum, Log, Add", "variance": "ReduceMean, Sub, Mul",
@@ -573,7 +599,7 @@ _WRITES = {
     "transpose": "Transpose", "getitem": "Slice / Gather / Squeeze / Unsqueeze",
     "split": "Split + Squeeze", "make_tuple": "(no node)", "tuple_get_item": "(no node)",
     "stack": "Unsqueeze + Concat", "concatenate": "Concat", "flip": "Slice (step -1)",
-    "pad": "Pad",
+    "pad": "Pad", "scaled_softmax": "Softmax, Mul",
 }
 
 #: why the ops without an emitter have none

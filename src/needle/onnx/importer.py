@@ -364,8 +364,10 @@ def _imp_max_pool(n, x):
     kernel, strides, pads, out, _ = _pool_geometry(n, x)
     if any(pads):
         x = _padded(x, pads, -np.inf)
+    if kernel[0] == kernel[1] and strides[0] == strides[1]:  # needle's max_pool2d op
+        return ops.max_pool2d(x, kernel_size=kernel[0], stride=strides[0])
     windows = _windows(x, kernel, strides, out)
-    while len(windows) > 1:  # a balanced tree of maxima, as nn.MaxPool2d
+    while len(windows) > 1:  # a balanced tree of maxima
         paired = [ops.maximum(a, b) for a, b in zip(windows[::2], windows[1::2])]
         windows = paired + windows[len(paired) * 2:]
     return windows[0]
@@ -582,17 +584,16 @@ def _imp_slice(n, x, starts=None, ends=None, axes=None, steps=None):
     return ops.getitem(x, tuple(index))
 
 
-def _one_hot_gather(n: _Node, data: Tensor, ids: Tensor) -> Tensor:
-    """``data[ids]`` for ids with no values yet (a traced or declared graph): one-hot rows
-    times the table, as nn.Embedding does, so the ids stay an input of the graph."""
-    if _rank(data) != 2:
-        raise OnnxError(f"{n.where()}: Gather with computed indices needs a 2-d table on "
-                        f"axis 0, got {_shape(data)}")
-    rows = data.shape[0]
-    classes = Tensor(np.arange(rows, dtype=ids.dtype), requires_grad=False)
-    hot = ops.astype(ops.compare(ops.reshape(ids, (-1, 1)), classes, "eq"), data.dtype)
-    out = hot @ data
-    return ops.reshape(out, (*(-1 if d is None else d for d in ids.shape), data.shape[1]))
+def _imp_gather_elements(n, data, indices):
+    """GatherElements: take_along_axis (static indices with negative values wrap first)."""
+    axis = int(n.attr("axis", 0))
+    if not (isinstance(indices, Tensor) and indices._data is None):
+        idx = np.asarray(_static(indices, "GatherElements indices")).astype(np.int64)
+        size = _shape(data)[axis]
+        if size is not None:
+            idx = np.where(idx < 0, idx + size, idx)
+        indices = Tensor(idx, requires_grad=False)
+    return ops.take_along_axis(_tensor(data), indices, axis)
 
 
 def _imp_gather(n, data, indices):
@@ -600,9 +601,9 @@ def _imp_gather(n, data, indices):
     ndim = _rank(data)
     axis %= ndim
     if isinstance(indices, Tensor) and indices._data is None:
-        if axis != 0:
-            raise OnnxError(f"{n.where()}: Gather with computed indices only on axis 0")
-        return _one_hot_gather(n, _tensor(data), indices)
+        # indices with no values yet (a traced or declared graph): a take op, so the ids stay
+        # an input of the graph (negative indices are refused there, not wrapped)
+        return ops.take(_tensor(data), indices, axis)
     idx = np.asarray(_static(indices, "Gather indices")).astype(np.int64)
     size = _shape(data)[axis]
     if size is not None:
@@ -772,6 +773,7 @@ IMPORTERS: dict[str, Callable] = {
     "Shape": _imp_shape, "Size": _imp_size, "Reshape": _imp_reshape, "Flatten": _imp_flatten,
     "Transpose": _imp_transpose, "Squeeze": _imp_squeeze, "Unsqueeze": _imp_unsqueeze,
     "Concat": _imp_concat, "Split": _imp_split, "Slice": _imp_slice, "Gather": _imp_gather,
+    "GatherElements": _imp_gather_elements,
     "Expand": _imp_expand, "Pad": _imp_pad, "Cast": _imp_cast, "Where": _imp_where,
     "Equal": _compare("eq", np.equal), "Less": _compare("lt", np.less),
     "LessOrEqual": _compare("le", np.less_equal), "Greater": _compare("gt", np.greater),

@@ -42,6 +42,10 @@ def decoupled_weight_decay(param: Any, lr: float, weight_decay: float) -> None:
 # -- the base class ------------------------------------------------------------------------------
 #: the state / scratch index of the all-parameters update
 _FLAT = -1
+#: the fewest parameter elements for which an eager step fuses by default (``fused=None``):
+#: below it NumPy's dozen passes cost less than recording the rule and calling the loop
+#: (measured crossover ~8k elements for Adam), and the loop's compile (~0.3 s) would not pay
+EAGER_FUSE_MIN_ELEMENTS = 1 << 14
 
 
 class _FlatBuffers:
@@ -141,9 +145,12 @@ class Optimizer:
     learning-rate schedulers set.
 
     ``fused`` (PyTorch's name) says whether the update over all parameters runs as one
-    compiled loop instead of a dozen NumPy passes (``compiler/fused_update.py``, needs numba,
-    bit-for-bit the same results): None (default) fuses only inside compiled plans (``ndl.jit``,
-    a Session's train op), as ``torch.compile`` does; True fuses eager steps too; False never.
+    compiled loop instead of a dozen NumPy passes (``compiler/fused_update.py``, bit-for-bit
+    the same results): None (default) fuses optimized compiled plans (``ndl.jit``, a
+    Session's train op) and eager steps over at least ``EAGER_FUSE_MIN_ELEMENTS`` parameter
+    elements whenever numba is installed, and runs NumPy otherwise; True fuses every step and
+    refuses to be made without numba; False never fuses. The loop is recorded at the first
+    step and reused while the rule makes the same calls.
     """
 
     #: hyperparameter attribute names saved by ``state_dict`` (``lr`` first)
@@ -168,7 +175,7 @@ class Optimizer:
         self._check_hyperparams(name, {"lr": lr})
         self.params: list[Tensor] = params
         self.lr = float(lr)
-        #: None: fuse the update only in compiled plans; True: always; False: never
+        #: None: fuse where numba is there and it pays; True: always (needs numba); False: never
         self.fused = fused
         #: the lr before any scheduler changed it (set by the first scheduler attached)
         self.initial_lr: float | None = None
@@ -180,6 +187,8 @@ class Optimizer:
         self._scratch: dict[int, list[Any]] = {}
         # all parameters end to end, for the one-shot update (see _flat_step)
         self._flat: _FlatBuffers | None = None
+        # the fused update's recording and compiled loop, kept between steps
+        self._fused_rule = fused_update.FusedRule()
         datas = self._flat_eligible([p._data for p in params])
         if datas is not None:
             self._flat = _FlatBuffers([d.shape for d in datas], datas[0].dtype)
@@ -230,7 +239,10 @@ class Optimizer:
                 p.grad is not None and p.grad._data is None for p in self.params):
             apply_updates(self, {p: p.grad for p in self.params if p.grad is not None})
             return
-        self._apply_step(fuse=self.fused is True)
+        flat = self._flat
+        self._apply_step(fuse=self.fused is True or (
+            self.fused is None and flat is not None
+            and flat.param.size >= EAGER_FUSE_MIN_ELEMENTS))
 
     def run_update(self, params: tuple, grads: tuple, storage: Any = None,
                    restore_grads: bool = False, fuse_rule: bool = False) -> None:
@@ -308,24 +320,29 @@ class Optimizer:
         return True
 
     def _flat_update(self, flat: _FlatBuffers, fuse: bool) -> None:
-        """The update rule on the flat arrays: one compiled loop if ``fuse`` and it can be."""
-        if fuse:
-            saved = self._scratch
-            self._scratch = {}  # scratch asked for while recording becomes the loop's locals
-            try:
-                done = fused_update.run_fused(lambda p, g: self._update(_FLAT, p, g),
-                                              flat.param, flat.grad)
-            finally:
-                self._scratch = saved
-            if done:
-                return
+        """The update rule on the flat arrays: one compiled loop if ``fuse`` and it can be
+        (the loop recorded at an earlier step is reused while the rule makes the same calls)."""
+        if fuse and fused_update.run_fused(self._record_flat_rule, flat.param, flat.grad,
+                                           cache=self._fused_rule):
+            return
         self._update(_FLAT, flat.param, flat.grad)
+
+    def _record_flat_rule(self, param: Any, grad: Any) -> None:
+        """The update rule as ``run_fused`` records it: on stand-ins for the flat arrays, with
+        the scratch it asks for made by the recorder (the loop's locals)."""
+        saved = self._scratch
+        self._scratch = {}
+        try:
+            self._update(_FLAT, param, grad)
+        finally:
+            self._scratch = saved
 
     @staticmethod
     def _flat_eligible(datas: list) -> list | None:
         """``datas`` if one flat update can cover them (at least 4 writable NumPy arrays of one
         float dtype), else None."""
-        if len(datas) < 4:
+        # (graph Variables have no array of their own: a Session holds their values)
+        if len(datas) < 4 or type(datas[0]) is not np.ndarray:
             return None
         dtype = datas[0].dtype
         if dtype.kind != "f":
