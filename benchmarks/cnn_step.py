@@ -9,10 +9,11 @@ on a batch of 64 random 3x32x32 images; one step = forward, backward, Adam(lr 1e
 Two rows: strides (1, 1, 1), the model as issue #3 states it (no strides given; the PyTorch
 time it quotes, 0.095 s/step, is this model's), and strides (1, 2, 2), a downsampling variant
 that puts the strided conv gradient on the hot path (the row of earlier BENCHMARKS.md tables).
-A third row trains needle's own `apps.models.ResidualCNN` (16 and 32 channels, two residual
-blocks, one stride-2 layer: Winograd and im2col convolutions in one model) beside the same
-model in PyTorch. The last rows time one conv layer alone (N64, C32->64, 32x32, k3, stride 1
-and stride 2), forward and forward+backward.
+A third row trains needle's own `apps.models.ResidualCNN` (16, 64 and 128 channels with 2x2
+max pooling after each, a residual block, bias-free convs: Winograd and im2col convolutions
+and max pooling in one model) beside the same model in PyTorch, on 32x32x3 and on
+MNIST-size 28x28x1 images. The last rows time one conv layer alone (N64, C32->64, 32x32,
+k3, stride 1 and stride 2), forward and forward+backward.
 Run: python benchmarks/cnn_step.py
 """
 
@@ -97,42 +98,47 @@ def step_row(label: str, strides: tuple) -> dict:
 
 
 class TorchResidualCNN(torch.nn.Module):
-    """apps.models.ResidualCNN in PyTorch: ConvBN(3, w), Residual(ConvBN(w, w)),
-    ConvBN(w, 2w, stride 2), Residual(ConvBN(2w, 2w)), global average pool, Linear."""
+    """apps.models.ResidualCNN in PyTorch: ConvBN(3, w), pool, ConvBN(w, 4w), pool,
+    ConvBN(4w, 8w), pool, Residual(ConvBN(8w, 8w)), global average pool, Linear(8w, 10);
+    ConvBN is a bias-free 3x3 conv, BatchNorm2d and ReLU; pool is 2x2 max pooling."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, in_channels: int = 3) -> None:
         super().__init__()
 
-        def conv_bn(c_in: int, c_out: int, stride: int = 1) -> torch.nn.Module:
-            return torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 3, stride, 1),
-                                       torch.nn.BatchNorm2d(c_out), torch.nn.ReLU())
+        def conv_bn(c_in: int, c_out: int) -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False),
+                                       torch.nn.BatchNorm2d(c_out, momentum=0.5),
+                                       torch.nn.ReLU())
 
-        self.stem, self.block1 = conv_bn(3, width), conv_bn(width, width)
-        self.down, self.block2 = conv_bn(width, 2 * width, 2), conv_bn(2 * width, 2 * width)
-        self.head = torch.nn.Linear(2 * width, CLASSES)
+        w = width
+        pool = torch.nn.MaxPool2d(2)
+        self.features = torch.nn.Sequential(conv_bn(in_channels, w), pool, conv_bn(w, 4 * w), pool,
+                                            conv_bn(4 * w, 8 * w), pool)
+        self.block = conv_bn(8 * w, 8 * w)
+        self.head = torch.nn.Linear(8 * w, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = x + self.block1(x)
-        x = self.down(x)
-        x = x + self.block2(x)
+        x = self.features(x)
+        x = x + self.block(x)
         return self.head(x.mean(dim=(2, 3)))
 
 
-def residual_row() -> dict:
+def residual_row(size: int = 32, channels: int = 3) -> dict:
     """needle's ResidualCNN (NHWC input, as its data pipeline gives it) vs the same model in
-    PyTorch (NCHW input, its native layout)."""
+    PyTorch (NCHW input, its native layout): CIFAR-size 32x32x3 images, or MNIST-size 28x28x1
+    (the command line's ``--model cnn``)."""
     from needle.apps.models import ResidualCNN
 
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((BATCH, 32, 32, 3)).astype(np.float32)
+    images = rng.standard_normal((BATCH, size, size, channels)).astype(np.float32)
     labels = rng.integers(0, CLASSES, BATCH)
     np.random.seed(0)
-    model = ResidualCNN(3)
+    model = ResidualCNN(channels)
     torch.manual_seed(0)
-    return _train_step_row("ResidualCNN train step (apps.models), batch 64 of 32x32x3 (s/step)",
-                           model, images, TorchResidualCNN(),
-                           images.transpose(0, 3, 1, 2).copy(), labels)
+    return _train_step_row(
+        f"ResidualCNN train step (apps.models), batch 64 of {size}x{size}x{channels} (s/step)",
+        model, images, TorchResidualCNN(in_channels=channels),
+        images.transpose(0, 3, 1, 2).copy(), labels)
 
 
 def conv_layer_rows(stride: int) -> list[dict]:
@@ -174,7 +180,8 @@ def conv_layer_rows(stride: int) -> list[dict]:
 
 def main() -> list[dict]:
     common.torch_threads()
-    return ([step_row(label, strides) for label, strides in CONFIGS] + [residual_row()]
+    return ([step_row(label, strides) for label, strides in CONFIGS]
+            + [residual_row(), residual_row(28, 1)]
             + conv_layer_rows(1) + conv_layer_rows(2))
 
 

@@ -64,6 +64,76 @@ def test_forward_and_both_adjoints_match_float64(shape):
 
 
 @needs_numba
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("shape", [(3, 4, 4, 24, 40, 1), (2, 3, 3, 32, 32, 1),
+                                   (4, 9, 7, 16, 24, 0)])
+def test_both_kernel_gradient_paths_match_float64(shape, whole, monkeypatch):
+    """The kernel gradient over all tiles at once (wide channels, few tiles) and by blocks."""
+    monkeypatch.setattr(winograd, "_whole_pays", lambda *args: whole)
+    calls = []
+    original = winograd._weight_grad_whole
+    monkeypatch.setattr(winograd, "_weight_grad_whole",
+                        lambda *a: calls.append(1) or original(*a))
+    x, _, g, p = _problem(shape)
+    got = winograd.conv3x3_weight_grad(x, g, p)
+    assert len(calls) == int(whole) and got.dtype == np.float32
+    assert _relative_error(got, _exact(ConvWeightGrad((3, 3), 1, p), x, g)) < RELATIVE_BOUND
+
+
+@needs_numba
+def test_maps_smaller_than_min_map_keep_im2col():
+    """A 2x2 map is one 4x4 tile for 4 outputs: im2col is faster there."""
+    x, kernel, g, _ = _problem((4, 2, 2, 16, 16, 1))
+    assert not winograd.applies(x, kernel, (3, 3), 1, 1, 16, 16)
+    assert not winograd.applies(x, g, (3, 3), 1, 1, 16, 16)
+    x, kernel, g, _ = _problem((4, 3, 3, 16, 16, 1))
+    assert winograd.applies(x, kernel, (3, 3), 1, 1, 16, 16)
+
+
+def test_wide_layers_on_small_maps_take_the_whole_kernel_gradient():
+    """ResidualCNN's 128 x 128 layer on a 4x4 map (64 tiles): over all tiles at once; the
+    benchmark CNN's 16 -> 32 layer on 32x32 maps (4096 tiles): by blocks."""
+    block = winograd._block_tiles(64, 128, 128)
+    assert winograd._whole_pays(64, 128, 128, block, 4)
+    block = winograd._block_tiles(64 * 64, 16, 32)
+    assert not winograd._whole_pays(64 * 64, 16, 32, block, 4)
+
+
+def test_kernel_transform_and_its_adjoint():
+    """U = G w G^T per channel pair, and <U(w), dU> = <w, adjoint(dU)> (float64)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3, 3, 4, 5))
+    du = rng.standard_normal((36, 4, 5))
+    u = winograd._kernel_transform(w)
+    expected = np.einsum("ai,ijco,bj->abco", winograd._G, w, winograd._G).reshape(36, 4, 5)
+    np.testing.assert_allclose(u, expected, rtol=1e-12, atol=1e-12)
+    assert np.isclose((u * du).sum(), (w * winograd._kernel_adjoint(du, w.dtype)).sum(),
+                      rtol=1e-12)
+
+
+@needs_numba
+def test_the_kernel_transforms_run_with_blas_held_to_one_thread(monkeypatch):
+    """OpenBLAS threads the (36, 9) @ (9, C_in C_out) product, and its spinning worker then
+    took the second core from the tile threads: the transforms hold BLAS to one thread."""
+    import contextlib
+
+    held = []
+
+    @contextlib.contextmanager
+    def recording():
+        held.append(True)
+        yield
+
+    monkeypatch.setattr(cpu_threads, "single_threaded_blas", recording)
+    x, kernel, g, p = _problem((2, 8, 8, 8, 8, 1))
+    winograd.conv3x3(x, kernel, p)
+    assert held
+    held.clear()
+    winograd.conv3x3_weight_grad(x, g, p)
+    assert held
+
+
+@needs_numba
 def test_the_ops_take_the_winograd_path_only_where_it_applies(monkeypatch):
     calls = []
     for name in ("conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad"):
@@ -110,6 +180,19 @@ def test_any_thread_count_gives_the_same_bits(threads, monkeypatch):
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", threads)
     np.testing.assert_array_equal(winograd.conv3x3(x, kernel, p), reference[0])
     np.testing.assert_array_equal(winograd.conv3x3_weight_grad(x, g, p), reference[1])
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_whole_kernel_gradient_gives_the_same_bits_on_any_thread_count(threads,
+                                                                           monkeypatch):
+    """Each of its 36 products runs over all tiles on one thread, whichever thread."""
+    monkeypatch.setattr(winograd, "_whole_pays", lambda *args: True)
+    x, _, g, p = _problem((6, 8, 8, 16, 24, 1))
+    monkeypatch.setattr(cpu_threads, "NUM_THREADS", 1)
+    reference = winograd.conv3x3_weight_grad(x, g, p)
+    monkeypatch.setattr(cpu_threads, "NUM_THREADS", threads)
+    np.testing.assert_array_equal(winograd.conv3x3_weight_grad(x, g, p), reference)
 
 
 @needs_numba

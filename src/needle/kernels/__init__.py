@@ -9,6 +9,7 @@ written once, in the module that owns it:
     winograd.py        3x3 stride-1 convolutions by Winograd's F(4x4, 3x3), blocked and threaded
     numba_winograd.py  its numba tile transforms
     reduce.py          sums and statistics over axes (einsum, column sums); the JIT's sum code
+    softmax.py         logsumexp and softmax over the last axis in cache-sized row blocks
     batchnorm.py       BatchNorm's statistics, affine map and backward (numba -> NumPy)
     layout.py          per-channel work on channels-last memory (rows of a multiple of C)
     cpu_kernels.py     the compiled loops' entry points: None where numba cannot run them

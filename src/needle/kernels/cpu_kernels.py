@@ -32,7 +32,7 @@ import numpy as np
 from ..backend.numba_support import numba_module
 
 __all__ = ["batch_norm_grad", "col2im", "column_affine", "column_moments", "column_sums",
-           "enabled"]
+           "enabled", "max_pool", "max_pool_scatter"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,7 +46,9 @@ def _kernels() -> dict[str, Any] | None:
 
     return {"moments": numba_kernels.moments, "column_sums": numba_kernels.column_sums,
             "affine": numba_kernels.affine,
-            "bn_grad": numba_kernels.bn_grad, "col2im_add": numba_kernels.col2im_add}
+            "bn_grad": numba_kernels.bn_grad, "col2im_add": numba_kernels.col2im_add,
+            "max_pool": numba_kernels.max_pool_nhwc,
+            "max_pool_scatter": numba_kernels.max_pool_scatter_nhwc}
 
 
 def _run(name: str, *args: Any) -> bool:
@@ -149,3 +151,37 @@ def col2im(taps: np.ndarray, out_shape: tuple, ho: int, wo: int, kh: int, kw: in
     if out is None:
         out = np.empty(out_shape, taps.dtype)
     return out if _run("col2im_add", taps, ho, wo, kh, kw, stride, padding, out) else None
+
+
+def _channels_last(x: Any) -> bool:
+    """A float NumPy NCHW array whose memory is NHWC (C-contiguous behind the NCHW view),
+    as nn.Conv's outputs are: the pool loops read it in order."""
+    return (type(x) is np.ndarray and x.ndim == 4 and enabled(x.dtype)
+            and x.transpose(0, 2, 3, 1).flags.c_contiguous)
+
+
+def max_pool(x: np.ndarray, k: int, stride: int, ho: int, wo: int) -> np.ndarray | None:
+    """Max pooling of channels-last NCHW ``x`` in one pass (an NCHW view of NHWC memory), or
+    None where the loop cannot run (other layouts, dtypes, no numba)."""
+    if not _channels_last(x):
+        return None
+    n, c = x.shape[0], x.shape[1]
+    out = np.empty((n, ho, wo, c), x.dtype)
+    done = _run("max_pool", x.transpose(0, 2, 3, 1), k, stride, out)
+    return out.transpose(0, 3, 1, 2) if done else None
+
+
+def max_pool_scatter(x: np.ndarray, y: np.ndarray, g: np.ndarray, k: int, stride: int
+                     ) -> np.ndarray | None:
+    """Max pooling's input gradient in one pass over channels-last arrays, or None."""
+    if not (_channels_last(x) and type(y) is np.ndarray and type(g) is np.ndarray
+            and y.dtype == x.dtype and g.dtype == x.dtype):
+        return None
+    shape = (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
+    h, w = x.shape[2], x.shape[3]
+    tiled = stride == k and (h - k) % stride == 0 and (w - k) % stride == 0
+    dx = np.empty(shape, x.dtype) if tiled else np.zeros(shape, x.dtype)  # (tiled: all written)
+    done = _run("max_pool_scatter", x.transpose(0, 2, 3, 1), y.transpose(0, 2, 3, 1),
+                g.transpose(0, 2, 3, 1), k, stride, dx)
+    return dx.transpose(0, 3, 1, 2) if done else None
+

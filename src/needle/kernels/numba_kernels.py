@@ -114,3 +114,52 @@ def col2im_add(t, ho, wo, kh, kw, stride, padding, out):
                         base = (i * kw + j) * c
                         for ch in range(c):
                             out[b, y, x, ch] += t[row, base + ch]
+
+
+@_jit
+def max_pool_nhwc(x, k, stride, out):
+    """out[n, i, j, c] = max of x[n, i*s: i*s+k, j*s: j*s+k, c] (NaN propagates, as
+    np.maximum); channels innermost, so NHWC memory is read in order."""
+    n_, ho, wo, c_ = out.shape
+    for n in range(n_):
+        for i in range(ho):
+            for j in range(wo):
+                for c in range(c_):
+                    out[n, i, j, c] = x[n, i * stride, j * stride, c]
+                for di in range(k):
+                    for dj in range(k):
+                        if di == 0 and dj == 0:
+                            continue
+                        for c in range(c_):
+                            v = x[n, i * stride + di, j * stride + dj, c]
+                            best = out[n, i, j, c]
+                            if (v > best or v != v) and best == best:  # a NaN, once met, stays
+                                out[n, i, j, c] = v
+
+
+@_jit
+def max_pool_scatter_nhwc(x, y, g, k, stride, dx):
+    """dx (like x; zeroed unless the windows tile it exactly) gets g at each window's first
+    position where x equals y (or is NaN: then y is NaN too, and torch sends the gradient to
+    the NaN), 0 elsewhere in the window. Channels innermost (reads NHWC memory in order);
+    ``pending`` marks the channels whose maximum is not found yet. Branch-free selects let
+    LLVM vectorize the channel loop; overlapping windows (stride < k) add instead."""
+    n_, ho, wo, c_ = y.shape
+    overlapping = stride < k
+    pending = np.empty(c_, np.bool_)
+    for n in range(n_):
+        for i in range(ho):
+            for j in range(wo):
+                pending[:] = True
+                for di in range(k):
+                    for dj in range(k):
+                        r, q = i * stride + di, j * stride + dj
+                        for c in range(c_):
+                            v = x[n, r, q, c]
+                            hit = pending[c] and (v == y[n, i, j, c] or v != v)
+                            picked = g[n, i, j, c] if hit else 0.0
+                            if overlapping:
+                                dx[n, r, q, c] += picked
+                            else:
+                                dx[n, r, q, c] = picked
+                            pending[c] = pending[c] and not hit

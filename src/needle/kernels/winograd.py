@@ -20,8 +20,10 @@ The work goes in blocks of up to BLOCK_TILES tiles: transform a block's input ti
 the core's L2 cache between the three steps instead of making three trips through memory
 (layer 3 of the benchmark CNN: 16.5 -> 10.7 ms on one thread), and blocks are independent,
 so needle's CPU threads (backend/cpu_threads.py) share them: 5.7 ms on two, where im2col
-took 27.6. The tile transforms are numba loops (numba_winograd.py). Without numba, and for
-other kernels, strides or dtypes, conv.py keeps its im2col path.
+took 27.6. The kernel gradient of a wide layer on few tiles (a 128 x 128 layer on a 4x4
+map) instead transforms all tiles first and takes each position's product over all of
+them (``_weight_grad_whole``). The tile transforms are numba loops (numba_winograd.py).
+Without numba, and for other kernels, strides or dtypes, conv.py keeps its im2col path.
 
 NOTE: threads of our own rather than numba's ``parallel=True``: OpenBLAS's worker threads
 spin after every large product and numba's pool fought them for the two cores (CNN step
@@ -56,6 +58,12 @@ ENABLED = True
 #: smallest channel counts for which the transforms pay (below them the product is too thin)
 MIN_CHANNELS = 8
 
+#: smallest height and width of the map a conv tiles (its input; the output gradient for
+#: conv_input_grad). Measured at 128 x 128 channels, batch 64, on one and two threads: on a
+#: 2x2 map (a 4x4 tile for 4 outputs) im2col took half Winograd's time; on 3x3 the two
+#: were even; on 4x4 Winograd took 0.6x im2col's
+MIN_MAP = 3
+
 #: largest C_in * C_out that takes the path. Measured (2 threads): 2-4x faster than im2col
 #: up to 128 x 128 channels, even at 128 x 256 and slower beyond, where im2col's one large
 #: product runs near BLAS peak and the blocks, sized for the cache, get too thin
@@ -66,6 +74,13 @@ BLOCK_TILES = 128
 
 #: bytes of a block's input and output tiles that _block_tiles aims at
 BLOCK_BYTES = 2 * 2**20
+
+#: the kernel gradient transforms all tiles first and takes each position's product over all
+#: of them where the transformed tiles take at most this many bytes (``_weight_grad_whole``)
+WHOLE_BYTES = 16 * 2**20
+
+#: tile positions (of 36) a thread takes at a time for the kernel gradient's products
+POSITIONS_PER_DRAW = 3
 
 
 # F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2 and infinity
@@ -94,9 +109,10 @@ def applies(x: Any, other: Any, kernel_hw: tuple, stride: int, padding: int, c_i
             c_out: int) -> bool:
     """Whether the Winograd path takes this convolution: float32 NumPy operands ``x`` and
     ``other`` (the kernel, or the output gradient), a 3x3 kernel, stride 1, padding <= 2
-    (conv_input_grad pads by 2 - padding), channel counts where it pays, and numba."""
+    (conv_input_grad pads by 2 - padding), maps and channel counts where it pays, and numba."""
     return (ENABLED and stride == 1 and 0 <= padding <= 2 and tuple(kernel_hw) == (3, 3)
             and type(x) is np.ndarray and type(other) is np.ndarray
+            and min(x.shape[1], x.shape[2]) >= MIN_MAP
             and x.dtype == np.float32 and other.dtype == np.float32
             and min(c_in, c_out) >= MIN_CHANNELS and c_in * c_out <= MAX_CHANNEL_PRODUCT
             and not _disabled and _kernels() is not None)
@@ -138,21 +154,33 @@ def _tile_grid(h: int, w: int) -> tuple[int, int]:
     return -(-h // 4), -(-w // 4)
 
 
-def _kernel_transform(w: np.ndarray) -> np.ndarray:
-    """U: (36, C_in, C_out) with U[6a + b] = (G w G^T)[a, b], in float64 then rounded once.
+#: (G w G^T) and G^T dU G as one (36, 9) and one (9, 36) matrix: U = _GG @ w viewed as
+#: (9, C_in * C_out), dw = _GG.T @ dU viewed as (36, C_in * C_out)
+_GG = np.kron(_G, _G)
 
-    NOTE: two matrix products; np.einsum("ai,ijco,bj->abco") took 18x longer (512x512)."""
+
+def _kernel_transform(w: np.ndarray) -> np.ndarray:
+    """U: (36, C_in, C_out) with U[6a + b] = (G w G^T)[a, b], one product in w's dtype.
+
+    NOTE: one (36, 9) @ (9, C_in * C_out) product: 0.27 ms at 128 x 128 channels, where two
+    float64 products with a cast before and after took 0.78 ms; its float32 sums of 9 terms
+    round far below Winograd's own error. BLAS is held to one thread for it: OpenBLAS
+    threaded this product, and its worker then spun on the second core while needle's
+    threads ran the tiles (ResidualCNN step, 2 threads: CPU time per step 128 -> 62 ms,
+    wall time 58 -> 51 ms at best, 85 -> 57 ms median).
+    NOTE: np.einsum("ai,ijco,bj->abco") took 18x longer (512x512)."""
     c_in, c_out = w.shape[2:]
-    rows = (_G @ w.astype(np.float64).reshape(3, -1)).reshape(6, 3, -1)  # G w
-    return np.matmul(_G, rows).reshape(36, c_in, c_out).astype(w.dtype)  # (G w) G^T
+    with cpu_threads.single_threaded_blas():
+        return (_GG.astype(w.dtype) @ w.reshape(9, -1)).reshape(36, c_in, c_out)
 
 
 def _kernel_adjoint(du: np.ndarray, dtype: Any) -> np.ndarray:
     """dw: (3, 3, C_in, C_out) = G^T dU G for dU (36, C_in, C_out), the adjoint of
-    _kernel_transform."""
+    _kernel_transform (one (9, 36) product)."""
     c_in, c_out = du.shape[1:]
-    rows = (_G.T @ du.reshape(6, -1)).reshape(3, 6, -1)  # G^T dU
-    return np.matmul(_G.T, rows).reshape(3, 3, c_in, c_out).astype(dtype)  # (G^T dU) G
+    with cpu_threads.single_threaded_blas():
+        return (_GG.T.astype(du.dtype) @ du.reshape(36, -1)).reshape(3, 3, c_in, c_out) \
+            .astype(dtype, copy=False)
 
 
 def _block_tiles(n_tiles: int, c_in: int, c_out: int) -> int:
@@ -197,9 +225,11 @@ def conv3x3_input_grad(g: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray
 def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarray | None:
     """``conv_weight_grad(x, g, (3, 3), stride=1, padding)``: the adjoint of conv3x3 in the
     kernel, dU = sum over tiles of V^T (A g A^T) per tile position, then dw = G^T dU G.
-    Each thread adds its blocks' float32 products in float64, which is exact for gradients
-    (magnitudes spanning less than 2^29), so the result does not depend on which thread
-    took which block."""
+
+    Where all tiles fit in WHOLE_BYTES (``_weight_grad_whole``) each of the 36 products runs
+    once over all tiles; otherwise each thread adds its blocks' float32 products in float64,
+    which is exact for gradients (magnitudes spanning less than 2^29). Either way the result
+    does not depend on which thread took which block."""
     n, ho, wo, c_out = g.shape
     c_in = x.shape[3]
     th, tw = _tile_grid(ho, wo)
@@ -207,6 +237,8 @@ def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarra
     block = _block_tiles(n_tiles, c_in, c_out)
     x, g = np.ascontiguousarray(x), np.ascontiguousarray(g)
     kernels = _kernels()
+    if _whole_pays(n_tiles, c_in, c_out, block, x.itemsize):
+        return _weight_grad_whole(x, g, padding, (th, tw), block)
 
     def work(blocks: Iterator[tuple[int, int]]) -> np.ndarray:
         v = _scratch("v", (block, 36, c_in), x.dtype)
@@ -222,3 +254,51 @@ def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarra
     if parts is None:
         return None
     return _kernel_adjoint(sum(parts), x.dtype)
+
+
+def _whole_pays(n_tiles: int, c_in: int, c_out: int, block: int, itemsize: int) -> bool:
+    """Whether the kernel gradient takes ``_weight_grad_whole``: its tiles fit WHOLE_BYTES and
+    the blocked path's float64 sums (36 C_in C_out per block) would cost more than the
+    whole path's extra trip through memory (36 (C_in + C_out) per tile).
+
+    NOTE: measured on one thread: whole 1.9x faster at 128 x 128 channels on 4x4 maps, 1.3x
+    at 64 x 128 on 8x8; 1.8x slower at 16 x 64 on 16x16 (1024 tiles of few channels)."""
+    return (n_tiles * 36 * (c_in + c_out) * itemsize <= WHOLE_BYTES
+            and 2 * c_in * c_out >= block * (c_in + c_out))
+
+
+def _weight_grad_whole(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple[int, int],
+                       block: int) -> np.ndarray | None:
+    """conv3x3_weight_grad in two parallel passes: every tile's transforms (threads share
+    blocks of tiles), then the 36 products dU[p] = V[:, p]^T @ (A g A^T)[:, p], each over
+    all tiles at once (threads share the positions p) and in float32, straight into dU.
+
+    NOTE: for small maps (ResidualCNN's 128 x 128 layer on 4x4 and 3x3 maps: 64 tiles) the
+    blocked path took 4-8x im2col's time: per thread a float64 dU of 36 C_in C_out values
+    zeroed, added to per block of 16 tiles and summed, where the products themselves are
+    small. Each dU[p] here is one product, whichever thread runs it: the result does not
+    depend on the thread count."""
+    th, tw = grid
+    n_tiles = x.shape[0] * th * tw
+    c_in, c_out = x.shape[3], g.shape[3]
+    kernels = _kernels()
+    v = np.empty((n_tiles, 36, c_in), x.dtype)
+    gt = np.empty((n_tiles, 36, c_out), x.dtype)
+
+    def transforms(blocks: Iterator[tuple[int, int]]) -> None:
+        for t0, count in blocks:
+            kernels.input_tiles(x, padding, th, tw, t0, v[t0:t0 + count])
+            kernels.gradient_tiles(g, th, tw, t0, gt[t0:t0 + count])
+
+    if _in_parallel(transforms, n_tiles, block) is None:
+        return None
+    du = np.empty((36, c_in, c_out), x.dtype)
+
+    def products(positions: Iterator[tuple[int, int]]) -> None:
+        for p0, count in positions:
+            np.matmul(v[:, p0:p0 + count].transpose(1, 2, 0),
+                      gt[:, p0:p0 + count].transpose(1, 0, 2), out=du[p0:p0 + count])
+
+    with cpu_threads.single_threaded_blas():
+        _in_parallel(products, 36, POSITIONS_PER_DRAW)
+    return _kernel_adjoint(du, x.dtype)
