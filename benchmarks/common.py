@@ -15,8 +15,9 @@ from collections.abc import Callable  # noqa: E402
 
 import needle.backend  # noqa: E402
 
-# what `python -m needle` does too: freed training arrays stay mapped (backend/allocator.py)
-needle.backend.tune_malloc()
+# what `python -m needle` does too: freed training arrays stay mapped (backend/allocator.py);
+# revisions before tune_malloc existed tuned malloc on import (ab_compare.py runs them too)
+getattr(needle.backend, "tune_malloc", lambda: None)()
 
 
 def best_time(fn: Callable[[], object], repeat: int = 5, number: int = 1) -> float:

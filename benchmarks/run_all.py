@@ -32,6 +32,9 @@ SCRIPTS = [
      "one epoch over the 10,000 MNIST test images, batch 100, Adam"),
     ("cnn_step", "CNN training step (eager)",
      "3 conv layers with BatchNorm2d, batch 64 of 32x32x3"),
+    ("lm_step", "Language-model training steps (eager, ndl.jit, PyTorch eager)",
+     "an LSTM LM (bptt 35, batch 32, SGD) and a causal Transformer LM (batch 16, seq 64, "
+     "Adam), embeddings and vocabulary 10,000, medians over rounds"),
     ("dataloader", "DataLoader throughput", "one shuffled epoch, and with crop + flip"),
     ("static_vs_eager", "Declarative Session vs eager", "the MLP-ResNet training step"),
     ("caffe_vs_eager", "Caffe-style Net vs eager", "the MLP-ResNet training step"),
@@ -39,6 +42,13 @@ SCRIPTS = [
      "the MLP-ResNet epoch and the 100-op chain"),
     ("fusion_choice", "How compiled plans run elementwise chains",
      "one 6-op chain as NumPy ufuncs in place, numexpr and numba (where installed)"),
+    ("fusion_ab", "Region fusion: NEEDLE_FUSION=0 vs 1",
+     "the jitted 100-op chain and MLP-ResNet steps with region fusion off and on, hot plans, "
+     "alternating rounds in one process"),
+    ("export", "Export: loaded program vs onnxruntime",
+     "inference of the MLP-ResNet and the CNN (28x28x1, eval mode), batch 1 and 256: "
+     "ndl.load_program's program eagerly and under ndl.jit, and onnxruntime on the ONNX "
+     "export; ratios are needle / onnxruntime"),
 ]
 
 
@@ -85,16 +95,23 @@ def run(only: list[str] | None, compile_torch: bool, pause: float) -> str:
             "slowed alike). Each script starts after an idle pause and times the libraries "
             "in rounds; compare ratios within a table, and rerun a script whose ratio looks "
             "off.\n\n"
-            + "\n".join(sections) + _before_after())
+            + "\n".join(sections) + _kept_records())
 
 
-def _before_after() -> str:
-    """The kept record of before/after checks (benchmarks/before_after.md), if any."""
-    path = os.path.join(HERE, "before_after.md")
-    if not os.path.exists(path):
-        return ""
-    with open(path) as f:
-        return "\n" + f.read()
+#: hand-written records kept at the end of BENCHMARKS.md on every run, in this order
+KEPT_RECORDS = ["before_after.md", "performance_notes.md", "distributed_record.md",
+                "remote_record.md"]
+
+
+def _kept_records() -> str:
+    """The records no script regenerates: before/after checks and the performance notes."""
+    parts = []
+    for name in KEPT_RECORDS:
+        path = os.path.join(HERE, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                parts.append("\n" + f.read())
+    return "".join(parts)
 
 
 def main() -> None:
