@@ -50,6 +50,10 @@ class CollectiveOp(Op):
 
     side_effect = True
 
+    def infer(self, a: Aval) -> Aval:
+        """Most collectives keep the shape and dtype (all_gather, reduce_scatter say theirs)."""
+        return a
+
 
 @register("all_reduce", inputs=("a",))
 class AllReduce(CollectiveOp):
@@ -70,9 +74,6 @@ class AllReduce(CollectiveOp):
     def gradient(self, out_grad, node):
         return F.all_reduce(out_grad, op=self.op)
 
-    def infer(self, a: Aval) -> Aval:
-        return a
-
 
 @register("broadcast", inputs=("a",))
 class Broadcast(CollectiveOp):
@@ -87,9 +88,6 @@ class Broadcast(CollectiveOp):
     def gradient(self, out_grad, node):
         return F.reduce_to_root(out_grad, root=self.root)
 
-    def infer(self, a: Aval) -> Aval:
-        return a
-
 
 @register("reduce_to_root", inputs=("a",))
 class Reduce(CollectiveOp):
@@ -103,9 +101,6 @@ class Reduce(CollectiveOp):
 
     def gradient(self, out_grad, node):
         return F.broadcast(out_grad, root=self.root)
-
-    def infer(self, a: Aval) -> Aval:
-        return a
 
 
 def _check_leading(name: str, a: Aval) -> None:

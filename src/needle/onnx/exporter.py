@@ -731,6 +731,15 @@ def _dims_of(aval1: Any, aval2: Any, b1: int, b2: int, what: str) -> Any:
 
 
 # -- the export -------------------------------------------------------------------------------
+
+def _io_names(given: list[str] | None, count: int, stem: str, rule: str) -> list[str]:
+    """``given`` checked (``count`` distinct names), or ``stem`` / ``stem0, stem1, ...``."""
+    if given is None:
+        return [stem] if count == 1 else [f"{stem}{i}" for i in range(count)]
+    if len(given) != count or len(set(given)) != len(given):
+        raise ValueError(f"export: {rule}, got {given}")
+    return list(given)
+
 def export(module_or_fn: Any, example_inputs: Any, path: Any = None,
            input_names: list[str] | None = None, output_names: list[str] | None = None,
            dynamic_batch: bool = True, opset: int = 17, batch_axis: int = 0
@@ -740,12 +749,8 @@ def export(module_or_fn: Any, example_inputs: Any, path: Any = None,
         raise ValueError(f"export: opset must lie in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
     fn = module_or_fn.fn if isinstance(module_or_fn, CompiledFunction) else module_or_fn
     inputs = _as_inputs(example_inputs)
-    if input_names is None:
-        input_names = ["input"] if len(inputs) == 1 else [f"input{i}" for i in
-                                                           range(len(inputs))]
-    if len(input_names) != len(inputs) or len(set(input_names)) != len(input_names):
-        raise ValueError(f"export: {len(inputs)} inputs need as many distinct input_names, "
-                         f"got {input_names}")
+    input_names = _io_names(input_names, len(inputs), "input",
+                            f"{len(inputs)} inputs need as many distinct input_names")
     module_names: dict[int, str] = {}
     tensor_names: dict[int, str] = {}
     buffer_ids: set[int] = set()
@@ -928,12 +933,9 @@ def _write(program: Program, program2: Program | None, b1: int, b2: int, inputs:
         return _dims_of(aval, other, b1, b2, what)
 
     out_slots = list(program.outputs)
-    if output_names is None:
-        output_names = ["output"] if len(out_slots) == 1 else [f"output{i}" for i in
-                                                               range(len(out_slots))]
-    if len(output_names) != len(out_slots) or len(set(output_names)) != len(output_names):
-        raise ValueError(f"export: the function returns {len(out_slots)} tensors; got "
-                         f"output_names {output_names}")
+    output_names = _io_names(output_names, len(out_slots), "output",
+                             f"the function returns {len(out_slots)} tensors; as many "
+                             "distinct output_names are needed")
     if set(output_names) & set(input_names):
         raise ValueError(f"export: output_names {output_names} reuse an input name")
     g.used.update(output_names)
