@@ -32,7 +32,7 @@ from ..core.interpret import (
     run_program,
     snapshot,
 )
-from ..core.profiling import Event
+from ..core.profiling import Event, node_name
 from ..core.registry import Aval, fmt_shape
 from ..profiler import chrome_trace
 from . import runtime
@@ -117,11 +117,6 @@ class RunPlan:
                      f"plan, {self.peak_bytes_without_reuse} without")
         return "\n".join(lines)
 
-
-def _node_name(node: Any) -> str:
-    meta = node.meta
-    name = meta.name if meta is not None and meta.name else None
-    return name or f"{node.op.name if node.op is not None else 'leaf'}_{id(node) % 100000}"
 
 
 def _fetched(value: Any, aliased: set[int]) -> Any:
@@ -400,7 +395,7 @@ class Session:
         record = metadata.executed.append
 
         def on_step(step: Any) -> None:
-            record(_node_name(step.node))
+            record(node_name(step.node))
 
         tracker = ByteTracker(exclude=[*sources, *program.constants.values()])
         env = {id(n): v for n, v in zip(program.sources, sources)}
@@ -439,9 +434,9 @@ class Session:
         replaced = {}
         for node in feed_dict:
             skipped = [] if node.op is None else [
-                _node_name(s.node) for s in build_program([node], lambda n: n.op is None).steps
+                node_name(s.node) for s in build_program([node], lambda n: n.op is None).steps
                 if id(s.node) not in running_ids and s.node is not node]
-            replaced[_node_name(node)] = skipped
+            replaced[node_name(node)] = skipped
         shapes: dict[int, Any] = {}
         for node in unoptimized.sources:
             value = feeds.get(id(node))
@@ -455,7 +450,7 @@ class Session:
             if value is not None:
                 shapes[id(node)] = Aval(tuple(value.shape), value.dtype)
         return RunPlan(
-            steps=[_node_name(s.node) for s in program.steps],
+            steps=[node_name(s.node) for s in program.steps],
             ops=[s.op.name for s in program.steps],
             replaced_by_feeds=replaced,
             missing_feeds=[n.name for n in runner.missing],
