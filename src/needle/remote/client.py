@@ -5,6 +5,8 @@ A RemoteSession keeps a GraphWriter: each call sends only the part of the graph 
 has not seen (once), then feeds by node id and the flat list of fetched ids; fetch
 structures are flattened and rebuilt here, so they behave exactly as a local Session's.
 A daemon thread sends heartbeats; a session whose heartbeats stop is freed by the server.
+Steps go over one long-lived RunStream call (stream.py: cheaper per step than unary calls),
+or by unary Run calls when the stream is busy or the server refused it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ..static.session import RunMetadata, RunPlan, Session
 from ._grpc import pb
 from .connection import Connection
 from .stats import events_from_json
-from .wire import decode_array, decode_error, decode_value, encode_array
+from .stream import RunStream
+from .wire import array_field, decode_array, decode_error, decode_value, encode_array
 
 
 def _heartbeats(session_ref: weakref.ref, connection: Connection, session_id: str,
@@ -41,9 +44,11 @@ def _heartbeats(session_ref: weakref.ref, connection: Connection, session_id: st
             continue
 
 
-def _close_remote(connection: Connection, session_id: str, stop: threading.Event) -> None:
+def _close_remote(connection: Connection, session_id: str, stop: threading.Event,
+                  stream: RunStream) -> None:
     """Free the session on the server (best effort: it frees it by timeout otherwise)."""
     stop.set()
+    stream.close()
     with contextlib.suppress(Exception):  # a server already gone has nothing to free
         connection.call("Close", pb.SessionRequest(session=session_id), timeout_s=2.0)
     connection.close()
@@ -88,8 +93,10 @@ class RemoteSession:
         self._acknowledged(reply.applied_seq)
         self._id = reply.session
         self._closed = False
+        self._stream = RunStream(self._connection)
         stop = threading.Event()
-        self._finalizer = weakref.finalize(self, _close_remote, self._connection, self._id, stop)
+        self._finalizer = weakref.finalize(self, _close_remote, self._connection, self._id, stop,
+                                           self._stream)
         self._heartbeat = threading.Thread(
             target=_heartbeats, args=(weakref.ref(self), self._connection, self._id,
                                       reply.heartbeat_s, stop),
@@ -136,15 +143,23 @@ class RemoteSession:
                 self._pending.pop(0)
 
     def _call(self, name: str, request: Any) -> Any:
-        """Call the server; acknowledged deltas are dropped even when the call failed."""
-        reply = self._connection.call(name, request, check=False)
+        """Call the server (a Run on the session's stream when it can take it); acknowledged
+        deltas are dropped even when the call failed."""
+        reply = None
+        if name == "Run":
+            reply = self._stream.run(request, self._connection.timeout_s)
+        if reply is None:
+            reply = self._connection.call(name, request, check=False)
         self._acknowledged(reply.applied_seq)
         if reply.HasField("error"):
             raise decode_error(reply.error)
         return reply
 
     # -- running -------------------------------------------------------------------------------
-    def _request(self, fetches: Any, feed_dict: dict | None) -> tuple[Any, Any]:
+    def _request(self, fetches: Any, feed_dict: dict | None, trace: bool = False,
+                 plan: bool = False) -> tuple[bytes, Any]:
+        """The serialized RunRequest, and the function that rebuilds the fetch structure from
+        the flat list of values."""
         if self._closed:
             raise RuntimeError("Session.run: the session is closed")
         flat, rebuild = flatten_fetches(fetches)
@@ -153,22 +168,30 @@ class RemoteSession:
             if not isinstance(node, Tensor) or isinstance(node, TensorTuple):
                 raise TypeError(f"feed_dict keys must be graph tensors, got {node!r}")
         feeds = [Session._feed_value(node, value) for node, value in (feed_dict or {}).items()]
-        request = pb.RunRequest(session=self._id)
+        request = pb.RunRequest(session=self._id, trace=trace, plan=plan)
         with self._lock:
-            self._add_deltas(request.deltas, flat + feed_nodes)
-            request.fetch_ids.extend(self._writer.id_of(node) for node in flat)
-            request.feed_ids.extend(self._writer.id_of(node) for node in feed_nodes)
+            try:  # every node written before (so is everything they reach): nothing to add
+                fetch_ids = [self._writer.id_of(node) for node in flat]
+                feed_ids = [self._writer.id_of(node) for node in feed_nodes]
+                request.deltas.extend(self._pending)
+            except KeyError:
+                self._add_deltas(request.deltas, flat + feed_nodes)
+                fetch_ids = [self._writer.id_of(node) for node in flat]
+                feed_ids = [self._writer.id_of(node) for node in feed_nodes]
+            request.fetch_ids.extend(fetch_ids)
+            request.feed_ids.extend(feed_ids)
+        # the feeds (field 4) appended to the rest: their bytes are copied once, by join
+        pieces = [request.SerializeToString()]
         for array in feeds:
-            encode_array(np.asarray(array), request.feeds.add())
-        return request, rebuild
+            pieces += array_field(4, array)
+        return b"".join(pieces), rebuild
 
     def run(self, fetches: Any, feed_dict: dict | None = None,
             run_metadata: RunMetadata | None = None) -> Any:
         """Values of ``fetches`` (same nesting, NumPy arrays; None for operations), computed
         on the server; as ``Session.run``."""
         self.graph.note_run()
-        request, rebuild = self._request(fetches, feed_dict)
-        request.trace = run_metadata is not None
+        request, rebuild = self._request(fetches, feed_dict, trace=run_metadata is not None)
         reply = self._call("Run", request)
         self.last_server_run_s = reply.run_s  # (benchmarks/remote.py: the transport's share)
         values = [decode_value(v) for v in reply.outputs]
@@ -182,8 +205,7 @@ class RemoteSession:
     def plan(self, fetches: Any, feed_dict: dict | None = None) -> RunPlan:
         """What ``run`` would do (as ``Session.plan``; the Program stays on the server, so
         ``plan.program`` is None)."""
-        request, _ = self._request(fetches, feed_dict)
-        request.plan = True
+        request, _ = self._request(fetches, feed_dict, plan=True)
         data = json.loads(self._call("Run", request).plan_json)
         data.pop("text", None)
         return RunPlan(**data)

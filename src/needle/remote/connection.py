@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._grpc import grpc
+from ._grpc import grpc, pb
 from .limits import Limits
-from .server import METHODS, SERVICE, TOKEN_KEY
+from .server import METHODS, SERVICE, STREAM_METHOD, TOKEN_KEY
 from .wire import RemoteError, decode_error
 
 
@@ -20,6 +20,12 @@ def parse_target(target: str) -> str:
     if "://" in address or not sep or not host or not port.isdigit():
         raise ValueError(f"target {target!r} is not 'grpc://host:port'")
     return address
+
+
+def _serialize(request: Any) -> bytes:
+    """A request message's bytes; a request serialized already (a Run's, whose arrays were
+    appended without copies: wire.array_field) as it is."""
+    return request if isinstance(request, bytes) else request.SerializeToString()
 
 
 class Connection:
@@ -44,10 +50,17 @@ class Connection:
             token = token.decode()
         self._metadata = ((TOKEN_KEY, token),) if token else None
         self._methods = {
-            name: self._channel.unary_unary(f"/{SERVICE}/{name}",
-                                            request_serializer=request.SerializeToString,
+            name: self._channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=_serialize,
                                             response_deserializer=reply.FromString)
             for name, (request, reply) in METHODS.items()}
+        self._run_stream = self._channel.stream_stream(
+            f"/{SERVICE}/{STREAM_METHOD}", request_serializer=_serialize,
+            response_deserializer=pb.RunReply.FromString)
+
+    def open_stream(self, requests: Any) -> Any:
+        """A RunStream call sending ``requests`` (an iterator of RunRequests); iterate it for
+        the replies. It has no deadline of its own: stream.py watches every step."""
+        return self._run_stream(requests, metadata=self._metadata)
 
     def call(self, name: str, request: Any, timeout_s: float | None = None,
              check: bool = True) -> Any:
@@ -56,12 +69,13 @@ class Connection:
         try:
             reply = self._methods[name](request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise self._rpc_error(name, exc, timeout) from None
+            raise self.rpc_error(name, exc, timeout) from None
         if check and reply.HasField("error"):
             raise decode_error(reply.error)
         return reply
 
-    def _rpc_error(self, name: str, exc: Any, timeout: float) -> RemoteError:
+    def rpc_error(self, name: str, exc: Any, timeout: float) -> RemoteError:
+        """One RemoteError naming the server, the call and what went wrong."""
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         where = f"needle server {self.target}"

@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without a heartbeat after which a client's session is "
                         "freed")
     parser.add_argument("--workers", type=int, default=8, help="threads serving requests")
+    parser.add_argument("--blas-threads", type=int, metavar="N", help="threads of each BLAS "
+                        "product (default: the BLAS library's own; 1 suits a server sharing "
+                        "its cores with clients or serving several sessions at once; needs "
+                        "threadpoolctl, the fast extra)")
     parser.add_argument("--program", metavar="PATH", help="also serve this saved program "
                         "(ndl.export(...).save(PATH)) for ndl.remote.Client(...).predict")
 
@@ -44,12 +48,24 @@ def read_token(path: str) -> str:
     return token
 
 
+def limit_blas_threads(threads: int) -> Any:
+    """Cap the BLAS library's threads for the whole process (from the main thread: a count
+    set from another thread is ignored once the main thread set one)."""
+    from ..backend.cpu_threads import blas_control
+
+    control = blas_control()
+    if control is None:
+        raise ValueError("--blas-threads needs threadpoolctl (pip install 'needle[fast]'), or "
+                         "set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS before starting")
+    return control.limit(limits=threads)
+
+
 def serve(args: argparse.Namespace, ready: Any = None) -> int:
     """Run the server until SIGINT or SIGTERM; ``ready(server)`` is called once it listens."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    for name in ("max_message_mb", "max_sessions", "workers"):
-        if getattr(args, name) < 1:
+    for name in ("max_message_mb", "max_sessions", "workers", "blas_threads"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got "
                              f"{getattr(args, name)}")
     from .server import RemoteServer, is_loopback
@@ -65,6 +81,8 @@ def serve(args: argparse.Namespace, ready: Any = None) -> int:
         from ..program import load_program
 
         program = load_program(args.program)
+    if getattr(args, "blas_threads", None) is not None:
+        limit_blas_threads(args.blas_threads)  # for the rest of the process
     limits = Limits(max_message_bytes=args.max_message_mb * MIB, max_sessions=args.max_sessions,
                     session_timeout_s=args.session_timeout)
     server = RemoteServer(args.host, args.port, token=token, limits=limits,

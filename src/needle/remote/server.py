@@ -23,6 +23,7 @@ import numpy as np
 
 from .._version import __version__
 from ..autograd import Tensor, no_grad
+from ..backend.cpu_threads import blas_control
 from ..program.exported import ExportedProgram
 from ..static.session import RunMetadata
 from ._grpc import grpc, pb
@@ -47,6 +48,12 @@ METHODS: dict[str, tuple[Any, Any]] = {
     "Info": (pb.InfoRequest, pb.InfoReply),
 }
 
+#: Run as one long-lived stream per client session (requests and replies as Run's)
+STREAM_METHOD = "RunStream"
+#: the status details of a stream refused for want of a worker thread (the client then runs
+#: its steps with unary Run calls; nothing in the stream was read)
+NO_STREAM_SLOT = "no stream slot free on this server"
+
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is this machine only (127.0.0.0/8, ::1, localhost)."""
@@ -69,8 +76,14 @@ class _TokenCheck(grpc.ServerInterceptor):
             on_refusal()
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing token")
 
+        def refuse_stream(requests: Any, context: Any) -> Any:
+            on_refusal()
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing token")
+            yield  # (a generator: what a stream handler is)
+
         # raw bytes in: a refused request is never decoded
         self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
+        self._refuse_stream = grpc.stream_stream_rpc_method_handler(refuse_stream)
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         given = b""
@@ -79,6 +92,8 @@ class _TokenCheck(grpc.ServerInterceptor):
                 given = value.encode() if isinstance(value, str) else bytes(value)
         if hmac.compare_digest(given, self._token):
             return continuation(details)
+        if details.method == f"/{SERVICE}/{STREAM_METHOD}":
+            return self._refuse_stream
         return self._refuse
 
 
@@ -89,6 +104,10 @@ class RemoteServer:
     program=None).start()``; ``address`` is ``grpc://host:port`` (port 0 picks a free
     one). Binding an address other than loopback needs a ``token``; when one is given every
     call must carry it. ``stop()`` frees every session.
+
+    A client session runs its steps over one ``RunStream`` call, which holds a worker thread
+    while it is open: at most ``workers - 2`` streams are served at once (two threads stay
+    for unary calls: heartbeats, opens, the sessions beyond that, which use ``Run``).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | bytes | None = None,
@@ -108,6 +127,8 @@ class RemoteServer:
         self.refused = 0
         self._count_lock = threading.Lock()
         self._stopped = threading.Event()
+        self.stream_slots = workers - 2  # streams beyond it are refused (the client uses Run)
+        self.streams = 0
         size = self.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", size),
                    ("grpc.max_send_message_length", size),
@@ -121,6 +142,11 @@ class RemoteServer:
             self._handler(name, reply_cls), request_deserializer=request_cls.FromString,
             response_serializer=reply_cls.SerializeToString)
             for name, (request_cls, reply_cls) in METHODS.items()}
+        run_request, run_reply = METHODS["Run"]
+        handlers[STREAM_METHOD] = grpc.stream_stream_rpc_method_handler(
+            self._stream_handler(self._handler("Run", run_reply)),
+            request_deserializer=run_request.FromString,
+            response_serializer=run_reply.SerializeToString)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),))
         bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -173,7 +199,7 @@ class RemoteServer:
     def stats(self) -> dict[str, Any]:
         """Counters: requests served, errors among them, token refusals, sessions held."""
         return {"requests": self.requests, "errors": self.errors, "refused": self.refused,
-                "sessions": len(self.sessions),
+                "sessions": len(self.sessions), "streams": self.streams,
                 "freed_by_timeout": self.sessions.freed_by_timeout}
 
     # -- handlers ------------------------------------------------------------------------------
@@ -198,6 +224,25 @@ class RemoteServer:
             return reply
 
         return handle
+
+    def _stream_handler(self, handle: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        """A RunStream call: every request answered in order by ``handle`` (Run's handler),
+        on the one worker thread the stream holds; refused when no stream slot is free."""
+
+        def handle_stream(requests: Any, context: Any) -> Any:
+            with self._count_lock:
+                admitted = self.streams < self.stream_slots
+                self.streams += admitted
+            if not admitted:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, NO_STREAM_SLOT)
+            try:
+                for request in requests:
+                    yield handle(request, context)
+            finally:
+                with self._count_lock:
+                    self.streams -= 1
+
+        return handle_stream
 
     def _open(self, request: Any, reply: Any) -> None:
         plans = request.max_cached_plans or None
@@ -296,8 +341,10 @@ class RemoteServer:
             program = {"inputs": self.program.spec["inputs"],
                        "outputs": len(self.program.spec["outputs"]),
                        "single_output": self.program.spec["single_output"]}
+        control = blas_control()
         reply.info_json = json.dumps({
             "version": __version__, "pid": os.getpid(), "program": program,
+            "blas_threads": [lib["num_threads"] for lib in control.info()] if control else None,
             "limits": {"max_message_bytes": self.limits.max_message_bytes,
                        "max_sessions": self.limits.max_sessions,
                        "max_graph_nodes": self.limits.max_graph_nodes,
@@ -305,4 +352,5 @@ class RemoteServer:
             **self.stats()})
 
 
-__all__ = ["METHODS", "SERVICE", "TOKEN_KEY", "RemoteServer", "is_loopback"]
+__all__ = ["METHODS", "NO_STREAM_SLOT", "SERVICE", "STREAM_METHOD", "TOKEN_KEY", "RemoteServer",
+           "is_loopback"]
