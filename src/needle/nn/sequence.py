@@ -69,6 +69,17 @@ def _zero_state(x: Tensor, hidden_size: int) -> Tensor:
     return ops.broadcast_to(column, (x.shape[0], hidden_size))
 
 
+def _lstm_state(x: Tensor, hidden_size: int, state: tuple | None) -> tuple:
+    """``lstm_sequence``'s state inputs: ``()`` for a zero state (None or (None, None)),
+    else ``(h, c)`` with a missing one made zeros like a row block of ``x``."""
+    h, c = (None, None) if state is None else state
+    if h is None and c is None:
+        return ()
+    h = _zero_state(x, hidden_size) if h is None else h
+    c = _zero_state(x, hidden_size) if c is None else c
+    return h, c
+
+
 class RNNCell(Module):
     """One Elman RNN step: ``h' = act(x W_ih + b_ih + h W_hh + b_hh)``, act tanh or relu.
 
@@ -118,6 +129,7 @@ class LSTMCell(Module):
         h' = sigmoid(o) * tanh(c')
 
     ``forward(x, (h, c))`` returns ``(h', c')``; ``None`` (or a None item) means zeros.
+    The step is one ``lstm_sequence`` node (a sequence of one step), not a dozen cell ops.
     W_ih (input, 4 hidden), W_hh (hidden, 4 hidden), biases (4 hidden,), all uniform on
     (-k, k), k = 1/sqrt(hidden_size), drawn in the order W_ih, W_hh, bias_ih, bias_hh.
     """
@@ -141,18 +153,12 @@ class LSTMCell(Module):
         return self.step(_project_input(self, x), state)
 
     def step(self, x_proj: Tensor, state: tuple | None = None) -> tuple[Tensor, Tensor]:
-        """The step from a precomputed ``x_proj = x W_ih + b_ih + b_hh`` (batch, 4 hidden)."""
-        h, c = (None, None) if state is None else state
-        h = _zero_state(x_proj, self.hidden_size) if h is None else h
-        c = _zero_state(x_proj, self.hidden_size) if c is None else c
-        pre = x_proj + h @ self.W_hh
-        # (batch, 4h) -> (batch, 4, h) -> four (batch, h) gates; split's adjoint is one stack
-        gates = ops.split(ops.reshape(pre, (-1, 4, self.hidden_size)), 1)
-        i, f, g, o = (ops.sigmoid(gates[0]), ops.sigmoid(gates[1]), ops.tanh(gates[2]),
-                      ops.sigmoid(gates[3]))
-        c_new = f * c + i * g
-        h_new = o * ops.tanh(c_new)
-        return h_new, c_new
+        """The step from a precomputed ``x_proj = x W_ih + b_ih + b_hh`` (batch, 4 hidden):
+        one ``lstm_sequence`` node over a sequence of one step."""
+        out = ops.lstm_sequence(ops.reshape(x_proj, (1, -1, 4 * self.hidden_size)), self.W_hh,
+                                *_lstm_state(x_proj, self.hidden_size, state))
+        return (ops.reshape(out[0], (-1, self.hidden_size)),
+                ops.reshape(out[1], (-1, self.hidden_size)))
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}"
@@ -214,6 +220,8 @@ class LSTM(Module):
     ``forward(x, state=None)``: x (seq, batch, input_size), state ``(h0, c0)`` each
     (num_layers, batch, hidden), or None (zeros); returns ``(output, (h_n, c_n))`` with the
     last layer's hidden states (seq, batch, hidden) and the final h and c of every layer.
+    A layer is one input projection for all steps and one ``lstm_sequence`` node for the
+    recurrence (its loop runs in kernels/rnn.py), so the graph does not grow with seq.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -236,11 +244,14 @@ class LSTM(Module):
         cs = _layer_states(c0, self.num_layers, "LSTM")
         last_h, last_c = [], []
         for cell, h, c in zip(self.lstm_cells, hs, cs):
-            outputs = []
-            for x_proj in _project_sequence(cell, x):
-                h, c = cell.step(x_proj, (h, c))
-                outputs.append(h)
-            x = ops.stack(outputs, 0)
-            last_h.append(h)
-            last_c.append(c)
+            # the input projections of all steps as one product, then the recurrence as one
+            # lstm_sequence node (kernels/rnn.py): no per-step graph nodes
+            x_proj = _project_input(cell, ops.reshape(x, (-1, x.shape[2])))
+            x_proj = ops.reshape(x_proj, (x.shape[0], -1, 4 * self.hidden_size))
+            layer_state = (() if h is None and c is None
+                           else _lstm_state(x_proj[0], self.hidden_size, (h, c)))
+            out = ops.lstm_sequence(x_proj, cell.W_hh, *layer_state)
+            x = out[0]
+            last_h.append(x[-1])
+            last_c.append(out[1][-1])
         return x, (ops.stack(last_h, 0), ops.stack(last_c, 0))

@@ -1,0 +1,230 @@
+"""An LSTM over a whole sequence on arrays: the forward recurrence and its backward (BPTT).
+
+Why one kernel for the whole sequence: an LSTM step is one small matrix product and a dozen
+elementwise ops on (batch, hidden) arrays. As graph nodes, 35 steps x 2 layers make ~1,000
+forward and ~2,000 backward nodes per language-model step, each costing more in dispatch than
+in arithmetic. Here a step is a handful of array calls, the state-independent work is done
+for all steps at once, and the recurrent weight's gradient is one matrix product.
+
+Gates are in PyTorch's order (input, forget, cell, output) along the last axis of
+``x_proj = x W_ih + b_ih + b_hh`` (seq, batch, 4 hidden). The activated gates (``acts``) are
+an output too: the backward needs them and recomputing costs a matrix product and a tanh over
+every step. Sigmoid is ``(1 + tanh(a / 2)) / 2``, as the ``sigmoid`` op computes it, so all
+four gates take one tanh call and the results equal the step-by-step ops' to rounding.
+
+Where numba is installed, each step's elementwise work between the matrix product and the
+tanh calls is one compiled loop (numba_rnn.py) instead of five to ten NumPy calls; the NumPy
+loops below are the reference and the fallback (no numba, CuPy arrays, other dtypes) and do
+the same operations in the same order.
+
+NOTE: the step loops hold OpenBLAS to one thread (``cpu_threads.single_threaded_blas``:
+threadpoolctl, main thread only). A step's product (batch x hidden x 4 hidden: 32 x 128 x 512
+in the LM benchmark) is too small to split, and a threaded one waits for OpenBLAS's worker
+at every step. Measured on 2 cores, one layer's forward + backward over 35 steps: 50 ms with
+2 BLAS threads, 16 ms held to one while other processes kept the cores busy (load ~8); no
+difference on a quieter machine (load ~3). The products over all steps at once (the
+weight gradient; the input projection outside this module) keep OpenBLAS's threads.
+Splitting the batch over threads instead (rows are independent: each thread runs the whole
+recurrence on its rows) did not pay: 1.3x slower forward at batch 32 on 2 cores (16-row
+products, the GIL between steps).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from ..backend import cpu_threads
+from ..backend.device import array_module
+from ..backend.numba_support import numba_module
+
+__all__ = ["lstm_backward", "lstm_forward"]
+
+
+@functools.lru_cache(maxsize=32)
+def _gate_affine(hidden: int, dtype: np.dtype, xp: Any = np) -> tuple[Any, Any]:
+    """Per-column ``(scale, shift)`` of the gates: s = 0.5 for the sigmoid gates (i, f, o),
+    1 for g (tanh); ``act = tanh(pre * s) * s + (1 - s)`` is sigmoid where s = 0.5, tanh
+    where s = 1. Arrays of module ``xp`` (NumPy or CuPy), shared by every call: never
+    written."""
+    scale = xp.full(4 * hidden, 0.5, dtype=dtype)
+    scale[2 * hidden:3 * hidden] = 1.0
+    shift = 1.0 - scale
+    if xp is np:
+        scale.setflags(write=False)
+        shift.setflags(write=False)
+    return scale, shift
+
+
+#: set once numba failed to compile a loop here: the NumPy loops run from then on
+_numba_failed: list[bool] = []
+
+
+def _loops(*arrays: Any) -> Any:
+    """The numba loops (module numba_rnn) for these arrays, or None: numba missing or turned
+    off, a compilation failed before, or arrays other than float32/float64 NumPy arrays."""
+    if _numba_failed or numba_module() is None:
+        return None
+    if not all(isinstance(a, np.ndarray) and a.dtype in (np.float32, np.float64)
+               for a in arrays if a is not None):
+        return None
+    from . import numba_rnn
+
+    return numba_rnn
+
+
+def _with_fallback(fused: Any, plain: Any, loops: Any, *args: Any) -> Any:
+    """``fused(loops, *args)``, or ``plain(*args)`` where numba is not used or cannot compile
+    a loop (compilation fails at a loop's first call, before it writes anything; the whole
+    computation is redone)."""
+    if loops is not None:
+        try:
+            return fused(loops, *args)
+        except numba_module().core.errors.NumbaError:
+            _numba_failed.append(True)
+    return plain(*args)
+
+
+def _check_shapes(what: str, arrays: dict[str, Any], shapes: dict[str, tuple]) -> None:
+    """A ValueError unless each array has its shape (the compiled loops do not check
+    bounds; the op's shape rule then names the problem)."""
+    for name, shape in shapes.items():
+        array = arrays[name]
+        if array is not None and tuple(array.shape) != shape:
+            raise ValueError(f"{what}: {name} has shape {tuple(array.shape)}, expected {shape}")
+
+
+def lstm_forward(x_proj: Any, w_hh: Any, h0: Any = None, c0: Any = None
+                 ) -> tuple[Any, Any, Any]:
+    """``(h_all, c_all, acts)`` of an LSTM over ``x_proj`` (seq, batch, 4 hidden) with
+    recurrent weight ``w_hh`` (hidden, 4 hidden) from the state ``h0``, ``c0`` (batch,
+    hidden; None: zeros)."""
+    steps, batch, four = x_proj.shape
+    hidden = four // 4
+    _check_shapes("lstm_forward", {"w_hh": w_hh, "h0": h0, "c0": c0},
+                  {"w_hh": (hidden, four), "h0": (batch, hidden), "c0": (batch, hidden)})
+    state_dtypes = () if h0 is None else (h0.dtype, c0.dtype)
+    dtype = np.result_type(x_proj.dtype, w_hh.dtype, *state_dtypes)
+    xp = array_module(x_proj)
+    if h0 is None:
+        h0 = c0 = xp.zeros((batch, hidden), dtype)
+    out = (xp.empty((steps, batch, hidden), dtype), xp.empty((steps, batch, hidden), dtype),
+           xp.empty((steps, batch, four), dtype))
+    loops = _loops(x_proj, w_hh, h0, c0, *out)
+    with cpu_threads.single_threaded_blas():  # small products: see the module NOTE
+        _with_fallback(_forward_fused, _forward_numpy, loops, x_proj, w_hh, h0, c0, *out)
+    return out
+
+
+def _forward_numpy(x_proj: Any, w_hh: Any, h0: Any, c0: Any, h_all: Any, c_all: Any,
+                   acts: Any) -> None:
+    hidden = w_hh.shape[0]
+    xp = array_module(acts)
+    scale, shift = _gate_affine(hidden, acts.dtype, xp)
+    h, c = h0, c0
+    for t in range(x_proj.shape[0]):
+        a, c_t, h_t = acts[t], c_all[t], h_all[t]
+        xp.matmul(h, w_hh, out=a)
+        a += x_proj[t]
+        a *= scale
+        xp.tanh(a, out=a)
+        a *= scale
+        a += shift
+        xp.multiply(a[:, hidden:2 * hidden], c, out=c_t)          # f * c
+        c_t += a[:, :hidden] * a[:, 2 * hidden:3 * hidden]          # + i * g
+        xp.tanh(c_t, out=h_t)
+        h_t *= a[:, 3 * hidden:]                                    # o * tanh(c')
+        h, c = h_t, c_t
+
+
+def _forward_fused(loops: Any, x_proj: Any, w_hh: Any, h0: Any, c0: Any, h_all: Any,
+                   c_all: Any, acts: Any) -> None:
+    hidden = w_hh.shape[0]
+    scale, shift = _gate_affine(hidden, acts.dtype)
+    h, c = h0, c0
+    for t in range(x_proj.shape[0]):
+        a, c_t, h_t = acts[t], c_all[t], h_all[t]
+        np.matmul(h, w_hh, out=a)
+        loops.gates_in(a, x_proj[t], scale)
+        np.tanh(a, out=a)
+        loops.gates_out_and_cell(a, scale, shift, c, c_t)
+        np.tanh(c_t, out=h_t)
+        h_t *= a[:, 3 * hidden:]
+        h, c = h_t, c_t
+
+
+def lstm_backward(dh_all: Any, dc_all: Any, dacts: Any, w_hh: Any, h_all: Any, c_all: Any,
+                  acts: Any, h0: Any = None, c0: Any = None) -> tuple[Any, Any, Any, Any]:
+    """The adjoints ``(dx_proj, dw_hh, dh0, dc0)`` of :func:`lstm_forward` for the output
+    adjoints ``dh_all``, ``dc_all`` (seq, batch, hidden) and ``dacts`` (seq, batch, 4 hidden,
+    or None for zeros), from the forward's inputs and outputs (h0, c0 None: zeros)."""
+    steps, batch, four = acts.shape
+    hidden = four // 4
+    dtype = acts.dtype
+    state, gates = (steps, batch, hidden), (steps, batch, four)
+    _check_shapes("lstm_backward",
+                  {"dh_all": dh_all, "dc_all": dc_all, "dacts": dacts, "w_hh": w_hh,
+                   "h_all": h_all, "c_all": c_all, "h0": h0, "c0": c0},
+                  {"dh_all": state, "dc_all": state, "dacts": gates, "w_hh": (hidden, four),
+                   "h_all": state, "c_all": state, "h0": state[1:], "c0": state[1:]})
+    xp = array_module(acts)
+    if h0 is None:
+        h0 = c0 = xp.zeros((batch, hidden), dtype)
+    dpre = xp.empty((steps, batch, four), dtype)
+    dh = xp.zeros((batch, hidden), dtype)       # the adjoint of h from the later steps
+    dc = xp.zeros((batch, hidden), dtype)       # ... and of c
+    tanh_c = xp.tanh(c_all)                     # every step at once
+    w_hh_t = xp.ascontiguousarray(w_hh.T)
+    loops = _loops(dh_all, dc_all, dacts, w_hh, h_all, c_all, acts, h0, c0)
+    with cpu_threads.single_threaded_blas():  # small products: see the module NOTE
+        dh = _with_fallback(_backward_fused, _backward_numpy, loops, dh_all, dc_all, dacts,
+                            w_hh_t, c_all, acts, c0, tanh_c, dpre, dh, dc)
+    dw_hh = h0.T @ dpre[0] if steps else xp.zeros(w_hh.shape, dtype)
+    if steps > 1:
+        dw_hh += h_all[:-1].reshape(-1, hidden).T @ dpre[1:].reshape(-1, four)
+    return dpre, dw_hh, dh, dc
+
+
+def _backward_numpy(dh_all: Any, dc_all: Any, dacts: Any, w_hh_t: Any, c_all: Any, acts: Any,
+                    c0: Any, tanh_c: Any, dpre: Any, dh: Any, dc_next: Any) -> Any:
+    """Fills ``dpre`` and ``dc_next`` (then dc0); returns dh0."""
+    hidden = c_all.shape[2]
+    xp = array_module(acts)
+    dc_from_h = 1.0 - tanh_c * tanh_c
+    dc_from_h *= acts[:, :, 3 * hidden:]                   # dc'/dh = (1 - tanh(c')^2) o
+    deriv = acts * (1.0 - acts)                             # sigmoid' = s (1 - s)
+    g_all = deriv[:, :, 2 * hidden:3 * hidden]
+    xp.multiply(acts[:, :, 2 * hidden:3 * hidden], acts[:, :, 2 * hidden:3 * hidden], out=g_all)
+    xp.subtract(1.0, g_all, out=g_all)                      # tanh' = 1 - g^2
+    dc = xp.empty_like(dc_next)
+    for t in range(c_all.shape[0] - 1, -1, -1):
+        a, d = acts[t], dpre[t]
+        dh += dh_all[t]
+        xp.multiply(dh, dc_from_h[t], out=dc)
+        dc += dc_all[t]
+        dc += dc_next
+        xp.multiply(dh, tanh_c[t], out=d[:, 3 * hidden:])                    # d o
+        xp.multiply(dc, a[:, 2 * hidden:3 * hidden], out=d[:, :hidden])       # d i = dc g
+        xp.multiply(dc, c_all[t - 1] if t else c0, out=d[:, hidden:2 * hidden])  # d f = dc c
+        xp.multiply(dc, a[:, :hidden], out=d[:, 2 * hidden:3 * hidden])       # d g = dc i
+        xp.multiply(dc, a[:, hidden:2 * hidden], out=dc_next)                 # dc_prev = dc f
+        if dacts is not None:
+            d += dacts[t]
+        d *= deriv[t]
+        dh = d @ w_hh_t
+    return dh
+
+
+def _backward_fused(loops: Any, dh_all: Any, dc_all: Any, dacts: Any, w_hh_t: Any, c_all: Any,
+                    acts: Any, c0: Any, tanh_c: Any, dpre: Any, dh: Any, dc_next: Any) -> Any:
+    one = acts.dtype.type(1)
+    has_dacts = dacts is not None
+    for t in range(c_all.shape[0] - 1, -1, -1):
+        d = dpre[t]
+        loops.step_backward(dh, dh_all[t], dc_all[t], dc_next, tanh_c[t], acts[t],
+                            c_all[t - 1] if t else c0, dacts[t] if has_dacts else d,
+                            has_dacts, one, d)
+        dh = d @ w_hh_t
+    return dh
