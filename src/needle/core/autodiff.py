@@ -217,3 +217,18 @@ def gradients(outputs: list, wrt: list, out_grads: list | None = None,
 
     reverse_mode(list(outputs), list(out_grads), collect, wanted if stop_at_wrt else None)
     return [found.get(id(x)) for x in wrt]
+
+
+def per_input(inputs: Any, grads_of: Any) -> tuple:
+    """One adjoint per input position from ``grads_of(distinct inputs)``: an input passed
+    twice (``attention(x, x, x)``) gets its whole adjoint once and None at its other
+    positions, since the engine adds the adjoints of all positions."""
+    distinct: list = []
+    for x in inputs:
+        if all(x is not y for y in distinct):
+            distinct.append(x)
+    found = dict(zip(map(id, distinct), grads_of(distinct)))
+    out = []
+    for x in inputs:
+        out.append(found.pop(id(x), None))
+    return tuple(out)

@@ -100,10 +100,10 @@ class MultiHeadAttention(Module):
         if part != slice(None):
             weight = ops.getitem(weight, (slice(None), part))
             bias = None if bias is None else ops.getitem(bias, part)
-        # one 2-D matmul: the weight gradient is a single (D, width) product, not per batch
-        out = ops.reshape(x, (-1, d)) @ weight
-        if bias is not None:
-            out = out + bias
+        # one 2-D product: the weight gradient is a single (D, width) product, not per batch;
+        # the bias is added in place into it (the ``linear`` op)
+        rows = ops.reshape(x, (-1, d))
+        out = rows @ weight if bias is None else ops.linear(rows, weight, bias)
         return ops.reshape(out, (-1 if b is None else b, length, out.shape[-1]))
 
     def _mask(self, batch: int | None, t: int, s: int, key_padding_mask: Any,
@@ -132,6 +132,25 @@ class MultiHeadAttention(Module):
             total = pad if total is None else total + pad
         return total
 
+    def _fused(self, query: Tensor, key: Tensor, value: Tensor, mask: np.ndarray | None
+               ) -> Tensor:
+        """The output through the one ``attention`` op (no weights to return, no dropout on
+        them): the heads stay strided views of the (B, L, D) projections."""
+        b, t, d = query.shape
+        if key is query and value is query:
+            # one (B*T, D) @ (D, 3D) product; q, k, v are views of its (B, T, 3, D) result
+            qkv = self._project(query, slice(None))
+            q, k, v = ops.split(ops.reshape(qkv, (-1 if b is None else b, t, 3, d)), 2)
+        else:
+            q = self._project(query, slice(0, d))
+            k = self._project(key, slice(d, 2 * d))
+            v = self._project(value, slice(2 * d, 3 * d))
+        masks = () if mask is None else (Tensor(mask, device=q.device, dtype=q.dtype,
+                                                requires_grad=False),)
+        context = ops.attention(q, k, v, *masks, heads=self.num_heads,
+                                scale=1.0 / math.sqrt(self.head_dim))
+        return _apply_2d(self.out_proj, context)
+
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
                 key_padding_mask: Any = None, need_weights: bool = True, attn_mask: Any = None,
@@ -147,6 +166,9 @@ class MultiHeadAttention(Module):
                              f"{tuple(value.shape)} must end in embed_dim {self.embed_dim}")
         b, t, d = query.shape
         s = key.shape[1]
+        if not need_weights and (self.dropout.p == 0 or not self.training):
+            return self._fused(query, key, value, self._mask(
+                b, t, s, key_padding_mask, attn_mask, is_causal)), None
         if key is query and value is query:
             # self-attention: one (B*T, D) @ (D, 3D) product for q, k and v together
             qkv = self._project(query, slice(None))

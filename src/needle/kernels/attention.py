@@ -1,0 +1,151 @@
+"""Multi-head scaled dot-product attention on (batch, length, heads * head_dim) arrays.
+
+The heads are strided views of the inputs ((B, L, H*d) seen as (B, H, L, d)), so no head is
+ever copied out: each batched ``np.matmul`` runs one BLAS product per (batch, head) straight
+on the views, and results are written through a transposed view of an output that already
+has the (B, L, H*d) layout the next layer wants. The softmax runs in place on the logits
+buffer. Compared with the composite graph (reshape, permute, split, scale, mask add,
+softmax, two products, permute, reshape: a dozen nodes and about as many copies forward,
+twice that backward) this is four products and three in-place passes each way. Where numba
+is installed, the softmax's passes before and after NumPy's exp, and the softmax adjoint, are
+row loops (kernels/numba_attention.py); without it the same formulas run in NumPy.
+
+The backward recomputes the probabilities from q and k (one product and a softmax) instead
+of keeping them from the forward: an op's output is its one array, and at these sizes the
+recomputation costs less than the nodes it replaces. Formulas, with ``p = softmax(s)``,
+``s = scale * q k^T + mask`` per head::
+
+    dv = p^T g,  dp = g v^T,  ds = p * (dp - rowsum(p * dp)),
+    dq = scale * ds k,  dk = scale * ds^T q,  dmask = ds
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from ..backend.numba_support import numba_module
+
+__all__ = ["attention", "attention_grad"]
+
+
+def heads_view(x: Any, heads: int) -> Any:
+    """(B, L, H*d) -> (B, H, L, d), a view where the layout allows (always for arrays with a
+    unit-stride last axis)."""
+    b, length, width = x.shape
+    return x.reshape(b, length, heads, width // heads).transpose(0, 2, 1, 3)
+
+
+def _merged(b: int, length: int, heads: int, d: int, dtype: Any) -> tuple[Any, Any]:
+    """A new (B, L, H*d) array and its (B, H, L, d) view (an ``out=`` for products)."""
+    out = np.empty((b, length, heads, d), dtype=dtype)
+    return out.reshape(b, length, heads * d), out.transpose(0, 2, 1, 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _loops() -> Any:
+    """kernels/numba_attention.py, or None without numba."""
+    if numba_module() is None:
+        return None
+    from . import numba_attention
+
+    return numba_attention
+
+
+#: set when numba fails to compile the loops here; NumPy runs from then on
+_failed: list[str] = []
+
+
+def _row_loops(s: Any) -> Any:
+    """The numba loops if they can take the (..., S) array ``s`` in place, else None."""
+    if _failed or type(s) is not np.ndarray or s.dtype not in (np.float32, np.float64):
+        return None
+    return _loops() if s.flags.c_contiguous and s.size else None
+
+
+def _call(kernel: Any, *args: Any) -> bool:
+    try:
+        kernel(*args)
+    except numba_module().core.errors.NumbaError:  # compilation fails before anything runs
+        _failed.append(kernel.__name__)
+        return False
+    return True
+
+
+def _mask_rows(mask: Any, s: Any) -> Any:
+    """``mask`` as a contiguous (T, S) array of s's dtype if it is the same for every batch
+    and head (a causal mask), else None."""
+    if type(mask) is not np.ndarray or any(n != 1 for n in mask.shape[:-2]):
+        return None
+    rows = np.broadcast_to(mask.reshape(mask.shape[-2:]) if mask.ndim >= 2 else mask,
+                           s.shape[-2:])
+    return np.ascontiguousarray(rows, dtype=s.dtype)
+
+
+def probabilities(q: Any, k: Any, mask: Any, heads: int, scale: float) -> Any:
+    """softmax(scale * q k^T + mask) over the last axis, per head: a new (B, H, T, S) array."""
+    s = np.matmul(heads_view(q, heads), heads_view(k, heads).swapaxes(-1, -2))
+    loops = _row_loops(s)
+    if loops is not None:
+        rows = None if mask is None else _mask_rows(mask, s)
+        factor = scale
+        if mask is not None and rows is None:  # any other broadcast: NumPy adds it
+            s *= scale
+            s += mask
+            factor = 1.0
+        width = s.shape[-1]
+        flat = s.reshape(-1, width)
+        if _call(loops.shifted_logits_rows, flat, factor,
+                 rows if rows is not None else np.zeros((1, width), s.dtype),
+                 rows is not None):
+            np.exp(flat, out=flat)
+            if _call(loops.normalize_rows, flat):
+                return s
+        s = np.matmul(heads_view(q, heads), heads_view(k, heads).swapaxes(-1, -2))
+    s *= scale
+    if mask is not None:
+        s += mask
+    s -= s.max(axis=-1, keepdims=True)  # (methods: CuPy arrays run this path too)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+def attention(q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float) -> Any:
+    """softmax(scale * q k^T + mask) v per head: (B, T, H*dv) from q (B, T, H*dk),
+    k (B, S, H*dk), v (B, S, H*dv) and an additive mask broadcasting to (B, H, T, S) or None."""
+    dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    p = probabilities(q, k, mask, heads, scale).astype(dtype, copy=False)
+    b, t = q.shape[0], q.shape[1]
+    out, out_heads = _merged(b, t, heads, v.shape[-1] // heads, dtype)
+    np.matmul(p, heads_view(v.astype(dtype, copy=False), heads), out=out_heads)
+    return out
+
+
+def attention_grad(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float
+                   ) -> tuple[Any, Any, Any, Any]:
+    """(dq, dk, dv, dmask) of :func:`attention` for the output gradient ``g`` (B, T, H*dv);
+    dmask is d(loss)/d(logits) (B, H, T, S), or None without a mask."""
+    dtype = np.result_type(g.dtype, q.dtype, k.dtype, v.dtype)
+    q, k, v, g = (a.astype(dtype, copy=False) for a in (q, k, v, g))
+    p = probabilities(q, k, mask, heads, scale).astype(dtype, copy=False)
+    gh, vh = heads_view(g, heads), heads_view(v, heads)
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    dv, dv_heads = _merged(b, s, heads, v.shape[-1] // heads, dtype)
+    np.matmul(p.swapaxes(-1, -2), gh, out=dv_heads)
+    ds = np.matmul(gh, vh.swapaxes(-1, -2))  # dp, then ds in place
+    loops = _row_loops(ds)
+    if loops is None or not _call(loops.softmax_grad_rows, p.reshape(-1, s), ds.reshape(-1, s)):
+        ds *= p
+        p *= ds.sum(axis=-1, keepdims=True)
+        ds -= p
+    dk_width = q.shape[-1] // heads
+    dq, dq_heads = _merged(b, t, heads, dk_width, dtype)
+    np.matmul(ds, heads_view(k, heads), out=dq_heads)
+    dq *= scale
+    dk, dk_heads = _merged(b, s, heads, dk_width, dtype)
+    np.matmul(ds.swapaxes(-1, -2), heads_view(q, heads), out=dk_heads)
+    dk *= scale
+    return dq, dk, dv, (ds if mask is not None else None)

@@ -1,0 +1,90 @@
+"""The numba loops behind kernels/layernorm.py (imported only where numba is installed).
+
+Each row of an (M, D) matrix is normalized on its own, so one loop over rows keeps the row
+in cache: the statistics, the normalized row and the affine map in one visit (the NumPy
+path makes five to seven passes over the whole matrix). Row sums accumulate in float64;
+the elementwise passes run in the arrays' dtype (``_as_dtype``), which lets LLVM vectorize
+them. ``reassoc`` (only that fast-math flag: NaN and inf keep their IEEE meaning) lets it
+vectorize the sums as well.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_FLAGS = {"reassoc", "contract"}
+
+
+def _jit(fn):
+    """numba.njit with a disk cache where numba finds a writable place for one (one thread:
+    a second thread pool beside OpenBLAS's fights it for the cores)."""
+    try:
+        return numba.njit(error_model="numpy", nogil=True, cache=True, fastmath=_FLAGS)(fn)
+    except RuntimeError:  # "cannot cache function": no writable cache location
+        return numba.njit(error_model="numpy", nogil=True, fastmath=_FLAGS)(fn)
+
+
+@numba.njit(inline="always", fastmath=_FLAGS)
+def _row_mean_inv(row, eps, box):
+    """(mean, 1 / sqrt(var + eps)) of one row, as values of the row's dtype (via ``box``)."""
+    d = row.shape[0]
+    total = 0.0
+    for j in range(d):
+        total += row[j]
+    mean = total / d
+    sq = 0.0
+    for j in range(d):
+        c = row[j] - mean
+        sq += c * c
+    box[0] = mean
+    box[1] = 1.0 / np.sqrt(sq / d + eps)
+    return box[0], box[1]
+
+
+@_jit
+def layer_norm_rows(xm, weight, bias, eps, out):
+    """out = (x - mean) * inv * weight + bias per row, inv = 1 / sqrt(var + eps)."""
+    m, d = xm.shape
+    box = np.empty(2, xm.dtype)
+    for i in range(m):
+        row = xm[i]
+        mean, inv = _row_mean_inv(row, eps, box)
+        dest = out[i]
+        for j in range(d):
+            dest[j] = (row[j] - mean) * inv * weight[j] + bias[j]
+
+
+@_jit
+def layer_norm_grad_rows(gm, xm, weight, eps, dx, dweight, dbias):
+    """LayerNorm's (dx, dweight, dbias) from the output gradient gm, row by row:
+    xhat = (x - mean) * inv, gw = g * weight,
+    dx = inv * (gw - mean(gw) - xhat * mean(gw * xhat)),
+    dweight = sum over rows of g * xhat, dbias = sum over rows of g."""
+    m, d = xm.shape
+    acc_w = np.zeros(d, np.float64)
+    acc_b = np.zeros(d, np.float64)
+    xhat = np.empty(d, xm.dtype)
+    box = np.empty(2, xm.dtype)
+    for i in range(m):
+        row, grow, dest = xm[i], gm[i], dx[i]
+        mean, inv = _row_mean_inv(row, eps, box)
+        sum_gw = 0.0
+        sum_gwx = 0.0
+        for j in range(d):
+            h = (row[j] - mean) * inv
+            xhat[j] = h
+            g = grow[j]
+            gw = g * weight[j]
+            sum_gw += gw
+            sum_gwx += gw * h
+            acc_w[j] += g * h
+            acc_b[j] += g
+        box[0] = sum_gw / d
+        box[1] = sum_gwx / d
+        mean_gw, mean_gwx = box[0], box[1]
+        for j in range(d):
+            dest[j] = inv * (grow[j] * weight[j] - mean_gw - xhat[j] * mean_gwx)
+    for j in range(d):
+        dweight[j] = acc_w[j]
+        dbias[j] = acc_b[j]
