@@ -194,9 +194,9 @@ def test_jit_steps_appear_in_both_phases():
     steps = [e for e in prof.events if e.kind == "step"]
     assert all(e.category == "jit" for e in steps)
     # one event per step of the compiled program (other steps may be fused, so only these
-    # are certain): the two products, then the sum
+    # are certain): the two products (nn.Linear's product and bias: one linear op), then the sum
     forward = [e.name for e in steps if e.phase == "forward"]
-    assert forward.count("matmul") == 2 and forward[0] == "matmul"
+    assert forward.count("linear") == 2 and forward[0] == "linear"
     assert forward[-1] == "summation" and forward.count("summation") == 1
     assert any(e.name == "matmul" for e in steps if e.phase == "backward")
     # the steps of a call lie inside it

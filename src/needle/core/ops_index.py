@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import array_module
+from ..kernels.index_add import add_rows
 from .ops_shape import normalize_axes
 from .registry import Aval, CheckError, F, Op, ShapeError, fmt_shape, register
 
@@ -125,6 +126,8 @@ class IndexAdd(Op):
             values = values.reshape((*values.shape[:axis], ids.size,
                                      *values.shape[axis + ids.ndim:]))
             ids = ids.reshape(-1)
+        if axis == 0 and add_rows(out, ids, values):  # an Embedding's rows: a compiled loop
+            return out
         _add_at(out, (slice(None),) * axis + (ids,), values)
         return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels import recycle
 from .ops_elementwise import broadcast_shapes
 from .registry import Aval, F, Op, ShapeError, fmt_shape, register
 
@@ -86,3 +87,50 @@ class MatMul(Op):
             return Aval(tuple(a.shape[:-1]), dtype)
         batch = broadcast_shapes(self.name, a.shape[:-2], b.shape[:-2])
         return Aval(batch + (a.shape[-2], b.shape[-1]), dtype)
+
+
+@register("linear", inputs=("x", "w", "b"))
+class Linear(Op):
+    """``x @ w + b`` for matrices x (n, k), w (k, m) and a bias b that broadcasts to (n, m)
+    (nn.Linear's (1, m)): one node where matmul and add made two. The bias is added in place
+    into the product's array, so a vocabulary-sized head writes one (n, m) array, not two,
+    and that array is recycled between steps (kernels/recycle.py: no page faults); the
+    values are those of ``add(matmul(x, w), b)``, and so are the gradients (g @ w^T, x^T @ g,
+    and g summed back to b's shape by the engine)."""
+
+    def compute(self, x, w, b):
+        if x.ndim != 2 or w.ndim != 2:
+            raise ValueError("x and w must be matrices")  # (the shape rule's error is raised)
+        if type(x) is np.ndarray and type(w) is np.ndarray and x.dtype == w.dtype:
+            # a vocabulary-sized head: a recycled array, not page-faulted in every step
+            out = np.matmul(x, w, out=recycle.empty((x.shape[0], w.shape[1]), x.dtype))
+        else:
+            out = np.matmul(x, w)
+        if b.ndim > 2 or any(d not in (1, n) for d, n in zip(b.shape[::-1], out.shape[::-1])):
+            raise ValueError("the bias does not broadcast to the output")
+        if out.dtype == np.result_type(out.dtype, b.dtype):
+            out += b  # the product's own array: nothing else sees this write
+            return out
+        return out + b
+
+    def gradient(self, out_grad, node):
+        x, w, b = node.inputs
+        # NOTE: skip the product of an input that needs no gradient (x in a model's first layer)
+        return (F.matmul(out_grad, F.transpose(w)) if x.requires_grad else None,
+                F.matmul(F.transpose(x), out_grad) if w.requires_grad else None,
+                out_grad if b.requires_grad else None)
+
+    def infer(self, x: Aval, w: Aval, b: Aval) -> Aval:
+        if len(x.shape) != 2 or len(w.shape) != 2:
+            raise ShapeError(f"linear: x and w must be matrices, got {fmt_shape(x.shape)} and "
+                             f"{fmt_shape(w.shape)}")
+        k1, k2 = x.shape[1], w.shape[0]
+        if k1 is not None and k2 is not None and k1 != k2:
+            raise ShapeError(f"linear: inner dimensions differ: {fmt_shape(x.shape)} @ "
+                             f"{fmt_shape(w.shape)}")
+        out = (x.shape[0], w.shape[1])
+        merged = broadcast_shapes(self.name, out, b.shape)
+        if len(merged) != 2 or any(d is not None and d != m for d, m in zip(out, merged)):
+            raise ShapeError(f"linear: a bias of shape {fmt_shape(b.shape)} does not broadcast "
+                             f"to the output's {fmt_shape(out)}")
+        return Aval(merged, np.result_type(x.dtype, w.dtype, b.dtype))

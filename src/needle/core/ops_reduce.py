@@ -7,11 +7,12 @@ from typing import Any
 import numpy as np
 
 from ..backend import array_module
-from ..kernels import batchnorm
+from ..kernels import batchnorm, cross_entropy
 from ..kernels.reduce import reduce_sum, sum_expr
 from ..kernels.softmax import logsumexp_last_axis, softmax_last_axis
+from .ops_index import checked_ids
 from .ops_shape import as_axes, kept_shape, normalize_axes
-from .registry import Aval, F, Op, register
+from .registry import Aval, F, Op, ShapeError, fmt_shape, register
 
 
 class Reduction(Op):
@@ -230,6 +231,98 @@ class ScaledSoftmax(Op):
     def infer(self, a: Aval, scale: Aval) -> Aval:
         normalize_axes(self.name, self.axis, len(a.shape))
         return Aval(a.shape, np.result_type(a.dtype, scale.dtype))
+
+
+def _check_loss_avals(op: str, logits: Aval, ids: Aval) -> None:
+    """Logits (B, C) and ids (B,) of an integer (or whole-valued float) dtype."""
+    if np.dtype(ids.dtype).kind not in "iuf":
+        raise ShapeError(f"{op}: ids must be integers, got dtype {ids.dtype}")
+    if len(logits.shape) != 2 or len(ids.shape) != 1 or (
+            None not in (logits.shape[0], ids.shape[0]) and logits.shape[0] != ids.shape[0]):
+        raise ShapeError(f"{op}: expected logits (B, C) and ids (B,), got "
+                         f"{fmt_shape(logits.shape)} and {fmt_shape(ids.shape)}")
+
+
+def _check_loss_shapes(logits: Any, ids: Any, g: Any = None) -> None:
+    """Raise (the shape rule then names the shapes) unless logits (B, C), ids and g (B,)."""
+    rows = (logits.shape[0],) if logits.ndim == 2 else None
+    if rows is None or ids.shape != rows or (g is not None and g.shape != rows):
+        raise ValueError("logits (B, C) with ids and adjoints (B,) expected")
+
+
+_ROW_LOGSUMEXP = LogSumExp(axes=(1,))
+
+
+@register("softmax_cross_entropy", inputs=("logits", "ids"))
+class SoftmaxCrossEntropy(Op):
+    """Per-row softmax cross-entropy ``logsumexp(z_i) - z_i[ids_i]`` of logits (B, C) and
+    class ids (B,): SoftmaxLoss in one node. The forward is logsumexp's (cache-blocked) and
+    one pick per row, the same values as ``logsumexp(z, (1,)) - take_along_axis(z, ids)``;
+    the gradient is one op, ``softmax_cross_entropy_grad``, that writes one (B, C) array
+    where the two-op form made a softmax, a scattered one-hot and their sum."""
+
+    def compute(self, logits, ids):
+        _check_loss_shapes(logits, ids)
+        ids = checked_ids(self.name, ids, logits.shape[1])
+        compiled = cross_entropy.loss_rows(logits, ids)  # small logits: one compiled pass
+        if compiled is not None:
+            return compiled
+        lse = _ROW_LOGSUMEXP.compute(logits)
+        picked = logits[array_module(logits).arange(logits.shape[0]), ids]
+        return lse - picked
+
+    def gradient(self, out_grad, node):
+        logits, ids = node.inputs
+        return F.softmax_cross_entropy_grad(logits, ids, out_grad), None
+
+    def infer(self, logits: Aval, ids: Aval) -> Aval:
+        _check_loss_avals(self.name, logits, ids)
+        batch = logits.shape[0] if logits.shape[0] is not None else ids.shape[0]
+        return Aval((batch,), logits.dtype)
+
+
+@register("softmax_cross_entropy_grad", inputs=("logits", "ids", "g"))
+class SoftmaxCrossEntropyGrad(Op):
+    """``g_i * (softmax(z_i) - onehot(ids_i))`` for logits (B, C), ids (B,) and adjoints g
+    (B,): the gradient of ``softmax_cross_entropy``, one pass over the logits (the blocked
+    softmax times g) and one subtraction per row."""
+
+    def compute(self, logits, ids, g):
+        _check_loss_shapes(logits, ids, g)
+        ids = checked_ids(self.name, ids, logits.shape[1])
+        compiled = cross_entropy.loss_rows_grad(logits, ids, g)  # small: one compiled pass
+        if compiled is None:  # large: the blocked softmax into a recycled array
+            compiled = cross_entropy.loss_rows_grad_blocked(logits, ids, g)
+        if compiled is not None:
+            return compiled
+        scale = g.reshape(-1, 1)
+        out = softmax_last_axis(logits, scale)
+        if out is None:
+            xp = array_module(logits)
+            out = xp.exp(logits - xp.max(logits, axis=1, keepdims=True))
+            out /= xp.sum(out, axis=1, keepdims=True)
+            out = out * scale
+        out[array_module(out).arange(out.shape[0]), ids] -= g
+        return out
+
+    def gradient(self, out_grad, node):
+        # D = g (p - onehot) with p = softmax(z): dD/dz applied to G is g p (G - sum(G p)),
+        # dD/dg is sum(G p) - G[ids]
+        logits, ids, g = node.inputs
+        p = F.softmax(logits, 1)
+        weighted = F.summation(out_grad * p, (1,), keepdims=True)
+        grad_z = F.scaled_softmax(logits, F.reshape(g, (-1, 1)), 1) * (out_grad - weighted)
+        picked = F.reshape(F.take_along_axis(out_grad, F.reshape(ids, (-1, 1)), 1), (-1,))
+        grad_g = F.reshape(weighted, (-1,)) - picked
+        return grad_z, None, grad_g
+
+    def infer(self, logits: Aval, ids: Aval, g: Aval) -> Aval:
+        _check_loss_avals(self.name, logits, ids)
+        if len(g.shape) != 1 or (None not in (g.shape[0], logits.shape[0])
+                                 and g.shape[0] != logits.shape[0]):
+            raise ShapeError(f"{self.name}: g must be (B,) for logits "
+                             f"{fmt_shape(logits.shape)}, got {fmt_shape(g.shape)}")
+        return Aval(logits.shape, np.result_type(logits.dtype, g.dtype))
 
 
 def reduced_count(a: Any, axes: tuple) -> Any:

@@ -69,11 +69,12 @@ class Linear(Module):
         lead = tuple(X.shape[:-1])
         # -1 rather than prod(lead): a lazy graph may not know the batch size
         flat = X if len(X.shape) == 2 else ops.reshape(X, (-1, self.in_features))
-        out = ops.matmul(flat, self.weight)
         if self.bias is not None:
-            # b (1, out) broadcasts in the add (also over a batch size a lazy graph may not
-            # know); the engine sums its gradient back to (1, out)
-            out = out + self.bias
+            # one node: the product and b (1, out) added in place into it (b broadcasts, also
+            # over a batch size a lazy graph may not know; the engine sums its gradient back)
+            out = ops.linear(flat, self.weight, self.bias)
+        else:
+            out = ops.matmul(flat, self.weight)
         if len(X.shape) != 2:
             out = ops.reshape(out, (*(-1 if d is None else d for d in lead), self.out_features))
         return out
@@ -275,7 +276,8 @@ class LayerNorm1d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_last_dim(f"LayerNorm1d({self.dim})", x, self.dim, "dim")
-        return self.weight * ops.normalize(x, axes=(-1,), eps=self.eps) + self.bias
+        # one op each way (kernels/layernorm.py), not normalize + multiply + add
+        return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

@@ -88,11 +88,12 @@ class SoftmaxLoss(Module):
 
     def forward(self, logits: Tensor, y: Any) -> Tensor:
         y = _checked_labels(type(self).__name__, logits, _as_tensor(y, logits))
-        picked = _picked_logits(logits, y)
-        if self.label_smoothing:
-            # sum_c target_ic z_ic = (1 - s) z_i[y_i] + s mean_c z_ic
-            s = self.label_smoothing
-            picked = picked * (1.0 - s) + ops.mean(logits, axes=(1,)) * s
+        if not self.label_smoothing:
+            # one node (its gradient one op): logsumexp(z_i) - z_i[y_i] per row
+            return _reduce(ops.softmax_cross_entropy(logits, y), self.reduction)
+        # sum_c target_ic z_ic = (1 - s) z_i[y_i] + s mean_c z_ic
+        s = self.label_smoothing
+        picked = _picked_logits(logits, y) * (1.0 - s) + ops.mean(logits, axes=(1,)) * s
         return _reduce(ops.logsumexp(logits, axes=(1,)) - picked, self.reduction)
 
 
