@@ -12,7 +12,19 @@ BLAS's and PyTorch's): on a machine shared with other jobs that is far steadier 
 time, and it compares the work done. ``--threads 2`` times wall clock with two threads, as
 cnn_step.py does; there other jobs' load moves the ratios by 2x.
 
+``--estimate`` (with ``--threads 2`` or more) estimates each step's wall time on an idle
+machine from CPU times, which other jobs' load moves far less than wall time: needle's main
+thread's CPU time with each parallel region (``cpu_threads.in_parallel`` / ``run_chunks``)
+counted as its threads' total CPU time shared evenly (the region's ideal; the actual split
+depends on when the other threads got a core), PyTorch's process CPU time divided by the
+thread count, an upper bound: its OpenMP threads spin while they wait for each other, and
+that counts as CPU time (2026-12-04, CNN strides 1,1,1: needle's estimate 83.5 ms, its wall
+time in a quiet minute 84.4-85.2; PyTorch's estimate 88, its wall time 64-72; with 8 other
+jobs on the 2 cores wall times moved 2-4x and PyTorch's median CPU time was 3x its best).
+Use it to compare needle revisions; take PyTorch's time from a quiet run.
+
 Run: python benchmarks/ab_cnn_step.py [--rev HEAD | --src DIR] [--rows s111,res32] [--rounds 3]
+     [--threads 2 [--estimate]]
 """
 
 from __future__ import annotations
@@ -44,6 +56,57 @@ import cnn_step
 clock = time.process_time if common.THREADS == "1" else time.perf_counter
 
 
+def by_clock(step):
+    start = clock()
+    step()
+    return clock() - start
+
+
+needle_time = torch_time = by_clock
+if {estimate!r}:
+    import collections
+    import threading
+    from needle.backend import cpu_threads
+
+    regions = [0.0, 0.0]  # the main thread's CPU time in parallel regions; theirs shared
+
+    def instrument(name):
+        original = getattr(cpu_threads, name, None)
+        if original is None:  # (an earlier needle)
+            return
+
+        def patched(fn, items, parts):
+            spent = collections.defaultdict(float)
+
+            def timed(*args):
+                start = time.thread_time()
+                try:
+                    return fn(*args)
+                finally:
+                    spent[threading.get_ident()] += time.thread_time() - start
+
+            out = original(timed, items, parts)
+            regions[0] += spent.get(threading.get_ident(), 0.0)
+            regions[1] += sum(spent.values()) / parts  # its work shared evenly
+            return out
+
+        setattr(cpu_threads, name, patched)
+
+    for name in ("in_parallel", "run_chunks"):
+        instrument(name)
+
+    def needle_time(step):
+        regions[:] = [0.0, 0.0]
+        start = time.thread_time()
+        step()
+        return time.thread_time() - start - regions[0] + regions[1]
+
+    def torch_time(step):
+        start = time.process_time()
+        step()
+        return (time.process_time() - start) / int(common.THREADS)
+
+
 def model_pair(row):
     rng = np.random.default_rng(0)
     np.random.seed(0)
@@ -60,14 +123,9 @@ def model_pair(row):
     return cnn_step.NeedleCNN(strides), images, cnn_step.torch_cnn(strides), images
 
 
-def samples(step, count):
+def samples(step, count, measure):
     step()
-    times = []
-    for _ in range(count):
-        start = clock()
-        step()
-        times.append(clock() - start)
-    return times
+    return [measure(step) for _ in range(count)]
 
 
 result = {{}}
@@ -90,32 +148,35 @@ for row in {rows!r}:
 
     times = {{"needle": [], "torch": []}}
     for _ in range(3):
-        times["needle"] += samples(needle_step, 4)
-        times["torch"] += samples(torch_step, 4)
+        times["needle"] += samples(needle_step, 4, needle_time)
+        times["torch"] += samples(torch_step, 4, torch_time)
     result[row] = times
 print("RESULT " + json.dumps(result))
 """
 
 
-def _measure(src: str, rows: list[str], threads: int) -> dict:
+def _measure(src: str, rows: list[str], threads: int, estimate: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=src, NEEDLE_BENCH_THREADS=str(threads),
                NEEDLE_NUM_THREADS=str(threads))
-    code = _MEASURE.format(bench=HERE, rows=rows)
+    code = _MEASURE.format(bench=HERE, rows=rows, estimate=estimate)
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, check=True,
                          capture_output=True, text=True).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
-def _compare(variants: dict[str, str], rows: list[str], rounds: int, threads: int) -> None:
+def _compare(variants: dict[str, str], rows: list[str], rounds: int, threads: int,
+             estimate: bool = False) -> None:
     samples: dict[str, dict] = {name: {} for name in variants}
     for _ in range(rounds):
         for name, src in variants.items():
-            for row, times in _measure(src, rows, threads).items():
+            for row, times in _measure(src, rows, threads, estimate).items():
                 for lib, values in times.items():
                     samples[name].setdefault(row, {}).setdefault(lib, []).extend(values)
     this, base = variants
     clock = "CPU time, 1 thread" if threads == 1 else f"wall time, {threads} threads"
+    if estimate:
+        clock = f"idle-machine wall time estimated from CPU times, {threads} threads"
     print(f"| row ({rounds} alternating rounds, {clock}) | {this}: best ms | {base}: best ms "
           f"| ratio of bests | ratio of medians | {this} / torch (best) "
           f"| {base} / torch (best) | {this} / torch (median) |")
@@ -139,11 +200,16 @@ def main() -> None:
     parser.add_argument("--rows", default="s111,s122,res32,res28")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--estimate", action="store_true",
+                        help="estimate idle-machine wall times from CPU times (threads >= 2)")
     args = parser.parse_args()
+    if args.estimate and args.threads < 2:
+        parser.error("--estimate needs --threads 2 or more")
     rows = args.rows.split(",")
     this = os.path.join(ROOT, "src")
     if args.src:
-        _compare({"this": this, "earlier": args.src}, rows, args.rounds, args.threads)
+        _compare({"this": this, "earlier": args.src}, rows, args.rounds, args.threads,
+                 args.estimate)
         return
     with tempfile.TemporaryDirectory() as tmp:
         base = os.path.join(tmp, "base")
@@ -151,7 +217,7 @@ def main() -> None:
                        check=True, capture_output=True)
         try:
             _compare({"this": this, args.rev: os.path.join(base, "src")}, rows, args.rounds,
-                     args.threads)
+                     args.threads, args.estimate)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base],
                            check=False, capture_output=True)

@@ -18,17 +18,33 @@ scatter-adds after kh*kw thin products (CNN step 23.3 -> 19.3 ms with strides 1,
 
 Measured in one process, kernels on and off in turn (2 cores, 2 BLAS threads): the MLP-ResNet
 step 2.28 -> 2.16 ms eager and 1.45 -> 1.35 ms under ndl.jit, the CNN step (strides 1,2,2)
-23.3 -> 21.4 ms. Loops run on one thread: a second thread pool beside OpenBLAS's fights it
-for the cores (see compiler/fused_update.py).
+23.3 -> 21.4 ms. numba's own ``parallel=True`` pool is not used: beside OpenBLAS's it fought
+for the cores (see compiler/fused_update.py). Instead, on matrices of SPLIT_MIN_ELEMENTS or
+more, BatchNorm's passes, the column sums (Mean and SumTo on channels-last arrays) and the
+max-pool loops run in row (image) blocks that needle's CPU threads draw
+(backend/cpu_threads.run_chunks, which never waits for a thread that has not started): on
+two cores they were serial work beside the threaded convolutions. Idle-machine step times
+estimated from CPU times (benchmarks/ab_cnn_step.py --estimate, 2 threads, best of 24 steps,
+splitting from 2**18 elements): CNN strides 1,1,1 89 -> 79 ms (the main thread's serial work
+55 -> 30 ms), strides 1,2,2 24.5 -> 22.7, ResidualCNN 32x32x3 38.4 -> 32.8, 28x28x1 32.4 ->
+29.4. From 2**20 (SPLIT_MIN_ELEMENTS, see its NOTE) the ResidualCNN rows gain less (q25 of
+10 steps: 32x32x3 40.5 -> 40.5, 28x28x1 36.8 -> 35.4; strides 1,2,2 28.6 -> 26.9). The split
+halves the serial work, but the two threads' passes share the memory bandwidth (their CPU
+time grows by about half), and on a loaded machine no wall-time gain could be seen. The
+blocks depend on the shape only and their float64 sums are added in block order, so the
+result does not depend on the thread count (float32 results matched the unsplit loops' bit
+for bit on 65536 x 64 and 1000 x 300).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from ..backend import cpu_threads
 from ..backend.numba_support import numba_module
 
 __all__ = ["batch_norm_grad", "col2im", "column_affine", "column_moments", "column_sums",
@@ -47,6 +63,9 @@ def _kernels() -> dict[str, Any] | None:
     return {"moments": numba_kernels.moments, "column_sums": numba_kernels.column_sums,
             "affine": numba_kernels.affine,
             "bn_grad": numba_kernels.bn_grad, "col2im_add": numba_kernels.col2im_add,
+            "column_sums64": numba_kernels.column_sums64,
+            "centered_square_sums": numba_kernels.centered_square_sums,
+            "bn_grad_sums": numba_kernels.bn_grad_sums, "bn_grad_dx": numba_kernels.bn_grad_dx,
             "max_pool": numba_kernels.max_pool_nhwc,
             "max_pool_scatter": numba_kernels.max_pool_scatter_nhwc}
 
@@ -91,13 +110,87 @@ def _vector(values: Any, dtype: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values, dtype=dtype).reshape(-1))
 
 
+#: smallest (M, C) matrix, in elements, whose BatchNorm passes run in row blocks shared by
+#: needle's CPU threads (backend/cpu_threads.py); smaller ones run whole on one thread.
+#: NOTE: on a loaded machine (load ~3.5 on 2 cores) a split affine pass took 0.135 ms where
+#: one thread took 0.067 on 2**18 elements, 0.40 vs 0.32 on 2**20, 1.34 vs 1.22 on 2**22 (best
+#: of 40); the split pays only where the second core is free. Set it above any array's size
+#: to turn the split off.
+SPLIT_MIN_ELEMENTS = 1 << 20
+
+#: elements per row block of a split pass (4 MB of float32)
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(xm: np.ndarray) -> list[tuple[int, int]] | None:
+    """Ranges [s, e) of ``xm``'s first axis (rows; images for the pools) that split the
+    passes over it (None: run it whole). They depend on the shape only, so the float64 block
+    sums, added in block order, give the same result on any number (2 or more) of threads;
+    one thread runs the unsplit loops, whose float64 sums differ from them only by rounding.
+
+    NOTE: blocks of 2**20 elements: with 2**18 the extra kernel calls and partial sums cost
+    ~10% more CPU time (BatchNorm's three kernels on a 65536 x 64 matrix, run blocked on one
+    thread: 9.3 ms, unsplit 8.6, 2**20-element blocks 8.6)."""
+    m = xm.shape[0]
+    if xm.size < SPLIT_MIN_ELEMENTS or m < 2 or cpu_threads.NUM_THREADS < 2:
+        return None
+    count = min(m, max(2, xm.size // BLOCK_ELEMENTS))
+    bounds = [m * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run_blocks(name: str, blocks: list[tuple[int, int]],
+                args_of: Callable[[int, int, int], tuple]) -> bool:
+    """Kernel ``name`` on ``args_of(i, s, e)`` for every row block i = [s, e), the blocks
+    shared by needle's threads; False (the NumPy paths from then on) if numba fails to
+    compile it here."""
+    kernels = _kernels()
+    assert kernels is not None
+    kernel = kernels[name]
+    try:
+        cpu_threads.run_chunks(lambda i: kernel(*args_of(i, *blocks[i])), len(blocks),
+                               cpu_threads.NUM_THREADS)
+    except numba_module().core.errors.NumbaError:
+        _disabled.append(name)
+        return False
+    return True
+
+
+def _block_sums(name: str, blocks: list[tuple[int, int]], c: int, matrices: tuple,
+                *per_column: np.ndarray, outputs: int = 1) -> list[np.ndarray] | None:
+    """Float64 column sums of ``outputs`` kinds from kernel ``name`` over each row block of
+    ``matrices`` (plus the ``per_column`` constants), added in block order."""
+    parts = np.empty((outputs, len(blocks), c), np.float64)
+
+    def args_of(i: int, s: int, e: int) -> tuple:
+        return (*(mat[s:e] for mat in matrices), *per_column,
+                *(parts[k, i] for k in range(outputs)))
+
+    if not _run_blocks(name, blocks, args_of):
+        return None
+    return [np.add.reduce(parts[k], axis=0) for k in range(outputs)]
+
+
 def column_moments(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(mean, biased variance) of each column of ``xm``, or None where the kernels cannot run."""
+    """(mean, biased variance) of each column of ``xm``, or None where the kernels cannot run.
+    Large matrices take two passes in row blocks on needle's threads (``_row_blocks``)."""
     if not _usable(xm) or xm.shape[0] == 0:
         return None
-    mean = np.empty(xm.shape[1], xm.dtype)
-    var = np.empty(xm.shape[1], xm.dtype)
-    return (mean, var) if _run("moments", xm, mean, var) else None
+    m, c = xm.shape
+    mean = np.empty(c, xm.dtype)
+    var = np.empty(c, xm.dtype)
+    blocks = _row_blocks(xm)
+    if blocks is None:
+        return (mean, var) if _run("moments", xm, mean, var) else None
+    sums = _block_sums("column_sums64", blocks, c, (xm,))
+    if sums is None:
+        return None
+    mean[:] = sums[0] / m  # the same float64 sum / m, rounded to xm's dtype, as "moments"
+    squares = _block_sums("centered_square_sums", blocks, c, (xm,), mean)
+    if squares is None:
+        return None
+    var[:] = squares[0] / m
+    return mean, var
 
 
 def column_sums(xm: np.ndarray) -> np.ndarray | None:
@@ -110,7 +203,14 @@ def column_sums(xm: np.ndarray) -> np.ndarray | None:
     if not _usable(xm):
         return None
     out = np.empty(xm.shape[1], xm.dtype)
-    return out if _run("column_sums", xm, out) else None
+    blocks = _row_blocks(xm)
+    if blocks is None:
+        return out if _run("column_sums", xm, out) else None
+    sums = _block_sums("column_sums64", blocks, xm.shape[1], (xm,))
+    if sums is None:
+        return None
+    out[:] = sums[0]
+    return out
 
 
 def column_affine(xm: np.ndarray, scale: Any, shift: Any) -> np.ndarray | None:
@@ -118,7 +218,12 @@ def column_affine(xm: np.ndarray, scale: Any, shift: Any) -> np.ndarray | None:
     if not _usable(xm):
         return None
     out = np.empty_like(xm)
-    done = _run("affine", xm, _vector(scale, xm.dtype), _vector(shift, xm.dtype), out)
+    scale, shift = _vector(scale, xm.dtype), _vector(shift, xm.dtype)
+    blocks = _row_blocks(xm)
+    if blocks is None:
+        done = _run("affine", xm, scale, shift, out)
+    else:
+        done = _run_blocks("affine", blocks, lambda _, s, e: (xm[s:e], scale, shift, out[s:e]))
     return out if done else None
 
 
@@ -129,12 +234,28 @@ def batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, inv: Any, weight:
     None where the kernels cannot run."""
     if not _usable(gm, xm) or xm.shape[0] == 0:
         return None
-    c = xm.shape[1]
+    m, c = xm.shape
     dx = np.empty_like(xm)
     dweight = np.empty(c, xm.dtype)
     dbias = np.empty(c, xm.dtype)
-    done = _run("bn_grad", gm, xm, _vector(mean, xm.dtype), _vector(inv, xm.dtype),
-                _vector(weight, xm.dtype), dx, dweight, dbias)
+    mean, inv, weight = (_vector(v, xm.dtype) for v in (mean, inv, weight))
+    blocks = _row_blocks(xm)
+    if blocks is None:
+        done = _run("bn_grad", gm, xm, mean, inv, weight, dx, dweight, dbias)
+        return (dx, dweight, dbias) if done else None
+    sums = _block_sums("bn_grad_sums", blocks, c, (gm, xm), mean, outputs=2)
+    if sums is None:
+        return None
+    sum_g, sum_gc = sums
+    # the coefficients in xm's dtype, as "bn_grad" computes them
+    scale = weight * inv
+    a = scale
+    b = (-scale * inv * inv * (sum_gc / m)).astype(xm.dtype)
+    k = (-scale * (sum_g / m)).astype(xm.dtype)
+    dbias[:] = sum_g
+    dweight[:] = sum_gc * inv
+    done = _run_blocks("bn_grad_dx", blocks,
+                       lambda _, s, e: (gm[s:e], xm[s:e], mean, a, b, k, dx[s:e]))
     return (dx, dweight, dbias) if done else None
 
 
@@ -167,7 +288,12 @@ def max_pool(x: np.ndarray, k: int, stride: int, ho: int, wo: int) -> np.ndarray
         return None
     n, c = x.shape[0], x.shape[1]
     out = np.empty((n, ho, wo, c), x.dtype)
-    done = _run("max_pool", x.transpose(0, 2, 3, 1), k, stride, out)
+    xt = x.transpose(0, 2, 3, 1)
+    blocks = _row_blocks(xt)
+    if blocks is None:
+        done = _run("max_pool", xt, k, stride, out)
+    else:  # images are independent: split by images
+        done = _run_blocks("max_pool", blocks, lambda _, s, e: (xt[s:e], k, stride, out[s:e]))
     return out.transpose(0, 3, 1, 2) if done else None
 
 
@@ -181,7 +307,12 @@ def max_pool_scatter(x: np.ndarray, y: np.ndarray, g: np.ndarray, k: int, stride
     h, w = x.shape[2], x.shape[3]
     tiled = stride == k and (h - k) % stride == 0 and (w - k) % stride == 0
     dx = np.empty(shape, x.dtype) if tiled else np.zeros(shape, x.dtype)  # (tiled: all written)
-    done = _run("max_pool_scatter", x.transpose(0, 2, 3, 1), y.transpose(0, 2, 3, 1),
-                g.transpose(0, 2, 3, 1), k, stride, dx)
+    xt, yt, gt = x.transpose(0, 2, 3, 1), y.transpose(0, 2, 3, 1), g.transpose(0, 2, 3, 1)
+    blocks = _row_blocks(xt)
+    if blocks is None:
+        done = _run("max_pool_scatter", xt, yt, gt, k, stride, dx)
+    else:  # images are independent: split by images
+        done = _run_blocks("max_pool_scatter", blocks,
+                           lambda _, s, e: (xt[s:e], yt[s:e], gt[s:e], k, stride, dx[s:e]))
     return dx.transpose(0, 3, 1, 2) if done else None
 

@@ -93,6 +93,52 @@ def bn_grad(gm, xm, mean, inv, weight, dx, dweight, dbias):
 
 
 @_jit
+def column_sums64(xm, out):
+    """out[j] = sum of column j of xm, in float64 (one row block's part of a threaded sum)."""
+    acc = _float64_column_sums(xm)
+    for j in range(xm.shape[1]):
+        out[j] = acc[j]
+
+
+@_jit
+def centered_square_sums(xm, mean, out):
+    """out[j] = sum over rows of (xm[i, j] - mean[j])**2 in float64 (moments' second pass)."""
+    m, c = xm.shape
+    acc = np.zeros(c, np.float64)
+    for i in range(m):
+        for j in range(c):
+            d = np.float64(xm[i, j] - mean[j])
+            acc[j] += d * d
+    for j in range(c):
+        out[j] = acc[j]
+
+
+@_jit
+def bn_grad_sums(gm, xm, mean, sum_g, sum_gc):
+    """bn_grad's first pass over a row block: float64 column sums of g and g * (x - mean)."""
+    m, c = xm.shape
+    acc_g = np.zeros(c, np.float64)
+    acc_gc = np.zeros(c, np.float64)
+    for i in range(m):
+        for j in range(c):
+            g = gm[i, j]
+            acc_g[j] += g
+            acc_gc[j] += g * (xm[i, j] - mean[j])
+    for j in range(c):
+        sum_g[j] = acc_g[j]
+        sum_gc[j] = acc_gc[j]
+
+
+@_jit
+def bn_grad_dx(gm, xm, mean, a, b, k, dx):
+    """bn_grad's second pass over a row block: dx = a g + b (x - mean) + k per column."""
+    m, c = xm.shape
+    for i in range(m):
+        for j in range(c):
+            dx[i, j] = gm[i, j] * a[j] + (xm[i, j] - mean[j]) * b[j] + k[j]
+
+
+@_jit
 def col2im_add(t, ho, wo, kh, kw, stride, padding, out):
     """out[n, s*y+i-p, s*x+j-p, :] += t[(n, y, x), (i, j, :)] over every tap that lands inside
     out (the adjoint of im2col); out is zeroed first. t is (N*Ho*Wo, kh*kw*C), out (N, H, W, C).
