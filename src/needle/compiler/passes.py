@@ -3,6 +3,11 @@
 Passes never modify the user's graph nodes: they rewrite a Program's steps and slots.
 An op with ``side_effect = True`` (assign, print, train ops) or ``random = True`` (dropout
 masks) is never merged or folded, and a side-effect step is never dropped.
+
+With static shapes (the JIT traces with concrete shapes, and its signature guards them),
+constant folding also folds the steps whose value depends on their inputs' shapes and dtypes
+only (``full_like``: the ``1`` that seeds ``loss.backward()``), and with them the chain that
+scales and broadcasts that seed.
 """
 
 from __future__ import annotations
@@ -10,8 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from ..backend import cpu
 from ..core.interpret import Program, plan_frees
-from ..core.registry import Aval
+from ..core.registry import Aval, Op
 from . import fused_update
 
 
@@ -65,25 +73,74 @@ def eliminate_common_subexpressions(program: Program) -> int:
     return before - len(program.steps)
 
 
-def fold_constants(program: Program, constant_value: Callable[[Any], Any]) -> int:
+def reads_only_shapes(op: Op, n_inputs: int) -> bool:
+    """Whether ``op`` applied to ``n_inputs`` arrays gives a value that depends on their
+    shapes and dtypes only, not on their values: a pure elementwise op whose scalar form
+    names none of its operands (``full_like``). Asked of the op's own definition, so no op
+    is special-cased here."""
+    if not _pure(op) or n_inputs == 0 or type(op).scalar_expr is Op.scalar_expr:
+        return False
+    markers = [f"__needle_operand_{k}__" for k in range(n_inputs)]
+    try:
+        expr = op.scalar_expr(markers, lambda value: "0")
+    except Exception:  # noqa: BLE001 - a scalar form that needs more than names: not folded
+        return False
+    return expr is not None and not any(m in expr for m in markers)
+
+
+def _shape_value(step: Any) -> Any:
+    """The value of a step that reads only its inputs' shapes (``reads_only_shapes``),
+    computed on zeros of those shapes, or None where a shape is unknown or the step does not
+    run on the CPU."""
+    if getattr(step.node, "device", None) != cpu() or len(step.node.inputs) != len(step.inputs):
+        return None
+    dummies = []
+    for node in step.node.inputs:
+        aval = node.aval
+        shape = getattr(aval, "shape", None)
+        if shape is None or not isinstance(aval, Aval) or None in shape:
+            return None
+        dummies.append(np.zeros(shape, aval.dtype))
+    return step.op.compute(*dummies)
+
+
+def fold_constants(program: Program, constant_value: Callable[[Any], Any],
+                   static_shapes: bool = False) -> int:
     """Compute at plan time every pure step whose inputs are all constants.
 
     ``constant_value(node)`` gives a source node's fixed value, or None if it can change
-    between runs (placeholders, Variables, parameters).
+    between runs (placeholders, Variables, parameters). With ``static_shapes`` (every
+    value's shape is the one traced: the JIT), steps that read only their inputs' shapes
+    (``reads_only_shapes``) are folded too, whatever their inputs.
+
+    NOTE: a folded value is one array shared by every run. With ``static_shapes`` a fetched
+    value is never folded (each call returns its own array, as before), and folded arrays
+    are made read-only, so a view of one that escapes (an op returning its input) fails
+    loudly when written instead of changing later runs.
     """
     known: dict[int, Any] = dict(program.constants)
     for node in program.sources:
         value = constant_value(node)
         if value is not None:
             known[id(node)] = value
+    fetched = set(program.outputs) if static_shapes else set()
     remaining = []
     folded = 0
     for step in program.steps:
-        if _pure(step.op) and all(s in known for s in step.inputs):
-            known[step.out] = step.op.compute(*[known[s] for s in step.inputs])
-            folded += 1
-        else:
+        value = None
+        if step.out in fetched:
+            pass
+        elif _pure(step.op) and all(s in known for s in step.inputs):
+            value = step.op.compute(*[known[s] for s in step.inputs])
+        elif static_shapes and reads_only_shapes(step.op, len(step.inputs)):
+            value = _shape_value(step)
+        if value is None:
             remaining.append(step)
+            continue
+        if static_shapes and isinstance(value, np.ndarray):
+            value.flags.writeable = False
+        known[step.out] = value
+        folded += 1
     program.steps = remaining
     program.constants = known
     eliminate_dead_steps(program)
@@ -106,11 +163,13 @@ def fuse_update_rules(program: Program) -> int:
     return fused
 
 
-def optimize(program: Program, constant_value: Callable[[Any], Any]) -> Program:
+def optimize(program: Program, constant_value: Callable[[Any], Any],
+             static_shapes: bool = False) -> Program:
     """The shared pipeline: fold constants, merge duplicates, drop dead steps, fuse update
-    rules, plan frees."""
+    rules, plan frees. ``static_shapes``: every value has its traced shape on every run (the
+    JIT), so shape-only steps fold too (``fold_constants``)."""
     before = len(program.steps)
-    folded = fold_constants(program, constant_value)
+    folded = fold_constants(program, constant_value, static_shapes)
     merged = eliminate_common_subexpressions(program)
     fused = fuse_update_rules(program)
     plan_frees(program)

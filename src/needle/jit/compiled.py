@@ -178,7 +178,7 @@ class CompiledPlan:
         program = build_program([*outputs, *self.residuals, *effects], is_source)
         self.nodes_before = len(program.steps)
         if optimize:
-            optimize_program(program, lambda n: None)
+            optimize_program(program, lambda n: None, static_shapes=True)
         else:
             plan_frees(program)
             program.passes = ["prune", "memory_plan"]
