@@ -6,6 +6,8 @@ Two workloads, the same sizes in both libraries, dropout 0:
 - Transformer LM: token Embedding(10,000, 128) + learned positions Embedding(64, 128) ->
   2 pre-norm causal layers (d_model 128, 4 heads, feed-forward 512) -> LayerNorm ->
   Linear(128, 10,000) -> softmax cross-entropy, batch 16 x seq 64; Adam(lr 1e-3).
+- LSTM layers only: the LSTM LM's 2-layer LSTM without the vocabulary-sized tail (embedding,
+  head, loss), to see the recurrence apart from the head's matrix products.
 One step = forward, loss, backward, optimizer update. Times are medians over rounds; a round
 runs each variant in turn (an untimed call, then ``repeat`` timed calls), so slow phases of
 the shared machine spread over all variants. Ratios are needle / PyTorch eager.
@@ -176,6 +178,46 @@ def lstm_row(rounds: int = 3, repeat: int = 5) -> dict:
                      rounds, repeat)
 
 
+def lstm_layers_row(rounds: int = 3, repeat: int = 5) -> dict:
+    """The LM's 2-layer LSTM alone (no embedding, head or loss): forward, ``sum(out * g)``,
+    backward, SGD; what the fused ``lstm_sequence`` op speeds up, apart from the vocab tail."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((LSTM_BPTT, LSTM_BATCH, DIM)).astype(np.float32)
+    g = rng.standard_normal((LSTM_BPTT, LSTM_BATCH, DIM)).astype(np.float32)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    xn, gn = ndl.Tensor(x, requires_grad=False), ndl.Tensor(g, requires_grad=False)
+    fns: dict[str, Callable[[], object]] = {}
+    for label, jitted in (("eager", False), ("jit", True)):
+        lstm = nn.LSTM(DIM, DIM, num_layers=2)
+        opt = ndl.optim.SGD(lstm.parameters(), lr=0.01)
+
+        def step(a: ndl.Tensor, b: ndl.Tensor, lstm: nn.LSTM = lstm,
+                 opt: ndl.optim.Optimizer = opt) -> object:
+            return opt.minimize((lstm(a)[0] * b).sum())
+
+        fn = ndl.jit(step) if jitted else step
+        fns[label] = (lambda f: lambda: f(xn, gn))(fn)
+    t_lstm = torch.nn.LSTM(DIM, DIM, num_layers=2)
+    t_opt = torch.optim.SGD(t_lstm.parameters(), lr=0.01)
+    tx, tg = torch.from_numpy(x), torch.from_numpy(g)
+
+    def torch_lstm_step() -> None:
+        t_opt.zero_grad()
+        (t_lstm(tx)[0] * tg).sum().backward()
+        t_opt.step()
+
+    fns["torch"] = torch_lstm_step
+    for fn in fns.values():
+        fn()
+        fn()
+    med = median_times_in_rounds(fns, rounds, repeat)
+    return {"benchmark": "LSTM layers only: 2-layer LSTM 128 over bptt 35 x batch 32, "
+                         "sum(out * g), SGD (s/step)",
+            "needle eager": med["eager"], "needle jit": med["jit"], "pytorch eager": med["torch"],
+            "eager / torch": med["eager"] / med["torch"], "jit / torch": med["jit"] / med["torch"]}
+
+
 def transformer_row(rounds: int = 3, repeat: int = 5) -> dict:
     rng = np.random.default_rng(1)
     ids = rng.integers(0, VOCAB, (TF_BATCH, TF_SEQ))
@@ -189,7 +231,8 @@ def transformer_row(rounds: int = 3, repeat: int = 5) -> dict:
 
 def main(rounds: int = 3, repeat: int = 5) -> list[dict]:
     common.torch_threads()
-    return [lstm_row(rounds, repeat), transformer_row(rounds, repeat)]
+    return [lstm_row(rounds, repeat), lstm_layers_row(rounds, repeat),
+            transformer_row(rounds, repeat)]
 
 
 if __name__ == "__main__":

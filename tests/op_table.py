@@ -27,6 +27,8 @@ import torch
 import needle as ndl
 from needle import ops
 
+from . import lstm_reference as lstm_ref
+
 Make = Callable[[np.random.Generator], list[np.ndarray]]
 
 # the seed consumers give NumPy's global RNG before running a ``nondeterministic`` row
@@ -282,6 +284,61 @@ def _torch_batch_norm_grad(g, x, w, axes=(0,), batch_norm=_torch_batch_norm):
     return dx + dw * 2.0 + db * 3.0
 
 
+def _torch_layer_norm(x, w, b, eps=1e-5):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def _torch_layer_norm_composite(x, w, b, eps=1e-5):
+    """The same as elementary torch ops (the second-order reference)."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w + b
+
+
+def _torch_layer_norm_grad(g, x, w, eps=1e-5, layer_norm=_torch_layer_norm):
+    """dx + 2 dw + 3 db of layer norm, differentiable (create_graph)."""
+    b = torch.zeros_like(w, requires_grad=True)
+    x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+    w_in = w if w.requires_grad else w.detach().requires_grad_(True)
+    y = layer_norm(x_in, w_in, b, eps=eps)
+    dx, dw, db = torch.autograd.grad(y, [x_in, w_in, b], g, create_graph=True)
+    return dx + dw * 2.0 + db * 3.0
+
+
+def _layer_norm_grad(g, x, w, eps=1e-5):
+    """layer_norm_grad's (dx, dweight, dbias) as dx + 2 dw + 3 db."""
+    dx, dw, db = ops.layer_norm_grad(g, x, w, eps=eps)
+    return dx + dw * 2.0 + db * 3.0
+
+
+def _torch_attention(q, k, v, *mask, heads=1, scale=1.0):
+    """Per-head softmax(scale q k^T + mask) v, heads concatenated (B, T, heads * dv)."""
+    def split(x):
+        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    logits = scale * split(q) @ split(k).transpose(-1, -2)
+    if mask:
+        logits = logits + mask[0]
+    out = torch.softmax(logits, -1) @ split(v)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2])
+
+
+def _torch_attention_grad(g, q, k, v, *mask, heads=1, scale=1.0):
+    """attention_grad's outputs (dq, dk, dv[, dmask]) flattened into one vector."""
+    leaves = [x if x.requires_grad else x.detach().requires_grad_(True) for x in (q, k, v, *mask)]
+    out = _torch_attention(*leaves[:3], *leaves[3:], heads=heads, scale=scale)
+    grads = torch.autograd.grad(out, leaves, g, create_graph=True)
+    return torch.cat([grad.reshape(-1) for grad in grads])
+
+
+def _attention_grad(g, q, k, v, *mask, heads=1, scale=1.0):
+    grads = ops.attention_grad(g, q, k, v, *mask, heads=heads, scale=scale)
+    n = 4 if mask else 3
+    if mask and mask[0].shape != (q.shape[0], heads, q.shape[1], k.shape[1]):
+        raise AssertionError("the samples give attention_grad full-shape masks")
+    return ops.concatenate([ops.reshape(grads[i], (-1,)) for i in range(n)], axis=0)
+
+
 def _nhwc(t):
     """An NCHW array seen as NHWC (the permute nn.Conv applies)."""
     return t.permute(0, 2, 3, 1)
@@ -496,6 +553,12 @@ OP_TABLE: list[OpInfo] = [
             S(normal((4,), (2, 4, 3)), "vec_batched", V)],
            rtol=1e-4, atol=1e-5,
            second_order_sample="batched_broadcast"),
+    # nn.Linear's product and bias in one node
+    OpInfo("linear", ops.linear, lambda x, w, b: x @ w + b,
+           [S(normal((3, 4), (4, 5), (1, 5)), "row_bias", BC),
+            S(normal((3, 4), (4, 5), (5,)), "vector_bias", V),
+            S(normal((3, 4), (4, 5), (3, 5)), "full_bias", B)],
+           rtol=1e-4, atol=1e-5),
     # -- reductions --
     OpInfo("summation", ops.summation,
            lambda a, axes=None, keepdims=False: a.sum(_dims(a, axes), keepdim=keepdims),
@@ -546,6 +609,18 @@ OP_TABLE: list[OpInfo] = [
            second_order_ref=partial(_torch_batch_norm_grad,
                                     batch_norm=_torch_batch_norm_composite),
            rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("layer_norm", ops.layer_norm, _torch_layer_norm,
+           [S(normal((6, 5), (5,), (5,)), "rows", BC, eps=1e-5),
+            S(normal((2, 3, 4), (4,), (4,)), "batched", BT, eps=1e-3)],
+           second_order_ref=_torch_layer_norm_composite,
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    # all three adjoints in one output, so every input gets a gradient
+    OpInfo("layer_norm_grad", _layer_norm_grad, _torch_layer_norm_grad,
+           [S(normal((6, 5), (6, 5), (5,)), "rows", BC),
+            S(normal((2, 3, 4), (2, 3, 4), (4,)), "batched", BT, eps=1e-3)],
+           second_order_ref=partial(_torch_layer_norm_grad,
+                                    layer_norm=_torch_layer_norm_composite),
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
     OpInfo("inv_std", lambda a: ops.inv_std(a, (1,), 1e-5),
            lambda a: 1 / torch.sqrt(a.var(1, unbiased=False, keepdim=True) + 1e-5),
            [S(normal((3, 5)), "basic")], rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
@@ -560,6 +635,36 @@ OP_TABLE: list[OpInfo] = [
             S(normal((3, 5), (1, 5)), "axis0", A, axis=0),
             S(normal((300, 250), (300, 1)), "blocked", BC)],
            second_order_sample="rows"),
+    # SoftmaxLoss as one node, and its gradient (ids a constant input; a large sample: the
+    # blocked kernels)
+    OpInfo("softmax_cross_entropy",
+           lambda z, ids: ops.softmax_cross_entropy(z, _const(ids)),
+           lambda z, ids: torch.nn.functional.cross_entropy(z, torch.tensor(ids),
+                                                            reduction="none"),
+           [S(normal((4, 6)), "rows", A, ids=np.array([5, 0, 2, 5])),
+            S(normal((300, 250)), "blocked", A, ids=np.arange(300) % 250)],
+           second_order_sample="rows"),
+    OpInfo("softmax_cross_entropy_grad",
+           lambda z, g, ids: ops.softmax_cross_entropy_grad(z, _const(ids), g),
+           lambda z, g, ids: (torch.softmax(z, -1) - torch.nn.functional.one_hot(
+               torch.tensor(ids), z.shape[1]).to(z.dtype)) * g[:, None],
+           [S(normal((4, 6), (4,)), "rows", A, ids=np.array([5, 0, 2, 5])),
+            S(normal((300, 250), (300,)), "blocked", A, ids=np.arange(300) % 250)],
+           second_order_sample="rows"),
+    # attention: heads as strided views of (batch, length, heads * head_dim)
+    OpInfo("attention", ops.attention, _torch_attention,
+           [S(normal((2, 3, 4), (2, 5, 4), (2, 5, 6)), "heads", A, heads=2, scale=0.5),
+            S(normal((2, 3, 4), (2, 3, 4), (2, 3, 4), (3, 3)), "mask", BC, heads=2,
+              scale=0.7),
+            S(normal((1, 4, 3), (1, 4, 3), (1, 4, 3), (1, 1, 1, 4)), "padding_mask", S1,
+              heads=1, scale=1.0)],
+           rtol=1e-4, atol=1e-5, second_order_sample="mask"),
+    OpInfo("attention_grad", _attention_grad, _torch_attention_grad,
+           [S(normal((2, 3, 6), (2, 3, 4), (2, 5, 4), (2, 5, 6)), "heads", A, heads=2,
+              scale=0.5),
+            S(normal((1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 2, 3, 3)), "mask", BT,
+              heads=2, scale=0.7)],
+           rtol=1e-4, atol=1e-5),
     # -- shape --
     OpInfo("reshape", lambda a: ops.reshape(a, (4, 3)), lambda a: a.reshape(4, 3),
            [S(normal((2, 6)), "basic")]),
@@ -680,6 +785,17 @@ OP_TABLE: list[OpInfo] = [
            [S(distinct((2, 3, 6, 4), (2, 3, 6, 4)), "tiled", A, kernel_size=2, stride=2),
             S(distinct((1, 2, 7, 6), (1, 2, 7, 6)), "overlapping", A, kernel_size=3,
               stride=2)]),
+    # a whole LSTM layer (x_proj (seq, batch, 4h), w_hh (h, 4h)[, h0, c0]); outputs flattened
+    OpInfo("lstm_sequence", lstm_ref.lstm_sequence_flat, lstm_ref.torch_lstm_sequence_flat,
+           [S(normal((3, 2, 12), (3, 12), (2, 3), (2, 3)), "state"),
+            S(normal((2, 2, 12), (3, 12)), "zero_state")],
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("lstm_sequence_grad", lstm_ref.lstm_sequence_grad_flat,
+           lstm_ref.torch_lstm_sequence_grad_flat,
+           [S(normal((2, 2, 3), (2, 2, 3), (2, 2, 12), (3, 12), (2, 3), (2, 3)), "state"),
+            S(normal((2, 2, 3), (2, 2, 3), (2, 2, 12), (3, 12), (2, 2, 12)), "zero_state_dacts",
+              A, with_state=False, with_dacts=True)],
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
 ]
 
 

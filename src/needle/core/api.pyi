@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..autograd import Tensor, TensorTuple
+from .ops_attention import Attention as Attention
+from .ops_attention import AttentionGrad as AttentionGrad
 from .ops_check import CheckClassIds as CheckClassIds
 from .ops_collective import AllGather as AllGather
 from .ops_collective import AllReduce as AllReduce
@@ -48,6 +50,9 @@ from .ops_index import IndexAdd as IndexAdd
 from .ops_index import ScatterAdd as ScatterAdd
 from .ops_index import Take as Take
 from .ops_index import TakeAlongAxis as TakeAlongAxis
+from .ops_layer_norm import LayerNorm as LayerNorm
+from .ops_layer_norm import LayerNormGrad as LayerNormGrad
+from .ops_linalg import Linear as Linear
 from .ops_linalg import MatMul as MatMul
 from .ops_norm import BatchNorm as BatchNorm
 from .ops_norm import BatchNormGrad as BatchNormGrad
@@ -64,8 +69,12 @@ from .ops_reduce import Max as Max
 from .ops_reduce import Mean as Mean
 from .ops_reduce import ScaledSoftmax as ScaledSoftmax
 from .ops_reduce import Softmax as Softmax
+from .ops_reduce import SoftmaxCrossEntropy as SoftmaxCrossEntropy
+from .ops_reduce import SoftmaxCrossEntropyGrad as SoftmaxCrossEntropyGrad
 from .ops_reduce import Summation as Summation
 from .ops_reduce import Variance as Variance
+from .ops_rnn import LSTMSequence as LSTMSequence
+from .ops_rnn import LSTMSequenceGrad as LSTMSequenceGrad
 from .ops_shape import BroadcastTo as BroadcastTo
 from .ops_shape import Concatenate as Concatenate
 from .ops_shape import Dilate as Dilate
@@ -88,27 +97,31 @@ from .ops_state import Store as Store
 from .ops_state import ToDevice as ToDevice
 
 __all__ = [
-    "check_class_ids", "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter",
-    "conv", "conv_weight_grad", "conv_input_grad", "add", "add_scalar", "multiply", "mul_scalar",
-    "divide", "divide_scalar", "power_scalar", "power", "negate", "log", "exp", "relu", "relu_grad",
-    "tanh", "sigmoid", "sqrt", "abs", "erf", "maximum", "where", "compare", "compare_scalar",
-    "sign", "full_like", "astype", "reshape", "broadcast_to", "sum_to", "transpose", "permute",
-    "make_tuple", "tuple_get_item", "stack", "concatenate", "split", "flip", "dilate", "undilate",
-    "getitem", "scatter", "pad", "take", "index_add", "take_along_axis", "scatter_add", "matmul",
-    "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax", "scaled_softmax", "variance",
-    "normalize", "normalize_grad", "batch_norm", "batch_norm_grad", "inv_std", "max_pool2d",
-    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "stop_gradient", "to_device",
-    "store", "install_tensor_methods", "CheckClassIds", "AllReduce", "Broadcast", "Reduce",
-    "AllGather", "ReduceScatter", "Conv", "ConvWeightGrad", "ConvInputGrad", "EWiseAdd",
-    "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow",
-    "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum",
-    "Where", "Compare", "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "BroadcastTo",
-    "SumTo", "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split",
-    "Flip", "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis",
-    "ScatterAdd", "MatMul", "Summation", "Mean", "Max", "LogSumExp", "LogSoftmax", "Softmax",
-    "ScaledSoftmax", "Variance", "Normalize", "NormalizeGrad", "BatchNorm", "BatchNormGrad",
-    "InvStd", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike", "StopGradient",
-    "ToDevice", "Store", "ApplyUpdates",
+    "attention", "attention_grad", "check_class_ids", "all_reduce", "broadcast", "reduce_to_root",
+    "all_gather", "reduce_scatter", "conv", "conv_weight_grad", "conv_input_grad", "add",
+    "add_scalar", "multiply", "mul_scalar", "divide", "divide_scalar", "power_scalar", "power",
+    "negate", "log", "exp", "relu", "relu_grad", "tanh", "sigmoid", "sqrt", "abs", "erf", "maximum",
+    "where", "compare", "compare_scalar", "sign", "full_like", "astype", "reshape", "broadcast_to",
+    "sum_to", "transpose", "permute", "make_tuple", "tuple_get_item", "stack", "concatenate",
+    "split", "flip", "dilate", "undilate", "getitem", "scatter", "pad", "take", "index_add",
+    "take_along_axis", "scatter_add", "layer_norm", "layer_norm_grad", "matmul", "linear",
+    "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax", "scaled_softmax",
+    "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance", "normalize",
+    "normalize_grad", "batch_norm", "batch_norm_grad", "inv_std", "max_pool2d",
+    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
+    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "install_tensor_methods",
+    "Attention", "AttentionGrad", "CheckClassIds", "AllReduce", "Broadcast", "Reduce", "AllGather",
+    "ReduceScatter", "Conv", "ConvWeightGrad", "ConvInputGrad", "EWiseAdd", "AddScalar", "EWiseMul",
+    "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU",
+    "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare",
+    "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "BroadcastTo", "SumTo", "Transpose",
+    "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate",
+    "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd",
+    "LayerNorm", "LayerNormGrad", "MatMul", "Linear", "Summation", "Mean", "Max", "LogSumExp",
+    "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy", "SoftmaxCrossEntropyGrad",
+    "Variance", "Normalize", "NormalizeGrad", "BatchNorm", "BatchNormGrad", "InvStd", "MaxPool2d",
+    "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad",
+    "StopGradient", "ToDevice", "Store", "ApplyUpdates",
 ]
 
 #: the names of the generated op functions, in registration order
@@ -116,6 +129,31 @@ OP_FUNCTIONS: list[str]
 
 def install_tensor_methods(tensor_cls: type) -> None:
     """Give Tensor the method forms the registry asks for (``x.sum()``, ``x.exp()``, ...)."""
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *mask: Tensor,
+    heads: int = 1,
+    scale: float = 1.0,
+) -> Tensor:
+    """softmax(scale * q k^T + mask) v for each of ``heads`` heads, heads concatenated: q (B, T,
+    H*dk), k (B, S, H*dk), v (B, S, H*dv) -> (B, T, H*dv); ``mask`` (optional) is added to the
+    logits and broadcasts to (B, H, T, S)."""
+
+def attention_grad(
+    g: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *mask: Tensor,
+    heads: int = 1,
+    scale: float = 1.0,
+) -> TensorTuple:
+    """The adjoint of ``attention`` for output gradient ``g``: ``(dq, dk, dv)``, and with a mask
+    also ``dmask``, the logits' adjoint (B, H, T, S) (summed to the mask's shape by the engine).
+    Recomputes the probabilities from q and k (see kernels/attention.py)."""
 
 def check_class_ids(y: Tensor, classes: int, what: str = "check_class_ids") -> Tensor:
     """``y`` unchanged, after checking that every value is a whole class id in [0, classes)."""
@@ -301,9 +339,24 @@ def scatter_add(values: Tensor, ids: Tensor, size: int, axis: int = -1) -> Tenso
     that axis (``torch.scatter_add`` into zeros; repeats accumulate): the adjoint of
     ``take_along_axis``. ``ids`` has ``values``'s shape."""
 
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-05) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with each row's own (biased) statistics
+    over the last axis; ``weight`` and ``bias`` are (D,)."""
+
+def layer_norm_grad(g: Tensor, x: Tensor, weight: Tensor, eps: float = 1e-05) -> TensorTuple:
+    """The adjoint of ``layer_norm`` for output gradient ``g``: ``(dx, dweight, dbias)``::"""
+
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
     vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
+
+def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``x @ w + b`` for matrices x (n, k), w (k, m) and a bias b that broadcasts to (n, m)
+    (nn.Linear's (1, m)): one node where matmul and add made two. The bias is added in place into
+    the product's array, so a vocabulary-sized head writes one (n, m) array, not two, and that
+    array is recycled between steps (kernels/recycle.py: no page faults); the values are those of
+    ``add(matmul(x, w), b)``, and so are the gradients (g @ w^T, x^T @ g, and g summed back to
+    b's shape by the engine)."""
 
 def summation(a: Tensor, axes: Any = None, keepdims: bool = False) -> Tensor:
     """Sum over ``axes`` (None: all), removing them unless ``keepdims``."""
@@ -327,6 +380,18 @@ def scaled_softmax(a: Tensor, scale: Tensor, axis: int = -1) -> Tensor:
     """softmax(a) * scale along ``axis``: logsumexp's adjoint (``scale`` is the output adjoint,
     kept-shape: one value per slice), in one pass over ``a`` where the blocked kernel applies (a
     vocabulary-sized loss writes one array, not a softmax and then a product)."""
+
+def softmax_cross_entropy(logits: Tensor, ids: Tensor) -> Tensor:
+    """Per-row softmax cross-entropy ``logsumexp(z_i) - z_i[ids_i]`` of logits (B, C) and class
+    ids (B,): SoftmaxLoss in one node. The forward is logsumexp's (cache-blocked) and one pick
+    per row, the same values as ``logsumexp(z, (1,)) - take_along_axis(z, ids)``; the gradient is
+    one op, ``softmax_cross_entropy_grad``, that writes one (B, C) array where the two-op form
+    made a softmax, a scattered one-hot and their sum."""
+
+def softmax_cross_entropy_grad(logits: Tensor, ids: Tensor, g: Tensor) -> Tensor:
+    """``g_i * (softmax(z_i) - onehot(ids_i))`` for logits (B, C), ids (B,) and adjoints g (B,):
+    the gradient of ``softmax_cross_entropy``, one pass over the logits (the blocked softmax
+    times g) and one subtraction per row."""
 
 def variance(a: Tensor, axes: Any = None, keepdims: bool = False) -> Tensor:
     """Biased variance over ``axes`` (divide by n, as BatchNorm and LayerNorm use)."""
@@ -380,6 +445,25 @@ def max_pool2d_gather(x: Tensor, y: Tensor, a: Tensor, kernel_size: int, stride:
 
 def bernoulli_like(a: Tensor, p: float) -> Tensor:
     """A 0/1 mask of a's shape and dtype, 1 with probability ``p``: ``rand(*a.shape) <= p``."""
+
+def lstm_sequence(x_proj: Tensor, w_hh: Tensor, *state: Tensor) -> TensorTuple:
+    """An LSTM layer over a sequence, gates in PyTorch's order (input, forget, cell, output)::"""
+
+def lstm_sequence_grad(
+    dh_all: Tensor,
+    dc_all: Tensor,
+    x_proj: Tensor,
+    w_hh: Tensor,
+    h_all: Tensor,
+    c_all: Tensor,
+    acts: Tensor,
+    *rest: Tensor,
+    with_state: bool = False,
+    with_dacts: bool = False,
+) -> TensorTuple:
+    """The adjoint of ``lstm_sequence``: ``(dx_proj, dw_hh)``, and ``dh0, dc0`` where it had a
+    state, for the output adjoints ``dh_all``, ``dc_all`` and (``with_dacts``) ``dacts``, given
+    the forward's inputs and its outputs ``h_all``, ``c_all``, ``acts``."""
 
 def stop_gradient(a: Tensor) -> Tensor:
     """a, with no gradient flowing back (``Tensor.detach`` of a value that is not computed yet)."""

@@ -10,8 +10,12 @@ written once, in the module that owns it:
     numba_winograd.py  its numba tile transforms
     reduce.py          sums and statistics over axes (einsum, column sums); the JIT's sum code
     softmax.py         logsumexp and softmax over the last axis in cache-sized row blocks
+    index_add.py       rows added into a table at ids (an Embedding's backward; numba -> NumPy)
+    cross_entropy.py   softmax cross-entropy of small logits and its gradient (numba -> NumPy)
     batchnorm.py       BatchNorm's statistics, affine map and backward (numba -> NumPy)
     layout.py          per-channel work on channels-last memory (rows of a multiple of C)
+    rnn.py             an LSTM layer over a whole sequence, forward and backward (numba -> NumPy)
+    numba_rnn.py       its numba step loops (imported only where numba is installed)
     cpu_kernels.py     the compiled loops' entry points: None where numba cannot run them
     numba_kernels.py   those loops (imported only where numba is installed)
 """

@@ -247,6 +247,11 @@ def _emit_matmul(c: _Ctx) -> str:
     return c.g.node("MatMul", c.inputs_as(c.aval.dtype))
 
 
+def _emit_linear(c: _Ctx) -> str:
+    x, w, b = c.inputs_as(c.aval.dtype)
+    return c.g.node("Add", [c.g.node("MatMul", [x, w]), b])
+
+
 def _emit_reshape(c: _Ctx) -> str:
     out, in_dims = list(c.dims), list(c.in_dims[0])
     target: list[Any] = []
@@ -372,6 +377,37 @@ def _emit_batch_norm(c: _Ctx) -> str:
     x, weight, bias, mean, var = c.inputs_as(c.aval.dtype)
     scale = g.node("Mul", [weight, _inv_std(g, var, c.op.eps, c.aval.dtype)])
     return g.node("Add", [g.node("Mul", [g.node("Sub", [x, mean]), scale]), bias])
+
+
+def _emit_layer_norm(c: _Ctx) -> str:
+    """layer_norm (last axis): LayerNormalization from opset 17, else its formula."""
+    g = c.g
+    x, weight, bias = c.inputs_as(c.aval.dtype)
+    if g.opset >= 17:
+        return g.node("LayerNormalization", [x, weight, bias], axis=-1,
+                      epsilon=float(c.op.eps))
+    centered, var = _variance(g, x, [len(c.in_avals[0].shape) - 1], keepdims=True)
+    normed = g.node("Mul", [centered, _inv_std(g, var, c.op.eps, c.aval.dtype)])
+    return g.node("Add", [g.node("Mul", [normed, weight]), bias])
+
+
+def _emit_attention(c: _Ctx) -> str:
+    """attention: heads by Reshape + Transpose, MatMul, Mul (scale), Add (mask), Softmax,
+    MatMul, and the heads merged back by Transpose + Reshape (0 keeps the batch dim)."""
+    g, heads, dtype = c.g, int(c.op.heads), c.aval.dtype
+    q, k, v, *mask = c.inputs_as(dtype)
+
+    def split(x: str, perm: list[int]) -> str:
+        shaped = g.node("Reshape", [x, g.const([0, 0, heads, -1])])
+        return g.node("Transpose", [shaped], perm=perm)
+
+    logits = g.node("MatMul", [split(q, [0, 2, 1, 3]), split(k, [0, 2, 3, 1])])
+    logits = g.node("Mul", [logits, g.const(c.op.scale, dtype)])
+    if mask:
+        logits = g.node("Add", [logits, mask[0]])
+    out = g.node("MatMul", [g.node("Softmax", [logits], axis=-1), split(v, [0, 2, 1, 3])])
+    merged = g.node("Transpose", [out], perm=[0, 2, 1, 3])
+    return g.node("Reshape", [merged, g.const([0, 0, -1])])
 
 
 def _emit_permute(c: _Ctx) -> str:
@@ -555,6 +591,36 @@ def _emit_conv(c: _Ctx) -> str:
     return g.node("Transpose", [y], perm=[0, 2, 3, 1])
 
 
+def _emit_lstm_sequence(c: _Ctx) -> list[str]:
+    """lstm_sequence unrolled over its steps (a static count): per step MatMul + Add, a Split
+    into the four gates, Sigmoid/Tanh, the c and h updates; each output is a Concat of the
+    steps' values (the gates' Concat is left unread where the model does not use it)."""
+    g = c.g
+    dtype = np.result_type(*(a.dtype for a in c.in_avals))
+    x_proj, w_hh, *state = c.inputs_as(dtype)
+    h, cell = state if state else (None, None)  # no state: zeros, which drop out of step 1
+    steps, hidden = c.in_dims[0][0], c.in_avals[1].shape[0]
+    if isinstance(steps, Sym) or steps is None:
+        raise OnnxError("lstm_sequence: the number of steps depends on the batch size")
+    xs = g.node("Split", [x_proj, g.const([1] * steps)], outputs=steps, axis=0)
+    xs = [xs] if isinstance(xs, str) else xs
+    hs, cs, acts = [], [], []
+    for x_t in xs:
+        pre = g.squeeze(x_t, [0])
+        if h is not None:
+            pre = g.node("Add", [pre, g.node("MatMul", [h, w_hh])])
+        i, f, gate, o = g.node("Split", [pre, g.const([hidden] * 4)], outputs=4, axis=1)
+        i, f, gate, o = (g.node("Sigmoid", [i]), g.node("Sigmoid", [f]), g.node("Tanh", [gate]),
+                         g.node("Sigmoid", [o]))
+        cell = g.node("Mul", [i, gate]) if cell is None else g.node(
+            "Add", [g.node("Mul", [f, cell]), g.node("Mul", [i, gate])])
+        h = g.node("Mul", [o, g.node("Tanh", [cell])])
+        hs.append(g.unsqueeze(h, [0]))
+        cs.append(g.unsqueeze(cell, [0]))
+        acts.append(g.unsqueeze(g.node("Concat", [i, f, gate, o], axis=1), [0]))
+    return [g.node("Concat", items, axis=0) for items in (hs, cs, acts)]
+
+
 #: needle op name -> emitter; emitters carry the ONNX ops they write for the table
 EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "add": _binary("Add"), "multiply": _binary("Mul"), "divide": _binary("Div"),
@@ -567,19 +633,21 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "compare": _emit_compare, "compare_scalar": _emit_compare_scalar, "where": _emit_where,
     "astype": _emit_astype, "full_like": _emit_full_like,
     "stop_gradient": _emit_identity, "to_device": _emit_identity,
-    "matmul": _emit_matmul, "conv": _emit_conv, "max_pool2d": _emit_max_pool,
+    "matmul": _emit_matmul, "linear": _emit_linear, "conv": _emit_conv,
+    "max_pool2d": _emit_max_pool,
     "reshape": _emit_reshape, "broadcast_to": _emit_broadcast_to, "sum_to": _emit_sum_to,
     "summation": _reduction("ReduceSum"), "mean": _reduction("ReduceMean"),
     "max": _reduction("ReduceMax"), "logsumexp": _emit_logsumexp,
     "variance": _emit_variance, "softmax": _emit_softmax("Softmax"),
     "logsoftmax": _emit_softmax("LogSoftmax"), "normalize": _emit_normalize,
-    "inv_std": _emit_inv_std, "batch_norm": _emit_batch_norm,
+    "inv_std": _emit_inv_std, "batch_norm": _emit_batch_norm, "layer_norm": _emit_layer_norm,
+    "attention": _emit_attention,
     "permute": _emit_permute, "transpose": _emit_transpose, "getitem": _emit_getitem,
     "split": _emit_split, "make_tuple": _emit_make_tuple,
     "tuple_get_item": _emit_tuple_get_item, "stack": _emit_stack,
     "concatenate": _emit_concatenate, "flip": _emit_flip, "pad": _emit_pad,
     "take": _emit_gather("Gather"), "take_along_axis": _emit_gather("GatherElements"),
-    "scaled_softmax": _emit_scaled_softmax,
+    "scaled_softmax": _emit_scaled_softmax, "lstm_sequence": _emit_lstm_sequence,
 }
 
 #: the ONNX ops each composite emitter writes (for ``mapping_table``)
@@ -588,6 +656,7 @@ _WRITES = {
     "compare_scalar": "Less/LessOrEqual/Greater/GreaterOrEqual/Equal (+Not for ne)",
     "where": "Where", "astype": "Cast", "full_like": "ConstantOfShape (+Shape)",
     "stop_gradient": "Identity", "to_device": "Identity", "matmul": "MatMul",
+    "linear": "MatMul, Add",
     "conv": "Conv (NCHW, OIHW kernel; Transposes around it cancel with nn.Conv's permutes)",
     "max_pool2d": "MaxPool",
     "reshape": "Reshape (0 / -1 / Shape-based dims for the batch)",
@@ -596,10 +665,13 @@ _WRITES = {
     "normalize": "LayerNormalization (trailing axes, opset >= 17) or ReduceMean/Sub/Mul/Sqrt",
     "inv_std": "ReduceMean, Sub, Mul, Add, Sqrt, Reciprocal",
     "batch_norm": "Sub, Mul, Add, Sqrt, Reciprocal", "permute": "Transpose",
+    "layer_norm": "LayerNormalization (opset >= 17) or ReduceMean/Sub/Mul/Sqrt/Add",
+    "attention": "Reshape, Transpose, MatMul, Mul, Add, Softmax, MatMul, Transpose, Reshape",
     "transpose": "Transpose", "getitem": "Slice / Gather / Squeeze / Unsqueeze",
     "split": "Split + Squeeze", "make_tuple": "(no node)", "tuple_get_item": "(no node)",
     "stack": "Unsqueeze + Concat", "concatenate": "Concat", "flip": "Slice (step -1)",
     "pad": "Pad", "scaled_softmax": "Softmax, Mul",
+    "lstm_sequence": "per step: MatMul, Add, Split, Sigmoid, Tanh, Mul (unrolled); Concat",
 }
 
 #: why the ops without an emitter have none
