@@ -84,7 +84,14 @@ class Reshape(Op):
         return f"{args[0]}.reshape({tuple(node.shape)!r})"
 
     def gradient(self, out_grad, node):
-        return F.reshape(out_grad, node.inputs[0].shape)
+        shape = node.inputs[0].shape
+        if None in shape:  # a declared graph's unknown dim: here None would copy out_grad's dim
+            if shape.count(None) > 1:
+                raise ShapeError(f"reshape: cannot differentiate a reshape of an input with "
+                                 f"more than one unknown dim, {fmt_shape(shape)}; declare all "
+                                 f"but one of them")
+            shape = tuple(-1 if d is None else d for d in shape)  # the size fixes it at run time
+        return F.reshape(out_grad, shape)
 
     def infer(self, a: Aval) -> Aval:
         target = self._resolve(a.shape)
