@@ -10,18 +10,16 @@ Samples per second are the best of ``--repeat`` epochs. Run: python benchmarks/d
 
 from __future__ import annotations
 
-import os
+# isort: off
+import common  # first: pins BLAS threads and tunes malloc, as for every benchmark
 
-# Pin BLAS/OpenMP threads before NumPy or torch load (2-core machines, comparable runs).
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = os.environ.get("NEEDLE_BENCH_THREADS", "2")
+# isort: on
+import argparse
+import time
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from needle.data import (  # noqa: E402
+from needle.data import (
     BatchRandomCrop,
     BatchRandomFlip,
     DataLoader,
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         import torch
 
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(int(common.THREADS))
     except ImportError:
         torch = None
     scale = 10 if args.quick else 1

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from . import profiling
 from .autodiff import find_topo_sort
 from .registry import CheckError, Op, fmt_shape
@@ -188,7 +190,9 @@ class ByteTracker:
         self.current = 0
         self.peak = 0
 
-    def _buffers(self, value: Any) -> list:
+    def _buffers(self, value: Any) -> Sequence[Any]:
+        if value.__class__ is np.ndarray and value.base is None:  # the common case, quickly
+            return () if id(value) in self._exclude else (value,)
         return [b for b in map(owned_buffer, _leaves([value])) if id(b) not in self._exclude]
 
     def add(self, value: Any) -> None:

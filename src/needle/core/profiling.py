@@ -79,6 +79,12 @@ def _describe(values: Sequence[Any]) -> tuple[tuple, tuple, int]:
     The dtypes are kept as ``np.dtype`` objects (they compare equal to their names); making
     their names here would cost more than the op of a small array.
     """
+    if len(values) == 1:  # one array (an op's output): the common case, quickly
+        value = values[0]
+        try:
+            return (value.shape,), (value.dtype,), value.nbytes
+        except AttributeError:
+            pass
     shapes: list = []
     dtypes: list = []
     total = 0
