@@ -153,9 +153,16 @@ def test_session_steps_and_run_metadata(tmp_path):
         assert [e.name for e in steps] == [s for s in sess.plan(y, {x: X}).ops]
         assert all(e.category == "session" for e in steps)
         assert [e.name for e in prof.events if e.kind == "region"] == ["Session.run"]
+        untimed = st.RunMetadata()  # as in TF1: step stats only when asked for
+        assert np.array_equal(sess.run(y, {x: X}, run_metadata=untimed), expected)
         meta = st.RunMetadata()
-        got = sess.run(y, {x: X}, run_metadata=meta)
+        got = sess.run(y, {x: X}, run_metadata=meta,
+                       options=st.RunOptions(trace_level=st.RunOptions.FULL_TRACE))
         assert np.array_equal(got, expected)
+        with pytest.raises(TypeError, match="RunOptions"):
+            sess.run(y, {x: X}, run_metadata=meta, options={"trace_level": 3})
+    assert untimed.step_stats == [] and untimed.executed == meta.executed
+    assert untimed.peak_bytes == meta.peak_bytes > 0
     assert context.state().profiler is None  # the temporary recorder is gone
     assert list(meta.node_times) == meta.executed and len(meta.executed) == len(steps)
     assert all(t > 0 for t in meta.node_times.values())
@@ -175,7 +182,8 @@ def test_run_metadata_times_cond_branch_steps():
         y = st.cond(p, lambda: ndl.ops.exp(x), lambda: ndl.ops.negate(x))
         sess = st.Session()
         meta = st.RunMetadata()
-        sess.run(y, {x: np.ones(3, np.float32), p: np.array(True)}, run_metadata=meta)
+        sess.run(y, {x: np.ones(3, np.float32), p: np.array(True)}, run_metadata=meta,
+                 options=st.RunOptions(trace_level=st.RunOptions.SOFTWARE_TRACE))
     ops = [e.name for e in meta.step_stats]
     assert "exp" in ops and "negate" not in ops and "cond" in ops
     assert set(meta.node_times) == set(meta.executed)

@@ -154,17 +154,20 @@ def test_run_metadata_comes_back_with_the_servers_step_stats():
         out = (ndl.ops.exp(x) * 2).sum(axes=(1,))
         feed = {x: np.ones((3, 4))}
         local_meta, remote_meta = st.RunMetadata(), st.RunMetadata()
-        st.Session().run(out, feed, run_metadata=local_meta)
+        untimed = st.RunMetadata()
+        full = st.RunOptions(trace_level=st.RunOptions.FULL_TRACE)
+        st.Session().run(out, feed, run_metadata=local_meta, options=full)
         with st.Session(target=server.address) as sess:
-            sess.run(out, feed, run_metadata=remote_meta)
+            sess.run(out, feed, run_metadata=remote_meta, options=full)
+            sess.run(out, feed, run_metadata=untimed)
     assert remote_meta.executed == local_meta.executed and len(local_meta.executed) == 3
     assert remote_meta.peak_bytes == local_meta.peak_bytes > 0
-    if hasattr(local_meta, "step_stats"):
-        assert [e.node for e in remote_meta.step_stats] == \
-            [e.node for e in local_meta.step_stats]
-        assert [e.output_shapes for e in remote_meta.step_stats] == \
-            [e.output_shapes for e in local_meta.step_stats]
-        assert all(t > 0 for t in remote_meta.node_times.values())
+    assert [e.node for e in remote_meta.step_stats] == \
+        [e.node for e in local_meta.step_stats]
+    assert [e.output_shapes for e in remote_meta.step_stats] == \
+        [e.output_shapes for e in local_meta.step_stats]
+    assert all(t > 0 for t in remote_meta.node_times.values())
+    assert untimed.executed == local_meta.executed and untimed.step_stats == []
 
 
 # -- isolation, lifetimes, failures ---------------------------------------------------------------

@@ -23,7 +23,7 @@ from ..autograd import Tensor, TensorTuple
 from ..program.graph_io import GraphWriter
 from ..static.fetches import flatten_fetches
 from ..static.graph import Graph, get_default_graph
-from ..static.session import RunMetadata, RunPlan, Session
+from ..static.session import RunMetadata, RunOptions, RunPlan, Session, _trace_level
 from ._grpc import pb
 from .connection import Connection
 from .stats import events_from_json
@@ -157,7 +157,7 @@ class RemoteSession:
 
     # -- running -------------------------------------------------------------------------------
     def _request(self, fetches: Any, feed_dict: dict | None, trace: bool = False,
-                 plan: bool = False) -> tuple[bytes, Any]:
+                 plan: bool = False, trace_level: int = 0) -> tuple[bytes, Any]:
         """The serialized RunRequest, and the function that rebuilds the fetch structure from
         the flat list of values."""
         if self._closed:
@@ -168,7 +168,8 @@ class RemoteSession:
             if not isinstance(node, Tensor) or isinstance(node, TensorTuple):
                 raise TypeError(f"feed_dict keys must be graph tensors, got {node!r}")
         feeds = [Session._feed_value(node, value) for node, value in (feed_dict or {}).items()]
-        request = pb.RunRequest(session=self._id, trace=trace, plan=plan)
+        request = pb.RunRequest(session=self._id, trace=trace, plan=plan,
+                                trace_level=trace_level)
         with self._lock:
             try:  # every node written before (so is everything they reach): nothing to add
                 fetch_ids = [self._writer.id_of(node) for node in flat]
@@ -187,11 +188,14 @@ class RemoteSession:
         return b"".join(pieces), rebuild
 
     def run(self, fetches: Any, feed_dict: dict | None = None,
-            run_metadata: RunMetadata | None = None) -> Any:
+            run_metadata: RunMetadata | None = None, *,
+            options: RunOptions | None = None) -> Any:
         """Values of ``fetches`` (same nesting, NumPy arrays; None for operations), computed
         on the server; as ``Session.run``."""
         self.graph.note_run()
-        request, rebuild = self._request(fetches, feed_dict, trace=run_metadata is not None)
+        trace_level = _trace_level(options) if run_metadata is not None else 0
+        request, rebuild = self._request(fetches, feed_dict, trace=run_metadata is not None,
+                                         trace_level=trace_level)
         reply = self._call("Run", request)
         self.last_server_run_s = reply.run_s  # (benchmarks/remote.py: the transport's share)
         values = [decode_value(v) for v in reply.outputs]

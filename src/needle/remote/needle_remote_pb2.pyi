@@ -97,7 +97,7 @@ class StatusReply(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., applied_seq: _Optional[int] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("session", "deltas", "feed_ids", "feeds", "fetch_ids", "trace", "plan")
+    __slots__ = ("session", "deltas", "feed_ids", "feeds", "fetch_ids", "trace", "plan", "trace_level")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     DELTAS_FIELD_NUMBER: _ClassVar[int]
     FEED_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class RunRequest(_message.Message):
     FETCH_IDS_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    TRACE_LEVEL_FIELD_NUMBER: _ClassVar[int]
     session: str
     deltas: _containers.RepeatedCompositeFieldContainer[GraphDelta]
     feed_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -112,7 +113,8 @@ class RunRequest(_message.Message):
     fetch_ids: _containers.RepeatedScalarFieldContainer[int]
     trace: bool
     plan: bool
-    def __init__(self, session: _Optional[str] = ..., deltas: _Optional[_Iterable[_Union[GraphDelta, _Mapping]]] = ..., feed_ids: _Optional[_Iterable[int]] = ..., feeds: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., fetch_ids: _Optional[_Iterable[int]] = ..., trace: _Optional[bool] = ..., plan: _Optional[bool] = ...) -> None: ...
+    trace_level: int
+    def __init__(self, session: _Optional[str] = ..., deltas: _Optional[_Iterable[_Union[GraphDelta, _Mapping]]] = ..., feed_ids: _Optional[_Iterable[int]] = ..., feeds: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., fetch_ids: _Optional[_Iterable[int]] = ..., trace: _Optional[bool] = ..., plan: _Optional[bool] = ..., trace_level: _Optional[int] = ...) -> None: ...
 
 class RunReply(_message.Message):
     __slots__ = ("outputs", "executed", "peak_bytes", "plan_json", "error", "applied_seq", "run_s", "step_stats_json")

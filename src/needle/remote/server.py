@@ -25,7 +25,7 @@ from .._version import __version__
 from ..autograd import Tensor, no_grad
 from ..backend.cpu_threads import blas_control
 from ..program.exported import ExportedProgram
-from ..static.session import RunMetadata
+from ..static.session import RunMetadata, RunOptions
 from ._grpc import grpc, pb
 from .limits import Limits
 from .sessions import SessionTable
@@ -286,8 +286,9 @@ class RemoteServer:
                 "nodes_after": plan.nodes_after, "text": str(plan)})
             return
         metadata = RunMetadata() if request.trace else None
+        options = RunOptions(trace_level=request.trace_level) if request.trace else None
         started = time.perf_counter()
-        values = state.session.run(fetches, feed_dict, run_metadata=metadata)
+        values = state.session.run(fetches, feed_dict, run_metadata=metadata, options=options)
         reply.run_s = time.perf_counter() - started
         for value in values:
             encode_value(value, reply.outputs.add())

@@ -10,7 +10,7 @@ from .control import cond, while_loop
 from .gradients import gradients
 from .graph import Graph, get_default_graph, load_graph, reset_default_graph
 from .nodes import Constant, Placeholder, Variable, constant, placeholder
-from .session import RunMetadata, RunPlan, Session
+from .session import RunMetadata, RunOptions, RunPlan, Session
 from .state_ops import (
     assign,
     assign_add,
@@ -23,7 +23,8 @@ from .state_ops import (
 )
 
 __all__ = [
-    "Constant", "Graph", "Placeholder", "RunMetadata", "RunPlan", "Session", "Variable",
+    "Constant", "Graph", "Placeholder", "RunMetadata", "RunOptions", "RunPlan", "Session",
+    "Variable",
     "assign", "assign_add", "assign_sub", "cond", "constant", "dot",
     "get_default_graph", "gradients", "group", "load_graph", "minimize", "placeholder",
     "print_",

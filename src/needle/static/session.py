@@ -47,15 +47,34 @@ MAX_CACHED_PLANS = 64
 
 
 @dataclass
+class RunOptions:
+    """What ``Session.run(..., options=...)`` records, as TensorFlow 1's ``RunOptions``.
+
+    ``trace_level``: ``NO_TRACE`` (the default) leaves ``RunMetadata.step_stats`` empty;
+    ``SOFTWARE_TRACE`` and above (``FULL_TRACE`` is what TF1 users write) time every step.
+    Timing each step costs about as much again as the step-by-step run itself, so it is
+    asked for, not implied by passing a ``RunMetadata``.
+    """
+
+    NO_TRACE = 0
+    SOFTWARE_TRACE = 1
+    HARDWARE_TRACE = 2
+    FULL_TRACE = 3
+
+    trace_level: int = NO_TRACE
+
+
+@dataclass
 class RunMetadata:
     """Filled by ``Session.run(..., run_metadata=...)``: what ran, its times and memory.
 
     ``executed``: node names in execution order (cond / while_loop branch steps included,
     right after nothing else ran in between); ``peak_bytes``: the most bytes of intermediate
     values held at once (buffers of Variables, parameters, feeds and constants excluded;
-    values inside branches not counted); ``step_stats``: one profiler ``Event`` per step
-    run, in the order the steps finished (``node``, ``name`` (the op), ``seconds``,
-    ``input_shapes``, ``output_shapes``, ``bytes``), as TensorFlow 1's step stats.
+    values inside branches not counted); ``step_stats`` (with
+    ``options=RunOptions(trace_level=RunOptions.FULL_TRACE)``, else empty, as in TensorFlow
+    1): one profiler ``Event`` per step run, in the order the steps finished (``node``,
+    ``name`` (the op), ``seconds``, ``input_shapes``, ``output_shapes``, ``bytes``).
     """
 
     executed: list[str] = field(default_factory=list)
@@ -117,6 +136,16 @@ class RunPlan:
                      f"plan, {self.peak_bytes_without_reuse} without")
         return "\n".join(lines)
 
+
+
+def _trace_level(options: RunOptions | None) -> int:
+    """``options.trace_level`` (NO_TRACE without options); TypeError for anything else."""
+    if options is None:
+        return RunOptions.NO_TRACE
+    if not isinstance(options, RunOptions):
+        raise TypeError(f"Session.run: options must be a needle.static.RunOptions, got "
+                        f"{type(options).__name__}")
+    return int(options.trace_level)
 
 
 def _fetched(value: Any, aliased: set[int]) -> Any:
@@ -358,13 +387,16 @@ class Session:
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, fetches: Any, feed_dict: dict | None = None,
-            run_metadata: RunMetadata | None = None) -> Any:
+            run_metadata: RunMetadata | None = None, *,
+            options: RunOptions | None = None) -> Any:
         """Values of ``fetches`` (same nesting, NumPy arrays; None for operations).
 
         ``feed_dict`` maps placeholders, or any graph tensor, to values; a fed tensor's
         ancestors do not run. Fed shapes are checked and every missing placeholder is named
-        before anything runs.
+        before anything runs. ``run_metadata`` receives what ran and the peak bytes, and with
+        ``options=RunOptions(trace_level=RunOptions.FULL_TRACE)`` each step's timings.
         """
+        trace_level = _trace_level(options)
         self.graph.note_run()
         runner = self._runner(fetches, feed_dict)
         feeds = {id(node): self._feed_value(node, value)
@@ -382,14 +414,18 @@ class Session:
                 outputs = runner.compiled(sources) if profiler is None else profiler.call(
                     runner.compiled, (sources,), "Session.run", category="session")
             else:
-                outputs = self._run_traced(runner, sources, run_metadata)
+                outputs = self._run_traced(runner, sources, run_metadata,
+                                           trace_level >= RunOptions.SOFTWARE_TRACE)
         aliased = {id(v) for v in sources} | runner.constant_ids
         return runner.rebuild([snapshot(v) if copy else _fetched(v, aliased)
                                for v, copy in zip(outputs, runner.copy_always)])
 
     @staticmethod
-    def _run_traced(runner: _Runner, sources: list, metadata: RunMetadata) -> list:
-        """Walk the steps one by one, recording names, times and live bytes."""
+    def _run_traced(runner: _Runner, sources: list, metadata: RunMetadata,
+                    timed: bool) -> list:
+        """Walk the steps one by one, recording names and live bytes, and with ``timed``
+        each step's times and shapes (a profile of this thread, a temporary one if none is
+        active)."""
         program = runner.program
         metadata.executed = []
         record = metadata.executed.append
@@ -401,15 +437,20 @@ class Session:
         env = {id(n): v for n, v in zip(program.sources, sources)}
         observers = runtime.step_observers()
         observers.append(on_step)
-        # the steps are timed by this thread's profile (a temporary one if none is active)
-        profiler, first = profiling.start()
+        metadata.step_stats = []
         try:
-            env = profiler.call(run_program, (program, env, tracker, on_step), "Session.run",
-                                category="session")
+            if not timed:
+                env = run_program(program, env, tracker, on_step)
+            else:
+                profiler, first = profiling.start()
+                try:
+                    env = profiler.call(run_program, (program, env, tracker, on_step),
+                                        "Session.run", category="session")
+                finally:
+                    profiling.stop(profiler)
+                metadata.step_stats = [e for e in profiler.events[first:] if e.kind == "step"]
         finally:
             observers.pop()
-            profiling.stop(profiler)
-        metadata.step_stats = [e for e in profiler.events[first:] if e.kind == "step"]
         metadata.peak_bytes = tracker.peak
         return [env[slot] for slot in program.outputs]
 
