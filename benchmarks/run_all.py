@@ -30,6 +30,9 @@ SCRIPTS = [
      "matmul, forward and backward"),
     ("train_mlp_resnet", "MLP-ResNet training epoch (eager)",
      "one epoch over the 10,000 MNIST test images, batch 100, Adam"),
+    ("large_mlp_step", "Large MLP training step (GEMM-bound)",
+     "MLP 1024-4096-4096-10, batch 512, SGD: needle eager and ndl.jit against NumPy by hand, "
+     "jax.jit and PyTorch; the floor is the faster of NumPy by hand and jax.jit"),
     ("cnn_step", "CNN training step (eager)",
      "3 conv layers with BatchNorm2d, batch 64 of 32x32x3"),
     ("lm_step", "Language-model training steps (eager, ndl.jit, PyTorch eager)",
