@@ -102,8 +102,8 @@ def run(only: list[str] | None, compile_torch: bool, pause: float) -> str:
 
 
 #: hand-written records kept at the end of BENCHMARKS.md on every run, in this order
-KEPT_RECORDS = ["before_after.md", "performance_notes.md", "distributed_record.md",
-                "remote_record.md"]
+KEPT_RECORDS = ["goals_record.md", "before_after.md", "performance_notes.md",
+                "distributed_record.md", "remote_record.md"]
 
 
 def _kept_records() -> str:

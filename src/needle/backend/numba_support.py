@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["numba_module"]
+__all__ = ["njit_cached", "numba_module"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,3 +26,19 @@ def numba_module() -> Any:
     except ImportError:
         return None
     return numba
+
+
+def njit_cached(fn: Callable, **options: Any) -> Any:
+    """``numba.njit`` for the kernels' loops (kernels/numba_*.py), with numba's disk cache
+    where numba finds a writable place for one (else compiled once per process).
+
+    error_model="numpy" (IEEE division, no ZeroDivisionError branches) lets LLVM vectorize
+    the loops; nogil lets needle's own threads run them; no numba thread pool (one beside
+    OpenBLAS's fights it for the cores). ``options`` adds njit options (``fastmath``).
+    """
+    import numba
+
+    try:
+        return numba.njit(error_model="numpy", nogil=True, cache=True, **options)(fn)
+    except RuntimeError:  # "cannot cache function": no writable cache location
+        return numba.njit(error_model="numpy", nogil=True, **options)(fn)

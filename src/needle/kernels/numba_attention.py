@@ -11,19 +11,16 @@ machine: softmax with causal mask 1.5-2.1 -> 1.0 ms, its adjoint 0.6-0.8 -> 0.28
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from ..backend.numba_support import njit_cached
 
 _FLAGS = {"reassoc", "contract"}
 
 
 def _jit(fn):
-    """numba.njit with a disk cache where numba finds a writable place for one (one thread:
-    a second thread pool beside OpenBLAS's fights it for the cores)."""
-    try:
-        return numba.njit(error_model="numpy", nogil=True, cache=True, fastmath=_FLAGS)(fn)
-    except RuntimeError:  # "cannot cache function": no writable cache location
-        return numba.njit(error_model="numpy", nogil=True, fastmath=_FLAGS)(fn)
+    """needle's njit (backend/numba_support.py) for this file's loops."""
+    return njit_cached(fn, fastmath=_FLAGS)
 
 
 @_jit

@@ -10,17 +10,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..backend.numba_support import njit_cached
+
 
 def _jit(fn):
-    """numba.njit with a disk cache where numba finds a writable place for one.
-
-    NOTE: error_model="numpy" (IEEE division, no ZeroDivisionError branches) lets LLVM
-    vectorize the loops over channels; one thread on purpose (cpu_kernels.py).
-    """
-    try:
-        return numba.njit(error_model="numpy", nogil=True, cache=True)(fn)
-    except RuntimeError:  # "cannot cache function": no writable cache location; compile per run
-        return numba.njit(error_model="numpy", nogil=True)(fn)
+    """needle's njit (backend/numba_support.py) for this file's loops."""
+    return njit_cached(fn)
 
 
 @numba.njit(inline="always")

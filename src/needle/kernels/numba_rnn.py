@@ -9,15 +9,12 @@ their machine code on disk.
 
 from __future__ import annotations
 
-import numba
+from ..backend.numba_support import njit_cached
 
 
 def _jit(fn):
-    """numba.njit with a disk cache where numba finds a writable place for one."""
-    try:
-        return numba.njit(error_model="numpy", nogil=True, cache=True)(fn)
-    except RuntimeError:  # "cannot cache function": no writable cache location
-        return numba.njit(error_model="numpy", nogil=True)(fn)
+    """needle's njit (backend/numba_support.py) for this file's loops."""
+    return njit_cached(fn)
 
 
 @_jit
