@@ -46,7 +46,7 @@ MASKS = {
 @pytest.mark.parametrize("mask_kind", list(MASKS))
 def test_attention_forward_and_gradients_match_torch(mask_kind, numba_on, monkeypatch):
     if not numba_on:
-        monkeypatch.setattr(attention_kernel, "_failed", ["off"])
+        monkeypatch.setattr(attention_kernel.LOOPS, "failed", ["off"])
     rng = np.random.default_rng(0)
     b, t, s, h, dk, dv = 3, 7, 9, 2, 4, 3
     q, k = (rng.standard_normal((b, n, h * dk)).astype(np.float32) for n in (t, s))
@@ -153,7 +153,7 @@ def test_module_fused_path_equals_the_composite_path(causal):
 @pytest.mark.parametrize("numba_on", [True, False], ids=["numba", "numpy"])
 def test_layer_norm_matches_torch_on_strided_input(numba_on, monkeypatch):
     if not numba_on:
-        monkeypatch.setattr(layernorm_kernel, "_failed", ["off"])
+        monkeypatch.setattr(layernorm_kernel.LOOPS, "failed", ["off"])
     rng = np.random.default_rng(4)
     base = rng.standard_normal((6, 3, 16)).astype(np.float32) * 3 + 1
     w, b = (rng.standard_normal(16).astype(np.float32) for _ in range(2))
@@ -174,19 +174,19 @@ def test_layer_norm_matches_torch_on_strided_input(numba_on, monkeypatch):
 
 
 def test_layer_norm_numba_and_numpy_paths_agree_in_float64():
-    if layernorm_kernel._kernels() is None:
+    if layernorm_kernel.LOOPS.module() is None:
         pytest.skip("numba (the fast extra) is not installed")
     rng = np.random.default_rng(5)
     x, g = rng.standard_normal((2, 50, 32)), rng.standard_normal((2, 50, 32))
     w, b = rng.standard_normal(32), rng.standard_normal(32)
     fast = [layernorm_kernel.layer_norm(x, w, b, 1e-5),
             *layernorm_kernel.layer_norm_grad(g, x, w, 1e-5)]
-    layernorm_kernel._failed.append("off")
+    layernorm_kernel.LOOPS.failed.append("off")
     try:
         plain = [layernorm_kernel.layer_norm(x, w, b, 1e-5),
                  *layernorm_kernel.layer_norm_grad(g, x, w, 1e-5)]
     finally:
-        layernorm_kernel._failed.remove("off")
+        layernorm_kernel.LOOPS.failed.remove("off")
     for a, c in zip(fast, plain):
         np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-12)
 

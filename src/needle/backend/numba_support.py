@@ -9,11 +9,12 @@ A/B measurements, or if a numba release misbehaves).
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["njit_cached", "numba_module"]
+__all__ = ["NumbaLoops", "njit_cached", "numba_module"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,3 +43,35 @@ def njit_cached(fn: Callable, **options: Any) -> Any:
         return numba.njit(error_model="numpy", nogil=True, cache=True, **options)(fn)
     except RuntimeError:  # "cannot cache function": no writable cache location
         return numba.njit(error_model="numpy", nogil=True, **options)(fn)
+
+
+class NumbaLoops:
+    """A kernels' numba module (``kernels/numba_*.py``) imported on first use (numba's import
+    costs ~0.2 s), and a latch that sends every later call to NumPy once numba fails to
+    compile one of its loops (a numba release that cannot, an unusual CPU).
+
+    ``module()``: the module, or None without numba, turned off (``NEEDLE_NUMBA=0``) or after
+    a failure. ``call(loop, *args)``: runs the loop, True; False (and the latch set) when
+    numba could not compile it, before anything ran. ``failed`` lists what failed (a test
+    may append to it to force the NumPy path).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.failed: list[str] = []
+        self._module: Any = None
+
+    def module(self) -> Any:
+        if self.failed or numba_module() is None:
+            return None
+        if self._module is None:
+            self._module = importlib.import_module(self.name)
+        return self._module
+
+    def call(self, loop: Callable, *args: Any) -> bool:
+        try:
+            loop(*args)
+        except numba_module().core.errors.NumbaError:  # compiling fails before anything runs
+            self.failed.append(getattr(loop, "__name__", repr(loop)))
+            return False
+        return True

@@ -21,12 +21,11 @@ recomputation costs less than the nodes it replaces. Formulas, with ``p = softma
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 
-from ..backend.numba_support import numba_module
+from ..backend.numba_support import NumbaLoops
 
 __all__ = ["attention", "attention_grad"]
 
@@ -44,34 +43,15 @@ def _merged(b: int, length: int, heads: int, d: int, dtype: Any) -> tuple[Any, A
     return out.reshape(b, length, heads * d), out.transpose(0, 2, 1, 3)
 
 
-@functools.lru_cache(maxsize=1)
-def _loops() -> Any:
-    """kernels/numba_attention.py, or None without numba."""
-    if numba_module() is None:
-        return None
-    from . import numba_attention
-
-    return numba_attention
-
-
-#: set when numba fails to compile the loops here; NumPy runs from then on
-_failed: list[str] = []
+#: kernels/numba_attention.py on first use (NumPy runs where numba cannot)
+LOOPS = NumbaLoops(f"{__package__}.numba_attention")
 
 
 def _row_loops(s: Any) -> Any:
     """The numba loops if they can take the (..., S) array ``s`` in place, else None."""
-    if _failed or type(s) is not np.ndarray or s.dtype not in (np.float32, np.float64):
+    if type(s) is not np.ndarray or s.dtype not in (np.float32, np.float64):
         return None
-    return _loops() if s.flags.c_contiguous and s.size else None
-
-
-def _call(kernel: Any, *args: Any) -> bool:
-    try:
-        kernel(*args)
-    except numba_module().core.errors.NumbaError:  # compilation fails before anything runs
-        _failed.append(kernel.__name__)
-        return False
-    return True
+    return LOOPS.module() if s.flags.c_contiguous and s.size else None
 
 
 def _mask_rows(mask: Any, s: Any) -> Any:
@@ -97,11 +77,11 @@ def probabilities(q: Any, k: Any, mask: Any, heads: int, scale: float) -> Any:
             factor = 1.0
         width = s.shape[-1]
         flat = s.reshape(-1, width)
-        if _call(loops.shifted_logits_rows, flat, factor,
+        if LOOPS.call(loops.shifted_logits_rows, flat, factor,
                  rows if rows is not None else np.zeros((1, width), s.dtype),
                  rows is not None):
             np.exp(flat, out=flat)
-            if _call(loops.normalize_rows, flat):
+            if LOOPS.call(loops.normalize_rows, flat):
                 return s
         s = np.matmul(heads_view(q, heads), heads_view(k, heads).swapaxes(-1, -2))
     s *= scale
@@ -137,7 +117,8 @@ def attention_grad(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int, scale:
     np.matmul(p.swapaxes(-1, -2), gh, out=dv_heads)
     ds = np.matmul(gh, vh.swapaxes(-1, -2))  # dp, then ds in place
     loops = _row_loops(ds)
-    if loops is None or not _call(loops.softmax_grad_rows, p.reshape(-1, s), ds.reshape(-1, s)):
+    if loops is None or not LOOPS.call(loops.softmax_grad_rows, p.reshape(-1, s),
+                                       ds.reshape(-1, s)):
         ds *= p
         p *= ds.sum(axis=-1, keepdims=True)
         ds -= p

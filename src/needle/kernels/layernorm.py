@@ -14,43 +14,29 @@ Measured on the LM benchmark's (16, 64, 128) float32 activations (one process, l
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 
-from ..backend.numba_support import numba_module
+from ..backend.numba_support import NumbaLoops
 
 __all__ = ["layer_norm", "layer_norm_grad"]
 
 
-@functools.lru_cache(maxsize=1)
-def _kernels() -> Any:
-    """kernels/numba_layernorm.py, or None without numba (imported on first use: numba's
-    import costs ~0.2 s)."""
-    if numba_module() is None:
-        return None
-    from . import numba_layernorm
-
-    return numba_layernorm
-
-
-#: set when numba fails to compile the loops here; the NumPy path runs from then on
-_failed: list[str] = []
+#: kernels/numba_layernorm.py on first use (NumPy runs where numba cannot)
+LOOPS = NumbaLoops(f"{__package__}.numba_layernorm")
 
 
 def _compiled(*arrays: Any) -> Any:
     """The numba loops if they can take these arrays (C-contiguous NumPy float32/float64 of
     one dtype, at least one row), else None."""
-    if _failed:
-        return None
     first = arrays[0]
     if first.dtype not in (np.float32, np.float64) or first.ndim == 0 or first.size == 0:
         return None
     for a in arrays:
         if type(a) is not np.ndarray or a.dtype != first.dtype or not a.flags.c_contiguous:
             return None
-    return _kernels()
+    return LOOPS.module()
 
 
 def _contiguous(a: Any) -> Any:
@@ -64,15 +50,6 @@ def _check_vectors(x: Any, *vectors: Any) -> None:
     if x.ndim == 0 or any(v.shape != (x.shape[-1],) for v in vectors):
         raise ValueError(f"layer_norm: weight and bias must be ({x.shape[-1:]},) vectors "
                          f"for x {x.shape}")
-
-
-def _call(kernel: Any, *args: Any) -> bool:
-    try:
-        kernel(*args)
-    except numba_module().core.errors.NumbaError:  # compilation fails before anything runs
-        _failed.append(kernel.__name__)
-        return False
-    return True
 
 
 def _row_stats(x: Any, eps: float) -> tuple[Any, Any]:
@@ -97,7 +74,7 @@ def layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
         d = x.shape[-1]
         xm = x.reshape(-1, d)
         out = np.empty_like(xm)
-        if _call(loops.layer_norm_rows, xm, weight, bias, float(eps), out):
+        if LOOPS.call(loops.layer_norm_rows, xm, weight, bias, float(eps), out):
             return out.reshape(x.shape)
     centered, inv = _row_stats(x, eps)
     centered *= inv
@@ -128,7 +105,7 @@ def layer_norm_grad(g: Any, x: Any, weight: Any, eps: float) -> tuple[Any, Any, 
         dx = np.empty_like(xm)
         dweight = np.empty(d, dtype)
         dbias = np.empty(d, dtype)
-        if _call(loops.layer_norm_grad_rows, gm, xm, weight, float(eps), dx, dweight, dbias):
+        if LOOPS.call(loops.layer_norm_grad_rows, gm, xm, weight, float(eps), dx, dweight, dbias):
             return dx.reshape(x.shape), dweight, dbias
     centered, inv = _row_stats(x, eps)
     xhat = centered
