@@ -156,6 +156,16 @@ class BatchNorm(NormOp):
         beta = bias - mean * alpha
         return batchnorm.affine(x, alpha, beta, normalize_axes(self.name, self.axes, x.ndim))
 
+    def scalar_expr(self, args, const):
+        """``compute``'s arithmetic on one element, so region fusion runs BatchNorm in one loop
+        with the relu / residual add after it (jitted MLP-ResNet step -6%). Bit-identical to
+        ``compute`` where the statistics have the output's dtype; with float64 weights on
+        float32 x, ``var + eps`` is rounded in float64 here (float32 in ``compute``)."""
+        x, weight, bias, mean, var = args
+        inv = f"({const(1.0)} / np.sqrt({var} + {const(self.eps)}))"
+        alpha = f"({weight} * {inv})"
+        return f"(({x} * {alpha}) + ({bias} - ({mean} * {alpha})))"
+
     def gradient(self, out_grad, node):
         x, weight, bias, mean, var = node.inputs
         grads = F.batch_norm_grad(out_grad, x, weight, mean, var, axes=self.axes, eps=self.eps)

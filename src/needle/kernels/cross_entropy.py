@@ -61,12 +61,20 @@ def _loops() -> Any:
 
     def grad(z, ids, g, out):  # pragma: no cover - compiled by numba
         for i in range(z.shape[0]):
-            peak, total = peak_and_total(z, i)
+            peak = z[i, 0]
+            for j in range(1, z.shape[1]):
+                if z[i, j] > peak:
+                    peak = z[i, j]
             if not np.isfinite(peak):
                 return False
+            total = 0.0
+            for j in range(z.shape[1]):  # each exponential once: kept in out, then scaled
+                e = np.exp(z[i, j] - peak)
+                out[i, j] = e
+                total += e
             scale = g[i] / total
             for j in range(z.shape[1]):
-                out[i, j] = np.exp(z[i, j] - peak) * scale
+                out[i, j] = out[i, j] * scale
             out[i, ids[i]] -= g[i]
         return True
 
