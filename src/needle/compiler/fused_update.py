@@ -263,6 +263,10 @@ class FusedRule:
 
     def forget(self) -> None:
         """Drop the recording (its arrays too); the next step records afresh."""
+        recorder = self.recorder
+        if recorder is not None:  # its symbols point back at it: break the cycle, so the
+            recorder.symbols = []  # arrays it holds (the last step's gradients) go now,
+            recorder.memory = []  # not when the cyclic garbage collector next runs
         self.recorder = self.statements = self.kernel = None
         self.n_memory = 0
 
