@@ -1,7 +1,9 @@
 """Per-op overhead and a large matmul, needle eager vs PyTorch eager, in one run.
 
 (a) a chain of 100 small elementwise ops (add, mul, relu) on a (1, 64) float32 tensor,
-    forward and backward, in microseconds per op;
+    forward and backward, in microseconds per op: needle's default backward (its gradients
+    are graphs, differentiable again), and ``create_graph=False``, which like PyTorch's
+    ``backward()`` records no graph for them;
 (b) a (512 x 1024) @ (1024 x 1024) matmul, forward and backward.
 Run: python benchmarks/op_overhead.py
 """
@@ -46,6 +48,9 @@ def chain_rows() -> list[dict]:
     def needle_step():
         _needle_chain(x, c).backward()
 
+    def needle_step_no_graph():  # PyTorch's backward(): the gradients record no graph
+        _needle_chain(x, c).backward(create_graph=False)
+
     tx = torch.tensor(data, requires_grad=True)
     tc = torch.tensor(const)
 
@@ -61,11 +66,22 @@ def chain_rows() -> list[dict]:
         with torch.no_grad():
             _torch_chain(tx, tc)
 
+    def times_20(fn):
+        return lambda: [fn() for _ in range(20)]
+
+    # the libraries in rounds (common.best_times_in_rounds): a loaded machine's slow phases
+    # then hit both, not one
+    best = common.best_times_in_rounds(
+        {name: times_20(fn) for name, fn in [
+            ("needle", needle_step), ("needle_no_graph", needle_step_no_graph),
+            ("torch", torch_step), ("needle_fwd", needle_fwd), ("torch_fwd", torch_fwd)]},
+        rounds=5, repeat=3, pause=0.5)
     rows = []
-    for name, n_fn, t_fn in [("op chain fwd+bwd (us/op)", needle_step, torch_step),
-                             ("op chain fwd, no grad (us/op)", needle_fwd, torch_fwd)]:
-        n_t = common.best_time(n_fn, repeat=7, number=20) / n_ops * 1e6
-        t_t = common.best_time(t_fn, repeat=7, number=20) / n_ops * 1e6
+    for name, n_key, t_key in [("op chain fwd+bwd (us/op)", "needle", "torch"),
+                               ("op chain fwd+bwd, create_graph=False (us/op)",
+                                "needle_no_graph", "torch"),
+                               ("op chain fwd, no grad (us/op)", "needle_fwd", "torch_fwd")]:
+        n_t, t_t = best[n_key] / 20 / n_ops * 1e6, best[t_key] / 20 / n_ops * 1e6
         rows.append({"benchmark": name, "needle": n_t, "pytorch": t_t, "ratio": n_t / t_t})
     return rows
 

@@ -553,6 +553,16 @@ OP_TABLE: list[OpInfo] = [
             S(normal((4,), (2, 4, 3)), "vec_batched", V)],
            rtol=1e-4, atol=1e-5,
            second_order_sample="batched_broadcast"),
+    # matmul's and linear's gradient products (g @ b^T, a^T @ g) as one node
+    OpInfo("transposed_matmul", ops.transposed_matmul,
+           lambda a, b, ta=False, tb=False: (a.transpose(-1, -2) if ta else a)
+           @ (b.transpose(-1, -2) if tb else b),
+           [S(normal((3, 4), (5, 4)), "b_swapped", B, False, True),
+            S(normal((4, 3), (4, 5)), "a_swapped", B, True, False),
+            S(normal((4, 3), (5, 4)), "both_swapped", B, True, True),
+            S(normal((3, 4), (4, 5)), "none_swapped", B),
+            S(normal((2, 1, 4, 3), (5, 2, 4)), "batched_broadcast", BT, True, True)],
+           rtol=1e-4, atol=1e-5, second_order_sample="batched_broadcast"),
     # nn.Linear's product and bias in one node
     OpInfo("linear", ops.linear, lambda x, w, b: x @ w + b,
            [S(normal((3, 4), (4, 5), (1, 5)), "row_bias", BC),

@@ -54,6 +54,7 @@ from .ops_layer_norm import LayerNorm as LayerNorm
 from .ops_layer_norm import LayerNormGrad as LayerNormGrad
 from .ops_linalg import Linear as Linear
 from .ops_linalg import MatMul as MatMul
+from .ops_linalg import TransposedMatMul as TransposedMatMul
 from .ops_norm import BatchNorm as BatchNorm
 from .ops_norm import BatchNormGrad as BatchNormGrad
 from .ops_norm import InvStd as InvStd
@@ -104,10 +105,10 @@ __all__ = [
     "where", "compare", "compare_scalar", "sign", "full_like", "astype", "reshape", "broadcast_to",
     "sum_to", "transpose", "permute", "make_tuple", "tuple_get_item", "stack", "concatenate",
     "split", "flip", "dilate", "undilate", "getitem", "scatter", "pad", "take", "index_add",
-    "take_along_axis", "scatter_add", "layer_norm", "layer_norm_grad", "matmul", "linear",
-    "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax", "scaled_softmax",
-    "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance", "normalize",
-    "normalize_grad", "batch_norm", "batch_norm_grad", "inv_std", "max_pool2d",
+    "take_along_axis", "scatter_add", "layer_norm", "layer_norm_grad", "matmul",
+    "transposed_matmul", "linear", "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax",
+    "scaled_softmax", "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance",
+    "normalize", "normalize_grad", "batch_norm", "batch_norm_grad", "inv_std", "max_pool2d",
     "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
     "lstm_sequence_grad", "stop_gradient", "to_device", "store", "install_tensor_methods",
     "Attention", "AttentionGrad", "CheckClassIds", "AllReduce", "Broadcast", "Reduce", "AllGather",
@@ -117,11 +118,11 @@ __all__ = [
     "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "BroadcastTo", "SumTo", "Transpose",
     "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate",
     "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd",
-    "LayerNorm", "LayerNormGrad", "MatMul", "Linear", "Summation", "Mean", "Max", "LogSumExp",
-    "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy", "SoftmaxCrossEntropyGrad",
-    "Variance", "Normalize", "NormalizeGrad", "BatchNorm", "BatchNormGrad", "InvStd", "MaxPool2d",
-    "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad",
-    "StopGradient", "ToDevice", "Store", "ApplyUpdates",
+    "LayerNorm", "LayerNormGrad", "MatMul", "TransposedMatMul", "Linear", "Summation", "Mean",
+    "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
+    "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad", "BatchNorm",
+    "BatchNormGrad", "InvStd", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike",
+    "LSTMSequence", "LSTMSequenceGrad", "StopGradient", "ToDevice", "Store", "ApplyUpdates",
 ]
 
 #: the names of the generated op functions, in registration order
@@ -349,6 +350,18 @@ def layer_norm_grad(g: Tensor, x: Tensor, weight: Tensor, eps: float = 1e-05) ->
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
     vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
+
+def transposed_matmul(
+    a: Tensor,
+    b: Tensor,
+    transpose_a: bool = False,
+    transpose_b: bool = False,
+) -> Tensor:
+    """``a @ b`` with either operand's last two axes swapped first (``transpose_a``,
+    ``transpose_b``): matmul's and linear's gradients ``g @ b^T`` and ``a^T @ g`` as one node
+    each, where a transpose node and a matmul made two. ``np.matmul`` reads the swapped operand
+    as a strided view (BLAS takes it transposed: no copy). Both operands have at least 2 dims;
+    leading (batch) dims broadcast as in matmul."""
 
 def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """``x @ w + b`` for matrices x (n, k), w (k, m) and a bias b that broadcasts to (n, m)

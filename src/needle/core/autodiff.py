@@ -46,7 +46,8 @@ def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False,
 def _grad_topo_sort(outputs: list) -> list:
     """``find_topo_sort(outputs, requires_grad_only=True)``, the same order, for the reverse
     sweep: nodes themselves in the visited set (identity-hashed, as the sweep's adjoints
-    dict keys them) instead of their ids, one call less per node."""
+    dict keys them) instead of their ids, one call less per node; a node without inputs (a
+    leaf: a model's parameters) is appended at once, not pushed and popped again."""
     visited: set = set()
     add = visited.add
     order: list = []
@@ -63,7 +64,11 @@ def _grad_topo_sort(outputs: list) -> list:
                 if child in visited or not child.requires_grad:
                     continue
                 add(child)
-                push((child, iter(child.inputs)))
+                inputs = child.inputs
+                if not inputs:  # nothing below it: where the push and pop would put it
+                    append(child)
+                    continue
+                push((child, iter(inputs)))
                 break
             else:
                 pop()
@@ -132,13 +137,15 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
             if in_grad is None or not inp.requires_grad:
                 continue
             g_data, i_data = in_grad._data, inp._data
-            # eager fast path inline: same shape and dtype needs no sum_to / astype (dtypes
-            # compared by identity first: NumPy's builtin dtypes are singletons); tuple
-            # inputs (make_tuple, split) take tuple adjoints as they are
-            if (type(i_data) is not tuple and (inp.op is None or not inp.op.returns_tuple)
-                    and (g_data is None or i_data is None or g_data.shape != i_data.shape
-                         or (g_data.dtype is not i_data.dtype
-                             and g_data.dtype != i_data.dtype))):
+            # eager fast path inline, tested first: arrays of the same shape and dtype need no
+            # sum_to / astype (dtypes compared by identity first: NumPy's builtin dtypes are
+            # singletons); tuple inputs (make_tuple, split) take tuple adjoints as they are
+            if g_data is None or i_data is None:
+                if type(i_data) is not tuple and (inp.op is None or not inp.op.returns_tuple):
+                    in_grad = fit_to_input(in_grad, inp)
+            elif type(i_data) is not tuple and (
+                    g_data.shape != i_data.shape or (g_data.dtype is not i_data.dtype
+                                                     and g_data.dtype != i_data.dtype)):
                 in_grad = fit_to_input(in_grad, inp)
             previous = get_adjoint(inp)
             adjoints[inp] = in_grad if previous is None else previous + in_grad

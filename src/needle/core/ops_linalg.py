@@ -38,9 +38,10 @@ class MatMul(Op):
         a, b = node.inputs
         a_vec, b_vec = len(a.shape) == 1, len(b.shape) == 1
         if not (a_vec or b_vec):
-            # NOTE: skip the adjoint of an input that needs none (x in x @ W): a whole matmul
-            return (F.matmul(out_grad, F.transpose(b)) if a.requires_grad else None,
-                    F.matmul(F.transpose(a), out_grad) if b.requires_grad else None)
+            # NOTE: skip the adjoint of an input that needs none (x in x @ W): a whole matmul;
+            # g @ b^T and a^T @ g are one node each (no transpose node: see TransposedMatMul)
+            return (F.transposed_matmul(out_grad, b, False, True) if a.requires_grad else None,
+                    F.transposed_matmul(a, out_grad, True, False) if b.requires_grad else None)
         # a vector operand: compute as matrices ((1, k) row, (k, 1) column), then drop that
         # axis from its adjoint; batch dims stay for the engine to sum back
         k = a.shape[-1]
@@ -57,11 +58,11 @@ class MatMul(Op):
             g2 = F.reshape(out_grad, (*batch, _known(node.shape[-1]), 1))
         grad_a = grad_b = None
         if a.requires_grad:
-            grad_a = F.matmul(g2, F.transpose(b2))  # (*batch, n or 1, k)
+            grad_a = F.transposed_matmul(g2, b2, False, True)  # (*batch, n or 1, k)
             if a_vec:
                 grad_a = F.reshape(grad_a, (*batch, _known(k)))
         if b.requires_grad:
-            grad_b = F.matmul(F.transpose(a2), g2)  # (*batch, k, m or 1)
+            grad_b = F.transposed_matmul(a2, g2, True, False)  # (*batch, k, m or 1)
             if b_vec:
                 grad_b = F.reshape(grad_b, (*batch, _known(k)))
         return grad_a, grad_b
@@ -87,6 +88,67 @@ class MatMul(Op):
             return Aval(tuple(a.shape[:-1]), dtype)
         batch = broadcast_shapes(self.name, a.shape[:-2], b.shape[:-2])
         return Aval(batch + (a.shape[-2], b.shape[-1]), dtype)
+
+
+@register("transposed_matmul", inputs=("a", "b"))
+class TransposedMatMul(Op):
+    """``a @ b`` with either operand's last two axes swapped first (``transpose_a``,
+    ``transpose_b``): matmul's and linear's gradients ``g @ b^T`` and ``a^T @ g`` as one node
+    each, where a transpose node and a matmul made two. ``np.matmul`` reads the swapped
+    operand as a strided view (BLAS takes it transposed: no copy). Both operands have at
+    least 2 dims; leading (batch) dims broadcast as in matmul.
+
+    >>> import needle as ndl
+    >>> ndl.ops.transposed_matmul(ndl.init.ones(3, 4), ndl.init.ones(3, 2), True, False).shape
+    (4, 2)
+    """
+
+    def __init__(self, transpose_a: bool = False, transpose_b: bool = False) -> None:
+        self.transpose_a = bool(transpose_a)
+        self.transpose_b = bool(transpose_b)
+
+    def compute(self, a, b):
+        if a.ndim < 2 or b.ndim < 2:
+            raise ValueError("inputs must be matrices")  # (the shape rule's error is raised)
+        return np.matmul(a.swapaxes(-1, -2) if self.transpose_a else a,
+                         b.swapaxes(-1, -2) if self.transpose_b else b)
+
+    def emit(self, args, node):
+        a = f"{args[0]}.swapaxes(-1, -2)" if self.transpose_a else args[0]
+        b = f"{args[1]}.swapaxes(-1, -2)" if self.transpose_b else args[1]
+        return f"np.matmul({a}, {b})"
+
+    def gradient(self, out_grad, node):
+        # c = op_a(a) @ op_b(b), op_x the identity or the swap of the last two axes: each
+        # adjoint is again one (transposed) product of out_grad and the other operand
+        a, b = node.inputs
+        ta, tb, g = self.transpose_a, self.transpose_b, out_grad
+        grad_a = grad_b = None
+        if a.requires_grad:  # g @ op_b(b)^T, swapped when a was
+            grad_a = (F.transposed_matmul(b, g, tb, True) if ta
+                      else F.transposed_matmul(g, b, False, not tb))
+        if b.requires_grad:  # op_a(a)^T @ g, swapped when b was
+            grad_b = (F.transposed_matmul(g, a, True, ta) if tb
+                      else F.transposed_matmul(a, g, not ta, False))
+        return grad_a, grad_b
+
+    def infer(self, a: Aval, b: Aval) -> Aval:
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            raise ShapeError(f"transposed_matmul: inputs must have at least 2 dims, got "
+                             f"{fmt_shape(a.shape)} and {fmt_shape(b.shape)}; use matmul for "
+                             "vectors")
+
+        def swapped(x: Aval, swap: bool) -> Aval:
+            return Aval((*x.shape[:-2], x.shape[-1], x.shape[-2]), x.dtype) if swap else x
+
+        a2, b2 = swapped(a, self.transpose_a), swapped(b, self.transpose_b)
+        k1, k2 = a2.shape[-1], b2.shape[-2]
+        if k1 is not None and k2 is not None and k1 != k2:
+            raise ShapeError(f"transposed_matmul: inner dimensions differ: "
+                             f"{fmt_shape(a.shape)}{'^T' if self.transpose_a else ''} @ "
+                             f"{fmt_shape(b.shape)}{'^T' if self.transpose_b else ''}")
+        batch = broadcast_shapes(self.name, a.shape[:-2], b.shape[:-2])
+        return Aval(batch + (a2.shape[-2], b2.shape[-1]), np.result_type(a.dtype, b.dtype))
 
 
 @register("linear", inputs=("x", "w", "b"))
@@ -116,8 +178,8 @@ class Linear(Op):
     def gradient(self, out_grad, node):
         x, w, b = node.inputs
         # NOTE: skip the product of an input that needs no gradient (x in a model's first layer)
-        return (F.matmul(out_grad, F.transpose(w)) if x.requires_grad else None,
-                F.matmul(F.transpose(x), out_grad) if w.requires_grad else None,
+        return (F.transposed_matmul(out_grad, w, False, True) if x.requires_grad else None,
+                F.transposed_matmul(x, out_grad, True, False) if w.requires_grad else None,
                 out_grad if b.requires_grad else None)
 
     def infer(self, x: Aval, w: Aval, b: Aval) -> Aval:

@@ -247,6 +247,17 @@ def _emit_matmul(c: _Ctx) -> str:
     return c.g.node("MatMul", c.inputs_as(c.aval.dtype))
 
 
+def _emit_transposed_matmul(c: _Ctx) -> str:
+    """transposed_matmul: a Transpose of the last two axes before MatMul where it swaps."""
+    ins = c.inputs_as(c.aval.dtype)
+    for i, swap in enumerate((c.op.transpose_a, c.op.transpose_b)):
+        if swap:
+            perm = list(range(len(c.in_avals[i].shape)))
+            perm[-1], perm[-2] = perm[-2], perm[-1]
+            ins[i] = c.g.node("Transpose", [ins[i]], perm=perm)
+    return c.g.node("MatMul", ins)
+
+
 def _emit_linear(c: _Ctx) -> str:
     x, w, b = c.inputs_as(c.aval.dtype)
     return c.g.node("Add", [c.g.node("MatMul", [x, w]), b])
@@ -633,7 +644,8 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "compare": _emit_compare, "compare_scalar": _emit_compare_scalar, "where": _emit_where,
     "astype": _emit_astype, "full_like": _emit_full_like,
     "stop_gradient": _emit_identity, "to_device": _emit_identity,
-    "matmul": _emit_matmul, "linear": _emit_linear, "conv": _emit_conv,
+    "matmul": _emit_matmul, "transposed_matmul": _emit_transposed_matmul,
+    "linear": _emit_linear, "conv": _emit_conv,
     "max_pool2d": _emit_max_pool,
     "reshape": _emit_reshape, "broadcast_to": _emit_broadcast_to, "sum_to": _emit_sum_to,
     "summation": _reduction("ReduceSum"), "mean": _reduction("ReduceMean"),
@@ -656,7 +668,7 @@ _WRITES = {
     "compare_scalar": "Less/LessOrEqual/Greater/GreaterOrEqual/Equal (+Not for ne)",
     "where": "Where", "astype": "Cast", "full_like": "ConstantOfShape (+Shape)",
     "stop_gradient": "Identity", "to_device": "Identity", "matmul": "MatMul",
-    "linear": "MatMul, Add",
+    "linear": "MatMul, Add", "transposed_matmul": "Transpose (where swapped), MatMul",
     "conv": "Conv (NCHW, OIHW kernel; Transposes around it cancel with nn.Conv's permutes)",
     "max_pool2d": "MaxPool",
     "reshape": "Reshape (0 / -1 / Shape-based dims for the batch)",
