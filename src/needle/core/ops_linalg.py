@@ -163,16 +163,20 @@ class Linear(Op):
     def compute(self, x, w, b):
         if x.ndim != 2 or w.ndim != 2:
             raise ValueError("x and w must be matrices")  # (the shape rule's error is raised)
-        if type(x) is np.ndarray and type(w) is np.ndarray and x.dtype == w.dtype:
+        rows, cols = x.shape[0], w.shape[1]
+        if rows * cols * x.itemsize >= recycle.MIN_BYTES and type(x) is np.ndarray \
+                and type(w) is np.ndarray and x.dtype == w.dtype:
             # a vocabulary-sized head: a recycled array, not page-faulted in every step
-            out = np.matmul(x, w, out=recycle.empty((x.shape[0], w.shape[1]), x.dtype))
+            out = np.matmul(x, w, out=recycle.empty((rows, cols), x.dtype))
         else:
             out = np.matmul(x, w)
+        if b.dtype is out.dtype or out.dtype == np.result_type(out.dtype, b.dtype):
+            # the product's own array: nothing else sees this write (NumPy refuses a bias
+            # that does not broadcast to it; the shape rule's error is raised then)
+            out += b
+            return out
         if b.ndim > 2 or any(d not in (1, n) for d, n in zip(b.shape[::-1], out.shape[::-1])):
             raise ValueError("the bias does not broadcast to the output")
-        if out.dtype == np.result_type(out.dtype, b.dtype):
-            out += b  # the product's own array: nothing else sees this write
-            return out
         return out + b
 
     def gradient(self, out_grad, node):

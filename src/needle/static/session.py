@@ -396,7 +396,7 @@ class Session:
         before anything runs. ``run_metadata`` receives what ran and the peak bytes, and with
         ``options=RunOptions(trace_level=RunOptions.FULL_TRACE)`` each step's timings.
         """
-        trace_level = _trace_level(options)
+        trace_level = 0 if options is None else _trace_level(options)
         self.graph.note_run()
         runner = self._runner(fetches, feed_dict)
         feeds = {id(node): self._feed_value(node, value)
