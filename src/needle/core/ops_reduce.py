@@ -263,10 +263,16 @@ class SoftmaxCrossEntropy(Op):
 
     def compute(self, logits, ids):
         _check_loss_shapes(logits, ids)
-        ids = checked_ids(self.name, ids, logits.shape[1])
-        compiled = cross_entropy.loss_rows(logits, ids)  # small logits: one compiled pass
+        # small logits: one compiled pass, which checks integer ids itself (else None)
+        compiled = cross_entropy.loss_rows(logits, ids)
         if compiled is not None:
             return compiled
+        whole_floats = ids.dtype.kind == "f"
+        ids = checked_ids(self.name, ids, logits.shape[1])
+        if whole_floats:  # now integers: the compiled pass, as for integer ids
+            compiled = cross_entropy.loss_rows(logits, ids)
+            if compiled is not None:
+                return compiled
         lse = _ROW_LOGSUMEXP.compute(logits)
         picked = logits[array_module(logits).arange(logits.shape[0]), ids]
         return lse - picked
@@ -289,10 +295,18 @@ class SoftmaxCrossEntropyGrad(Op):
 
     def compute(self, logits, ids, g):
         _check_loss_shapes(logits, ids, g)
+        # small: one compiled pass, which checks integer ids itself (else None)
+        compiled = cross_entropy.loss_rows_grad(logits, ids, g)
+        if compiled is not None:
+            return compiled
+        whole_floats = ids.dtype.kind == "f"
         ids = checked_ids(self.name, ids, logits.shape[1])
-        compiled = cross_entropy.loss_rows_grad(logits, ids, g)  # small: one compiled pass
-        if compiled is None:  # large: the blocked softmax into a recycled array
-            compiled = cross_entropy.loss_rows_grad_blocked(logits, ids, g)
+        if whole_floats:  # now integers: the compiled pass, as for integer ids
+            compiled = cross_entropy.loss_rows_grad(logits, ids, g)
+            if compiled is not None:
+                return compiled
+        # large: the blocked softmax into a recycled array
+        compiled = cross_entropy.loss_rows_grad_blocked(logits, ids, g)
         if compiled is not None:
             return compiled
         scale = g.reshape(-1, 1)

@@ -10,6 +10,9 @@ The gradient of large logits (``loss_rows_grad_blocked``) runs the blocked softm
 calls into an array recycled between steps (kernels/recycle.py): no page faults for a
 vocabulary-sized gradient, the same bits as ``softmax_last_axis(z, g) - onehot * g``.
 
+The compiled loops check the class ids lie in [0, C) before they read (the caller's
+``checked_ids`` then raises its error): the ops need no separate min/max pass over the ids.
+
 Each row's sum of exponentials accumulates in float64, so the results agree with the NumPy
 formulas to float rounding (not bit for bit). numba is optional (``needle[fast]``): without
 it, for rows with a non-finite maximum, or for other dtypes or layouts, both functions return
@@ -51,7 +54,15 @@ def _loops() -> Any:
                 total += np.exp(z[i, j] - peak)
         return peak, total
 
+    def ids_in_range(ids, width):  # pragma: no cover - compiled by numba
+        for i in range(ids.shape[0]):  # noqa: SIM110 - numba compiles loops, not all(...)
+            if ids[i] < 0 or ids[i] >= width:
+                return False
+        return True
+
     def loss(z, ids, out):  # pragma: no cover - compiled by numba
+        if not ids_fit(ids, z.shape[1]):
+            return False
         for i in range(z.shape[0]):
             peak, total = peak_and_total(z, i)
             if not np.isfinite(peak):
@@ -60,6 +71,8 @@ def _loops() -> Any:
         return True
 
     def grad(z, ids, g, out):  # pragma: no cover - compiled by numba
+        if not ids_fit(ids, z.shape[1]):
+            return False
         for i in range(z.shape[0]):
             peak = z[i, 0]
             for j in range(1, z.shape[1]):
@@ -80,6 +93,7 @@ def _loops() -> Any:
 
     jit = numba.njit(error_model="numpy", nogil=True)
     peak_and_total = jit(row_peak_and_total)
+    ids_fit = jit(ids_in_range)
     return jit(loss), jit(grad)
 
 
@@ -90,8 +104,9 @@ def _applies(z: Any, ids: Any) -> bool:
 
 
 def loss_rows(z: Any, ids: Any) -> Any:
-    """``logsumexp(z_i) - z_i[ids_i]`` for each row of ``z`` (ids checked to lie in range),
-    a new (B,) array; or None where the compiled loop does not apply."""
+    """``logsumexp(z_i) - z_i[ids_i]`` for each row of ``z``, a new (B,) array; or None where
+    the compiled loop does not apply, and for ids outside [0, C) (the loop checks them
+    before it reads: the caller's ``checked_ids`` then raises its error)."""
     if not _applies(z, ids):
         return None
     loops = _loops()
@@ -103,7 +118,8 @@ def loss_rows(z: Any, ids: Any) -> Any:
 
 def loss_rows_grad(z: Any, ids: Any, g: Any) -> Any:
     """``g_i * (softmax(z_i) - onehot(ids_i))`` as a new array shaped like ``z``; or None
-    where the compiled loop does not apply (``g`` must be (B,) of z's dtype)."""
+    where the compiled loop does not apply (``g`` must be (B,) of z's dtype) and for ids
+    outside [0, C), as ``loss_rows``."""
     if not _applies(z, ids) or type(g) is not np.ndarray or g.dtype != z.dtype \
             or g.shape != z.shape[:1]:
         return None

@@ -276,6 +276,11 @@ class Optimizer:
         of a Variable); ``restore_grads`` puts the ``.grad`` attributes back afterwards; the
         update runs as one compiled loop if ``fuse_rule`` and ``fused`` allows.
         """
+        plain_step = type(self).step is Optimizer.step
+        fuse = self.fused is True or (fuse_rule and self.fused is None)
+        if storage is None and not restore_grads and plain_step and fuse \
+                and self._fast_run_update(params, grads):
+            return
         given = {id(p): g for p, g in zip(params, grads)}
         # only what this call changes is put back (nothing, under the JIT)
         saved_grads = [(p, p.grad) for p in self.params] if restore_grads else []
@@ -288,8 +293,8 @@ class Optimizer:
                 p.grad = None if g is None else new_leaf(Tensor, g, device=p.device)
                 if g is not None and storage is not None:
                     p._data = storage(p)  # updated in place by the step
-            if type(self).step is Optimizer.step:
-                self._apply_step(fuse=self.fused is True or (fuse_rule and self.fused is None))
+            if plain_step:
+                self._apply_step(fuse)
             else:  # a subclass with its own step()
                 self.step()
         finally:
@@ -302,6 +307,10 @@ class Optimizer:
         """``step()`` on gradients with values; ``fuse`` runs the flat update as one loop."""
         self.step_count += 1
         self._begin_step()
+        self._update_all(fuse)
+
+    def _update_all(self, fuse: bool) -> None:
+        """The update rule on every parameter with a gradient: one flat update if it can be."""
         if self._flat_step(fuse):
             return
         for index, p in enumerate(self.params):
@@ -333,6 +342,12 @@ class Optimizer:
         if flat is None or flat.shapes != shapes or flat.param.dtype != datas[0].dtype:
             flat = self._flat = _FlatBuffers(shapes, datas[0].dtype)
         if flat.holds(datas):
+            if fuse:
+                pieces = self._grad_pieces(flat, grads)
+                if pieces is not None:
+                    if self._fused_in_place(flat, pieces):
+                        return True
+                    fuse = False  # the rule cannot be fused: NumPy below, not asked again
             if max(g.size for g in grads) >= SEGMENT_MIN_ELEMENTS:
                 self._segmented_step(flat, grads, fuse)
                 return True
@@ -382,6 +397,65 @@ class Optimizer:
             finally:
                 self._segment = None
             i = stop
+
+    def _fused_in_place(self, flat: _FlatBuffers, pieces: tuple) -> bool:
+        """The fused update reading each gradient where the backward left it (``pieces``
+        from ``_grad_pieces``; no copy into the flat gradient: a fifth of the update's time
+        in a jitted MLP step); False (nothing done) if the rule cannot be fused."""
+        return fused_update.run_fused(self._record_flat_rule, flat.param, flat.grad,
+                                      cache=self._fused_rule, parts={1: pieces})
+
+    @staticmethod
+    def _grad_pieces(flat: _FlatBuffers, grads: list | tuple, params: tuple | None = None,
+                     own: list | None = None) -> tuple | None:
+        """Each gradient as a flat array, to be read in place by the fused update; None
+        unless every one is a writable NumPy array of its parameter's size and the flat dtype
+        that cannot share memory with what the update writes: it owns its memory, it was copied
+        here (not contiguous), or it views an array owning its memory that is not the flat
+        parameters or state (a view of anything else might alias them). With ``params`` and
+        ``own`` (the optimizer's parameters), also None unless ``params`` are ``own`` in
+        order, each still on its view of the flat parameters. One pass: it runs on
+        every jitted step."""
+        dtype = flat.grad.dtype
+        written = (flat.param, *flat.state.values())
+        pieces = []
+        for g, view, p, mine in zip(grads, flat.param_views, params or grads, own or grads):
+            if type(g) is not np.ndarray or g.size != view.size \
+                    or (g.dtype is not dtype and g.dtype != dtype):
+                return None
+            # (the view's writable flag was checked when it was made: it is internal to the
+            # optimizer, which hands it to the parameter alone)
+            if params is not None and (p is not mine or p._data is not view):
+                return None
+            piece = g.ravel()  # a contiguous view, or a copy of a gradient that is not one
+            if not piece.flags.writeable:  # (numba types read-only arrays apart: no one loop)
+                return None
+            base = g.base
+            if base is not None and piece.base is not None and (
+                    type(base) is not np.ndarray or not base.flags.owndata
+                    or any(base is a for a in written)):
+                return None
+            pieces.append(piece)
+        return tuple(pieces)
+
+    def _fast_run_update(self, params: tuple, grads: tuple) -> bool:
+        """``run_update`` of a fused step over all parameters in their flat buffers, with
+        the per-step checks in one pass (a jitted training step's common case); False,
+        having changed nothing, when it is not that case."""
+        flat = self._flat
+        own = self.params
+        if flat is None or len(params) != len(own) or len(grads) != len(own):
+            return False
+        pieces = self._grad_pieces(flat, grads, params, own)
+        if pieces is None:
+            return False
+        for p, g in zip(own, grads):
+            p.grad = new_leaf(Tensor, g, device=p.device)
+        self.step_count += 1
+        self._begin_step()
+        if not self._fused_in_place(flat, pieces):
+            self._update_all(fuse=False)  # the rule cannot be fused: NumPy, as step() does
+        return True
 
     def _flat_update(self, flat: _FlatBuffers, fuse: bool) -> None:
         """The update rule on the flat arrays: one compiled loop if ``fuse`` and it can be
