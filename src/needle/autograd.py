@@ -14,6 +14,7 @@ import numpy as np
 
 from .backend import Device, NDArray, as_ndarray, cpu, device_of
 from .core import registry
+from .core.autodiff import backward as _autodiff_backward
 from .core.autodiff import find_topo_sort
 from .core.context import GradMode, is_grad_enabled, lazy_node_made, recording
 from .core.context import _get as _get_state
@@ -231,6 +232,9 @@ def _op_error(op: Op, inputs: tuple, exc: Exception) -> Exception:
     return type(exc)(f"{op.name} on inputs of shapes {shapes}: {exc}")
 
 
+_new_object = object.__new__  # (bound once: two lookups less per node made)
+
+
 def make_from_op(op: Op, inputs: tuple) -> Any:
     """Apply ``op`` to input nodes: compute now (eager) or record a lazy node (no data yet).
 
@@ -246,13 +250,16 @@ def make_from_op(op: Op, inputs: tuple) -> Any:
             data_a, data_b = a._data, b._data
             lazy = data_a is None or data_b is None
             requires_grad = a.requires_grad or b.requires_grad
+            device = a.device
         elif n_inputs == 1:
             a = inputs[0]
             data_a = a._data
             lazy = data_a is None
             requires_grad = a.requires_grad
+            device = a.device
         else:
             lazy = requires_grad = False
+            device = inputs[0].device if inputs else cpu()
             arrays: list = []
             for x in inputs:
                 data = x._data
@@ -268,7 +275,8 @@ def make_from_op(op: Op, inputs: tuple) -> Any:
     state = _get_state(None) or _thread_state()
     if requires_grad:
         requires_grad = state.grad_enabled and op.differentiable
-    device = op.out_device or (inputs[0].device if inputs else cpu())
+    if op.out_device is not None:
+        device = op.out_device
     if lazy or state.trace is not None:
         node: Any = _new_lazy_node(TensorTuple if op.returns_tuple else Tensor, op, inputs,
                                    requires_grad, device, op.infer(*[x.aval for x in inputs]))
@@ -288,10 +296,10 @@ def make_from_op(op: Op, inputs: tuple) -> Any:
         raise _op_error(op, inputs, exc) from exc
     # the node's fields set here, not by a call: this is the hot path of every eager op
     if op.returns_tuple:
-        node = object.__new__(TensorTuple)
+        node = _new_object(TensorTuple)
         node._aval = tuple(Aval(a.shape, a.dtype) for a in data)
     else:
-        node = object.__new__(Tensor)
+        node = _new_object(Tensor)
         node._aval = None
         node.grad = None
     TENSOR_COUNTER += 1
@@ -524,18 +532,23 @@ class Tensor(_TensorBase):
                           category="autograd", phase="backward", inputs=(self._data,))
 
     def _backward(self, out_grad: Tensor | None, create_graph: bool) -> None:
-        from .core.autodiff import backward as _backward
-
-        if out_grad is None:
+        if out_grad is None:  # (ones of this shape: no shape to check)
             out_grad = _ops.full_like(self, 1)
-        elif not isinstance(out_grad, Value):
-            out_grad = Tensor(out_grad, device=self.device, dtype=self.dtype,
-                              requires_grad=False)
-        if tuple(out_grad.shape) != tuple(self.shape):
-            raise ShapeError(f"backward(): out_grad shape {fmt_shape(out_grad.shape)} differs "
-                             f"from the tensor's shape {fmt_shape(self.shape)}")
-        with GradMode(create_graph and is_grad_enabled()):
-            _backward(self, out_grad)
+        else:
+            if not isinstance(out_grad, Value):
+                out_grad = Tensor(out_grad, device=self.device, dtype=self.dtype,
+                                  requires_grad=False)
+            if tuple(out_grad.shape) != tuple(self.shape):
+                raise ShapeError(f"backward(): out_grad shape {fmt_shape(out_grad.shape)} "
+                                 f"differs from the tensor's shape {fmt_shape(self.shape)}")
+        # GradMode(create_graph and is_grad_enabled()), inlined: this runs once per step
+        state = _thread_state()
+        enclosing = state.grad_enabled
+        state.grad_enabled = create_graph and enclosing
+        try:
+            _autodiff_backward(self, out_grad)
+        finally:
+            state.grad_enabled = enclosing
 
     # -- printing ----------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -45,34 +45,53 @@ def find_topo_sort(node_list: Iterable[Any], requires_grad_only: bool = False,
 
 def _grad_topo_sort(outputs: list) -> list:
     """``find_topo_sort(outputs, requires_grad_only=True)``, the same order, for the reverse
-    sweep: nodes themselves in the visited set (identity-hashed, as the sweep's adjoints
-    dict keys them) instead of their ids, one call less per node; a node without inputs (a
-    leaf: a model's parameters) is appended at once, not pushed and popped again."""
+    sweep, with less work per node: nodes themselves in the visited set (identity-hashed, as
+    the sweep's adjoints dict keys them) instead of their ids, and a flat stack of nodes
+    instead of (node, iterator) pairs.
+
+    A node is expanded when it is popped (so a child reached through an earlier sibling is
+    visited there, as the recursive DFS does): it goes back on the stack under a ``None``
+    marker, with its unvisited inputs above it in reverse, so they are popped in argument
+    order; the marker, popped after all of them, emits the node (post-order).
+    """
     visited: set = set()
     add = visited.add
     order: list = []
-    append = order.append
+    emit = order.append
     for root in outputs:
         if root in visited:
             continue
-        add(root)
-        stack = [(root, iter(root.inputs))]
+        stack = [root]
         push, pop = stack.append, stack.pop
         while stack:
-            node, children = stack[-1]
-            for child in children:
-                if child in visited or not child.requires_grad:
-                    continue
-                add(child)
-                inputs = child.inputs
-                if not inputs:  # nothing below it: where the push and pop would put it
-                    append(child)
-                    continue
-                push((child, iter(inputs)))
-                break
+            node = pop()
+            if node is None:  # its inputs are all done
+                emit(pop())
+                continue
+            if node in visited:  # reached through an earlier sibling's inputs
+                continue
+            add(node)
+            inputs = node.inputs
+            n_inputs = len(inputs)
+            if n_inputs == 0:  # a leaf: nothing below it
+                emit(node)
+                continue
+            push(node)
+            push(None)
+            if n_inputs == 2:  # most ops: unrolled
+                a, b = inputs
+                if b.requires_grad and b not in visited:
+                    push(b)
+                if a.requires_grad and a not in visited:
+                    push(a)
+            elif n_inputs == 1:
+                a = inputs[0]
+                if a.requires_grad and a not in visited:
+                    push(a)
             else:
-                pop()
-                append(node)
+                for child in reversed(inputs):
+                    if child.requires_grad and child not in visited:
+                        push(child)
     return order
 
 
@@ -161,12 +180,13 @@ def backward(output: Any, out_grad: Any) -> None:
     if hooks:
         run_grad_hooks(list(hooks), lambda on_grad: reverse_mode([output], [out_grad], on_grad))
         return
+    reverse_mode([output], [out_grad], _store_grad)
 
-    def store(node: Any, grad: Any) -> None:
-        if node.op is None or node.meta.retain_grad:
-            node.grad = grad
 
-    reverse_mode([output], [out_grad], store)
+def _store_grad(node: Any, grad: Any) -> None:
+    """``backward``'s ``on_grad``: ``.grad`` of a leaf, or of a node that retains it."""
+    if node.op is None or node.meta.retain_grad:
+        node.grad = grad
 
 
 def run_grad_hooks(hooks: list, sweep: Callable[[Callable[[Any, Any], None]], None]) -> None:
