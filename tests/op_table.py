@@ -385,6 +385,16 @@ def _batch_norm_grad(g, x, w, axes=(0,)):
     return dx + dw * 2.0 + db * 3.0
 
 
+def _batch_stats(x, axes=(0,)):
+    """batch_stats's (mean, variance) as mean + 2 variance (one output: both get gradients)."""
+    mean, var = ops.batch_stats(x, axes)
+    return mean + var * 2.0
+
+
+def _torch_batch_stats(x, axes=(0,)):
+    return x.mean(axes, keepdim=True) + x.var(axes, unbiased=False, keepdim=True) * 2.0
+
+
 def _normalize(a, axes=None, eps=1e-5, given_stats=False):
     """normalize with its own statistics (``given_stats``: passed in, as BatchNorm does)."""
     if given_stats:
@@ -605,6 +615,10 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((6, 4), (6, 4), (6, 4)), "axes", A, axes=(0,), eps=1e-5),
             S(joined(normal((6, 4), (6, 4)), positive((1, 4))), "given_var", BC, axes=(0,),
               eps=1e-5, given_var=True)],
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("batch_stats", _batch_stats, _torch_batch_stats,
+           [S(normal((6, 4)), "axes", A, axes=(0,)),
+            S(normal((3, 2, 2, 3)), "nchw_axes", A, axes=(0, 2, 3))],
            rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
     OpInfo("batch_norm", _batch_norm, _torch_batch_norm,
            [S(normal((6, 4), (4,), (4,)), "axes", BC, axes=(0,), eps=1e-5),

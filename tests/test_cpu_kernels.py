@@ -123,7 +123,7 @@ def _train_batchnorm_layers(steps=3):
 @needs_kernels
 def test_batchnorm_layers_use_the_kernels_and_agree_with_numpy(monkeypatch):
     calls = []
-    for name in ("column_moments", "column_affine", "batch_norm_grad"):
+    for name in ("column_statistics", "batch_norm_forward", "batch_norm_grad_given_var"):
         original = getattr(cpu_kernels, name)
 
         def spy(*args, _original=original, _name=name):
@@ -133,8 +133,8 @@ def test_batchnorm_layers_use_the_kernels_and_agree_with_numpy(monkeypatch):
 
         monkeypatch.setattr(cpu_kernels, name, spy)
     compiled = _train_batchnorm_layers()
-    assert {name for name, ran in calls if ran} == {"column_moments", "column_affine",
-                                                      "batch_norm_grad"}
+    assert {name for name, ran in calls if ran} == {"column_statistics", "batch_norm_forward",
+                                                      "batch_norm_grad_given_var"}
     monkeypatch.setattr(cpu_kernels, "_kernels", lambda: None)
     reference = _train_batchnorm_layers()
     for a, b in zip(compiled, reference):

@@ -3,7 +3,8 @@
 Large CPU ops split their work across ``NUM_THREADS`` threads (the calling thread is one):
 the Winograd convolutions (kernels/winograd.py) and the im2col convolutions, split by images
 (kernels/conv.py), through ``in_parallel``; BatchNorm's passes and max pooling, split by rows
-(kernels/cpu_kernels.py), through ``run_chunks``. numba loops and BLAS products release the
+(kernels/cpu_kernels.py), and ReLU, its adjoint and the conv bias add, split into blocks
+(kernels/threaded_elementwise.py), through ``run_chunks``. numba loops and BLAS products release the
 GIL, so plain Python threads run in parallel.
 
 NOTE: OpenBLAS keeps a pool of its own, and its worker thread spins for about 0.1 s after

@@ -3,8 +3,10 @@
 ``normalize`` and its adjoint ``normalize_grad`` replace the ten-odd elementwise and reduction
 nodes of the textbook formulas (LayerNorm); ``batch_norm`` and ``batch_norm_grad`` do the same
 for training-mode BatchNorm with its affine weight and bias, in as few passes over the
-activations as NumPy allows (BatchNorm is hot in every CNN step); ``inv_std`` is the piece the
-adjoints' own gradients need. Statistics follow np.mean's arithmetic (biased variance).
+activations as NumPy allows (BatchNorm is hot in every CNN step), and ``batch_stats`` gives
+them the batch mean and variance in one node (one pass with numba); ``inv_std`` is the piece
+the adjoints' own gradients need. Statistics follow np.mean's arithmetic (biased variance;
+``batch_stats``'s compiled pass agrees with it to float32 rounding).
 """
 
 from __future__ import annotations
@@ -136,14 +138,47 @@ def _check_batch_stats(op: str, x: Aval, axes: tuple, stats: dict[str, Aval]) ->
                              f"per-channel shape that broadcasts to {fmt_shape(kept)}")
 
 
+@register("batch_stats", inputs=("x",))
+class BatchStats(Op):
+    """``(mean, variance)`` of x over ``axes``, kept as size-1 dims (biased variance): the
+    batch statistics of training-mode BatchNorm, for ``batch_norm`` and the running averages.
+
+    One node and, where numba runs, one pass over x (kernels/batchnorm.py ``statistics``)
+    where ``mean`` + ``variance`` took two nodes and three passes (the CNN step's BatchNorm
+    reads its activations twice less). float32 statistics agree with ``mean`` and
+    ``variance`` to float32 rounding; the NumPy path computes theirs exactly.
+    """
+
+    returns_tuple = True
+
+    def __init__(self, axes: Any) -> None:
+        self.axes = as_axes(axes)
+
+    def compute(self, x):
+        return batchnorm.statistics(x, normalize_axes(self.name, self.axes, x.ndim))
+
+    def gradient(self, out_grad, node):
+        # d mean / dx = 1 / n; d var / dx = 2 (x - mean) / n (the mean's own dependence on x
+        # drops out: the centered values sum to 0)
+        x = node.inputs[0]
+        count = reduced_count(x, normalize_axes(self.name, self.axes, len(x.shape)))
+        g_mean, g_var = out_grad[0], out_grad[1]
+        return (g_mean + g_var * (x - node[0]) * 2.0) / count
+
+    def infer(self, x: Aval) -> tuple:
+        axes = normalize_axes(self.name, self.axes, len(x.shape))
+        stat = Aval(kept_shape(x.shape, axes), x.dtype)
+        return (stat, stat)
+
+
 @register("batch_norm", inputs=("x", "weight", "bias", "mean", "var"))
 class BatchNorm(NormOp):
     """Training-mode BatchNorm: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
 
     ``mean`` and ``var`` are x's own (biased) statistics over ``axes`` with kept dims, as
-    ``mean`` and ``variance`` make them (BatchNorm computes them once, for this and for its
-    running averages). ``weight`` and ``bias`` are per-channel arrays of one shape that
-    broadcast against that kept shape. Computed as PyTorch's CPU kernel does, in two passes:
+    ``batch_stats`` (or ``mean`` and ``variance``) make them (BatchNorm computes them once,
+    for this and for its running averages). ``weight`` and ``bias`` are per-channel arrays of
+    one shape that broadcast against that kept shape. Computed as PyTorch's CPU kernel does:
     ``y = x * alpha + beta`` with ``alpha = weight / sqrt(var + eps)`` and
     ``beta = bias - mean * alpha``.
 
@@ -152,9 +187,8 @@ class BatchNorm(NormOp):
     """
 
     def compute(self, x, weight, bias, mean, var):
-        alpha = weight * (1.0 / np.sqrt(var + self.eps))
-        beta = bias - mean * alpha
-        return batchnorm.affine(x, alpha, beta, normalize_axes(self.name, self.axes, x.ndim))
+        return batchnorm.forward(x, weight, bias, mean, var, self.eps,
+                                 normalize_axes(self.name, self.axes, x.ndim))
 
     def scalar_expr(self, args, const):
         """``compute``'s arithmetic on one element, so region fusion runs BatchNorm in one loop
@@ -199,9 +233,8 @@ class BatchNormGrad(NormOp):
     returns_tuple = True
 
     def compute(self, g, x, weight, mean, var):
-        inv = 1.0 / np.sqrt(var + self.eps)
         axes = normalize_axes(self.name, self.axes, x.ndim)
-        return batchnorm.backward(g, x, weight, mean, inv, axes)
+        return batchnorm.backward_given_var(g, x, weight, mean, var, self.eps, axes)
 
     def _composite(self, g, x, weight):
         xhat = F.normalize(x, axes=self.axes, eps=self.eps)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import cpu_kernels
+from . import cpu_kernels, threaded_elementwise
 
 #: the longest rows the channel matrix is viewed as (a multiple of C); the per-channel
 #: constants tiled to that length stay in the L2 cache
@@ -140,12 +140,16 @@ SHORT_ROW = 64
 def add_row_vector(a: Any, b: Any) -> np.ndarray | None:
     """``a + b`` for a large C-contiguous array ``a`` and a 1-d ``b`` along its last axis (a
     conv bias on NHWC activations, 3.5x faster than NumPy's broadcast at 16 channels), or
-    None when that does not apply. Bit-identical to ``a + b``."""
+    None when that does not apply. Bit-identical to ``a + b``. With numba, one compiled
+    pass split across needle's threads (threaded_elementwise.add_row; 64 x 32 x 32 x 64:
+    1.68 -> 1.08 ms); without, NumPy on tiled rows."""
     if (type(a) is not np.ndarray or type(b) is not np.ndarray or b.ndim != 1
             or a.size < ADD_ROWS_MIN_SIZE or a.shape[-1] != b.shape[0]
             or b.shape[0] > SHORT_ROW or a.dtype != b.dtype or not a.flags.c_contiguous):
         return None
-    return shifted(a.reshape(-1, b.shape[0]), b).reshape(a.shape)
+    matrix = a.reshape(-1, b.shape[0])
+    out = threaded_elementwise.add_row(matrix, b)  # one compiled pass on needle's threads
+    return (shifted(matrix, b) if out is None else out).reshape(a.shape)
 
 
 def add(a: Any, b: Any) -> Any:

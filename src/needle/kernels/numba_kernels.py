@@ -44,6 +44,44 @@ def moments(xm, mean, var):
 
 
 @_jit
+def shifted_sums(xm, shift, s1, s2):
+    """Float64 column sums of d = xm - shift and of d * d over a row block (shift: the whole
+    matrix's first row, in float64): one pass, the parts of ``one_pass_moments``."""
+    m, c = xm.shape
+    acc1 = np.zeros(c, np.float64)
+    acc2 = np.zeros(c, np.float64)
+    for i in range(m):
+        for j in range(c):
+            d = np.float64(xm[i, j]) - shift[j]
+            acc1[j] += d
+            acc2[j] += d * d
+    for j in range(c):
+        s1[j] = acc1[j]
+        s2[j] = acc2[j]
+
+
+@_jit
+def one_pass_moments(xm, mean, var):
+    """Per-column mean and biased variance of xm in one pass: float64 sums of x - x[0] and
+    its square (shifted by the first row, so the subtraction below does not cancel for
+    data far from 0); the same arithmetic as cpu_kernels.column_statistics' blocked path."""
+    m, c = xm.shape
+    shift = np.empty(c, np.float64)
+    for j in range(c):
+        shift[j] = xm[0, j]
+    acc1 = np.zeros(c, np.float64)
+    acc2 = np.zeros(c, np.float64)
+    for i in range(m):
+        for j in range(c):
+            d = np.float64(xm[i, j]) - shift[j]
+            acc1[j] += d
+            acc2[j] += d * d
+    for j in range(c):
+        mean[j] = shift[j] + acc1[j] / m
+        var[j] = max(acc2[j] - acc1[j] * (acc1[j] / m), 0.0) / m
+
+
+@_jit
 def column_sums(xm, out):
     """out[j] = sum of column j of xm (float64 sums)."""
     acc = _float64_column_sums(xm)
@@ -82,6 +120,52 @@ def bn_grad(gm, xm, mean, inv, weight, dx, dweight, dbias):
         dbias[j] = sum_g[j]
         dweight[j] = sum_gc[j] * inv[j]
     # dx = weight * inv * (g - dbias / n - xhat * dweight / n) = a g + b (x - mean) + k
+    for i in range(m):
+        for j in range(c):
+            dx[i, j] = gm[i, j] * a[j] + (xm[i, j] - mean[j]) * b[j] + k[j]
+
+
+@_jit
+def bn_forward(xm, weight, bias, mean, var, eps, out):
+    """Training BatchNorm's y = x * alpha + beta with alpha = weight / sqrt(var + eps) and
+    beta = bias - mean * alpha per column, in the arrays' dtype (eps has it too), so the same
+    roundings as the NumPy formulas in core/ops_norm.py's BatchNorm.compute."""
+    m, c = xm.shape
+    alpha = np.ones(c, xm.dtype)  # (ones: 1 in the arrays' dtype, not float64)
+    beta = np.empty(c, xm.dtype)
+    for j in range(c):
+        alpha[j] = weight[j] * (alpha[j] / np.sqrt(var[j] + eps))
+        beta[j] = bias[j] - mean[j] * alpha[j]
+    for i in range(m):
+        for j in range(c):
+            out[i, j] = xm[i, j] * alpha[j] + beta[j]
+
+
+@_jit
+def bn_grad_var(gm, xm, mean, var, eps, weight, dx, dweight, dbias):
+    """``bn_grad`` given the variance: inv = 1 / sqrt(var + eps) in the arrays' dtype (as
+    BatchNormGrad.compute's NumPy does), then bn_grad's sums and dx pass."""
+    m, c = xm.shape
+    inv = np.ones(c, xm.dtype)  # (ones: 1 in the arrays' dtype, not float64)
+    for j in range(c):
+        inv[j] = inv[j] / np.sqrt(var[j] + eps)
+    sum_g = np.zeros(c, np.float64)
+    sum_gc = np.zeros(c, np.float64)
+    for i in range(m):
+        for j in range(c):
+            g = gm[i, j]
+            sum_g[j] += g
+            sum_gc[j] += g * (xm[i, j] - mean[j])
+    a = np.empty(c, xm.dtype)
+    b = np.empty(c, xm.dtype)
+    k = np.empty(c, xm.dtype)
+    for j in range(c):
+        scale = weight[j] * inv[j]
+        a[j] = scale
+        b[j] = -scale * inv[j] * inv[j] * (sum_gc[j] / m)
+        k[j] = -scale * (sum_g[j] / m)
+        dbias[j] = sum_g[j]
+        dweight[j] = sum_gc[j] * inv[j]
     for i in range(m):
         for j in range(c):
             dx[i, j] = gm[i, j] * a[j] + (xm[i, j] - mean[j]) * b[j] + k[j]
@@ -204,3 +288,61 @@ def max_pool_scatter_nhwc(x, y, g, k, stride, dx):
                             else:
                                 dx[n, r, q, c] = picked
                             pending[c] = pending[c] and not hit
+
+
+@_jit
+def relu(a, out):
+    """out = max(a, 0) over 1-D arrays, as np.maximum(a, 0) gives it: NaN kept (its sign
+    too), -0.0 -> +0.0."""
+    zero = a.dtype.type(0)
+    for i in range(a.shape[0]):
+        v = a[i]
+        out[i] = v if (v > zero or v != v) else zero
+
+
+@_jit
+def relu_grad(a, g, out):
+    """out = g * (1 if a > 0 else 0) over 1-D arrays: ReLU's adjoint exactly as NumPy's mask
+    product gives it (0 * g keeps -0.0 and NaN from g)."""
+    zero = a.dtype.type(0)
+    one = g.dtype.type(1)
+    gzero = g.dtype.type(0)
+    for i in range(a.shape[0]):
+        out[i] = g[i] * (one if a[i] > zero else gzero)
+
+
+@_jit
+def add_row(xm, b, out):
+    """out = xm + b for an (M, C) matrix and a (C,) row (a conv bias on NHWC activations)."""
+    m, c = xm.shape
+    for i in range(m):
+        for j in range(c):
+            out[i, j] = xm[i, j] + b[j]
+
+
+@_jit
+def relu_grad_rows(a, g, out):
+    """relu_grad over 4-d C-contiguous arrays where ``g``'s leading three axes may have length
+    1 (broadcast over them: the gradient of a global average pool); its last axis is a's.
+    Each row of the last axis is a 1-d slice (indexing the flat arrays instead did not
+    vectorize: 2.5x slower)."""
+    zero = a.dtype.type(0)
+    one = g.dtype.type(1)
+    gzero = g.dtype.type(0)
+    n0, n1, n2, n3 = a.shape
+    g0, g1, g2 = g.shape[0], g.shape[1], g.shape[2]
+    af = a.reshape(-1)
+    gf = g.reshape(-1)
+    of = out.reshape(-1)
+    for r in range(n0 * n1 * n2):
+        k = r % n2
+        q = r // n2
+        j = q % n1
+        i = q // n1
+        src = (((i if g0 > 1 else 0) * g1 + (j if g1 > 1 else 0)) * g2
+               + (k if g2 > 1 else 0)) * n3
+        arow = af[r * n3:(r + 1) * n3]
+        grow = gf[src:src + n3]
+        orow = of[r * n3:(r + 1) * n3]
+        for m in range(n3):
+            orow[m] = grow[m] * (one if arow[m] > zero else gzero)

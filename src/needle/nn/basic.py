@@ -228,9 +228,10 @@ class BatchNorm1d(Module):
         weight = self._per_channel(self.weight, ndim)
         bias = self._per_channel(self.bias, ndim)
         if self.training:
-            # the batch statistics, once: for the normalization and the running averages
-            mean = ops.mean(x, axes=axes, keepdims=True)
-            var = ops.variance(x, axes=axes, keepdims=True)
+            # the batch statistics, once (one op, one pass): for the normalization and the
+            # running averages
+            stats = ops.batch_stats(x, axes=axes)
+            mean, var = stats[0], stats[1]  # (indexing: cheaper than unpacking the tuple)
             out = ops.batch_norm(x, weight, bias, mean, var, axes=axes, eps=self.eps)
             self._update_running(mean, var, out)
             return out

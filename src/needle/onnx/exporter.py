@@ -345,6 +345,15 @@ def _emit_variance(c: _Ctx) -> str:
     return _variance(c.g, c.ins[0], axes, c.op.keepdims)[1]
 
 
+def _emit_batch_stats(c: _Ctx) -> list[str]:
+    """batch_stats: (mean, biased variance) kept as size-1 dims, the two outputs of a tuple."""
+    axes = _axes_of(c.op.axes, len(c.in_avals[0].shape))
+    g, x = c.g, c.ins[0]
+    mean = g.reduce("ReduceMean", x, axes, keepdims=True)
+    centered = g.node("Sub", [x, mean])
+    return [mean, g.reduce("ReduceMean", g.node("Mul", [centered, centered]), axes, True)]
+
+
 def _emit_softmax(onnx_op: str) -> Callable[[_Ctx], str]:
     def emit(c: _Ctx) -> str:
         return c.g.node(onnx_op, [c.ins[0]], axis=int(c.op.axis))
@@ -650,7 +659,8 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "reshape": _emit_reshape, "broadcast_to": _emit_broadcast_to, "sum_to": _emit_sum_to,
     "summation": _reduction("ReduceSum"), "mean": _reduction("ReduceMean"),
     "max": _reduction("ReduceMax"), "logsumexp": _emit_logsumexp,
-    "variance": _emit_variance, "softmax": _emit_softmax("Softmax"),
+    "variance": _emit_variance, "batch_stats": _emit_batch_stats,
+    "softmax": _emit_softmax("Softmax"),
     "logsoftmax": _emit_softmax("LogSoftmax"), "normalize": _emit_normalize,
     "inv_std": _emit_inv_std, "batch_norm": _emit_batch_norm, "layer_norm": _emit_layer_norm,
     "attention": _emit_attention,
@@ -674,6 +684,7 @@ _WRITES = {
     "reshape": "Reshape (0 / -1 / Shape-based dims for the batch)",
     "broadcast_to": "Expand", "sum_to": "ReduceSum", "logsumexp": "ReduceMax, Sub, Exp, "
     "ReduceSum, Log, Add", "variance": "ReduceMean, Sub, Mul",
+    "batch_stats": "ReduceMean, Sub, Mul (two outputs)",
     "normalize": "LayerNormalization (trailing axes, opset >= 17) or ReduceMean/Sub/Mul/Sqrt",
     "inv_std": "ReduceMean, Sub, Mul, Add, Sqrt, Reciprocal",
     "batch_norm": "Sub, Mul, Add, Sqrt, Reciprocal", "permute": "Transpose",
