@@ -8,9 +8,12 @@ Two workloads, the same sizes in both libraries, dropout 0:
   Linear(128, 10,000) -> softmax cross-entropy, batch 16 x seq 64; Adam(lr 1e-3).
 - LSTM layers only: the LSTM LM's 2-layer LSTM without the vocabulary-sized tail (embedding,
   head, loss), to see the recurrence apart from the head's matrix products.
-One step = forward, loss, backward, optimizer update. Times are medians over rounds; a round
-runs each variant in turn (an untimed call, then ``repeat`` timed calls), so slow phases of
-the shared machine spread over all variants. Ratios are needle / PyTorch eager.
+One step = forward, loss, backward, optimizer update. Under ``ndl.jit`` the head's ``linear``
+and the loss (with its gradient) become the fused vocabulary-head ops where
+compiler/vocab_head_rewrite.py runs in the pass pipeline; eager runs the model as written.
+Times are medians over rounds; a round runs each variant in turn (an untimed call, then
+``repeat`` timed calls), so slow phases of the shared machine spread over all variants.
+Ratios are needle / PyTorch eager.
 Run: python benchmarks/lm_step.py [--rounds N] [--repeat N]
 """
 

@@ -2,7 +2,8 @@
 
 The pieces of benchmarks/lm_step.py that do not depend on the model body: the
 Linear(128, 10,000) head over the LSTM's 1,120 rows (forward and backward, the input needing a
-gradient), softmax cross-entropy over 10k classes (forward and backward), the Embedding(10,000,
+gradient), softmax cross-entropy over 10k classes (forward and backward), both, and both fused
+(``nn.LinearSoftmaxLoss``: core/ops_vocab_head.py), the Embedding(10,000,
 128) lookup and its scatter-add backward, and SGD / Adam steps on two 10k x 128 tables plus a
 bias. Times are the medians, over rounds that alternate needle and PyTorch, of the CPU time of
 the calling thread (less sensitive than wall time to other jobs on a shared machine), so run it
@@ -101,6 +102,12 @@ def pieces() -> dict[str, tuple[Callable, Callable]]:
         t_head.zero_grad()
         torch.nn.functional.cross_entropy(t_head(tx), ty).backward()
 
+    fused = nn.LinearSoftmaxLoss(DIM, VOCAB)
+    fused.weight, fused.bias = head.weight, head.bias
+
+    def n_fused_head_loss():
+        fused(nx, ny).backward()
+
     emb = nn.Embedding(VOCAB, DIM)
     t_emb = torch.nn.Embedding(VOCAB, DIM)
     n_ids, t_ids = ndl.Tensor(ids, requires_grad=False), torch.from_numpy(ids)
@@ -136,6 +143,8 @@ def pieces() -> dict[str, tuple[Callable, Callable]]:
         "head Linear(128, 10k) fwd+bwd, 1120 rows": (n_head, t_head_step),
         "softmax cross-entropy fwd+bwd, 1120 x 10k": (n_loss, t_loss),
         "head + loss fwd+bwd": (n_head_loss, t_head_loss),
+        "head + loss fused (nn.LinearSoftmaxLoss; what ndl.jit rewrites them to)":
+            (n_fused_head_loss, t_head_loss),
         "Embedding(10k, 128) fwd+bwd, 35 x 32 ids": (n_emb, t_emb_step),
         "SGD step, 2.57M elements": (sgd.step, t_sgd.step),
         "Adam step, 2.57M elements": (adam.step, t_adam.step),

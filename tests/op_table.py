@@ -28,6 +28,7 @@ import needle as ndl
 from needle import ops
 
 from . import lstm_reference as lstm_ref
+from . import vocab_head_reference as vocab_ref
 
 Make = Callable[[np.random.Generator], list[np.ndarray]]
 
@@ -675,6 +676,23 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((4, 6), (4,)), "rows", A, ids=np.array([5, 0, 2, 5])),
             S(normal((300, 250), (300,)), "blocked", A, ids=np.arange(300) % 250)],
            second_order_sample="rows"),
+    # a vocabulary head and its loss fused: (losses, S = softmax - onehot), not
+    # differentiable; the losses carrying the gradient; the gradient from S (ids constants;
+    # a large sample: several row blocks)
+    OpInfo("vocab_head_softmax", vocab_ref.softmax_flat, vocab_ref.torch_softmax_flat,
+           [S(normal((4, 3), (3, 6), (6,)), "rows", A, ids=np.array([5, 0, 2, 5])),
+            S(normal((3, 2), (2, 5), (1, 5)), "bias_row", BC, ids=np.array([4, 0, 1]))],
+           differentiable=False),
+    OpInfo("vocab_head_loss", vocab_ref.loss, vocab_ref.torch_losses,
+           [S(normal((4, 3), (3, 6), (6,)), "rows", A, ids=np.array([5, 0, 2, 5])),
+            S(normal((3, 2), (2, 5), (1, 5)), "bias_row", BC, ids=np.array([4, 0, 1])),
+            S(normal((60, 4), (4, 1200), (1200,)), "blocked", A, ids=np.arange(60) * 19 % 1200)],
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4, second_order_sample="rows"),
+    OpInfo("vocab_head_loss_grad", vocab_ref.loss_grad_flat, vocab_ref.torch_loss_grad_flat,
+           [S(normal((4, 3), (3, 6), (6,), (4,)), "rows", A, ids=np.array([5, 0, 2, 5])),
+            S(normal((3, 2), (2, 5), (1, 5), (3,)), "w_and_b", BC, ids=np.array([4, 0, 1]),
+              parts="wb")],
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
     # attention: heads as strided views of (batch, length, heads * head_dim)
     OpInfo("attention", ops.attention, _torch_attention,
            [S(normal((2, 3, 4), (2, 5, 4), (2, 5, 6)), "heads", A, heads=2, scale=0.5),

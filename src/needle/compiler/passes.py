@@ -21,6 +21,7 @@ from ..backend import cpu
 from ..core.interpret import Program, plan_frees
 from ..core.registry import Aval, Op
 from . import fused_update
+from .vocab_head_rewrite import rewrite_vocab_heads
 
 
 def _pure(op: Any) -> bool:
@@ -167,7 +168,9 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
              static_shapes: bool = False) -> Program:
     """The shared pipeline: fold constants, merge duplicates, drop dead steps, fuse update
     rules, plan frees. ``static_shapes``: every value has its traced shape on every run (the
-    JIT), so shape-only steps fold too (``fold_constants``)."""
+    JIT), so shape-only steps fold too (``fold_constants``). A language model's vocabulary
+    head and loss become one fused op first (compiler/vocab_head_rewrite.py)."""
+    heads = rewrite_vocab_heads(program)
     before = len(program.steps)
     folded = fold_constants(program, constant_value, static_shapes)
     merged = eliminate_common_subexpressions(program)
@@ -175,6 +178,7 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
     plan_frees(program)
     program.passes = [
         "prune",
+        f"vocab_head_rewrite ({heads} heads fused)",
         f"constant_folding ({folded} steps folded)",
         f"cse ({merged} steps merged)",
         f"dead_step_elimination ({before - folded - merged - len(program.steps)} dropped)",

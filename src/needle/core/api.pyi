@@ -57,6 +57,7 @@ from .ops_linalg import MatMul as MatMul
 from .ops_linalg import TransposedMatMul as TransposedMatMul
 from .ops_norm import BatchNorm as BatchNorm
 from .ops_norm import BatchNormGrad as BatchNormGrad
+from .ops_norm import BatchStats as BatchStats
 from .ops_norm import InvStd as InvStd
 from .ops_norm import Normalize as Normalize
 from .ops_norm import NormalizeGrad as NormalizeGrad
@@ -96,6 +97,9 @@ from .ops_state import ApplyUpdates as ApplyUpdates
 from .ops_state import StopGradient as StopGradient
 from .ops_state import Store as Store
 from .ops_state import ToDevice as ToDevice
+from .ops_vocab_head import VocabHeadLoss as VocabHeadLoss
+from .ops_vocab_head import VocabHeadLossGrad as VocabHeadLossGrad
+from .ops_vocab_head import VocabHeadSoftmax as VocabHeadSoftmax
 
 __all__ = [
     "attention", "attention_grad", "check_class_ids", "all_reduce", "broadcast", "reduce_to_root",
@@ -108,10 +112,11 @@ __all__ = [
     "take_along_axis", "scatter_add", "layer_norm", "layer_norm_grad", "matmul",
     "transposed_matmul", "linear", "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax",
     "scaled_softmax", "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance",
-    "normalize", "normalize_grad", "batch_norm", "batch_norm_grad", "inv_std", "max_pool2d",
-    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
-    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "install_tensor_methods",
-    "Attention", "AttentionGrad", "CheckClassIds", "AllReduce", "Broadcast", "Reduce", "AllGather",
+    "normalize", "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
+    "max_pool2d", "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
+    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "vocab_head_softmax",
+    "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods", "Attention",
+    "AttentionGrad", "CheckClassIds", "AllReduce", "Broadcast", "Reduce", "AllGather",
     "ReduceScatter", "Conv", "ConvWeightGrad", "ConvInputGrad", "EWiseAdd", "AddScalar", "EWiseMul",
     "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU",
     "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare",
@@ -120,9 +125,10 @@ __all__ = [
     "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd",
     "LayerNorm", "LayerNormGrad", "MatMul", "TransposedMatMul", "Linear", "Summation", "Mean",
     "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
-    "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad", "BatchNorm",
+    "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm",
     "BatchNormGrad", "InvStd", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike",
     "LSTMSequence", "LSTMSequenceGrad", "StopGradient", "ToDevice", "Store", "ApplyUpdates",
+    "VocabHeadSoftmax", "VocabHeadLoss", "VocabHeadLossGrad",
 ]
 
 #: the names of the generated op functions, in registration order
@@ -422,6 +428,10 @@ def normalize_grad(
 ) -> Tensor:
     """The adjoint of ``normalize``: ``(g - mean(g) - y * mean(g * y)) / sqrt(var + eps)``."""
 
+def batch_stats(x: Tensor, axes: Any) -> TensorTuple:
+    """``(mean, variance)`` of x over ``axes``, kept as size-1 dims (biased variance): the batch
+    statistics of training-mode BatchNorm, for ``batch_norm`` and the running averages."""
+
 def batch_norm(
     x: Tensor,
     weight: Tensor,
@@ -492,6 +502,37 @@ def store(
     storage: Any = None,
 ) -> Tensor:
     """Write ``value`` into ``target``'s array in place (an effect); the result is that array."""
+
+def vocab_head_softmax(x: Tensor, w: Tensor, b: Tensor, ids: Tensor) -> TensorTuple:
+    """``(losses, S)`` for ``z = x @ w + b``: ``losses_i = logsumexp(z_i) - z_i[ids_i]`` (N,) and
+    ``S = softmax(z) - onehot(ids)`` (N, C), the direction of the loss gradient. x (N, K), w (K,
+    C), b (C,) or (1, C), ids (N,) class ids."""
+
+def vocab_head_loss(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    ids: Tensor,
+    losses: Tensor,
+    s: Tensor,
+) -> Tensor:
+    """The per-row losses ``softmax_cross_entropy(linear(x, w, b), ids)`` from
+    ``vocab_head_softmax(x, w, b, ids)``'s ``losses`` and ``S``; differentiable in x, w and b
+    (``vocab_head_loss_grad``). Use ``linear_softmax_cross_entropy`` (nn/vocab_head.py), which
+    makes both nodes."""
+
+def vocab_head_loss_grad(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    ids: Tensor,
+    s: Tensor,
+    g: Tensor,
+    parts: str = "xwb",
+) -> TensorTuple:
+    """The adjoints of ``vocab_head_loss``'s x, w and b (those named in ``parts``, in the order
+    x, w, b; b's shaped like b) for the losses' adjoint ``g`` (N,), from its ``S`` output:
+    ``diag(g) S w^T``, ``(diag(g) x)^T S`` and ``g^T S``."""
 
 class TensorMethods:
     """The Tensor methods made from op functions (stub only: ``Tensor`` inherits it

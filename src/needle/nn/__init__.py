@@ -7,3 +7,4 @@ from .loss import *
 from .module import *
 from .sequence import *
 from .sync_batchnorm import *
+from .vocab_head import *

@@ -46,11 +46,14 @@ def _uniform(shape: tuple, bound: float, device: Any, dtype: str) -> Parameter:
 
 
 def _project_input(cell: RNNCell | LSTMCell, x: Tensor) -> Tensor:
-    """``x W_ih + (b_ih + b_hh)``: the part of a step that does not depend on the state."""
-    out = x @ cell.W_ih
-    if cell.bias_ih is not None:
-        out = out + (cell.bias_ih + cell.bias_hh)
-    return out
+    """``x W_ih + (b_ih + b_hh)``: the part of a step that does not depend on the state.
+    One ``linear`` node for a matrix x (the bias added in place into the product's array)."""
+    if cell.bias_ih is None:
+        return x @ cell.W_ih
+    bias = cell.bias_ih + cell.bias_hh
+    if len(x.shape) == 2:
+        return ops.linear(x, cell.W_ih, bias)
+    return x @ cell.W_ih + bias
 
 
 def _project_sequence(cell: RNNCell | LSTMCell, x: Tensor) -> list[Tensor]:

@@ -1,0 +1,128 @@
+"""A vocabulary head and its softmax cross-entropy on arrays: one logits-sized array in all.
+
+A language model ends in ``z = x W + b`` (tokens x vocabulary: 1,120 x 10,000 in
+benchmarks/lm_step.py) and the loss ``logsumexp(z_i) - z_i[id_i]``. As separate ops that is
+the product, a pass adding the bias, the loss's max and exp passes, then in the backward a
+second softmax (max and exp again) into a second logits-sized array, a pass scaling it by the
+loss's adjoint g, a pass summing it for the bias, and the two products.
+
+Here the forward writes ``S = softmax(z) - onehot(ids)`` over the logits in place, block by
+block of rows while each block is in the CPU cache (bias, max, exp, sum, scale: the
+exponentials are computed once), together with the per-row losses. The backward needs only
+S: with ``G = diag(g) S`` the gradient of the logits,
+
+    dx = G W^T = diag(g) (S W^T),   dW = x^T G = (diag(g) x)^T S,   db = g^T S,
+
+so g scales the small (tokens x 128) arrays and never the logits-sized one: two matrix
+products read S (db is one more row of dW's: ``[diag(g) x, g]^T S``), nothing else; the bias
+is likewise one more row of the forward's product. The logits array comes from
+kernels/recycle.py (no page faults from step to step).
+
+``forward`` returns None for rows with a non-finite maximum (inf or nan logits); the op then
+runs the separate ops' careful formulas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..backend import cpu_threads
+from ..backend.device import array_module
+from . import recycle
+from .softmax import BLOCK_BYTES
+
+__all__ = ["backward", "forward"]
+
+#: smaller logits run their row blocks on this thread only (thread hand-off costs more)
+PARALLEL_MIN_SIZE = 1 << 20
+
+
+def _logits(x: Any, w: Any, b: Any, dtype: Any) -> tuple[Any, bool]:
+    """``(z, with_bias)``: ``x @ w`` (+ b where ``with_bias``) as a new, or recycled when
+    vocabulary-sized, array of ``dtype``.
+
+    NumPy arrays: the bias goes into the product as one more inner dimension,
+    ``[x, 1] @ [w; b]`` (copies of the small x and w), which costs less than a pass adding it
+    to the logits-sized product."""
+    xp = array_module(x)
+    rows, (inner, cols) = x.shape[0], w.shape
+    if xp is np and x.dtype == dtype and w.dtype == dtype:
+        x_one = np.empty((rows, inner + 1), dtype)
+        x_one[:, :inner] = x
+        x_one[:, inner] = 1
+        w_b = np.empty((inner + 1, cols), dtype)
+        w_b[:inner] = w
+        w_b[inner] = b.reshape(cols)
+        return np.matmul(x_one, w_b, out=recycle.empty((rows, cols), dtype)), True
+    return xp.matmul(x.astype(dtype, copy=False), w.astype(dtype, copy=False)), False
+
+
+def forward(x: Any, w: Any, b: Any, ids: Any) -> tuple[Any, Any] | None:
+    """``(losses, S)``: ``losses_i = logsumexp(z_i) - z_i[ids_i]`` (N,) and
+    ``S = softmax(z) - onehot(ids)`` (N, C) for ``z = x @ w + b``; x (N, K), w (K, C), b
+    (C,) or (1, C), ids (N,) integers in range (checked by the caller). None where a row's
+    maximum is not finite."""
+    xp = array_module(x)
+    dtype = np.result_type(x.dtype, w.dtype, b.dtype)
+    z, with_bias = _logits(x, w, b, dtype)
+    rows, cols = z.shape
+    bias = None if with_bias else b.reshape(1, cols).astype(dtype, copy=False)
+    losses = xp.empty(rows, dtype)
+    step = max(1, BLOCK_BYTES // (cols * z.itemsize))
+    starts = range(0, rows, step)
+    finite = [True]
+
+    def block(k: int) -> None:
+        start = starts[k]
+        stop = min(start + step, rows)
+        blk = z[start:stop]
+        if bias is not None:
+            blk += bias
+        peak = xp.max(blk, axis=1, keepdims=True)
+        if not bool(xp.isfinite(peak).all()):
+            finite[0] = False
+            return
+        blk -= peak
+        here = xp.arange(stop - start)
+        picked = blk[here, ids[start:stop]]            # z_i[id_i] - peak_i (a copy)
+        xp.exp(blk, out=blk)
+        total = xp.sum(blk, axis=1, keepdims=True)
+        losses[start:stop] = xp.log(total[:, 0]) - picked
+        xp.reciprocal(total, out=total)
+        blk *= total                                   # (a product: cheaper than a quotient)
+        blk[here, ids[start:stop]] -= 1
+
+    if xp is np and z.size >= PARALLEL_MIN_SIZE and cpu_threads.NUM_THREADS > 1:
+        cpu_threads.run_chunks(block, len(starts), cpu_threads.NUM_THREADS)
+    else:
+        for k in range(len(starts)):
+            block(k)
+    return (losses, z) if finite[0] else None
+
+
+def backward(x: Any, w: Any, s: Any, g: Any, parts: str) -> tuple:
+    """The adjoints named in ``parts`` (a subset of "xwb", in that order) of ``x``, ``w`` and
+    the bias (as (C,)) for the losses' adjoint ``g`` (N,), from the forward's ``S``."""
+    dtype = s.dtype
+    g_col = g.reshape(-1, 1).astype(dtype, copy=False)
+    out = []
+    if "x" in parts:
+        dx = s @ w.astype(dtype, copy=False).T
+        dx *= g_col
+        out.append(dx)
+    if "w" in parts and "b" in parts:
+        # both from one product: [diag(g) x, g]^T S, whose last row is db (a matrix-vector
+        # product on its own would read S once more)
+        inner = x.shape[1]
+        x_g = array_module(s).empty((x.shape[0], inner + 1), dtype)
+        x_g[:, :inner] = x * g_col
+        x_g[:, inner] = g
+        both = x_g.T @ s
+        out += [both[:inner], both[inner]]
+    elif "w" in parts:
+        out.append((x * g_col).astype(dtype, copy=False).T @ s)
+    elif "b" in parts:
+        out.append(g.astype(dtype, copy=False) @ s)
+    return tuple(out)
