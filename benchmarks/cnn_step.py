@@ -14,10 +14,17 @@ max pooling after each, a residual block, bias-free convs: Winograd and im2col c
 and max pooling in one model) beside the same model in PyTorch, on 32x32x3 and on
 MNIST-size 28x28x1 images. The last rows time one conv layer alone (N64, C32->64, 32x32,
 k3, stride 1 and stride 2), forward and forward+backward.
-Run: python benchmarks/cnn_step.py
+With ``--jit`` it times instead the three training steps (strides 1,1,1; 1,2,2; ResidualCNN
+32x32x3) jitted: ``ndl.jit`` of the needle step (a hot plan: called ``FUSE_AFTER_CALLS`` times
+first, so its elementwise regions are fused, as in training) beside ``torch.compile`` of the
+same PyTorch step and PyTorch eager (torch.compile takes ~1 min to compile the three;
+``--no-compile`` leaves it out).
+Run: python benchmarks/cnn_step.py [--jit [--no-compile]]
 """
 
 from __future__ import annotations
+
+import sys
 
 # isort: off
 import common  # first: it pins BLAS threads before NumPy and torch load
@@ -28,6 +35,7 @@ import torch
 
 import needle as ndl
 from needle import nn, ops
+from needle.compiler import fusion
 
 BATCH, CLASSES = 64, 10
 CHANNELS = (3, 16, 32, 64)
@@ -178,6 +186,74 @@ def conv_layer_rows(stride: int) -> list[dict]:
     return rows
 
 
+def _jit_row(name: str, model: nn.Module, images: np.ndarray, t_model: torch.nn.Module,
+             t_images: np.ndarray, labels: np.ndarray, compile_torch: bool) -> dict:
+    """One Adam(lr 1e-3) training step: ``ndl.jit`` of needle's step, ``torch.compile`` of
+    PyTorch's (where it works) and PyTorch eager, best of alternating rounds."""
+    opt = ndl.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.SoftmaxLoss()
+    x, y = ndl.from_numpy(images), ndl.from_numpy(labels)
+
+    @ndl.jit
+    def needle_step(x: ndl.Tensor, y: ndl.Tensor) -> ndl.Tensor:
+        return opt.minimize(loss_fn(model(x), y))
+
+    t_opt = torch.optim.Adam(t_model.parameters(), lr=1e-3)
+    tx, ty = torch.from_numpy(t_images), torch.from_numpy(labels)
+
+    def torch_step() -> torch.Tensor:
+        t_opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(t_model(tx), ty)
+        loss.backward()
+        t_opt.step()
+        return loss
+
+    fns = {"jit": lambda: needle_step(x, y), "torch": torch_step}
+    if compile_torch:
+        try:
+            compiled = torch.compile(torch_step)
+            compiled()  # compiles here (forward, backward and the optimizer step)
+            fns["compiled"] = compiled
+        except Exception as exc:  # noqa: BLE001 - no C++ compiler, unsupported platform, ...
+            print(f"torch.compile unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+    for fn in fns.values():
+        fn()  # warm up: the jit traces and compiles, optimizer state, allocations
+    for _ in range(fusion.FUSE_AFTER_CALLS):
+        fns["jit"]()  # a hot plan, as in training: its elementwise regions fused
+    best = common.best_times_in_rounds(fns, rounds=3, repeat=4, pause=0.5)
+    jit_t, torch_t, compiled_t = best["jit"], best["torch"], best.get("compiled")
+    return {"benchmark": name, "needle jit": jit_t,
+            "torch.compile": "n/a" if compiled_t is None else compiled_t,
+            "pytorch eager": torch_t,
+            "jit / torch.compile": "n/a" if compiled_t is None else jit_t / compiled_t,
+            "jit / pytorch eager": jit_t / torch_t}
+
+
+def jit_rows(compile_torch: bool = True) -> list[dict]:
+    """The three CNN training steps jitted (issue #20: ndl.jit <= 0.8x torch.compile)."""
+    from needle.apps.models import ResidualCNN
+
+    common.torch_threads()
+    rows = []
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, CLASSES, BATCH)
+    for label, strides in CONFIGS:
+        images = np.random.default_rng(0).standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
+        np.random.seed(0)
+        model = NeedleCNN(strides)
+        torch.manual_seed(0)
+        rows.append(_jit_row(f"CNN train step, jitted, {label.split(' (')[0]} (s/step)", model,
+                             images, torch_cnn(strides), images, labels, compile_torch))
+    images = rng.standard_normal((BATCH, 32, 32, 3)).astype(np.float32)
+    np.random.seed(0)
+    model = ResidualCNN(3)
+    torch.manual_seed(0)
+    rows.append(_jit_row("ResidualCNN train step, jitted, 32x32x3 (s/step)", model, images,
+                         TorchResidualCNN(), images.transpose(0, 3, 1, 2).copy(), labels,
+                         compile_torch))
+    return rows
+
+
 def main() -> list[dict]:
     common.torch_threads()
     return ([step_row(label, strides) for label, strides in CONFIGS]
@@ -187,4 +263,7 @@ def main() -> list[dict]:
 
 if __name__ == "__main__":
     print(common.machine())
-    print(common.markdown_table(main()))
+    if "--jit" in sys.argv:
+        print(common.markdown_table(jit_rows(compile_torch="--no-compile" not in sys.argv)))
+    else:
+        print(common.markdown_table(main()))
