@@ -434,6 +434,14 @@ def _conv(a, b, nchw=False, **attrs):
     return ops.conv(ops.permute(a, (0, 2, 3, 1)) if nchw else a, b, **attrs)
 
 
+def _conv_bias(a, b, c, nchw=False, **attrs):
+    return ops.conv_bias(ops.permute(a, (0, 2, 3, 1)) if nchw else a, b, c, **attrs)
+
+
+def _torch_conv_bias(x, w, c, stride=1, padding=0, nchw=False):
+    return _torch_conv(x, w, stride, padding, nchw) + c
+
+
 def _conv_weight_grad(a, g, kernel_hw, nchw=False, **attrs):
     if nchw:
         a, g = ops.permute(a, (0, 2, 3, 1)), ops.permute(g, (0, 2, 3, 1))
@@ -782,6 +790,15 @@ OP_TABLE: list[OpInfo] = [
             S(normal((2, 3, 16, 17), (3, 3, 3, 2)), "nchw_large", L, stride=1, padding=1,
               nchw=True),
             S(normal((1, 2, 33, 32), (3, 3, 2, 3)), "nchw_large_stride2", L, stride=2,
+              padding=1, nchw=True)],
+           rtol=1e-4, atol=1e-5,
+           second_order_sample="stride2"),
+    # conv with its bias added where the output is written (nn.Conv with bias=True)
+    OpInfo("conv_bias", _conv_bias, _torch_conv_bias,
+           [S(normal((2, 5, 5, 3), (3, 3, 3, 4), (4,)), "same", A, stride=1, padding=1),
+            S(normal((2, 6, 7, 2), (3, 3, 2, 3), (3,)), "stride2", A, stride=2, padding=1),
+            # an NCHW input with >= 256 positions: the per-image NCHW products
+            S(normal((2, 3, 16, 17), (3, 3, 3, 2), (2,)), "nchw_large", L, stride=1,
               padding=1, nchw=True)],
            rtol=1e-4, atol=1e-5,
            second_order_sample="stride2"),

@@ -129,10 +129,11 @@ class Convolution(TensorLayer):
                            {"type": "uniform", "min": -bound, "max": bound}, fan_in, out)
 
     def compute(self, bottom: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-        y = ops.conv(ops.permute(bottom[0], (0, 2, 3, 1)), params[0], stride=self.stride,
-                     padding=self.pad)
-        if self.bias_term:
-            y = y + params[1]  # (C_out,) broadcasts over the NHWC channel axis
+        x = ops.permute(bottom[0], (0, 2, 3, 1))
+        if self.bias_term:  # the bias added where the conv writes its output
+            y = ops.conv_bias(x, params[0], params[1], stride=self.stride, padding=self.pad)
+        else:
+            y = ops.conv(x, params[0], stride=self.stride, padding=self.pad)
         return [ops.permute(y, (0, 3, 1, 2))]
 
 

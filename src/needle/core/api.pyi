@@ -19,6 +19,7 @@ from .ops_collective import Broadcast as Broadcast
 from .ops_collective import Reduce as Reduce
 from .ops_collective import ReduceScatter as ReduceScatter
 from .ops_conv import Conv as Conv
+from .ops_conv import ConvBias as ConvBias
 from .ops_conv import ConvInputGrad as ConvInputGrad
 from .ops_conv import ConvWeightGrad as ConvWeightGrad
 from .ops_elementwise import Abs as Abs
@@ -103,13 +104,13 @@ from .ops_vocab_head import VocabHeadSoftmax as VocabHeadSoftmax
 
 __all__ = [
     "attention", "attention_grad", "check_class_ids", "all_reduce", "broadcast", "reduce_to_root",
-    "all_gather", "reduce_scatter", "conv", "conv_weight_grad", "conv_input_grad", "add",
-    "add_scalar", "multiply", "mul_scalar", "divide", "divide_scalar", "power_scalar", "power",
-    "negate", "log", "exp", "relu", "relu_grad", "tanh", "sigmoid", "sqrt", "abs", "erf", "maximum",
-    "where", "compare", "compare_scalar", "sign", "full_like", "astype", "reshape", "broadcast_to",
-    "sum_to", "transpose", "permute", "make_tuple", "tuple_get_item", "stack", "concatenate",
-    "split", "flip", "dilate", "undilate", "getitem", "scatter", "pad", "take", "index_add",
-    "take_along_axis", "scatter_add", "layer_norm", "layer_norm_grad", "matmul",
+    "all_gather", "reduce_scatter", "conv", "conv_bias", "conv_weight_grad", "conv_input_grad",
+    "add", "add_scalar", "multiply", "mul_scalar", "divide", "divide_scalar", "power_scalar",
+    "power", "negate", "log", "exp", "relu", "relu_grad", "tanh", "sigmoid", "sqrt", "abs", "erf",
+    "maximum", "where", "compare", "compare_scalar", "sign", "full_like", "astype", "reshape",
+    "broadcast_to", "sum_to", "transpose", "permute", "make_tuple", "tuple_get_item", "stack",
+    "concatenate", "split", "flip", "dilate", "undilate", "getitem", "scatter", "pad", "take",
+    "index_add", "take_along_axis", "scatter_add", "layer_norm", "layer_norm_grad", "matmul",
     "transposed_matmul", "linear", "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax",
     "scaled_softmax", "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance",
     "normalize", "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
@@ -117,14 +118,14 @@ __all__ = [
     "lstm_sequence_grad", "stop_gradient", "to_device", "store", "vocab_head_softmax",
     "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods", "Attention",
     "AttentionGrad", "CheckClassIds", "AllReduce", "Broadcast", "Reduce", "AllGather",
-    "ReduceScatter", "Conv", "ConvWeightGrad", "ConvInputGrad", "EWiseAdd", "AddScalar", "EWiseMul",
-    "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU",
-    "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare",
-    "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "BroadcastTo", "SumTo", "Transpose",
-    "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate",
-    "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd",
-    "LayerNorm", "LayerNormGrad", "MatMul", "TransposedMatMul", "Linear", "Summation", "Mean",
-    "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
+    "ReduceScatter", "Conv", "ConvBias", "ConvWeightGrad", "ConvInputGrad", "EWiseAdd", "AddScalar",
+    "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log",
+    "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where",
+    "Compare", "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "BroadcastTo", "SumTo",
+    "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip",
+    "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis",
+    "ScatterAdd", "LayerNorm", "LayerNormGrad", "MatMul", "TransposedMatMul", "Linear", "Summation",
+    "Mean", "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
     "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm",
     "BatchNormGrad", "InvStd", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike",
     "LSTMSequence", "LSTMSequenceGrad", "StopGradient", "ToDevice", "Store", "ApplyUpdates",
@@ -183,6 +184,10 @@ def reduce_scatter(a: Tensor) -> Tensor:
 
 def conv(a: Tensor, b: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
     """Cross-correlation of NHWC ``a`` with a (kh, kw, C_in, C_out) kernel ``b``."""
+
+def conv_bias(a: Tensor, b: Tensor, c: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """``conv(a, b) + c`` for a (C_out,) bias ``c``, added where the convolution writes its
+    output (no pass of its own, no second output array): nn.Conv's forward with a bias."""
 
 def conv_weight_grad(
     a: Tensor,

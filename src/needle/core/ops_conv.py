@@ -8,6 +8,7 @@ forward's size (no dilated zeros, no badly strided patch copies) and second deri
     conv(a, b)                  y  = unfold(pad(a)) @ b             (N, Ho, Wo, C_out)
     conv_weight_grad(a, g)      Wb = unfold(pad(a)).T @ g           (kh, kw, C_in, C_out)
     conv_input_grad(g, b)       Xb = crop(fold(g @ b.T))            (N, H, W, C_in)
+    conv_bias(a, b, c)          y  = conv(a, b) + c                 (the bias added in place)
 
 with ``<conv(a, b), g> = <a, conv_input_grad(g, b)> = <b, conv_weight_grad(a, g)>`` (``fold``
 adds each patch back where ``unfold`` took it from). How they are computed (the algorithm for
@@ -58,7 +59,7 @@ class Conv(Op):
         return conv2d(a, b, self.stride, self.padding)
 
     def gradient(self, out_grad, node):
-        a, b = node.inputs
+        a, b = node.inputs[:2]  # (conv_bias's bias third)
         s, p = self.stride, self.padding
         grad_a = grad_b = None
         if a.requires_grad:
@@ -84,6 +85,41 @@ class Conv(Op):
             raise ShapeError(f"conv: kernel {kh}x{kw} is larger than the padded input "
                              f"{fmt_shape(a.shape)} (padding {self.padding})")
         return Aval((n, ho, wo, c_out), np.result_type(a.dtype, b.dtype))
+
+
+@register("conv_bias", inputs=("a", "b", "c"))
+class ConvBias(Conv):
+    """``conv(a, b) + c`` for a (C_out,) bias ``c``, added where the convolution writes its
+    output (no pass of its own, no second output array): nn.Conv's forward with a bias.
+
+    ``y[n, y, x, o] = c[o] + sum_{i, j, ch} a_pad[n, s*y + i, s*x + j, ch] * b[i, j, ch, o]``;
+    the bias gradient is the sum of the output gradient over (N, Ho, Wo). A separate op, not a
+    third input of ``conv``, so graphs saved with 2-input convs load unchanged.
+    """
+
+    def compute(self, a, b, c):
+        if a.shape[3] != b.shape[2]:
+            raise ShapeError(f"conv_bias: input {fmt_shape(a.shape)} has {a.shape[3]} channels "
+                             f"but the kernel {fmt_shape(b.shape)} expects {b.shape[2]}")
+        if c.shape != (b.shape[3],):
+            raise ShapeError(f"conv_bias: bias {fmt_shape(c.shape)} does not match the "
+                             f"kernel's {b.shape[3]} output channels")
+        return conv2d(a, b, self.stride, self.padding, c)
+
+    def gradient(self, out_grad, node):
+        a, b, c = node.inputs
+        grad_a, grad_b = Conv.gradient(self, out_grad, node)
+        grad_c = F.sum_to(out_grad, shape=tuple(c.shape)) if c.requires_grad else None
+        return grad_a, grad_b, grad_c
+
+    def infer(self, a: Aval, b: Aval, c: Aval) -> Aval:  # type: ignore[override]
+        out = Conv.infer(self, a, b)
+        c_out = b.shape[3]
+        if len(c.shape) != 1 or (c_out is not None and c.shape[0] is not None
+                                 and c.shape[0] != c_out):
+            raise ShapeError(f"conv_bias: bias {fmt_shape(c.shape)} does not match the "
+                             f"kernel {fmt_shape(b.shape)}'s {c_out} output channels")
+        return Aval(out.shape, np.result_type(out.dtype, c.dtype))
 
 
 @register("conv_weight_grad", inputs=("a", "g"))

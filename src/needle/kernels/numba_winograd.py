@@ -126,10 +126,12 @@ def input_tiles(x, padding, tiles_h, tiles_w, t0, out):
 
 
 @_jit
-def output_tiles(m, tiles_h, tiles_w, t0, out):
-    """out[n, 4 ty + i, 4 tx + j, :] = (A^T m_t A)[i, j] for tiles t0 + t, whose 6x6 products
-    are m[t, 6a + b, :]; positions past the edge of out are dropped."""
+def output_tiles(m, tiles_h, tiles_w, t0, out, bias):
+    """out[n, 4 ty + i, 4 tx + j, :] = (A^T m_t A)[i, j] (+ bias) for tiles t0 + t, whose 6x6
+    products are m[t, 6a + b, :]; positions past the edge of out are dropped. ``bias`` is
+    (C,) (the conv's bias, added while the tile's rows are in cache) or empty (none)."""
     n_img, h, w, c = out.shape
+    biased = bias.shape[0] > 0
     tiles = m.reshape(-1, c)
     rows = out.reshape(n_img * h * w, c)
     r = np.empty((24, c), m.dtype)  # A^T m (row 6i + b)
@@ -143,6 +145,11 @@ def output_tiles(m, tiles_h, tiles_w, t0, out):
         if y0 + 4 <= h and x0 + 4 <= w:
             for i in range(4):  # rows: out = r A, straight into place
                 _at(r, 6 * i, 1, rows, (n * h + y0 + i) * w + x0, 1)
+                if biased:
+                    for j in range(4):
+                        dst = (n * h + y0 + i) * w + x0 + j
+                        for k in range(c):
+                            rows[dst, k] += bias[k]
         else:
             for i in range(4):
                 _at(r, 6 * i, 1, o, 4 * i, 1)
@@ -151,6 +158,9 @@ def output_tiles(m, tiles_h, tiles_w, t0, out):
                     dst = (n * h + y0 + i) * w + x0 + j
                     for k in range(c):
                         rows[dst, k] = o[4 * i + j, k]
+                    if biased:
+                        for k in range(c):
+                            rows[dst, k] += bias[k]
 
 
 @_jit

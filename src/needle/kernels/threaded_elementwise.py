@@ -7,7 +7,9 @@ core while the second waits. Here each is one numba loop (numba_kernels.relu, re
 add_row) over the arrays' memory, in blocks that needle's CPU threads draw
 (backend/cpu_threads.run_chunks). Measured alone (64 x 64 x 32 x 32 float32, NCHW view of
 NHWC memory, 2 threads, loaded machine, medians of 20 alternating calls): relu 1.43 ->
-1.00 ms, relu_grad 3.24 -> 1.63 ms, the conv bias add 1.68 -> 1.08 ms.
+1.00 ms, relu_grad 3.24 -> 1.63 ms, the conv bias add 1.68 -> 1.08 ms. (nn.Conv's bias is
+now added by the ``conv_bias`` op inside the convolution; add_row serves other row-vector
+adds on large channels-last arrays: a conv + add graph saved earlier, a user's bias.)
 
 The loops compute exactly what the NumPy formulas in core/ops_elementwise.py give, element
 by element (NaN and -0.0 included), so the result does not depend on the path or on the

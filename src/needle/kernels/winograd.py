@@ -191,9 +191,11 @@ def _block_tiles(n_tiles: int, c_in: int, c_out: int) -> int:
     return max(8, min(BLOCK_TILES, by_cache, by_threads))
 
 
-def conv3x3(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
-    """``conv(x, w, stride=1, padding)`` for NHWC ``x`` and a (3, 3, C_in, C_out) kernel
-    (None where numba cannot compile the transforms: the caller takes the im2col path)."""
+def conv3x3(x: np.ndarray, w: np.ndarray, padding: int,
+            bias: np.ndarray | None = None) -> np.ndarray | None:
+    """``conv(x, w, stride=1, padding)`` for NHWC ``x`` and a (3, 3, C_in, C_out) kernel, plus
+    a (C_out,) ``bias`` where given (added by the output transform, no pass of its own); None
+    where numba cannot compile the transforms: the caller takes the im2col path."""
     n, h, wd, c_in = x.shape
     c_out = w.shape[3]
     ho, wo = h + 2 * padding - 2, wd + 2 * padding - 2
@@ -203,6 +205,8 @@ def conv3x3(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
     x = np.ascontiguousarray(x)
     u = _kernel_transform(w)
     out = np.empty((n, ho, wo, c_out), x.dtype)
+    shift = (np.empty(0, x.dtype) if bias is None
+             else np.ascontiguousarray(bias, dtype=x.dtype).reshape(c_out))
     kernels = _kernels()
 
     def work(blocks: Iterator[tuple[int, int]]) -> None:
@@ -211,7 +215,7 @@ def conv3x3(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
         for t0, count in blocks:
             kernels.input_tiles(x, padding, th, tw, t0, v[:count])
             np.matmul(v[:count].transpose(1, 0, 2), u, out=m[:count].transpose(1, 0, 2))
-            kernels.output_tiles(m[:count], th, tw, t0, out)
+            kernels.output_tiles(m[:count], th, tw, t0, out, shift)
 
     return None if _in_parallel(work, n_tiles, block) is None else out
 

@@ -64,10 +64,12 @@ class Conv(Module):
         if len(x.shape) != 4 or (x.shape[1] is not None and x.shape[1] != self.in_channels):
             raise ValueError(f"Conv: expected NCHW input with {self.in_channels} channels, got "
                              f"shape {tuple(x.shape)}")
-        out = ops.conv(ops.permute(x, (0, 2, 3, 1)), self.weight, stride=self.stride,
-                       padding=self.padding)
-        if self.bias is not None:
-            out = out + self.bias  # (C_out,) broadcasts over the NHWC channel axis
+        nhwc = ops.permute(x, (0, 2, 3, 1))
+        if self.bias is None:
+            out = ops.conv(nhwc, self.weight, stride=self.stride, padding=self.padding)
+        else:  # the bias added where the conv writes its output (no pass, no array of its own)
+            out = ops.conv_bias(nhwc, self.weight, self.bias, stride=self.stride,
+                                padding=self.padding)
         return ops.permute(out, (0, 3, 1, 2))
 
     def extra_repr(self) -> str:

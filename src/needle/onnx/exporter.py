@@ -599,11 +599,13 @@ def _emit_gather(onnx_op: str) -> Callable[[_Ctx], str]:
 def _emit_conv(c: _Ctx) -> str:
     """needle's NHWC conv as Transpose -> NCHW Conv -> Transpose (kernel stored OIHW)."""
     g = c.g
-    x, w = c.inputs_as(c.aval.dtype)[:2]
+    x, w, *bias = c.inputs_as(c.aval.dtype)  # conv_bias: the bias third, Conv's B
     kh, kw = c.in_avals[1].shape[:2]
     w_oihw = c.ins[1] if c.weight_oihw else g.node("Transpose", [w], perm=[3, 2, 0, 1])
     inputs = [g.node("Transpose", [x], perm=[0, 3, 1, 2]), w_oihw]
-    if c.bias is not None:
+    if bias:
+        inputs.append(bias[0])
+    elif c.bias is not None:
         inputs.append(c.bias)
     p, s = int(c.op.padding), int(c.op.stride)
     y = g.node("Conv", inputs, kernel_shape=[int(kh), int(kw)], strides=[s, s],
@@ -654,7 +656,7 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "astype": _emit_astype, "full_like": _emit_full_like,
     "stop_gradient": _emit_identity, "to_device": _emit_identity,
     "matmul": _emit_matmul, "transposed_matmul": _emit_transposed_matmul,
-    "linear": _emit_linear, "conv": _emit_conv,
+    "linear": _emit_linear, "conv": _emit_conv, "conv_bias": _emit_conv,
     "max_pool2d": _emit_max_pool,
     "reshape": _emit_reshape, "broadcast_to": _emit_broadcast_to, "sum_to": _emit_sum_to,
     "summation": _reduction("ReduceSum"), "mean": _reduction("ReduceMean"),
@@ -680,6 +682,7 @@ _WRITES = {
     "stop_gradient": "Identity", "to_device": "Identity", "matmul": "MatMul",
     "linear": "MatMul, Add", "transposed_matmul": "Transpose (where swapped), MatMul",
     "conv": "Conv (NCHW, OIHW kernel; Transposes around it cancel with nn.Conv's permutes)",
+    "conv_bias": "Conv with its bias B (as conv)",
     "max_pool2d": "MaxPool",
     "reshape": "Reshape (0 / -1 / Shape-based dims for the batch)",
     "broadcast_to": "Expand", "sum_to": "ReduceSum", "logsumexp": "ReduceMax, Sub, Exp, "
@@ -951,10 +954,11 @@ def _conv_fusions(program: Program) -> tuple[dict[int, int], dict[int, int], set
     alias: dict[int, int] = {}
     kernels = set()
     for step in program.steps:
-        if step.op.name != "conv":
+        if step.op.name not in ("conv", "conv_bias"):
             continue
         users = readers.get(step.out, [])
-        if len(users) == 1 and users[0][0] is not None and users[0][0].op.name == "add":
+        if (step.op.name == "conv" and len(users) == 1 and users[0][0] is not None
+                and users[0][0].op.name == "add"):
             add = users[0][0]
             other = add.inputs[1 - users[0][1]]
             node = sources.get(other)
@@ -965,7 +969,7 @@ def _conv_fusions(program: Program) -> tuple[dict[int, int], dict[int, int], set
                 bias_of[step.out] = other
                 alias[add.out] = step.out
         w = step.inputs[1]
-        if w in sources and all(s is not None and s.op.name == "conv" and p == 1
+        if w in sources and all(s is not None and s.op.name in ("conv", "conv_bias") and p == 1
                                 for s, p in readers.get(w, [])):
             kernels.add(w)
     return bias_of, alias, kernels
@@ -1100,7 +1104,7 @@ def _write(program: Program, program2: Program | None, b1: int, b2: int, inputs:
         in_avals = [avals[s] for s in step.inputs]
         ctx = _Ctx(g, step.op, None if step2 is None else step2.op, ins, in_avals,
                    [dims[s] for s in step.inputs], step.node.aval, dims[step.out])
-        if step.op.name == "conv":
+        if step.op.name in ("conv", "conv_bias"):
             ctx.bias = names[bias_of[step.out]] if step.out in bias_of else None
             ctx.weight_oihw = step.inputs[1] in kernels
         if step.out in lookups:  # the one-hot product (now dead) becomes a Gather

@@ -303,9 +303,14 @@ def _imp_conv(n, x, w, bias=None):
     stride = strides[0] if strides[0] == strides[1] else 1
     c_in = w.shape[1]
     c_out = w.shape[0]
-    if groups == 1:
+    fused = bias is not None and strides[0] == strides[1]  # the bias added by the conv
+    if groups == 1 and fused:
+        y = ops.conv_bias(xh, kernel, _tensor(bias), stride=stride, padding=padding)
+    elif groups == 1:
+        fused = False
         y = ops.conv(xh, kernel, stride=stride, padding=padding)
     else:
+        fused = False
         per_out = c_out // groups
         parts = [ops.conv(ops.getitem(xh, (Ellipsis, slice(i * c_in, (i + 1) * c_in))),
                           ops.getitem(kernel, (Ellipsis, slice(i * per_out, (i + 1) * per_out))),
@@ -315,7 +320,7 @@ def _imp_conv(n, x, w, bias=None):
     if strides[0] != strides[1]:
         y = ops.getitem(y, (slice(None), slice(None, None, strides[0]),
                             slice(None, None, strides[1]), slice(None)))
-    if bias is not None:
+    if bias is not None and not fused:
         y = y + _tensor(bias)
     return ops.permute(y, (0, 3, 1, 2))
 
