@@ -18,7 +18,11 @@ The algorithm, chosen here once for all three convolutions:
    large maps, is read by the NCHW im2col, which copies runs of Wo values instead of
    transposing the input first or copying runs of kw * C (``_use_nchw``). conv_input_grad scatters
    its patches back (col2im) in one compiled pass (cpu_kernels, numba) or, where that cannot
-   run, in kh*kw NumPy scatter-adds by stride phase.
+   run, in kh*kw NumPy scatter-adds by stride phase. Where numba runs, the NHWC im2col is
+   one compiled pass from the unpadded input, and conv builds and multiplies its patches in
+   blocks of about IM2COL_BLOCK_BYTES (stride-2 layer N64 C32->64 32x32 forward, 2 threads,
+   loaded machine, alternating in one process, medians of 30: 5.24 -> 3.62 ms; with its
+   backward 14.1 -> 12.7 ms; CNN step strides 1,2,2 23.2 -> 22.4 ms).
 
 ``conv_bias`` adds its bias where the output is written: in the Winograd output transform, or
 as one more kernel row times a column of ones in the im2col product. conv + add -> conv_bias
@@ -36,8 +40,8 @@ import numpy as np
 from ..backend import array_module, cpu_threads
 from . import cpu_kernels, winograd
 
-__all__ = ["NCHW_MAX_CHANNELS", "NCHW_MIN_POSITIONS", "SPLIT_MIN_MACS", "conv2d",
-           "conv2d_input_grad", "conv2d_weight_grad"]
+__all__ = ["IM2COL_BLOCK_BYTES", "NCHW_MAX_CHANNELS", "NCHW_MIN_POSITIONS", "SPLIT_MIN_MACS",
+           "conv2d", "conv2d_input_grad", "conv2d_weight_grad"]
 
 
 def _out_size(n: int, k: int, stride: int, padding: int) -> int:
@@ -85,13 +89,26 @@ def _pad_into(out, a, padding: int, first: int):
     return out
 
 
-def _im2col(a, kh: int, kw: int, stride: int, padding: int, ones: bool = False):
+def _im2col(a, kh: int, kw: int, stride: int, padding: int, ones: bool = False, out=None):
     """Patches of the padded input as an (N * Ho * Wo, kh * kw * C) matrix, and (N, Ho, Wo).
 
     Row (n, y, x) holds the window ``a_pad[n, s*y : s*y + kh, s*x : s*x + kw, :]`` flattened
     in (i, j, c) order, the order of the kernel's first three axes. ``ones``: one more column
-    of ones (the product with a kernel whose last row is a bias adds the bias).
+    of ones (the product with a kernel whose last row is a bias adds the bias). ``out``: a
+    C-contiguous matrix of that shape the compiled path writes into (the NumPy path ignores it).
+
+    NOTE: where numba runs, one compiled pass reads the patches from the unpadded input
+    (cpu_kernels.im2col) instead of padding a copy first and copying the patches out of it
+    (bit for bit the same matrix): on the benchmark's stride-2 layer (N64, 32x32, C32, k3,
+    loaded machine, medians) 3.2 -> 1.6 ms for the whole patch matrix.
     """
+    if type(a) is np.ndarray and cpu_kernels.enabled(a.dtype):
+        ho = _out_size(a.shape[1], kh, stride, padding)
+        wo = _out_size(a.shape[2], kw, stride, padding)
+        cols = cpu_kernels.im2col(np.ascontiguousarray(a), kh, kw, stride, padding, ho, wo, ones,
+                                  out)
+        if cols is not None:
+            return cols, (a.shape[0], ho, wo)
     a = _padded(a, padding)
     n, h, w, c = a.shape
     ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
@@ -167,6 +184,17 @@ def _phase_range(r: int, s: int, p: int, n: int, nq: int) -> tuple[int, int]:
     return max(0, -(-(p - r) // s)), min(nq, (n - 1 + p - r) // s + 1)
 
 
+#: bytes of patches built and multiplied at a time by conv's NHWC im2col path (whole images):
+#: the patch matrix stays in cache between its copy and its product, and its buffer is reused.
+#: NOTE: measured on the benchmark's stride-2 layer with the compiled im2col (N64, C32->64,
+#: 32x32, k3, bias, loaded machine, process CPU time, medians): whole chunks 9.1 ms, blocks of
+#: 1, 2 and 4 images (0.3, 0.6, 1.2 MB) 6.7, 6.5, 6.8 ms. Each output row's product has the
+#: same K and N (only M, the rows per product, changes), so the results are the same bit for
+#: bit (tests/test_conv_im2col_compiled.py). NumPy's im2col (no numba) did not gain from
+#: blocks (its padded copy per block: 7.4 -> 8.1 ms), so it keeps one matrix per chunk.
+IM2COL_BLOCK_BYTES = 1 << 20
+
+
 # -- the split by images ------------------------------------------------------------------------
 #: smallest multiply-add count for which an im2col convolution is split by images across
 #: needle's CPU threads (smaller ones lose more to the hand-off than they gain)
@@ -237,10 +265,19 @@ def conv2d(a, b, stride: int, padding: int, bias=None):
                       out=out[s:e].reshape(e - s, ho * wo, c_out))
     else:
         weight = with_bias(b.reshape(-1, c_out))
+        rows = ho * wo  # patch rows per image
+        per_block = n  # NumPy's im2col: one patch matrix per chunk (its blocks did not pay)
+        if type(a) is np.ndarray and cpu_kernels.enabled(a.dtype):
+            per_block = max(1, IM2COL_BLOCK_BYTES // (rows * weight.shape[0] * a.dtype.itemsize))
 
         def images(s: int, e: int) -> None:
-            cols, _ = _im2col(a[s:e], kh, kw, stride, padding, bias is not None)
-            xp.matmul(cols, weight, out=out[s:e].reshape(-1, c_out))
+            buffer = (np.empty((min(per_block, e - s) * rows, weight.shape[0]), a.dtype)
+                      if per_block < e - s else None)  # one block's patches, reused
+            for start in range(s, e, per_block):
+                end = min(e, start + per_block)
+                cols, _ = _im2col(a[start:end], kh, kw, stride, padding, bias is not None,
+                                  None if buffer is None else buffer[:(end - start) * rows])
+                xp.matmul(cols, weight, out=out[start:end].reshape(-1, c_out))
 
     _by_images(images, _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out, a, b), n)
     return out

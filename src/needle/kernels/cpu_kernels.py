@@ -56,7 +56,7 @@ from ..backend.numba_support import numba_module
 
 __all__ = ["batch_norm_forward", "batch_norm_grad", "batch_norm_grad_given_var", "col2im",
            "column_affine", "column_moments", "column_statistics", "column_sums", "enabled",
-           "max_pool", "max_pool_scatter", "splits", "whole_batch_norm_forward",
+           "im2col", "max_pool", "max_pool_scatter", "splits", "whole_batch_norm_forward",
            "whole_batch_norm_grad", "whole_column_statistics"]
 
 
@@ -72,6 +72,7 @@ def _kernels() -> dict[str, Any] | None:
     return {"moments": numba_kernels.moments, "column_sums": numba_kernels.column_sums,
             "affine": numba_kernels.affine,
             "bn_grad": numba_kernels.bn_grad, "col2im_add": numba_kernels.col2im_add,
+            "im2col_rows": numba_kernels.im2col_rows,
             "one_pass_moments": numba_kernels.one_pass_moments,
             "bn_forward": numba_kernels.bn_forward, "bn_grad_var": numba_kernels.bn_grad_var,
             "shifted_sums": numba_kernels.shifted_sums,
@@ -401,6 +402,25 @@ def col2im(taps: np.ndarray, out_shape: tuple, ho: int, wo: int, kh: int, kw: in
     if out is None:
         out = np.empty(out_shape, taps.dtype)
     return out if _run("col2im_add", taps, ho, wo, kh, kw, stride, padding, out) else None
+
+
+def im2col(a: np.ndarray, kh: int, kw: int, stride: int, padding: int, ho: int, wo: int,
+           ones: bool = False, out: np.ndarray | None = None) -> np.ndarray | None:
+    """Patches of NHWC ``a`` zero-padded by ``padding`` as an (N*Ho*Wo, kh*kw*C) matrix (one
+    more column of ones with ``ones``), read in one pass from ``a`` itself: NumPy pads a copy
+    first, then copies the patches out of it. The same values bit for bit (a copy). Written
+    into ``out`` where it is a C-contiguous matrix of that shape and dtype (a reused buffer),
+    else into a new one. None where the kernels cannot run."""
+    if type(a) is not np.ndarray or a.ndim != 4 or not enabled(a.dtype):
+        return None
+    n, _, _, c = a.shape
+    shape = (n * ho * wo, kh * kw * c + (1 if ones else 0))
+    if (type(out) is np.ndarray and out.shape == shape and out.dtype == a.dtype
+            and out.flags.c_contiguous):
+        cols = out
+    else:
+        cols = np.empty(shape, a.dtype)
+    return cols if _run("im2col_rows", a, kh, kw, stride, padding, ho, wo, cols) else None
 
 
 def _channels_last(x: Any) -> bool:

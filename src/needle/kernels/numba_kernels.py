@@ -242,6 +242,33 @@ def col2im_add(t, ho, wo, kh, kw, stride, padding, out):
 
 
 @_jit
+def im2col_rows(a, kh, kw, stride, padding, ho, wo, cols):
+    """cols[(n, y, x), (i, j, :)] = a[n, s*y+i-p, s*x+j-p, :], zeros where that falls in the
+    padding: im2col read straight from the unpadded NHWC ``a`` (no padded copy first). cols
+    is (N*Ho*Wo, kh*kw*C) or one column wider, that column set to ones (a bias's column)."""
+    n, h, w, c = a.shape
+    taps = kh * kw * c
+    ones = cols.shape[1] > taps
+    for b in range(n):
+        for yo in range(ho):
+            for xo in range(wo):
+                row = (b * ho + yo) * wo + xo
+                for i in range(kh):
+                    y = stride * yo + i - padding
+                    for j in range(kw):
+                        x = stride * xo + j - padding
+                        base = (i * kw + j) * c
+                        if y < 0 or y >= h or x < 0 or x >= w:
+                            for ch in range(c):
+                                cols[row, base + ch] = 0.0
+                        else:
+                            for ch in range(c):
+                                cols[row, base + ch] = a[b, y, x, ch]
+                if ones:
+                    cols[row, taps] = 1.0
+
+
+@_jit
 def max_pool_nhwc(x, k, stride, out):
     """out[n, i, j, c] = max of x[n, i*s: i*s+k, j*s: j*s+k, c] (NaN propagates, as
     np.maximum); channels innermost, so NHWC memory is read in order."""
