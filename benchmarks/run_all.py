@@ -35,6 +35,9 @@ SCRIPTS = [
      "jax.jit and PyTorch; the floor is the faster of NumPy by hand and jax.jit"),
     ("cnn_step", "CNN training step (eager)",
      "3 conv layers with BatchNorm2d, batch 64 of 32x32x3"),
+    ("cnn_step:jit_rows", "CNN training steps under ndl.jit vs torch.compile",
+     "the three CNN steps of the table above (strides 1,1,1; 1,2,2; ResidualCNN 32x32x3) as "
+     "jitted steps, hot (past region fusion's warm-up), beside torch.compile and PyTorch eager"),
     ("lm_step", "Language-model training steps (eager, ndl.jit, PyTorch eager)",
      "an LSTM LM (bptt 35, batch 32, SGD) and a causal Transformer LM (batch 16, seq 64, "
      "Adam), embeddings and vocabulary 10,000, medians over rounds"),
@@ -55,12 +58,15 @@ SCRIPTS = [
 ]
 
 
-def _run_isolated(module_name: str, compile_torch: bool) -> list[dict]:
-    """``module.main()`` in a fresh Python process (earlier benchmarks' memory and threads
-    would otherwise skew later ones), its rows passed back as JSON."""
-    args = f"compile_torch={compile_torch}" if module_name == "jit" else ""
+def _run_isolated(entry: str, compile_torch: bool) -> list[dict]:
+    """``module.main()`` (or ``module.fn()`` for an entry "module:fn") in a fresh Python
+    process (earlier benchmarks' memory and threads would otherwise skew later ones), its
+    rows passed back as JSON."""
+    module_name, _, function = entry.partition(":")
+    function = function or "main"
+    args = f"compile_torch={compile_torch}" if entry in ("jit", "cnn_step:jit_rows") else ""
     code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import {module_name} as m; "
-            f"rows = m.main({args}); print('ROWS=' + json.dumps(rows))")
+            f"rows = m.{function}({args}); print('ROWS=' + json.dumps(rows))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=HERE, check=False)
     sys.stderr.write(result.stderr[-2000:])
@@ -72,8 +78,9 @@ def _run_isolated(module_name: str, compile_torch: bool) -> list[dict]:
 
 def run(only: list[str] | None, compile_torch: bool, pause: float) -> str:
     sections = []
-    for index, (module_name, title, what) in enumerate(SCRIPTS):
-        if only and module_name not in only:
+    for index, (entry, title, what) in enumerate(SCRIPTS):
+        module_name = entry.partition(":")[0]
+        if only and entry not in only and module_name not in only:
             continue
         if not os.path.exists(os.path.join(HERE, f"{module_name}.py")):
             sections.append(f"## {title}\n\n_not measured: benchmarks/{module_name}.py is "
@@ -82,9 +89,9 @@ def run(only: list[str] | None, compile_torch: bool, pause: float) -> str:
         if index and pause:
             # these VMs have slow phases; an idle pause gives each script the same start
             time.sleep(pause)
-        print(f"running {module_name} ...", file=sys.stderr, flush=True)
+        print(f"running {entry} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        rows = _run_isolated(module_name, compile_torch)
+        rows = _run_isolated(entry, compile_torch)
         took = time.perf_counter() - start
         sections.append(f"## {title}\n\n{what} (`benchmarks/{module_name}.py`, {took:.0f} s)\n\n"
                         f"{common.markdown_table(rows)}\n")
