@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..kernels.running_average import running_average
 from .registry import Aval, F, Op, ShapeError, fmt_shape, make_node, register
 
 
@@ -90,13 +91,12 @@ class Store(Op):
 
     def compute(self, value, *after):
         target = self.target._data if self.storage is None else self.storage(self.target)
-        value = value.reshape(target.shape)
+        if value.shape != target.shape:
+            value = value.reshape(target.shape)
         if self.momentum == 1.0:
             np.copyto(target, value, casting="same_kind")
-        else:
-            # in place: target *= 1 - m; target += m * value
-            np.multiply(target, 1.0 - self.momentum, out=target, casting="same_kind")
-            np.add(target, value * self.momentum, out=target, casting="same_kind")
+        else:  # in place: target *= 1 - m; target += m * value (one loop where numba is)
+            running_average(target, value, self.momentum)
         return target
 
     def infer(self, value: Aval, *after: Aval) -> Aval:
