@@ -18,4 +18,10 @@ written once, in the module that owns it:
     numba_rnn.py       its numba step loops (imported only where numba is installed)
     cpu_kernels.py     the compiled loops' entry points: None where numba cannot run them
     numba_kernels.py   those loops (imported only where numba is installed)
+    threaded_elementwise.py  relu, its gradient and the bias add of large arrays, threaded
+    vocab_head.py      a language model's head and softmax loss fused (one logits array)
+    running_average.py BatchNorm's running statistics updated in one loop (same bits)
+    attention.py, layernorm.py (+ numba_*.py)  fused attention and layer norm row loops
+    pool.py            max pooling over k x k windows and its two adjoints
+    recycle.py         giant outputs reused between steps instead of page-faulted in again
 """
