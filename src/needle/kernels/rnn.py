@@ -170,7 +170,8 @@ def lstm_backward(dh_all: Any, dc_all: Any, dacts: Any, w_hh: Any, h_all: Any, c
                   {"dh_all": state, "dc_all": state, "dacts": gates, "w_hh": (hidden, four),
                    "h_all": state, "c_all": state, "h0": state[1:], "c0": state[1:]})
     xp = array_module(acts)
-    if h0 is None:
+    zero_state = h0 is None
+    if zero_state:
         h0 = c0 = xp.zeros((batch, hidden), dtype)
     dpre = xp.empty((steps, batch, four), dtype)
     dh = xp.zeros((batch, hidden), dtype)       # the adjoint of h from the later steps
@@ -181,9 +182,13 @@ def lstm_backward(dh_all: Any, dc_all: Any, dacts: Any, w_hh: Any, h_all: Any, c
     with cpu_threads.single_threaded_blas():  # small products: see the module NOTE
         dh = _with_fallback(_backward_fused, _backward_numpy, loops, dh_all, dc_all, dacts,
                             w_hh_t, c_all, acts, c0, tanh_c, dpre, dh, dc)
-    dw_hh = h0.T @ dpre[0] if steps else xp.zeros(w_hh.shape, dtype)
-    if steps > 1:
-        dw_hh += h_all[:-1].reshape(-1, hidden).T @ dpre[1:].reshape(-1, four)
+    if steps > 1:  # one product over the steps after the first; a zero h0 adds nothing
+        dw_hh = h_all[:-1].reshape(-1, hidden).T @ dpre[1:].reshape(-1, four)
+        if not zero_state:
+            dw_hh += h0.T @ dpre[0]
+    else:
+        dw_hh = (xp.zeros(w_hh.shape, dtype) if zero_state or not steps
+                 else h0.T @ dpre[0])
     return dpre, dw_hh, dh, dc
 
 
