@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +21,12 @@ from needle.cli import main
 from .helpers import REPO_ROOT
 
 
-def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m needle ARGS`` in ``cwd`` (a test's own directory: the default --out,
+    runs/train, must not be one a user's earlier run left in the checkout)."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"))
     return subprocess.run([sys.executable, "-m", "needle", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -155,7 +158,7 @@ def test_sigkill_during_training_leaves_a_loadable_checkpoint(tmp_path):
 def test_bad_input_gets_one_line_and_exit_status_2(tmp_path, args, message):
     (tmp_path / "garbage.npz").write_bytes(b"this is not a checkpoint")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    result = _run_cli(*args)
+    result = _run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -166,7 +169,8 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path):
     assert main(["train", "--model", "linear", "--epochs", "1", "--out", str(tmp_path / "a"),
                  "--quiet"]) == 0
     result = _run_cli("train", "--model", "mlp-resnet", "--epochs", "2", "--resume",
-                      str(tmp_path / "a" / "checkpoint.npz"), "--out", str(tmp_path / "b"))
+                      str(tmp_path / "a" / "checkpoint.npz"), "--out", str(tmp_path / "b"),
+                      cwd=tmp_path)
     assert result.returncode == 2
     assert "different model" in result.stderr and "'linear'" in result.stderr
 
