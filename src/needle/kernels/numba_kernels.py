@@ -145,30 +145,11 @@ def bn_forward(xm, weight, bias, mean, var, eps, out):
 def bn_grad_var(gm, xm, mean, var, eps, weight, dx, dweight, dbias):
     """``bn_grad`` given the variance: inv = 1 / sqrt(var + eps) in the arrays' dtype (as
     BatchNormGrad.compute's NumPy does), then bn_grad's sums and dx pass."""
-    m, c = xm.shape
+    c = xm.shape[1]
     inv = np.ones(c, xm.dtype)  # (ones: 1 in the arrays' dtype, not float64)
     for j in range(c):
         inv[j] = inv[j] / np.sqrt(var[j] + eps)
-    sum_g = np.zeros(c, np.float64)
-    sum_gc = np.zeros(c, np.float64)
-    for i in range(m):
-        for j in range(c):
-            g = gm[i, j]
-            sum_g[j] += g
-            sum_gc[j] += g * (xm[i, j] - mean[j])
-    a = np.empty(c, xm.dtype)
-    b = np.empty(c, xm.dtype)
-    k = np.empty(c, xm.dtype)
-    for j in range(c):
-        scale = weight[j] * inv[j]
-        a[j] = scale
-        b[j] = -scale * inv[j] * inv[j] * (sum_gc[j] / m)
-        k[j] = -scale * (sum_g[j] / m)
-        dbias[j] = sum_g[j]
-        dweight[j] = sum_gc[j] * inv[j]
-    for i in range(m):
-        for j in range(c):
-            dx[i, j] = gm[i, j] * a[j] + (xm[i, j] - mean[j]) * b[j] + k[j]
+    bn_grad(gm, xm, mean, inv, weight, dx, dweight, dbias)
 
 
 @_jit
