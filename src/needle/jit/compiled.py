@@ -35,6 +35,7 @@ from ..core.context import (
     tracing,
 )
 from ..core.interpret import Program, ancestors, build_program, plan_frees
+from ..core.ops_shape import TupleGetItem
 from ..core.ops_state import ApplyUpdates
 from ..core.registry import Aval, Op, register
 from .guards import Guard, GuardCollector, Unguarded, compile_checks
@@ -188,6 +189,9 @@ class CompiledPlan:
         self.repeated_outputs = [i for i, slot in enumerate(program.outputs[: self.num_outputs])
                                  if first.setdefault(slot, i) != i]
         self._executable: Callable[[list], list] | None = None
+        #: the ops picking each output from a call's TensorTuple, made once (they hold only
+        #: an index; ``result[i]`` would validate and build a new one on every call)
+        self.output_items = [TupleGetItem(i) for i in range(self.num_outputs)]
         self.source_order: list[int] = []
         self.wrt_positions: list[int] = []
         self._backward: CompiledPlan | None = None
@@ -400,17 +404,18 @@ class CompiledFunction:
         assert plan is not None  # (an entry without a plan falls back before _run)
         inputs = (*leaves, *entry.leaf_sources)
         result = make_from_op(JitCall(plan), inputs)
+        items = plan.output_items
         if not entry.grad_writes:
-            return rebuild(entry.template, [result[i] for i in range(plan.num_outputs)])
+            return rebuild(entry.template, [make_from_op(item, (result,)) for item in items])
         n = entry.num_user_outputs
-        outputs = [result[i] for i in range(n)]
+        outputs = [make_from_op(items[i], (result,)) for i in range(n)]
         for target, index in entry.grad_writes:
             leaf = leaves[target] if isinstance(target, int) else target
             if not isinstance(leaf, Tensor):
                 continue  # an array argument: nothing holds its gradient
             # as eager backward leaves it; detached (create_graph through a plan: not kept)
             leaf.grad = None if index is None else new_leaf(
-                Tensor, result[n + index].realize_data(), device=leaf.device)
+                Tensor, result.realize_data()[n + index], device=leaf.device)
         return rebuild(entry.template, outputs)
 
     # -- the cache -------------------------------------------------------------------------------

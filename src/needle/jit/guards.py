@@ -154,9 +154,13 @@ def _value_test(i: int, guard: Guard, bound: dict) -> str:
         return "v is not None"
     if kind is float and value != value:
         return "v.__class__ is not float or v == v"  # NaN: only NaN is unequal to itself
-    if kind in (bool, int, str, bytes) or (kind is float and value != 0.0):
+    if kind is bool:  # True and False are the only bools: identity is the exact test
         bound[f"e{i}"] = value
-        return f"v.__class__ is not t{i} or v != e{i}"
+        return f"v is not e{i}"
+    if kind in (int, str, bytes) or (kind is float and value != 0.0):
+        # immutable: the very object read at trace time (the usual case) passes at once
+        bound[f"e{i}"] = value
+        return f"v is not e{i} and (v.__class__ is not t{i} or v != e{i})"
     if kind in (list, tuple) and len(value) <= 16 and not any(
             isinstance(item, (*_SCALARS, float, np.generic, list, tuple, dict))
             for item in value):
@@ -164,7 +168,11 @@ def _value_test(i: int, guard: Guard, bound: dict) -> str:
         for k, item in enumerate(value):
             bound[f"e{i}_{k}"] = item
         items = "".join(f" or v[{k}] is not e{i}_{k}" for k in range(len(value)))
-        return f"v.__class__ is not t{i} or len(v) != {len(value)}{items}"
+        test = f"v.__class__ is not t{i} or len(v) != {len(value)}{items}"
+        if kind is tuple:  # immutable: the very tuple read at trace time holds the same items
+            bound[f"e{i}"] = value
+            return f"v is not e{i} and ({test})"
+        return test
     bound[f"e{i}"] = guard.expected
     return f"_fp(v) != e{i}"
 
