@@ -76,7 +76,6 @@ def _kernels() -> dict[str, Any] | None:
             "one_pass_moments": numba_kernels.one_pass_moments,
             "bn_forward": numba_kernels.bn_forward, "bn_grad_var": numba_kernels.bn_grad_var,
             "shifted_sums": numba_kernels.shifted_sums,
-            "column_sums64": numba_kernels.column_sums64,
             "centered_square_sums": numba_kernels.centered_square_sums,
             "bn_grad_sums": numba_kernels.bn_grad_sums, "bn_grad_dx": numba_kernels.bn_grad_dx,
             "max_pool": numba_kernels.max_pool_nhwc,
@@ -200,7 +199,7 @@ def column_moments(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     blocks = _row_blocks(xm)
     if blocks is None:
         return (mean, var) if _run("moments", xm, mean, var) else None
-    sums = _block_sums("column_sums64", blocks, c, (xm,))
+    sums = _block_sums("column_sums", blocks, c, (xm,))
     if sums is None:
         return None
     mean[:] = sums[0] / m  # the same float64 sum / m, rounded to xm's dtype, as "moments"
@@ -277,7 +276,7 @@ def column_sums(xm: np.ndarray) -> np.ndarray | None:
     blocks = _row_blocks(xm)
     if blocks is None:
         return out if _run("column_sums", xm, out) else None
-    sums = _block_sums("column_sums64", blocks, xm.shape[1], (xm,))
+    sums = _block_sums("column_sums", blocks, xm.shape[1], (xm,))
     if sums is None:
         return None
     out[:] = sums[0]

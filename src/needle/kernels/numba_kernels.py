@@ -83,7 +83,8 @@ def one_pass_moments(xm, mean, var):
 
 @_jit
 def column_sums(xm, out):
-    """out[j] = sum of column j of xm (float64 sums)."""
+    """out[j] = sum of column j of xm (float64 sums; a float64 ``out`` keeps them whole: one
+    row block's part of a threaded sum)."""
     acc = _float64_column_sums(xm)
     for j in range(xm.shape[1]):
         out[j] = acc[j]
@@ -130,15 +131,13 @@ def bn_forward(xm, weight, bias, mean, var, eps, out):
     """Training BatchNorm's y = x * alpha + beta with alpha = weight / sqrt(var + eps) and
     beta = bias - mean * alpha per column, in the arrays' dtype (eps has it too), so the same
     roundings as the NumPy formulas in core/ops_norm.py's BatchNorm.compute."""
-    m, c = xm.shape
+    c = xm.shape[1]
     alpha = np.ones(c, xm.dtype)  # (ones: 1 in the arrays' dtype, not float64)
     beta = np.empty(c, xm.dtype)
     for j in range(c):
         alpha[j] = weight[j] * (alpha[j] / np.sqrt(var[j] + eps))
         beta[j] = bias[j] - mean[j] * alpha[j]
-    for i in range(m):
-        for j in range(c):
-            out[i, j] = xm[i, j] * alpha[j] + beta[j]
+    affine(xm, alpha, beta, out)
 
 
 @_jit
@@ -150,14 +149,6 @@ def bn_grad_var(gm, xm, mean, var, eps, weight, dx, dweight, dbias):
     for j in range(c):
         inv[j] = inv[j] / np.sqrt(var[j] + eps)
     bn_grad(gm, xm, mean, inv, weight, dx, dweight, dbias)
-
-
-@_jit
-def column_sums64(xm, out):
-    """out[j] = sum of column j of xm, in float64 (one row block's part of a threaded sum)."""
-    acc = _float64_column_sums(xm)
-    for j in range(xm.shape[1]):
-        out[j] = acc[j]
 
 
 @_jit
