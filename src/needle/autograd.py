@@ -328,7 +328,8 @@ class TensorTuple(Value):
         return len(self.aval)
 
     def __getitem__(self, index: int) -> Tensor:
-        n = len(self)
+        avals = self._aval  # (the items' Avals: len(self) without two more calls)
+        n = len(avals) if avals is not None else len(self)
         if not -n <= index < n:
             raise IndexError(f"TensorTuple index {index} out of range for {n} items")
         return _ops.tuple_get_item(self, index % n)

@@ -152,22 +152,59 @@ def reverse_mode(outputs: list, out_grads: list, on_grad: Callable[[Any, Any], N
         in_grads = op.gradient(grad, node)  # gradient_as_tuple, inlined (hot loop)
         if type(in_grads) is not tuple:
             in_grads = tuple(in_grads) if isinstance(in_grads, list) else (in_grads,)
-        for inp, in_grad in zip(node.inputs, in_grads):
-            if in_grad is None or not inp.requires_grad:
-                continue
-            g_data, i_data = in_grad._data, inp._data
-            # eager fast path inline, tested first: arrays of the same shape and dtype need no
-            # sum_to / astype (dtypes compared by identity first: NumPy's builtin dtypes are
-            # singletons); tuple inputs (make_tuple, split) take tuple adjoints as they are
-            if g_data is None or i_data is None:
-                if type(i_data) is not tuple and (inp.op is None or not inp.op.returns_tuple):
-                    in_grad = fit_to_input(in_grad, inp)
-            elif type(i_data) is not tuple and (
-                    g_data.shape != i_data.shape or (g_data.dtype is not i_data.dtype
-                                                     and g_data.dtype != i_data.dtype)):
+        inputs = node.inputs
+        n_grads = len(in_grads)
+        if not 0 < n_grads < 3 or n_grads != len(inputs):
+            for inp, in_grad in zip(inputs, in_grads):
+                if in_grad is not None and inp.requires_grad:
+                    _add_edge(adjoints, inp, in_grad)
+            continue
+        # one or two inputs (most ops): the last edge inline, no zip (the hot loop)
+        inp, in_grad = inputs[0], in_grads[0]
+        if n_grads == 2:
+            in_grad_b = in_grads[1]
+            if in_grad_b is not None:
+                inp_b = inputs[1]
+                if inp_b.requires_grad:
+                    if in_grad is not None and inp.requires_grad:  # a's edge first
+                        _add_edge(adjoints, inp, in_grad)
+                    inp, in_grad = inp_b, in_grad_b
+        if in_grad is None or not inp.requires_grad:
+            continue
+        g_data, i_data = in_grad._data, inp._data
+        # eager fast path (as in _add_edge): arrays of the same shape and dtype need no
+        # sum_to / astype (dtypes compared by identity first: NumPy's builtin dtypes are
+        # singletons); tuple inputs (make_tuple, split) take tuple adjoints as they are
+        if g_data is None or i_data is None:
+            if type(i_data) is not tuple and (inp.op is None or not inp.op.returns_tuple):
                 in_grad = fit_to_input(in_grad, inp)
-            previous = get_adjoint(inp)
-            adjoints[inp] = in_grad if previous is None else previous + in_grad
+        elif type(i_data) is not tuple and (
+                g_data.shape != i_data.shape or (g_data.dtype is not i_data.dtype
+                                                 and g_data.dtype != i_data.dtype)):
+            in_grad = fit_to_input(in_grad, inp)
+        previous = get_adjoint(inp)
+        adjoints[inp] = in_grad if previous is None else previous + in_grad
+
+
+def _add_edge(adjoints: dict, inp: Any, in_grad: Any) -> None:
+    """Add ``in_grad`` (an op gradient's adjoint for input ``inp``) to ``inp``'s adjoint,
+    summed back to its shape and cast to its dtype first where they differ.
+
+    The eager fast path first: arrays of the same shape and dtype need no sum_to / astype
+    (dtypes compared by identity first: NumPy's builtin dtypes are singletons); tuple inputs
+    (make_tuple, split) take tuple adjoints as they are. ``reverse_mode`` inlines this for
+    the last edge of each node (keep the two the same).
+    """
+    g_data, i_data = in_grad._data, inp._data
+    if g_data is None or i_data is None:
+        if type(i_data) is not tuple and (inp.op is None or not inp.op.returns_tuple):
+            in_grad = fit_to_input(in_grad, inp)
+    elif type(i_data) is not tuple and (
+            g_data.shape != i_data.shape or (g_data.dtype is not i_data.dtype
+                                             and g_data.dtype != i_data.dtype)):
+        in_grad = fit_to_input(in_grad, inp)
+    previous = adjoints.get(inp)
+    adjoints[inp] = in_grad if previous is None else previous + in_grad
 
 
 def backward(output: Any, out_grad: Any) -> None:
