@@ -31,7 +31,7 @@ from . import recycle
 from .softmax import BLOCK_BYTES
 from .softmax import MIN_SIZE as BLOCKED_MIN_SIZE
 
-__all__ = ["MAX_SIZE", "loss_rows", "loss_rows_grad", "loss_rows_grad_blocked"]
+__all__ = ["MAX_SIZE", "ids_within", "loss_rows", "loss_rows_grad", "loss_rows_grad_blocked"]
 
 #: larger logits keep NumPy's vectorized passes (kernels/softmax.py)
 MAX_SIZE = 1 << 16
@@ -94,13 +94,24 @@ def _loops() -> Any:
     jit = numba.njit(error_model="numpy", nogil=True)
     peak_and_total = jit(row_peak_and_total)
     ids_fit = jit(ids_in_range)
-    return jit(loss), jit(grad)
+    return jit(loss), jit(grad), ids_fit
 
 
 def _applies(z: Any, ids: Any) -> bool:
     return (type(z) is np.ndarray and z.ndim == 2 and 0 < z.size <= MAX_SIZE
             and z.dtype in (np.float32, np.float64) and z.flags.c_contiguous
             and ids.shape == z.shape[:1] and ids.dtype.kind in "iu")
+
+
+def ids_within(ids: Any, classes: int) -> bool | None:
+    """Whether every class id in the 1-D integer array ``ids`` lies in [0, classes), in one
+    compiled pass (``check_class_ids`` on every step: NumPy's min and max are two calls and
+    two passes); None where the loop does not apply (no numba, other arrays), and the caller
+    checks in NumPy."""
+    if type(ids) is not np.ndarray or ids.ndim != 1 or ids.dtype.kind not in "iu":
+        return None
+    loops = _loops()
+    return None if loops is None else bool(loops[2](ids, classes))
 
 
 def loss_rows(z: Any, ids: Any) -> Any:
@@ -126,7 +137,7 @@ def loss_rows_grad(z: Any, ids: Any, g: Any) -> Any:
     loops = _loops()
     if loops is None:
         return None
-    out = np.empty_like(z)
+    out = np.empty(z.shape, z.dtype)  # (C-contiguous as z; np.empty_like is a Python wrapper)
     return out if loops[1](z, ids, g, out) else None
 
 
