@@ -82,8 +82,9 @@ def test_stride2_conv_and_kernel_gradient_bit_for_bit_and_torch(threads, bias, b
                                                                  monkeypatch):
     """The stride-2 convolution (the CNN benchmark's 32->64 layer, fewer images) and its
     kernel gradient, with patches built and multiplied in blocks (of one image; of all six):
-    the old path's results (NumPy im2col, one product per chunk of images) bit for bit, on 1
-    and 2 threads."""
+    the NumPy im2col's results bit for bit, on 1 and 2 threads (the convolution's also with
+    one product per chunk of images; the kernel gradient's partial sums follow the blocks,
+    which depend on the shapes only, so it is also the same on 1 and 2 threads)."""
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", threads)
     monkeypatch.setattr(conv_kernels, "SPLIT_MIN_MACS", 1)  # the split by images, too
     monkeypatch.setattr(conv_kernels, "IM2COL_BLOCK_BYTES", block_bytes)
@@ -94,10 +95,13 @@ def test_stride2_conv_and_kernel_gradient_bit_for_bit_and_torch(threads, bias, b
     g = rng.standard_normal((6, 8, 8, 64)).astype(np.float32)
     out = conv_kernels.conv2d(x, w, 2, 1, c)
     grad = conv_kernels.conv2d_weight_grad(x, g, (3, 3), 2, 1)
+    monkeypatch.setattr(cpu_threads, "NUM_THREADS", 3 - threads)
+    np.testing.assert_array_equal(grad, conv_kernels.conv2d_weight_grad(x, g, (3, 3), 2, 1))
     _numpy_path(monkeypatch)
+    np.testing.assert_array_equal(grad, conv_kernels.conv2d_weight_grad(x, g, (3, 3), 2, 1))
+    monkeypatch.setattr(cpu_threads, "NUM_THREADS", threads)
     monkeypatch.setattr(conv_kernels, "IM2COL_BLOCK_BYTES", 1 << 40)  # one block per chunk
     np.testing.assert_array_equal(out, conv_kernels.conv2d(x, w, 2, 1, c))
-    np.testing.assert_array_equal(grad, conv_kernels.conv2d_weight_grad(x, g, (3, 3), 2, 1))
     np.testing.assert_allclose(out, _torch_conv(x, w, c, 2, 1), rtol=1e-4, atol=1e-4)
     tx = torch.tensor(x).permute(0, 3, 1, 2)
     tw = torch.tensor(w).permute(3, 2, 0, 1).requires_grad_()

@@ -16,13 +16,16 @@ The algorithm, chosen here once for all three convolutions:
    threads where it pays (``_image_chunks``, ``_by_images``). An input stored channels-first
    (a user's NCHW images) or with at most 4 channels (a first layer's NHWC images), with
    large maps, is read by the NCHW im2col, which copies runs of Wo values instead of
-   transposing the input first or copying runs of kw * C (``_use_nchw``). conv_input_grad scatters
-   its patches back (col2im) in one compiled pass (cpu_kernels, numba) or, where that cannot
-   run, in kh*kw NumPy scatter-adds by stride phase. Where numba runs, the NHWC im2col is
-   one compiled pass from the unpadded input, and conv builds and multiplies its patches in
-   blocks of about IM2COL_BLOCK_BYTES (stride-2 layer N64 C32->64 32x32 forward, 2 threads,
-   loaded machine, alternating in one process, medians of 30: 5.24 -> 3.62 ms; with its
-   backward 14.1 -> 12.7 ms; CNN step strides 1,2,2 23.2 -> 22.4 ms).
+   transposing the input first or copying runs of kw * C (``_use_nchw``); where numba runs,
+   in one compiled pass from an NCHW input (no padded copy). conv_input_grad scatters its
+   patches back (col2im) in one compiled pass (cpu_kernels, numba) per block of images whose
+   taps stay in cache, or, where that cannot run, in kh*kw NumPy scatter-adds by stride
+   phase. conv_weight_grad sums one product per block of images (blocks fixed by the shapes,
+   so the same bits on any thread count, with or without numba). Where numba runs, the NHWC
+   im2col is one compiled pass from the unpadded input, and conv builds and multiplies its
+   patches in blocks of about IM2COL_BLOCK_BYTES (stride-2 layer N64 C32->64 32x32 forward,
+   2 threads, loaded machine, alternating in one process, medians of 30: 5.24 -> 3.62 ms;
+   with its backward 14.1 -> 12.7 ms; CNN step strides 1,2,2 23.2 -> 22.4 ms).
 
 ``conv_bias`` adds its bias where the output is written: in the Winograd output transform, or
 as one more kernel row times a column of ones in the im2col product. conv + add -> conv_bias
@@ -41,7 +44,7 @@ from ..backend import array_module, cpu_threads
 from . import cpu_kernels, winograd
 
 __all__ = ["IM2COL_BLOCK_BYTES", "NCHW_MAX_CHANNELS", "NCHW_MIN_POSITIONS", "SPLIT_MIN_MACS",
-           "conv2d", "conv2d_input_grad", "conv2d_weight_grad"]
+           "WEIGHT_GRAD_MIN_BLOCKS", "conv2d", "conv2d_input_grad", "conv2d_weight_grad"]
 
 
 def _out_size(n: int, k: int, stride: int, padding: int) -> int:
@@ -152,15 +155,21 @@ def _use_nchw(x, positions: int) -> bool:
             and positions >= NCHW_MIN_POSITIONS)
 
 
-def _im2col_nchw(a, kh: int, kw: int, stride: int, padding: int, ones: bool = False):
+def _im2col_nchw(a, kh: int, kw: int, stride: int, padding: int, ones: bool = False,
+                 out=None):
     """Patches of an NHWC-viewed NCHW array as (N, C * kh * kw, Ho * Wo), and (Ho, Wo).
 
     Caffe's layout: one column per output position, rows in (c, i, j) order; it reads an
-    NCHW array without transposing it. ``ones``: one more row of ones (for a bias).
+    NCHW array without transposing it. ``ones``: one more row of ones (for a bias). ``out``:
+    a buffer of that shape the compiled path writes into (the NumPy path ignores it).
     """
     xp = array_module(a)
     x = a.transpose(0, 3, 1, 2)  # the NCHW array itself
     n, c, h, w = x.shape
+    ho, wo = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
+    cols = cpu_kernels.im2col_channels_first(x, kh, kw, stride, padding, ho, wo, ones, out)
+    if cols is not None:  # numba: one pass from the unpadded input (64x3x32x32: 0.45 -> 0.33 ms)
+        return cols, (ho, wo)
     if padding:
         x = _pad_into(xp.empty((n, c, h + 2 * padding, w + 2 * padding), dtype=x.dtype), x,
                       padding, 2)
@@ -178,6 +187,32 @@ def _im2col_nchw(a, kh: int, kw: int, stride: int, padding: int, ones: bool = Fa
     return cols, (ho, wo)
 
 
+def _nchw_blocks(a, s: int, e: int, rows: int, positions: int):
+    """Images [s, e) of ``a`` in blocks of nearly equal size whose NCHW patches, (rows,
+    positions) an image, take about IM2COL_BLOCK_BYTES, as (start, end, buffer): the compiled
+    NCHW im2col writes every block into one reused buffer; NumPy's im2col (no buffer) takes
+    all images at once.
+
+    NOTE: a first layer's patch matrix for a whole batch is 7 MB (64 x 28 x 1024 float32);
+    inside a training step, built whole, its kernel gradient took 2.2-2.4 ms instead of the
+    1.4 it takes alone (minor page faults: ~1 a step, so not those; the cache, presumably).
+    With one 1 MB buffer, inside the benchmark CNN's step (one thread, CPU time, loaded
+    machine, medians of 15), against NumPy's padded copies of the whole batch before:
+    forward 1.97 -> 1.16 ms, kernel gradient 1.54 -> 1.46 ms. Alone (outside a step) blocks
+    made no difference."""
+    x = a.transpose(0, 3, 1, 2)
+    if not (type(x) is np.ndarray and x.flags.c_contiguous and cpu_kernels.enabled(x.dtype)):
+        yield s, e, None
+        return
+    per_block = max(1, IM2COL_BLOCK_BYTES // (rows * positions * x.dtype.itemsize))
+    count = max(1, -(-(e - s) // per_block))
+    bounds = [s + (e - s) * i // count for i in range(count + 1)]
+    flat = np.empty(-(-(e - s) // count) * rows * positions, x.dtype)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        yield start, end, flat[:(end - start) * rows * positions].reshape(
+            end - start, rows, positions)
+
+
 def _phase_range(r: int, s: int, p: int, n: int, nq: int) -> tuple[int, int]:
     """The phase-r positions y (0 <= y < nq) whose padded index s*y + r is an image position
     (0 <= s*y + r - p < n), as a range [y0, y1)."""
@@ -193,6 +228,11 @@ def _phase_range(r: int, s: int, p: int, n: int, nq: int) -> tuple[int, int]:
 #: bit (tests/test_conv_im2col_compiled.py). NumPy's im2col (no numba) did not gain from
 #: blocks (its padded copy per block: 7.4 -> 8.1 ms), so it keeps one matrix per chunk.
 IM2COL_BLOCK_BYTES = 1 << 20
+
+
+#: conv_weight_grad's blocks (``_weight_grad_blocks``) are at least this many (as many as
+#: there are images where fewer): threads drawing 5 blocks split them 3:2
+WEIGHT_GRAD_MIN_BLOCKS = 8
 
 
 # -- the split by images ------------------------------------------------------------------------
@@ -260,21 +300,25 @@ def conv2d(a, b, stride: int, padding: int, bias=None):
         weight = with_bias(b.transpose(2, 0, 1, 3).reshape(c_in * kh * kw, c_out))
 
         def images(s: int, e: int) -> None:
-            cols, _ = _im2col_nchw(a[s:e], kh, kw, stride, padding, bias is not None)
-            xp.matmul(cols.transpose(0, 2, 1), weight,
-                      out=out[s:e].reshape(e - s, ho * wo, c_out))
+            for start, end, buffer in _nchw_blocks(a, s, e, weight.shape[0], ho * wo):
+                cols, _ = _im2col_nchw(a[start:end], kh, kw, stride, padding,
+                                       bias is not None, buffer)
+                xp.matmul(cols.transpose(0, 2, 1), weight,
+                          out=out[start:end].reshape(end - start, ho * wo, c_out))
     else:
         weight = with_bias(b.reshape(-1, c_out))
         rows = ho * wo  # patch rows per image
-        per_block = n  # NumPy's im2col: one patch matrix per chunk (its blocks did not pay)
+        per_block = max(1, n)  # NumPy's im2col: one patch matrix per chunk (blocks: no gain)
         if type(a) is np.ndarray and cpu_kernels.enabled(a.dtype):
             per_block = max(1, IM2COL_BLOCK_BYTES // (rows * weight.shape[0] * a.dtype.itemsize))
 
         def images(s: int, e: int) -> None:
-            buffer = (np.empty((min(per_block, e - s) * rows, weight.shape[0]), a.dtype)
-                      if per_block < e - s else None)  # one block's patches, reused
-            for start in range(s, e, per_block):
-                end = min(e, start + per_block)
+            # blocks of (nearly) equal size: a short last block made a thin, slow product
+            count = max(1, -(-(e - s) // per_block))
+            bounds = [s + (e - s) * i // count for i in range(count + 1)]
+            buffer = (np.empty((-(-(e - s) // count) * rows, weight.shape[0]), a.dtype)
+                      if count > 1 else None)  # one block's patches, reused
+            for start, end in zip(bounds[:-1], bounds[1:]):
                 cols, _ = _im2col(a[start:end], kh, kw, stride, padding, bias is not None,
                                   None if buffer is None else buffer[:(end - start) * rows])
                 xp.matmul(cols, weight, out=out[start:end].reshape(-1, c_out))
@@ -294,23 +338,77 @@ def conv2d_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
         return out
     chunks = _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out, a, g)
     if _use_nchw(a, ho * wo):
-        def images_nchw(s: int, e: int):
-            cols, _ = _im2col_nchw(a[s:e], kh, kw, stride, padding)
-            if _channels_first(g):  # (N, C_out, HW) @ (N, HW, C*kh*kw), summed over images
-                grads = g[s:e].transpose(0, 3, 1, 2).reshape(e - s, c_out, ho * wo)
-                return np.matmul(grads, cols.transpose(0, 2, 1)).sum(axis=0).T
-            # (N, C*kh*kw, HW) @ (N, HW, C_out)
-            return np.matmul(cols, g[s:e].reshape(e - s, ho * wo, c_out)).sum(axis=0)
+        xp = array_module(a)
+        dtype = np.result_type(a.dtype, g.dtype)
+        taps = c_in * kh * kw
+        # one product per image, summed over all images at the end: the same sums, so the
+        # same bits, however the images are split across threads
+        g_first = _channels_first(g)
+        products = xp.empty((n, c_out, taps) if g_first else (n, taps, c_out), dtype)
 
-        parts = _by_images(images_nchw, chunks, n)
-        return array_module(a).ascontiguousarray(
-            sum(parts).reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3))
+        def images_nchw(s: int, e: int) -> None:
+            for s0, e0, buffer in _nchw_blocks(a, s, e, taps, ho * wo):
+                cols, _ = _im2col_nchw(a[s0:e0], kh, kw, stride, padding, False, buffer)
+                if g_first:  # (N, C_out, HW) @ (N, HW, C*kh*kw)
+                    grads = g[s0:e0].transpose(0, 3, 1, 2).reshape(e0 - s0, c_out, ho * wo)
+                    xp.matmul(grads, cols.transpose(0, 2, 1), out=products[s0:e0])
+                else:  # (N, C*kh*kw, HW) @ (N, HW, C_out)
+                    xp.matmul(cols, g[s0:e0].reshape(e0 - s0, ho * wo, c_out),
+                              out=products[s0:e0])
+
+        _by_images(images_nchw, chunks, n)
+        total = products.sum(axis=0)
+        return xp.ascontiguousarray(
+            (total.T if g_first else total).reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3))
+
+    if type(a) is np.ndarray and type(g) is np.ndarray:
+        return _weight_grad_blocks(a, g, kernel_hw, stride, padding, chunks is not None)
 
     def images(s: int, e: int):
         cols, _ = _im2col(a[s:e], kh, kw, stride, padding)
         return cols.T @ g[s:e].reshape(-1, c_out)
 
     return sum(_by_images(images, chunks, n)).reshape(kh, kw, c_in, c_out)
+
+
+def _weight_grad_blocks(a, g, kernel_hw: tuple, stride: int, padding: int, split: bool):
+    """conv_weight_grad of NumPy arrays in blocks of images whose patches (about
+    IM2COL_BLOCK_BYTES) stay in cache between their copy and their product; each block's
+    cols.T @ g is one partial sum, and the partials are added in block order. The blocks
+    depend on the shapes only, so the result is the same on any number of threads (needle's
+    threads share the blocks where ``split``; each reuses one patch buffer for the compiled
+    im2col) and the same with NumPy's im2col (no numba), which pads a copy per block.
+
+    NOTE: measured on one thread (CPU time, batch 64, k3, stride 2, loaded machine, alternating,
+    medians of 25), one product per chunk -> blocks of 1 MB: C16->32 32x32 2.74 -> 2.27 ms,
+    C32->64 16x16 1.63 -> 1.44 ms (blocks of 256 KB, 512 KB, 2 MB: slower than 1 MB); the
+    product as g.T @ cols instead: 3-4% slower."""
+    kh, kw = kernel_hw
+    n, c_in = a.shape[0], a.shape[3]
+    ho, wo, c_out = g.shape[1:]
+    rows, taps = ho * wo, kh * kw * c_in
+    count = -(-n // max(1, IM2COL_BLOCK_BYTES // (rows * taps * a.dtype.itemsize)))
+    count = max(count, min(n, WEIGHT_GRAD_MIN_BLOCKS), 1)  # enough to share out evenly
+    bounds = [n * i // count for i in range(count + 1)]
+    blocks = list(enumerate(zip(bounds[:-1], bounds[1:])))
+    parts: list = [None] * count
+    dtype = np.result_type(a.dtype, g.dtype)
+
+    def work(shared) -> None:
+        buffer = np.empty((-(-n // count) * rows, taps), a.dtype)  # one block's patches
+        for i, (s, e) in shared:
+            cols, _ = _im2col(a[s:e], kh, kw, stride, padding, out=buffer[:(e - s) * rows])
+            parts[i] = np.matmul(cols.T, g[s:e].reshape(-1, c_out), dtype=dtype)
+
+    if split and count > 1:
+        with cpu_threads.single_threaded_blas():
+            cpu_threads.in_parallel(work, blocks, min(cpu_threads.NUM_THREADS, count))
+    else:
+        work(iter(blocks))
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total.reshape(kh, kw, c_in, c_out)
 
 
 def conv2d_input_grad(g, b, stride: int, padding: int, in_hw: tuple):
@@ -342,10 +440,24 @@ def _col2im_compiled(g, b, s: int, p: int, in_hw: tuple):
     weights = b.transpose(3, 0, 1, 2).reshape(c_out, kh * kw * c_in)
     out = np.empty((n, h, w, c_in), dtype)
 
+    rows, width = ho * wo, kh * kw * c_in
+    per_block = max(1, IM2COL_BLOCK_BYTES // (rows * width * np.dtype(dtype).itemsize))
+
     def images(start: int, end: int) -> bool:
-        taps = np.matmul(g[start:end].reshape(-1, c_out), weights, dtype=dtype)
-        return cpu_kernels.col2im(taps, (end - start, h, w, c_in), ho, wo, kh, kw, s, p,
-                                  out=out[start:end]) is not None
+        # blocks of images whose taps (about IM2COL_BLOCK_BYTES) stay in cache between the
+        # product and the scatter; images are independent, so the same bits as one block
+        # (one thread, CPU time, loaded machine: N64 stride 2 C16->32 32x32 2.30 -> 2.18 ms,
+        # C32->64 16x16 1.58 -> 1.46 ms)
+        count = max(1, -(-(end - start) // per_block))
+        bounds = [start + (end - start) * i // count for i in range(count + 1)]
+        buffer = np.empty((-(-(end - start) // count) * rows, width), dtype)
+        for s0, e0 in zip(bounds[:-1], bounds[1:]):
+            taps = np.matmul(g[s0:e0].reshape(-1, c_out), weights, dtype=dtype,
+                             out=buffer[:(e0 - s0) * rows])
+            if cpu_kernels.col2im(taps, (e0 - s0, h, w, c_in), ho, wo, kh, kw, s, p,
+                                  out=out[s0:e0]) is None:
+                return False
+        return True
 
     chunks = _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out, g, b)
     return out if all(_by_images(images, chunks, n)) else None

@@ -56,8 +56,8 @@ from ..backend.numba_support import numba_module
 
 __all__ = ["batch_norm_forward", "batch_norm_grad", "batch_norm_grad_given_var", "col2im",
            "column_affine", "column_moments", "column_statistics", "column_sums", "enabled",
-           "im2col", "max_pool", "max_pool_scatter", "splits", "whole_batch_norm_forward",
-           "whole_batch_norm_grad", "whole_column_statistics"]
+           "im2col", "im2col_channels_first", "max_pool", "max_pool_scatter", "splits",
+           "whole_batch_norm_forward", "whole_batch_norm_grad", "whole_column_statistics"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,6 +73,7 @@ def _kernels() -> dict[str, Any] | None:
             "affine": numba_kernels.affine,
             "bn_grad": numba_kernels.bn_grad, "col2im_add": numba_kernels.col2im_add,
             "im2col_rows": numba_kernels.im2col_rows,
+            "im2col_channels_first": numba_kernels.im2col_channels_first,
             "one_pass_moments": numba_kernels.one_pass_moments,
             "bn_forward": numba_kernels.bn_forward, "bn_grad_var": numba_kernels.bn_grad_var,
             "shifted_sums": numba_kernels.shifted_sums,
@@ -420,6 +421,30 @@ def im2col(a: np.ndarray, kh: int, kw: int, stride: int, padding: int, ho: int, 
     else:
         cols = np.empty(shape, a.dtype)
     return cols if _run("im2col_rows", a, kh, kw, stride, padding, ho, wo, cols) else None
+
+
+def im2col_channels_first(x: np.ndarray, kh: int, kw: int, stride: int, padding: int, ho: int,
+                          wo: int, ones: bool = False, out: np.ndarray | None = None
+                          ) -> np.ndarray | None:
+    """Patches of C-contiguous NCHW ``x`` zero-padded by ``padding`` as (N, C*kh*kw, Ho*Wo)
+    (one more row of ones with ``ones``), read in one pass from ``x`` itself (conv's NCHW
+    im2col pads a copy first): the same values bit for bit. Written into ``out`` where it is
+    a C-contiguous array of that shape and dtype (a reused buffer), else into a new one. None
+    where the kernels cannot run (no numba, another dtype, or ``x`` not C-contiguous: read
+    through NHWC memory's strides the loop was slower than NumPy's two copies, 0.64 vs 0.45
+    ms)."""
+    if not (type(x) is np.ndarray and x.ndim == 4 and x.flags.c_contiguous
+            and enabled(x.dtype)):
+        return None
+    n, c = x.shape[:2]
+    shape = (n, c * kh * kw + (1 if ones else 0), ho * wo)
+    if (type(out) is np.ndarray and out.shape == shape and out.dtype == x.dtype
+            and out.flags.c_contiguous):
+        cols = out
+    else:
+        cols = np.empty(shape, x.dtype)
+    done = _run("im2col_channels_first", x, kh, kw, stride, padding, ho, wo, cols)
+    return cols if done else None
 
 
 def _channels_last(x: Any) -> bool:

