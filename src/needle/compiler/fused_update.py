@@ -72,6 +72,43 @@ class Symbol:
         self.dtype = dtype
 
 
+def _binary_call(name: str) -> Callable[..., Any]:
+    """The recorder's ``xp.<name>(a, b, out=None)`` for a binary ufunc: one Python call per
+    call of the rule (a method forwarding to a shared one made two; this runs on every
+    step, a dozen times)."""
+
+    def call(self: Recorder, a: Any, b: Any, out: Any = None) -> Any:
+        # (the common operands, a symbol of this recording, a Python float and an array
+        # seen before (Adam's m, v), and the common targets, inline)
+        refs = self.memory_refs
+        kind = type(a)
+        if kind is Symbol and a.needle_array_module is self:
+            ra = a.ref
+        else:
+            ra = (kind is np.ndarray and refs.get(id(a))) or self._ref(a)
+        kind = type(b)
+        if kind is Symbol and b.needle_array_module is self:
+            rb = b.ref
+        elif kind is float:
+            scalars = self.scalars
+            rb = ("s", len(scalars))
+            scalars.append(b)
+        else:
+            rb = (kind is np.ndarray and refs.get(id(b))) or self._ref(b)
+        kind = type(out)
+        if kind is Symbol and out.needle_array_module is self:
+            self.statements.append((name, (ra, rb), out.ref))
+            return out
+        target = kind is np.ndarray and refs.get(id(out))
+        if target:
+            self.statements.append((name, (ra, rb), target))
+            return out
+        return self._record(name, (ra, rb), out)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
 class Recorder:
     """Array module stand-in: each call appends ``(name, operand refs, output ref)``.
 
@@ -98,8 +135,11 @@ class Recorder:
         recording, the same objects); False if they are not. Memory arrays seen so far keep
         their refs, so a replay that makes the same calls records the same statements."""
         memory = self.memory
-        if len(arrays) > len(memory) or any(a is not m for a, m in zip(arrays, memory)):
+        if len(arrays) > len(memory):
             return False
+        for a, m in zip(arrays, memory):  # (a loop, not any(<generator>): runs every step)
+            if a is not m:
+                return False
         self.scalars = []
         self.statements = []
         self.registers = 0
@@ -141,36 +181,11 @@ class Recorder:
         self.statements.append((name, refs, target))
         return out
 
-    def _binary(self, name: str, a: Any, b: Any, out: Any) -> Any:
-        # (the common operands, a symbol of this recording and a Python float, and the common
-        # target, a symbol, inline: this runs for every call of the rule, on every step)
-        ra = a.ref if type(a) is Symbol and a.needle_array_module is self else self._ref(a)
-        kind = type(b)
-        if kind is Symbol and b.needle_array_module is self:
-            rb = b.ref
-        elif kind is float:
-            scalars = self.scalars
-            rb = ("s", len(scalars))
-            scalars.append(b)
-        else:
-            rb = self._ref(b)
-        if type(out) is Symbol and out.needle_array_module is self:
-            self.statements.append((name, (ra, rb), out.ref))
-            return out
-        return self._record(name, (ra, rb), out)
-
     # -- the array-module calls a rule may make --------------------------------------------
-    def add(self, a: Any, b: Any, out: Any = None) -> Any:
-        return self._binary("add", a, b, out)
-
-    def subtract(self, a: Any, b: Any, out: Any = None) -> Any:
-        return self._binary("subtract", a, b, out)
-
-    def multiply(self, a: Any, b: Any, out: Any = None) -> Any:
-        return self._binary("multiply", a, b, out)
-
-    def divide(self, a: Any, b: Any, out: Any = None) -> Any:
-        return self._binary("divide", a, b, out)
+    add = _binary_call("add")
+    subtract = _binary_call("subtract")
+    multiply = _binary_call("multiply")
+    divide = _binary_call("divide")
 
     def sqrt(self, a: Any, out: Any = None) -> Any:
         return self._record("sqrt", (self._ref(a),), out)
@@ -368,11 +383,11 @@ def run_fused(rule: Callable[..., None], *arrays: np.ndarray,
     parted: tuple[int, ...] = ()
     if parts:
         parted = tuple(sorted(parts))
-        sizes = [piece.shape[0] for piece in parts[parted[0]]]
+        sizes = list(map(len, parts[parted[0]]))  # (flat pieces: len is the size)
+        total = sum(sizes)
         for position in parted:  # (the loop walks the first one's pieces: all must match)
-            if sum(sizes) != arrays[position].shape[0] or (
-                    position != parted[0]
-                    and [piece.shape[0] for piece in parts[position]] != sizes):
+            if total != arrays[position].shape[0] or (
+                    position != parted[0] and list(map(len, parts[position])) != sizes):
                 raise ValueError("run_fused: the pieces do not add up to the array they stand "
                                  "for")
     try:
@@ -393,7 +408,7 @@ def run_fused(rule: Callable[..., None], *arrays: np.ndarray,
         for position in parted:
             memory[position] = _padded_pieces(parts[position])
     try:
-        kernel(*memory, *[dtype(s) for s in recorder.scalars])
+        kernel(*memory, *map(dtype, recorder.scalars))
     except numba.core.errors.NumbaError:  # compiling failed: nothing was written yet
         if cache is not None:
             cache.forget()

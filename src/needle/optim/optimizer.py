@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..autograd import Tensor, new_leaf
+from ..autograd import Tensor, init_leaf, new_leaf
 from ..backend import array_module, device_of
 from ..compiler import fused_update
 from ..core import context
@@ -65,6 +65,9 @@ class _Segment:
         self.grad = flat.grad[start:stop]
         self.state = {name: array[start:stop] for name, array in flat.state.items()}
         self.rule = fused_update.FusedRule()
+
+
+_new_object = object.__new__  # (bound once: a fresh gradient leaf per parameter per step)
 
 
 class _FlatBuffers:
@@ -331,6 +334,13 @@ class Optimizer:
         when every parameter has a gradient and all share one float dtype.
         """
         params = self.params
+        flat = self._flat
+        if fuse and flat is not None:  # an eager step's common case: one pass of checks
+            pieces = self._held_grad_pieces(flat)
+            if pieces is not None:
+                if self._fused_in_place(flat, pieces):
+                    return True
+                fuse = False  # the rule cannot be fused: NumPy below, not asked again
         grads: list[Any] = [None if p.grad is None else p.grad._data for p in params]
         if any(g is None or type(g) is not np.ndarray for g in grads):
             return False
@@ -398,6 +408,40 @@ class Optimizer:
                 self._segment = None
             i = stop
 
+    def _held_grad_pieces(self, flat: _FlatBuffers) -> tuple | None:
+        """``_grad_pieces`` of the parameters' gradients for an eager step, checking in the
+        same pass what ``_flat_step``'s general path checks in several: every parameter has
+        a gradient and is still on its own writable view of the flat parameters (so the flat
+        buffers hold all of them, shaped and typed as they were laid out). None when any of
+        it fails: the general path then decides (per parameter, gathered, or copied). Saves
+        ~10 us of an eager MLP-ResNet step's ~170 us ``step()`` (28 parameters)."""
+        dtype = flat.grad.dtype
+        params, views = self.params, flat.param_views
+        if len(params) != len(views):
+            return None
+        written = None  # (ids of the arrays the update writes: built only if a view needs it)
+        pieces = []
+        for p, view in zip(params, views):
+            grad = p.grad
+            if grad is None or p._data is not view or not view.flags.writeable:
+                return None
+            g = grad._data
+            if type(g) is not np.ndarray or (g.dtype is not dtype and g.dtype != dtype):
+                return None
+            piece = g.ravel()  # a contiguous view, or a copy of a gradient that is not one
+            if piece.size != view.size or not piece.flags.writeable:
+                return None
+            base = g.base
+            if base is not None and piece.base is not None:  # a view of another array
+                if type(base) is not np.ndarray or not base.flags.owndata:
+                    return None
+                if written is None:
+                    written = {id(flat.param), *map(id, flat.state.values())}
+                if id(base) in written:
+                    return None
+            pieces.append(piece)
+        return tuple(pieces)
+
     def _fused_in_place(self, flat: _FlatBuffers, pieces: tuple) -> bool:
         """The fused update reading each gradient where the backward left it (``pieces``
         from ``_grad_pieces``; no copy into the flat gradient: a fifth of the update's time
@@ -417,7 +461,8 @@ class Optimizer:
         order, each still on its view of the flat parameters. One pass: it runs on
         every jitted step."""
         dtype = flat.grad.dtype
-        written = (flat.param, *flat.state.values())
+        # (ids of arrays the flat buffers keep alive: a set lookup per piece, not a scan)
+        written = {id(flat.param), *map(id, flat.state.values())}
         pieces = []
         for g, view, p, mine in zip(grads, flat.param_views, params or grads, own or grads):
             if type(g) is not np.ndarray or g.size != view.size \
@@ -433,7 +478,7 @@ class Optimizer:
             base = g.base
             if base is not None and piece.base is not None and (
                     type(base) is not np.ndarray or not base.flags.owndata
-                    or any(base is a for a in written)):
+                    or id(base) in written):
                 return None
             pieces.append(piece)
         return tuple(pieces)
@@ -449,8 +494,8 @@ class Optimizer:
         pieces = self._grad_pieces(flat, grads, params, own)
         if pieces is None:
             return False
-        for p, g in zip(own, grads):
-            p.grad = new_leaf(Tensor, g, device=p.device)
+        for p, g in zip(own, grads):  # (new_leaf's keyword pass-through costs 40% more here)
+            p.grad = init_leaf(_new_object(Tensor), g, device=p.device)
         self.step_count += 1
         self._begin_step()
         if not self._fused_in_place(flat, pieces):
