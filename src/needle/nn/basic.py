@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import init, ops
-from ..autograd import Tensor, no_grad
+from ..autograd import Tensor
 from .module import Buffer, Module, Parameter
 
 __all__ = [
@@ -65,6 +65,11 @@ class Linear(Module):
             self.bias = Parameter(ops.reshape(b, (1, out_features)))
 
     def forward(self, X: Tensor) -> Tensor:
+        shape = X.shape
+        if len(shape) == 2 and shape[1] == self.in_features:  # (B, in): checked in one look
+            if self.bias is not None:  # one node, as below
+                return ops.linear(X, self.weight, self.bias)
+            return ops.matmul(X, self.weight)
         _check_last_dim("Linear", X, self.in_features, "in_features")
         lead = tuple(X.shape[:-1])
         # -1 rather than prod(lead): a lazy graph may not know the batch size
@@ -211,10 +216,11 @@ class BatchNorm1d(Module):
 
     def _check(self, x: Tensor) -> tuple[int, ...]:
         """The reduced axes (all but the channel axis 1); a clear error for a wrong shape."""
-        if len(x.shape) not in (2, 3) or x.shape[1] != self.dim:
+        shape = x.shape
+        if len(shape) not in (2, 3) or shape[1] != self.dim:
             raise ValueError(f"BatchNorm1d({self.dim}): expected a (B, {self.dim}) or "
-                             f"(B, {self.dim}, L) input, got shape {tuple(x.shape)}")
-        return tuple(i for i in range(len(x.shape)) if i != 1)
+                             f"(B, {self.dim}, L) input, got shape {tuple(shape)}")
+        return (0,) if len(shape) == 2 else (0, 2)
 
     def _per_channel(self, t: Tensor, ndim: int) -> Tensor:
         """A (C,) tensor shaped to broadcast against the input, e.g. (1, C, 1, 1)."""
@@ -224,9 +230,13 @@ class BatchNorm1d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         axes = self._check(x)
-        ndim = len(x.shape)
-        weight = self._per_channel(self.weight, ndim)
-        bias = self._per_channel(self.bias, ndim)
+        ndim = len(axes) + 1  # (every axis but the channel axis is reduced)
+        if ndim == 2:  # (B, C) broadcasts against (C,) as it is (_per_channel's case, inline)
+            weight: Tensor = self.weight
+            bias: Tensor = self.bias
+        else:
+            weight = self._per_channel(self.weight, ndim)
+            bias = self._per_channel(self.bias, ndim)
         if self.training:
             # the batch statistics, once (one op, one pass): for the normalization and the
             # running averages
@@ -242,13 +252,14 @@ class BatchNorm1d(Module):
     def _update_running(self, mean: Tensor, var: Tensor, out: Tensor) -> None:
         """running = (1 - m) running + m batch_stat, written in place with ``ops.store``.
 
-        No gradient flows here. Eagerly the buffers change at once; in a traced graph (JIT) the
-        store is an effect that runs on every call; a declared graph runs it when fetched.
+        No gradient flows here (``store`` is not differentiable: its node never requires a
+        gradient, so no ``no_grad()`` block is needed). Eagerly the buffers change at once; in
+        a traced graph (JIT) the store is an effect that runs on every call; a declared graph
+        runs it when fetched.
         """
         # ``out`` ties each store to this forward pass (a control dependency)
-        with no_grad():
-            ops.store(mean, out, target=self.running_mean, momentum=self.momentum)
-            ops.store(var, out, target=self.running_var, momentum=self.momentum)
+        ops.store(mean, out, target=self.running_mean, momentum=self.momentum)
+        ops.store(var, out, target=self.running_var, momentum=self.momentum)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, momentum={self.momentum}"

@@ -35,7 +35,9 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
 def _as_tensor(value: Any, like: Tensor) -> Tensor:
     """Labels or targets given as arrays or lists become constant Tensors."""
     if isinstance(value, Tensor):
-        return value if value.device == like.device else value.to(like.device)
+        device = value.device
+        return value if device is like.device or device == like.device else value.to(
+            like.device)
     return Tensor(np.asarray(value), device=like.device, requires_grad=False)
 
 
@@ -47,17 +49,17 @@ def _checked_labels(loss: str, logits: Tensor, y: Tensor) -> Tensor:
     are checked by the op when they exist: at once in eager mode, on every Session run and
     every JIT call. Use the returned labels, so that no graph pass can drop the check.
     """
-    if len(logits.shape) != 2:
-        raise ValueError(f"{loss}: logits must be (batch, classes), got shape "
-                         f"{tuple(logits.shape)}")
-    batch, classes = logits.shape
+    shape, y_shape = tuple(logits.shape), tuple(y.shape)  # (each read once: every step)
+    if len(shape) != 2:
+        raise ValueError(f"{loss}: logits must be (batch, classes), got shape {shape}")
+    batch, classes = shape
     if classes is None:
         raise ValueError(f"{loss}: the number of classes (logits' last dim) must be known, got "
-                         f"shape {tuple(logits.shape)}")
-    if len(y.shape) != 1 or (None not in (batch, y.shape[0]) and y.shape[0] != batch):
+                         f"shape {shape}")
+    if len(y_shape) != 1 or (None not in (batch, y_shape[0]) and y_shape[0] != batch):
         raise ValueError(f"{loss}: labels must have shape ({batch},) for logits of shape "
-                         f"{tuple(logits.shape)}, got {tuple(y.shape)}; pass one class id per "
-                         "row (e.g. y.reshape((batch,)))")
+                         f"{shape}, got {y_shape}; pass one class id per row (e.g. "
+                         "y.reshape((batch,)))")
     if y.dtype.kind not in "iuf":
         raise ValueError(f"{loss}: labels must be integer class ids, got dtype {y.dtype}")
     return ops.check_class_ids(y, classes, what=loss)
