@@ -17,6 +17,8 @@ from ..core.interpret import Program, Step, snapshot, snapshot_slots, step_error
 def _inline(step: Step, args: list[str]) -> str | None:
     """``step.op.emit`` where every shape involved is known, else None."""
     node = step.node
+    if step.op.name == "tuple_get_item":  # indexing a tuple: no shape involved (~30 steps of
+        return step.op.emit(args, node)  # a jitted MLP-ResNet step were Python calls)
     for value in (node, *node.inputs):
         aval = value.aval
         if not hasattr(aval, "shape") or None in aval.shape:
