@@ -386,6 +386,29 @@ def _batch_norm_grad(g, x, w, axes=(0,)):
     return dx + dw * 2.0 + db * 3.0
 
 
+def _relu_bias(shape: tuple) -> np.ndarray:
+    """A fixed BatchNorm bias for batch_norm_relu_grad rows (like relu_grad's a, a constant:
+    its gradient, through the ReLU's mask only, is 0)."""
+    return np.linspace(-0.6, 0.6, int(np.prod(shape))).reshape(shape).astype(np.float32)
+
+
+def _batch_norm_relu_grad(g, x, w, axes=(0,)):
+    """batch_norm_relu_grad with x's own statistics, its (dx, dweight, dbias) as
+    dx + 2 dw + 3 db."""
+    dx, dw, db = ops.batch_norm_relu_grad(g, x, w, _const(_relu_bias(tuple(w.shape))),
+                                          ops.mean(x, axes, keepdims=True),
+                                          ops.variance(x, axes, keepdims=True), axes=axes,
+                                          eps=1e-5)
+    return dx + dw * 2.0 + db * 3.0
+
+
+def _torch_batch_norm_relu_grad(g, x, w, axes=(0,), batch_norm=_torch_batch_norm):
+    """_torch_batch_norm_grad of g masked where BatchNorm's output is positive."""
+    b = torch.tensor(_relu_bias(tuple(w.shape)), dtype=w.dtype)
+    mask = (batch_norm(x, w, b, axes=axes, eps=1e-5).detach() > 0).to(g.dtype)
+    return _torch_batch_norm_grad(g * mask, x, w, axes, batch_norm)
+
+
 def _batch_stats(x, axes=(0,)):
     """batch_stats's (mean, variance) as mean + 2 variance (one output: both get gradients)."""
     mean, var = ops.batch_stats(x, axes)
@@ -640,6 +663,14 @@ OP_TABLE: list[OpInfo] = [
             S(normal((3, 2, 2, 3), (3, 2, 2, 3), (1, 2, 1, 1)), "nchw_axes", A,
               axes=(0, 2, 3))],
            second_order_ref=partial(_torch_batch_norm_grad,
+                                    batch_norm=_torch_batch_norm_composite),
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    # batch_norm_grad through the ReLU after the BatchNorm (the fused op compiled plans run)
+    OpInfo("batch_norm_relu_grad", _batch_norm_relu_grad, _torch_batch_norm_relu_grad,
+           [S(normal((6, 4), (6, 4), (4,)), "axes", BC, axes=(0,)),
+            S(normal((3, 2, 2, 3), (3, 2, 2, 3), (1, 2, 1, 1)), "nchw_axes", A,
+              axes=(0, 2, 3))],
+           second_order_ref=partial(_torch_batch_norm_relu_grad,
                                     batch_norm=_torch_batch_norm_composite),
            rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
     OpInfo("layer_norm", ops.layer_norm, _torch_layer_norm,

@@ -21,6 +21,7 @@ from ..backend import cpu
 from ..core.interpret import Program, plan_frees
 from ..core.registry import Aval, Op
 from . import fused_update
+from .batchnorm_relu_rewrite import rewrite_batchnorm_relu_grads
 from .vocab_head_rewrite import rewrite_vocab_heads
 
 
@@ -171,6 +172,7 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
     JIT), so shape-only steps fold too (``fold_constants``). A language model's vocabulary
     head and loss become one fused op first (compiler/vocab_head_rewrite.py)."""
     heads = rewrite_vocab_heads(program)
+    bn_relu = rewrite_batchnorm_relu_grads(program)
     before = len(program.steps)
     folded = fold_constants(program, constant_value, static_shapes)
     merged = eliminate_common_subexpressions(program)
@@ -179,6 +181,7 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
     program.passes = [
         "prune",
         f"vocab_head_rewrite ({heads} heads fused)",
+        f"batchnorm_relu_rewrite ({bn_relu} relu_grad + batch_norm_grad pairs fused)",
         f"constant_folding ({folded} steps folded)",
         f"cse ({merged} steps merged)",
         f"dead_step_elimination ({before - folded - merged - len(program.steps)} dropped)",

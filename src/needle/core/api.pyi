@@ -12,6 +12,7 @@ from typing import Any
 from ..autograd import Tensor, TensorTuple
 from .ops_attention import Attention as Attention
 from .ops_attention import AttentionGrad as AttentionGrad
+from .ops_batchnorm_relu import BatchNormReluGrad as BatchNormReluGrad
 from .ops_check import CheckClassIds as CheckClassIds
 from .ops_collective import AllGather as AllGather
 from .ops_collective import AllReduce as AllReduce
@@ -103,33 +104,34 @@ from .ops_vocab_head import VocabHeadLossGrad as VocabHeadLossGrad
 from .ops_vocab_head import VocabHeadSoftmax as VocabHeadSoftmax
 
 __all__ = [
-    "attention", "attention_grad", "check_class_ids", "all_reduce", "broadcast", "reduce_to_root",
-    "all_gather", "reduce_scatter", "conv", "conv_bias", "conv_weight_grad", "conv_input_grad",
-    "add", "add_scalar", "multiply", "mul_scalar", "divide", "divide_scalar", "power_scalar",
-    "power", "negate", "log", "exp", "relu", "relu_grad", "tanh", "sigmoid", "sqrt", "abs", "erf",
-    "maximum", "where", "compare", "compare_scalar", "sign", "full_like", "astype", "reshape",
-    "broadcast_to", "sum_to", "transpose", "permute", "make_tuple", "tuple_get_item", "stack",
-    "concatenate", "split", "flip", "dilate", "undilate", "getitem", "scatter", "pad", "take",
-    "index_add", "take_along_axis", "scatter_add", "layer_norm", "layer_norm_grad", "matmul",
-    "transposed_matmul", "linear", "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax",
-    "scaled_softmax", "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance",
-    "normalize", "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
-    "max_pool2d", "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
-    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "vocab_head_softmax",
-    "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods", "Attention",
-    "AttentionGrad", "CheckClassIds", "AllReduce", "Broadcast", "Reduce", "AllGather",
-    "ReduceScatter", "Conv", "ConvBias", "ConvWeightGrad", "ConvInputGrad", "EWiseAdd", "AddScalar",
-    "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log",
-    "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where",
-    "Compare", "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "BroadcastTo", "SumTo",
-    "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip",
-    "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis",
-    "ScatterAdd", "LayerNorm", "LayerNormGrad", "MatMul", "TransposedMatMul", "Linear", "Summation",
-    "Mean", "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
+    "attention", "attention_grad", "add", "add_scalar", "multiply", "mul_scalar", "divide",
+    "divide_scalar", "power_scalar", "power", "negate", "log", "exp", "relu", "relu_grad", "tanh",
+    "sigmoid", "sqrt", "abs", "erf", "maximum", "where", "compare", "compare_scalar", "sign",
+    "full_like", "astype", "reshape", "broadcast_to", "sum_to", "transpose", "permute",
+    "make_tuple", "tuple_get_item", "stack", "concatenate", "split", "flip", "dilate", "undilate",
+    "getitem", "scatter", "pad", "take", "index_add", "take_along_axis", "scatter_add", "summation",
+    "mean", "max", "logsumexp", "logsoftmax", "softmax", "scaled_softmax", "softmax_cross_entropy",
+    "softmax_cross_entropy_grad", "variance", "normalize", "normalize_grad", "batch_stats",
+    "batch_norm", "batch_norm_grad", "inv_std", "batch_norm_relu_grad", "check_class_ids",
+    "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter", "conv",
+    "conv_bias", "conv_weight_grad", "conv_input_grad", "layer_norm", "layer_norm_grad", "matmul",
+    "transposed_matmul", "linear", "max_pool2d", "max_pool2d_scatter", "max_pool2d_gather",
+    "bernoulli_like", "lstm_sequence", "lstm_sequence_grad", "stop_gradient", "to_device", "store",
+    "vocab_head_softmax", "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods",
+    "Attention", "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv",
+    "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh",
+    "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare", "CompareScalar", "Sign",
+    "FullLike", "AsType", "Reshape", "BroadcastTo", "SumTo", "Transpose", "Permute", "MakeTuple",
+    "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate", "UnDilate", "GetItem",
+    "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation", "Mean", "Max",
+    "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
     "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm",
-    "BatchNormGrad", "InvStd", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike",
-    "LSTMSequence", "LSTMSequenceGrad", "StopGradient", "ToDevice", "Store", "ApplyUpdates",
-    "VocabHeadSoftmax", "VocabHeadLoss", "VocabHeadLossGrad",
+    "BatchNormGrad", "InvStd", "BatchNormReluGrad", "CheckClassIds", "AllReduce", "Broadcast",
+    "Reduce", "AllGather", "ReduceScatter", "Conv", "ConvBias", "ConvWeightGrad", "ConvInputGrad",
+    "LayerNorm", "LayerNormGrad", "MatMul", "TransposedMatMul", "Linear", "MaxPool2d",
+    "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad",
+    "StopGradient", "ToDevice", "Store", "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss",
+    "VocabHeadLossGrad",
 ]
 
 #: the names of the generated op functions, in registration order
@@ -162,50 +164,6 @@ def attention_grad(
     """The adjoint of ``attention`` for output gradient ``g``: ``(dq, dk, dv)``, and with a mask
     also ``dmask``, the logits' adjoint (B, H, T, S) (summed to the mask's shape by the engine).
     Recomputes the probabilities from q and k (see kernels/attention.py)."""
-
-def check_class_ids(y: Tensor, classes: int, what: str = "check_class_ids") -> Tensor:
-    """``y`` unchanged, after checking that every value is a whole class id in [0, classes)."""
-
-def all_reduce(a: Tensor, op: str = "sum") -> Tensor:
-    """The elementwise sum (``op="sum"``) or mean (``op="mean"``) of ``a`` over all ranks."""
-
-def broadcast(a: Tensor, root: int = 0) -> Tensor:
-    """Rank ``root``'s ``a`` on every rank (every rank passes an array of that shape)."""
-
-def reduce_to_root(a: Tensor, root: int = 0) -> Tensor:
-    """The sum of ``a`` over ranks on rank ``root``, zeros on the others."""
-
-def all_gather(a: Tensor) -> Tensor:
-    """Every rank's ``a`` (one shape on all ranks) concatenated along axis 0 in rank order."""
-
-def reduce_scatter(a: Tensor) -> Tensor:
-    """This rank's block of axis 0 of the sum of ``a`` over ranks (axis 0 of ``a`` is world size
-    blocks of equal length)."""
-
-def conv(a: Tensor, b: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
-    """Cross-correlation of NHWC ``a`` with a (kh, kw, C_in, C_out) kernel ``b``."""
-
-def conv_bias(a: Tensor, b: Tensor, c: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
-    """``conv(a, b) + c`` for a (C_out,) bias ``c``, added where the convolution writes its
-    output (no pass of its own, no second output array): nn.Conv's forward with a bias."""
-
-def conv_weight_grad(
-    a: Tensor,
-    g: Tensor,
-    kernel_hw: tuple,
-    stride: int = 1,
-    padding: int = 0,
-) -> Tensor:
-    """The kernel adjoint of ``conv``: ``Wb = unfold(pad(a), stride).T @ g.reshape(-1, C_out)``."""
-
-def conv_input_grad(
-    g: Tensor,
-    b: Tensor,
-    stride: int = 1,
-    padding: int = 0,
-    in_hw: tuple | None = None,
-) -> Tensor:
-    """The input adjoint of ``conv``: ``Xb = crop(fold(g @ b.T))``."""
 
 def add(a: Tensor, b: Tensor) -> Tensor:
     """a + b, broadcast."""
@@ -351,37 +309,6 @@ def scatter_add(values: Tensor, ids: Tensor, size: int, axis: int = -1) -> Tenso
     that axis (``torch.scatter_add`` into zeros; repeats accumulate): the adjoint of
     ``take_along_axis``. ``ids`` has ``values``'s shape."""
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-05) -> Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` with each row's own (biased) statistics
-    over the last axis; ``weight`` and ``bias`` are (D,)."""
-
-def layer_norm_grad(g: Tensor, x: Tensor, weight: Tensor, eps: float = 1e-05) -> TensorTuple:
-    """The adjoint of ``layer_norm`` for output gradient ``g``: ``(dx, dweight, dbias)``::"""
-
-def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
-    vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
-
-def transposed_matmul(
-    a: Tensor,
-    b: Tensor,
-    transpose_a: bool = False,
-    transpose_b: bool = False,
-) -> Tensor:
-    """``a @ b`` with either operand's last two axes swapped first (``transpose_a``,
-    ``transpose_b``): matmul's and linear's gradients ``g @ b^T`` and ``a^T @ g`` as one node
-    each, where a transpose node and a matmul made two. ``np.matmul`` reads the swapped operand
-    as a strided view (BLAS takes it transposed: no copy). Both operands have at least 2 dims;
-    leading (batch) dims broadcast as in matmul."""
-
-def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """``x @ w + b`` for matrices x (n, k), w (k, m) and a bias b that broadcasts to (n, m)
-    (nn.Linear's (1, m)): one node where matmul and add made two. The bias is added in place into
-    the product's array, so a vocabulary-sized head writes one (n, m) array, not two, and that
-    array is recycled between steps (kernels/recycle.py: no page faults); the values are those of
-    ``add(matmul(x, w), b)``, and so are the gradients (g @ w^T, x^T @ g, and g summed back to
-    b's shape by the engine)."""
-
 def summation(a: Tensor, axes: Any = None, keepdims: bool = False) -> Tensor:
     """Sum over ``axes`` (None: all), removing them unless ``keepdims``."""
 
@@ -461,6 +388,96 @@ def batch_norm_grad(
 
 def inv_std(a: Tensor, axes: Any, eps: float = 1e-05) -> Tensor:
     """1 / sqrt(var(a) + eps) over ``axes``, kept as size-1 dims (biased variance)."""
+
+def batch_norm_relu_grad(
+    g: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    axes: Any,
+    eps: float = 1e-05,
+    channel_sums: bool = False,
+) -> TensorTuple:
+    """``batch_norm_grad(relu_grad(batch_norm(x, weight, bias, mean, var), g), x, weight, mean,
+    var)``: ``(dx, dweight, dbias)`` of training BatchNorm (input x, its batch ``mean`` and
+    ``var`` over ``axes``) followed by a ReLU, for the ReLU's output gradient ``g``."""
+
+def check_class_ids(y: Tensor, classes: int, what: str = "check_class_ids") -> Tensor:
+    """``y`` unchanged, after checking that every value is a whole class id in [0, classes)."""
+
+def all_reduce(a: Tensor, op: str = "sum") -> Tensor:
+    """The elementwise sum (``op="sum"``) or mean (``op="mean"``) of ``a`` over all ranks."""
+
+def broadcast(a: Tensor, root: int = 0) -> Tensor:
+    """Rank ``root``'s ``a`` on every rank (every rank passes an array of that shape)."""
+
+def reduce_to_root(a: Tensor, root: int = 0) -> Tensor:
+    """The sum of ``a`` over ranks on rank ``root``, zeros on the others."""
+
+def all_gather(a: Tensor) -> Tensor:
+    """Every rank's ``a`` (one shape on all ranks) concatenated along axis 0 in rank order."""
+
+def reduce_scatter(a: Tensor) -> Tensor:
+    """This rank's block of axis 0 of the sum of ``a`` over ranks (axis 0 of ``a`` is world size
+    blocks of equal length)."""
+
+def conv(a: Tensor, b: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """Cross-correlation of NHWC ``a`` with a (kh, kw, C_in, C_out) kernel ``b``."""
+
+def conv_bias(a: Tensor, b: Tensor, c: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """``conv(a, b) + c`` for a (C_out,) bias ``c``, added where the convolution writes its
+    output (no pass of its own, no second output array): nn.Conv's forward with a bias."""
+
+def conv_weight_grad(
+    a: Tensor,
+    g: Tensor,
+    kernel_hw: tuple,
+    stride: int = 1,
+    padding: int = 0,
+) -> Tensor:
+    """The kernel adjoint of ``conv``: ``Wb = unfold(pad(a), stride).T @ g.reshape(-1, C_out)``."""
+
+def conv_input_grad(
+    g: Tensor,
+    b: Tensor,
+    stride: int = 1,
+    padding: int = 0,
+    in_hw: tuple | None = None,
+) -> Tensor:
+    """The input adjoint of ``conv``: ``Xb = crop(fold(g @ b.T))``."""
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-05) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with each row's own (biased) statistics
+    over the last axis; ``weight`` and ``bias`` are (D,)."""
+
+def layer_norm_grad(g: Tensor, x: Tensor, weight: Tensor, eps: float = 1e-05) -> TensorTuple:
+    """The adjoint of ``layer_norm`` for output gradient ``g``: ``(dx, dweight, dbias)``::"""
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
+    vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
+
+def transposed_matmul(
+    a: Tensor,
+    b: Tensor,
+    transpose_a: bool = False,
+    transpose_b: bool = False,
+) -> Tensor:
+    """``a @ b`` with either operand's last two axes swapped first (``transpose_a``,
+    ``transpose_b``): matmul's and linear's gradients ``g @ b^T`` and ``a^T @ g`` as one node
+    each, where a transpose node and a matmul made two. ``np.matmul`` reads the swapped operand
+    as a strided view (BLAS takes it transposed: no copy). Both operands have at least 2 dims;
+    leading (batch) dims broadcast as in matmul."""
+
+def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``x @ w + b`` for matrices x (n, k), w (k, m) and a bias b that broadcasts to (n, m)
+    (nn.Linear's (1, m)): one node where matmul and add made two. The bias is added in place into
+    the product's array, so a vocabulary-sized head writes one (n, m) array, not two, and that
+    array is recycled between steps (kernels/recycle.py: no page faults); the values are those of
+    ``add(matmul(x, w), b)``, and so are the gradients (g @ w^T, x^T @ g, and g summed back to
+    b's shape by the engine)."""
 
 def max_pool2d(x: Tensor, kernel_size: int, stride: int) -> Tensor:
     """The maximum of each k x k window of NCHW ``x`` (no padding, floor mode)."""
@@ -576,10 +593,6 @@ class TensorMethods:
     def permute(self, axes: Any) -> Tensor:
         """a with its axes reordered (``np.transpose(a, axes)``)."""
 
-    def matmul(self, b: Tensor) -> Tensor:
-        """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
-        vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
-
     def sum(self, axes: Any = None, keepdims: bool = False) -> Tensor:
         """Sum over ``axes`` (None: all), removing them unless ``keepdims``."""
 
@@ -588,3 +601,7 @@ class TensorMethods:
 
     def max(self, axes: Any = None, keepdims: bool = False) -> Tensor:
         """Maximum over ``axes``; tied maxima share the gradient equally (as ``torch.amax``)."""
+
+    def matmul(self, b: Tensor) -> Tensor:
+        """a @ b with NumPy's ``matmul`` rules: leading (batch) dims broadcast; 1-D operands are
+        vectors (a 1-D ``a`` is a row, a 1-D ``b`` a column, and that axis is dropped again)."""
