@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..backend import array_module
+from ..kernels.random_mask import bernoulli_mask
 from .registry import Aval, Op, register
 
 
@@ -23,8 +22,8 @@ class BernoulliLike(Op):
         self.p = float(p)
 
     def compute(self, a):
-        draw = array_module(a).random.rand(*a.shape).astype(np.float32)
-        return (draw <= self.p).astype(a.dtype)
+        # the draw, then one fused pass where numba runs (kernels/random_mask.py): same bits
+        return bernoulli_mask(array_module(a), a.shape, self.p, a.dtype)
 
     def infer(self, a: Aval) -> Aval:
         return a

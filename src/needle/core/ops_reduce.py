@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -38,9 +39,11 @@ class Reduction(Op):
     def expand(self, out_grad: Any, node: Any) -> Any:
         """The output adjoint broadcast back over the reduced axes."""
         shape = node.inputs[0].shape
-        if not self.keepdims:
-            out_grad = F.reshape(out_grad, self.kept_shape(shape))
-        if any(shape[i] is None for i in self._axes(len(shape))):
+        axes = self._axes(len(shape))
+        if not self.keepdims and axes != tuple(range(len(axes))):
+            # (reduced leading axes need no reshape: broadcasting adds them back in front)
+            out_grad = F.reshape(out_grad, kept_shape(shape, axes))
+        if any(shape[i] is None for i in axes):
             # a reduced dim of unknown size: broadcast against the input itself at run time
             return out_grad * F.full_like(node.inputs[0], 1)
         return F.broadcast_to(out_grad, shape)
@@ -96,7 +99,7 @@ class Mean(Reduction):
         # a broadcast view, so the next elementwise op keeps its other operand's memory layout
         # (dividing the materialized broadcast made a copy in a layout of its own, and products
         # of operands in two layouts ran 4x slower than either layout alone)
-        return self.expand(out_grad / int(np.prod(reduced)), node)
+        return self.expand(out_grad / int(math.prod(reduced)), node)  # (np.prod: 2 us)
 
 
 @register("max", inputs=("a",), methods=("max",))
@@ -344,7 +347,7 @@ def reduced_count(a: Any, axes: tuple) -> Any:
     dims = [a.shape[i] for i in axes]
     if None in dims:
         return F.summation(F.full_like(a, 1), axes, keepdims=True)
-    return int(np.prod(dims))
+    return int(math.prod(dims))
 
 
 @register("variance", inputs=("a",))

@@ -21,6 +21,7 @@ written once, in the module that owns it:
     threaded_elementwise.py  relu, its gradient and the bias add of large arrays, threaded
     vocab_head.py      a language model's head and softmax loss fused (one logits array)
     running_average.py BatchNorm's running statistics updated in one loop (same bits)
+    random_mask.py     Dropout's 0/1 mask: NumPy's draw, then one loop (+ numba_*.py; same bits)
     attention.py, layernorm.py (+ numba_*.py)  fused attention and layer norm row loops
     pool.py            max pooling over k x k windows and its two adjoints
     recycle.py         giant outputs reused between steps instead of page-faulted in again
