@@ -46,11 +46,12 @@ def test_eager_ops_and_counts_match_a_hand_count():
     # forward: 2 matmuls, relu, the product with c, the sum
     assert _counts(prof.events, "forward") == {
         "matmul": 2, "relu": 1, "multiply": 1, "summation": 1}
-    # backward: the ones seed; sum -> reshape + broadcast_to; (* c) -> one multiply (c needs
+    # backward: the ones seed; sum (over every axis) -> broadcast_to alone (the reduced axes
+    # are the leading ones: broadcasting adds them back); (* c) -> one multiply (c needs
     # no gradient); @ w2 -> two adjoints (one transposed_matmul each); relu -> one relu_grad;
     # x @ w1 -> only w1's adjoint (x needs none)
     assert _counts(prof.events, "backward") == {
-        "full_like": 1, "reshape": 1, "broadcast_to": 1, "multiply": 1,
+        "full_like": 1, "broadcast_to": 1, "multiply": 1,
         "transposed_matmul": 3, "relu_grad": 1}
     regions = [e for e in prof.events if e.kind == "region"]
     assert [(e.name, e.category) for e in regions] == [("backward", "autograd")]
