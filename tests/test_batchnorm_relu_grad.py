@@ -20,7 +20,7 @@ from needle.core.ops_batchnorm_relu import BatchNormReluGrad
 from needle.core.ops_elementwise import ReLUGrad
 from needle.core.ops_norm import BatchNorm, BatchNormGrad
 from needle.core.ops_shape import Permute, SumTo
-from needle.kernels import batchnorm, batchnorm_relu, cpu_kernels, reduce
+from needle.kernels import batchnorm, batchnorm_relu, column_sums, cpu_kernels, reduce
 
 AXES = (0, 2, 3)
 _SPECIAL = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -1e-45]
@@ -110,6 +110,7 @@ def test_channel_sums_give_the_bits_of_summing_dx_afterwards(monkeypatch, thread
         monkeypatch.setattr(cpu_kernels, "SPLIT_MIN_ELEMENTS", 1 << 20)
         monkeypatch.setattr(batchnorm_relu, "DX_SPLIT_MIN_ELEMENTS", 1 << 20)
         monkeypatch.setattr(reduce, "EINSUM_MIN_SIZE", 1 << 10)
+        monkeypatch.setattr(column_sums, "IN_ORDER_MAX_SIZE", 1 << 10)  # (the same rule)
         monkeypatch.setattr(batchnorm_relu, "EINSUM_MIN_SIZE", 1 << 10)
     for dtype in (np.float32, np.float64):
         arrays = _arrays(shape, dtype, seed=7)

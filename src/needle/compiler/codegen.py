@@ -26,6 +26,13 @@ def _inline(step: Step, args: list[str]) -> str | None:
     return step.op.emit(args, node)
 
 
+def _bind_helpers(op: Any, bound: dict[str, Any]) -> bool:
+    """Bind the functions an op's emitted expressions call besides ``np`` (its class
+    attribute ``emit_helpers``: name -> function); False if a name is bound to another object."""
+    return all(bound.setdefault(name, helper) is helper
+               for name, helper in op.emit_helpers.items())
+
+
 class CompiledProgram:
     """A Program as one generated Python function: ``outputs = compiled(source_values)``.
 
@@ -73,6 +80,8 @@ class CompiledProgram:
             self._line_step[body_start + len(lines)] = i
             call = step.op.ufunc() if direct else None
             inline = _inline(step, args) if direct and call is None else None
+            if inline is not None and not _bind_helpers(step.op, bound):
+                inline = None  # (a helper's name taken by another object: call compute)
             if inline is not None:  # the op's own NumPy expression for these shapes
                 lines.append(f"    v{i} = {inline}")
             elif call is None:

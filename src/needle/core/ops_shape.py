@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..kernels import column_sums
 from ..kernels.reduce import reduce_sum, sum_expr
 from .registry import Aval, F, Op, ShapeError, fmt_shape, register
 
@@ -205,8 +206,13 @@ class SumTo(Op):
     def _axes(self, in_shape: tuple) -> tuple[int, ...]:
         return _sum_to_plan(self.shape, tuple(in_shape))[0]
 
+    #: helpers ``emit``'s expressions call besides ``np`` (compiled plans bind them)
+    emit_helpers = {"_sum_to_rows": column_sums.sum_rows}
+
     def compute(self, a):
         axes, out_shape = _sum_to_plan(self.shape, a.shape)
+        if column_sums.in_order(a.shape, axes):  # a bias gradient: the rows added in order
+            return column_sums.sum_rows(a, out_shape)
         out = reduce_sum(a, axes, keepdims=True) if axes else a
         return out.reshape(out_shape)
 
@@ -217,6 +223,8 @@ class SumTo(Op):
         axes, out_shape = _sum_to_plan(self.shape, tuple(a.shape))
         if not axes:
             return f"{args[0]}.reshape({out_shape!r})"
+        if column_sums.in_order(tuple(a.shape), axes):
+            return f"_sum_to_rows({args[0]}, {out_shape!r})"
         expr = sum_expr(args[0], tuple(a.shape), axes, True)
         return None if expr is None else f"{expr}.reshape({out_shape!r})"
 

@@ -8,7 +8,9 @@ values (``op(a, b)``) makes a graph node through the autograd front-end.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -53,6 +55,9 @@ class Op:
     random: bool = False
     #: True for ``tuple_get_item``: autodiff gathers the items' adjoints into one tuple
     selects_item: bool = False
+    #: functions ``emit``'s expressions call by name besides ``np`` (compiled plans bind
+    #: them: ``{"_sum_to_rows": column_sums.sum_rows}``); a class attribute, never mutated
+    emit_helpers: Mapping[str, Callable[..., Any]] = MappingProxyType({})
 
     def __call__(self, *args: Any) -> Any:
         return make_node(self, args)

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from . import layout
+from . import column_sums, layout
 
 __all__ = ["EINSUM_MIN_SIZE", "channel_matrix_of", "einsum_sum_spec", "moments", "reduce_sum",
            "reduce_sum_of_products", "stat_matrix", "subtract_per_channel", "sum_expr"]
 
-#: float arrays from this many elements sum through ``np.einsum`` when some axes are kept
-EINSUM_MIN_SIZE = 16384
+#: float arrays from this many elements sum through ``np.einsum`` when some axes are kept;
+#: below it ``np.add.reduce``, whose bits ``column_sums.sum_rows`` reproduces (one constant)
+EINSUM_MIN_SIZE = column_sums.IN_ORDER_MAX_SIZE
 
 
 @functools.lru_cache(maxsize=1024)
@@ -88,7 +89,10 @@ def reduce_sum(a: Any, axes: tuple, keepdims: bool) -> Any:
     if a.dtype.kind == "f" and isinstance(a, np.ndarray):
         found = channel_matrix_of(a, axes)
         if found is not None:
-            return _keepdims(layout.column_sums(found[1]), a.shape, axes, keepdims)
+            sums = column_sums.blocked_column_sums(found[1])  # large: threads, fixed blocks
+            if sums is None:
+                sums = layout.column_sums(found[1])
+            return _keepdims(sums, a.shape, axes, keepdims)
         if a.size >= EINSUM_MIN_SIZE:
             spec = einsum_sum_spec(a.ndim, axes)
             if spec is not None:
