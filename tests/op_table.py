@@ -232,6 +232,14 @@ def _torch_take(a, ids, axis=0):
     return flat.reshape(*a.shape[:axis], *ids.shape, *a.shape[axis + 1:])
 
 
+def _torch_unsqueeze(a, axes):
+    """np.expand_dims's axes (counted in the output) as successive torch unsqueezes."""
+    rank = a.dim() + len(axes)
+    for axis in sorted(x % rank for x in axes):
+        a = a.unsqueeze(axis)
+    return a
+
+
 def _torch_index_add(v, ids, size, axis=0):
     """Zeros with ``size`` along ``axis``, the slices of v added at ids (torch.index_add)."""
     flat = v.reshape(*v.shape[:axis], ids.size, *v.shape[axis + ids.ndim:])
@@ -751,6 +759,10 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((2, 6)), "basic")]),
     OpInfo("reshape", lambda a: a.reshape((-1,)), lambda a: a.reshape(-1),
            [S(normal((2, 3)), "flatten")], variant="method"),
+    OpInfo("expand_dims", lambda a, axes: ops.expand_dims(a, axes),
+           lambda a, axes: _torch_unsqueeze(a, axes),
+           [S(normal((2, 3)), "basic", B, (0, 2)), S(normal((2, 3)), "negative", A, (-1, 1)),
+            S(normal(()), "scalar", SC, (0,))]),
     OpInfo("broadcast_to", lambda a: ops.broadcast_to(a, (2, 3, 4)),
            lambda a: a.broadcast_to((2, 3, 4)),
            [S(normal((3, 1)), "size_one", S1), S(normal((4,)), "new_axes"),

@@ -82,6 +82,7 @@ from .ops_rnn import LSTMSequenceGrad as LSTMSequenceGrad
 from .ops_shape import BroadcastTo as BroadcastTo
 from .ops_shape import Concatenate as Concatenate
 from .ops_shape import Dilate as Dilate
+from .ops_shape import ExpandDims as ExpandDims
 from .ops_shape import Flip as Flip
 from .ops_shape import GetItem as GetItem
 from .ops_shape import MakeTuple as MakeTuple
@@ -107,21 +108,22 @@ __all__ = [
     "attention", "attention_grad", "add", "add_scalar", "multiply", "mul_scalar", "divide",
     "divide_scalar", "power_scalar", "power", "negate", "log", "exp", "relu", "relu_grad", "tanh",
     "sigmoid", "sqrt", "abs", "erf", "maximum", "where", "compare", "compare_scalar", "sign",
-    "full_like", "astype", "reshape", "broadcast_to", "sum_to", "transpose", "permute",
-    "make_tuple", "tuple_get_item", "stack", "concatenate", "split", "flip", "dilate", "undilate",
-    "getitem", "scatter", "pad", "take", "index_add", "take_along_axis", "scatter_add", "summation",
-    "mean", "max", "logsumexp", "logsoftmax", "softmax", "scaled_softmax", "softmax_cross_entropy",
-    "softmax_cross_entropy_grad", "variance", "normalize", "normalize_grad", "batch_stats",
-    "batch_norm", "batch_norm_grad", "inv_std", "batch_norm_relu_grad", "check_class_ids",
-    "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter", "conv",
-    "conv_bias", "conv_weight_grad", "conv_input_grad", "layer_norm", "layer_norm_grad", "matmul",
-    "transposed_matmul", "linear", "max_pool2d", "max_pool2d_scatter", "max_pool2d_gather",
-    "bernoulli_like", "lstm_sequence", "lstm_sequence_grad", "stop_gradient", "to_device", "store",
-    "vocab_head_softmax", "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods",
-    "Attention", "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv",
-    "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh",
-    "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare", "CompareScalar", "Sign",
-    "FullLike", "AsType", "Reshape", "BroadcastTo", "SumTo", "Transpose", "Permute", "MakeTuple",
+    "full_like", "astype", "reshape", "expand_dims", "broadcast_to", "sum_to", "transpose",
+    "permute", "make_tuple", "tuple_get_item", "stack", "concatenate", "split", "flip", "dilate",
+    "undilate", "getitem", "scatter", "pad", "take", "index_add", "take_along_axis", "scatter_add",
+    "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax", "scaled_softmax",
+    "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance", "normalize",
+    "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
+    "batch_norm_relu_grad", "check_class_ids", "all_reduce", "broadcast", "reduce_to_root",
+    "all_gather", "reduce_scatter", "conv", "conv_bias", "conv_weight_grad", "conv_input_grad",
+    "layer_norm", "layer_norm_grad", "matmul", "transposed_matmul", "linear", "max_pool2d",
+    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
+    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "vocab_head_softmax",
+    "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods", "Attention",
+    "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar",
+    "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid",
+    "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare", "CompareScalar", "Sign", "FullLike",
+    "AsType", "Reshape", "ExpandDims", "BroadcastTo", "SumTo", "Transpose", "Permute", "MakeTuple",
     "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate", "UnDilate", "GetItem",
     "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation", "Mean", "Max",
     "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
@@ -243,6 +245,11 @@ def astype(a: Tensor, dtype: Any) -> Tensor:
 
 def reshape(a: Tensor, shape: Any) -> Tensor:
     """a with a new shape of the same size."""
+
+def expand_dims(a: Tensor, axes: Any) -> Tensor:
+    """a with new size-1 axes inserted at ``axes`` (``np.expand_dims``; torch's ``unsqueeze``), a
+    view. Unlike a reshape it needs no target shape, so it keeps unknown (None) dims where they
+    are: a reduction's gradient uses it to put the reduced axes back."""
 
 def broadcast_to(a: Tensor, shape: Any) -> Tensor:
     """a repeated along size-1 and new leading axes to ``shape`` (a read-only view)."""

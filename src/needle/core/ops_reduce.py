@@ -30,6 +30,16 @@ class Reduction(Op):
         """The input shape with the reduced axes set to 1."""
         return kept_shape(shape, self._axes(len(shape)))
 
+    def kept(self, t: Any, node: Any) -> Any:
+        """``t``, shaped like this node's output, with the reduced axes back as size 1.
+
+        expand_dims, not a reshape to the kept shape: a reshape's None dims copy the input's
+        dim at the same position, which is another dim once a middle axis was reduced away
+        (a declared graph's (None, 5, None) summed over axis 1)."""
+        if self.keepdims:
+            return t
+        return F.expand_dims(t, self._axes(len(node.inputs[0].shape)))
+
     def infer(self, a: Aval) -> Aval:
         axes = self._axes(len(a.shape))
         if self.keepdims:
@@ -40,9 +50,9 @@ class Reduction(Op):
         """The output adjoint broadcast back over the reduced axes."""
         shape = node.inputs[0].shape
         axes = self._axes(len(shape))
-        if not self.keepdims and axes != tuple(range(len(axes))):
-            # (reduced leading axes need no reshape: broadcasting adds them back in front)
-            out_grad = F.reshape(out_grad, kept_shape(shape, axes))
+        if axes != tuple(range(len(axes))):
+            # (reduced leading axes need no expand_dims: broadcasting adds them back in front)
+            out_grad = self.kept(out_grad, node)
         if any(shape[i] is None for i in axes):
             # a reduced dim of unknown size: broadcast against the input itself at run time
             return out_grad * F.full_like(node.inputs[0], 1)
@@ -111,7 +121,7 @@ class Max(Reduction):
 
     def gradient(self, out_grad, node):
         a = node.inputs[0]
-        peak = F.broadcast_to(F.reshape(node, self.kept_shape(a.shape)), a.shape)
+        peak = F.broadcast_to(self.kept(node, node), a.shape)
         mask = F.astype(F.compare(a, peak, "eq"), out_grad.dtype)
         count = F.summation(mask, self.axes, keepdims=True)
         return self.expand(out_grad, node) * (mask / count)
@@ -155,12 +165,11 @@ class LogSumExp(Reduction):
         # the adjoint stay kept-shape operands that broadcast in the subtraction and product:
         # no a-sized negate of a broadcast copy (a vocabulary-sized loss is memory-bound)
         a = node.inputs[0]
-        kept = self.kept_shape(a.shape)
-        grad = out_grad if self.keepdims else F.reshape(out_grad, kept)
+        grad = self.kept(out_grad, node)
         axes = self._axes(len(a.shape))
         if len(axes) == 1:  # the same softmax times the adjoint, one cache-blocked op
             return F.scaled_softmax(a, grad, axes[0])
-        return F.exp(a - F.reshape(node, kept)) * grad
+        return F.exp(a - self.kept(node, node)) * grad
 
 
 class AxisOp(Op):

@@ -115,6 +115,48 @@ class Reshape(Op):
         return Aval(target, a.dtype)
 
 
+@functools.lru_cache(maxsize=4096)
+def _expand_plan(axes: tuple, shape: tuple) -> tuple[tuple[int, ...], tuple]:
+    """The inserted axes (normalized against the output's rank) and the output shape of
+    expand_dims(shape, axes); unknown (None) dims stay None in place."""
+    rank = len(shape) + len(axes)
+    for axis in axes:
+        if not -rank <= axis < rank:
+            raise ShapeError(f"expand_dims: axis {axis} is out of range for the {rank}-d output "
+                             f"of a {fmt_shape(shape)} input")
+    out_axes = normalize_axes("expand_dims", axes, rank)
+    dims = iter(shape)
+    return out_axes, tuple(1 if i in out_axes else next(dims) for i in range(rank))
+
+
+@register("expand_dims", inputs=("a",))
+class ExpandDims(Op):
+    """a with new size-1 axes inserted at ``axes`` (``np.expand_dims``; torch's ``unsqueeze``),
+    a view. Unlike a reshape it needs no target shape, so it keeps unknown (None) dims where
+    they are: a reduction's gradient uses it to put the reduced axes back."""
+
+    def __init__(self, axes: Any) -> None:
+        self.axes: tuple = as_axes(axes) or ()
+
+    def compute(self, a):
+        shape = _expand_plan(self.axes, a.shape)[1]
+        if type(a) is np.ndarray:  # the method: as Reshape, the same view
+            return a.reshape(shape)
+        return np.reshape(a, shape)
+
+    def emit(self, args, node):
+        return f"{args[0]}.reshape({tuple(node.shape)!r})"
+
+    def gradient(self, out_grad, node):
+        shape = node.inputs[0].shape
+        if None in shape:  # a reshape cannot name an unknown dim: sum the size-1 axes away
+            return F.summation(out_grad, _expand_plan(self.axes, shape)[0])
+        return F.reshape(out_grad, shape)  # (a view: summing size-1 axes would copy)
+
+    def infer(self, a: Aval) -> Aval:
+        return Aval(_expand_plan(self.axes, tuple(a.shape))[1], a.dtype)
+
+
 def _broadcast_target(op_name: str, in_shape: tuple, shape: tuple) -> tuple:
     """Static output shape of broadcast_to; None in ``shape`` keeps the input's dim."""
     if len(shape) < len(in_shape):

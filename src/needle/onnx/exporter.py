@@ -280,6 +280,12 @@ def _emit_reshape(c: _Ctx) -> str:
     return c.g.node("Reshape", [c.ins[0], c.g.shape_input(target)])
 
 
+def _emit_expand_dims(c: _Ctx) -> str:
+    rank = len(c.aval.shape)
+    axes = sorted(int(a) % rank for a in c.op.axes)
+    return c.g.unsqueeze(c.ins[0], axes) if axes else c.g.node("Identity", [c.ins[0]])
+
+
 def _emit_broadcast_to(c: _Ctx) -> str:
     out, in_dims = list(c.dims), list(c.in_dims[0])
     lead = len(out) - len(in_dims)
@@ -658,7 +664,8 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "matmul": _emit_matmul, "transposed_matmul": _emit_transposed_matmul,
     "linear": _emit_linear, "conv": _emit_conv, "conv_bias": _emit_conv,
     "max_pool2d": _emit_max_pool,
-    "reshape": _emit_reshape, "broadcast_to": _emit_broadcast_to, "sum_to": _emit_sum_to,
+    "reshape": _emit_reshape, "expand_dims": _emit_expand_dims,
+    "broadcast_to": _emit_broadcast_to, "sum_to": _emit_sum_to,
     "summation": _reduction("ReduceSum"), "mean": _reduction("ReduceMean"),
     "max": _reduction("ReduceMax"), "logsumexp": _emit_logsumexp,
     "variance": _emit_variance, "batch_stats": _emit_batch_stats,
@@ -685,6 +692,7 @@ _WRITES = {
     "conv_bias": "Conv with its bias B (as conv)",
     "max_pool2d": "MaxPool",
     "reshape": "Reshape (0 / -1 / Shape-based dims for the batch)",
+    "expand_dims": "Unsqueeze (axes as an input)",
     "broadcast_to": "Expand", "sum_to": "ReduceSum", "logsumexp": "ReduceMax, Sub, Exp, "
     "ReduceSum, Log, Add", "variance": "ReduceMean, Sub, Mul",
     "batch_stats": "ReduceMean, Sub, Mul (two outputs)",

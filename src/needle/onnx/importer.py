@@ -539,8 +539,7 @@ def _imp_unsqueeze(n, x, axes=None):
     picked = _axes(n, axes, out_rank)
     if _is_static(x):
         return np.expand_dims(x, tuple(picked))
-    index = tuple(None if i in picked else slice(None) for i in range(out_rank))
-    return ops.getitem(x, index)
+    return ops.expand_dims(x, tuple(picked))
 
 
 def _imp_concat(n, *args):
