@@ -45,24 +45,13 @@ from ..core.interpret import Program, Step, snapshot_slots
 from ..core.ops_batchnorm_relu import BatchNormReluGrad
 from ..core.ops_shape import TupleGetItem
 from ..core.registry import Aval
+from .rewritten_node import RewrittenNode
 
 __all__ = ["MIN_ELEMENTS", "rewrite_batchnorm_relu_grads"]
 
 #: smallest activation (elements) whose pair is rewritten
 MIN_ELEMENTS = 1 << 15
 
-
-class _RewrittenNode:
-    """The node a rewritten step reports: its op, input nodes, aval and origin."""
-
-    __slots__ = ("op", "inputs", "aval", "meta", "device")
-
-    def __init__(self, op: Any, inputs: tuple, aval: Any, meta: Any, device: Any) -> None:
-        self.op = op
-        self.inputs = inputs
-        self.aval = aval
-        self.meta = meta
-        self.device = device
 
 
 def _dense_float(aval: Any) -> tuple | None:
@@ -119,7 +108,7 @@ def rewrite_batchnorm_relu_grads(program: Program) -> int:
         fused_op = BatchNormReluGrad(op.axes, op.eps)
         g_n = relu.node.inputs[1]
         x_n, w_n, b_n, mean_n, var_n = program.steps[fwd].node.inputs
-        node = _RewrittenNode(fused_op, (g_n, x_n, w_n, b_n, mean_n, var_n), bn.node.aval,
+        node = RewrittenNode(fused_op, (g_n, x_n, w_n, b_n, mean_n, var_n), bn.node.aval,
                               bn.node.meta, getattr(bn.node, "device", cpu()))
         program.steps[bi] = Step(fused_op, (g, x, weight, bias, mean, var), bn.out, node)
         _stores_after_relu(program, y, bi)
@@ -201,10 +190,10 @@ def _fold_channel_sum(program: Program, fi: int) -> None:
                     continue
                 with_sums = BatchNormReluGrad(op.axes, op.eps, channel_sums=True)
                 avals = (*fused.node.aval, sum_step.node.aval)
-                node = _RewrittenNode(with_sums, fused.node.inputs, avals, fused.node.meta,
+                node = RewrittenNode(with_sums, fused.node.inputs, avals, fused.node.meta,
                                       fused.node.device)
                 program.steps[fi] = Step(with_sums, fused.inputs, fused.out, node)
-                pick = _RewrittenNode(TupleGetItem(3), (node,), sum_step.node.aval,
+                pick = RewrittenNode(TupleGetItem(3), (node,), sum_step.node.aval,
                                       sum_step.node.meta, node.device)
                 program.steps[si] = Step(pick.op, (fused.out,), sum_step.out, pick)
                 return

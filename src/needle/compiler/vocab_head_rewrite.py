@@ -31,6 +31,7 @@ from ..backend import cpu
 from ..core.interpret import Program, Step, snapshot_slots
 from ..core.ops_shape import TupleGetItem
 from ..core.ops_vocab_head import VocabHeadLoss, VocabHeadLossGrad, VocabHeadSoftmax
+from .rewritten_node import RewrittenNode
 
 __all__ = ["MIN_LOGITS", "rewrite_vocab_heads"]
 
@@ -38,18 +39,6 @@ __all__ = ["MIN_LOGITS", "rewrite_vocab_heads"]
 #: few classes gain nothing from the fusion, a vocabulary's tens of megabytes do
 MIN_LOGITS = 1 << 18
 
-
-class _RewrittenNode:
-    """The node a rewritten step reports: its op, input nodes, aval(s) and origin."""
-
-    __slots__ = ("op", "inputs", "aval", "meta", "device")
-
-    def __init__(self, op: Any, inputs: tuple, aval: Any, meta: Any, device: Any) -> None:
-        self.op = op
-        self.inputs = inputs
-        self.aval = aval
-        self.meta = meta
-        self.device = device
 
 
 def _users(program: Program) -> dict[int, list[int]]:
@@ -137,10 +126,10 @@ def _apply(program: Program, li: int, ci: int, gi: int, roles: dict[str, int]) -
     z_aval, l_aval = lin.node.aval, loss.node.aval
 
     head_op = VocabHeadSoftmax()
-    head = _RewrittenNode(head_op, (xn, wn, bn, ids_n), (l_aval, z_aval), meta, device)
-    item_l = _RewrittenNode(TupleGetItem(0), (head,), l_aval, meta, device)
-    item_s = _RewrittenNode(TupleGetItem(1), (head,), z_aval, meta, device)
-    loss_node = _RewrittenNode(VocabHeadLoss(), (xn, wn, bn, ids_n, item_l, item_s), l_aval,
+    head = RewrittenNode(head_op, (xn, wn, bn, ids_n), (l_aval, z_aval), meta, device)
+    item_l = RewrittenNode(TupleGetItem(0), (head,), l_aval, meta, device)
+    item_s = RewrittenNode(TupleGetItem(1), (head,), z_aval, meta, device)
+    loss_node = RewrittenNode(VocabHeadLoss(), (xn, wn, bn, ids_n, item_l, item_s), l_aval,
                                meta, device)
     new_loss = [Step(head_op, (x, w, b, ids), id(head), head),
                 Step(item_l.op, (id(head),), id(item_l), item_l),
@@ -150,7 +139,7 @@ def _apply(program: Program, li: int, ci: int, gi: int, roles: dict[str, int]) -
     parts = "".join(p for p in "xwb" if p in roles)
     grad_op = VocabHeadLossGrad(parts)
     avals = tuple(steps[roles[p]].node.aval for p in parts)
-    grad_node = _RewrittenNode(grad_op, (xn, wn, bn, ids_n, item_s, g_n), avals,
+    grad_node = RewrittenNode(grad_op, (xn, wn, bn, ids_n, item_s, g_n), avals,
                                grad.node.meta, device)
     grad_step = Step(grad_op, (x, w, b, ids, id(item_s), g), id(grad_node), grad_node)
     # the loss's steps where the first of the loss and its gradient was (both read ids)
@@ -158,7 +147,7 @@ def _apply(program: Program, li: int, ci: int, gi: int, roles: dict[str, int]) -
                 else {gi: [*new_loss, grad_step], ci: []})
     for k, p in enumerate(parts):
         reader = steps[roles[p]]
-        node = _RewrittenNode(TupleGetItem(k), (grad_node,), reader.node.aval,
+        node = RewrittenNode(TupleGetItem(k), (grad_node,), reader.node.aval,
                               reader.node.meta, device)
         replaced[roles[p]] = [Step(node.op, (id(grad_node),), reader.out, node)]
     # (the new nodes stay referenced by their steps, so their ids stay unique slots)
