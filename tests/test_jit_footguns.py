@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import pytest
 
@@ -171,3 +174,23 @@ def test_dropout_gradient_uses_the_mask_of_the_same_call():
         out.sum().backward()
         # the backward must not draw a new mask: it sees exactly the forward's zeros
         np.testing.assert_array_equal(x.grad.numpy(), (out.numpy() != 0) * np.float32(2.0))
+
+
+def test_a_librarys_clock_reads_while_tracing_are_not_baked_values():
+    # logging stamps each record with time.time() inside the standard library: strict mode
+    # refused the trace (a garbage-collector callback timing itself did the same, by chance)
+    def logged_double(x):
+        logging.makeLogRecord({"msg": "tracing"})
+        return x * 2
+
+    f = ndl.jit(logged_double, strict=True)
+    x = _t(3)
+    np.testing.assert_array_equal(f(x).numpy(), x.numpy() * 2)
+
+
+def test_the_users_own_clock_reads_still_refuse_a_strict_trace():
+    def stamped(x):
+        return x * time.perf_counter()
+
+    with pytest.raises(JitError, match="time.perf_counter called while tracing"):
+        ndl.jit(stamped, strict=True)(_t(3))

@@ -374,7 +374,10 @@ class GuardCollector:
                 self._on_call(frame)
             elif event == "c_call":
                 what = _random_call(arg)
-                if what is not None:
+                # a library's own clock reads (logging's timestamps, tqdm, a test runner's
+                # garbage-collector timing callbacks) time the work, they do not feed it
+                if what is not None and not (what.startswith("time.")
+                                             and _is_library_file(frame.f_code.co_filename)):
                     self._report(f"{what} called while tracing: the numbers it drew are baked "
                                  "into the plan and repeat on every call; draw them with "
                                  "needle ops or pass them as arguments", _where(frame))
