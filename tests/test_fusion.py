@@ -12,7 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from needle.backend.numba_support import numba_module
+
 pytest.importorskip("numba")
+if numba_module() is None:  # NEEDLE_NUMBA=0 turns region fusion off
+    pytest.skip("region fusion needs numba (NEEDLE_NUMBA=0)", allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as hst  # noqa: E402

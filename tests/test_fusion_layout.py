@@ -9,8 +9,11 @@ import pytest
 
 import needle as ndl
 from needle import ops
+from needle.backend.numba_support import numba_module
 
 pytest.importorskip("numba")
+if numba_module() is None:  # NEEDLE_NUMBA=0 turns region fusion off
+    pytest.skip("region fusion needs numba (NEEDLE_NUMBA=0)", allow_module_level=True)
 from needle.compiler import fusion  # noqa: E402
 
 
