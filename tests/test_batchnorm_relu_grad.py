@@ -92,6 +92,18 @@ def test_fused_op_gives_the_pairs_bits(monkeypatch, threads, dtype, shape):
     _assert_same_bits(got, _pair(*arrays))
 
 
+@pytest.mark.parametrize("channel_sums", [False, True])
+def test_the_compiled_loops_run(channel_sums):
+    # a loop that does not compile sends every call to the NumPy ops (the same bits, so the
+    # tests above cannot tell): the kernel must answer, with and without the column sums
+    if numba_module() is None:
+        pytest.skip("numba is not installed or NEEDLE_NUMBA=0")
+    g, x, weight, bias, mean, var = _arrays((8, 12, 12, 16), np.float32)
+    got = batchnorm_relu.backward(g, x, weight, bias, mean, var, 1e-5, AXES, channel_sums)
+    assert got is not None
+    assert len(got) == (4 if channel_sums else 3)
+
+
 def _pair_and_bias_grad(g, x, weight, bias, mean, var):
     """The pair, then the conv bias gradient as the plan computes it: sum_to(permute(dx))."""
     dx, dw, db = _pair(g, x, weight, bias, mean, var)

@@ -32,6 +32,9 @@ from .reduce import EINSUM_MIN_SIZE, stat_matrix
 __all__ = ["backward"]
 
 _loops = NumbaLoops("needle.kernels.numba_batchnorm_relu")
+#: the dx loop's "no column sums wanted": an empty sums array (nothing is ever written to
+#: it; writeable, as the loop's signature wants: a read-only one would not compile)
+_NO_SUMS = np.empty(0, np.float64)
 
 #: smallest (M, C) matrix (elements) whose dx pass is split across needle's threads where
 #: its sums are not (cpu_kernels splits those from 2**20 elements), and the block size.
@@ -129,7 +132,7 @@ def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: f
                        parts[0, 0], parts[1, 0]):
         return None  # (compiled here, on empty ranges, or failed: NumPy from now on)
     if not _loops.call(module.bn_relu_grad_dx, gm, per, xm, alpha, beta, mean_v, alpha, alpha,
-                       alpha, 0, 0, xm[:0]):
+                       alpha, 0, 0, xm[:0], _NO_SUMS):
         return None
 
     def sums(i: int) -> None:
@@ -151,17 +154,14 @@ def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: f
             and dx_blocks == blocks)
     if fold:
         dx_parts = np.empty((len(blocks), c), np.float64)
-        if not _loops.call(module.bn_relu_grad_dx_sums, gm, per, xm, alpha, beta, mean_v,
+        if not _loops.call(module.bn_relu_grad_dx, gm, per, xm, alpha, beta, mean_v,
                            alpha, alpha, alpha, 0, 0, xm[:0], dx_parts[0]):
             return None
 
     def dx_pass(i: int) -> None:
         s, e = dx_blocks[i]
-        if fold:
-            module.bn_relu_grad_dx_sums(gm, per, xm, alpha, beta, mean_v, alpha, b, k, s, e,
-                                        dxm, dx_parts[i])
-        else:
-            module.bn_relu_grad_dx(gm, per, xm, alpha, beta, mean_v, alpha, b, k, s, e, dxm)
+        module.bn_relu_grad_dx(gm, per, xm, alpha, beta, mean_v, alpha, b, k, s, e, dxm,
+                               dx_parts[i] if fold else _NO_SUMS)
 
     cpu_threads.run_chunks(dx_pass, len(dx_blocks), cpu_threads.NUM_THREADS)
     dweight = (sum_gc * inv).astype(x.dtype).reshape(weight.shape)

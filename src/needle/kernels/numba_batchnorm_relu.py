@@ -46,12 +46,17 @@ def bn_relu_grad_sums(g, per, xm, alpha, beta, mean, s, e, sum_g, sum_gc):
 
 
 @njit_cached
-def bn_relu_grad_dx(g, per, xm, alpha, beta, mean, a, b, k, s, e, dx):
-    """dx = a r + b (x - mean) + k per column over rows [s, e), r = g * (x alpha + beta > 0)."""
+def bn_relu_grad_dx(g, per, xm, alpha, beta, mean, a, b, k, s, e, dx, sum_dx):
+    """dx = a r + b (x - mean) + k per column over rows [s, e), r = g * (x alpha + beta > 0);
+    where ``sum_dx`` has an entry per column (size 0: none wanted), also the float64 column
+    sums of the dx it writes (a conv bias's gradient, as numba_kernels.column_sums would sum
+    dx afterwards)."""
     c = xm.shape[1]
     zero = xm.dtype.type(0)
     one = g.dtype.type(1)
     gzero = g.dtype.type(0)
+    summing = sum_dx.shape[0] > 0
+    acc = np.zeros(c if summing else 0, np.float64)
     gi = s // per
     left = per - (s - gi * per)
     for i in range(s, e):
@@ -59,35 +64,12 @@ def bn_relu_grad_dx(g, per, xm, alpha, beta, mean, a, b, k, s, e, dx):
             xv = xm[i, j]
             r = g[gi, j] * (one if xv * alpha[j] + beta[j] > zero else gzero)
             dx[i, j] = r * a[j] + (xv - mean[j]) * b[j] + k[j]
+        if summing:  # (a second loop over the row just written: summing in the first one
+            for j in range(c):  # was 20% slower at 16 channels)
+                acc[j] += dx[i, j]
         left -= 1
         if left == 0:
             left = per
             gi += 1
-
-
-@njit_cached
-def bn_relu_grad_dx_sums(g, per, xm, alpha, beta, mean, a, b, k, s, e, dx, sum_dx):
-    """bn_relu_grad_dx, and the float64 column sums of the dx it writes (a conv bias's
-    gradient, as numba_kernels.column_sums would sum dx afterwards)."""
-    c = xm.shape[1]
-    zero = xm.dtype.type(0)
-    one = g.dtype.type(1)
-    gzero = g.dtype.type(0)
-    acc = np.zeros(c, np.float64)
-    gi = s // per
-    left = per - (s - gi * per)
-    for i in range(s, e):
-        for j in range(c):
-            xv = xm[i, j]
-            r = g[gi, j] * (one if xv * alpha[j] + beta[j] > zero else gzero)
-            dx[i, j] = r * a[j] + (xv - mean[j]) * b[j] + k[j]
-        # (a second loop over the row just written: summing in the first one was 20% slower
-        # at 16 channels)
-        for j in range(c):
-            acc[j] += dx[i, j]
-        left -= 1
-        if left == 0:
-            left = per
-            gi += 1
-    for j in range(c):
+    for j in range(acc.shape[0]):
         sum_dx[j] = acc[j]
