@@ -34,15 +34,25 @@ def njit_cached(fn: Callable, **options: Any) -> Any:
     where numba finds a writable place for one (else compiled once per process).
 
     error_model="numpy" (IEEE division, no ZeroDivisionError branches) lets LLVM vectorize
-    the loops; nogil lets needle's own threads run them; no numba thread pool (one beside
-    OpenBLAS's fights it for the cores). ``options`` adds njit options (``fastmath``).
+    the loops; nogil lets needle's own threads run them. ``options`` adds njit options
+    (``fastmath``; ``parallel`` only through backend/parallel_loops.njit_parallel, on TBB).
     """
+    return _njit(fn, error_model="numpy", nogil=True, **options)
+
+
+def _njit(fn: Callable, **options: Any) -> Any:
+    """``numba.njit(**options)(fn)`` with numba's disk cache where it is safe to use
+    (backend/numba_cache.py) and numba finds a writable place for one."""
     import numba
 
-    try:
-        return numba.njit(error_model="numpy", nogil=True, cache=True, **options)(fn)
-    except RuntimeError:  # "cannot cache function": no writable cache location
-        return numba.njit(error_model="numpy", nogil=True, **options)(fn)
+    from .numba_cache import install
+
+    if install():
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function": no writable cache location
+            pass
+    return numba.njit(**options)(fn)
 
 
 class NumbaLoops:

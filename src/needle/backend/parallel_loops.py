@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import cpu_threads
-from .numba_support import numba_module
+from .numba_support import njit_cached, numba_module
 
 __all__ = ["njit_parallel", "parallel_threads", "tbb_layer"]
 
@@ -112,10 +112,4 @@ def njit_parallel(fn: Callable, **options: Any) -> Any:
     """``numba.njit(parallel=True)`` for a kernel's prange loop over fixed blocks, with the
     options of backend/numba_support.njit_cached (numba's disk cache where it can write one).
     Call it only where ``parallel_threads()`` is nonzero: on another layer it would spin."""
-    import numba
-
-    try:
-        return numba.njit(error_model="numpy", nogil=True, cache=True, parallel=True,
-                          **options)(fn)
-    except RuntimeError:  # "cannot cache function": no writable cache location
-        return numba.njit(error_model="numpy", nogil=True, parallel=True, **options)(fn)
+    return njit_cached(fn, parallel=True, **options)
