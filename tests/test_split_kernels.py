@@ -121,16 +121,18 @@ def test_split_batchnorm_kernels_match_the_whole_ones(shape, dtype, split_small,
     xm = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
     gm = rng.standard_normal(shape).astype(dtype)
     weight = rng.standard_normal(shape[1]).astype(dtype)
-    monkeypatch.setattr(cpu_threads, "NUM_THREADS", 1)  # below 2 threads: never split
-    assert cpu_kernels._row_blocks(xm) is None
-    whole = _bn_kernels(xm, gm, weight)
+    with monkeypatch.context() as m:  # the whole loops
+        m.setattr(cpu_kernels, "SPLIT_MIN_ELEMENTS", 1 << 62)
+        assert cpu_kernels._row_blocks(xm) is None
+        whole = _bn_kernels(xm, gm, weight)
     results = {}
-    for threads in (2, 3):
+    for threads in (1, 2, 3):
         monkeypatch.setattr(cpu_threads, "NUM_THREADS", threads)
-        assert len(cpu_kernels._row_blocks(xm)) > 1
+        assert len(cpu_kernels._row_blocks(xm)) > 2
         results[threads] = _bn_kernels(xm, gm, weight)
-    for a, b in zip(results[2], results[3]):  # blocks depend on the shape only
+    for a, b, c in zip(results[1], results[2], results[3]):  # blocks: the shape's only
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
     for a, b in zip(results[2], whole):  # float64 sums in another order: rounding apart
         if dtype == np.float32:
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())

@@ -225,7 +225,7 @@ def backward_given_var(g: Any, x: Any, weight: Any, mean: Any, var: Any, eps: fl
             return grads[0], grads[1].reshape(weight.shape), grads[2].reshape(weight.shape)
     if g.shape == x.shape and g.dtype == x.dtype:
         found = _compiled_matrix(x, axes)
-        if found is not None and not cpu_kernels.splits(found[1]):
+        if found is not None:  # (one kernel call, or its blocked passes on a large matrix)
             axis, xm = found
             grads = cpu_kernels.batch_norm_grad_given_var(_matrix_like(g, axis, xm), xm, mean,
                                                           var, eps, weight)

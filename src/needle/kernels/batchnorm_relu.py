@@ -14,8 +14,10 @@ Results are bit for bit those of ``batch_norm``, ``relu_grad`` and ``batch_norm_
 compiled path (core/ops_norm.py, kernels/batchnorm.py): y and r are the same float
 operations, the float64 column sums run over the same row blocks (cpu_kernels' rule, fixed
 by the shape) added in the same order, and the per-channel constants come from the same
-NumPy formulas. Where that compiled path would not run (no numba, other dtypes or layouts,
-CuPy arrays) ``backward`` returns None and the caller runs the ops.
+loop (numba_kernels.bn_grad_constants). Large passes run as numba prange loops on TBB
+(cpu_kernels.run_in_blocks), with the same bits. Where that compiled path would not run
+(no numba, other dtypes or layouts, CuPy arrays) ``backward`` returns None and the caller
+runs the ops.
 """
 
 from __future__ import annotations
@@ -26,18 +28,17 @@ import numpy as np
 
 from ..backend import cpu_threads
 from ..backend.numba_support import NumbaLoops
-from . import cpu_kernels, threaded_elementwise
+from . import column_sums, cpu_kernels, threaded_elementwise
 from .reduce import EINSUM_MIN_SIZE, stat_matrix
 
 __all__ = ["backward"]
 
 _loops = NumbaLoops("needle.kernels.numba_batchnorm_relu")
-#: the dx loop's "no column sums wanted": an empty sums array (nothing is ever written to
-#: it; writeable, as the loop's signature wants: a read-only one would not compile)
-_NO_SUMS = np.empty(0, np.float64)
 
 #: smallest (M, C) matrix (elements) whose dx pass is split across needle's threads where
-#: its sums are not (cpu_kernels splits those from 2**20 elements), and the block size.
+#: its sums run whole (below cpu_kernels.SPLIT_MIN_ELEMENTS, 2**17 since session 10: so only
+#: where that is raised), and the block size. Larger matrices run the dx pass in the sums'
+#: blocks, or in column_sums.py's where it takes the conv bias sums, on numba's prange.
 #: NOTE: the threaded relu_grad this pass replaces splits from 2**19 (threaded_elementwise),
 #: so the fused op is never less parallel than the pair; from 2**18 it lost on a loaded
 #: machine (CNN strides 1,2,2 step, CPU time median 17.7 vs 15.9 ms unsplit)
@@ -105,9 +106,10 @@ def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: f
     caller then runs batch_norm, relu_grad and batch_norm_grad).
 
     ``channel_sums``: a fourth item, dx summed over every axis but the channel one as a
-    (C,) vector, taken in the dx pass where that gives the bits of summing dx afterwards
-    (``cpu_kernels.column_sums`` over the same row blocks: a channels-last dx of 3+ dims and
-    ``EINSUM_MIN_SIZE``+ elements, reduce.py's rule), else None (the caller sums dx)."""
+    (C,) vector, taken in the dx pass where that gives the bits of summing dx afterwards (a
+    channels-last dx of 3+ dims and ``EINSUM_MIN_SIZE``+ elements, reduce.py's rule: the dx
+    pass then runs in the row blocks of column_sums.row_blocks, or whole where those sums
+    are one loop), else None (the caller sums dx)."""
     if (type(g) is not np.ndarray or type(x) is not np.ndarray or g.shape != x.shape
             or g.dtype != x.dtype or not cpu_kernels.enabled(x.dtype) or x.size == 0):
         return None
@@ -123,54 +125,77 @@ def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: f
     inv = 1.0 / np.sqrt(var_v + eps)
     alpha = weight_v * inv
     beta = bias_v - mean_v * alpha
-    # NOTE: cpu_kernels' own row blocks (shape-fixed, None below its split size or on one
-    # thread), so the float64 sums are those of batch_norm_grad's compiled path
-    blocks = cpu_kernels._row_blocks(xm) or [(0, m)]
+    # NOTE: cpu_kernels' own row blocks (fixed by the shape; None below its split size), so
+    # the float64 sums are those of batch_norm_grad's compiled path
+    bounds = cpu_kernels._row_blocks(xm)
     module = _loops.module()
-    parts = np.empty((2, len(blocks), c), np.float64)
-    if not _loops.call(module.bn_relu_grad_sums, gm, per, xm, alpha, beta, mean_v, 0, 0,
-                       parts[0, 0], parts[1, 0]):
-        return None  # (compiled here, on empty ranges, or failed: NumPy from now on)
-    if not _loops.call(module.bn_relu_grad_dx, gm, per, xm, alpha, beta, mean_v, alpha, alpha,
-                       alpha, 0, 0, xm[:0], _NO_SUMS):
-        return None
-
-    def sums(i: int) -> None:
-        s, e = blocks[i]
-        module.bn_relu_grad_sums(gm, per, xm, alpha, beta, mean_v, s, e, parts[0, i],
-                                 parts[1, i])
-
-    cpu_threads.run_chunks(sums, len(blocks), cpu_threads.NUM_THREADS)
-    sum_g = np.add.reduce(parts[0], axis=0)
-    sum_gc = np.add.reduce(parts[1], axis=0)
-    # the coefficients as cpu_kernels.batch_norm_grad computes them, in x's dtype (its
-    # scale = weight * inv is alpha)
-    b = (-alpha * inv * inv * (sum_gc / m)).astype(x.dtype)
-    k = (-alpha * (sum_g / m)).astype(x.dtype)
-    dxm = np.empty_like(xm)
-
-    dx_blocks = blocks if len(blocks) > 1 else _elementwise_blocks(m, xm.size)
-    fold = (channel_sums and x.ndim >= 3 and x.size >= EINSUM_MIN_SIZE
-            and dx_blocks == blocks)
-    if fold:
-        dx_parts = np.empty((len(blocks), c), np.float64)
-        if not _loops.call(module.bn_relu_grad_dx, gm, per, xm, alpha, beta, mean_v,
-                           alpha, alpha, alpha, 0, 0, xm[:0], dx_parts[0]):
+    if bounds is None:
+        parts = np.empty((2, 1, c), np.float64)
+        if not _loops.call(module.bn_relu_grad_sums, gm, per, xm, alpha, beta, mean_v, 0, m,
+                           parts[0, 0], parts[1, 0]):
+            return None  # (numba failed to compile it: NumPy from now on)
+    else:
+        parts = np.empty((2, len(bounds) - 1, c), np.float64)
+        if not _blocks("bn_relu_grad_sums", bounds, gm, per, xm, alpha, beta, mean_v,
+                       parts[0], parts[1]):
             return None
-
-    def dx_pass(i: int) -> None:
-        s, e = dx_blocks[i]
-        module.bn_relu_grad_dx(gm, per, xm, alpha, beta, mean_v, alpha, b, k, s, e, dxm,
-                               dx_parts[i] if fold else _NO_SUMS)
-
-    cpu_threads.run_chunks(dx_pass, len(dx_blocks), cpu_threads.NUM_THREADS)
-    dweight = (sum_gc * inv).astype(x.dtype).reshape(weight.shape)
-    dbias = sum_g.astype(x.dtype).reshape(weight.shape)
+    # the constants as cpu_kernels.batch_norm_grad computes them, in x's dtype (its scale =
+    # weight * inv is alpha)
+    a, b, k, dweight, dbias = (np.empty(c, x.dtype) for _ in range(5))
+    if not cpu_kernels._run("bn_grad_constants", parts[0], parts[1], inv, weight_v, m, a, b, k,
+                            dweight, dbias):
+        return None
+    dxm = np.empty_like(xm)
+    fold = channel_sums and x.ndim >= 3 and x.size >= EINSUM_MIN_SIZE
+    dx_bounds = bounds
+    if fold:  # dx's column sums over the blocks that summing dx afterwards would take
+        sum_bounds = column_sums.row_blocks(m, c)
+        dx_bounds = None if sum_bounds is None else np.array(sum_bounds, np.int64)
+    if dx_bounds is not None:
+        dx_parts = np.empty((len(dx_bounds) - 1, c if fold else 0), np.float64)
+        if not _blocks("bn_relu_grad_dx", dx_bounds, gm, per, xm, alpha, beta, mean_v, alpha,
+                       b, k, dxm, dx_parts):
+            return None
+    else:
+        dx_parts = np.empty((1, c if fold else 0), np.float64)
+        if not _dx_whole(module, gm, per, xm, alpha, beta, mean_v, b, k, dxm, dx_parts[0]):
+            return None
+    dweight, dbias = dweight.reshape(weight.shape), dbias.reshape(weight.shape)
     dx = _from_rows(dxm, x, axis)
     if not channel_sums:
         return dx, dweight, dbias
     dx_sums = np.add.reduce(dx_parts, axis=0).astype(x.dtype) if fold else None
     return dx, dweight, dbias, dx_sums
+
+
+def _blocks(name: str, bounds: np.ndarray, *args: Any) -> bool:
+    """Loop ``name`` over every row block of ``bounds`` (``args``: the loop's, its sums' arrays
+    with a row per block; ``args[2]`` is x's matrix) as cpu_kernels runs its passes
+    (``cpu_kernels.run_in_blocks``: prange, needle's threads or one call; the same bits)."""
+    return cpu_kernels.run_in_blocks(name, bounds, args[2].size, args,
+                                     getattr(_loops.module(), name + "_blocks"), _loops.call)
+
+
+def _dx_whole(module: Any, gm: np.ndarray, per: int, xm: np.ndarray, alpha: np.ndarray,
+              beta: np.ndarray, mean: np.ndarray, b: np.ndarray, k: np.ndarray,
+              dxm: np.ndarray, sums: np.ndarray) -> bool:
+    """The dx pass where the sums ran whole: one call, or (elementwise, so any split gives the
+    same bits) row blocks that needle's threads share from DX_SPLIT_MIN_ELEMENTS (where the
+    sums' blocks start later than that) when no column sums are taken."""
+    m = xm.shape[0]
+    loop = module.bn_relu_grad_dx
+    blocks = _elementwise_blocks(m, xm.size) if sums.shape[0] == 0 else [(0, m)]
+    if len(blocks) == 1:
+        return _loops.call(loop, gm, per, xm, alpha, beta, mean, alpha, b, k, 0, m, dxm, sums)
+    if not _loops.call(loop, gm, per, xm, alpha, beta, mean, alpha, b, k, 0, 0, dxm, sums):
+        return False
+
+    def dx_pass(i: int) -> None:
+        s, e = blocks[i]
+        loop(gm, per, xm, alpha, beta, mean, alpha, b, k, s, e, dxm, sums)
+
+    cpu_threads.run_chunks(dx_pass, len(blocks), cpu_threads.NUM_THREADS)
+    return True
 
 
 def _from_rows(matrix: np.ndarray, like: np.ndarray, axis: int) -> np.ndarray:

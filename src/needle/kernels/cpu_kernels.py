@@ -25,22 +25,19 @@ scatter-adds after kh*kw thin products (CNN step 23.3 -> 19.3 ms with strides 1,
 
 Measured in one process, kernels on and off in turn (2 cores, 2 BLAS threads): the MLP-ResNet
 step 2.28 -> 2.16 ms eager and 1.45 -> 1.35 ms under ndl.jit, the CNN step (strides 1,2,2)
-23.3 -> 21.4 ms. numba's own ``parallel=True`` pool is not used: beside OpenBLAS's it fought
-for the cores (see compiler/fused_update.py). Instead, on matrices of SPLIT_MIN_ELEMENTS or
-more, BatchNorm's passes, the column sums (Mean and SumTo on channels-last arrays) and the
-max-pool loops run in row (image) blocks that needle's CPU threads draw
-(backend/cpu_threads.run_chunks, which never waits for a thread that has not started): on
-two cores they were serial work beside the threaded convolutions. Idle-machine step times
-estimated from CPU times (benchmarks/ab_cnn_step.py --estimate, 2 threads, best of 24 steps,
-splitting from 2**18 elements): CNN strides 1,1,1 89 -> 79 ms (the main thread's serial work
-55 -> 30 ms), strides 1,2,2 24.5 -> 22.7, ResidualCNN 32x32x3 38.4 -> 32.8, 28x28x1 32.4 ->
-29.4. From 2**20 (SPLIT_MIN_ELEMENTS, see its NOTE) the ResidualCNN rows gain less (q25 of
-10 steps: 32x32x3 40.5 -> 40.5, 28x28x1 36.8 -> 35.4; strides 1,2,2 28.6 -> 26.9). The split
-halves the serial work, but the two threads' passes share the memory bandwidth (their CPU
-time grows by about half), and on a loaded machine no wall-time gain could be seen. The
-blocks depend on the shape only and their float64 sums are added in block order, so the
-result does not depend on the thread count (float32 results matched the unsplit loops' bit
-for bit on 65536 x 64 and 1000 x 300).
+23.3 -> 21.4 ms.
+
+Threads: matrices of SPLIT_MIN_ELEMENTS or more (BatchNorm's passes, max pooling by images)
+run in row blocks fixed by the shape (``_row_blocks``), each block the same serial loop, in
+one of three ways (``run_in_blocks``): one numba ``prange`` call on numba's TBB threads
+(numba_parallel_batchnorm.py; backend/parallel_loops.py: a region starts in ~1.5 us) where
+they run; else, from THREADS_MIN_ELEMENTS, needle's own threads draw chunks of blocks
+(backend/cpu_threads.run_chunks, ~100 us a hand-off, so only large passes); else one call
+runs the blocks in turn. The blocks' float64 sums are added in block order
+(``numba_kernels.block_order_sums``), so the results are the same bits every way and on any
+thread count (1 included); they differ from the whole loops' (smaller matrices) by rounding.
+(Before session 10 the blocks were 2**20 elements from 2**20, on 2+ threads only; on a
+loaded machine that split showed no wall-time gain, see THREADS_MIN_ELEMENTS' NOTE.)
 """
 
 from __future__ import annotations
@@ -51,12 +48,12 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import cpu_threads
-from ..backend.numba_support import numba_module
+from ..backend import cpu_threads, parallel_loops
+from ..backend.numba_support import NumbaLoops, numba_module
 
 __all__ = ["batch_norm_forward", "batch_norm_grad", "batch_norm_grad_given_var", "col2im",
            "column_affine", "column_moments", "column_statistics", "column_sums", "enabled",
-           "im2col", "im2col_channels_first", "max_pool", "max_pool_scatter", "splits",
+           "im2col", "im2col_channels_first", "max_pool", "max_pool_scatter", "run_in_blocks",
            "whole_batch_norm_forward", "whole_batch_norm_grad", "whole_column_statistics"]
 
 
@@ -80,7 +77,14 @@ def _kernels() -> dict[str, Any] | None:
             "centered_square_sums": numba_kernels.centered_square_sums,
             "bn_grad_sums": numba_kernels.bn_grad_sums, "bn_grad_dx": numba_kernels.bn_grad_dx,
             "max_pool": numba_kernels.max_pool_nhwc,
-            "max_pool_scatter": numba_kernels.max_pool_scatter_nhwc}
+            "max_pool_scatter": numba_kernels.max_pool_scatter_nhwc,
+            "block_order_sums": numba_kernels.block_order_sums,
+            "shifted_moments": numba_kernels.shifted_moments,
+            "bn_grad_constants": numba_kernels.bn_grad_constants,
+            "bn_alpha_beta": numba_kernels.bn_alpha_beta,
+            **{f"{name}_blocks": getattr(numba_kernels, f"{name}_blocks")
+               for name in ("column_sums", "shifted_sums", "centered_square_sums", "affine",
+                            "bn_grad_sums", "bn_grad_dx", "max_pool", "max_pool_scatter")}}
 
 
 def _run(name: str, *args: Any) -> bool:
@@ -88,10 +92,15 @@ def _run(name: str, *args: Any) -> bool:
     which the NumPy paths are used for the rest of the process."""
     kernels = _kernels()
     assert kernels is not None  # (callers check enabled() first)
+    return _call(kernels[name], *args, name=name)
+
+
+def _call(loop: Any, *args: Any, name: str | None = None) -> bool:
+    """``_run`` for the loop itself (``name``: what ``_disabled`` records, else its name)."""
     try:
-        kernels[name](*args)
+        loop(*args)
     except numba_module().core.errors.NumbaError:  # compilation fails before anything runs
-        _disabled.append(name)
+        _disabled.append(name or str(getattr(loop, "__name__", loop)))
         return False
     return True
 
@@ -123,104 +132,141 @@ def _vector(values: Any, dtype: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values, dtype=dtype).reshape(-1))
 
 
-#: smallest (M, C) matrix, in elements, whose BatchNorm passes run in row blocks shared by
-#: needle's CPU threads (backend/cpu_threads.py); smaller ones run whole on one thread.
-#: NOTE: on a loaded machine (load ~3.5 on 2 cores) a split affine pass took 0.135 ms where
-#: one thread took 0.067 on 2**18 elements, 0.40 vs 0.32 on 2**20, 1.34 vs 1.22 on 2**22 (best
-#: of 40); the split pays only where the second core is free. Set it above any array's size
-#: to turn the split off.
-SPLIT_MIN_ELEMENTS = 1 << 20
+#: smallest (M, C) matrix, in elements, whose passes run in row blocks fixed by the shape
+#: (``_row_blocks``); smaller ones run whole, one kernel call. Blocked sums are float64 sums
+#: per block added in block order, so they do not depend on the thread count or on which of
+#: the three ways below ran the blocks; they differ from the whole loop's sums by rounding.
+#: NOTE (session 10): from 2**20 in blocks of 2**20 before, and only where needle had 2+
+#: threads (1 thread ran the whole loops, whose sums differ by rounding). Now from 2**18
+#: (PRANGE_MIN_ELEMENTS) in blocks of 2**16 on any thread count, so prange can split the CNN's
+#: 2**18-2**20-element activations; run one after the other (one thread, prange off) they
+#: cost ~5-15 us an op more than the whole loop (the blocks' sums, one more call).
+SPLIT_MIN_ELEMENTS = 1 << 18
 
-#: elements per row block of a split pass (4 MB of float32)
-BLOCK_ELEMENTS = 1 << 20
+#: elements per row block (at least: a block holds whole rows; 256 KB of float32)
+BLOCK_ELEMENTS = 1 << 16
+
+#: smallest matrix whose blocks run as one numba prange call on numba's TBB threads where
+#: backend/parallel_loops.parallel_threads() is nonzero (numba_parallel_batchnorm.py).
+#: NOTE (2 cores shared with 5 other jobs, load 2.5-6): alone, in a loop (data in cache),
+#: bn_grad's sums took 36 -> 30 us on 2**17 elements, 76 -> 47 on 2**18, 155 -> 86 on 2**19,
+#: 313 -> 164 on 2**20 in a quiet minute, and the same as one thread (+2-5 us) while the
+#: other core was busy. Inside CNN steps (ndl.profile, q25 of 48-96 steps, prange on vs off
+#: alternating): 2**17 lost (BatchNorm ops 1.12-1.27x, the TBB worker wakes late), 2**18
+#: level (0.96-1.04), 2**19 0.82-1.01, 2**20-2**21 0.68-0.99: the passes read activations
+#: that left the cache, and the two cores share the memory bandwidth. Whole steps (the
+#: models of benchmarks/cnn_step.py, q10 of 36-48 steps, these prange loops on vs off in one
+#: process, alternating): ResidualCNN 32x32x3 eager 35.5 -> 30.5 ms, jitted 35.7 -> 29.1;
+#: strides 1,2,2 eager 16.9 -> 13.5, jitted 15.5 -> 12.8; strides 1,1,1 eager 60.6 -> 56.9,
+#: jitted 51.0 -> 48.8 (medians moved 2-4x with the load: these are rough).
+PRANGE_MIN_ELEMENTS = 1 << 18
+
+#: smallest matrix whose blocks needle's own threads share where prange does not run (a
+#: hand-off costs ~100 us; see NOTE below), in chunks of about THREADS_CHUNK_ELEMENTS;
+#: smaller matrices run their blocks one after the other in one compiled call.
+#: NOTE: on a loaded machine (load ~3.5 on 2 cores) a pass split on needle's threads took
+#: 0.135 ms where one thread took 0.067 on 2**18 elements, 0.40 vs 0.32 on 2**20, 1.34 vs 1.22
+#: on 2**22 (best of 40); the split pays only where the second core is free. Idle-machine
+#: step times estimated from CPU times (ab_cnn_step.py --estimate, 2 threads) with this split
+#: from 2**18: CNN strides 1,1,1 89 -> 79 ms, strides 1,2,2 24.5 -> 22.7, ResidualCNN 32x32x3
+#: 38.4 -> 32.8; from 2**20 less (q25 of 10 steps: ResidualCNN 40.5 -> 40.5, strides 1,2,2
+#: 28.6 -> 26.9): the two threads' passes share the memory bandwidth.
+THREADS_MIN_ELEMENTS = 1 << 20
+THREADS_CHUNK_ELEMENTS = 1 << 20
+
+#: the prange variants (latched apart: where numba cannot compile one, the serial block loops
+#: run instead, with the same bits)
+_parallel = NumbaLoops("needle.kernels.numba_parallel_batchnorm")
 
 
-def _row_blocks(xm: np.ndarray) -> list[tuple[int, int]] | None:
-    """Ranges [s, e) of ``xm``'s first axis (rows; images for the pools) that split the
-    passes over it (None: run it whole). They depend on the shape only, so the float64 block
-    sums, added in block order, give the same result on any number (2 or more) of threads;
-    one thread runs the unsplit loops, whose float64 sums differ from them only by rounding.
+@functools.lru_cache(maxsize=256)
+def _bounds(m: int, count: int) -> np.ndarray:
+    """Row bounds of ``count`` near-equal blocks of ``m`` rows (shared: never written)."""
+    return np.array([m * i // count for i in range(count + 1)], np.int64)
 
-    NOTE: blocks of 2**20 elements: with 2**18 the extra kernel calls and partial sums cost
-    ~10% more CPU time (BatchNorm's three kernels on a 65536 x 64 matrix, run blocked on one
-    thread: 9.3 ms, unsplit 8.6, 2**20-element blocks 8.6)."""
+
+def _row_blocks(xm: np.ndarray) -> np.ndarray | None:
+    """Row bounds (int64, blocks + 1 of them) of the blocks of ``xm``'s first axis (rows; images
+    for the pools) that the passes over it run in, or None: run it whole. They depend on the
+    shape only (never on the thread count), so sums over them do not either."""
     m = xm.shape[0]
-    if xm.size < SPLIT_MIN_ELEMENTS or m < 2 or cpu_threads.NUM_THREADS < 2:
+    if xm.size < SPLIT_MIN_ELEMENTS or m < 2:
         return None
-    count = min(m, max(2, xm.size // BLOCK_ELEMENTS))
-    bounds = [m * i // count for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return _bounds(m, min(m, max(2, xm.size // BLOCK_ELEMENTS)))
 
 
-def splits(xm: np.ndarray) -> bool:
-    """Whether the passes over ``xm`` run in row blocks on needle's threads (``_row_blocks``)."""
-    return _row_blocks(xm) is not None
-
-
-def _run_blocks(name: str, blocks: list[tuple[int, int]],
-                args_of: Callable[[int, int, int], tuple]) -> bool:
-    """Kernel ``name`` on ``args_of(i, s, e)`` for every row block i = [s, e), the blocks
-    shared by needle's threads; False (the NumPy paths from then on) if numba fails to
-    compile it here."""
+def _run_blocks(name: str, bounds: np.ndarray, *args: Any) -> bool:
+    """Pass ``name`` over every row block of ``bounds`` (``args``: the kernel's, its sums'
+    arrays with a row per block, the first a matrix of the pass's size): ``run_in_blocks``
+    with numba_kernels' ``<name>_blocks`` loop. False (the NumPy paths from then on) if numba
+    fails to compile it here."""
     kernels = _kernels()
-    assert kernels is not None
-    kernel = kernels[name]
-    try:
-        cpu_threads.run_chunks(lambda i: kernel(*args_of(i, *blocks[i])), len(blocks),
-                               cpu_threads.NUM_THREADS)
-    except numba_module().core.errors.NumbaError:
-        _disabled.append(name)
+    assert kernels is not None  # (callers check enabled() first)
+    return run_in_blocks(name, bounds, args[0].size, args, kernels[name + "_blocks"], _call)
+
+
+def run_in_blocks(name: str, bounds: np.ndarray, size: int, args: tuple, serial: Any,
+                  call: Callable[..., bool]) -> bool:
+    """A pass of ``size`` elements over every row block of ``bounds``, each block the same
+    serial loop every way (so the same bits): one prange call (numba_parallel_batchnorm's
+    ``name``, on numba's TBB threads) from PRANGE_MIN_ELEMENTS where they run; else
+    ``serial(*args, bounds, b0, b1)`` (blocks b0 .. b1-1) once over all blocks, or from
+    THREADS_MIN_ELEMENTS on 2+ threads in chunks that needle's threads draw. ``call(loop,
+    *args)`` runs a numba loop, False where numba could not compile it (then this returns
+    False, nothing written)."""
+    if size >= PRANGE_MIN_ELEMENTS and parallel_loops.parallel_threads():
+        parallel = _parallel.module()
+        if parallel is not None and _parallel.call(getattr(parallel, name), *args, bounds):
+            return True
+    blocks = len(bounds) - 1
+    chunks = min(blocks, size // THREADS_CHUNK_ELEMENTS)
+    if size < THREADS_MIN_ELEMENTS or chunks < 2 or cpu_threads.NUM_THREADS < 2:
+        return call(serial, *args, bounds, 0, blocks)
+    if not call(serial, *args, bounds, 0, 0):  # compiled here first (or failed)
         return False
+    cpu_threads.run_chunks(
+        lambda i: serial(*args, bounds, blocks * i // chunks, blocks * (i + 1) // chunks),
+        chunks, cpu_threads.NUM_THREADS)
     return True
 
 
-def _block_sums(name: str, blocks: list[tuple[int, int]], c: int, matrices: tuple,
-                *per_column: np.ndarray, outputs: int = 1) -> list[np.ndarray] | None:
-    """Float64 column sums of ``outputs`` kinds from kernel ``name`` over each row block of
-    ``matrices`` (plus the ``per_column`` constants), added in block order."""
-    parts = np.empty((outputs, len(blocks), c), np.float64)
+def _block_parts(name: str, bounds: np.ndarray, c: int, matrices: tuple,
+                 *per_column: np.ndarray, outputs: int = 1) -> np.ndarray | None:
+    """(outputs, blocks, C) float64 column sums of ``outputs`` kinds from pass ``name`` over
+    each row block of ``matrices`` (plus the ``per_column`` constants), or None."""
+    parts = np.empty((outputs, len(bounds) - 1, c), np.float64)
+    return parts if _run_blocks(name, bounds, *matrices, *per_column, *parts) else None
 
-    def args_of(i: int, s: int, e: int) -> tuple:
-        return (*(mat[s:e] for mat in matrices), *per_column,
-                *(parts[k, i] for k in range(outputs)))
 
-    if not _run_blocks(name, blocks, args_of):
-        return None
-    return [np.add.reduce(parts[k], axis=0) for k in range(outputs)]
+def _block_sum(parts: np.ndarray) -> np.ndarray | None:
+    """Row blocks' (blocks, C) float64 sums added in block order (numba_kernels.
+    block_order_sums: every blocked path adds them so), or None."""
+    out = np.empty(parts.shape[1], np.float64)
+    return out if _run("block_order_sums", parts, out) else None
 
 
 def column_moments(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(mean, biased variance) of each column of ``xm``, or None where the kernels cannot run.
-    Large matrices take two passes in row blocks on needle's threads (``_row_blocks``)."""
+    Two passes; large matrices in row blocks (``_row_blocks``)."""
     if not _usable(xm) or xm.shape[0] == 0:
         return None
     m, c = xm.shape
     mean = np.empty(c, xm.dtype)
     var = np.empty(c, xm.dtype)
-    blocks = _row_blocks(xm)
-    if blocks is None:
+    bounds = _row_blocks(xm)
+    if bounds is None:
         return (mean, var) if _run("moments", xm, mean, var) else None
-    sums = _block_sums("column_sums", blocks, c, (xm,))
+    parts = _block_parts("column_sums", bounds, c, (xm,))
+    sums = None if parts is None else _block_sum(parts[0])
     if sums is None:
         return None
-    mean[:] = sums[0] / m  # the same float64 sum / m, rounded to xm's dtype, as "moments"
-    squares = _block_sums("centered_square_sums", blocks, c, (xm,), mean)
+    mean[:] = sums / m  # the same float64 sum / m, rounded to xm's dtype, as "moments"
+    parts = _block_parts("centered_square_sums", bounds, c, (xm,), mean)
+    squares = None if parts is None else _block_sum(parts[0])
     if squares is None:
         return None
-    var[:] = squares[0] / m
+    var[:] = squares / m
     return mean, var
-
-
-def _shape_blocks(xm: np.ndarray) -> list[tuple[int, int]] | None:
-    """``_row_blocks`` on any number of threads: row blocks of large matrices that depend on
-    the shape alone (one thread runs them in turn), so sums over them do not depend on the
-    thread count either."""
-    m = xm.shape[0]
-    if xm.size < SPLIT_MIN_ELEMENTS or m < 2:
-        return None
-    count = min(m, max(2, xm.size // BLOCK_ELEMENTS))
-    bounds = [m * i // count for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def column_statistics(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -231,26 +277,23 @@ def column_statistics(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     ``sum(d*d) - sum(d)**2 / m`` from cancelling for data far from 0; float32 values and their
     squares are exact in float64), so the result matches the two-pass one to float32
     rounding (~1e-7 relative). float64: ``column_moments``'s two passes, where that rounding
-    would show. Large matrices sum row blocks fixed by the shape on needle's threads, added
-    in block order: the same result on any number of threads.
+    would show. Large matrices sum row blocks fixed by the shape (``_row_blocks``), added in
+    block order: the same result on any number of threads.
     """
     if not _usable(xm) or xm.shape[0] == 0:
         return None
     if xm.dtype != np.float32:
         return column_moments(xm)
-    blocks = _shape_blocks(xm)
-    if blocks is None:
+    bounds = _row_blocks(xm)
+    if bounds is None:
         return whole_column_statistics(xm)
     m, c = xm.shape
     mean = np.empty(c, xm.dtype)
     var = np.empty(c, xm.dtype)
-    shift = xm[0].astype(np.float64)
-    sums = _block_sums("shifted_sums", blocks, c, (xm,), shift, outputs=2)
-    if sums is None:
+    parts = _block_parts("shifted_sums", bounds, c, (xm,), xm[0].astype(np.float64),
+                         outputs=2)
+    if parts is None or not _run("shifted_moments", xm, parts[0], parts[1], mean, var):
         return None
-    s1, s2 = sums  # the arithmetic of numba_kernels.one_pass_moments
-    mean[:] = shift + s1 / m
-    var[:] = np.maximum(s2 - s1 * (s1 / m), 0.0) / m
     return mean, var
 
 
@@ -265,7 +308,9 @@ def whole_column_statistics(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | N
 
 
 def column_sums(xm: np.ndarray) -> np.ndarray | None:
-    """The sum of each column of ``xm`` (float64 sums), or None where the kernels cannot run.
+    """The sum of each column of ``xm`` (float64 sums, one loop), or None where the kernels
+    cannot run. (Large channel matrices: reduce.reduce_sum takes column_sums.py's blocked
+    sums first; this is its path below their size, so it stays one loop.)
 
     NOTE: the NumPy path's BLAS product with a ones vector is as fast on one core, but it is
     large enough for OpenBLAS to wake its worker threads, which then spin for ~0.1 s and take
@@ -274,14 +319,7 @@ def column_sums(xm: np.ndarray) -> np.ndarray | None:
     if not _usable(xm):
         return None
     out = np.empty(xm.shape[1], xm.dtype)
-    blocks = _row_blocks(xm)
-    if blocks is None:
-        return out if _run("column_sums", xm, out) else None
-    sums = _block_sums("column_sums", blocks, xm.shape[1], (xm,))
-    if sums is None:
-        return None
-    out[:] = sums[0]
-    return out
+    return out if _run("column_sums", xm, out) else None
 
 
 def column_affine(xm: np.ndarray, scale: Any, shift: Any) -> np.ndarray | None:
@@ -290,11 +328,11 @@ def column_affine(xm: np.ndarray, scale: Any, shift: Any) -> np.ndarray | None:
         return None
     out = np.empty_like(xm)
     scale, shift = _vector(scale, xm.dtype), _vector(shift, xm.dtype)
-    blocks = _row_blocks(xm)
-    if blocks is None:
+    bounds = _row_blocks(xm)
+    if bounds is None:
         done = _run("affine", xm, scale, shift, out)
     else:
-        done = _run_blocks("affine", blocks, lambda _, s, e: (xm[s:e], scale, shift, out[s:e]))
+        done = _run_blocks("affine", bounds, xm, scale, shift, out)
     return out if done else None
 
 
@@ -305,28 +343,33 @@ def batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, inv: Any, weight:
     None where the kernels cannot run."""
     if not _usable(gm, xm) or xm.shape[0] == 0:
         return None
+    mean, inv, weight = (_vector(v, xm.dtype) for v in (mean, inv, weight))
+    bounds = _row_blocks(xm)
+    if bounds is None:
+        c = xm.shape[1]
+        dx = np.empty_like(xm)
+        dweight = np.empty(c, xm.dtype)
+        dbias = np.empty(c, xm.dtype)
+        done = _run("bn_grad", gm, xm, mean, inv, weight, dx, dweight, dbias)
+        return (dx, dweight, dbias) if done else None
+    return _blocked_grad(gm, xm, mean, inv, weight, bounds)
+
+
+def _blocked_grad(gm: np.ndarray, xm: np.ndarray, mean: np.ndarray, inv: np.ndarray,
+                  weight: np.ndarray, bounds: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``batch_norm_grad`` in row blocks, its arguments checked (constants as (C,) vectors)."""
     m, c = xm.shape
     dx = np.empty_like(xm)
     dweight = np.empty(c, xm.dtype)
     dbias = np.empty(c, xm.dtype)
-    mean, inv, weight = (_vector(v, xm.dtype) for v in (mean, inv, weight))
-    blocks = _row_blocks(xm)
-    if blocks is None:
-        done = _run("bn_grad", gm, xm, mean, inv, weight, dx, dweight, dbias)
-        return (dx, dweight, dbias) if done else None
-    sums = _block_sums("bn_grad_sums", blocks, c, (gm, xm), mean, outputs=2)
-    if sums is None:
+    parts = _block_parts("bn_grad_sums", bounds, c, (gm, xm), mean, outputs=2)
+    a, b, k = (np.empty(c, xm.dtype) for _ in range(3))
+    # the constants in xm's dtype, as "bn_grad" computes them
+    if parts is None or not _run("bn_grad_constants", parts[0], parts[1], inv, weight, m, a, b,
+                                 k, dweight, dbias):
         return None
-    sum_g, sum_gc = sums
-    # the coefficients in xm's dtype, as "bn_grad" computes them
-    scale = weight * inv
-    a = scale
-    b = (-scale * inv * inv * (sum_gc / m)).astype(xm.dtype)
-    k = (-scale * (sum_g / m)).astype(xm.dtype)
-    dbias[:] = sum_g
-    dweight[:] = sum_gc * inv
-    done = _run_blocks("bn_grad_dx", blocks,
-                       lambda _, s, e: (gm[s:e], xm[s:e], mean, a, b, k, dx[s:e]))
+    done = _run_blocks("bn_grad_dx", bounds, gm, xm, mean, a, b, k, dx)
     return (dx, dweight, dbias) if done else None
 
 
@@ -346,11 +389,21 @@ def batch_norm_forward(xm: np.ndarray, weight: Any, bias: Any, mean: Any, var: A
     """Training BatchNorm's output for the (M, C) matrix ``xm`` and per-column statistics in
     one kernel call (the per-column alpha and beta too: on an MLP's 100 x 50 activations the
     five NumPy calls for them cost more than the pass), bit-identical to the NumPy formulas;
-    None where it cannot run (other dtypes, matrices large enough to split: the caller's
-    ``column_affine`` path splits them)."""
-    if not _usable(xm) or _row_blocks(xm) is not None:
+    a large matrix: alpha and beta in one call, then ``affine`` over its row blocks. None
+    where it cannot run (other dtypes)."""
+    if not _usable(xm):
         return None
-    return whole_batch_norm_forward(xm, weight, bias, mean, var, eps)
+    bounds = _row_blocks(xm)
+    if bounds is None:
+        return whole_batch_norm_forward(xm, weight, bias, mean, var, eps)
+    vectors = _same_dtype_vectors(xm.dtype, weight, bias, mean, var)
+    if vectors is None:
+        return None
+    alpha, beta = np.empty(xm.shape[1], xm.dtype), np.empty(xm.shape[1], xm.dtype)
+    if not _run("bn_alpha_beta", *vectors, xm.dtype.type(eps), alpha, beta):
+        return None
+    out = np.empty_like(xm)
+    return out if _run_blocks("affine", bounds, xm, alpha, beta, out) else None
 
 
 def whole_batch_norm_forward(xm: np.ndarray, weight: Any, bias: Any, mean: Any, var: Any,
@@ -365,12 +418,20 @@ def whole_batch_norm_forward(xm: np.ndarray, weight: Any, bias: Any, mean: Any, 
 
 def batch_norm_grad_given_var(gm: np.ndarray, xm: np.ndarray, mean: Any, var: Any, eps: float,
                               weight: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``batch_norm_grad`` given the variance (``inv`` computed in the kernel, as NumPy
-    would: bit-identical) in one kernel call; None where it cannot run (other dtypes,
-    matrices large enough to split)."""
-    if not _usable(gm, xm) or xm.shape[0] == 0 or _row_blocks(xm) is not None:
+    """``batch_norm_grad`` given the variance (``inv`` computed as NumPy computes it, in the
+    arrays' dtype: bit-identical), None where it cannot run (other dtypes). One kernel call
+    for a matrix run whole, ``batch_norm_grad``'s blocked passes for a large one."""
+    if not _usable(gm, xm) or xm.shape[0] == 0:
         return None
-    return whole_batch_norm_grad(gm, xm, mean, var, eps, weight)
+    bounds = _row_blocks(xm)
+    if bounds is None:
+        return whole_batch_norm_grad(gm, xm, mean, var, eps, weight)
+    vectors = _same_dtype_vectors(xm.dtype, mean, var, weight)
+    if vectors is None:
+        return None
+    mean, var, weight = vectors
+    one = xm.dtype.type(1)
+    return _blocked_grad(gm, xm, mean, one / np.sqrt(var + xm.dtype.type(eps)), weight, bounds)
 
 
 def whole_batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, var: Any, eps: float,
@@ -462,11 +523,11 @@ def max_pool(x: np.ndarray, k: int, stride: int, ho: int, wo: int) -> np.ndarray
     n, c = x.shape[0], x.shape[1]
     out = np.empty((n, ho, wo, c), x.dtype)
     xt = x.transpose(0, 2, 3, 1)
-    blocks = _row_blocks(xt)
-    if blocks is None:
+    bounds = _row_blocks(xt)
+    if bounds is None:
         done = _run("max_pool", xt, k, stride, out)
     else:  # images are independent: split by images
-        done = _run_blocks("max_pool", blocks, lambda _, s, e: (xt[s:e], k, stride, out[s:e]))
+        done = _run_blocks("max_pool", bounds, xt, k, stride, out)
     return out.transpose(0, 3, 1, 2) if done else None
 
 
@@ -485,11 +546,10 @@ def max_pool_scatter(x: np.ndarray, y: np.ndarray, g: np.ndarray, k: int, stride
     # their strides the loop ran 15-25x slower (64 x 16 x 32 x 32: 0.75 -> 14-20 ms)
     xt = x.transpose(0, 2, 3, 1)
     yt, gt = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (y, g))
-    blocks = _row_blocks(xt)
-    if blocks is None:
+    bounds = _row_blocks(xt)
+    if bounds is None:
         done = _run("max_pool_scatter", xt, yt, gt, k, stride, dx)
     else:  # images are independent: split by images
-        done = _run_blocks("max_pool_scatter", blocks,
-                           lambda _, s, e: (xt[s:e], yt[s:e], gt[s:e], k, stride, dx[s:e]))
+        done = _run_blocks("max_pool_scatter", bounds, xt, yt, gt, k, stride, dx)
     return dx.transpose(0, 3, 1, 2) if done else None
 

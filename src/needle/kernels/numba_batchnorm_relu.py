@@ -73,3 +73,23 @@ def bn_relu_grad_dx(g, per, xm, alpha, beta, mean, a, b, k, s, e, dx, sum_dx):
             gi += 1
     for j in range(acc.shape[0]):
         sum_dx[j] = acc[j]
+
+
+# -- row blocks: the loops above over rows bounds[q]:bounds[q + 1] for blocks b0 .. b1-1, block
+# q's float64 sums in row q of the sums' arrays (numba_parallel_batchnorm.py runs the same
+# loops per block under prange)
+@njit_cached
+def bn_relu_grad_sums_blocks(g, per, xm, alpha, beta, mean, sum_g, sum_gc, bounds, b0, b1):
+    """``bn_relu_grad_sums`` of each row block (``sum_g``, ``sum_gc``: (blocks, C))."""
+    for q in range(b0, b1):
+        bn_relu_grad_sums(g, per, xm, alpha, beta, mean, bounds[q], bounds[q + 1], sum_g[q],
+                          sum_gc[q])
+
+
+@njit_cached
+def bn_relu_grad_dx_blocks(g, per, xm, alpha, beta, mean, a, b, k, dx, sum_dx, bounds, b0, b1):
+    """``bn_relu_grad_dx`` over each row block; ``sum_dx`` is (blocks, C) for the blocks'
+    column sums of dx, (blocks, 0) for none."""
+    for q in range(b0, b1):
+        bn_relu_grad_dx(g, per, xm, alpha, beta, mean, a, b, k, bounds[q], bounds[q + 1], dx,
+                        sum_dx[q])

@@ -141,6 +141,16 @@ def bn_forward(xm, weight, bias, mean, var, eps, out):
 
 
 @_jit
+def bn_alpha_beta(weight, bias, mean, var, eps, alpha, beta):
+    """``bn_forward``'s per-column alpha and beta (the same roundings), for its blocked path
+    (cpu_kernels.batch_norm_forward: then ``affine`` over row blocks)."""
+    for j in range(alpha.shape[0]):
+        alpha[j] = 1.0
+        alpha[j] = weight[j] * (alpha[j] / np.sqrt(var[j] + eps))
+        beta[j] = bias[j] - mean[j] * alpha[j]
+
+
+@_jit
 def bn_grad_var(gm, xm, mean, var, eps, weight, dx, dweight, dbias):
     """``bn_grad`` given the variance: inv = 1 / sqrt(var + eps) in the arrays' dtype (as
     BatchNormGrad.compute's NumPy does), then bn_grad's sums and dx pass."""
@@ -187,6 +197,98 @@ def bn_grad_dx(gm, xm, mean, a, b, k, dx):
     for i in range(m):
         for j in range(c):
             dx[i, j] = gm[i, j] * a[j] + (xm[i, j] - mean[j]) * b[j] + k[j]
+
+
+# -- row blocks: the passes above over rows bounds[b]:bounds[b + 1] for blocks b0 .. b1-1 (blocks
+# fixed by the shape, cpu_kernels._row_blocks), block b's float64 sums in row b of the sums'
+# arrays; numba_parallel_batchnorm.py runs the same loops per block under prange
+@_jit
+def block_order_sums(parts, out):
+    """out[j] = parts[0, j] + parts[1, j] + ... (row blocks' float64 sums, added in block
+    order: np.add.reduce(parts, axis=0) adds them so too, except for one column, pairwise)."""
+    for j in range(parts.shape[1]):
+        out[j] = parts[0, j]
+    for b in range(1, parts.shape[0]):
+        for j in range(parts.shape[1]):
+            out[j] += parts[b, j]
+
+
+@_jit
+def shifted_moments(xm, s1, s2, mean, var):
+    """``one_pass_moments``'s mean and variance from its sums over row blocks (``s1``, ``s2``:
+    (blocks, C) float64 ``shifted_sums`` of x - x[0]), the blocks added in block order."""
+    m, c = xm.shape
+    acc1 = np.empty(c, np.float64)
+    acc2 = np.empty(c, np.float64)
+    block_order_sums(s1, acc1)
+    block_order_sums(s2, acc2)
+    for j in range(c):
+        shift = np.float64(xm[0, j])
+        mean[j] = shift + acc1[j] / m
+        var[j] = max(acc2[j] - acc1[j] * (acc1[j] / m), 0.0) / m
+
+
+@_jit
+def bn_grad_constants(sum_g, sum_gc, inv, weight, m, a, b, k, dweight, dbias):
+    """``bn_grad``'s per-column constants from its sums over row blocks (``sum_g``, ``sum_gc``:
+    (blocks, C) float64, added in block order): dx = a g + b (x - mean) + k, dweight, dbias."""
+    c = inv.shape[0]
+    acc_g = np.empty(c, np.float64)
+    acc_gc = np.empty(c, np.float64)
+    block_order_sums(sum_g, acc_g)
+    block_order_sums(sum_gc, acc_gc)
+    for j in range(c):
+        scale = weight[j] * inv[j]
+        a[j] = scale
+        b[j] = -scale * inv[j] * inv[j] * (acc_gc[j] / m)
+        k[j] = -scale * (acc_g[j] / m)
+        dbias[j] = acc_g[j]
+        dweight[j] = acc_gc[j] * inv[j]
+
+
+@_jit
+def column_sums_blocks(xm, out, bounds, b0, b1):
+    """``column_sums`` of each row block (``out``: (blocks, C) float64)."""
+    for b in range(b0, b1):
+        column_sums(xm[bounds[b]:bounds[b + 1]], out[b])
+
+
+@_jit
+def shifted_sums_blocks(xm, shift, s1, s2, bounds, b0, b1):
+    """``shifted_sums`` of each row block (``s1``, ``s2``: (blocks, C) float64)."""
+    for b in range(b0, b1):
+        shifted_sums(xm[bounds[b]:bounds[b + 1]], shift, s1[b], s2[b])
+
+
+@_jit
+def centered_square_sums_blocks(xm, mean, out, bounds, b0, b1):
+    """``centered_square_sums`` of each row block (``out``: (blocks, C) float64)."""
+    for b in range(b0, b1):
+        centered_square_sums(xm[bounds[b]:bounds[b + 1]], mean, out[b])
+
+
+@_jit
+def affine_blocks(xm, scale, shift, out, bounds, b0, b1):
+    """``affine`` over each row block."""
+    for b in range(b0, b1):
+        s, e = bounds[b], bounds[b + 1]
+        affine(xm[s:e], scale, shift, out[s:e])
+
+
+@_jit
+def bn_grad_sums_blocks(gm, xm, mean, sum_g, sum_gc, bounds, b0, b1):
+    """``bn_grad_sums`` of each row block (``sum_g``, ``sum_gc``: (blocks, C) float64)."""
+    for b in range(b0, b1):
+        s, e = bounds[b], bounds[b + 1]
+        bn_grad_sums(gm[s:e], xm[s:e], mean, sum_g[b], sum_gc[b])
+
+
+@_jit
+def bn_grad_dx_blocks(gm, xm, mean, a, b, k, dx, bounds, b0, b1):
+    """``bn_grad_dx`` over each row block."""
+    for q in range(b0, b1):
+        s, e = bounds[q], bounds[q + 1]
+        bn_grad_dx(gm[s:e], xm[s:e], mean, a, b, k, dx[s:e])
 
 
 @_jit
@@ -320,6 +422,22 @@ def max_pool_scatter_nhwc(x, y, g, k, stride, dx):
                             else:
                                 dx[n, r, q, c] = picked
                             pending[c] = pending[c] and not hit
+
+
+@_jit
+def max_pool_blocks(x, k, stride, out, bounds, b0, b1):
+    """``max_pool_nhwc`` over each block of images (bounds on the first axis)."""
+    for b in range(b0, b1):
+        s, e = bounds[b], bounds[b + 1]
+        max_pool_nhwc(x[s:e], k, stride, out[s:e])
+
+
+@_jit
+def max_pool_scatter_blocks(x, y, g, k, stride, dx, bounds, b0, b1):
+    """``max_pool_scatter_nhwc`` over each block of images (bounds on the first axis)."""
+    for b in range(b0, b1):
+        s, e = bounds[b], bounds[b + 1]
+        max_pool_scatter_nhwc(x[s:e], y[s:e], g[s:e], k, stride, dx[s:e])
 
 
 @_jit
