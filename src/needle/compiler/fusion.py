@@ -32,7 +32,10 @@ a kernel compiled for that axis order on transposed views, and the outputs keep 
 
 Threads: a loop of ``SPLIT_MIN_ELEMENTS`` or more runs as blocks of rows of its lead
 input's memory order that needle's threads draw (``FusedRegion.in_blocks``; the rule of
-kernels/threaded_elementwise.py), each element computed as in the one-call loop.
+kernels/threaded_elementwise.py), each element computed as in the one-call loop. Where numba's
+parallel loops run on TBB (backend/parallel_loops.py), a loop of ``PRANGE_MIN_ELEMENTS`` or more
+runs its blocks instead from one generated ``prange`` loop that calls the compiled block loop
+(``FusedRegion._prange_runner``): no hand-off to needle's threads (~100 us each).
 
 Kernels are cached by the region's structure (member op keys, wiring, each input's
 broadcasting pattern, dtypes; not the sizes, which the loop reads from its inputs) in a
@@ -54,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import cpu, cpu_threads
+from ..backend import cpu, cpu_threads, parallel_loops
 from ..backend.numba_support import numba_module
 from ..core.interpret import Program, Step, plan_frees, snapshot_slots
 from ..core.ops_shape import TupleGetItem
@@ -80,6 +83,11 @@ ALL_STORED_MIN_SIZE = 4096
 #: the elements per block: the threaded elementwise passes' rule
 SPLIT_MIN_ELEMENTS = threaded_elementwise.SPLIT_MIN_ELEMENTS
 BLOCK_ELEMENTS = threaded_elementwise.BLOCK_ELEMENTS
+#: smallest loop (elements) whose blocks run from one numba prange loop (where
+#: ``parallel_loops.parallel_threads()`` is nonzero), and the elements per block: the rule of
+#: the threaded elementwise passes
+PRANGE_MIN_ELEMENTS = threaded_elementwise.PRANGE_MIN_ELEMENTS
+PRANGE_BLOCK_ELEMENTS = threaded_elementwise.PRANGE_BLOCK_ELEMENTS
 
 
 def enabled() -> bool:
@@ -297,6 +305,51 @@ def _compile(key: tuple, structure: tuple, signature: tuple,
     return kernel
 
 
+def _prange_source(cut: tuple, num_outputs: int) -> str:
+    """Python source of the prange loop over ``count`` blocks of rows that calls ``kernel``
+    (a global: the compiled block loop) on each: inputs ``a{k}`` sliced where ``cut[k]``,
+    outputs ``out{k}`` always."""
+    ins = [f"a{k}" for k in range(len(cut))]
+    outs = [f"out{k}" for k in range(num_outputs)]
+    args = [f"a{k}[s:e]" if c else f"a{k}" for k, c in enumerate(cut)] + [
+        f"{o}[s:e]" for o in outs]
+    return "\n".join([f"def fused_blocks({', '.join(ins + outs)}, count):",
+                      "    n = out0.shape[0]",
+                      "    for b in prange(count):",
+                      "        s = n * b // count",
+                      "        e = n * (b + 1) // count",
+                      f"        kernel({', '.join(args)})"]) + "\n"
+
+
+_prange_cache: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def _compile_prange(kernel: Any, cut: tuple, num_outputs: int, signature: tuple) -> Any:
+    """The prange loop of ``_prange_source`` around ``kernel`` (a numba dispatcher), compiled
+    for ``signature``; cached by the dispatcher (kept alive by the key), the cut pattern and
+    the signature."""
+    key = (kernel, cut, num_outputs, signature)
+    with _cache_lock:
+        fn = _prange_cache.get(key)
+        if fn is not None:
+            _prange_cache.move_to_end(key)
+            return fn
+    from numba import prange
+
+    namespace: dict[str, Any] = {"kernel": kernel, "prange": prange}
+    exec(compile(_prange_source(cut, num_outputs), "<needle fused blocks>", "exec"),  # noqa: S102
+         namespace)
+    # (no disk cache for generated source; numba's njit would try and fail)
+    fn = numba_module().njit(error_model="numpy", nogil=True, parallel=True)(
+        namespace["fused_blocks"])
+    fn.compile(signature)
+    with _cache_lock:
+        _prange_cache[key] = fn
+        while len(_prange_cache) > CACHE_SIZE:
+            _prange_cache.popitem(last=False)
+    return fn
+
+
 def cache_info() -> dict[str, int]:
     """Kernels cached now and the bound."""
     return {"size": len(_cache), "max_size": CACHE_SIZE}
@@ -306,6 +359,7 @@ def clear_cache() -> None:
     """Drop every cached kernel (tests; a long-running process that changed models)."""
     with _cache_lock:
         _cache.clear()
+        _prange_cache.clear()
 
 
 # -- the fused step -----------------------------------------------------------------------------
@@ -386,11 +440,13 @@ class FusedRegion(Op):
         self.returns_tuple = self.num_outputs > 1
         self._by_order: dict[tuple, _Kernel] = {}  # axis order -> the kernel looping in it
         self._blocks_by_order: dict[tuple, Any] = {}  # axis order -> the given-outputs kernel
+        self._prange_by_cut: dict[tuple, Any] = {}  # (order, inputs cut) -> the prange loop
         self._lead = _lead_input(structure)
         # the generated call itself is the compute (compiled plans bind it: no extra frame)
         self._whole = _guarded(kernel, structure[1], self._lead, self.in_memory_order)
         self.compute = self._whole  # type: ignore[method-assign]
-        if self._lead is not None and math.prod(structure[0]) >= SPLIT_MIN_ELEMENTS:
+        if self._lead is not None and math.prod(structure[0]) >= min(SPLIT_MIN_ELEMENTS,
+                                                                       PRANGE_MIN_ELEMENTS):
             self.compute = self.in_blocks  # type: ignore[method-assign]
 
     def in_blocks(self, *arrays: Any) -> Any:
@@ -398,6 +454,8 @@ class FusedRegion(Op):
         needle's threads draw (backend/cpu_threads.run_chunks), writing into outputs
         allocated here (or into the inputs ``into`` names); the one-call loop where the
         split cannot apply (one thread, inputs not as planned, memory in no axis order).
+        From ``PRANGE_MIN_ELEMENTS`` on numba's TBB threads, the blocks run from one prange
+        loop (``_prange_runner``) instead of needle's threads.
 
         NOTE: every element is computed by the same scalar expressions as in the one-call
         loop, so the results are bitwise those of it, whatever the thread count. The hot
@@ -410,10 +468,14 @@ class FusedRegion(Op):
                 shape and (type(a) is not np.ndarray or a.shape != shape)
                 for a, (shape, _) in zip(arrays, inputs)):
             return self._whole(*arrays)
+        size = math.prod(loop)
+        in_prange = size >= PRANGE_MIN_ELEMENTS and parallel_loops.parallel_threads() > 0
+        if not in_prange and size < SPLIT_MIN_ELEMENTS:
+            return self._whole(*arrays)
         lead = arrays[self._lead]  # type: ignore[index]
         order = tuple(sorted(range(len(loop)), key=lambda d: -abs(lead.strides[d])))
         rows = loop[order[0]]
-        count = min(rows, -(-math.prod(loop) // BLOCK_ELEMENTS))
+        count = min(rows, -(-size // (PRANGE_BLOCK_ELEMENTS if in_prange else BLOCK_ELEMENTS)))
         if count < 2 or not lead.transpose(order).flags.c_contiguous:
             return self._whole(*arrays)
         views = [a.reshape(_padded(shape, len(loop))).transpose(order) if shape else
@@ -425,13 +487,21 @@ class FusedRegion(Op):
         if kernel is None:
             return self._whole(*arrays)
         cut = [bool(shape) and v.shape[0] == rows for v, (shape, _) in zip(views, inputs)]
-        bounds = [rows * i // count for i in range(count + 1)]
+        runner = self._prange_runner(order, kernel, tuple(cut), views, outs) if in_prange \
+            else None
+        if runner is not None:
+            runner(*views, *outs, count)
+        else:
+            if in_prange and size < SPLIT_MIN_ELEMENTS:
+                return self._whole(*arrays)
+            bounds = [rows * i // count for i in range(count + 1)]
 
-        def block(i: int) -> None:
-            s, e = bounds[i], bounds[i + 1]
-            kernel(*(v[s:e] if c else v for v, c in zip(views, cut)), *(o[s:e] for o in outs))
+            def block(i: int) -> None:
+                s, e = bounds[i], bounds[i + 1]
+                kernel(*(v[s:e] if c else v for v, c in zip(views, cut)),
+                       *(o[s:e] for o in outs))
 
-        cpu_threads.run_chunks(block, count, cpu_threads.NUM_THREADS)
+            cpu_threads.run_chunks(block, count, cpu_threads.NUM_THREADS)
         back = tuple(order.index(d) for d in range(len(order)))
         if self.num_outputs == 1:
             return outs[0].transpose(back)
@@ -453,6 +523,28 @@ class FusedRegion(Op):
         except Exception:  # noqa: BLE001 - the one-call loop runs instead
             fn = None
         self._blocks_by_order[order] = fn
+        return fn
+
+    def _prange_runner(self, order: tuple, kernel: Any, cut: tuple, views: list,
+                       outs: list) -> Any:
+        """The prange loop running ``kernel`` (the given-outputs block loop) over ``count``
+        blocks of rows: inputs marked in ``cut`` and the outputs sliced, the others passed
+        whole (``_prange_source``); compiled here for the types of ``views`` and ``outs``,
+        None where numba cannot compile it.
+
+        NOTE: numba's parallel=True compile is slow: this loop took 0.45-0.5 s on the 2-core
+        machine against 0.14 s for the block loop it calls; making the block loop's outer
+        loop a prange compiled as slowly (0.45 s), so the loop is generated around the
+        compiled block loop, which needle's threads' path runs as well."""
+        if (order, cut) in self._prange_by_cut:
+            return self._prange_by_cut[(order, cut)]
+        numba = numba_module()
+        try:
+            signature = (*(numba.typeof(v) for v in (*views, *outs)), numba.int64)
+            fn: Any = _compile_prange(kernel, cut, self.num_outputs, signature)
+        except Exception:  # noqa: BLE001 - needle's threads run the blocks instead
+            fn = None
+        self._prange_by_cut[(order, cut)] = fn
         return fn
 
     def in_memory_order(self, *arrays: Any) -> Any:

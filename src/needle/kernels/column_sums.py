@@ -11,11 +11,12 @@ NumPy's own reduction: the same bits.
 
 Large channel matrices (a conv's bias gradient: the (N*H*W, C) matrix of its NHWC output
 gradient; Mean over channels-last arrays): ``blocked_column_sums`` sums row blocks fixed by
-the shape in float64 on needle's threads and adds the block sums in block order, so the
-result is the same on any number of threads (and within one float32 step of the exact sum;
-NumPy's float32 sum is further off). Without numba these sums are layout.column_sums's
-NumPy/BLAS ones, in another order: they differ at float32 rounding level (tests check both
-against a float64 reference).
+the shape in float64 (one numba prange call on numba's TBB threads where they run:
+backend/parallel_loops.py; else needle's threads draw the blocks) and adds the block sums in
+block order, so the result is the same on any number of threads and either way (and within
+one float32 step of the exact sum; NumPy's float32 sum is further off). Without numba
+these sums are layout.column_sums's NumPy/BLAS ones, in another order: they differ at float32
+rounding level (tests check both against a float64 reference).
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import cpu_threads
+from ..backend import cpu_threads, parallel_loops
 from ..backend.numba_support import NumbaLoops
 
-__all__ = ["BLOCK_ELEMENTS", "IN_ORDER_MAX_SIZE", "SPLIT_MIN_ELEMENTS", "blocked_column_sums",
-           "in_order", "row_blocks", "sum_rows"]
+__all__ = ["BLOCK_ELEMENTS", "IN_ORDER_MAX_SIZE", "SPLIT_MIN_ELEMENTS", "THREADS_MIN_ELEMENTS",
+           "blocked_column_sums", "in_order", "row_blocks", "sum_rows"]
 
 #: matrices below this many elements take ``sum_rows`` (reduce.EINSUM_MIN_SIZE: from there
 #: reduce_sum uses einsum, whose order differs)
 IN_ORDER_MAX_SIZE = 16384
 
 _loops = NumbaLoops(f"{__package__}.numba_column_sums")
+#: the prange variant (latched apart: a failure there leaves needle's threads in use)
+_parallel_loops = NumbaLoops(f"{__package__}.numba_parallel_elementwise")
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -76,10 +79,16 @@ def sum_rows(a: Any, shape: tuple) -> Any:
 #: (ab_cnn_step.py --threads 2 --estimate, 6 rounds) with the split from 2**18 elements
 #: (blocks of 2**17): strides 1,2,2 1.006x, 1,1,1 1.018x (ratio of medians). From 2**20
 #: (as before: cpu_kernels._row_blocks) the blocks no longer depend on the thread count.
-SPLIT_MIN_ELEMENTS = 1 << 20
+#: On numba's TBB threads (a region starts in ~1.5 us) the blocks start at 2**19 (2 blocks;
+#: from 2**20 on the same blocks as before); needle's threads take them from
+#: ``THREADS_MIN_ELEMENTS``, below it they run one after the other here.
+SPLIT_MIN_ELEMENTS = 1 << 19
 
 #: elements per row block (at least; a block holds whole rows)
 BLOCK_ELEMENTS = 1 << 20
+
+#: smallest matrix whose blocks needle's threads share where numba's prange does not run
+THREADS_MIN_ELEMENTS = 1 << 20
 
 
 def row_blocks(m: int, c: int) -> tuple[int, ...] | None:
@@ -100,9 +109,10 @@ def blocked_column_sums(matrix: Any) -> np.ndarray | None:
     """The (C,) column sums of a large C-contiguous (M, C) float matrix (a conv's bias
     gradient: its NHWC output gradient's channel matrix), or None where this does not apply
     (small, another layout or dtype, no numba). Each row block's float64 sums are one
-    compiled loop; needle's threads (backend/cpu_threads.run_chunks) draw the blocks, and the
-    block sums are added in block order: the same result on any number of threads, and more
-    accurate than NumPy's float32 sum."""
+    compiled loop; one prange call runs them on numba's TBB threads where they run, else
+    needle's threads (backend/cpu_threads.run_chunks) draw the blocks (serial below
+    ``THREADS_MIN_ELEMENTS``), and the block sums are added in block order: the same result
+    on any number of threads and either way, and more accurate than NumPy's float32 sum."""
     if (type(matrix) is not np.ndarray or matrix.ndim != 2 or matrix.dtype not in _FLOATS
             or not matrix.flags.c_contiguous):
         return None
@@ -113,9 +123,24 @@ def blocked_column_sums(matrix: Any) -> np.ndarray | None:
         return None
     count = len(bounds) - 1
     parts = np.empty((count, c), np.float64)
-    loop = module.block_sums
-    if not _loops.call(loop, matrix, 0, 0, parts[0]):  # compiled here first (or failed)
-        return None
-    cpu_threads.run_chunks(lambda i: loop(matrix, bounds[i], bounds[i + 1], parts[i]), count,
-                           cpu_threads.NUM_THREADS)
+    if not _in_prange_blocks(matrix, bounds, parts):
+        loop = module.block_sums
+        if not _loops.call(loop, matrix, 0, 0, parts[0]):  # compiled here first (or failed)
+            return None
+        threads = cpu_threads.NUM_THREADS if m * c >= THREADS_MIN_ELEMENTS else 1
+        cpu_threads.run_chunks(lambda i: loop(matrix, bounds[i], bounds[i + 1], parts[i]),
+                               count, threads)
     return np.add.reduce(parts, axis=0).astype(matrix.dtype)
+
+
+def _in_prange_blocks(matrix: np.ndarray, bounds: tuple[int, ...], parts: np.ndarray) -> bool:
+    """Each block's float64 sums into its row of ``parts``, from one prange call on numba's
+    TBB threads; False where that does not run (no TBB, one thread, numba could not compile
+    it) and needle's threads run the blocks instead."""
+    if not parallel_loops.parallel_threads():
+        return False
+    parallel = _parallel_loops.module()
+    if parallel is None:
+        return False
+    return _parallel_loops.call(parallel.column_block_sums, matrix,
+                                np.array(bounds, np.int64), parts)

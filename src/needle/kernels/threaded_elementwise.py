@@ -17,6 +17,12 @@ thread count. Arrays whose memory is not one dense block (a sliced view), of dif
 layouts, dtypes other than float32/float64, small arrays, CuPy arrays, or no numba: None, and
 the caller runs NumPy.
 
+Where numba's parallel loops run on TBB (backend/parallel_loops.parallel_threads() > 0), a
+pass of ``PRANGE_MIN_ELEMENTS`` or more is instead one ``prange`` call over blocks fixed by the
+shape (kernels/numba_parallel_elementwise.py, each block the same serial loop): a region starts
+in ~1.5 us where a hand-off to needle's threads costs ~100 us (``PRANGE_MIN_ELEMENTS`` says
+from which size it pays).
+
 Layout: an activation of an NCHW model is an NCHW view of channels-last memory (nn.Conv);
 the loops read the memory in its own order, and the result has the input's strides (as
 NumPy's ufuncs give it), so later ops keep the fast channels-last paths.
@@ -28,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import cpu_threads
+from ..backend import cpu_threads, parallel_loops
 from ..backend.numba_support import NumbaLoops
 
-__all__ = ["MIN_ELEMENTS", "SPLIT_MIN_ELEMENTS", "add_row", "relu", "relu_grad"]
+__all__ = ["MIN_ELEMENTS", "PRANGE_BLOCK_ELEMENTS", "PRANGE_MIN_ELEMENTS", "SPLIT_MIN_ELEMENTS",
+           "add_row", "relu", "relu_grad"]
 
 #: smallest array, in elements, that takes the compiled loop (below it NumPy's call is as
 #: fast and the dispatch costs more than it saves)
@@ -43,7 +50,20 @@ SPLIT_MIN_ELEMENTS = 1 << 19
 #: elements per block of a split pass (2 MB of float32)
 BLOCK_ELEMENTS = 1 << 19
 
+#: smallest array, in elements, whose pass is one numba prange call over blocks (where
+#: ``parallel_loops.parallel_threads()`` is nonzero), and the elements per block.
+#: NOTE: measured on the shared 2-core VM (relu, float32, 100 alternating calls, medians;
+#: /work/notes/tasks10/L/part.py): TBB's second thread either joined every call or almost
+#: none, by the machine's load. Joining: 2^17 21.8 vs 21.2 us serial, 2^18 45.1 vs 46.2 (its
+#: wake-up eats the gain), 2^19 116 vs 144, 2^20 222 vs 330. Not joining (load 4-6): prange
+#: costs 1.5-2 us more at 2^17-2^18 and 5-14 us more at 2^19-2^20, where needle's threads
+#: (the old split from 2^19) cost 20-65 us more than serial. Blocks of 2^15-2^17 timed alike.
+PRANGE_MIN_ELEMENTS = 1 << 19
+PRANGE_BLOCK_ELEMENTS = 1 << 16
+
 _loops = NumbaLoops("needle.kernels.numba_kernels")
+#: the prange variants (latched apart: a failure there leaves the serial loops in use)
+_parallel_loops = NumbaLoops("needle.kernels.numba_parallel_elementwise")
 
 
 def _memory_order(x: np.ndarray) -> tuple[int, ...] | None:
@@ -87,6 +107,8 @@ def _run(loop_name: str, inputs: tuple, out: np.ndarray, *constants: Any) -> boo
     module = _loops.module()
     if module is None:
         return False
+    if out.size >= PRANGE_MIN_ELEMENTS and _in_prange_blocks(loop_name, inputs, out, constants):
+        return True
     loop = getattr(module, loop_name)
     if out.size < SPLIT_MIN_ELEMENTS or cpu_threads.NUM_THREADS < 2:
         return _loops.call(loop, *inputs, *constants, out)
@@ -102,6 +124,22 @@ def _run(loop_name: str, inputs: tuple, out: np.ndarray, *constants: Any) -> boo
 
     cpu_threads.run_chunks(block, count, cpu_threads.NUM_THREADS)
     return True
+
+
+def _in_prange_blocks(loop_name: str, inputs: tuple, out: np.ndarray,
+                     constants: tuple = ()) -> bool:
+    """``loop`` as one prange call over blocks of ``PRANGE_BLOCK_ELEMENTS`` (rows of the first
+    axis, their number fixed by the shape) on numba's TBB threads; False where that does not
+    run (no TBB, one thread, numba could not compile it) and the caller's path runs instead."""
+    if not parallel_loops.parallel_threads():
+        return False
+    parallel = _parallel_loops.module()
+    if parallel is None:
+        return False
+    count = min(out.shape[0], -(-out.size // PRANGE_BLOCK_ELEMENTS))
+    if count < 2:
+        return False
+    return _parallel_loops.call(getattr(parallel, loop_name), *inputs, *constants, out, count)
 
 
 def relu(a: Any) -> np.ndarray | None:
@@ -150,6 +188,9 @@ def _relu_grad_strided(a: Any, g: Any) -> np.ndarray | None:
     out = _like(a, order)
     out4 = out.transpose(order).reshape(a4.shape)
     if small.shape[0] == 1:  # (split along axis 0 only where g has it whole)
+        if out.size >= PRANGE_MIN_ELEMENTS and _in_prange_blocks(
+                "relu_grad_rows", (a4, small), out4):
+            return out
         return out if _loops.call(_loops.module().relu_grad_rows, a4, small, out4) else None
     return out if _run("relu_grad_rows", (a4, small), out4) else None
 
