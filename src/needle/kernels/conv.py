@@ -26,6 +26,11 @@ The algorithm, chosen here once for all three convolutions:
    patches in blocks of about IM2COL_BLOCK_BYTES (stride-2 layer N64 C32->64 32x32 forward,
    2 threads, loaded machine, alternating in one process, medians of 30: 5.24 -> 3.62 ms;
    with its backward 14.1 -> 12.7 ms; CNN step strides 1,2,2 23.2 -> 22.4 ms).
+   Where numba's parallel loops run on TBB (backend/parallel_loops.py) and NumPy's BLAS is
+   OpenBLAS, conv's forward, its NHWC kernel gradient and its input gradient are instead
+   one prange region each over blocks of images fixed by the shapes, each block's patches
+   and product (and scatter) on one TBB thread (``_prange_conv``, ``_prange_weight_grad``,
+   ``_prange_input_grad``; the same bits): no hand-off to needle's threads.
 
 ``conv_bias`` adds its bias where the output is written: in the Winograd output transform, or
 as one more kernel row times a column of ones in the im2col product. conv + add -> conv_bias
@@ -40,10 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import array_module, cpu_threads
-from . import cpu_kernels, winograd
+from ..backend import array_module, cpu_threads, parallel_loops
+from ..backend.numba_support import NumbaLoops
+from . import cpu_kernels, openblas_gemm, winograd
 
-__all__ = ["IM2COL_BLOCK_BYTES", "NCHW_MAX_CHANNELS", "NCHW_MIN_POSITIONS", "SPLIT_MIN_MACS",
+__all__ = ["IM2COL_BLOCK_BYTES", "NCHW_MAX_CHANNELS", "NCHW_MIN_POSITIONS", "PRANGE_ENABLED",
+           "PRANGE_MIN_BLOCKS",
+           "PRANGE_MIN_BLOCK_MACS", "PRANGE_MIN_MACS", "SPLIT_MIN_MACS",
            "WEIGHT_GRAD_MIN_BLOCKS", "conv2d", "conv2d_input_grad", "conv2d_weight_grad"]
 
 
@@ -235,6 +243,174 @@ IM2COL_BLOCK_BYTES = 1 << 20
 WEIGHT_GRAD_MIN_BLOCKS = 8
 
 
+# -- the convolutions in one prange region each ---------------------------------------------------
+#: the prange loops (kernels/numba_parallel_conv.py), latched apart from the serial ones
+_parallel_loops = NumbaLoops("needle.kernels.numba_parallel_conv")
+
+#: whether the im2col convolutions take their prange paths where they can run (False: the
+#: split across needle's threads, as before; for A/B measurements)
+PRANGE_ENABLED = True
+
+#: fewest blocks of images conv's prange forward cuts a batch into (as many as there are
+#: images where fewer): two threads drawing 5 blocks would split them 3:2
+PRANGE_MIN_BLOCKS = 8
+
+#: fewest multiply-adds of a convolution (or gradient) that takes its prange path: as
+#: SPLIT_MIN_MACS (smaller ones were not worth a split), kept apart so that a test of the split
+#: path may lower that one alone
+PRANGE_MIN_MACS = 1 << 22
+
+#: fewest multiply-adds of one block's product in conv's prange forward (NHWC patches): OpenBLAS
+#: takes small products (M*N*K up to ~1e6 on x86-64) through other kernels, whose bits differ
+#: from the large products' that the path without prange makes
+PRANGE_MIN_BLOCK_MACS = 1 << 22
+
+
+def _prange_ready(dtype: Any, *arrays: Any) -> tuple | None:
+    """(threads, gemm, loops) where conv's prange loops can run on ``arrays``: NumPy arrays of
+    ``dtype`` (float32/float64), numba's TBB layer on two or more threads (``threads``, the
+    bound of ``numba.get_thread_id()``: a buffer each), the main thread (where BLAS can be
+    held on one thread), NumPy's OpenBLAS gemm (kernels/openblas_gemm.py) and the compiled
+    loops module (kernels/numba_parallel_conv.py); else None."""
+    if not (PRANGE_ENABLED and all(type(x) is np.ndarray and x.dtype == dtype for x in arrays)
+            and cpu_kernels.enabled(dtype) and cpu_threads.can_hold_blas()):
+        return None
+    threads = parallel_loops.parallel_threads()
+    gemm = openblas_gemm.gemm(dtype) if threads else None
+    loops = _parallel_loops.module() if gemm is not None else None
+    return None if loops is None else (threads, gemm, loops)
+
+
+def _block_count(n: int, image_bytes: int, image_macs: int | None) -> int:
+    """Blocks of images for a prange loop, fixed by the shapes: about IM2COL_BLOCK_BYTES of
+    patches each, at least PRANGE_MIN_BLOCKS (or n) of them, but (with ``image_macs``, each
+    block one product) none with a product under PRANGE_MIN_BLOCK_MACS."""
+    per_block = max(1, IM2COL_BLOCK_BYTES // image_bytes)
+    count = max(-(-n // per_block), min(n, PRANGE_MIN_BLOCKS))
+    if image_macs is not None:
+        count = min(count, n // -(-PRANGE_MIN_BLOCK_MACS // image_macs))
+    return max(1, count)
+
+
+def _prange_conv(a, weight, kh: int, kw: int, stride: int, padding: int, ho: int, wo: int,
+                 ones: bool, nchw: bool, out) -> bool:
+    """conv's im2col forward in one numba prange region over blocks of images on the TBB
+    threads: each block's patches (about IM2COL_BLOCK_BYTES; ``_im2col_nchw``'s layout where
+    ``nchw``, else ``_im2col``'s) built into its thread's buffer and multiplied there by
+    NumPy's OpenBLAS gemm into ``out`` (C-contiguous N, Ho, Wo, C_out), BLAS held on one
+    thread meanwhile. The blocks depend on the shapes only, and each output row is the same
+    product as in the split path's (only the rows per product differ), so the same bits on
+    any thread count, with or without prange (tests). False (nothing written) where it does
+    not run: fewer than PRANGE_MIN_MACS multiply-adds (the split path does not split those
+    either; OpenBLAS's small-matrix kernels, whose bits may differ, take small products), or
+    ``_prange_ready`` says no.
+
+    NOTE: a split across needle's threads (``_by_images``) pays ~100-150 us a hand-off on a
+    loaded 2-core machine; a prange region starts in ~1.5 us. Measured (session 10, 2 threads,
+    machine shared with 4-8 other jobs, the CNN step of benchmarks/cnn_step.py strides 1,2,2
+    in one process with and without these paths alternating, 16 rounds, paired medians, run
+    at nice -15): eager 0.83x the time (16.9 -> 14.0 ms; PyTorch 12.8), ndl.jit 0.78x
+    (16.7 -> 13.0 ms); forward, kernel gradient and input gradient alone 0.55-0.92x. What did
+    not pay: the whole batch's patches in one prange call, multiplied in one product on
+    OpenBLAS's threads (the step 1.04-1.14x: OpenBLAS's threads spin ~0.1 s after each
+    threaded product and took the second core from the next passes' prange loops); numba's
+    default schedule, which cuts the blocks into one run per thread up front (under load a
+    thread that lost its core held half the work: the step 1.1-3x in wall time; drawn one
+    block at a time, ``one_block_at_a_time``, it is the 0.83x above)."""
+    n, _, _, c = a.shape
+    c_out = weight.shape[1]
+    ready = (_prange_ready(a.dtype, a, weight, out)
+             if n * ho * wo * kh * kw * c * c_out >= PRANGE_MIN_MACS else None)
+    if ready is None:
+        return False
+    threads, gemm, loops = ready
+    width, rows = kh * kw * c + ones, ho * wo
+    # (the NCHW path multiplies image by image, as the path without prange does)
+    count = _block_count(n, rows * width * a.dtype.itemsize,
+                         None if nchw else rows * width * c_out)
+    most = -(-n // count)  # images in the largest block
+    weight = np.ascontiguousarray(weight)
+    if nchw:  # (an NHWC input with few channels: copied to NCHW, 3% of its patches' bytes)
+        src = np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+        buffers = np.empty((threads, most, width, rows), a.dtype)
+        loop, result = loops.conv_channels_first, out.reshape(n, rows, c_out)
+    else:
+        src = np.ascontiguousarray(a)
+        buffers = np.empty((threads, most * rows, width), a.dtype)
+        loop, result = loops.conv_rows, out.reshape(n * rows, c_out)
+    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+        return _parallel_loops.call(loop, gemm, src, weight, kh, kw, stride, padding, ho, wo,
+                                    result, count, buffers)
+
+
+def _prange_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int, count: int):
+    """``_weight_grad_blocks``' partial sums (count, C*kh*kw, C_out), one per block of images
+    (the same blocks), each block's patches and product on one TBB thread in one prange
+    region: the same products, so the same bits. None where it does not run (fewer than
+    PRANGE_MIN_MACS multiply-adds, or ``_prange_ready`` says no)."""
+    kh, kw = kernel_hw
+    n, c_in = a.shape[0], a.shape[3]
+    ho, wo, c_out = g.shape[1:]
+    rows, taps = ho * wo, kh * kw * c_in
+    ready = _prange_ready(a.dtype, a, g) if n * rows * taps * c_out >= PRANGE_MIN_MACS else None
+    if ready is None:
+        return None
+    threads, gemm, loops = ready
+    parts = np.empty((count, taps, c_out), a.dtype)
+    buffers = np.empty((threads, -(-n // count) * rows, taps), a.dtype)
+    g2 = np.ascontiguousarray(g).reshape(n * rows, c_out)
+    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+        done = _parallel_loops.call(loops.weight_grad_rows, gemm, np.ascontiguousarray(a), g2,
+                                    kh, kw, stride, padding, ho, wo, parts, count, buffers)
+    return parts if done else None
+
+
+def _prange_weight_grad_nchw(a, g, kh: int, kw: int, stride: int, padding: int, products):
+    """conv_weight_grad's per-image products (N, C*kh*kw, C_out) of an NCHW input and an
+    NHWC-stored ``g`` in one prange region over blocks of images fixed by the shapes (each
+    block's NCHW patches and its images' products on one TBB thread; the same products as
+    ``images_nchw``'s, so the same bits); False (nothing written) where it does not run
+    (as ``_prange_weight_grad``)."""
+    n, ho, wo, c_out = g.shape
+    taps, rows = products.shape[1], ho * wo
+    ready = (_prange_ready(a.dtype, a, g, products)
+             if n * rows * taps * c_out >= PRANGE_MIN_MACS else None)
+    if ready is None:
+        return False
+    threads, gemm, loops = ready
+    x = np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+    count = _block_count(n, taps * rows * a.dtype.itemsize, None)
+    buffers = np.empty((threads, -(-n // count), taps, rows), a.dtype)
+    g3 = np.ascontiguousarray(g).reshape(n, rows, c_out)
+    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+        return _parallel_loops.call(loops.weight_grad_channels_first, gemm, x, g3, kh, kw,
+                                    stride, padding, ho, wo, products, count, buffers)
+
+
+def _prange_input_grad(g, weights, in_shape: tuple, kh: int, kw: int, s: int, p: int):
+    """``_col2im_compiled``'s result in one prange region over blocks of images fixed by the
+    shapes (each block's taps product and col2im scatter on one TBB thread; images are
+    independent, and each product's rows are the same as in the path without prange: the
+    same bits), or None where it does not run (as ``_prange_conv``)."""
+    n, ho, wo, c_out = g.shape
+    width = weights.shape[1]
+    rows = ho * wo
+    ready = (_prange_ready(g.dtype, g, weights)
+             if n * rows * width * c_out >= PRANGE_MIN_MACS else None)
+    if ready is None:
+        return None
+    threads, gemm, loops = ready
+    weights = np.ascontiguousarray(weights)
+    count = _block_count(n, rows * width * g.dtype.itemsize, rows * width * c_out)
+    out = np.empty(in_shape, g.dtype)
+    buffers = np.empty((threads, -(-n // count) * rows, width), g.dtype)
+    g2 = np.ascontiguousarray(g).reshape(n * rows, c_out)
+    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+        done = _parallel_loops.call(loops.input_grad, gemm, g2, weights, ho, wo, kh, kw, s, p,
+                                    out, count, buffers)
+    return out if done else None
+
+
 # -- the split by images ------------------------------------------------------------------------
 #: smallest multiply-add count for which an im2col convolution is split by images across
 #: needle's CPU threads (smaller ones lose more to the hand-off than they gain)
@@ -298,6 +474,9 @@ def conv2d(a, b, stride: int, padding: int, bias=None):
     if _use_nchw(a, ho * wo):
         # NCHW in memory: out (N, Ho*Wo, C_out) = cols.T @ W, per image, NHWC as it comes
         weight = with_bias(b.transpose(2, 0, 1, 3).reshape(c_in * kh * kw, c_out))
+        if _prange_conv(a, weight, kh, kw, stride, padding, ho, wo, bias is not None, True,
+                        out):
+            return out
 
         def images(s: int, e: int) -> None:
             for start, end, buffer in _nchw_blocks(a, s, e, weight.shape[0], ho * wo):
@@ -307,6 +486,9 @@ def conv2d(a, b, stride: int, padding: int, bias=None):
                           out=out[start:end].reshape(end - start, ho * wo, c_out))
     else:
         weight = with_bias(b.reshape(-1, c_out))
+        if _prange_conv(a, weight, kh, kw, stride, padding, ho, wo, bias is not None, False,
+                        out):
+            return out
         rows = ho * wo  # patch rows per image
         per_block = max(1, n)  # NumPy's im2col: one patch matrix per chunk (blocks: no gain)
         if type(a) is np.ndarray and cpu_kernels.enabled(a.dtype):
@@ -356,7 +538,9 @@ def conv2d_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
                     xp.matmul(cols, g[s0:e0].reshape(e0 - s0, ho * wo, c_out),
                               out=products[s0:e0])
 
-        _by_images(images_nchw, chunks, n)
+        if not (chunks is not None and not g_first and _prange_weight_grad_nchw(
+                a, g, kh, kw, stride, padding, products)):
+            _by_images(images_nchw, chunks, n)
         total = products.sum(axis=0)
         return xp.ascontiguousarray(
             (total.T if g_first else total).reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3))
@@ -382,7 +566,8 @@ def _weight_grad_blocks(a, g, kernel_hw: tuple, stride: int, padding: int, split
     NOTE: measured on one thread (CPU time, batch 64, k3, stride 2, loaded machine, alternating,
     medians of 25), one product per chunk -> blocks of 1 MB: C16->32 32x32 2.74 -> 2.27 ms,
     C32->64 16x16 1.63 -> 1.44 ms (blocks of 256 KB, 512 KB, 2 MB: slower than 1 MB); the
-    product as g.T @ cols instead: 3-4% slower."""
+    product as g.T @ cols instead: 3-4% slower. Where it splits, the blocks run in one prange
+    region instead where that runs (``_prange_weight_grad``: the same blocks and products)."""
     kh, kw = kernel_hw
     n, c_in = a.shape[0], a.shape[3]
     ho, wo, c_out = g.shape[1:]
@@ -400,7 +585,10 @@ def _weight_grad_blocks(a, g, kernel_hw: tuple, stride: int, padding: int, split
             cols, _ = _im2col(a[s:e], kh, kw, stride, padding, out=buffer[:(e - s) * rows])
             parts[i] = np.matmul(cols.T, g[s:e].reshape(-1, c_out), dtype=dtype)
 
-    if split and count > 1:
+    in_prange = _prange_weight_grad(a, g, kernel_hw, stride, padding, count) if split else None
+    if in_prange is not None:
+        parts = list(in_prange)
+    elif split and count > 1:
         with cpu_threads.single_threaded_blas():
             cpu_threads.in_parallel(work, blocks, min(cpu_threads.NUM_THREADS, count))
     else:
@@ -429,7 +617,8 @@ def conv2d_input_grad(g, b, stride: int, padding: int, in_hw: tuple):
 def _col2im_compiled(g, b, s: int, p: int, in_hw: tuple):
     """conv_input_grad as one matrix product for all kh*kw taps (c_in*kh*kw columns: a wider,
     faster product than kh*kw thin ones), then one compiled scatter pass (cpu_kernels.col2im,
-    numba; CNN step -17%); None where the compiled loop cannot run."""
+    numba; CNN step -17%), per block of images in one prange region where that runs
+    (``_prange_input_grad``); None where the compiled loop cannot run."""
     dtype = np.result_type(g.dtype, b.dtype)
     if not (isinstance(g, np.ndarray) and isinstance(b, np.ndarray)
             and cpu_kernels.enabled(dtype)):
@@ -438,6 +627,9 @@ def _col2im_compiled(g, b, s: int, p: int, in_hw: tuple):
     kh, kw, c_in, _ = b.shape
     h, w = in_hw
     weights = b.transpose(3, 0, 1, 2).reshape(c_out, kh * kw * c_in)
+    in_prange = _prange_input_grad(g, weights, (n, h, w, c_in), kh, kw, s, p)
+    if in_prange is not None:
+        return in_prange
     out = np.empty((n, h, w, c_in), dtype)
 
     rows, width = ho * wo, kh * kw * c_in

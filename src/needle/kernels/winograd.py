@@ -45,10 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import cpu_threads
-from ..backend.numba_support import numba_module
+from ..backend import cpu_threads, parallel_loops
+from ..backend.numba_support import NumbaLoops, numba_module
+from . import openblas_gemm
 
-__all__ = ["BLOCK_TILES", "ENABLED", "applies", "conv3x3",
+__all__ = ["BLOCK_TILES", "ENABLED", "PRANGE_ENABLED", "applies", "conv3x3",
            "conv3x3_input_grad", "conv3x3_weight_grad"]
 
 #: turn the Winograd path off (kernels/conv.py then runs im2col for every convolution):
@@ -208,6 +209,8 @@ def conv3x3(x: np.ndarray, w: np.ndarray, padding: int,
     shift = (np.empty(0, x.dtype) if bias is None
              else np.ascontiguousarray(bias, dtype=x.dtype).reshape(c_out))
     kernels = _kernels()
+    if _prange_conv3x3(kernels, x, u, out, shift, padding, (th, tw), block):
+        return out
 
     def work(blocks: Iterator[tuple[int, int]]) -> None:
         v = _scratch("v", (block, 36, c_in), x.dtype)
@@ -218,6 +221,46 @@ def conv3x3(x: np.ndarray, w: np.ndarray, padding: int,
             kernels.output_tiles(m[:count], th, tw, t0, out, shift)
 
     return None if _in_parallel(work, n_tiles, block) is None else out
+
+
+#: the prange loops (kernels/numba_parallel_conv.py), latched apart from the transforms
+_parallel_loops = NumbaLoops("needle.kernels.numba_parallel_conv")
+
+#: whether conv3x3 takes its prange path where it can run (False: needle's threads, as
+#: before; for A/B measurements)
+PRANGE_ENABLED = True
+
+
+def _prange_conv3x3(kernels: Any, x: np.ndarray, u: np.ndarray, out: np.ndarray,
+                    shift: np.ndarray, padding: int, grid: tuple[int, int], block: int) -> bool:
+    """conv3x3's blocks of tiles (the same blocks) in one numba prange region on the TBB
+    threads, each block's transforms and 36 products (NumPy's OpenBLAS gemm,
+    kernels/openblas_gemm.py, BLAS held on one thread) on one thread: the same products as
+    ``work``'s matmul, so the same bits, without the hand-off to needle's threads
+    (kernels/conv.py ``_prange_conv`` says what it saves). False (nothing written) where it
+    does not run: no TBB or one thread, off the main thread, no OpenBLAS gemm, numba failed,
+    or ``kernels`` (``_kernels()``) is not numba_winograd itself (the loop calls its
+    transforms directly).
+
+    NOTE: measured (session 10, 2 threads, loaded shared machine, nice -15, alternating, 12
+    rounds, paired medians), forward with bias, batch 64: 32x32 16->32 0.96x, 32x32 32->64
+    0.84x, 16x16 16->64 0.89x, 8x8 64->128 0.86x, 4x4 128->128 0.89x the threaded path's
+    time; the CNN steps it is in (strides 1,1,1; ResidualCNN) moved 0.97-0.98x, within noise."""
+    if not PRANGE_ENABLED or getattr(kernels, "__name__", None) != \
+            __package__ + ".numba_winograd" or not cpu_threads.can_hold_blas():
+        return False
+    threads = parallel_loops.parallel_threads()
+    gemm = openblas_gemm.gemm(np.float32) if threads else None
+    loops = _parallel_loops.module() if gemm is not None else None
+    if loops is None:
+        return False
+    th, tw = grid
+    n_tiles = x.shape[0] * th * tw
+    v = np.empty((threads, block, 36, x.shape[3]), x.dtype)
+    m = np.empty((threads, block, 36, out.shape[3]), x.dtype)
+    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+        return _parallel_loops.call(loops.winograd, gemm, x, padding, th, tw, u, out, shift,
+                                    block, n_tiles, v, m)
 
 
 def conv3x3_input_grad(g: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
