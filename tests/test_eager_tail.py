@@ -38,9 +38,11 @@ def _graph_ops(root) -> list[str]:
 # -- SoftmaxLoss ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(7, 5), (300, 400)])
 def test_softmax_loss_is_one_node_with_the_values_of_logsumexp_minus_the_pick(shape):
-    """(300, 400): NumPy's blocked kernels, the same bits as the two-op form; (7, 5): the
-    compiled rows where numba is installed (float64 sums: equal to float rounding)."""
-    exact = shape[0] * shape[1] > cross_entropy.MAX_SIZE or cross_entropy._loops() is None
+    """(300, 400): NumPy's blocked kernels, the same bits as the two-op form, where numba is
+    missing, else kernels/numba_loss_rows.py's rows; (7, 5): the compiled rows where numba
+    is installed (float64 sums, numba's exp: equal to float rounding)."""
+    exact = cross_entropy._loops() is None or (shape[0] * shape[1] > cross_entropy.MAX_SIZE
+                                               and cross_entropy.LARGE_LOOPS.module() is None)
     rng = np.random.default_rng(0)
     z = (rng.standard_normal(shape) * 3).astype(np.float32)
     y = _const(rng.integers(0, shape[1], shape[0]))

@@ -7,8 +7,10 @@ has the (B, L, H*d) layout the next layer wants. The softmax runs in place on th
 buffer. Compared with the composite graph (reshape, permute, split, scale, mask add,
 softmax, two products, permute, reshape: a dozen nodes and about as many copies forward,
 twice that backward) this is four products and three in-place passes each way. Where numba
-is installed, the softmax's passes before and after NumPy's exp, and the softmax adjoint, are
-row loops (kernels/numba_attention.py); without it the same formulas run in NumPy.
+is installed, the softmax and its adjoint are row loops (kernels/numba_attention.py; for
+float32 the exp too, numba_exp.py's), split over cores by numba's ``prange`` in blocks of
+(batch, head) slabs from ``PRANGE_MIN_SIZE`` logits (numba_parallel_attention.py; the same
+bits on any thread count); without it the same formulas run in NumPy.
 
 The backward recomputes the probabilities from q and k (one product and a softmax) instead
 of keeping them from the forward: an op's output is its one array, and at these sizes the
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import parallel_loops
 from ..backend.numba_support import NumbaLoops
 
 __all__ = ["attention", "attention_grad"]
@@ -45,6 +48,53 @@ def _merged(b: int, length: int, heads: int, d: int, dtype: Any) -> tuple[Any, A
 
 #: kernels/numba_attention.py on first use (NumPy runs where numba cannot)
 LOOPS = NumbaLoops(f"{__package__}.numba_attention")
+#: kernels/numba_parallel_attention.py, where prange runs (the one-thread loops where not)
+PARALLEL_LOOPS = NumbaLoops(f"{__package__}.numba_parallel_attention")
+#: logits of at least this many elements split their (batch, head) slabs over numba's
+#: prange threads, in blocks of about ``SLAB_BLOCK_ELEMENTS`` (fixed by the shape)
+PRANGE_MIN_SIZE = 1 << 16
+SLAB_BLOCK_ELEMENTS = 1 << 14
+
+
+def _slab_blocks(s: Any) -> int:
+    """How many blocks of whole (batch, head) slabs the (..., T, S) array ``s`` is cut into
+    for prange (from the shape alone), or 0: one thread (small, or prange not running)."""
+    if s.size < PRANGE_MIN_SIZE or s.ndim < 2 or not parallel_loops.parallel_threads():
+        return 0
+    slabs = s.size // (s.shape[-1] * s.shape[-2])
+    return min(slabs, max(1, s.size // SLAB_BLOCK_ELEMENTS))
+
+
+def _slabs(a: Any) -> Any:
+    """The (..., T, S) C-contiguous array as (N, T, S)."""
+    return a.reshape(-1, a.shape[-2], a.shape[-1])
+
+
+def _softmax_f32(s: Any, loops: Any, factor: float, mask: Any, use_mask: bool) -> bool:
+    """In place: softmax(factor * s + mask rows) over the float32 rows of s, all in numba
+    (numba_attention.softmax_rows_f32), its slabs split over prange threads where that runs;
+    False where the loops do not compile (nothing ran)."""
+    count = _slab_blocks(s)
+    if count > 1:
+        parallel = PARALLEL_LOOPS.module()
+        if parallel is not None and PARALLEL_LOOPS.call(
+                parallel.softmax_slabs, _slabs(s), factor, mask, use_mask, count):
+            return True
+    return LOOPS.call(loops.softmax_rows_f32, s.reshape(-1, s.shape[-1]), factor, mask,
+                      use_mask)
+
+
+def _softmax_grad(loops: Any, p: Any, ds: Any) -> bool:
+    """In place: ds becomes softmax's adjoint p * (ds - rowsum(p * ds)), slabs split over
+    prange threads where that runs; False where the loops do not compile."""
+    count = _slab_blocks(ds)
+    if count > 1:
+        parallel = PARALLEL_LOOPS.module()
+        if parallel is not None and PARALLEL_LOOPS.call(parallel.softmax_grad_slabs,
+                                                        _slabs(p), _slabs(ds), count):
+            return True
+    width = ds.shape[-1]
+    return LOOPS.call(loops.softmax_grad_rows, p.reshape(-1, width), ds.reshape(-1, width))
 
 
 def _row_loops(s: Any) -> Any:
@@ -77,9 +127,12 @@ def probabilities(q: Any, k: Any, mask: Any, heads: int, scale: float) -> Any:
             factor = 1.0
         width = s.shape[-1]
         flat = s.reshape(-1, width)
-        if LOOPS.call(loops.shifted_logits_rows, flat, factor,
-                 rows if rows is not None else np.zeros((1, width), s.dtype),
-                 rows is not None):
+        mask_rows = rows if rows is not None else np.zeros((1, width), s.dtype)
+        if s.dtype == np.float32:  # the whole softmax in numba (numba_exp's exp)
+            if _softmax_f32(s, loops, factor, mask_rows, rows is not None):
+                return s
+        elif LOOPS.call(loops.shifted_logits_rows, flat, factor, mask_rows,
+                        rows is not None):
             np.exp(flat, out=flat)
             if LOOPS.call(loops.normalize_rows, flat):
                 return s
@@ -117,8 +170,7 @@ def attention_grad(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int, scale:
     np.matmul(p.swapaxes(-1, -2), gh, out=dv_heads)
     ds = np.matmul(gh, vh.swapaxes(-1, -2))  # dp, then ds in place
     loops = _row_loops(ds)
-    if loops is None or not LOOPS.call(loops.softmax_grad_rows, p.reshape(-1, s),
-                                       ds.reshape(-1, s)):
+    if loops is None or not p.flags.c_contiguous or not _softmax_grad(loops, p, ds):
         ds *= p
         p *= ds.sum(axis=-1, keepdims=True)
         ds -= p

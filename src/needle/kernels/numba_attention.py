@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend.numba_support import njit_cached
+from .numba_exp import exp_f32
 
 _FLAGS = {"reassoc", "contract"}
 
@@ -81,3 +82,23 @@ def normalize_rows(e):
         inv = box[0]
         for j in range(width):
             row[j] *= inv
+
+
+@njit_cached
+def exp_rows_f32(e):
+    """In place: e^x for every value of the float32 rows e (R, S) (numba_exp.exp_f32: a
+    numba loop, so the whole softmax can run in numba_parallel_attention's prange)."""
+    rows, width = e.shape
+    for r in range(rows):
+        row = e[r]
+        for j in range(width):
+            row[j] = exp_f32(row[j])
+
+
+@njit_cached
+def softmax_rows_f32(s, scale, mask, use_mask):
+    """In place: softmax of scale * s[r] + mask[r % T] for every row of the float32 s (R, S)
+    (the three loops above one after the other; mask as in shifted_logits_rows)."""
+    shifted_logits_rows(s, scale, mask, use_mask)
+    exp_rows_f32(s)
+    normalize_rows(s)

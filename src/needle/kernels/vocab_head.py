@@ -21,6 +21,11 @@ products read S (db is one more row of dW's: ``[diag(g) x, g]^T S``), nothing el
 is likewise one more row of the forward's product. The logits array comes from
 kernels/recycle.py (no page faults from step to step).
 
+float32 logits (with numba) run the whole pass per row in numba instead
+(numba_vocab_head.softmax_minus_onehot_row: numba_exp's max and exp, so its exps differ from
+NumPy's in the last bit or two), the rows split over cores by numba's ``prange`` from
+``PRANGE_MIN_SIZE`` logits (numba_parallel_vocab_head.py; the same bits on any thread count).
+
 ``forward`` returns None for rows with a non-finite maximum (inf or nan logits); the op then
 runs the separate ops' careful formulas.
 """
@@ -31,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import cpu_threads
+from ..backend import cpu_threads, parallel_loops
 from ..backend.device import array_module
 from ..backend.numba_support import NumbaLoops
 from . import recycle
@@ -41,6 +46,9 @@ __all__ = ["backward", "forward"]
 
 #: smaller logits run their row blocks on this thread only (thread hand-off costs more)
 PARALLEL_MIN_SIZE = 1 << 20
+#: float32 logits of at least this many elements split their rows over numba's prange
+#: threads (backend/parallel_loops.py); smaller ones run the same row loop on this thread
+PRANGE_MIN_SIZE = 1 << 17
 
 
 def _logits(x: Any, w: Any, b: Any, dtype: Any) -> tuple[Any, bool]:
@@ -65,6 +73,21 @@ def _logits(x: Any, w: Any, b: Any, dtype: Any) -> tuple[Any, bool]:
 
 #: kernels/numba_vocab_head.py on first use (NumPy runs where numba cannot)
 LOOPS = NumbaLoops(f"{__package__}.numba_vocab_head")
+#: kernels/numba_parallel_vocab_head.py, where prange runs (the one-thread loop where it cannot)
+PARALLEL_LOOPS = NumbaLoops(f"{__package__}.numba_parallel_vocab_head")
+
+
+def _one_pass_rows(z: Any, loops: Any, ids: Any, peaks: Any, totals: Any) -> bool:
+    """The whole softmax pass of the float32 logits ``z`` in numba (numba_vocab_head's
+    softmax_minus_onehot_row on every row), the rows split over numba's threads where
+    prange runs and z is large; False where the loop does not compile (nothing ran)."""
+    one = np.float32(1)
+    if z.size >= PRANGE_MIN_SIZE and parallel_loops.parallel_threads():
+        parallel = PARALLEL_LOOPS.module()
+        if parallel is not None and PARALLEL_LOOPS.call(
+                parallel.softmax_minus_onehot_rows, z, ids, one, peaks, totals):
+            return True
+    return LOOPS.call(loops.softmax_minus_onehot_rows, z, ids, one, peaks, totals)
 
 
 def _row_loops(z: Any) -> Any:
@@ -107,6 +130,13 @@ def forward(x: Any, w: Any, b: Any, ids: Any) -> tuple[Any, Any] | None:
     picks = z[xp.arange(rows), ids]
     if bias is not None:
         picks += bias[0, ids]
+    if loops is not None and bias is None and z.dtype == np.float32:
+        # one numba visit per row: max, exp, float64 sum, scale, one-hot
+        peaks, totals = np.empty(rows, z.dtype), np.empty(rows, z.dtype)
+        if _one_pass_rows(z, loops, ids, peaks, totals):
+            if not (np.isfinite(peaks).all() and np.isfinite(totals).all()):
+                return None
+            return np.log(totals) - (picks - peaks), z
 
     def block(k: int) -> None:
         start = starts[k]
