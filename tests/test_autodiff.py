@@ -217,12 +217,31 @@ def test_a_float32_training_step_never_promotes_to_float64():
 
 def test_tensors_freed_at_interpreter_shutdown_print_nothing(monkeypatch):
     """At shutdown module globals are set to None before the last Tensors die; freeing one
-    must not print 'Exception ignored in Value.__del__' (seen with Tensors kept in globals)."""
+    must not print 'Exception ignored in Value.__del__' (seen with Tensors kept in globals,
+    when a __del__ kept the counter): freeing a node runs no Python code now."""
     import sys
 
     raised = []
     monkeypatch.setattr(sys, "unraisablehook", raised.append)
     t = ndl.Tensor(np.ones(3, np.float32))
-    monkeypatch.setattr(ndl.autograd, "TENSOR_COUNTER", None)
+    monkeypatch.setattr(ndl.autograd, "Value", None)  # (as at shutdown)
     del t
     assert raised == []
+
+
+def test_tensor_counter_counts_nodes_when_read():
+    """TENSOR_COUNTER is counted when read (no per-node __del__): made and freed nodes, lazy
+    and tuple nodes included, and it is an int."""
+    gc.collect()
+    before = ndl.autograd.TENSOR_COUNTER
+    assert isinstance(before, int)
+    x = ndl.Tensor(np.ones((2, 3), np.float32))
+    parts = ops.split(x * 2.0, 0)
+    first = parts[0]
+    assert ndl.autograd.TENSOR_COUNTER == before + 4  # x, x * 2, the tuple, its item
+    del parts
+    assert ndl.autograd.TENSOR_COUNTER == before + 4  # (the item keeps its graph)
+    del first
+    assert ndl.autograd.TENSOR_COUNTER == before + 1
+    del x
+    assert ndl.autograd.TENSOR_COUNTER == before

@@ -51,6 +51,7 @@ def test_mask_of_a_0d_input():
 
 def test_numpy_fallback_gives_the_same_bits(monkeypatch):
     monkeypatch.setattr(random_mask.LOOPS, "failed", ["forced NumPy path"])
+    monkeypatch.setattr(random_mask.STREAM_LOOPS, "failed", ["forced NumPy path"])
     np.random.seed(7)
     want = _reference_mask((100, 50), 0.9, np.float32)
     np.random.seed(7)
