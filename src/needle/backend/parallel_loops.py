@@ -98,7 +98,7 @@ def parallel_threads() -> int:
     the count to needle's, and the chunk size to 1, so that the threads draw the blocks one at
     a time (TBB tasks, taken by whichever thread is free) instead of numba's default of one
     equal run of blocks per thread cut up front, which leaves a thread that lost its core on
-    a loaded machine holding half the work (helper N measured the strided CNN step 1.1-3x
+    a loaded machine holding half the work (the strided CNN step measured 1.1-3x
     slower so). Which thread runs a block never changes its result.
     """
     wanted = cpu_threads.NUM_THREADS
