@@ -53,11 +53,11 @@ BLOCK_ELEMENTS = 1 << 19
 #: smallest array, in elements, whose pass is one numba prange call over blocks (where
 #: ``parallel_loops.parallel_threads()`` is nonzero), and the elements per block.
 #: NOTE: measured on the shared 2-core VM (relu, float32, 100 alternating calls, medians;
-#: benchmarks/performance_notes.md, session 10): TBB's second thread either joined every
-#: call or almost none, by the machine's load. Joining: 2^17 21.8 vs 21.2 us serial, 2^18
-#: 45.1 vs 46.2 (its wake-up eats the gain), 2^19 116 vs 144, 2^20 222 vs 330. Not joining (load 4-6): prange
-#: costs 1.5-2 us more at 2^17-2^18 and 5-14 us more at 2^19-2^20, where needle's threads
-#: (the old split from 2^19) cost 20-65 us more than serial. Blocks of 2^15-2^17 timed alike.
+#: benchmarks/performance_notes.md, session 10): TBB's second thread either joined every call or
+#: almost none, by the machine's load. Joining: 2^17 21.8 vs 21.2 us serial, 2^18 45.1 vs 46.2 (its
+#: wake-up eats the gain), 2^19 116 vs 144, 2^20 222 vs 330. Not joining (load 4-6): prange costs
+#: 1.5-2 us more at 2^17-2^18 and 5-14 us more at 2^19-2^20, where needle's threads (the old split
+#: from 2^19) cost 20-65 us more than serial. Blocks of 2^15-2^17 timed alike.
 PRANGE_MIN_ELEMENTS = 1 << 19
 PRANGE_BLOCK_ELEMENTS = 1 << 16
 
