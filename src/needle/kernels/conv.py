@@ -316,7 +316,8 @@ def _prange_conv(a, weight, kh: int, kw: int, stride: int, padding: int, ho: int
     threaded product and took the second core from the next passes' prange loops); numba's
     default schedule, which cuts the blocks into one run per thread up front (under load a
     thread that lost its core held half the work: the step 1.1-3x in wall time; drawn one
-    block at a time, ``one_block_at_a_time``, it is the 0.83x above)."""
+    block at a time, as backend/parallel_loops.parallel_threads sets for needle's threads,
+    it is the 0.83x above)."""
     n, _, _, c = a.shape
     c_out = weight.shape[1]
     ready = (_prange_ready(a.dtype, a, weight, out)
@@ -338,7 +339,7 @@ def _prange_conv(a, weight, kh: int, kw: int, stride: int, padding: int, ho: int
         src = np.ascontiguousarray(a)
         buffers = np.empty((threads, most * rows, width), a.dtype)
         loop, result = loops.conv_rows, out.reshape(n * rows, c_out)
-    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+    with cpu_threads.single_threaded_blas():
         return _parallel_loops.call(loop, gemm, src, weight, kh, kw, stride, padding, ho, wo,
                                     result, count, buffers)
 
@@ -359,7 +360,7 @@ def _prange_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int, count
     parts = np.empty((count, taps, c_out), a.dtype)
     buffers = np.empty((threads, -(-n // count) * rows, taps), a.dtype)
     g2 = np.ascontiguousarray(g).reshape(n * rows, c_out)
-    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+    with cpu_threads.single_threaded_blas():
         done = _parallel_loops.call(loops.weight_grad_rows, gemm, np.ascontiguousarray(a), g2,
                                     kh, kw, stride, padding, ho, wo, parts, count, buffers)
     return parts if done else None
@@ -382,7 +383,7 @@ def _prange_weight_grad_nchw(a, g, kh: int, kw: int, stride: int, padding: int, 
     count = _block_count(n, taps * rows * a.dtype.itemsize, None)
     buffers = np.empty((threads, -(-n // count), taps, rows), a.dtype)
     g3 = np.ascontiguousarray(g).reshape(n, rows, c_out)
-    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+    with cpu_threads.single_threaded_blas():
         return _parallel_loops.call(loops.weight_grad_channels_first, gemm, x, g3, kh, kw,
                                     stride, padding, ho, wo, products, count, buffers)
 
@@ -405,7 +406,7 @@ def _prange_input_grad(g, weights, in_shape: tuple, kh: int, kw: int, s: int, p:
     out = np.empty(in_shape, g.dtype)
     buffers = np.empty((threads, -(-n // count) * rows, width), g.dtype)
     g2 = np.ascontiguousarray(g).reshape(n * rows, c_out)
-    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+    with cpu_threads.single_threaded_blas():
         done = _parallel_loops.call(loops.input_grad, gemm, g2, weights, ho, wo, kh, kw, s, p,
                                     out, count, buffers)
     return out if done else None

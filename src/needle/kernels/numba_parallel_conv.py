@@ -14,22 +14,11 @@ NumPy's one product (only the rows per call differ), so the same bits.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numba
 from numba import prange
 
 from ..backend.parallel_loops import njit_parallel
 from . import numba_kernels, numba_winograd
-
-
-def one_block_at_a_time() -> Any:
-    """``numba.parallel_chunksize(1)`` for the calling thread: the threads draw the blocks one
-    at a time (TBB tasks, stolen by whichever thread is free) instead of numba's default, the
-    blocks cut into one equal run per thread up front, which leaves a thread that lost its
-    core holding half the work on a loaded machine. Which thread runs a block does not change
-    its result."""
-    return numba.parallel_chunksize(1)
 
 
 def _gemm(fn, trans_a, a, b, c):

@@ -258,7 +258,7 @@ def _prange_conv3x3(kernels: Any, x: np.ndarray, u: np.ndarray, out: np.ndarray,
     n_tiles = x.shape[0] * th * tw
     v = np.empty((threads, block, 36, x.shape[3]), x.dtype)
     m = np.empty((threads, block, 36, out.shape[3]), x.dtype)
-    with cpu_threads.single_threaded_blas(), loops.one_block_at_a_time():
+    with cpu_threads.single_threaded_blas():
         return _parallel_loops.call(loops.winograd, gemm, x, padding, th, tw, u, out, shift,
                                     block, n_tiles, v, m)
 
