@@ -171,9 +171,9 @@ def test_turning_it_off_gives_the_im2col_result(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_any_thread_count_gives_the_same_bits(threads, monkeypatch):
     """Each tile is computed by one thread whatever the split, so the forward is
-    bit-identical; the kernel gradient adds float32 block products in float64, where such
-    sums are exact (their magnitudes span far less than 2^29), so it is bit-identical too:
-    training does not depend on which thread took which block."""
+    bit-identical; the kernel gradient sums chunks of tiles fixed by the shape (or, without
+    OpenBLAS's gemm, adds float32 block products in float64, where such sums are exact), so
+    it is bit-identical too: training does not depend on which thread took which block."""
     x, kernel, g, p = _problem((6, 16, 16, 8, 8, 1))  # 96 tiles: several blocks of 16
     monkeypatch.setattr(winograd, "BLOCK_TILES", 16)
     reference = winograd.conv3x3(x, kernel, p), winograd.conv3x3_weight_grad(x, g, p)

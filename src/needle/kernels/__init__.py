@@ -7,7 +7,8 @@ written once, in the module that owns it:
 
     conv.py            the three convolutions: the algorithm choice, im2col, col2im, threads
     winograd.py        3x3 stride-1 convolutions by Winograd's F(4x4, 3x3), blocked and threaded
-    numba_winograd.py  its numba tile transforms
+    numba_winograd.py  its numba tile transforms (and the kernel gradient's chunk loop)
+    numba_parallel_winograd.py  the kernel gradient's chunks in one prange region (TBB)
     reduce.py          sums and statistics over axes (einsum, column sums); the JIT's sum code
     softmax.py         logsumexp and softmax over the last axis in cache-sized row blocks
     index_add.py       rows added into a table at ids (an Embedding's backward; numba -> NumPy)

@@ -7,6 +7,9 @@ kernel gradient). Each 2-D transform is the 1-D one applied to the tile's column
 its rows. Every array is seen as a matrix of C-channel rows (an NHWC array as (N*H*W, C), a
 block of (T, 36, C) tiles as (36*T, C)), and a 1-D transform maps rows
 ``first + i * step`` of one matrix to rows of another, one short loop per output row.
+The input and gradient transforms lay a block out by tile ((T, 36, C), the forward's) or by
+tile position ((36, T, C): the kernel gradient's ``weight_grad_chunk``, whose 36 products
+then each read two contiguous matrices and add into the chunk's partial sums by gemm).
 
 NOTE: one loop per output row on purpose: a loop writing six rows from six touches twelve
 pointers, more than LLVM checks for overlap at run time, and then it stays scalar; one loop
@@ -98,17 +101,17 @@ def _gather(rows, n, h, w, y0, x0, size, d):
                     d[dst, k] = 0.0
 
 
-@_jit
-def input_tiles(x, padding, tiles_h, tiles_w, t0, out):
-    """out[t, 6a + b] = (B^T d_t B)[a, b] for tiles t0 + t (numbered (n, ty, tx) in order),
-    d_t being the 6x6 window of x (N, H, W, C) at (4 ty - padding, 4 tx - padding), zeros
-    outside x."""
+@numba.njit(inline="always")
+def _input_tiles(x, padding, tiles_h, tiles_w, t0, count, tiles, tile_step, position_step):
+    """tiles row ``t * tile_step + (6a + b) * position_step`` = (B^T d_t B)[a, b] for tiles
+    t0 + t (t < count; numbered (n, ty, tx) in order), d_t being the 6x6 window of x (N, H,
+    W, C) at (4 ty - padding, 4 tx - padding), zeros outside x. ``tiles`` is a matrix of C
+    columns: (36, 1) lays a block out by tile, (1, count) by tile position."""
     n_img, h, w, c = x.shape
     rows = x.reshape(n_img * h * w, c)
-    tiles = out.reshape(-1, c)  # row 36 t + 6a + b
     d = np.zeros((36, c), x.dtype)  # a border tile, zero-padded (row 6i + j)
     r = np.empty((36, c), x.dtype)  # B^T d (row 6a + j)
-    for t in range(out.shape[0]):
+    for t in range(count):
         n, rem = divmod(t0 + t, tiles_h * tiles_w)
         ty, tx = divmod(rem, tiles_w)
         y0 = 4 * ty - padding
@@ -121,8 +124,16 @@ def input_tiles(x, padding, tiles_h, tiles_w, t0, out):
             _gather(rows, n, h, w, y0, x0, 6, d)
             for j in range(6):
                 _bt(d, j, 6, r, j, 6)
-        for a in range(6):  # rows: out = r B
-            _bt(r, 6 * a, 1, tiles, 36 * t + 6 * a, 1)
+        for a in range(6):  # rows: tiles = r B
+            _bt(r, 6 * a, 1, tiles, t * tile_step + 6 * a * position_step, position_step)
+
+
+@_jit
+def input_tiles(x, padding, tiles_h, tiles_w, t0, out):
+    """out[t, 6a + b] = (B^T d_t B)[a, b] for tiles t0 + t (``_input_tiles``), out being a
+    block of (T, 36, C) tiles."""
+    _input_tiles(x, padding, tiles_h, tiles_w, t0, out.shape[0], out.reshape(-1, x.shape[3]),
+                 36, 1)
 
 
 @_jit
@@ -163,16 +174,16 @@ def output_tiles(m, tiles_h, tiles_w, t0, out, bias):
                             rows[dst, k] += bias[k]
 
 
-@_jit
-def gradient_tiles(g, tiles_h, tiles_w, t0, out):
-    """out[t, 6a + b] = (A g_t A^T)[a, b] for tiles t0 + t, g_t being the 4x4 window of the
-    output gradient g (N, Ho, Wo, C), zeros past its edge: the adjoint of output_tiles."""
+@numba.njit(inline="always")
+def _gradient_tiles(g, tiles_h, tiles_w, t0, count, tiles, tile_step, position_step):
+    """tiles row ``t * tile_step + (6a + b) * position_step`` = (A g_t A^T)[a, b] for tiles
+    t0 + t (t < count), g_t being the 4x4 window of the output gradient g (N, Ho, Wo, C),
+    zeros past its edge: the adjoint of output_tiles. Layouts as ``_input_tiles``."""
     n_img, h, w, c = g.shape
     rows = g.reshape(n_img * h * w, c)
-    tiles = out.reshape(-1, c)
     d = np.zeros((16, c), g.dtype)  # a border tile, zero-padded (row 4i + j)
     r = np.empty((24, c), g.dtype)  # A g (row 4a + j)
-    for t in range(out.shape[0]):
+    for t in range(count):
         n, rem = divmod(t0 + t, tiles_h * tiles_w)
         ty, tx = divmod(rem, tiles_w)
         y0 = 4 * ty
@@ -185,5 +196,49 @@ def gradient_tiles(g, tiles_h, tiles_w, t0, out):
             _gather(rows, n, h, w, y0, x0, 4, d)
             for j in range(4):
                 _a(d, j, 4, r, j, 4)
-        for a in range(6):  # rows: out = r A^T
-            _a(r, 4 * a, 1, tiles, 36 * t + 6 * a, 1)
+        for a in range(6):  # rows: tiles = r A^T
+            _a(r, 4 * a, 1, tiles, t * tile_step + 6 * a * position_step, position_step)
+
+
+@_jit
+def gradient_tiles(g, tiles_h, tiles_w, t0, out):
+    """out[t, 6a + b] = (A g_t A^T)[a, b] for tiles t0 + t (``_gradient_tiles``), out being a
+    block of (T, 36, C) tiles."""
+    _gradient_tiles(g, tiles_h, tiles_w, t0, out.shape[0], out.reshape(-1, g.shape[3]), 36, 1)
+
+
+@numba.njit(inline="always")
+def _gemm(fn, trans_a, beta, a, b, c):
+    """c = op(a) @ b + beta c by the ctypes cblas gemm ``fn`` (kernels/openblas_gemm.py; row
+    major, each 2-d array with a unit inner stride): op(a) is a where ``trans_a`` is 111
+    (NoTrans), a.T where 112 (Trans)."""
+    m, n = c.shape
+    k = b.shape[0]
+    item = c.itemsize
+    fn(101, trans_a, 111, m, n, k, 1.0, a.ctypes, a.strides[0] // item, b.ctypes,
+       b.strides[0] // item, beta, c.ctypes, c.strides[0] // item)
+
+
+@_jit
+def weight_grad_chunk(gemm, x, g, padding, tiles_h, tiles_w, t_start, t_end, block, du,
+                      v_flat, g_flat):
+    """du (36, C_in, C_out) = sum over tiles [t_start, t_end) of V^T (A g A^T) per tile
+    position: the kernel gradient's share of one chunk of tiles, in float32. Blocks of
+    ``block`` tiles are transformed by position (``v_flat``, ``g_flat``: scratch for one
+    block, (36, block, C) each) and each position's product V[p]^T @ G[p] is added into du[p]
+    by the gemm ``gemm`` itself (beta 1 after the first block): the same sums in the same
+    order whichever thread runs the chunk."""
+    c_in = x.shape[3]
+    c_out = g.shape[3]
+    beta = 0.0
+    for t0 in range(t_start, t_end, block):
+        count = min(block, t_end - t0)
+        v = v_flat[:36 * count * c_in].reshape((36, count, c_in))
+        gt = g_flat[:36 * count * c_out].reshape((36, count, c_out))
+        _input_tiles(x, padding, tiles_h, tiles_w, t0, count, v.reshape((36 * count, c_in)),
+                     1, count)
+        _gradient_tiles(g, tiles_h, tiles_w, t0, count, gt.reshape((36 * count, c_out)), 1,
+                        count)
+        for p in range(36):
+            _gemm(gemm, 112, beta, v[p], gt[p], du[p])
+        beta = 1.0

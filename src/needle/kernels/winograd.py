@@ -22,7 +22,10 @@ the core's L2 cache between the three steps instead of making three trips throug
 so needle's CPU threads (backend/cpu_threads.py) share them: 5.7 ms on two, where im2col
 took 27.6. The kernel gradient of a wide layer on few tiles (a 128 x 128 layer on a 4x4
 map) instead transforms all tiles first and takes each position's product over all of
-them (``_weight_grad_whole``). The tile transforms are numba loops (numba_winograd.py).
+them (``_weight_grad_whole``); otherwise it sums float32 partials over 8 chunks of tiles
+fixed by the shape, each chunk's 36 products added up by OpenBLAS's gemm itself
+(``_chunked_weight_grad``, one prange region). The tile transforms are numba loops
+(numba_winograd.py).
 Without numba, and for other kernels, strides or dtypes, conv.py keeps its im2col path.
 
 NOTE: threads of our own rather than numba's ``parallel=True``: OpenBLAS's worker threads
@@ -274,18 +277,23 @@ def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarra
     kernel, dU = sum over tiles of V^T (A g A^T) per tile position, then dw = G^T dU G.
 
     Where all tiles fit in WHOLE_BYTES (``_weight_grad_whole``) each of the 36 products runs
-    once over all tiles; otherwise each thread adds its blocks' float32 products in float64,
-    which is exact for gradients (magnitudes spanning less than 2^29). Either way the result
-    does not depend on which thread took which block."""
+    once over all tiles; otherwise, where NumPy's BLAS is OpenBLAS, float32 partial sums over
+    chunks of tiles fixed by the shape (``_chunked_weight_grad``); elsewhere each thread adds
+    its blocks' float32 products in float64. In every case the result does not depend on
+    which thread took which block, nor on the thread count."""
     n, ho, wo, c_out = g.shape
     c_in = x.shape[3]
     th, tw = _tile_grid(ho, wo)
     n_tiles = n * th * tw
-    block = _block_tiles(n_tiles, c_in, c_out)
     x, g = np.ascontiguousarray(x), np.ascontiguousarray(g)
+    chunk_block = _chunk_block(n_tiles, c_in, c_out)
+    if _whole_pays(n_tiles, c_in, c_out, chunk_block, x.itemsize):
+        return _weight_grad_whole(x, g, padding, (th, tw), _block_tiles(n_tiles, c_in, c_out))
+    chunked = _chunked_weight_grad(x, g, padding, (th, tw), chunk_block)
+    if chunked is not None:
+        return chunked
+    block = _block_tiles(n_tiles, c_in, c_out)
     kernels = _kernels()
-    if _whole_pays(n_tiles, c_in, c_out, block, x.itemsize):
-        return _weight_grad_whole(x, g, padding, (th, tw), block)
 
     def work(blocks: Iterator[tuple[int, int]]) -> np.ndarray:
         v = _scratch("v", (block, 36, c_in), x.dtype)
@@ -301,6 +309,78 @@ def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarra
     if parts is None:
         return None
     return _kernel_adjoint(sum(parts), x.dtype)
+
+
+#: chunks of tiles the kernel gradient's float32 partial sums are taken over
+#: (``_chunked_weight_grad``): fixed by the shape, never by the thread count, so that the
+#: result is the same on any; 8 lets two threads that draw them split the work 5:3 at worst
+WEIGHT_GRAD_CHUNKS = 8
+
+#: the kernel gradient's prange loop (kernels/numba_parallel_winograd.py), latched apart
+_winograd_loops = NumbaLoops("needle.kernels.numba_parallel_winograd")
+
+
+def _chunk_block(n_tiles: int, c_in: int, c_out: int) -> int:
+    """Tiles per block of the kernel gradient, from the shape alone: at most BLOCK_TILES,
+    fewer for wide layers (a block's transformed tiles stay near the L2 cache), and few
+    enough for WEIGHT_GRAD_CHUNKS chunks of whole blocks."""
+    by_cache = BLOCK_BYTES // (36 * 4 * (c_in + c_out))
+    by_chunks = -(-n_tiles // WEIGHT_GRAD_CHUNKS)
+    return max(8, min(BLOCK_TILES, by_cache, by_chunks))
+
+
+def _chunked_weight_grad(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple[int, int],
+                         block: int) -> np.ndarray | None:
+    """dw from float32 partial sums of dU over WEIGHT_GRAD_CHUNKS chunks of whole blocks of
+    ``block`` tiles, added up in chunk order (in float64) before G^T dU G. Each chunk is one
+    call of numba_winograd.weight_grad_chunk: per block, the transforms laid out by tile
+    position ((36, tiles, C): each position's product reads two contiguous matrices) and 36
+    gemms by NumPy's OpenBLAS (kernels/openblas_gemm.py) that add into the chunk's partial
+    (beta 1), BLAS held on one thread. The chunks run in one prange region on TBB where that
+    runs and this is the main thread (where BLAS can be held on one thread), else on
+    needle's threads: the same chunks, the same bits (OpenBLAS splits a product's rows and
+    columns across its threads, never the sums). None where NumPy's BLAS is not OpenBLAS or
+    numba could not compile the loop (the caller goes on to its float64 blocks).
+
+    NOTE: measured against those float64 blocks (batch 64, 2 threads, the shared machine
+    loaded, alternating in one process, medians of 7 rounds, process CPU time): 32x32 maps
+    32 -> 64 channels 0.68-0.72x, 16 -> 32 0.84-0.88x; 16x16 64 -> 64 0.63-0.72x. Whole
+    steps (strides 1,1,1 and ResidualCNN, eager and jitted) 0.92-0.97x CPU time. Laying out
+    the forward's tiles by position as well did not pay (0.93-1.10x); neither did blocks of
+    64 tiles or 4 or 16 chunks (within noise). Where the whole path takes a shape
+    (_whole_pays) chunks were slower (128 x 128 on 4x4 maps: 4.4x, 64 x 128 on 8x8: 1.2x)."""
+    kernels = _kernels()
+    if getattr(kernels, "__name__", None) != __package__ + ".numba_winograd":
+        return None
+    gemm = openblas_gemm.gemm(x.dtype)
+    if gemm is None:
+        return None
+    th, tw = grid
+    n_tiles = x.shape[0] * th * tw
+    c_in, c_out = x.shape[3], g.shape[3]
+    n_blocks = -(-n_tiles // block)
+    chunks = min(WEIGHT_GRAD_CHUNKS, n_blocks)
+    parts = np.empty((chunks, 36, c_in, c_out), x.dtype)
+    threads = parallel_loops.parallel_threads() if cpu_threads.can_hold_blas() else 0
+    loops = _winograd_loops.module() if threads else None
+    with cpu_threads.single_threaded_blas():
+        if loops is None or not _winograd_loops.call(
+                loops.weight_grad, gemm, x, g, padding, th, tw, block, n_tiles, parts,
+                np.empty((threads, 36 * block * c_in), x.dtype),
+                np.empty((threads, 36 * block * c_out), x.dtype)):
+
+            def work(shared: Iterator[tuple[int, int]]) -> None:
+                v = _scratch("v", (36 * block * c_in,), x.dtype)
+                gt = _scratch("m", (36 * block * c_out,), x.dtype)
+                for c, _ in shared:
+                    kernels.weight_grad_chunk(
+                        gemm, x, g, padding, th, tw, n_blocks * c // chunks * block,
+                        min(n_blocks * (c + 1) // chunks * block, n_tiles), block, parts[c],
+                        v, gt)
+
+            if _in_parallel(work, chunks, 1) is None:
+                return None
+    return _kernel_adjoint(parts.sum(axis=0, dtype=np.float64), x.dtype)
 
 
 def _whole_pays(n_tiles: int, c_in: int, c_out: int, block: int, itemsize: int) -> bool:
