@@ -12,9 +12,10 @@ time follows the arrays read and written.
 
 Results are bit for bit those of ``batch_norm``, ``relu_grad`` and ``batch_norm_grad``'s
 compiled path (core/ops_norm.py, kernels/batchnorm.py): y and r are the same float
-operations, the float64 column sums run over the same row blocks (cpu_kernels' rule, fixed
-by the shape) added in the same order, and the per-channel constants come from the same
-loop (numba_kernels.bn_grad_constants). Large passes run as numba prange loops on TBB
+operations, the column sums (chunks of 8 rows in x's dtype, then float64:
+numba_kernels.bn_grad_sums) run over the same row blocks (cpu_kernels' rule, fixed by the
+shape) added in the same order, and the per-channel constants come from the same loop
+(numba_kernels.bn_grad_constants). Large passes run as numba prange loops on TBB
 (cpu_kernels.run_in_blocks), with the same bits. Where that compiled path would not run
 (no numba, other dtypes or layouts, CuPy arrays) ``backward`` returns None and the caller
 runs the ops.

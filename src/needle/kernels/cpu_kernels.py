@@ -5,8 +5,9 @@ passes over an (M, C) channel matrix (M = N*H*W rows of C channels). In NumPy ea
 call and a trip through memory: five to a dozen per op, and on the small activations of an
 MLP (100 x 50) the calls cost more than the arithmetic. These loops read each input once or
 twice. They are the same formulas as the NumPy paths in reduce.py / batchnorm.py, which stay the
-reference and the fallback (no numba, CuPy arrays, other layouts); sums accumulate in float64,
-so results agree with NumPy's float32 sums to rounding, not bit for bit.
+reference and the fallback (no numba, CuPy arrays, other layouts); sums accumulate in float64
+(the gradient's sums first add chunks of 8 rows in the arrays' dtype: numba_kernels.
+bn_grad_sums_rows), so results agree with NumPy's float32 sums to rounding, not bit for bit.
 
 ``column_statistics`` takes BatchNorm's batch mean and variance in one pass (float64 sums of
 the values shifted by the first row, see its docstring); ``batch_norm_forward`` and
