@@ -62,3 +62,42 @@ def test_inputs_outside_the_hot_case_take_the_ladder():
     assert all(key[1] != np.float16 for key in batchnorm._hot_loops)  # (kept small)
     mean_t, var_t = batchnorm.statistics(np.ascontiguousarray(x.T).T, (0,))
     np.testing.assert_allclose(mean_t, mean, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_hot_forward_gives_the_ladders_bits(dtype, monkeypatch):
+    x, _, weight = _inputs(dtype, rows=100, cols=100, seed=1)
+    bias = np.linspace(-1, 1, 100).astype(dtype)
+    mean, var = batchnorm.statistics(x, (0,))
+    y = batchnorm.forward(x, weight, bias, mean, var, 1e-5, (0,))
+    assert ("bn_forward", np.dtype(dtype)) in batchnorm._hot_loops, "the hot case did not run"
+    assert batchnorm._hot_loops[("bn_forward", np.dtype(dtype))].signatures
+    monkeypatch.setattr(batchnorm, "HOT_FORWARD", False)
+    want = batchnorm.forward(x, weight, bias, mean, var, 1e-5, (0,))
+    assert y.shape == want.shape and y.dtype == want.dtype
+    np.testing.assert_array_equal(y, want)
+    _ladder_only(monkeypatch)  # and the NumPy formulas (no compiled loop at all)
+    monkeypatch.setattr(batchnorm.cpu_kernels, "enabled", lambda dtype: False)
+    numpy_y = batchnorm.forward(x, weight, bias, mean, var, 1e-5, (0,))
+    np.testing.assert_array_equal(y, numpy_y)
+
+
+def test_forward_inputs_outside_the_hot_case_take_the_ladder():
+    x, _, weight = _inputs(np.float32, seed=2)
+    bias = np.full(50, 0.25, np.float32)
+    mean, var = batchnorm.statistics(x, (0,))
+    want = batchnorm.forward(x, weight, bias, mean, var, 1e-5, (0,))
+    cases = {
+        "strided x": (np.asfortranarray(x), weight, bias),
+        "float64 weight": (x, weight.astype(np.float64), bias),
+        "strided weight": (x, np.repeat(weight, 2)[::2], bias),
+        "one row": (x[:1], weight, bias),
+    }
+    for name, (xi, wi, bi) in cases.items():
+        mi, vi = (mean, var) if name != "one row" else batchnorm.statistics(xi, (0,))
+        got = batchnorm.forward(xi, wi, bi, mi, vi, 1e-5, (0,))
+        assert got.shape == xi.shape, name
+        if name != "one row":
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+        else:  # a single row normalizes to the bias
+            np.testing.assert_allclose(got[0], bi, atol=1e-2, err_msg=name)

@@ -75,6 +75,8 @@ def _whole_matrix(x: Any, axes: tuple) -> np.ndarray | None:
 #: None where numba is absent or the loop failed to compile (the ladder then runs)
 _hot_loops: dict[tuple, Any] = {}
 _UNRESOLVED = object()
+#: ``forward``'s direct call of its loop in the hot case (off: the ladder; for A/B runs and tests)
+HOT_FORWARD = True
 
 
 def _resolve_hot_loop(key: tuple) -> Any:
@@ -132,7 +134,31 @@ def statistics(x: Any, axes: tuple) -> tuple[Any, Any]:
 def forward(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float, axes: tuple) -> Any:
     """Training BatchNorm: ``x * alpha + beta`` with ``alpha = weight / sqrt(var + eps)`` and
     ``beta = bias - mean * alpha`` (per-channel arrays of keepdims shapes over ``axes``):
-    one compiled call where it runs, else alpha and beta in NumPy and ``affine``."""
+    one compiled call where it runs, else alpha and beta in NumPy and ``affine``. The hot
+    case calls its loop directly (see ``statistics``: eager BatchNorm1d went through six
+    Python calls to reach it)."""
+    if (HOT_FORWARD and type(x) is np.ndarray and x.ndim == 2 and axes == (0,)
+            and x.flags.c_contiguous and 0 < x.shape[0]
+            and x.size < cpu_kernels.SPLIT_MIN_ELEMENTS and type(weight) is np.ndarray
+            and type(bias) is np.ndarray and type(mean) is np.ndarray
+            and type(var) is np.ndarray and weight.dtype is x.dtype and bias.dtype is x.dtype
+            and mean.dtype is x.dtype and var.dtype is x.dtype and weight.flags.c_contiguous
+            and bias.flags.c_contiguous and mean.flags.c_contiguous
+            and var.flags.c_contiguous
+            and weight.size == bias.size == mean.size == var.size == x.shape[1]):
+        dtype = x.dtype
+        key = ("bn_forward", dtype)
+        loop = _hot_loops.get(key, _UNRESOLVED)
+        if loop is _UNRESOLVED:
+            loop = _resolve_hot_loop(key)
+        if loop is not None:
+            out = np.empty(x.shape, dtype)
+            try:
+                loop(x, weight.reshape(-1), bias.reshape(-1), mean.reshape(-1),
+                     var.reshape(-1), dtype.type(eps), out)
+                return out
+            except numba_module().core.errors.NumbaError:  # before anything was written
+                _hot_loops[key] = None
     xm = _whole_matrix(x, axes)
     if xm is not None:
         y = cpu_kernels.whole_batch_norm_forward(xm, weight, bias, mean, var, eps)
