@@ -19,6 +19,12 @@ from needle.backend import cpu_threads
 from needle.kernels import conv as conv_kernels
 from needle.kernels import cpu_kernels
 
+
+@pytest.fixture(autouse=True)
+def _im2col_paths(monkeypatch):
+    """The im2col paths under test, not the direct loops (tests/test_conv_direct.py)."""
+    monkeypatch.setattr(conv_kernels, "DIRECT_ENABLED", False)
+
 needs_numba = pytest.mark.skipif(not cpu_kernels.enabled(np.float32),
                                  reason="numba is not installed or NEEDLE_NUMBA=0")
 

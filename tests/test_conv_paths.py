@@ -16,6 +16,12 @@ from needle.core.ops_conv import Conv, ConvInputGrad, ConvWeightGrad
 from needle.kernels import conv as conv_kernels
 
 
+@pytest.fixture(autouse=True)
+def _im2col_paths(monkeypatch):
+    """The im2col paths under test, not the direct loops (tests/test_conv_direct.py)."""
+    monkeypatch.setattr(conv_kernels, "DIRECT_ENABLED", False)
+
+
 def _problem(n, hw, c_in, c_out, stride, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, hw, hw, c_in)).astype(np.float32)  # NHWC memory

@@ -41,6 +41,8 @@ CASES = [("nhwc_s2", (13, 16, 32, 32), 32, 2, False),
 @pytest.fixture(autouse=True)
 def _two_threads(monkeypatch):
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 2)
+    # the im2col paths under test, not the direct loops (tests/test_conv_direct.py)
+    monkeypatch.setattr(conv_kernels, "DIRECT_ENABLED", False)
     if not parallel_loops.parallel_threads():
         pytest.skip("numba's parallel loops do not run on TBB here (tbb wheel missing?)")
     if not cpu_threads.can_hold_blas():

@@ -12,7 +12,12 @@ The algorithm, chosen here once for all three convolutions:
 1. Winograd's F(4x4, 3x3) (winograd.py: 4x fewer multiply-adds, blocked and threaded; the
    benchmark CNN's step 132 -> 55 ms) for float32 3x3 stride-1 convolutions with 8 or more
    channels, where numba is installed and compiles its transforms (``_winograd``);
-2. otherwise im2col and one matrix product per chunk of images, split across needle's CPU
+2. otherwise, for float32 layers with 16, 32, 48 or 64 output channels (input channels, for
+   the input gradient) where numba runs, direct loops with no im2col matrix and no BLAS
+   (kernels/numba_direct_conv.py: register tiles of 8 positions x 16 or 32 channels on
+   512-bit vectors, ``_direct_conv``, ``_direct_weight_grad``, ``_direct_input_grad``; the
+   strided CNN training step 0.86x its CPU time with im2col's, on one thread);
+3. otherwise im2col and one matrix product per chunk of images, split across needle's CPU
    threads where it pays (``_image_chunks``, ``_by_images``). An input stored channels-first
    (a user's NCHW images) or with at most 4 channels (a first layer's NHWC images), with
    large maps, is read by the NCHW im2col, which copies runs of Wo values instead of
@@ -412,6 +417,188 @@ def _prange_input_grad(g, weights, in_shape: tuple, kh: int, kw: int, s: int, p:
     return out if done else None
 
 
+# -- direct loops (no im2col, no BLAS) ------------------------------------------------------------
+#: the direct loops (kernels/numba_direct_conv.py), latched apart from the other numba modules
+_direct_loops = NumbaLoops("needle.kernels.numba_direct_conv")
+
+#: whether conv's forward and kernel gradient take the direct loops where they apply (False:
+#: im2col and OpenBLAS, as before; for A/B measurements and tests)
+DIRECT_ENABLED = True
+
+#: the direct loops' bounds: C_out a multiple of 16 up to DIRECT_MAX_COUT, at most
+#: DIRECT_MAX_TAPS kernel taps (kh*kw*C_in); wider layers keep OpenBLAS's products, whose
+#: 512-bit kernels win once the matrices are wide (not measured past 64 channels out)
+DIRECT_MAX_COUT = 64
+DIRECT_MAX_TAPS = 512
+
+#: the direct input gradient's bound on kh*kw*C_out (its taps before the stride phases
+#: thin them): a 3x3 kernel with 64 output channels, measured (C32->64 stride 2)
+DIRECT_MAX_INPUT_GRAD_TAPS = 9 * 64
+
+#: the direct kernel gradient up to this many output channels (one thread, batch 64, stride 2:
+#: C32->64 16x16 1.0 ms by 4-tap x 64-channel tiles vs 1.2-1.5 im2col, 1.85 by two 8 x 32
+#: tiles; C16->32 32x32 1.5 vs 2.5; the first layer's C3->16 0.7-0.8 vs 0.96-1.4)
+DIRECT_WEIGHT_GRAD_MAX_COUT = 64
+
+#: blocks of images of the direct kernel gradient, fixed by the batch size (min(N, this)):
+#: partial sums added in block order, so the same bits on any thread count
+DIRECT_WEIGHT_GRAD_BLOCKS = 8
+
+
+def _direct_module(*arrays: Any) -> Any:
+    """The direct loops' module where they can run on ``arrays`` (C-contiguous-able float32
+    NumPy arrays, numba present and compiling), else None."""
+    if not (DIRECT_ENABLED and all(type(x) is np.ndarray and x.dtype == np.float32
+                                   for x in arrays) and cpu_kernels.enabled(np.float32)):
+        return None
+    return _direct_loops.module()
+
+
+def _direct_applies(c_in: int, c_out: int, kh: int, kw: int) -> bool:
+    """Whether the shape is one the direct loops take (see DIRECT_MAX_COUT)."""
+    return (c_out % 16 == 0 and c_out <= DIRECT_MAX_COUT
+            and kh * kw * c_in <= DIRECT_MAX_TAPS)
+
+
+def _direct_scratch(threads: int, h: int, w: int, c: int, padding: int) -> np.ndarray:
+    """A padded-image scratch per thread: (``threads`` or 1, H + 2p, W + 2p, C)."""
+    return np.empty((max(1, threads), h + 2 * padding, w + 2 * padding, c), np.float32)
+
+
+def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int):
+    """conv's forward by the direct loops (kernels/numba_direct_conv.py): C-contiguous
+    (N, Ho, Wo, C_out), or None where they do not take it (see ``_direct_applies``; inputs
+    with at most NCHW_MAX_CHANNELS channels, a first layer's, only at stride 1: they take
+    ``forward_few_channels``, vectorized over positions, since 8 x 16 tiles over 27 taps
+    did not beat im2col there).
+
+    NOTE: one thread, thread CPU time, batch 64, medians (machine shared): C16->32 32x32
+    stride 2 2.91 -> 1.69 ms, C32->64 16x16 stride 2 1.77 -> 1.18 ms (oneDNN channels-last
+    1.0-1.2 / 0.96-1.1); C3->16 32x32 (forward_few_channels) 1.18-1.54 -> 1.03 (the loop
+    alone 0.89; oneDNN 0.60-0.69). The image
+    blocks run in one prange region where that runs; each output is the same sum in the same
+    order wherever it runs."""
+    kh, kw, c_in, c_out = b.shape
+    n, h, w, _ = a.shape
+    few = c_in <= NCHW_MAX_CHANNELS
+    if (n == 0 or wo < (16 if few else 8) or (few and stride != 1)
+            or not _direct_applies(c_in, c_out, kh, kw)):
+        return None
+    loops = _direct_module(a, b) if bias is None else _direct_module(a, b, bias)
+    if loops is None:
+        return None
+    bias = np.zeros(c_out, np.float32) if bias is None else np.ascontiguousarray(bias)
+    out = np.empty((n, ho, wo, c_out), np.float32)
+    threads = parallel_loops.parallel_threads() if n > 1 else 0
+    if few:  # any layout of a: each image is copied into padded channel planes
+        wt = np.ascontiguousarray(b.transpose(3, 2, 0, 1)).reshape(c_out, c_in * kh * kw)
+        scratch = np.empty((max(1, threads), c_in, h + 2 * padding, w + 2 * padding),
+                           np.float32)
+        if threads:
+            done = _direct_loops.call(loops.forward_few_channels_blocks, a, wt, bias, kh, kw,
+                                      padding, ho, wo, scratch, out,
+                                      min(n, 2 * PRANGE_MIN_BLOCKS))
+        else:
+            done = _direct_loops.call(loops.forward_few_channels, a, wt, bias, kh, kw,
+                                      padding, ho, wo, scratch[0], out)
+        return out if done else None
+    a = np.ascontiguousarray(a)
+    b = np.ascontiguousarray(b)
+    scratch = _direct_scratch(threads, h, w, c_in, padding)
+    if threads:
+        done = _direct_loops.call(loops.forward_blocks, a, b, bias, stride, padding, ho, wo,
+                                  scratch, out, min(n, 2 * PRANGE_MIN_BLOCKS))
+    else:
+        forward = loops.forward32 if c_out % 32 == 0 else loops.forward16
+        done = _direct_loops.call(forward, a, b, bias, stride, padding, ho, wo, scratch[0],
+                                  out)
+    return out if done else None
+
+
+def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
+    """conv_weight_grad by the direct loops: (kh, kw, C_in, C_out), or None where they do not
+    take it (C_out over DIRECT_WEIGHT_GRAD_MAX_COUT; see ``_direct_applies``). Partial sums per
+    block of images (DIRECT_WEIGHT_GRAD_BLOCKS, fixed by N), added in block order, in one
+    prange region or one after another: the same bits either way.
+
+    NOTE: one thread, thread CPU time, batch 64, medians (machine shared): C3->16 32x32
+    1.13-1.42 -> 0.94-1.07 ms, C16->32 32x32 stride 2 3.05 -> 1.99 ms (oneDNN channels-last
+    0.47-0.58 / 1.36-1.43). Vectorized over positions instead (a first layer's 3x3 taps x 4
+    channels of 16-position sums, 512-bit): 4.6 ms, not understood (the loop's code looked
+    right; no hardware counters on this VM), dropped."""
+    kh, kw = kernel_hw
+    n, h, w, c_in = a.shape
+    _, ho, wo, c_out = g.shape
+    if n == 0 or c_out > DIRECT_WEIGHT_GRAD_MAX_COUT or not _direct_applies(c_in, c_out, kh, kw):
+        return None
+    loops = _direct_module(a, g)
+    if loops is None:
+        return None
+    # (a as it comes: a first layer's NCHW images are read through their NHWC view while
+    # padded, where NumPy's transposing copy of 3 channels cost ~0.4 ms a batch)
+    g = np.ascontiguousarray(g)
+    threads = parallel_loops.parallel_threads()
+    scratch = _direct_scratch(threads, h, w, c_in, padding)
+    wp = scratch.shape[2]
+    taps = kh * kw * c_in
+    offsets = np.zeros(-(-taps // 8) * 8, np.int64)  # taps past the kernel's read offset 0
+    offsets[:taps] = (np.arange(kh)[:, None, None] * (wp * c_in)
+                      + np.arange(kw)[None, :, None] * c_in + np.arange(c_in)).reshape(-1)
+    count = min(n, DIRECT_WEIGHT_GRAD_BLOCKS)
+    parts = np.empty((count, offsets.size, c_out), np.float32)
+    if threads:
+        if not _direct_loops.call(loops.weight_grad_blocks, a, g, stride, padding, offsets,
+                                  scratch, parts, count):
+            return None
+    else:
+        kernel = (loops.weight_grad64 if c_out % 64 == 0 else
+                  loops.weight_grad32 if c_out % 32 == 0 else loops.weight_grad16)
+        xp = scratch[0]
+        for i in range(count):
+            s, e = n * i // count, n * (i + 1) // count
+            parts[i] = 0.0
+            if not _direct_loops.call(kernel, a[s:e], g[s:e], stride, padding, offsets, xp,
+                                      xp.reshape(-1), parts[i]):
+                return None
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total[:taps].reshape(kh, kw, c_in, c_out)
+
+
+def _direct_input_grad(g, b, stride: int, padding: int, in_hw: tuple):
+    """conv_input_grad by the direct loops (``input_grad32``/``input_grad16``: taps grouped
+    by column phase, no col2im scatter, no BLAS): (N, H, W, C_in), or None where they do not
+    take it (C_in a multiple of 16 up to DIRECT_MAX_COUT, at most DIRECT_MAX_INPUT_GRAD_TAPS
+    taps kh*kw*C_out, every column phase at least 8 positions: W // stride >= 8).
+
+    NOTE: one thread, thread CPU time, batch 64, medians (machine shared): C16->32 32x32
+    stride 2 2.52 -> 1.72 ms, C32->64 16x16 stride 2 1.75 -> 1.16 ms (oneDNN channels-last
+    2.18 / 1.38). Images are independent: the same bits in a prange region or not."""
+    kh, kw, c_in, c_out = b.shape
+    n, h, w = g.shape[0], in_hw[0], in_hw[1]
+    if (n == 0 or g.shape[3] != c_out or c_in % 16 or c_in > DIRECT_MAX_COUT
+            or kh * kw * c_out > DIRECT_MAX_INPUT_GRAD_TAPS or w // stride < 8
+            or padding >= min(kh, kw)):  # (the padded g's border is kh rows, kw columns)
+        return None
+    loops = _direct_module(g, b)
+    if loops is None:
+        return None
+    g = np.ascontiguousarray(g)
+    wt = np.ascontiguousarray(b.transpose(0, 1, 3, 2))  # (kh, kw, C_out, C_in)
+    out = np.empty((n, h, w, c_in), np.float32)
+    threads = parallel_loops.parallel_threads() if n > 1 else 0
+    scratch = np.empty((max(1, threads), g.shape[1] + 2 * kh, g.shape[2] + 2 * kw, c_out),
+                       np.float32)
+    if threads:
+        done = _direct_loops.call(loops.input_grad_blocks, g, wt, stride, padding, scratch,
+                                  out, min(n, 2 * PRANGE_MIN_BLOCKS))
+    else:
+        kernel = loops.input_grad32 if c_in % 32 == 0 else loops.input_grad16
+        done = _direct_loops.call(kernel, g, wt, stride, padding, scratch[0], out)
+    return out if done else None
+
+
 # -- the split by images ------------------------------------------------------------------------
 #: smallest multiply-add count for which an im2col convolution is split by images across
 #: needle's CPU threads (smaller ones lose more to the hand-off than they gain)
@@ -461,6 +648,9 @@ def conv2d(a, b, stride: int, padding: int, bias=None):
     n = a.shape[0]
     ho = _out_size(a.shape[1], kh, stride, padding)
     wo = _out_size(a.shape[2], kw, stride, padding)
+    out = _direct_conv(a, b, stride, padding, bias, ho, wo)
+    if out is not None:
+        return out
     xp = array_module(a)
     out = xp.empty((n, ho, wo, c_out), dtype)
 
@@ -517,6 +707,9 @@ def conv2d_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
     n, c_in = a.shape[0], a.shape[3]
     ho, wo, c_out = g.shape[1:]
     out = _winograd(winograd.conv3x3_weight_grad, a, g, kernel_hw, stride, padding, c_in, c_out)
+    if out is not None:
+        return out
+    out = _direct_weight_grad(a, g, kernel_hw, stride, padding)
     if out is not None:
         return out
     chunks = _image_chunks(n, n * ho * wo * kh * kw * c_in * c_out, a, g)
@@ -609,6 +802,9 @@ def conv2d_input_grad(g, b, stride: int, padding: int, in_hw: tuple):
                         c_out)
         if out is not None:
             return out
+    out = _direct_input_grad(g, b, stride, padding, in_hw)
+    if out is not None:
+        return out
     out = _col2im_compiled(g, b, stride, padding, in_hw)
     if out is not None:
         return out

@@ -1,0 +1,566 @@
+"""Direct convolution loops (no im2col matrix, no BLAS) for float32 NHWC convolutions whose
+output channels come in multiples of 16: the forward and the kernel gradient (kernels/conv.py
+chooses where they run and says why).
+
+Each loop keeps a register tile of accumulators: 8 output positions x 16 or 32 output channels
+(the forward), or 8 kernel taps x 16 or 32 output channels (the kernel gradient), one or two
+512-bit vectors per row. A tap's input value is broadcast against a row of the kernel (or of the
+output gradient): any stride reads scalars only, so a stride-2 layer costs what a stride-1
+layer does. The tile lives in a stack array (``_stack_f32``) indexed by constants only, so LLVM
+keeps it in registers; the functions ask LLVM for 512-bit vectors (``_wide_vectors``: on this
+machine's AVX-512 LLVM prefers 256 bits, half the multiply-adds per instruction).
+
+Sums run in a fixed order (the forward: taps in (i, j, c) order, then the bias, added where
+the tile is stored: set first, the tile's 256 scalar stores cost ~10-20% of a layer; the first
+layer's loop starts from the bias, measured faster there; the kernel
+gradient: images, then positions in order, per block of images), whatever thread runs a block.
+Each image is copied into a zero-padded scratch (``xp``, (H + 2p, W + 2p, C)) first; a row's last
+tile of positions overlaps the one before rather than sticking out (the forward needs Wo >= 8,
+or 16), and ``off[t]`` is tap t's offset in the flat scratch (the kernel gradient).
+
+NOTE: measured on one thread (thread CPU time, medians, machine shared with other jobs): batch
+64, C16->32 32x32 stride 2 forward 2.50 ms (im2col + OpenBLAS) -> 1.28 ms (oneDNN channels-last
+1.15 ms); C32->64 16x16 stride 2 1.59 -> 1.32 ms (oneDNN 1.04); the same loops at 256 bits
+1.55 / 1.73 ms; vectorized over positions instead of channels with 512-bit vectors: no better.
+Flat indices are unsigned (``np.uint64``): numba wraps negative signed indices around, and
+LLVM then gathers element by element (8.6 ms instead of 0.9 on a first layer).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..backend.numba_support import njit_cached
+from ..backend.parallel_loops import njit_parallel
+
+
+@intrinsic
+def _stack_f32(typingctx, size):  # type: ignore[no-untyped-def]
+    """A pointer to ``size`` (a literal) float32 values on the stack (numba has no stack
+    arrays): ``numba.carray`` over it is a tile LLVM can keep in registers."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    count = size.literal_value
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return cgutils.alloca_once(builder, context.get_data_type(types.float32),
+                                   size=context.get_constant(types.intp, count))
+
+    return types.CPointer(types.float32)(size), codegen
+
+
+@intrinsic
+def _wide_vectors(typingctx):  # type: ignore[no-untyped-def]
+    """Ask LLVM for 512-bit vectors in the calling function (its attributes
+    prefer-vector-width and min-legal-vector-width); a no-op on CPUs without them."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        attributes = builder.function.attributes
+        set.add(attributes, '"prefer-vector-width"="512"')
+        set.add(attributes, '"min-legal-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+def _jit(fn):  # type: ignore[no-untyped-def]
+    """needle's njit (disk cache, numpy error model, nogil) with FMA contraction."""
+    return njit_cached(fn, fastmath={"contract"})
+
+
+@_jit
+def pad_image(a, b, padding, xp):
+    """xp[padding + y, padding + x, :] = a[b, y, x, :], zeros elsewhere in xp."""
+    u = np.uint64
+    h, w, c = a.shape[1], a.shape[2], a.shape[3]
+    xp[:] = 0.0
+    for y in range(h):
+        for x in range(w):
+            for ch in range(c):  # (unsigned indices: no wrap-around, no gathers)
+                xp[u(padding + y), u(padding + x), u(ch)] = a[u(b), u(y), u(x), u(ch)]
+
+
+@_jit
+def forward32(a, w, bias, stride, padding, ho, wo, xp, out):
+    """out[n, y, x, k] = (sum over taps (i, j, c) of xpad[n, s*y + i, s*x + j, c] * w[i, j, c,
+    k]) + bias[k] for NHWC ``a`` (images of one block), ``w`` (kh, kw, C, C_out), C_out % 32
+    == 0, Wo >= 8."""
+    _wide_vectors()
+    acc = numba.carray(_stack_f32(256), (8, 32))
+    u = np.uint64
+    kh, kw, c, co = w.shape
+    for b in range(a.shape[0]):
+        pad_image(a, b, padding, xp)
+        for y in range(ho):
+            for xs in range(0, wo, 8):
+                x0 = min(xs, wo - 8)  # the last tile overlaps the one before: no partial one
+                for k0 in range(0, co, 32):
+                    for p in range(8):
+                        for q in range(32):
+                            acc[p, q] = 0.0
+                    for i in range(kh):
+                        yy = u(y * stride + i)
+                        for j in range(kw):
+                            xb = x0 * stride + j
+                            for ci in range(c):
+                                uc = u(ci)
+                                v0 = xp[yy, u(xb), uc]
+                                v1 = xp[yy, u(xb + stride), uc]
+                                v2 = xp[yy, u(xb + 2 * stride), uc]
+                                v3 = xp[yy, u(xb + 3 * stride), uc]
+                                v4 = xp[yy, u(xb + 4 * stride), uc]
+                                v5 = xp[yy, u(xb + 5 * stride), uc]
+                                v6 = xp[yy, u(xb + 6 * stride), uc]
+                                v7 = xp[yy, u(xb + 7 * stride), uc]
+                                for q in range(32):
+                                    wq = w[u(i), u(j), uc, u(k0) + u(q)]
+                                    acc[0, q] += v0 * wq
+                                    acc[1, q] += v1 * wq
+                                    acc[2, q] += v2 * wq
+                                    acc[3, q] += v3 * wq
+                                    acc[4, q] += v4 * wq
+                                    acc[5, q] += v5 * wq
+                                    acc[6, q] += v6 * wq
+                                    acc[7, q] += v7 * wq
+                    for p in range(8):
+                        for q in range(32):
+                            out[u(b), u(y), u(x0 + p), u(k0) + u(q)] = (acc[p, q]
+                                                                         + bias[u(k0) + u(q)])
+
+
+@_jit
+def forward16(a, w, bias, stride, padding, ho, wo, xp, out):
+    """forward32 for C_out % 16 == 0: tiles of 8 positions x 16 channels."""
+    _wide_vectors()
+    acc = numba.carray(_stack_f32(128), (8, 16))
+    u = np.uint64
+    kh, kw, c, co = w.shape
+    for b in range(a.shape[0]):
+        pad_image(a, b, padding, xp)
+        for y in range(ho):
+            for xs in range(0, wo, 8):
+                x0 = min(xs, wo - 8)  # the last tile overlaps the one before: no partial one
+                for k0 in range(0, co, 16):
+                    for p in range(8):
+                        for q in range(16):
+                            acc[p, q] = 0.0
+                    for i in range(kh):
+                        yy = u(y * stride + i)
+                        for j in range(kw):
+                            xb = x0 * stride + j
+                            for ci in range(c):
+                                uc = u(ci)
+                                v0 = xp[yy, u(xb), uc]
+                                v1 = xp[yy, u(xb + stride), uc]
+                                v2 = xp[yy, u(xb + 2 * stride), uc]
+                                v3 = xp[yy, u(xb + 3 * stride), uc]
+                                v4 = xp[yy, u(xb + 4 * stride), uc]
+                                v5 = xp[yy, u(xb + 5 * stride), uc]
+                                v6 = xp[yy, u(xb + 6 * stride), uc]
+                                v7 = xp[yy, u(xb + 7 * stride), uc]
+                                for q in range(16):
+                                    wq = w[u(i), u(j), uc, u(k0) + u(q)]
+                                    acc[0, q] += v0 * wq
+                                    acc[1, q] += v1 * wq
+                                    acc[2, q] += v2 * wq
+                                    acc[3, q] += v3 * wq
+                                    acc[4, q] += v4 * wq
+                                    acc[5, q] += v5 * wq
+                                    acc[6, q] += v6 * wq
+                                    acc[7, q] += v7 * wq
+                    for p in range(8):
+                        for q in range(16):
+                            out[u(b), u(y), u(x0 + p), u(k0) + u(q)] = (acc[p, q]
+                                                                         + bias[u(k0) + u(q)])
+
+
+@_jit
+def weight_grad32(a, g, stride, padding, off, xp, xf, part):
+    """part[t, k] += sum over the images of ``a`` of (the sum over positions (y, x), in order,
+    of xpad[n, (y, x) + tap t] * g[n, y, x, k]), image by image; ``part`` (len(off), C_out),
+    C_out % 32 == 0, len(off) % 8 == 0 (taps past the kernel's read offset 0; the caller drops
+    them)."""
+    _wide_vectors()
+    acc = numba.carray(_stack_f32(256), (8, 32))
+    u = np.uint64
+    ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
+    wp, c = xp.shape[1], xp.shape[2]
+    for b in range(a.shape[0]):
+        pad_image(a, b, padding, xp)
+        for t0 in range(0, off.shape[0], 8):
+            o0, o1, o2, o3 = u(off[t0]), u(off[t0 + 1]), u(off[t0 + 2]), u(off[t0 + 3])
+            o4, o5, o6, o7 = u(off[t0 + 4]), u(off[t0 + 5]), u(off[t0 + 6]), u(off[t0 + 7])
+            for k0 in range(0, co, 32):
+                for r in range(8):
+                    for q in range(32):
+                        acc[r, q] = 0.0
+                for y in range(ho):
+                    for x in range(wo):
+                        base = u((y * stride * wp + x * stride) * c)
+                        v0 = xf[base + o0]
+                        v1 = xf[base + o1]
+                        v2 = xf[base + o2]
+                        v3 = xf[base + o3]
+                        v4 = xf[base + o4]
+                        v5 = xf[base + o5]
+                        v6 = xf[base + o6]
+                        v7 = xf[base + o7]
+                        for q in range(32):
+                            gq = g[u(b), u(y), u(x), u(k0) + u(q)]
+                            acc[0, q] += v0 * gq
+                            acc[1, q] += v1 * gq
+                            acc[2, q] += v2 * gq
+                            acc[3, q] += v3 * gq
+                            acc[4, q] += v4 * gq
+                            acc[5, q] += v5 * gq
+                            acc[6, q] += v6 * gq
+                            acc[7, q] += v7 * gq
+                for r in range(8):
+                    for q in range(32):
+                        part[u(t0 + r), u(k0) + u(q)] += acc[r, q]
+
+
+@_jit
+def weight_grad64(a, g, stride, padding, off, xp, xf, part):
+    """weight_grad32 for C_out % 64 == 0: tiles of 4 taps x 64 channels (4 broadcasts and 4
+    loads a position for 16 multiply-adds, where 8 taps x 32 channels twice take 16 and 4:
+    C32->64 16x16 stride 2, one thread, 1.85 -> 1.0 ms; im2col 1.2-1.5)."""
+    _wide_vectors()
+    acc = numba.carray(_stack_f32(256), (4, 64))
+    u = np.uint64
+    ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
+    wp, c = xp.shape[1], xp.shape[2]
+    for b in range(a.shape[0]):
+        pad_image(a, b, padding, xp)
+        for t0 in range(0, off.shape[0], 4):
+            o0, o1, o2, o3 = u(off[t0]), u(off[t0 + 1]), u(off[t0 + 2]), u(off[t0 + 3])
+            for k0 in range(0, co, 64):
+                for r in range(4):
+                    for q in range(64):
+                        acc[r, q] = 0.0
+                for y in range(ho):
+                    for x in range(wo):
+                        base = u((y * stride * wp + x * stride) * c)
+                        v0 = xf[base + o0]
+                        v1 = xf[base + o1]
+                        v2 = xf[base + o2]
+                        v3 = xf[base + o3]
+                        for q in range(64):
+                            gq = g[u(b), u(y), u(x), u(k0) + u(q)]
+                            acc[0, q] += v0 * gq
+                            acc[1, q] += v1 * gq
+                            acc[2, q] += v2 * gq
+                            acc[3, q] += v3 * gq
+                for r in range(4):
+                    for q in range(64):
+                        part[u(t0 + r), u(k0) + u(q)] += acc[r, q]
+
+
+@_jit
+def weight_grad16(a, g, stride, padding, off, xp, xf, part):
+    """weight_grad32 for C_out % 16 == 0: tiles of 8 taps x 16 channels."""
+    _wide_vectors()
+    acc = numba.carray(_stack_f32(128), (8, 16))
+    u = np.uint64
+    ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
+    wp, c = xp.shape[1], xp.shape[2]
+    for b in range(a.shape[0]):
+        pad_image(a, b, padding, xp)
+        for t0 in range(0, off.shape[0], 8):
+            o0, o1, o2, o3 = u(off[t0]), u(off[t0 + 1]), u(off[t0 + 2]), u(off[t0 + 3])
+            o4, o5, o6, o7 = u(off[t0 + 4]), u(off[t0 + 5]), u(off[t0 + 6]), u(off[t0 + 7])
+            for k0 in range(0, co, 16):
+                for r in range(8):
+                    for q in range(16):
+                        acc[r, q] = 0.0
+                for y in range(ho):
+                    for x in range(wo):
+                        base = u((y * stride * wp + x * stride) * c)
+                        v0 = xf[base + o0]
+                        v1 = xf[base + o1]
+                        v2 = xf[base + o2]
+                        v3 = xf[base + o3]
+                        v4 = xf[base + o4]
+                        v5 = xf[base + o5]
+                        v6 = xf[base + o6]
+                        v7 = xf[base + o7]
+                        for q in range(16):
+                            gq = g[u(b), u(y), u(x), u(k0) + u(q)]
+                            acc[0, q] += v0 * gq
+                            acc[1, q] += v1 * gq
+                            acc[2, q] += v2 * gq
+                            acc[3, q] += v3 * gq
+                            acc[4, q] += v4 * gq
+                            acc[5, q] += v5 * gq
+                            acc[6, q] += v6 * gq
+                            acc[7, q] += v7 * gq
+                for r in range(8):
+                    for q in range(16):
+                        part[u(t0 + r), u(k0) + u(q)] += acc[r, q]
+
+
+@_jit
+def pad_planes(a, b, padding, xp):
+    """xp[c, padding + y, padding + x] = a[b, y, x, c] (NHWC ``a``, any strides), zeros
+    elsewhere in xp: one image as zero-padded channel planes."""
+    u = np.uint64
+    h, w, c = a.shape[1], a.shape[2], a.shape[3]
+    xp[:] = 0.0
+    for ch in range(c):
+        for y in range(h):
+            for x in range(w):
+                xp[u(ch), u(padding + y), u(padding + x)] = a[u(b), u(y), u(x), u(ch)]
+
+
+@numba.njit(inline="always", fastmath={"contract"}, error_model="numpy")
+def _few_channels_tap(xp, wt, acc, ci, yy, xb, k0, t):
+    """acc[q, p] += wt[k0 + q, t] * xp[ci, yy, xb + p] (16 positions x 4 channels)."""
+    u = np.uint64
+    w0 = wt[u(k0), u(t)]
+    w1 = wt[u(k0 + 1), u(t)]
+    w2 = wt[u(k0 + 2), u(t)]
+    w3 = wt[u(k0 + 3), u(t)]
+    for p in range(16):
+        v = xp[u(ci), u(yy), u(xb) + u(p)]
+        acc[0, p] += w0 * v
+        acc[1, p] += w1 * v
+        acc[2, p] += w2 * v
+        acc[3, p] += w3 * v
+
+
+@_jit
+def forward_few_channels(a, wt, bias, kh, kw, padding, ho, wo, xp, out):
+    """forward32 for a first layer (stride 1, a few input channels): tiles of 16 positions x
+    4 channels, vectorized over the positions (a row of a padded channel plane), the kernel's
+    taps broadcast; ``wt`` is (C_out, C*kh*kw) in (c, i, j) order, ``xp`` a (C, Hp, Wp)
+    scratch with Wp >= Wo + kw - 1, Wo >= 16, C_out % 4 == 0 (a last tile that would stick out
+    overlaps the one before instead: a partial tile's stores took acc out of registers,
+    1.28 vs 0.89 ms).
+
+    NOTE: 256-bit vectors here (no _wide_vectors): 0.79 ms vs 0.90 with 512 bits (C3->16
+    32x32, batch 64, one thread); 16 x 8 and 32 x 4 tiles 0.95-1.0 ms."""
+    acc = numba.carray(_stack_f32(64), (4, 16))
+    u = np.uint64
+    co, c = out.shape[3], xp.shape[0]
+    for b in range(a.shape[0]):
+        pad_planes(a, b, padding, xp)
+        for y in range(ho):
+            for xs in range(0, wo, 16):
+                x0 = min(xs, wo - 16)  # the last tile overlaps the one before: no partial one
+                for k0 in range(0, co, 4):
+                    for q in range(4):
+                        bq = bias[u(k0) + u(q)]
+                        for p in range(16):
+                            acc[q, p] = bq
+                    if kh == 3 and kw == 3:  # constant trip counts: LLVM unrolls the taps
+                        for ci in range(c):
+                            for i in range(3):
+                                for j in range(3):
+                                    _few_channels_tap(xp, wt, acc, ci, y + i, x0 + j, k0,
+                                                      (ci * 3 + i) * 3 + j)
+                    else:
+                        for ci in range(c):
+                            for i in range(kh):
+                                for j in range(kw):
+                                    _few_channels_tap(xp, wt, acc, ci, y + i, x0 + j, k0,
+                                                      (ci * kh + i) * kw + j)
+                    for p in range(16):
+                        for q in range(4):
+                            out[u(b), u(y), u(x0 + p), u(k0) + u(q)] = acc[q, p]
+
+
+@_jit
+def input_grad32(g, wt, stride, padding, gp, out):
+    """out[n, yi, xi, c] = sum over taps (i, j) with yi + p - i = s*y, xi + p - j = s*x and
+    over k of g[n, y, x, k] * wt[i, j, k, c] (the input gradient; ``wt`` is the kernel as (kh,
+    kw, C_out, C_in), C_in % 32 == 0). Positions are taken per column phase r (xi = r + s*m,
+    which all meet the same taps), in tiles of 8 consecutive m, the last tile of a phase
+    overlapping the one before (every phase needs W // s >= 8 positions); ``gp`` is a scratch
+    for one image's g zero-padded by kh rows and kw columns on each side, so taps past g's
+    edges read zeros."""
+    _wide_vectors()
+    acc = numba.carray(_stack_f32(256), (8, 32))
+    u = np.uint64
+    kh, kw, co, ci = wt.shape
+    h, w = out.shape[1], out.shape[2]
+    ho, wo = g.shape[1], g.shape[2]
+    for b in range(g.shape[0]):
+        gp[:] = 0.0
+        for y in range(ho):
+            for x in range(wo):
+                for k in range(co):
+                    gp[u(kh + y), u(kw + x), u(k)] = g[u(b), u(y), u(x), u(k)]
+        for yi in range(h):
+            for r in range(stride):
+                count = (w - r + stride - 1) // stride
+                for ms in range(0, count, 8):
+                    m0 = min(ms, count - 8)
+                    for c0 in range(0, ci, 32):
+                        for p in range(8):
+                            for q in range(32):
+                                acc[p, q] = 0.0
+                        for i in range(kh):
+                            dy = yi + padding - i
+                            if dy % stride != 0:
+                                continue
+                            yy = u(dy // stride + kh)
+                            for j in range(kw):
+                                dx = r + padding - j
+                                if dx % stride != 0:
+                                    continue
+                                xb = m0 + dx // stride + kw
+                                for k in range(co):
+                                    uk = u(k)
+                                    v0 = gp[yy, u(xb), uk]
+                                    v1 = gp[yy, u(xb + 1), uk]
+                                    v2 = gp[yy, u(xb + 2), uk]
+                                    v3 = gp[yy, u(xb + 3), uk]
+                                    v4 = gp[yy, u(xb + 4), uk]
+                                    v5 = gp[yy, u(xb + 5), uk]
+                                    v6 = gp[yy, u(xb + 6), uk]
+                                    v7 = gp[yy, u(xb + 7), uk]
+                                    for q in range(32):
+                                        wq = wt[u(i), u(j), uk, u(c0) + u(q)]
+                                        acc[0, q] += v0 * wq
+                                        acc[1, q] += v1 * wq
+                                        acc[2, q] += v2 * wq
+                                        acc[3, q] += v3 * wq
+                                        acc[4, q] += v4 * wq
+                                        acc[5, q] += v5 * wq
+                                        acc[6, q] += v6 * wq
+                                        acc[7, q] += v7 * wq
+                        for p in range(8):
+                            for q in range(32):
+                                out[u(b), u(yi), u(r + stride * (m0 + p)), u(c0) + u(q)] = acc[p, q]
+
+
+@_jit
+def input_grad16(g, wt, stride, padding, gp, out):
+    """out[n, yi, xi, c] = sum over taps (i, j) with yi + p - i = s*y, xi + p - j = s*x and
+    over k of g[n, y, x, k] * wt[i, j, k, c] (the input gradient; ``wt`` is the kernel as (kh,
+    kw, C_out, C_in), C_in % 16 == 0). Positions are taken per column phase r (xi = r + s*m,
+    which all meet the same taps), in tiles of 8 consecutive m, the last tile of a phase
+    overlapping the one before (every phase needs W // s >= 8 positions); ``gp`` is a scratch
+    for one image's g zero-padded by kh rows and kw columns on each side, so taps past g's
+    edges read zeros."""
+    _wide_vectors()
+    acc = numba.carray(_stack_f32(128), (8, 16))
+    u = np.uint64
+    kh, kw, co, ci = wt.shape
+    h, w = out.shape[1], out.shape[2]
+    ho, wo = g.shape[1], g.shape[2]
+    for b in range(g.shape[0]):
+        gp[:] = 0.0
+        for y in range(ho):
+            for x in range(wo):
+                for k in range(co):
+                    gp[u(kh + y), u(kw + x), u(k)] = g[u(b), u(y), u(x), u(k)]
+        for yi in range(h):
+            for r in range(stride):
+                count = (w - r + stride - 1) // stride
+                for ms in range(0, count, 8):
+                    m0 = min(ms, count - 8)
+                    for c0 in range(0, ci, 16):
+                        for p in range(8):
+                            for q in range(16):
+                                acc[p, q] = 0.0
+                        for i in range(kh):
+                            dy = yi + padding - i
+                            if dy % stride != 0:
+                                continue
+                            yy = u(dy // stride + kh)
+                            for j in range(kw):
+                                dx = r + padding - j
+                                if dx % stride != 0:
+                                    continue
+                                xb = m0 + dx // stride + kw
+                                for k in range(co):
+                                    uk = u(k)
+                                    v0 = gp[yy, u(xb), uk]
+                                    v1 = gp[yy, u(xb + 1), uk]
+                                    v2 = gp[yy, u(xb + 2), uk]
+                                    v3 = gp[yy, u(xb + 3), uk]
+                                    v4 = gp[yy, u(xb + 4), uk]
+                                    v5 = gp[yy, u(xb + 5), uk]
+                                    v6 = gp[yy, u(xb + 6), uk]
+                                    v7 = gp[yy, u(xb + 7), uk]
+                                    for q in range(16):
+                                        wq = wt[u(i), u(j), uk, u(c0) + u(q)]
+                                        acc[0, q] += v0 * wq
+                                        acc[1, q] += v1 * wq
+                                        acc[2, q] += v2 * wq
+                                        acc[3, q] += v3 * wq
+                                        acc[4, q] += v4 * wq
+                                        acc[5, q] += v5 * wq
+                                        acc[6, q] += v6 * wq
+                                        acc[7, q] += v7 * wq
+                        for p in range(8):
+                            for q in range(16):
+                                out[u(b), u(yi), u(r + stride * (m0 + p)), u(c0) + u(q)] = acc[p, q]
+
+
+def _input_grad_blocks(g, wt, stride, padding, scratch, out, count):
+    """input_grad32 / input_grad16 per block of images (as _forward_blocks)."""
+    n = g.shape[0]
+    wide = wt.shape[3] % 32 == 0
+    for blk in prange(count):
+        s = n * blk // count
+        e = n * (blk + 1) // count
+        gp = scratch[numba.get_thread_id()]
+        if wide:
+            input_grad32(g[s:e], wt, stride, padding, gp, out[s:e])
+        else:
+            input_grad16(g[s:e], wt, stride, padding, gp, out[s:e])
+
+
+def _forward_blocks(a, w, bias, stride, padding, ho, wo, scratch, out, count):
+    """forward32 / forward16 per block of images (block b: images n*b//count to
+    n*(b+1)//count), each on a TBB thread with its own padded-image scratch."""
+    n = a.shape[0]
+    wide = w.shape[3] % 32 == 0
+    for blk in prange(count):
+        s = n * blk // count
+        e = n * (blk + 1) // count
+        xp = scratch[numba.get_thread_id()]
+        if wide:
+            forward32(a[s:e], w, bias, stride, padding, ho, wo, xp, out[s:e])
+        else:
+            forward16(a[s:e], w, bias, stride, padding, ho, wo, xp, out[s:e])
+
+
+def _weight_grad_blocks(a, g, stride, padding, off, scratch, parts, count):
+    """parts[b] = weight_grad64 / 32 / 16 of block b of images (as _forward_blocks),
+    each from zero; the caller adds the parts in block order."""
+    n = a.shape[0]
+    co = g.shape[3]
+    for blk in prange(count):
+        s = n * blk // count
+        e = n * (blk + 1) // count
+        xp = scratch[numba.get_thread_id()]
+        parts[blk][:] = 0.0
+        if co % 64 == 0:
+            weight_grad64(a[s:e], g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk])
+        elif co % 32 == 0:
+            weight_grad32(a[s:e], g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk])
+        else:
+            weight_grad16(a[s:e], g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk])
+
+
+def _forward_few_channels_blocks(a, wt, bias, kh, kw, padding, ho, wo, scratch, out, count):
+    """forward_few_channels per block of images (as _forward_blocks)."""
+    n = a.shape[0]
+    for blk in prange(count):
+        s = n * blk // count
+        e = n * (blk + 1) // count
+        forward_few_channels(a[s:e], wt, bias, kh, kw, padding, ho, wo,
+                             scratch[numba.get_thread_id()], out[s:e])
+
+
+forward_blocks = njit_parallel(_forward_blocks)
+forward_few_channels_blocks = njit_parallel(_forward_few_channels_blocks)
+input_grad_blocks = njit_parallel(_input_grad_blocks)
+weight_grad_blocks = njit_parallel(_weight_grad_blocks)
