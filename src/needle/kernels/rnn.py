@@ -39,6 +39,7 @@ import numpy as np
 from ..backend import cpu_threads
 from ..backend.device import array_module
 from ..backend.numba_support import numba_module
+from . import blas_policy
 
 __all__ = ["lstm_backward", "lstm_forward"]
 
@@ -183,7 +184,8 @@ def lstm_backward(dh_all: Any, dc_all: Any, dacts: Any, w_hh: Any, h_all: Any, c
         dh = _with_fallback(_backward_fused, _backward_numpy, loops, dh_all, dc_all, dacts,
                             w_hh_t, c_all, acts, c0, tanh_c, dpre, dh, dc)
     if steps > 1:  # one product over the steps after the first; a zero h0 adds nothing
-        dw_hh = h_all[:-1].reshape(-1, hidden).T @ dpre[1:].reshape(-1, four)
+        dw_hh = blas_policy.matmul(h_all[:-1].reshape(-1, hidden).T,
+                                   dpre[1:].reshape(-1, four))
         if not zero_state:
             dw_hh += h0.T @ dpre[0]
     else:

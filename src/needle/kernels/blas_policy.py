@@ -1,0 +1,186 @@
+"""OpenBLAS held on ONE thread for a whole run of a jitted plan, its large products split
+into row or column blocks on numba's TBB threads instead (kernels/numba_parallel_gemm.py).
+
+Why: after every product that OpenBLAS threads (anything over ~262k multiply-adds: the
+LSTM's per-step 32 x 128 x 512 products, a Transformer's projections), its worker thread
+spins ~0.1 s and takes the second core from the numba ``prange`` passes that follow (the
+vocabulary head's softmax pass 10.1 vs 6.2 ms; session 10). Splitting only the head's
+products did not pay (the other products still woke the worker: 1.41x slower), and
+``OPENBLAS_THREAD_TIMEOUT`` is the host's setting, read when NumPy loads. Here, for the
+length of a plan run, OpenBLAS is set to one thread (``openblas_set_num_threads`` through
+ctypes, ~0.2 us; threadpoolctl's ``limit`` costs ~7 us) and restored after: small products
+run on the calling thread with no hand-off, OpenBLAS's worker is never woken and never
+spins, and products of ``MIN_MACS`` or more multiply-adds run as blocks in one prange
+region, each block one OpenBLAS gemm call over the whole K.
+
+Bits: OpenBLAS threads a product over rows and columns only, never over K, so its
+one-thread product has the same float32 bits as its threaded one; a block is a product
+over the same K of fewer rows (columns), the same bits while every block stays above
+OpenBLAS's small-matrix kernels (``MIN_BLOCK_MACS``) and starts on an ``ALIGN`` line (tests;
+branch q-gemm-blocks checked 240 shapes). float64 blocks do not keep dgemm's bits (~1e-14):
+float32 only, float64 products just run on the one held thread.
+
+Only the main thread holds (backend/cpu_threads.can_hold_blas: OpenBLAS's count is one per
+process; a count set from a second thread would change it under the first). Elsewhere, and
+without NumPy's OpenBLAS or numba's TBB layer, nothing is held and products are NumPy's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..backend import cpu_threads, parallel_loops
+from ..backend.numba_support import NumbaLoops
+from . import openblas_gemm
+
+__all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
+
+#: the policy's switch (benchmarks turn it off for A/B runs)
+ENABLED = True
+#: fewest multiply-adds of a product split into blocks while held (smaller ones run on the
+#: held thread)
+MIN_MACS = 1 << 23
+#: fewest multiply-adds of one block's gemm call (OpenBLAS's small-matrix kernels, whose bits
+#: differ, take products up to ~1e6 multiply-adds)
+MIN_BLOCK_MACS = 1 << 22
+#: each block starts at a multiple of this many rows (columns)
+ALIGN = 64
+#: products that ran as blocks (tests check the path ran)
+CALLS = [0]
+
+_LOOPS = NumbaLoops(f"{__package__}.numba_parallel_gemm")
+_state = threading.local()
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_count_functions() -> tuple[Any, Any] | None:
+    """(get, set) of NumPy's OpenBLAS's process-wide thread count, as ctypes functions, or
+    None (another BLAS, no threadpoolctl to find it)."""
+    path = openblas_gemm._openblas_path()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
+    for prefix in ("scipy_", ""):
+        for suffix in ("64_", "", "_64"):
+            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                put.restype, put.argtypes = None, [ctypes.c_int]
+                return get, put
+    return None
+
+
+def held() -> bool:
+    """Whether this thread runs inside ``hold_one_thread`` (products may split into blocks)."""
+    return getattr(_state, "held", False)
+
+
+@contextlib.contextmanager
+def hold_one_thread() -> Iterator[None]:
+    """OpenBLAS on one thread inside the block, its thread count restored after; large
+    float32 products of ``matmul`` / ``transposed_matmul`` run as blocks meanwhile. A no-op
+    when switched off, nested, off the main thread, with BLAS already on one thread, or
+    without OpenBLAS, numba's TBB layer or its gemm."""
+    if not ENABLED or held() or not cpu_threads.can_hold_blas() \
+            or not parallel_loops.parallel_threads() \
+            or openblas_gemm.gemm(np.float32) is None:
+        yield
+        return
+    functions = _thread_count_functions()
+    before = functions[0]() if functions is not None else 1
+    if functions is None or before < 2:
+        yield
+        return
+    functions[1](1)
+    _state.held = True
+    try:
+        yield
+    finally:
+        _state.held = False
+        functions[1](before)
+
+
+def _blocks(a: Any, b: Any, trans_a: bool, trans_b: bool, out: Any) -> bool:
+    """``out = op(a) @ op(b)`` as blocks of out's rows (its columns where there are more of
+    those) in one prange region, each one OpenBLAS gemm call; False (nothing written) where
+    it does not run. a, b, out: C-contiguous float32 NumPy matrices."""
+    m, n = out.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    macs = m * n * k
+    gemm = openblas_gemm.gemm(np.float32)
+    loops = _LOOPS.module() if gemm is not None else None
+    threads = parallel_loops.parallel_threads()
+    if loops is None or threads < 2:
+        return False
+    by_columns = n > m
+    split = n if by_columns else m
+    units = -(-split // ALIGN)
+    count = max(1, min(threads, units, macs // MIN_BLOCK_MACS))
+    # blocks of ALIGN * (units // count) lines or more, but the last may be short: keep every
+    # block above MIN_BLOCK_MACS
+    while count > 1 and (split - ALIGN * (units * (count - 1) // count)) * (
+            macs // split) < MIN_BLOCK_MACS:
+        count -= 1
+    if count < 2:
+        return False
+    if not _LOOPS.call(loops.gemm_blocks, gemm, 112 if trans_a else 111,
+                       112 if trans_b else 111, a, b, out, count, by_columns, ALIGN):
+        return False
+    CALLS[0] += 1
+    return True
+
+
+def _as_cblas(x: Any) -> tuple[Any, bool] | None:
+    """A float32 matrix as a C-contiguous array and whether it is op(x) = that array's
+    transpose; None where neither x nor x.T is C-contiguous."""
+    if x.flags.c_contiguous:
+        return x, False
+    if x.flags.f_contiguous:
+        return x.T, True
+    return None
+
+
+def _split(a: Any, b: Any, out: Any) -> Any:
+    """``a @ b`` as blocks where held and large (float32 matrices), else None."""
+    if not (type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2
+            and a.dtype == np.float32 and b.dtype == np.float32
+            and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS and held()):
+        return None
+    left, right = _as_cblas(a), _as_cblas(b)
+    if left is None or right is None or (
+            # NumPy multiplies x @ x.T by syrk (other bits): left to NumPy
+            a.__array_interface__["data"][0] == b.__array_interface__["data"][0]):
+        return None
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), np.float32)
+    elif not (type(out) is np.ndarray and out.dtype == np.float32 and out.flags.c_contiguous
+              and out.shape == (a.shape[0], b.shape[1])):
+        return None
+    return out if _blocks(left[0], right[0], left[1], right[1], out) else None
+
+
+def matmul(a: Any, b: Any, out: Any = None) -> Any:
+    """``np.matmul(a, b[, out=out])``, as blocks on numba's threads inside
+    ``hold_one_thread`` for large float32 matrices (the same bits)."""
+    done = _split(a, b, out)
+    if done is not None:
+        return done
+    return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+
+
+def transposed_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
+    """``op(a) @ op(b)``, op swapping the last two axes where its flag is set (the
+    transposed_matmul op's compute), through ``matmul``."""
+    return matmul(a.swapaxes(-1, -2) if transpose_a else a,
+                  b.swapaxes(-1, -2) if transpose_b else b)
