@@ -162,3 +162,27 @@ def test_a_jitted_plan_holds_blas_and_splits_its_large_products():
         assert _threads() == 2
         for have, expected in zip(got, want):
             assert np.array_equal(have, expected)
+
+
+def test_an_eager_product_holds_blas_for_itself(monkeypatch):
+    a, b, _, _ = _operands(CASES[3])
+    seen = []
+    product = blas_policy._product
+
+    def spy(*args):
+        seen.append((blas_policy.held(), _threads()))
+        return product(*args)
+
+    monkeypatch.setattr(blas_policy, "_product", spy)
+    before = blas_policy.CALLS[0]
+    got = blas_policy.matmul(a, b)  # large: blocks
+    small = blas_policy.matmul(a[:64, :64], b[:64, :64])  # 262k multiply-adds: one thread
+    assert blas_policy.CALLS[0] == before + 1
+    assert seen == [(True, 1), (True, 1)] and _threads() == 2 and not blas_policy.held()
+    with cpu_threads.single_threaded_blas():
+        assert np.array_equal(got, a @ b)
+        assert np.array_equal(small, a[:64, :64] @ b[:64, :64])
+    monkeypatch.setattr(blas_policy, "EAGER", False)
+    seen.clear()
+    blas_policy.matmul(a, b)
+    assert seen == [(False, 2)]

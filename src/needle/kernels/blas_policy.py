@@ -20,6 +20,10 @@ OpenBLAS's small-matrix kernels (``MIN_BLOCK_MACS``) and starts on an ``ALIGN`` 
 branch q-gemm-blocks checked 240 shapes). float64 blocks do not keep dgemm's bits (~1e-14):
 float32 only, float64 products just run on the one held thread.
 
+Eager ops (``EAGER``): outside a plan's run each product of ``matmul`` that OpenBLAS might
+thread holds BLAS on one thread for itself (~1.5 us a product), large ones as blocks: eager
+steps never wake OpenBLAS's worker through needle's products either.
+
 Only the main thread holds (backend/cpu_threads.can_hold_blas: OpenBLAS's count is one per
 process; a count set from a second thread would change it under the first). Elsewhere, and
 without NumPy's OpenBLAS or numba's TBB layer, nothing is held and products are NumPy's.
@@ -44,6 +48,10 @@ __all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
 
 #: the policy's switch (benchmarks turn it off for A/B runs)
 ENABLED = True
+#: hold BLAS on one thread for each product of ``matmul`` outside a plan's run too (eager ops)
+EAGER = True
+#: ... from this many multiply-adds (per matrix of a batch; OpenBLAS threads from ~262k)
+EAGER_MIN_MACS = 1 << 16
 #: fewest multiply-adds of a product split into blocks while held (smaller ones run on the
 #: held thread)
 MIN_MACS = 1 << 23
@@ -86,29 +94,44 @@ def held() -> bool:
     return getattr(_state, "held", False)
 
 
+def _acquire() -> int:
+    """OpenBLAS set to one thread where this thread may hold it: the count to restore, or 0
+    where nothing was held (switched off, nested, off the main thread, BLAS already on one
+    thread, no OpenBLAS, numba's TBB layer or its gemm)."""
+    if not ENABLED or held() or not cpu_threads.can_hold_blas() \
+            or not parallel_loops.parallel_threads() \
+            or openblas_gemm.gemm(np.float32) is None:
+        return 0
+    functions = _thread_count_functions()
+    if functions is None:
+        return 0
+    before = int(functions[0]())
+    if before < 2:
+        return 0
+    functions[1](1)
+    _state.held = True
+    return before
+
+
+def _release(before: int) -> None:
+    """Undo ``_acquire`` (``before``: what it returned)."""
+    if before:
+        _state.held = False
+        functions = _thread_count_functions()
+        assert functions is not None
+        functions[1](before)
+
+
 @contextlib.contextmanager
 def hold_one_thread() -> Iterator[None]:
     """OpenBLAS on one thread inside the block, its thread count restored after; large
     float32 products of ``matmul`` / ``transposed_matmul`` run as blocks meanwhile. A no-op
-    when switched off, nested, off the main thread, with BLAS already on one thread, or
-    without OpenBLAS, numba's TBB layer or its gemm."""
-    if not ENABLED or held() or not cpu_threads.can_hold_blas() \
-            or not parallel_loops.parallel_threads() \
-            or openblas_gemm.gemm(np.float32) is None:
-        yield
-        return
-    functions = _thread_count_functions()
-    before = functions[0]() if functions is not None else 1
-    if functions is None or before < 2:
-        yield
-        return
-    functions[1](1)
-    _state.held = True
+    where ``_acquire`` holds nothing."""
+    before = _acquire()
     try:
         yield
     finally:
-        _state.held = False
-        functions[1](before)
+        _release(before)
 
 
 def _blocks(a: Any, b: Any, trans_a: bool, trans_b: bool, out: Any) -> bool:
@@ -170,13 +193,28 @@ def _split(a: Any, b: Any, out: Any) -> Any:
     return out if _blocks(left[0], right[0], left[1], right[1], out) else None
 
 
-def matmul(a: Any, b: Any, out: Any = None) -> Any:
-    """``np.matmul(a, b[, out=out])``, as blocks on numba's threads inside
-    ``hold_one_thread`` for large float32 matrices (the same bits)."""
+def _product(a: Any, b: Any, out: Any) -> Any:
+    """``np.matmul(a, b[, out=out])``, as blocks where held and large."""
     done = _split(a, b, out)
     if done is not None:
         return done
     return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+
+
+def matmul(a: Any, b: Any, out: Any = None) -> Any:
+    """``np.matmul(a, b[, out=out])`` with OpenBLAS held on one thread: inside
+    ``hold_one_thread`` (a jitted plan's run), and outside it (eager ops) for this product
+    alone where OpenBLAS might thread it (``EAGER_MIN_MACS``); large float32 matrices as
+    blocks on numba's threads (the bits of OpenBLAS's one-thread product)."""
+    if held() or not (EAGER and type(a) is np.ndarray and type(b) is np.ndarray
+                      and a.ndim >= 2 and b.ndim >= 2
+                      and a.shape[-2] * a.shape[-1] * b.shape[-1] >= EAGER_MIN_MACS):
+        return _product(a, b, out)
+    before = _acquire()
+    try:
+        return _product(a, b, out)
+    finally:
+        _release(before)
 
 
 def transposed_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
