@@ -186,3 +186,16 @@ def test_an_eager_product_holds_blas_for_itself(monkeypatch):
     seen.clear()
     blas_policy.matmul(a, b)
     assert seen == [(False, 2)]
+
+
+def test_single_threaded_blas_inside_a_hold_leaves_it_held(monkeypatch):
+    class NoLimit:  # threadpoolctl's limit (~7 us) is not called inside a hold
+        def limit(self, limits):
+            raise AssertionError("threadpoolctl's limit called inside a hold")
+
+    with blas_policy.hold_one_thread():
+        monkeypatch.setattr(cpu_threads, "blas_control", NoLimit)
+        with cpu_threads.single_threaded_blas():
+            assert _threads() == 1
+        assert _threads() == 1 and blas_policy.held()
+    assert _threads() == 2

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,7 +63,8 @@ ALIGN = 64
 CALLS = [0]
 
 _LOOPS = NumbaLoops(f"{__package__}.numba_parallel_gemm")
-_state = threading.local()
+#: per-thread state: ``held`` (shared with backend/cpu_threads.single_threaded_blas)
+_state = cpu_threads.blas_hold
 
 
 @functools.lru_cache(maxsize=1)
