@@ -199,3 +199,22 @@ def test_single_threaded_blas_inside_a_hold_leaves_it_held(monkeypatch):
             assert _threads() == 1
         assert _threads() == 1 and blas_policy.held()
     assert _threads() == 2
+
+
+def test_large_float64_products_keep_openblas_threads_while_held(monkeypatch):
+    seen = []
+    original = np.matmul
+
+    def spy(*args, **kwargs):
+        seen.append(_threads())
+        return original(*args, **kwargs)
+
+    wide = np.random.default_rng(6).standard_normal((1024, 1024))
+    with blas_policy.hold_one_thread():
+        monkeypatch.setattr(blas_policy.np, "matmul", spy)
+        got = blas_policy.matmul(wide, wide[:, ::-1].copy())  # float64: no blocks
+        blas_policy.matmul(wide[:64, :64], wide[:64, :64])  # small: the held thread
+        assert _threads() == 1
+    monkeypatch.undo()
+    assert seen == [2, 1]
+    assert np.array_equal(got, wide @ wide[:, ::-1].copy())

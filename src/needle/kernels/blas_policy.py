@@ -13,12 +13,16 @@ run on the calling thread with no hand-off, OpenBLAS's worker is never woken and
 spins, and products of ``MIN_MACS`` or more multiply-adds run as blocks in one prange
 region, each block one OpenBLAS gemm call over the whole K.
 
-Bits: OpenBLAS threads a product over rows and columns only, never over K, so its
-one-thread product has the same float32 bits as its threaded one; a block is a product
-over the same K of fewer rows (columns), the same bits while every block stays above
-OpenBLAS's small-matrix kernels (``MIN_BLOCK_MACS``) and starts on an ``ALIGN`` line (tests;
-branch q-gemm-blocks checked 240 shapes). float64 blocks do not keep dgemm's bits (~1e-14):
-float32 only, float64 products just run on the one held thread.
+Bits: a product's bits are those of OpenBLAS's ONE-thread product, whatever the thread
+count (a block is a product over the same K of fewer rows or columns, starting on an
+``ALIGN`` line: the same bits, tests; 0 of ~450 random float32 shapes differed, blocks down
+to 2^18 multiply-adds). NOTE: OpenBLAS's two-thread product gives other bits than its
+one-thread product in ~60% of random shapes (~1 ulp: its split of the rows at no multiple
+of its kernel's tile), so with this module needle's products no longer change bits with
+the BLAS thread count, but differ from the two-thread products before it by rounding.
+float64 blocks do not keep dgemm's one-thread bits (~1e-14): float32 only; a large product
+that does not split (float64, a batch, other strides) gets OpenBLAS's threads back for its
+own call, as before this module.
 
 Eager ops (``EAGER``): outside a plan's run each product of ``matmul`` that OpenBLAS might
 thread holds BLAS on one thread for itself (~1.5 us a product), large ones as blocks: eager
@@ -109,7 +113,7 @@ def _acquire() -> int:
     if before < 2:
         return 0
     functions[1](1)
-    _state.held = True
+    _state.held, _state.restore = True, before
     return before
 
 
@@ -194,10 +198,21 @@ def _split(a: Any, b: Any, out: Any) -> Any:
 
 
 def _product(a: Any, b: Any, out: Any) -> Any:
-    """``np.matmul(a, b[, out=out])``, as blocks where held and large."""
+    """``np.matmul(a, b[, out=out])``, as blocks where held and large; a large product that
+    cannot split (float64, operands with other strides, a batch) gets OpenBLAS's threads
+    back for itself, as it had them before this module."""
     done = _split(a, b, out)
     if done is not None:
         return done
+    if held() and type(a) is np.ndarray and a.ndim >= 2 and b.ndim >= 2 \
+            and a.shape[-2] * a.shape[-1] * b.shape[-1] >= MIN_MACS:
+        functions = _thread_count_functions()
+        assert functions is not None
+        functions[1](_state.restore)
+        try:
+            return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+        finally:
+            functions[1](1)
     return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
 
 

@@ -23,7 +23,8 @@ in the LM benchmark) is too small to split, and a threaded one waits for OpenBLA
 at every step. Measured on 2 cores, one layer's forward + backward over 35 steps: 50 ms with
 2 BLAS threads, 16 ms held to one while other processes kept the cores busy (load ~8); no
 difference on a quieter machine (load ~3). The products over all steps at once (the
-weight gradient; the input projection outside this module) keep OpenBLAS's threads.
+weight gradient; the input projection outside this module) go through kernels/blas_policy.py
+(blocks on numba's threads, OpenBLAS on one thread: its worker never spins).
 Splitting the batch over threads instead (rows are independent: each thread runs the whole
 recurrence on its rows) did not pay: 1.3x slower forward at batch 32 on 2 cores (16-row
 products, the GIL between steps).
