@@ -50,6 +50,17 @@ from . import openblas_gemm
 __all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
 
 #: the policy's switch (benchmarks turn it off for A/B runs)
+#: NOTE measured (session 11, 2 threads, one plan per model, the policy switched per round,
+#: 5 steps a round; the machine shared with 3-4 other helpers' benchmarks, the CPU time other
+#: processes used read from /proc/stat per round; benchmarks/ab_blas_policy.py):
+#: jitted LSTM LM step, quiet rounds (other processes < 0.25 cores): 70.1 -> 68.9 ms (0.98;
+#: blocks from 2^22 / 2^23 / 2^24 multiply-adds 0.977 / 0.982 / 0.960, n 15-20), BLAS held
+#: without blocks 104.5 (1.49x: the head's products on one core); another run 71.0 -> 70.0.
+#: Other processes using ~1-1.5 cores (OpenBLAS's two threads then wait for a core at every
+#: product): LSTM jit 346 -> 227 ms (0.66), Transformer jit 558 -> 254 (0.46), MLP-ResNet
+#: jit epoch 2.94 -> 0.26 s (0.09), CNN jit s111 0.91, s122 0.69, ResidualCNN 0.99, the
+#: large MLP jit step 0.81; eager (each product held for itself): LSTM 0.63, Transformer
+#: 0.46, MLP-ResNet epoch 0.22.
 ENABLED = True
 #: hold BLAS on one thread for each product of ``matmul`` outside a plan's run too (eager ops)
 EAGER = True
