@@ -5,7 +5,8 @@ threads, against OpenBLAS's own threads (whose worker spins ~0.1 s after each pr
 Rows: ``lstm``, ``transformer`` (lm_step.py's LM steps), ``s111``, ``s122``, ``res``
 (cnn_step.py's CNN steps, hot plans), ``mlpres`` (jit.py's MLP-ResNet epoch), ``large``
 (large_mlp_step.py), each ``jit`` or ``eager``. One model per row, the policy switched per
-round (``blas_policy.ENABLED``), the order alternating. Per round, the CPU time other
+round (``blas_policy.ENABLED``; for eager rows ``EAGER`` too, off by default), the order
+alternating. Per round, the CPU time other
 processes took (from /proc/stat, in cores) sorts its samples into load classes: on a shared
 machine OpenBLAS's threads wait for a core at every product and the ratio depends on that
 load, so compare within a class (the "< 0.25" class is the quiet machine).
@@ -118,16 +119,21 @@ def workload(name: str, mode: str) -> tuple[Callable[[], object], int]:
     return _mlp_resnet(jitted) if name == "mlpres" else _large(jitted)
 
 
+def _switch(on: bool) -> None:
+    blas_policy.ENABLED = blas_policy.EAGER = on
+
+
 def compare(fn: Callable[[], object], repeat: int, rounds: int) -> dict:
     """Samples of ``fn`` with the policy off and on, per load class."""
+    eager = blas_policy.EAGER
     for on in (False, True):
-        blas_policy.ENABLED = on
+        _switch(on)
         fn()
         fn()
     samples: dict[tuple[str, bool], list[float]] = {}
     for r in range(rounds):
         for on in ((False, True) if r % 2 == 0 else (True, False)):
-            blas_policy.ENABLED = on
+            _switch(on)
             time.sleep(0.2)
             fn()
             busy, own, wall = _busy_seconds(), _own_seconds(), time.perf_counter()
@@ -140,7 +146,7 @@ def compare(fn: Callable[[], object], repeat: int, rounds: int) -> dict:
                 time.perf_counter() - wall)
             label = next(label for bound, label in CLASSES if other < bound)
             samples.setdefault((label, on), []).extend(times)
-    blas_policy.ENABLED = True
+    blas_policy.ENABLED, blas_policy.EAGER = True, eager
     return samples
 
 

@@ -165,6 +165,7 @@ def test_a_jitted_plan_holds_blas_and_splits_its_large_products():
 
 
 def test_an_eager_product_holds_blas_for_itself(monkeypatch):
+    monkeypatch.setattr(blas_policy, "EAGER", True)  # (off by default: see its comment)
     a, b, _, _ = _operands(CASES[3])
     seen = []
     product = blas_policy._product

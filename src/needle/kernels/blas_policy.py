@@ -24,9 +24,9 @@ float64 blocks do not keep dgemm's one-thread bits (~1e-14): float32 only; a lar
 that does not split (float64, a batch, other strides) gets OpenBLAS's threads back for its
 own call, as before this module.
 
-Eager ops (``EAGER``): outside a plan's run each product of ``matmul`` that OpenBLAS might
-thread holds BLAS on one thread for itself (~1.5 us a product), large ones as blocks: eager
-steps never wake OpenBLAS's worker through needle's products either.
+Eager ops (``EAGER``, off: see there): outside a plan's run each product of ``matmul`` that
+OpenBLAS might thread would hold BLAS on one thread for itself (~1.5 us a product), large
+ones as blocks.
 
 Only the main thread holds (backend/cpu_threads.can_hold_blas: OpenBLAS's count is one per
 process; a count set from a second thread would change it under the first). Elsewhere, and
@@ -62,8 +62,14 @@ __all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
 #: large MLP jit step 0.81; eager (each product held for itself): LSTM 0.63, Transformer
 #: 0.46, MLP-ResNet epoch 0.22.
 ENABLED = True
-#: hold BLAS on one thread for each product of ``matmul`` outside a plan's run too (eager ops)
-EAGER = True
+#: hold BLAS on one thread for each product of ``matmul`` outside a plan's run too (eager ops
+#: and Session steps). OFF: the hold runs on the main thread only, so a Session run on another
+#: thread (a remote session's server thread in the same process) would keep OpenBLAS's
+#: two-thread bits while the main thread's got its one-thread bits (tests/test_remote.py's
+#: bit-identical MLP-ResNet training failed: 29 of 50 losses differed by rounding). Under
+#: load it paid (eager LSTM 0.63, Transformer 0.46, MLP-ResNet epoch 0.22, other processes
+#: using ~1.4 cores); a process-wide hold counted across threads would allow it.
+EAGER = False
 #: ... from this many multiply-adds (per matrix of a batch; OpenBLAS threads from ~262k)
 EAGER_MIN_MACS = 1 << 16
 #: fewest multiply-adds of a product split into blocks while held (smaller ones run on the
