@@ -53,14 +53,18 @@ __all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
 #: NOTE measured (session 11, 2 threads, one plan per model, the policy switched per round,
 #: 5 steps a round; the machine shared with 3-4 other helpers' benchmarks, the CPU time other
 #: processes used read from /proc/stat per round; benchmarks/ab_blas_policy.py):
-#: jitted LSTM LM step, quiet rounds (other processes < 0.25 cores): 70.1 -> 68.9 ms (0.98;
-#: blocks from 2^22 / 2^23 / 2^24 multiply-adds 0.977 / 0.982 / 0.960, n 15-20), BLAS held
-#: without blocks 104.5 (1.49x: the head's products on one core); another run 71.0 -> 70.0.
+#: jitted LM steps, quiet rounds (other processes < 0.25 cores), off -> on: LSTM 65.0 -> 59.3
+#: ms (0.912, n 40/40), 70.6 -> 65.9 (0.933; PyTorch eager 102.3: 0.690 -> 0.644), 70.1 ->
+#: 68.9 (0.98); Transformer 70.3 -> 63.0 (0.896), 75.2 -> 69.9 (0.929; PyTorch eager 120.8:
+#: 0.623 -> 0.578). Blocks from 2^22 / 2^23 / 2^24 multiply-adds: LSTM 0.977 / 0.982 / 0.960
+#: (n 15-20); BLAS held without blocks 1.49x (the head's products on one core). MLP-ResNet
+#: jit epoch quiet 135.9 -> 138.7 ms (1.02, n 2/4 only).
 #: Other processes using ~1-1.5 cores (OpenBLAS's two threads then wait for a core at every
 #: product): LSTM jit 346 -> 227 ms (0.66), Transformer jit 558 -> 254 (0.46), MLP-ResNet
-#: jit epoch 2.94 -> 0.26 s (0.09), CNN jit s111 0.91, s122 0.69, ResidualCNN 0.99, the
-#: large MLP jit step 0.81; eager (each product held for itself): LSTM 0.63, Transformer
-#: 0.46, MLP-ResNet epoch 0.22.
+#: jit epoch 2.94 -> 0.26 s (0.09), CNN jit s111 0.91 / 1.09 / 1.03, s122 0.69 / 1.00 /
+#: 1.02, ResidualCNN 0.99 / 0.91 (level: their products are inside the conv kernels, which
+#: held BLAS on one thread already; profile per op level), the large MLP jit step 0.81 /
+#: 0.77; eager (``EAGER``): LSTM 0.63, Transformer 0.46, MLP-ResNet epoch 0.22.
 ENABLED = True
 #: hold BLAS on one thread for each product of ``matmul`` outside a plan's run too (eager ops
 #: and Session steps). OFF: the hold runs on the main thread only, so a Session run on another
@@ -78,6 +82,10 @@ MIN_MACS = 1 << 23
 #: fewest multiply-adds of one block's gemm call (OpenBLAS's small-matrix kernels, whose bits
 #: differ, take products up to ~1e6 multiply-adds)
 MIN_BLOCK_MACS = 1 << 22
+#: blocks per thread of a split product (more: each gemm call packs the other operand again;
+#: 2 measured no better: LSTM jit quiet 0.980 vs 1.008 of off, other processes using
+#: 0.25-1.2 cores 0.656 vs 0.671, Transformer 0.269 vs 0.275)
+BLOCKS_PER_THREAD = 1
 #: each block starts at a multiple of this many rows (columns)
 ALIGN = 64
 #: products that ran as blocks (tests check the path ran)
@@ -170,7 +178,7 @@ def _blocks(a: Any, b: Any, trans_a: bool, trans_b: bool, out: Any) -> bool:
     by_columns = n > m
     split = n if by_columns else m
     units = -(-split // ALIGN)
-    count = max(1, min(threads, units, macs // MIN_BLOCK_MACS))
+    count = max(1, min(threads * BLOCKS_PER_THREAD, units, macs // MIN_BLOCK_MACS))
     # blocks of ALIGN * (units // count) lines or more, but the last may be short: keep every
     # block above MIN_BLOCK_MACS
     while count > 1 and (split - ALIGN * (units * (count - 1) // count)) * (
