@@ -57,8 +57,9 @@ __all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
 #: ms (0.912, n 40/40), 70.6 -> 65.9 (0.933; PyTorch eager 102.3: 0.690 -> 0.644), 70.1 ->
 #: 68.9 (0.98); Transformer 70.3 -> 63.0 (0.896), 75.2 -> 69.9 (0.929; PyTorch eager 120.8:
 #: 0.623 -> 0.578). Blocks from 2^22 / 2^23 / 2^24 multiply-adds: LSTM 0.977 / 0.982 / 0.960
-#: (n 15-20); BLAS held without blocks 1.49x (the head's products on one core). MLP-ResNet
-#: jit epoch quiet 135.9 -> 138.7 ms (1.02, n 2/4 only).
+#: (n 15-20); BLAS held without blocks 1.49x (the head's products on one core). Quiet too:
+#: MLP-ResNet jit epoch 135.4 -> 135.6 ms (1.001, n 8/8), large MLP jit step 223.7 -> 218.6
+#: (0.977, n 6/6); with ``EAGER`` the MLP-ResNet eager epoch 191.6 -> 185.6 (0.968, n 6/4).
 #: Other processes using ~1-1.5 cores (OpenBLAS's two threads then wait for a core at every
 #: product): LSTM jit 346 -> 227 ms (0.66), Transformer jit 558 -> 254 (0.46), MLP-ResNet
 #: jit epoch 2.94 -> 0.26 s (0.09), CNN jit s111 0.91 / 1.09 / 1.03, s122 0.69 / 1.00 /
