@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["NUM_THREADS", "SharedIterator", "blas_control", "can_hold_blas", "in_parallel",
-           "run_chunks", "single_threaded_blas"]
+__all__ = ["NUM_THREADS", "SharedIterator", "blas_control", "blas_hold", "can_hold_blas",
+           "in_parallel", "run_chunks", "single_threaded_blas"]
 
 
 def _default_threads() -> int:
@@ -206,11 +206,17 @@ def can_hold_blas() -> bool:
     return blas_control() is not None and threading.current_thread() is threading.main_thread()
 
 
+#: per thread: ``held`` is True while kernels/blas_policy.py holds OpenBLAS on one thread
+#: (a jitted plan's run); single_threaded_blas then has nothing to do (threadpoolctl's limit
+#: costs ~7 us a call)
+blas_hold = threading.local()
+
+
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """BLAS on one thread inside the block (products that needle's threads split), restored
-    after. Only where can_hold_blas(); a no-op elsewhere."""
-    if not can_hold_blas():
+    after. Only where can_hold_blas(); a no-op elsewhere, and where BLAS is held already."""
+    if getattr(blas_hold, "held", False) or not can_hold_blas():
         yield
         return
     with blas_control().limit(limits=1):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import recycle
+from ..kernels import blas_policy, recycle
 from .ops_elementwise import broadcast_shapes
 from .registry import Aval, F, Op, ShapeError, fmt_shape, register
 
@@ -12,6 +12,17 @@ from .registry import Aval, F, Op, ShapeError, fmt_shape, register
 def _known(dim: int | None) -> int:
     """A reshape target dim: the size, or -1 where it is unknown (a declared graph)."""
     return -1 if dim is None else dim
+
+
+def _may_split(a_shape: tuple, b_shape: tuple) -> bool:
+    """Whether a product of matrices of these (known) shapes is large enough for
+    kernels/blas_policy.py to split it into blocks while a plan holds BLAS on one thread."""
+    return len(a_shape) == 2 and len(b_shape) == 2 and \
+        a_shape[0] * a_shape[1] * b_shape[1] >= blas_policy.MIN_MACS
+
+
+#: the helper that compiled plans call for large products (kernels/blas_policy.py)
+_BLAS_HELPERS = {"_blas_matmul": blas_policy.matmul}
 
 
 @register("matmul", inputs=("a", "b"), methods=("matmul",))
@@ -28,11 +39,15 @@ class MatMul(Op):
     (2,)
     """
 
+    emit_helpers = _BLAS_HELPERS
+
     def compute(self, a, b):
-        return np.matmul(a, b)
+        return blas_policy.matmul(a, b)
 
     def emit(self, args, node):
-        return f"np.matmul({args[0]}, {args[1]})"
+        a, b = node.inputs
+        call = "_blas_matmul" if _may_split(a.shape, b.shape) else "np.matmul"
+        return f"{call}({args[0]}, {args[1]})"
 
     def gradient(self, out_grad, node):
         a, b = node.inputs
@@ -107,16 +122,20 @@ class TransposedMatMul(Op):
         self.transpose_a = bool(transpose_a)
         self.transpose_b = bool(transpose_b)
 
+    emit_helpers = _BLAS_HELPERS
+
     def compute(self, a, b):
         if a.ndim < 2 or b.ndim < 2:
             raise ValueError("inputs must be matrices")  # (the shape rule's error is raised)
-        return np.matmul(a.swapaxes(-1, -2) if self.transpose_a else a,
-                         b.swapaxes(-1, -2) if self.transpose_b else b)
+        return blas_policy.transposed_matmul(a, b, self.transpose_a, self.transpose_b)
 
     def emit(self, args, node):
         a = f"{args[0]}.swapaxes(-1, -2)" if self.transpose_a else args[0]
         b = f"{args[1]}.swapaxes(-1, -2)" if self.transpose_b else args[1]
-        return f"np.matmul({a}, {b})"
+        a_shape, b_shape = (tuple(x.shape[::-1]) if swap and len(x.shape) == 2 else tuple(x.shape)
+                            for x, swap in zip(node.inputs, (self.transpose_a, self.transpose_b)))
+        call = "_blas_matmul" if _may_split(a_shape, b_shape) else "np.matmul"
+        return f"{call}({a}, {b})"
 
     def gradient(self, out_grad, node):
         # c = op_a(a) @ op_b(b), op_x the identity or the swap of the last two axes: each
@@ -167,9 +186,9 @@ class Linear(Op):
         if rows * cols * x.itemsize >= recycle.MIN_BYTES and type(x) is np.ndarray \
                 and type(w) is np.ndarray and x.dtype == w.dtype:
             # a vocabulary-sized head: a recycled array, not page-faulted in every step
-            out = np.matmul(x, w, out=recycle.empty((rows, cols), x.dtype))
+            out = blas_policy.matmul(x, w, out=recycle.empty((rows, cols), x.dtype))
         else:
-            out = np.matmul(x, w)
+            out = blas_policy.matmul(x, w)
         if b.dtype is out.dtype or out.dtype == np.result_type(out.dtype, b.dtype):
             # the product's own array: nothing else sees this write (NumPy refuses a bias
             # that does not broadcast to it; the shape rule's error is raised then)

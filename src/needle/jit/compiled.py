@@ -38,6 +38,7 @@ from ..core.interpret import Program, ancestors, build_program, plan_frees
 from ..core.ops_shape import TupleGetItem
 from ..core.ops_state import ApplyUpdates
 from ..core.registry import Aval, Op, register
+from ..kernels import blas_policy
 from .guards import Guard, GuardCollector, Unguarded, compile_checks
 from .signature import (
     describe_difference,
@@ -136,7 +137,10 @@ class JitCall(Op):
     def compute(self, *values):
         plan = self.plan
         run = plan.executable  # built on first use; it also fixes plan.source_order
-        results = run([values[i] for i in plan.source_order])
+        # OpenBLAS on one thread for the whole run, its large products in blocks on numba's
+        # threads: its worker never wakes to spin into the next prange passes
+        with blas_policy.hold_one_thread():
+            results = run([values[i] for i in plan.source_order])
         outputs = results[: plan.num_outputs + len(plan.residuals)]
         for i in plan.repeated_outputs:  # the same value returned twice: each its own array
             outputs[i] = outputs[i].copy()

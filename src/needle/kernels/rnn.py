@@ -23,7 +23,8 @@ in the LM benchmark) is too small to split, and a threaded one waits for OpenBLA
 at every step. Measured on 2 cores, one layer's forward + backward over 35 steps: 50 ms with
 2 BLAS threads, 16 ms held to one while other processes kept the cores busy (load ~8); no
 difference on a quieter machine (load ~3). The products over all steps at once (the
-weight gradient; the input projection outside this module) keep OpenBLAS's threads.
+weight gradient; the input projection outside this module) go through kernels/blas_policy.py
+(blocks on numba's threads, OpenBLAS on one thread: its worker never spins).
 Splitting the batch over threads instead (rows are independent: each thread runs the whole
 recurrence on its rows) did not pay: 1.3x slower forward at batch 32 on 2 cores (16-row
 products, the GIL between steps).
@@ -39,6 +40,7 @@ import numpy as np
 from ..backend import cpu_threads
 from ..backend.device import array_module
 from ..backend.numba_support import numba_module
+from . import blas_policy
 
 __all__ = ["lstm_backward", "lstm_forward"]
 
@@ -183,7 +185,8 @@ def lstm_backward(dh_all: Any, dc_all: Any, dacts: Any, w_hh: Any, h_all: Any, c
         dh = _with_fallback(_backward_fused, _backward_numpy, loops, dh_all, dc_all, dacts,
                             w_hh_t, c_all, acts, c0, tanh_c, dpre, dh, dc)
     if steps > 1:  # one product over the steps after the first; a zero h0 adds nothing
-        dw_hh = h_all[:-1].reshape(-1, hidden).T @ dpre[1:].reshape(-1, four)
+        dw_hh = blas_policy.matmul(h_all[:-1].reshape(-1, hidden).T,
+                                   dpre[1:].reshape(-1, four))
         if not zero_state:
             dw_hh += h0.T @ dpre[0]
     else:

@@ -39,7 +39,7 @@ import numpy as np
 from ..backend import cpu_threads, parallel_loops
 from ..backend.device import array_module
 from ..backend.numba_support import NumbaLoops
-from . import recycle
+from . import blas_policy, recycle
 from .softmax import BLOCK_BYTES
 
 __all__ = ["backward", "forward"]
@@ -67,7 +67,7 @@ def _logits(x: Any, w: Any, b: Any, dtype: Any) -> tuple[Any, bool]:
         w_b = np.empty((inner + 1, cols), dtype)
         w_b[:inner] = w
         w_b[inner] = b.reshape(cols)
-        return np.matmul(x_one, w_b, out=recycle.empty((rows, cols), dtype)), True
+        return blas_policy.matmul(x_one, w_b, out=recycle.empty((rows, cols), dtype)), True
     return xp.matmul(x.astype(dtype, copy=False), w.astype(dtype, copy=False)), False
 
 
@@ -181,7 +181,7 @@ def backward(x: Any, w: Any, s: Any, g: Any, parts: str) -> tuple:
     g_col = g.reshape(-1, 1).astype(dtype, copy=False)
     out = []
     if "x" in parts:
-        dx = s @ w.astype(dtype, copy=False).T
+        dx = blas_policy.matmul(s, w.astype(dtype, copy=False).T)
         dx *= g_col
         out.append(dx)
     if "w" in parts and "b" in parts:
@@ -191,10 +191,10 @@ def backward(x: Any, w: Any, s: Any, g: Any, parts: str) -> tuple:
         x_g = array_module(s).empty((x.shape[0], inner + 1), dtype)
         x_g[:, :inner] = x * g_col
         x_g[:, inner] = g
-        both = x_g.T @ s
+        both = blas_policy.matmul(x_g.T, s)
         out += [both[:inner], both[inner]]
     elif "w" in parts:
-        out.append((x * g_col).astype(dtype, copy=False).T @ s)
+        out.append(blas_policy.matmul((x * g_col).astype(dtype, copy=False).T, s))
     elif "b" in parts:
         out.append(g.astype(dtype, copy=False) @ s)
     return tuple(out)

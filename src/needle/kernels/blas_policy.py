@@ -1,0 +1,265 @@
+"""OpenBLAS held on ONE thread for a whole run of a jitted plan, its large products split
+into row or column blocks on numba's TBB threads instead (kernels/numba_parallel_gemm.py).
+
+Why: after every product that OpenBLAS threads (anything over ~262k multiply-adds: the
+LSTM's per-step 32 x 128 x 512 products, a Transformer's projections), its worker thread
+spins ~0.1 s and takes the second core from the numba ``prange`` passes that follow (the
+vocabulary head's softmax pass 10.1 vs 6.2 ms; session 10). Splitting only the head's
+products did not pay (the other products still woke the worker: 1.41x slower), and
+``OPENBLAS_THREAD_TIMEOUT`` is the host's setting, read when NumPy loads. Here, for the
+length of a plan run, OpenBLAS is set to one thread (``openblas_set_num_threads`` through
+ctypes, ~0.2 us; threadpoolctl's ``limit`` costs ~7 us) and restored after: small products
+run on the calling thread with no hand-off, OpenBLAS's worker is never woken and never
+spins, and products of ``MIN_MACS`` or more multiply-adds run as blocks in one prange
+region, each block one OpenBLAS gemm call over the whole K.
+
+Bits: a product's bits are those of OpenBLAS's ONE-thread product, whatever the thread
+count (a block is a product over the same K of fewer rows or columns, starting on an
+``ALIGN`` line: the same bits, tests; 0 of ~450 random float32 shapes differed, blocks down
+to 2^18 multiply-adds). NOTE: OpenBLAS's two-thread product gives other bits than its
+one-thread product in ~60% of random shapes (~1 ulp: its split of the rows at no multiple
+of its kernel's tile), so with this module needle's products no longer change bits with
+the BLAS thread count, but differ from the two-thread products before it by rounding.
+float64 blocks do not keep dgemm's one-thread bits (~1e-14): float32 only; a large product
+that does not split (float64, a batch, other strides) gets OpenBLAS's threads back for its
+own call, as before this module.
+
+Eager ops (``EAGER``, off: see there): outside a plan's run each product of ``matmul`` that
+OpenBLAS might thread would hold BLAS on one thread for itself (~1.5 us a product), large
+ones as blocks.
+
+Only the main thread holds (backend/cpu_threads.can_hold_blas: OpenBLAS's count is one per
+process; a count set from a second thread would change it under the first). Elsewhere, and
+without NumPy's OpenBLAS or numba's TBB layer, nothing is held and products are NumPy's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..backend import cpu_threads, parallel_loops
+from ..backend.numba_support import NumbaLoops
+from . import openblas_gemm
+
+__all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
+
+#: the policy's switch (benchmarks turn it off for A/B runs)
+#: NOTE measured (session 11, 2 threads, one plan per model, the policy switched per round,
+#: 5 steps a round; the machine shared with 3-4 other helpers' benchmarks, the CPU time other
+#: processes used read from /proc/stat per round; benchmarks/ab_blas_policy.py):
+#: jitted LM steps, quiet rounds (other processes < 0.25 cores), off -> on: LSTM 65.0 -> 59.3
+#: ms (0.912, n 40/40), 70.6 -> 65.9 (0.933; PyTorch eager 102.3: 0.690 -> 0.644), 70.1 ->
+#: 68.9 (0.98); Transformer 70.3 -> 63.0 (0.896), 75.2 -> 69.9 (0.929; PyTorch eager 120.8:
+#: 0.623 -> 0.578). Blocks from 2^22 / 2^23 / 2^24 multiply-adds: LSTM 0.977 / 0.982 / 0.960
+#: (n 15-20); BLAS held without blocks 1.49x (the head's products on one core). Quiet too:
+#: MLP-ResNet jit epoch 135.4 -> 135.6 ms (1.001, n 8/8), large MLP jit step 223.7 -> 218.6
+#: (0.977, n 6/6); with ``EAGER`` the MLP-ResNet eager epoch 191.6 -> 185.6 (0.968, n 6/4).
+#: Other processes using ~1-1.5 cores (OpenBLAS's two threads then wait for a core at every
+#: product): LSTM jit 346 -> 227 ms (0.66), Transformer jit 558 -> 254 (0.46), MLP-ResNet
+#: jit epoch 2.94 -> 0.26 s (0.09), CNN jit s111 0.91 / 1.09 / 1.03, s122 0.69 / 1.00 /
+#: 1.02, ResidualCNN 0.99 / 0.91 (level: their products are inside the conv kernels, which
+#: held BLAS on one thread already; profile per op level), the large MLP jit step 0.81 /
+#: 0.77; eager (``EAGER``): LSTM 0.63, Transformer 0.46, MLP-ResNet epoch 0.22.
+ENABLED = True
+#: hold BLAS on one thread for each product of ``matmul`` outside a plan's run too (eager ops
+#: and Session steps). OFF: the hold runs on the main thread only, so a Session run on another
+#: thread (a remote session's server thread in the same process) would keep OpenBLAS's
+#: two-thread bits while the main thread's got its one-thread bits (tests/test_remote.py's
+#: bit-identical MLP-ResNet training failed: 29 of 50 losses differed by rounding). Under
+#: load it paid (eager LSTM 0.63, Transformer 0.46, MLP-ResNet epoch 0.22, other processes
+#: using ~1.4 cores); a process-wide hold counted across threads would allow it.
+EAGER = False
+#: ... from this many multiply-adds (per matrix of a batch; OpenBLAS threads from ~262k)
+EAGER_MIN_MACS = 1 << 16
+#: fewest multiply-adds of a product split into blocks while held (smaller ones run on the
+#: held thread)
+MIN_MACS = 1 << 23
+#: fewest multiply-adds of one block's gemm call (OpenBLAS's small-matrix kernels, whose bits
+#: differ, take products up to ~1e6 multiply-adds)
+MIN_BLOCK_MACS = 1 << 22
+#: blocks per thread of a split product (more: each gemm call packs the other operand again;
+#: 2 measured no better: LSTM jit quiet 0.980 vs 1.008 of off, other processes using
+#: 0.25-1.2 cores 0.656 vs 0.671, Transformer 0.269 vs 0.275)
+BLOCKS_PER_THREAD = 1
+#: each block starts at a multiple of this many rows (columns)
+ALIGN = 64
+#: products that ran as blocks (tests check the path ran)
+CALLS = [0]
+
+_LOOPS = NumbaLoops(f"{__package__}.numba_parallel_gemm")
+#: per-thread state: ``held`` (shared with backend/cpu_threads.single_threaded_blas)
+_state = cpu_threads.blas_hold
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_count_functions() -> tuple[Any, Any] | None:
+    """(get, set) of NumPy's OpenBLAS's process-wide thread count, as ctypes functions, or
+    None (another BLAS, no threadpoolctl to find it)."""
+    path = openblas_gemm._openblas_path()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
+    for prefix in ("scipy_", ""):
+        for suffix in ("64_", "", "_64"):
+            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                put.restype, put.argtypes = None, [ctypes.c_int]
+                return get, put
+    return None
+
+
+def held() -> bool:
+    """Whether this thread runs inside ``hold_one_thread`` (products may split into blocks)."""
+    return getattr(_state, "held", False)
+
+
+def _acquire() -> int:
+    """OpenBLAS set to one thread where this thread may hold it: the count to restore, or 0
+    where nothing was held (switched off, nested, off the main thread, BLAS already on one
+    thread, no OpenBLAS, numba's TBB layer or its gemm)."""
+    if not ENABLED or held() or not cpu_threads.can_hold_blas() \
+            or not parallel_loops.parallel_threads() \
+            or openblas_gemm.gemm(np.float32) is None:
+        return 0
+    functions = _thread_count_functions()
+    if functions is None:
+        return 0
+    before = int(functions[0]())
+    if before < 2:
+        return 0
+    functions[1](1)
+    _state.held, _state.restore = True, before
+    return before
+
+
+def _release(before: int) -> None:
+    """Undo ``_acquire`` (``before``: what it returned)."""
+    if before:
+        _state.held = False
+        functions = _thread_count_functions()
+        assert functions is not None
+        functions[1](before)
+
+
+@contextlib.contextmanager
+def hold_one_thread() -> Iterator[None]:
+    """OpenBLAS on one thread inside the block, its thread count restored after; large
+    float32 products of ``matmul`` / ``transposed_matmul`` run as blocks meanwhile. A no-op
+    where ``_acquire`` holds nothing."""
+    before = _acquire()
+    try:
+        yield
+    finally:
+        _release(before)
+
+
+def _blocks(a: Any, b: Any, trans_a: bool, trans_b: bool, out: Any) -> bool:
+    """``out = op(a) @ op(b)`` as blocks of out's rows (its columns where there are more of
+    those) in one prange region, each one OpenBLAS gemm call; False (nothing written) where
+    it does not run. a, b, out: C-contiguous float32 NumPy matrices."""
+    m, n = out.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    macs = m * n * k
+    gemm = openblas_gemm.gemm(np.float32)
+    loops = _LOOPS.module() if gemm is not None else None
+    threads = parallel_loops.parallel_threads()
+    if loops is None or threads < 2:
+        return False
+    by_columns = n > m
+    split = n if by_columns else m
+    units = -(-split // ALIGN)
+    count = max(1, min(threads * BLOCKS_PER_THREAD, units, macs // MIN_BLOCK_MACS))
+    # blocks of ALIGN * (units // count) lines or more, but the last may be short: keep every
+    # block above MIN_BLOCK_MACS
+    while count > 1 and (split - ALIGN * (units * (count - 1) // count)) * (
+            macs // split) < MIN_BLOCK_MACS:
+        count -= 1
+    if count < 2:
+        return False
+    if not _LOOPS.call(loops.gemm_blocks, gemm, 112 if trans_a else 111,
+                       112 if trans_b else 111, a, b, out, count, by_columns, ALIGN):
+        return False
+    CALLS[0] += 1
+    return True
+
+
+def _as_cblas(x: Any) -> tuple[Any, bool] | None:
+    """A float32 matrix as a C-contiguous array and whether it is op(x) = that array's
+    transpose; None where neither x nor x.T is C-contiguous."""
+    if x.flags.c_contiguous:
+        return x, False
+    if x.flags.f_contiguous:
+        return x.T, True
+    return None
+
+
+def _split(a: Any, b: Any, out: Any) -> Any:
+    """``a @ b`` as blocks where held and large (float32 matrices), else None."""
+    if not (type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2
+            and a.dtype == np.float32 and b.dtype == np.float32
+            and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS and held()):
+        return None
+    left, right = _as_cblas(a), _as_cblas(b)
+    if left is None or right is None or (
+            # NumPy multiplies x @ x.T by syrk (other bits): left to NumPy
+            a.__array_interface__["data"][0] == b.__array_interface__["data"][0]):
+        return None
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), np.float32)
+    elif not (type(out) is np.ndarray and out.dtype == np.float32 and out.flags.c_contiguous
+              and out.shape == (a.shape[0], b.shape[1])):
+        return None
+    return out if _blocks(left[0], right[0], left[1], right[1], out) else None
+
+
+def _product(a: Any, b: Any, out: Any) -> Any:
+    """``np.matmul(a, b[, out=out])``, as blocks where held and large; a large product that
+    cannot split (float64, operands with other strides, a batch) gets OpenBLAS's threads
+    back for itself, as it had them before this module."""
+    done = _split(a, b, out)
+    if done is not None:
+        return done
+    if held() and type(a) is np.ndarray and a.ndim >= 2 and b.ndim >= 2 \
+            and a.shape[-2] * a.shape[-1] * b.shape[-1] >= MIN_MACS:
+        functions = _thread_count_functions()
+        assert functions is not None
+        functions[1](_state.restore)
+        try:
+            return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+        finally:
+            functions[1](1)
+    return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+
+
+def matmul(a: Any, b: Any, out: Any = None) -> Any:
+    """``np.matmul(a, b[, out=out])`` with OpenBLAS held on one thread: inside
+    ``hold_one_thread`` (a jitted plan's run), and outside it (eager ops) for this product
+    alone where OpenBLAS might thread it (``EAGER_MIN_MACS``); large float32 matrices as
+    blocks on numba's threads (the bits of OpenBLAS's one-thread product)."""
+    if held() or not (EAGER and type(a) is np.ndarray and type(b) is np.ndarray
+                      and a.ndim >= 2 and b.ndim >= 2
+                      and a.shape[-2] * a.shape[-1] * b.shape[-1] >= EAGER_MIN_MACS):
+        return _product(a, b, out)
+    before = _acquire()
+    try:
+        return _product(a, b, out)
+    finally:
+        _release(before)
+
+
+def transposed_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
+    """``op(a) @ op(b)``, op swapping the last two axes where its flag is set (the
+    transposed_matmul op's compute), through ``matmul``."""
+    return matmul(a.swapaxes(-1, -2) if transpose_a else a,
+                  b.swapaxes(-1, -2) if transpose_b else b)

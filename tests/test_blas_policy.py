@@ -1,0 +1,221 @@
+"""kernels/blas_policy.py: OpenBLAS held on one thread for a jitted plan's run, its large
+float32 products split into row or column blocks on numba's TBB threads. The blocks give
+NumPy's bits (uneven blocks, every transpose the ops use), the thread count comes back (also
+after an error), the hold does nothing off the main thread or nested, the blocked path ran
+inside a jitted plan, and small, float64 and x @ x.T products are left to NumPy."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import needle as ndl
+from needle.backend import cpu_threads, parallel_loops
+from needle.kernels import blas_policy, openblas_gemm
+
+pytest.importorskip("numba")
+
+
+def _threads() -> int:
+    functions = blas_policy._thread_count_functions()
+    assert functions is not None
+    return int(functions[0]())
+
+
+@pytest.fixture(autouse=True)
+def _two_threads(monkeypatch):
+    monkeypatch.setattr(cpu_threads, "NUM_THREADS", 2)
+    monkeypatch.setattr(blas_policy, "ENABLED", True)
+    if not parallel_loops.parallel_threads():
+        pytest.skip("numba's parallel loops do not run on TBB here (tbb wheel missing?)")
+    if not cpu_threads.can_hold_blas() or openblas_gemm.gemm(np.float32) is None \
+            or blas_policy._thread_count_functions() is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS that threadpoolctl finds")
+    functions = blas_policy._thread_count_functions()
+    before = functions[0]()
+    functions[1](2)  # (the policy holds only a BLAS that threads)
+    yield
+    functions[1](before)
+
+
+# (a's shape, b's shape, transpose a, transpose b): the vocabulary head's x @ w (column
+# blocks), S @ w^T and x^T @ S, an LSTM's input projection and its weight gradient, a
+# Transformer's feed-forward; sizes giving blocks of uneven size
+CASES = [((1001, 68), (68, 3001), False, False),
+         ((1001, 3001), (67, 3001), False, True),
+         ((1001, 68), (1001, 3001), True, False),
+         ((1120, 128), (128, 512), False, False),
+         ((1088, 128), (1088, 512), True, False),
+         ((1000, 129), (515, 129), False, True)]
+
+
+def _operands(case):
+    a_shape, b_shape, trans_a, trans_b = case
+    rng = np.random.default_rng(a_shape[0] + 7 * b_shape[1])
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    return a, b, trans_a, trans_b
+
+
+@pytest.mark.parametrize("case", CASES, ids=["head", "head-dx", "head-dw", "lstm-x", "lstm-dw",
+                                             "ff-t"])
+def test_blocks_give_numpys_bits(case):
+    a, b, trans_a, trans_b = _operands(case)
+    # NOTE: OpenBLAS on two threads may give other bits than on one (its split of M at a
+    # row that is no multiple of its kernel's tile: S @ w^T here); the blocks start on
+    # multiples of 64 lines and give the one-thread bits
+    with cpu_threads.single_threaded_blas():
+        want = np.matmul(a.T if trans_a else a, b.T if trans_b else b)
+    before = blas_policy.CALLS[0]
+    with blas_policy.hold_one_thread():
+        assert blas_policy.held() and _threads() == 1
+        got = blas_policy.transposed_matmul(a, b, trans_a, trans_b)
+    assert blas_policy.CALLS[0] == before + 1  # the blocked path ran ...
+    assert blas_policy._LOOPS.module().gemm_blocks.signatures  # ... compiled by numba
+    assert np.array_equal(got, want)
+    assert not blas_policy.held() and _threads() == 2
+
+
+def test_into_a_given_array():
+    a, b, _, _ = _operands(CASES[0])
+    out = np.full((a.shape[0], b.shape[1]), np.nan, np.float32)
+    with blas_policy.hold_one_thread():
+        assert blas_policy.matmul(a, b, out=out) is out
+    with cpu_threads.single_threaded_blas():
+        assert np.array_equal(out, a @ b)
+
+
+def test_thread_count_restored_after_an_error_and_nested_holds():
+    with pytest.raises(RuntimeError), blas_policy.hold_one_thread():
+        with blas_policy.hold_one_thread():  # nested: a no-op, the outer one restores
+            assert _threads() == 1
+        assert _threads() == 1 and blas_policy.held()
+        raise RuntimeError("inside")
+    assert _threads() == 2 and not blas_policy.held()
+
+
+def test_no_hold_off_the_main_thread_or_when_off(monkeypatch):
+    seen = []
+
+    def other_thread():
+        with blas_policy.hold_one_thread():
+            seen.append((blas_policy.held(), _threads()))
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert seen == [(False, 2)]
+    monkeypatch.setattr(blas_policy, "ENABLED", False)
+    with blas_policy.hold_one_thread():
+        assert not blas_policy.held() and _threads() == 2
+
+
+def test_left_to_numpy_small_float64_and_self_products():
+    before = blas_policy.CALLS[0]
+    rng = np.random.default_rng(3)
+    small = rng.standard_normal((64, 64)).astype(np.float32)
+    wide = rng.standard_normal((512, 2048))  # float64: dgemm blocks do not keep its bits
+    x = rng.standard_normal((2048, 2048)).astype(np.float32)
+    with blas_policy.hold_one_thread():
+        results = [blas_policy.matmul(small, small), blas_policy.matmul(wide, wide.T),
+                   blas_policy.matmul(x, x.T)]  # NumPy's syrk
+    assert blas_policy.CALLS[0] == before
+    with cpu_threads.single_threaded_blas():
+        wants = [small @ small, wide @ wide.T, x @ x.T]
+    for got, want in zip(results, wants):
+        assert np.array_equal(got, want)
+
+
+def test_a_jitted_plan_holds_blas_and_splits_its_large_products():
+    rng = np.random.default_rng(4)
+    x = ndl.Tensor(rng.standard_normal((1120, 128)).astype(np.float32), requires_grad=False)
+    w = ndl.Tensor(rng.standard_normal((128, 512)).astype(np.float32), requires_grad=True)
+    b = ndl.Tensor(rng.standard_normal((1, 512)).astype(np.float32), requires_grad=True)
+    seen = []
+
+    def step(x, w, b):
+        seen.append(1)
+        y = ndl.ops.linear(x, w, b)
+        y = ndl.ops.matmul(ndl.ops.relu(y), ndl.ops.transpose(w))
+        return (y * y).sum()
+
+    def eager_grads():
+        for t in (w, b):
+            t.grad = None
+        loss = step(x, w, b)
+        loss.backward()
+        return loss.numpy(), w.grad.numpy(), b.grad.numpy()
+
+    with cpu_threads.single_threaded_blas():  # (the bits of OpenBLAS's one-thread products)
+        want = eager_grads()
+    jitted = ndl.jit(step)
+    for _ in range(2):
+        before = blas_policy.CALLS[0]
+        for t in (w, b):
+            t.grad = None
+        loss = jitted(x, w, b)
+        loss.backward()
+        got = loss.numpy(), w.grad.numpy(), b.grad.numpy()
+        assert blas_policy.CALLS[0] > before  # the plans' large products ran as blocks
+        assert _threads() == 2
+        for have, expected in zip(got, want):
+            assert np.array_equal(have, expected)
+
+
+def test_an_eager_product_holds_blas_for_itself(monkeypatch):
+    monkeypatch.setattr(blas_policy, "EAGER", True)  # (off by default: see its comment)
+    a, b, _, _ = _operands(CASES[3])
+    seen = []
+    product = blas_policy._product
+
+    def spy(*args):
+        seen.append((blas_policy.held(), _threads()))
+        return product(*args)
+
+    monkeypatch.setattr(blas_policy, "_product", spy)
+    before = blas_policy.CALLS[0]
+    got = blas_policy.matmul(a, b)  # large: blocks
+    small = blas_policy.matmul(a[:64, :64], b[:64, :64])  # 262k multiply-adds: one thread
+    assert blas_policy.CALLS[0] == before + 1
+    assert seen == [(True, 1), (True, 1)] and _threads() == 2 and not blas_policy.held()
+    with cpu_threads.single_threaded_blas():
+        assert np.array_equal(got, a @ b)
+        assert np.array_equal(small, a[:64, :64] @ b[:64, :64])
+    monkeypatch.setattr(blas_policy, "EAGER", False)
+    seen.clear()
+    blas_policy.matmul(a, b)
+    assert seen == [(False, 2)]
+
+
+def test_single_threaded_blas_inside_a_hold_leaves_it_held(monkeypatch):
+    class NoLimit:  # threadpoolctl's limit (~7 us) is not called inside a hold
+        def limit(self, limits):
+            raise AssertionError("threadpoolctl's limit called inside a hold")
+
+    with blas_policy.hold_one_thread():
+        monkeypatch.setattr(cpu_threads, "blas_control", NoLimit)
+        with cpu_threads.single_threaded_blas():
+            assert _threads() == 1
+        assert _threads() == 1 and blas_policy.held()
+    assert _threads() == 2
+
+
+def test_large_float64_products_keep_openblas_threads_while_held(monkeypatch):
+    seen = []
+    original = np.matmul
+
+    def spy(*args, **kwargs):
+        seen.append(_threads())
+        return original(*args, **kwargs)
+
+    wide = np.random.default_rng(6).standard_normal((1024, 1024))
+    with blas_policy.hold_one_thread():
+        monkeypatch.setattr(blas_policy.np, "matmul", spy)
+        got = blas_policy.matmul(wide, wide[:, ::-1].copy())  # float64: no blocks
+        blas_policy.matmul(wide[:64, :64], wide[:64, :64])  # small: the held thread
+        assert _threads() == 1
+    monkeypatch.undo()
+    assert seen == [2, 1]
+    assert np.array_equal(got, wide @ wide[:, ::-1].copy())
