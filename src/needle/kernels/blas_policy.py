@@ -206,9 +206,10 @@ def _as_cblas(x: Any) -> tuple[Any, bool] | None:
 
 def _split(a: Any, b: Any, out: Any) -> Any:
     """``a @ b`` as blocks where held and large (float32 matrices), else None."""
-    if not (type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2
+    if not (held() and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2
+            and b.ndim == 2
             and a.dtype == np.float32 and b.dtype == np.float32
-            and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS and held()):
+            and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS):
         return None
     left, right = _as_cblas(a), _as_cblas(b)
     if left is None or right is None or (
@@ -247,10 +248,13 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
     ``hold_one_thread`` (a jitted plan's run), and outside it (eager ops) for this product
     alone where OpenBLAS might thread it (``EAGER_MIN_MACS``); large float32 matrices as
     blocks on numba's threads (the bits of OpenBLAS's one-thread product)."""
-    if held() or not (EAGER and type(a) is np.ndarray and type(b) is np.ndarray
-                      and a.ndim >= 2 and b.ndim >= 2
-                      and a.shape[-2] * a.shape[-1] * b.shape[-1] >= EAGER_MIN_MACS):
+    if held():
         return _product(a, b, out)
+    if not (EAGER and type(a) is np.ndarray and type(b) is np.ndarray
+            and a.ndim >= 2 and b.ndim >= 2
+            and a.shape[-2] * a.shape[-1] * b.shape[-1] >= EAGER_MIN_MACS):
+        # (not held: NumPy's product straight away, nothing to split; an eager op's cost)
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
     before = _acquire()
     try:
         return _product(a, b, out)
