@@ -29,6 +29,12 @@ Layouts: the loop follows the memory order of its lead input (the first of the l
 shape): channels-last memory behind an NCHW view (what the convolution kernels return) runs
 a kernel compiled for that axis order on transposed views, and the outputs keep that layout
 (``FusedRegion.in_memory_order``; 3-4x faster than looping in the logical order there).
+In any order, subexpressions of inputs that vary along the innermost axis only (a
+BatchNorm's per-channel ``weight / sqrt(var + eps)`` there) are computed once per position of
+that axis before the loop, by the same scalar expressions (compiler/hoisting.py,
+``HOIST_LAST_AXIS``): the same bits, without a division and a square root per element (the
+CNN steps' BatchNorm + ReLU regions 0.57-0.84x the time warm, 0.82-0.87x with the input out
+of cache).
 
 Threads: a loop of ``SPLIT_MIN_ELEMENTS`` or more runs as blocks of rows of its lead
 input's memory order that needle's threads draw (``FusedRegion.in_blocks``; the rule of
@@ -63,6 +69,7 @@ from ..core.interpret import Program, Step, plan_frees, snapshot_slots
 from ..core.ops_shape import TupleGetItem
 from ..core.registry import Aval, Op, fmt_shape
 from ..kernels import threaded_elementwise
+from . import hoisting
 
 #: dtypes a region computes in (bool only for masks and comparisons)
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.bool_))
@@ -88,6 +95,10 @@ BLOCK_ELEMENTS = threaded_elementwise.BLOCK_ELEMENTS
 #: the threaded elementwise passes
 PRANGE_MIN_ELEMENTS = threaded_elementwise.PRANGE_MIN_ELEMENTS
 PRANGE_BLOCK_ELEMENTS = threaded_elementwise.PRANGE_BLOCK_ELEMENTS
+#: the nested loops compute subexpressions of inputs that vary along the last axis only once
+#: per position of that axis (``_kernel_source``); False: per element (A/B runs; read when a
+#: kernel is compiled, and part of the cache key)
+HOIST_LAST_AXIS = True
 
 
 def enabled() -> bool:
@@ -238,7 +249,9 @@ def _kernel_source(ndim: int, patterns: tuple, members: tuple, outputs: tuple,
     ``into[k]`` is the input whose array output ``k`` overwrites (None: a new array); each
     element is read before it is written, so that is safe for same-shape inputs.
     ``given_outputs``: the outputs are parameters after the inputs (``out0, ...``; a block of
-    a split loop writes into its rows of the caller's arrays)."""
+    a split loop writes into its rows of the caller's arrays).
+    Subexpressions of inputs that vary along the last axis only are computed once per position
+    of that axis before the loops (``HOIST_LAST_AXIS``; compiler/hoisting.py)."""
     consts: dict[str, Any] = {}
     params = ", ".join([f"a{k}" for k in range(len(patterns))]
                        + ([f"out{k}" for k in range(len(outputs))] if given_outputs else []))
@@ -254,20 +267,49 @@ def _kernel_source(ndim: int, patterns: tuple, members: tuple, outputs: tuple,
         else:
             lines.append(f"    o{k} = np.empty(({shape}), np.{dtype.name})" if into[k] is None
                          else f"    o{k} = a{into[k]}")
+    out_index = ", ".join(f"i{d}" for d in range(ndim))
+    stores = [f"o{k}[{out_index},] = t{member}" for k, (member, _) in enumerate(outputs)]
+    exprs, member_consts = _member_exprs(members)
+    consts.update(member_consts)
+    # inputs that vary along the last axis only: subexpressions of theirs computed once per
+    # position of that axis (hoisting.hoist: BatchNorm's weight / sqrt(var + eps) per channel)
+    last_only = {k for k, p in enumerate(patterns)
+                 if p and ("b" * (ndim - len(p)) + p) == "b" * (ndim - 1) + "f"}
+    fixed = {k for k, p in enumerate(patterns) if "f" not in p}  # scalars, all broadcast
+    hoisted: tuple = ([], exprs, [])
+    if ndim >= 2 and last_only and HOIST_LAST_AXIS:
+        hoisted = hoisting.hoist(exprs, {f"x{k}" for k in last_only},
+                                 {f"x{k}" for k in fixed} | set(consts), stores)
+    column, element, tiled = hoisted
+    if not column:  # nothing computed per position: no arrays of copies
+        tiled = []
     indent = "    "
+    if tiled:
+        last = f"n{ndim - 1}"
+        position_loads = [f"x{k} = a{k}[{'0, ' * (len(patterns[k]) - 1)}j,]"
+                          for k in sorted(last_only)]
+        lines += [f"    x{k} = a{k}[{'0, ' * len(patterns[k])}]" if patterns[k] else
+                  f"    x{k} = a{k}" for k in sorted(fixed)]
+        lines += ["    j = 0", *(f"    {st}" for st in position_loads + column)]
+        lines += [f"    hp_{name} = np.full({last}, {name})" for name in tiled]
+        lines += [f"    for j in range({last}):", *(f"        {st}" for st in
+                                                     position_loads + column)]
+        lines += [f"        hp_{name}[j] = {name}" for name in tiled]
+    else:
+        fixed = set()
+        last_only = set()
+        element = [f"t{m} = {expr}" for m, expr in enumerate(exprs)]
     for d in range(ndim):
         lines.append(f"{indent}for i{d} in range(n{d}):")
         indent += "    "
     for k, p in enumerate(patterns):
+        if k in fixed or k in last_only:
+            continue
         offset = ndim - len(p)
         index = ", ".join(f"i{offset + j}" if c == "f" else "0" for j, c in enumerate(p))
         lines.append(f"{indent}x{k} = a{k}[{index},]" if p else f"{indent}x{k} = a{k}")
-    for m, (step, refs) in enumerate(members):
-        args = [f"x{r[1]}" if r[0] == "in" else f"t{r[1]}" for r in refs]
-        lines.append(f"{indent}t{m} = {_scalar_source(step, args, consts)}")
-    out_index = ", ".join(f"i{d}" for d in range(ndim))
-    for k, (member, _) in enumerate(outputs):
-        lines.append(f"{indent}o{k}[{out_index},] = t{member}")
+    lines += [f"{indent}{name} = hp_{name}[i{ndim - 1}]" for name in tiled]
+    lines += [f"{indent}{st}" for st in element + stores]
     lines.append(f"    return {', '.join(f'o{k}' for k in range(len(outputs)))}")
     return "\n".join(lines) + "\n", consts
 
@@ -281,6 +323,7 @@ def _compile(key: tuple, structure: tuple, signature: tuple,
     """The kernel for ``structure`` (compiled for C-contiguous ``signature`` types), cached;
     ``given_outputs``: the variant taking its outputs as parameters (``_kernel_source``)."""
     key = (*key, "given outputs") if given_outputs else key
+    key = key if HOIST_LAST_AXIS else (*key, "not hoisted")
     with _cache_lock:
         kernel = _cache.get(key)
         if kernel is not None:
@@ -348,6 +391,19 @@ def _compile_prange(kernel: Any, cut: tuple, num_outputs: int, signature: tuple)
         while len(_prange_cache) > CACHE_SIZE:
             _prange_cache.popitem(last=False)
     return fn
+
+
+def _member_exprs(members: tuple) -> tuple[list[str], dict[str, Any]]:
+    """Each member's scalar expression over ``x{k}`` (inputs) and ``t{m}`` (members), and
+    the constants they name (``_kernel_source``'s expressions)."""
+    consts: dict[str, Any] = {}
+    exprs = []
+    for step, refs in members:
+        args = [f"x{r[1]}" if r[0] == "in" else f"t{r[1]}" for r in refs]
+        expr = _scalar_source(step, args, consts)
+        assert expr is not None  # (a step without a scalar form never joins a region)
+        exprs.append(expr)
+    return exprs, consts
 
 
 def cache_info() -> dict[str, int]:
