@@ -18,7 +18,7 @@ def _may_split(a_shape: tuple, b_shape: tuple) -> bool:
     """Whether a product of matrices of these (known) shapes is large enough for
     kernels/blas_policy.py to split it into blocks while a plan holds BLAS on one thread."""
     return len(a_shape) == 2 and len(b_shape) == 2 and \
-        a_shape[0] * a_shape[1] * b_shape[1] >= blas_policy.MIN_MACS
+        blas_policy.splits(a_shape[0], a_shape[1], b_shape[1])
 
 
 #: the helper that compiled plans call for large products (kernels/blas_policy.py)
@@ -43,6 +43,11 @@ class MatMul(Op):
 
     def compute(self, a, b):
         return blas_policy.matmul(a, b)
+
+    def large_products(self, node) -> bool:
+        """Whether a jitted plan running this step should hold BLAS (kernels/blas_policy)."""
+        a, b = node.inputs
+        return _may_split(a.shape, b.shape)
 
     def emit(self, args, node):
         a, b = node.inputs
@@ -132,10 +137,14 @@ class TransposedMatMul(Op):
     def emit(self, args, node):
         a = f"{args[0]}.swapaxes(-1, -2)" if self.transpose_a else args[0]
         b = f"{args[1]}.swapaxes(-1, -2)" if self.transpose_b else args[1]
+        call = "_blas_matmul" if self.large_products(node) else "np.matmul"
+        return f"{call}({a}, {b})"
+
+    def large_products(self, node) -> bool:
+        """Whether a jitted plan running this step should hold BLAS (kernels/blas_policy)."""
         a_shape, b_shape = (tuple(x.shape[::-1]) if swap and len(x.shape) == 2 else tuple(x.shape)
                             for x, swap in zip(node.inputs, (self.transpose_a, self.transpose_b)))
-        call = "_blas_matmul" if _may_split(a_shape, b_shape) else "np.matmul"
-        return f"{call}({a}, {b})"
+        return _may_split(a_shape, b_shape)
 
     def gradient(self, out_grad, node):
         # c = op_a(a) @ op_b(b), op_x the identity or the swap of the last two axes: each
@@ -178,6 +187,11 @@ class Linear(Op):
     and that array is recycled between steps (kernels/recycle.py: no page faults); the
     values are those of ``add(matmul(x, w), b)``, and so are the gradients (g @ w^T, x^T @ g,
     and g summed back to b's shape by the engine)."""
+
+    def large_products(self, node) -> bool:
+        """Whether a jitted plan running this step should hold BLAS (kernels/blas_policy)."""
+        x, w, _ = node.inputs
+        return _may_split(x.shape, w.shape)
 
     def compute(self, x, w, b):
         if x.ndim != 2 or w.ndim != 2:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels import rnn
+from ..kernels import blas_policy, rnn
 from .context import GradMode
 from .registry import Aval, F, Op, ShapeError, fmt_shape, register
 
@@ -144,6 +144,15 @@ class LSTMSequenceGrad(Op):
                              f"with_dacts={self.with_dacts} take {n + self.with_dacts} "
                              f"trailing inputs, got {len(rest)}")
         return list(rest[:n]), list(rest[n:])
+
+    def large_products(self, node: Any) -> bool:
+        """Whether dw_hh's all-steps product (T*B, H) x (H, 4H) is one a held plan run
+        splits (kernels/blas_policy; jit/compiled.py)."""
+        h_all, w_hh = node.inputs[4], node.inputs[3]
+        if len(h_all.shape) != 3 or len(w_hh.shape) != 2 or None in h_all.shape:
+            return False
+        return blas_policy.splits((h_all.shape[0] - 1) * h_all.shape[1], w_hh.shape[0],
+                                  w_hh.shape[1])
 
     def compute(self, dh_all, dc_all, x_proj, w_hh, h_all, c_all, acts, *rest):
         state, dacts = self._split_rest(rest)

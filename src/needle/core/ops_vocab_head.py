@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import array_module
-from ..kernels import vocab_head
+from ..kernels import blas_policy, vocab_head
 from .context import GradMode
 from .ops_index import checked_ids
 from .ops_reduce import SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad
@@ -62,6 +62,13 @@ def _check_arrays(x: Any, w: Any, b: Any, ids: Any) -> None:
         raise ValueError("x (N, K), w (K, C), b (C,) or (1, C) and ids (N,) expected")
 
 
+def _large_head(node: Any) -> bool:
+    """Whether the head's x @ w is a product a held plan run splits (kernels/blas_policy)."""
+    x, w = node.inputs[0], node.inputs[1]
+    return len(x.shape) == 2 and len(w.shape) == 2 and \
+        blas_policy.splits(x.shape[0], x.shape[1], w.shape[1])
+
+
 def composite(x: Any, w: Any, b: Any, ids: Any) -> Any:
     """The losses with the separate ops: the definition, and the source of second order."""
     return F.softmax_cross_entropy(F.linear(x, w, b), ids)
@@ -79,6 +86,8 @@ class VocabHeadSoftmax(Op):
 
     returns_tuple = True
     differentiable = False
+    #: a jitted plan running it holds BLAS where its product splits (jit/compiled.py)
+    large_products = staticmethod(_large_head)
 
     def compute(self, x, w, b, ids):
         _check_arrays(x, w, b, ids)
@@ -144,6 +153,9 @@ class VocabHeadLossGrad(Op):
             raise ValueError(f"{self.name}: parts must be a non-empty subsequence of 'xwb', "
                              f"got {parts!r}")
         self.parts = parts
+
+    #: a jitted plan running it holds BLAS where its products split (jit/compiled.py)
+    large_products = staticmethod(_large_head)
 
     def compute(self, x, w, b, ids, s, g):
         _check_arrays(x, w, b, ids)

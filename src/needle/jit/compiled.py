@@ -137,9 +137,13 @@ class JitCall(Op):
     def compute(self, *values):
         plan = self.plan
         run = plan.executable  # built on first use; it also fixes plan.source_order
-        # OpenBLAS on one thread for the whole run, its large products in blocks on numba's
-        # threads: its worker never wakes to spin into the next prange passes
-        with blas_policy.hold_one_thread():
+        # OpenBLAS on one thread for the whole run of a plan with large products, those in
+        # blocks on numba's threads: its worker never wakes to spin into the next prange
+        # passes (plans without them keep OpenBLAS's threads: see holds_blas)
+        if plan.holds_blas:
+            with blas_policy.hold_one_thread():
+                results = run([values[i] for i in plan.source_order])
+        else:
             results = run([values[i] for i in plan.source_order])
         outputs = results[: plan.num_outputs + len(plan.residuals)]
         for i in plan.repeated_outputs:  # the same value returned twice: each its own array
@@ -199,6 +203,12 @@ class CompiledPlan:
         self.source_order: list[int] = []
         self.wrt_positions: list[int] = []
         self._backward: CompiledPlan | None = None
+        #: whether a run holds OpenBLAS on one thread (kernels/blas_policy.py): where some
+        #: step makes a product large enough to split into blocks (its op's
+        #: ``large_products``); elsewhere the hold only cost (one-core products, ~4 us a call)
+        self.holds_blas = any(
+            getattr(step.op, "large_products", None) is not None
+            and step.op.large_products(step.node) for step in program.steps)
 
     @property
     def executable(self) -> Callable[[list], list]:

@@ -119,6 +119,18 @@ def _thread_count_functions() -> tuple[Any, Any] | None:
     return None
 
 
+def splits(rows: int | None, inner: int | None, cols: int | None) -> bool:
+    """Whether a (rows, inner) @ (inner, cols) product is one a held run splits into blocks
+    (``MIN_MACS`` or more multiply-adds; unknown sizes: no). Ops say through it whether a
+    plan that runs them should hold BLAS (their ``large_products``, jit/compiled.py): a plan
+    without such products keeps OpenBLAS's own threads (a held MLP-ResNet step ran its
+    7.8M multiply-add products on one core: the jitted epoch 1.06-1.14x; the op chain paid the
+    hold's ~4 us a call)."""
+    if rows is None or inner is None or cols is None:
+        return False
+    return rows * inner * cols >= MIN_MACS
+
+
 def held() -> bool:
     """Whether this thread runs inside ``hold_one_thread`` (products may split into blocks)."""
     return getattr(_state, "held", False)
