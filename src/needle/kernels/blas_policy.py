@@ -101,22 +101,13 @@ _state = cpu_threads.blas_hold
 def _thread_count_functions() -> tuple[Any, Any] | None:
     """(get, set) of NumPy's OpenBLAS's process-wide thread count, as ctypes functions, or
     None (another BLAS, no threadpoolctl to find it)."""
-    path = openblas_gemm._openblas_path()
-    if path is None:
+    found = openblas_gemm.symbols("openblas_get_num_threads", "openblas_set_num_threads")
+    if found is None:
         return None
-    try:
-        lib = ctypes.CDLL(path)
-    except OSError:
-        return None
-    for prefix in ("scipy_", ""):
-        for suffix in ("64_", "", "_64"):
-            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                put.restype, put.argtypes = None, [ctypes.c_int]
-                return get, put
-    return None
+    get, put = found
+    get.restype, get.argtypes = ctypes.c_int, []
+    put.restype, put.argtypes = None, [ctypes.c_int]
+    return get, put
 
 
 def splits(rows: int | None, inner: int | None, cols: int | None) -> bool:

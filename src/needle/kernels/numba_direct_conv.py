@@ -24,6 +24,12 @@ NOTE: measured on one thread (thread CPU time, medians, machine shared with othe
 1.55 / 1.73 ms; vectorized over positions instead of channels with 512-bit vectors: no better.
 Flat indices are unsigned (``np.uint64``): numba wraps negative signed indices around, and
 LLVM then gathers element by element (8.6 ms instead of 0.9 on a first layer).
+
+The 16- and 32-channel variants of each loop (``forward16`` / ``forward32``, ``input_grad16``
+/ ``input_grad32``, the kernel gradients) are written out apart on purpose: a tile's width
+must be a literal for the stack tile to stay in registers, and a factory making them from one
+template would return closures, which numba's disk cache cannot keep (each would compile at
+every process start).
 """
 
 from __future__ import annotations

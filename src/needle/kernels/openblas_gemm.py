@@ -50,6 +50,32 @@ def _openblas_path() -> str | None:
     return paths[0] if len(paths) == 1 else None
 
 
+@functools.lru_cache(maxsize=1)
+def library() -> Any:
+    """NumPy's OpenBLAS as a ctypes library, or None where it is not found."""
+    path = _openblas_path()
+    if path is None:
+        return None
+    try:
+        return ctypes.CDLL(path)
+    except OSError:
+        return None
+
+
+def symbols(*names: str) -> list | None:
+    """The functions ``names`` of NumPy's OpenBLAS under the first of its symbol spellings
+    (``_PREFIXES`` x ``_SUFFIXES``) that has them all, or None."""
+    lib = library()
+    if lib is None:
+        return None
+    for prefix in _PREFIXES:
+        for suffix in _SUFFIXES:
+            found = [getattr(lib, f"{prefix}{name}{suffix}", None) for name in names]
+            if all(fn is not None for fn in found):
+                return found
+    return None
+
+
 @functools.lru_cache(maxsize=2)
 def gemm(dtype: Any) -> Any:
     """``cblas_sgemm`` (float32) or ``cblas_dgemm`` (float64) of NumPy's OpenBLAS as a ctypes
@@ -58,27 +84,16 @@ def gemm(dtype: Any) -> Any:
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         return None
-    path = _openblas_path()
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(path)
-    except OSError:
-        return None
     letter, real = ("s", ctypes.c_float) if dtype == np.float32 else ("d", ctypes.c_double)
-    for prefix in _PREFIXES:
-        for suffix in _SUFFIXES:
-            fn = getattr(lib, f"{prefix}cblas_{letter}gemm{suffix}", None)
-            config = getattr(lib, f"{prefix}openblas_get_config{suffix}", None)
-            if fn is None or config is None:
-                continue
-            config.restype = ctypes.c_char_p
-            config.argtypes = []
-            wide = b"USE64BITINT" in (config() or b"")
-            index = ctypes.c_int64 if wide else ctypes.c_int32
-            fn.restype = None
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, index, real,
-                           ctypes.c_void_p, index, ctypes.c_void_p, index, real,
-                           ctypes.c_void_p, index]
-            return fn
-    return None
+    found = symbols(f"cblas_{letter}gemm", "openblas_get_config")
+    if found is None:
+        return None
+    fn, config = found
+    config.restype = ctypes.c_char_p
+    config.argtypes = []
+    wide = b"USE64BITINT" in (config() or b"")
+    index = ctypes.c_int64 if wide else ctypes.c_int32
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, index, real,
+                   ctypes.c_void_p, index, ctypes.c_void_p, index, real, ctypes.c_void_p, index]
+    return fn
