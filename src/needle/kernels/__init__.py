@@ -9,6 +9,10 @@ written once, in the module that owns it:
     winograd.py        3x3 stride-1 convolutions by Winograd's F(4x4, 3x3), blocked and threaded
     numba_winograd.py  its numba tile transforms (and the kernel gradient's chunk loop)
     numba_parallel_winograd.py  the kernel gradient's chunks in one prange region (TBB)
+    numba_direct_conv.py  direct convolution loops (register tiles, no im2col) for 16-64 channels
+    openblas_gemm.py   NumPy's own OpenBLAS gemm as a ctypes function, for numba loops
+    blas_policy.py     OpenBLAS held on one thread for a jitted plan with large products,
+                       those split into blocks (numba_parallel_gemm.py) on numba's threads
     reduce.py          sums and statistics over axes (einsum, column sums); the JIT's sum code
     softmax.py         logsumexp and softmax over the last axis in cache-sized row blocks
     index_add.py       rows added into a table at ids (an Embedding's backward; numba -> NumPy)
