@@ -13,6 +13,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
 
 
+def loops_that_ran(monkeypatch, *latches) -> list[str]:
+    """Names of the compiled loops that ran through these NumbaLoops latches (each latch's
+    ``call`` counted for the test), in call order: a test's proof that its fast path ran."""
+    calls: list[str] = []
+    for latch in latches:
+        real = latch.call
+
+        def counting(loop, *args, real=real):
+            ran = real(loop, *args)
+            if ran:
+                calls.append(loop.__name__)
+            return ran
+
+        monkeypatch.setattr(latch, "call", counting)
+    return calls
+
+
 def to_torch(array: np.ndarray, requires_grad: bool = True):
     """A torch tensor copy of a NumPy array (float arrays require grad)."""
     import torch

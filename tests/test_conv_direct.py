@@ -17,6 +17,8 @@ import pytest
 from needle.backend import cpu_threads, parallel_loops
 from needle.backend.numba_support import numba_module
 
+from .helpers import loops_that_ran
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("numba")
 if numba_module() is None:
@@ -62,18 +64,7 @@ def _torch_weight_grad(x, kernel, g, stride, padding):
 
 def _ran(monkeypatch) -> list[str]:
     """Names of the direct loops that ran (through conv's latch for them)."""
-    calls: list[str] = []
-    latch = conv_kernels._direct_loops
-    real = latch.call
-
-    def counting(loop, *args):
-        ran = real(loop, *args)
-        if ran:
-            calls.append(loop.__name__)
-        return ran
-
-    monkeypatch.setattr(latch, "call", counting)
-    return calls
+    return loops_that_ran(monkeypatch, conv_kernels._direct_loops)
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ import pytest
 from needle.backend import cpu_threads, parallel_loops
 from needle.backend.numba_support import numba_module
 
+from .helpers import loops_that_ran
+
 pytest.importorskip("numba")
 if numba_module() is None:
     pytest.skip("the prange loops need numba (NEEDLE_NUMBA=0)", allow_module_level=True)
@@ -68,18 +70,7 @@ def _nchw_patches(case) -> bool:
 
 def _prange_ran(monkeypatch) -> list[str]:
     """Names of the prange loops that ran (through conv's NumbaLoops latch)."""
-    calls: list[str] = []
-    latch = conv_kernels._parallel_loops
-    real = latch.call
-
-    def counting(loop, *args):
-        ran = real(loop, *args)
-        if ran:
-            calls.append(loop.__name__)
-        return ran
-
-    monkeypatch.setattr(latch, "call", counting)
-    return calls
+    return loops_that_ran(monkeypatch, conv_kernels._parallel_loops)
 
 
 def _without_prange(a, w, b, stride, monkeypatch, threads: int):

@@ -15,6 +15,8 @@ from needle import ops
 from needle.backend import cpu_threads, parallel_loops
 from needle.backend.numba_support import numba_module
 
+from .helpers import loops_that_ran
+
 pytest.importorskip("numba")
 if numba_module() is None:
     pytest.skip("the prange loops need numba (NEEDLE_NUMBA=0)", allow_module_level=True)
@@ -41,18 +43,8 @@ def _two_threads_small_blocks(monkeypatch):
 @pytest.fixture
 def prange_calls(monkeypatch):
     """Names of the prange loops that ran (through the NumbaLoops latches)."""
-    calls: list[str] = []
-    for latch in (threaded_elementwise._parallel_loops, column_sums._parallel_loops):
-        real = latch.call
-
-        def counting(loop, *args, real=real):
-            ran = real(loop, *args)
-            if ran:
-                calls.append(loop.__name__)
-            return ran
-
-        monkeypatch.setattr(latch, "call", counting)
-    return calls
+    return loops_that_ran(monkeypatch, threaded_elementwise._parallel_loops,
+                          column_sums._parallel_loops)
 
 
 def _no_prange(monkeypatch) -> None:
