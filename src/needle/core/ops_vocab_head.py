@@ -86,8 +86,8 @@ class VocabHeadSoftmax(Op):
 
     returns_tuple = True
     differentiable = False
-    #: a jitted plan running it holds BLAS where its product splits (jit/compiled.py)
-    large_products = staticmethod(_large_head)
+    def large_products(self, node: Any) -> bool:
+        return _large_head(node)
 
     def compute(self, x, w, b, ids):
         _check_arrays(x, w, b, ids)
@@ -154,8 +154,8 @@ class VocabHeadLossGrad(Op):
                              f"got {parts!r}")
         self.parts = parts
 
-    #: a jitted plan running it holds BLAS where its products split (jit/compiled.py)
-    large_products = staticmethod(_large_head)
+    def large_products(self, node: Any) -> bool:
+        return _large_head(node)
 
     def compute(self, x, w, b, ids, s, g):
         _check_arrays(x, w, b, ids)

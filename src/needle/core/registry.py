@@ -107,6 +107,12 @@ class Op:
         shapes inline it instead of calling ``compute`` (no per-call shape handling)."""
         return None
 
+    def large_products(self, node: Any) -> bool:
+        """Whether this op makes, for ``node``'s shapes, a matrix product large enough for
+        kernels/blas_policy.py to split into blocks; a jitted plan with such a step holds
+        OpenBLAS on one thread for its run (jit/compiled.py). Ops with products say so."""
+        return False
+
     def scalar_expr(self, args: list[str], const: Any) -> str | None:
         """This elementwise op on one element: a numba-compilable expression over the operand
         expressions ``args`` (already cast to the dtype NumPy computes in), or None.

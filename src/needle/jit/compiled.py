@@ -166,13 +166,6 @@ class JitCall(Op):
         return tuple(o.aval for o in (*self.plan.outputs, *self.plan.residuals))
 
 
-def _has_large_products(step: Any) -> bool:
-    """Whether this step's op makes a product large enough for kernels/blas_policy to split
-    (ops with such products define ``large_products(node)``)."""
-    check = getattr(step.op, "large_products", None)
-    return check is not None and bool(check(step.node))
-
-
 class CompiledPlan:
     """A traced graph turned into a Program, with its sources in call order."""
 
@@ -211,9 +204,9 @@ class CompiledPlan:
         self.wrt_positions: list[int] = []
         self._backward: CompiledPlan | None = None
         #: whether a run holds OpenBLAS on one thread (kernels/blas_policy.py): where some
-        #: step makes a product large enough to split into blocks (its op's
-        #: ``large_products``); elsewhere the hold only cost (one-core products, ~4 us a call)
-        self.holds_blas = any(_has_large_products(step) for step in program.steps)
+        #: step makes a product large enough to split into blocks (``Op.large_products``);
+        #: elsewhere the hold only cost (one-core products, ~4 us a call)
+        self.holds_blas = any(step.op.large_products(step.node) for step in program.steps)
 
     @property
     def executable(self) -> Callable[[list], list]:
