@@ -1,8 +1,9 @@
 """kernels/blas_policy.py: OpenBLAS held on one thread for a jitted plan's run, its large
 float32 products split into row or column blocks on numba's TBB threads. The blocks give
 NumPy's bits (uneven blocks, every transpose the ops use), the thread count comes back (also
-after an error), the hold does nothing off the main thread or nested, the blocked path ran
-inside a jitted plan, and small, float64 and x @ x.T products are left to NumPy."""
+after an error), a nested hold does nothing, a jitted plan splits its large products on any
+thread with the main thread's bits, and small, float64 and x @ x.T products are left to
+NumPy."""
 
 from __future__ import annotations
 
@@ -14,15 +15,13 @@ import pytest
 
 import needle as ndl
 from needle.backend import cpu_threads, parallel_loops
-from needle.kernels import blas_policy, openblas_gemm
+from needle.kernels import blas_policy, blas_threads, openblas_gemm
 
 pytest.importorskip("numba")
 
 
 def _threads() -> int:
-    functions = blas_policy._thread_count_functions()
-    assert functions is not None
-    return int(functions[0]())
+    return blas_threads.count()
 
 
 @pytest.fixture(autouse=True)
@@ -31,10 +30,10 @@ def _two_threads(monkeypatch):
     monkeypatch.setattr(blas_policy, "ENABLED", True)
     if not parallel_loops.parallel_threads():
         pytest.skip("numba's parallel loops do not run on TBB here (tbb wheel missing?)")
-    if not cpu_threads.can_hold_blas() or openblas_gemm.gemm(np.float32) is None \
-            or blas_policy._thread_count_functions() is None:
+    if openblas_gemm.gemm(np.float32) is None or openblas_gemm.symbols(
+            "openblas_set_num_threads") is None:
         pytest.skip("NumPy's BLAS is not an OpenBLAS that threadpoolctl finds")
-    functions = blas_policy._thread_count_functions()
+    functions = blas_threads._count_functions()
     before = functions[0]()
     functions[1](2)  # (the policy holds only a BLAS that threads)
     yield
@@ -67,7 +66,7 @@ def test_blocks_give_numpys_bits(case):
     # NOTE: OpenBLAS on two threads may give other bits than on one (its split of M at a
     # row that is no multiple of its kernel's tile: S @ w^T here); the blocks start on
     # multiples of 64 lines and give the one-thread bits
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         want = np.matmul(a.T if trans_a else a, b.T if trans_b else b)
     before = blas_policy.CALLS[0]
     with blas_policy.hold_one_thread():
@@ -84,7 +83,7 @@ def test_into_a_given_array():
     out = np.full((a.shape[0], b.shape[1]), np.nan, np.float32)
     with blas_policy.hold_one_thread():
         assert blas_policy.matmul(a, b, out=out) is out
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         assert np.array_equal(out, a @ b)
 
 
@@ -97,7 +96,7 @@ def test_thread_count_restored_after_an_error_and_nested_holds():
     assert _threads() == 2 and not blas_policy.held()
 
 
-def test_no_hold_off_the_main_thread_or_when_off(monkeypatch):
+def test_a_hold_on_another_thread_and_none_when_off(monkeypatch):
     seen = []
 
     def other_thread():
@@ -107,7 +106,7 @@ def test_no_hold_off_the_main_thread_or_when_off(monkeypatch):
     worker = threading.Thread(target=other_thread)
     worker.start()
     worker.join()
-    assert seen == [(False, 2)]
+    assert seen == [(True, 1)] and _threads() == 2 and not blas_policy.held()
     monkeypatch.setattr(blas_policy, "ENABLED", False)
     with blas_policy.hold_one_thread():
         assert not blas_policy.held() and _threads() == 2
@@ -123,46 +122,69 @@ def test_left_to_numpy_small_float64_and_self_products():
         results = [blas_policy.matmul(small, small), blas_policy.matmul(wide, wide.T),
                    blas_policy.matmul(x, x.T)]  # NumPy's syrk
     assert blas_policy.CALLS[0] == before
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         wants = [small @ small, wide @ wide.T, x @ x.T]
     for got, want in zip(results, wants):
         assert np.array_equal(got, want)
 
 
-def test_a_jitted_plan_holds_blas_and_splits_its_large_products():
+def _plan_case():
+    """(jitted step, eager step, its inputs): a linear layer and a product by w^T, large
+    enough to split."""
     rng = np.random.default_rng(4)
     x = ndl.Tensor(rng.standard_normal((1120, 128)).astype(np.float32), requires_grad=False)
     w = ndl.Tensor(rng.standard_normal((128, 512)).astype(np.float32), requires_grad=True)
     b = ndl.Tensor(rng.standard_normal((1, 512)).astype(np.float32), requires_grad=True)
-    seen = []
 
     def step(x, w, b):
-        seen.append(1)
         y = ndl.ops.linear(x, w, b)
         y = ndl.ops.matmul(ndl.ops.relu(y), ndl.ops.transpose(w))
         return (y * y).sum()
 
-    def eager_grads():
-        for t in (w, b):
-            t.grad = None
-        loss = step(x, w, b)
-        loss.backward()
-        return loss.numpy(), w.grad.numpy(), b.grad.numpy()
+    return ndl.jit(step), step, (x, w, b)
 
-    with cpu_threads.single_threaded_blas():  # (the bits of OpenBLAS's one-thread products)
-        want = eager_grads()
-    jitted = ndl.jit(step)
+
+def _grads(fn, x, w, b):
+    for t in (w, b):
+        t.grad = None
+    loss = fn(x, w, b)
+    loss.backward()
+    return loss.numpy(), w.grad.numpy(), b.grad.numpy()
+
+
+def test_a_jitted_plan_holds_blas_and_splits_its_large_products():
+    jitted, step, inputs = _plan_case()
+    with blas_threads.hold():  # (the bits of OpenBLAS's one-thread products)
+        want = _grads(step, *inputs)
     for _ in range(2):
         before = blas_policy.CALLS[0]
-        for t in (w, b):
-            t.grad = None
-        loss = jitted(x, w, b)
-        loss.backward()
-        got = loss.numpy(), w.grad.numpy(), b.grad.numpy()
+        got = _grads(jitted, *inputs)
         assert blas_policy.CALLS[0] > before  # the plans' large products ran as blocks
         assert _threads() == 2
         for have, expected in zip(got, want):
             assert np.array_equal(have, expected)
+
+
+def test_a_jitted_plan_on_another_thread_gives_the_main_threads_bits():
+    """A Session or plan run on a server thread holds BLAS too (before, only the main thread
+    could: its products kept OpenBLAS's two-thread bits and never split)."""
+    jitted, step, inputs = _plan_case()
+    with blas_threads.hold():
+        want = _grads(step, *inputs)
+    _grads(jitted, *inputs)  # compiled on this thread
+    results = []
+
+    def run():
+        before = blas_policy.CALLS[0]
+        results.append((_grads(jitted, *inputs), blas_policy.CALLS[0] - before))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    (got, splits), = results
+    assert splits > 0 and _threads() == 2
+    for have, expected in zip(got, want):
+        assert np.array_equal(have, expected)
 
 
 def test_an_eager_product_holds_blas_for_itself(monkeypatch):
@@ -181,7 +203,7 @@ def test_an_eager_product_holds_blas_for_itself(monkeypatch):
     small = blas_policy.matmul(a[:64, :64], b[:64, :64])  # 262k multiply-adds: one thread
     assert blas_policy.CALLS[0] == before + 1
     assert seen == [(True, 1), (True, 1)] and _threads() == 2 and not blas_policy.held()
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         assert np.array_equal(got, a @ b)
         assert np.array_equal(small, a[:64, :64] @ b[:64, :64])
     monkeypatch.setattr(blas_policy, "EAGER", False)
@@ -191,14 +213,9 @@ def test_an_eager_product_holds_blas_for_itself(monkeypatch):
     assert seen == [] and blas_policy.CALLS[0] == before  # NumPy's own product: no hold
 
 
-def test_single_threaded_blas_inside_a_hold_leaves_it_held(monkeypatch):
-    class NoLimit:  # threadpoolctl's limit (~7 us) is not called inside a hold
-        def limit(self, limits):
-            raise AssertionError("threadpoolctl's limit called inside a hold")
-
+def test_a_kernel_hold_inside_a_plan_hold_leaves_it_held():
     with blas_policy.hold_one_thread():
-        monkeypatch.setattr(cpu_threads, "blas_control", NoLimit)
-        with cpu_threads.single_threaded_blas():
+        with blas_threads.hold():  # (a convolution's, inside a jitted plan's run)
             assert _threads() == 1
         assert _threads() == 1 and blas_policy.held()
     assert _threads() == 2
@@ -221,6 +238,39 @@ def test_large_float64_products_keep_openblas_threads_while_held(monkeypatch):
     monkeypatch.undo()
     assert seen == [2, 1]
     assert np.array_equal(got, wide @ wide[:, ::-1].copy())
+
+
+def test_no_threads_lent_while_another_thread_holds(monkeypatch):
+    """A large float64 product gets OpenBLAS's threads back only where no other thread holds
+    BLAS: lent, the other thread's products would run threaded under its hold."""
+    seen = []
+    original = np.matmul
+
+    def spy(*args, **kwargs):
+        seen.append(_threads())
+        return original(*args, **kwargs)
+
+    holding, done = threading.Event(), threading.Event()
+
+    def other_thread():
+        with blas_threads.hold():
+            holding.set()
+            done.wait(30)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    try:
+        assert holding.wait(30)
+        wide = np.random.default_rng(7).standard_normal((1024, 1024))
+        with blas_policy.hold_one_thread():
+            monkeypatch.setattr(blas_policy.np, "matmul", spy)
+            blas_policy.matmul(wide, wide[:, ::-1].copy())
+            monkeypatch.undo()
+        assert seen == [1] and _threads() == 1  # the other thread still holds
+    finally:
+        done.set()
+        worker.join()
+    assert _threads() == 2
 
 
 def test_only_plans_with_large_products_hold_blas(monkeypatch):

@@ -12,8 +12,8 @@ import pytest
 
 from needle.backend import cpu_threads
 from needle.core.ops_conv import Conv, ConvInputGrad, ConvWeightGrad
+from needle.kernels import blas_threads, cpu_kernels
 from needle.kernels import conv as conv_kernels
-from needle.kernels import cpu_kernels
 
 needs_blas_control = pytest.mark.skipif(cpu_threads.blas_control() is None,
                                         reason="threadpoolctl is not installed")
@@ -84,9 +84,9 @@ def test_blas_gets_its_thread_count_back_after_a_split(monkeypatch):
 
 
 @needs_blas_control
-def test_only_the_main_thread_splits(monkeypatch):
-    """OpenBLAS ignores a thread count set off the main thread once the main thread has set
-    one, so a conv called from another thread runs whole."""
+def test_any_thread_splits(monkeypatch):
+    """BLAS's hold is process-wide (kernels/blas_threads.py): a conv called from another
+    thread (a served Session's) splits as one on the main thread does."""
     import threading
 
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 2)
@@ -95,19 +95,18 @@ def test_only_the_main_thread_splits(monkeypatch):
         8, 10**9, np.zeros(1))))
     worker.start()
     worker.join(10)
-    assert found == [None]
-    assert conv_kernels._image_chunks(8, 10**9, np.zeros(1)) is not None  # here, on the main one
+    assert found == [conv_kernels._image_chunks(8, 10**9, np.zeros(1))] and found[0]
 
 
 def test_without_blas_control_nothing_is_split(monkeypatch):
-    monkeypatch.setattr(cpu_threads, "can_hold_blas", lambda: False)
+    monkeypatch.setattr(blas_threads, "available", lambda: False)
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 4)
     monkeypatch.setattr(conv_kernels, "SPLIT_MIN_MACS", 0)
     assert conv_kernels._image_chunks(8, 10**9, np.zeros(1)) is None
 
 
 def test_chunks_cover_every_image_once(monkeypatch):
-    monkeypatch.setattr(cpu_threads, "can_hold_blas", lambda: True)
+    monkeypatch.setattr(blas_threads, "available", lambda: True)
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 3)
     chunks = conv_kernels._image_chunks(7, 10**9, np.zeros(1))
     assert chunks[0][0] == 0 and chunks[-1][1] == 7 and len(chunks) == 6

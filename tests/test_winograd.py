@@ -18,7 +18,7 @@ import needle as ndl
 import needle.nn as nn
 from needle.backend import cpu_threads
 from needle.core.ops_conv import Conv, ConvInputGrad, ConvWeightGrad
-from needle.kernels import winograd
+from needle.kernels import blas_threads, winograd
 
 needs_numba = pytest.mark.skipif(winograd._kernels() is None,
                                  reason="numba is not installed or NEEDLE_NUMBA=0")
@@ -124,7 +124,7 @@ def test_the_kernel_transforms_run_with_blas_held_to_one_thread(monkeypatch):
         held.append(True)
         yield
 
-    monkeypatch.setattr(cpu_threads, "single_threaded_blas", recording)
+    monkeypatch.setattr(blas_threads, "hold", recording)
     x, kernel, g, p = _problem((2, 8, 8, 8, 8, 1))
     winograd.conv3x3(x, kernel, p)
     assert held

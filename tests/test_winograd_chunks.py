@@ -17,7 +17,7 @@ pytest.importorskip("numba")
 if numba_module() is None:
     pytest.skip("the Winograd path needs numba (NEEDLE_NUMBA=0)", allow_module_level=True)
 from needle.core.ops_conv import ConvWeightGrad  # noqa: E402
-from needle.kernels import openblas_gemm, winograd  # noqa: E402
+from needle.kernels import blas_threads, openblas_gemm, winograd  # noqa: E402
 
 #: error bound relative to the float64 result's largest magnitude (tests/test_winograd.py)
 RELATIVE_BOUND = 3e-5
@@ -38,7 +38,7 @@ def _problem(shape):
 
 
 def _needs_gemm():
-    if openblas_gemm.gemm(np.float32) is None or not cpu_threads.can_hold_blas():
+    if openblas_gemm.gemm(np.float32) is None or not blas_threads.available():
         pytest.skip("NumPy's BLAS is not OpenBLAS (or cannot be held on one thread)")
 
 
@@ -120,10 +120,9 @@ def test_against_torch():
     np.testing.assert_allclose(got, expected, atol=RELATIVE_BOUND * np.abs(expected).max())
 
 
-def test_off_the_main_thread_the_same_chunks_give_the_same_bits(monkeypatch):
-    """Off the main thread BLAS cannot be held (cpu_threads.can_hold_blas): no prange loop
-    there, but the same chunks on needle's threads, so a plan running the op on a worker
-    thread gets what the main thread gets."""
+def test_on_another_thread_the_same_chunks_give_the_same_bits(monkeypatch):
+    """A plan running the op on a worker thread (a served Session's) takes the same chunks
+    and gets what the main thread gets."""
     import threading
 
     _needs_gemm()

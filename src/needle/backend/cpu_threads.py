@@ -11,15 +11,13 @@ NOTE: OpenBLAS keeps a pool of its own, and its worker thread spins for about 0.
 each product it threads. Two pools on two cores fight: a product split across needle's
 threads while OpenBLAS also threads it ran 1.5x slower than either alone, and a spinning
 OpenBLAS worker took the second core from the Winograd threads. So the split products run
-with OpenBLAS on one thread (``single_threaded_blas``, through threadpoolctl), and OpenBLAS's
-own count is restored afterwards, for the user's NumPy code and needle's other products.
-Without threadpoolctl (the ``fast`` extra installs it), and off the main thread, the im2col
-convolutions are not split.
+with OpenBLAS on one thread (kernels/blas_threads.py holds it), and OpenBLAS's own count is
+restored afterwards, for the user's NumPy code and needle's other products. Where BLAS's
+count cannot be set, the im2col convolutions are not split.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -27,8 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["NUM_THREADS", "SharedIterator", "blas_control", "blas_hold", "can_hold_blas",
-           "in_parallel", "run_chunks", "single_threaded_blas"]
+__all__ = ["NUM_THREADS", "SharedIterator", "blas_control", "in_parallel", "run_chunks"]
 
 
 def _default_threads() -> int:
@@ -192,32 +189,3 @@ def blas_control() -> Any:
         return None
     blas = ThreadpoolController().select(user_api="blas")
     return blas if blas.lib_controllers else None
-
-
-def can_hold_blas() -> bool:
-    """Whether this thread can hold BLAS on one thread for a split: threadpoolctl present
-    and this the main thread.
-
-    NOTE: measured with NumPy's OpenBLAS 0.3.31: once the main thread has set a thread count,
-    a count set from another thread is ignored, and products split there would run on
-    OpenBLAS's threads from two of ours at once (1.5x slower than not splitting). Holding
-    only from the main thread also keeps two holds from overlapping.
-    """
-    return blas_control() is not None and threading.current_thread() is threading.main_thread()
-
-
-#: per thread: ``held`` is True while kernels/blas_policy.py holds OpenBLAS on one thread
-#: (a jitted plan's run); single_threaded_blas then has nothing to do (threadpoolctl's limit
-#: costs ~7 us a call)
-blas_hold = threading.local()
-
-
-@contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """BLAS on one thread inside the block (products that needle's threads split), restored
-    after. Only where can_hold_blas(); a no-op elsewhere, and where BLAS is held already."""
-    if getattr(blas_hold, "held", False) or not can_hold_blas():
-        yield
-        return
-    with blas_control().limit(limits=1):
-        yield

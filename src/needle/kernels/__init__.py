@@ -13,6 +13,7 @@ written once, in the module that owns it:
     openblas_gemm.py   NumPy's own OpenBLAS gemm as a ctypes function, for numba loops
     blas_policy.py     OpenBLAS held on one thread for a jitted plan with large products,
                        those split into blocks (numba_parallel_gemm.py) on numba's threads
+    blas_threads.py    BLAS's thread count held at one, process-wide, counted across threads
     reduce.py          sums and statistics over axes (einsum, column sums); the JIT's sum code
     softmax.py         logsumexp and softmax over the last axis in cache-sized row blocks
     index_add.py       rows added into a table at ids (an Embedding's backward; numba -> NumPy)

@@ -7,8 +7,8 @@ spins ~0.1 s and takes the second core from the numba ``prange`` passes that fol
 vocabulary head's softmax pass 10.1 vs 6.2 ms; session 10). Splitting only the head's
 products did not pay (the other products still woke the worker: 1.41x slower), and
 ``OPENBLAS_THREAD_TIMEOUT`` is the host's setting, read when NumPy loads. Here, for the
-length of a plan run, OpenBLAS is set to one thread (``openblas_set_num_threads`` through
-ctypes, ~0.2 us; threadpoolctl's ``limit`` costs ~7 us) and restored after: small products
+length of a plan run, OpenBLAS is held on one thread (kernels/blas_threads.py: ~0.2 us,
+process-wide, counted across threads) and restored after: small products
 run on the calling thread with no hand-off, OpenBLAS's worker is never woken and never
 spins, and products of ``MIN_MACS`` or more multiply-adds run as blocks in one prange
 region, each block one OpenBLAS gemm call over the whole K.
@@ -22,30 +22,29 @@ of its kernel's tile), so with this module needle's products no longer change bi
 the BLAS thread count, but differ from the two-thread products before it by rounding.
 float64 blocks do not keep dgemm's one-thread bits (~1e-14): float32 only; a large product
 that does not split (float64, a batch, other strides) gets OpenBLAS's threads back for its
-own call, as before this module.
+own call, as before this module, where no other thread holds BLAS meanwhile
+(blas_threads.lend_threads; else it runs on one thread).
 
 Eager ops (``EAGER``, off: see there): outside a plan's run each product of ``matmul`` that
 OpenBLAS might thread would hold BLAS on one thread for itself (~1.5 us a product), large
 ones as blocks.
 
-Only the main thread holds (backend/cpu_threads.can_hold_blas: OpenBLAS's count is one per
-process; a count set from a second thread would change it under the first). Elsewhere, and
-without NumPy's OpenBLAS or numba's TBB layer, nothing is held and products are NumPy's.
+Any thread holds (the count is the process's; blas_threads counts the holders, so one
+thread's release never cuts another's hold short). Without NumPy's OpenBLAS or numba's TBB
+layer nothing is held and products are NumPy's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from ..backend import cpu_threads, parallel_loops
+from ..backend import parallel_loops
 from ..backend.numba_support import NumbaLoops
-from . import openblas_gemm
+from . import blas_threads, openblas_gemm
 
 __all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
 
@@ -78,10 +77,17 @@ EAGER = False
 #: ... from this many multiply-adds (per matrix of a batch; OpenBLAS threads from ~262k)
 EAGER_MIN_MACS = 1 << 16
 #: fewest multiply-adds of a product split into blocks while held (smaller ones run on the
-#: held thread)
+#: held thread).
+#: NOTE measured (session 12): 2^22 with blocks from 2^21 (the MLP-ResNet's 7.8M products
+#: as two blocks, so its jitted plan holds BLAS): the jitted epoch 1.050x on a quiet machine
+#: (127.7 -> 134.1 ms, n 10/12: its 18 products of ~0.5M multiply-adds a step then run on
+#: one core) and 0.558x with other processes using > 1.2 cores (1479 -> 826 ms). Not taken:
+#: it would miss the MLP-ResNet jit goal on a quiet machine.
 MIN_MACS = 1 << 23
-#: fewest multiply-adds of one block's gemm call (OpenBLAS's small-matrix kernels, whose bits
-#: differ, take products up to ~1e6 multiply-adds)
+#: fewest multiply-adds of one block's gemm call: OpenBLAS's small-matrix kernels, whose bits
+#: differ, take products up to 1e6 multiply-adds (measured, session 12: random float32 products
+#: over 1e6 split in two row blocks on a multiple of 64: 16 of 28 with a block of 1e6 or fewer
+#: differed from the whole product, 0 of 385 with both blocks over it)
 MIN_BLOCK_MACS = 1 << 22
 #: blocks per thread of a split product (more: each gemm call packs the other operand again;
 #: 2 measured no better: LSTM jit quiet 0.980 vs 1.008 of off, other processes using
@@ -93,21 +99,6 @@ ALIGN = 64
 CALLS = [0]
 
 _LOOPS = NumbaLoops(f"{__package__}.numba_parallel_gemm")
-#: per-thread state: ``held`` (shared with backend/cpu_threads.single_threaded_blas)
-_state = cpu_threads.blas_hold
-
-
-@functools.lru_cache(maxsize=1)
-def _thread_count_functions() -> tuple[Any, Any] | None:
-    """(get, set) of NumPy's OpenBLAS's process-wide thread count, as ctypes functions, or
-    None (another BLAS, no threadpoolctl to find it)."""
-    found = openblas_gemm.symbols("openblas_get_num_threads", "openblas_set_num_threads")
-    if found is None:
-        return None
-    get, put = found
-    get.restype, get.argtypes = ctypes.c_int, []
-    put.restype, put.argtypes = None, [ctypes.c_int]
-    return get, put
 
 
 def splits(rows: int | None, inner: int | None, cols: int | None) -> bool:
@@ -123,48 +114,27 @@ def splits(rows: int | None, inner: int | None, cols: int | None) -> bool:
 
 
 def held() -> bool:
-    """Whether this thread runs inside ``hold_one_thread`` (products may split into blocks)."""
-    return getattr(_state, "held", False)
+    """Whether this thread runs inside a BLAS hold (products may split into blocks)."""
+    return blas_threads.held()
 
 
-def _acquire() -> int:
-    """OpenBLAS set to one thread where this thread may hold it: the count to restore, or 0
-    where nothing was held (switched off, nested, off the main thread, BLAS already on one
-    thread, no OpenBLAS, numba's TBB layer or its gemm)."""
-    if not ENABLED or held() or not cpu_threads.can_hold_blas() \
-            or not parallel_loops.parallel_threads() \
-            or openblas_gemm.gemm(np.float32) is None:
-        return 0
-    functions = _thread_count_functions()
-    if functions is None:
-        return 0
-    before = int(functions[0]())
-    if before < 2:
-        return 0
-    functions[1](1)
-    _state.held, _state.restore = True, before
-    return before
-
-
-def _release(before: int) -> None:
-    """Undo ``_acquire`` (``before``: what it returned)."""
-    if before:
-        _state.held = False
-        functions = _thread_count_functions()
-        assert functions is not None
-        functions[1](before)
+def _can_hold() -> bool:
+    """Whether a hold here would split products: switched on, BLAS's count settable, numba's
+    TBB layer and NumPy's OpenBLAS gemm found."""
+    return ENABLED and blas_threads.available() and bool(parallel_loops.parallel_threads()) \
+        and openblas_gemm.gemm(np.float32) is not None
 
 
 @contextlib.contextmanager
 def hold_one_thread() -> Iterator[None]:
-    """OpenBLAS on one thread inside the block, its thread count restored after; large
-    float32 products of ``matmul`` / ``transposed_matmul`` run as blocks meanwhile. A no-op
-    where ``_acquire`` holds nothing."""
-    before = _acquire()
-    try:
+    """OpenBLAS on one thread inside the block (process-wide, kernels/blas_threads.py), its
+    thread count restored after; large float32 products of ``matmul`` /
+    ``transposed_matmul`` run as blocks meanwhile. A no-op where ``_can_hold`` is False."""
+    if not _can_hold():
         yield
-    finally:
-        _release(before)
+        return
+    with blas_threads.hold():
+        yield
 
 
 def _blocks(a: Any, b: Any, trans_a: bool, trans_b: bool, out: Any) -> bool:
@@ -236,13 +206,8 @@ def _product(a: Any, b: Any, out: Any) -> Any:
         return done
     if held() and type(a) is np.ndarray and a.ndim >= 2 and b.ndim >= 2 \
             and a.shape[-2] * a.shape[-1] * b.shape[-1] >= MIN_MACS:
-        functions = _thread_count_functions()
-        assert functions is not None
-        functions[1](_state.restore)
-        try:
+        with blas_threads.lend_threads():
             return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
-        finally:
-            functions[1](1)
     return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
 
 
@@ -258,11 +223,10 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
             and a.shape[-2] * a.shape[-1] * b.shape[-1] >= EAGER_MIN_MACS):
         # (not held: NumPy's product straight away, nothing to split; an eager op's cost)
         return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
-    before = _acquire()
-    try:
+    if not _can_hold():
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+    with blas_threads.hold():
         return _product(a, b, out)
-    finally:
-        _release(before)
 
 
 def transposed_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:

@@ -52,7 +52,7 @@ import numpy as np
 
 from ..backend import array_module, cpu_threads, parallel_loops
 from ..backend.numba_support import NumbaLoops
-from . import cpu_kernels, openblas_gemm, winograd
+from . import blas_threads, cpu_kernels, openblas_gemm, winograd
 
 __all__ = ["IM2COL_BLOCK_BYTES", "NCHW_MAX_CHANNELS", "NCHW_MIN_POSITIONS", "PRANGE_ENABLED",
            "PRANGE_MIN_BLOCKS",
@@ -274,11 +274,12 @@ PRANGE_MIN_BLOCK_MACS = 1 << 22
 def _prange_ready(dtype: Any, *arrays: Any) -> tuple | None:
     """(threads, gemm, loops) where conv's prange loops can run on ``arrays``: NumPy arrays of
     ``dtype`` (float32/float64), numba's TBB layer on two or more threads (``threads``, the
-    bound of ``numba.get_thread_id()``: a buffer each), the main thread (where BLAS can be
-    held on one thread), NumPy's OpenBLAS gemm (kernels/openblas_gemm.py) and the compiled
-    loops module (kernels/numba_parallel_conv.py); else None."""
+    bound of ``numba.get_thread_id()``: a buffer each), BLAS's thread count settable
+    (kernels/blas_threads.py: held on one thread meanwhile), NumPy's OpenBLAS gemm
+    (kernels/openblas_gemm.py) and the compiled loops module
+    (kernels/numba_parallel_conv.py); else None."""
     if not (PRANGE_ENABLED and all(type(x) is np.ndarray and x.dtype == dtype for x in arrays)
-            and cpu_kernels.enabled(dtype) and cpu_threads.can_hold_blas()):
+            and cpu_kernels.enabled(dtype) and blas_threads.available()):
         return None
     threads = parallel_loops.parallel_threads()
     gemm = openblas_gemm.gemm(dtype) if threads else None
@@ -344,7 +345,7 @@ def _prange_conv(a, weight, kh: int, kw: int, stride: int, padding: int, ho: int
         src = np.ascontiguousarray(a)
         buffers = np.empty((threads, most * rows, width), a.dtype)
         loop, result = loops.conv_rows, out.reshape(n * rows, c_out)
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         return _parallel_loops.call(loop, gemm, src, weight, kh, kw, stride, padding, ho, wo,
                                     result, count, buffers)
 
@@ -365,7 +366,7 @@ def _prange_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int, count
     parts = np.empty((count, taps, c_out), a.dtype)
     buffers = np.empty((threads, -(-n // count) * rows, taps), a.dtype)
     g2 = np.ascontiguousarray(g).reshape(n * rows, c_out)
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         done = _parallel_loops.call(loops.weight_grad_rows, gemm, np.ascontiguousarray(a), g2,
                                     kh, kw, stride, padding, ho, wo, parts, count, buffers)
     return parts if done else None
@@ -388,7 +389,7 @@ def _prange_weight_grad_nchw(a, g, kh: int, kw: int, stride: int, padding: int, 
     count = _block_count(n, taps * rows * a.dtype.itemsize, None)
     buffers = np.empty((threads, -(-n // count), taps, rows), a.dtype)
     g3 = np.ascontiguousarray(g).reshape(n, rows, c_out)
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         return _parallel_loops.call(loops.weight_grad_channels_first, gemm, x, g3, kh, kw,
                                     stride, padding, ho, wo, products, count, buffers)
 
@@ -411,7 +412,7 @@ def _prange_input_grad(g, weights, in_shape: tuple, kh: int, kw: int, s: int, p:
     out = np.empty(in_shape, g.dtype)
     buffers = np.empty((threads, -(-n // count) * rows, width), g.dtype)
     g2 = np.ascontiguousarray(g).reshape(n * rows, c_out)
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         done = _parallel_loops.call(loops.input_grad, gemm, g2, weights, ho, wo, kh, kw, s, p,
                                     out, count, buffers)
     return out if done else None
@@ -611,7 +612,7 @@ def _image_chunks(n: int, macs: int, *arrays) -> list[tuple[int, int]] | None:
     takes fewer; None to run it whole (one thread, a small problem, CuPy arrays, or no hold
     on BLAS's threads: concurrent products on OpenBLAS's own threads ran slower)."""
     parts = min(cpu_threads.NUM_THREADS, n)
-    if (parts < 2 or macs < SPLIT_MIN_MACS or not cpu_threads.can_hold_blas()
+    if (parts < 2 or macs < SPLIT_MIN_MACS or not blas_threads.available()
             or any(type(x) is not np.ndarray for x in arrays)):
         return None
     count = min(n, 2 * parts)
@@ -624,7 +625,7 @@ def _by_images(images, chunks: list[tuple[int, int]] | None, n: int) -> list:
     all n images at once where ``chunks`` is None); the results in image order."""
     if chunks is None:
         return [images(0, n)]
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         done = cpu_threads.in_parallel(
             lambda shared: [(s, images(s, e)) for s, e in shared], chunks,
             min(cpu_threads.NUM_THREADS, len(chunks)))
@@ -783,7 +784,7 @@ def _weight_grad_blocks(a, g, kernel_hw: tuple, stride: int, padding: int, split
     if in_prange is not None:
         parts = list(in_prange)
     elif split and count > 1:
-        with cpu_threads.single_threaded_blas():
+        with blas_threads.hold():
             cpu_threads.in_parallel(work, blocks, min(cpu_threads.NUM_THREADS, count))
     else:
         work(iter(blocks))

@@ -17,14 +17,14 @@ tanh calls is one compiled loop (numba_rnn.py) instead of five to ten NumPy call
 loops below are the reference and the fallback (no numba, CuPy arrays, other dtypes) and do
 the same operations in the same order.
 
-NOTE: the step loops hold OpenBLAS to one thread (``cpu_threads.single_threaded_blas``:
-threadpoolctl, main thread only). A step's product (batch x hidden x 4 hidden: 32 x 128 x 512
-in the LM benchmark) is too small to split, and a threaded one waits for OpenBLAS's worker
-at every step. Measured on 2 cores, one layer's forward + backward over 35 steps: 50 ms with
-2 BLAS threads, 16 ms held to one while other processes kept the cores busy (load ~8); no
-difference on a quieter machine (load ~3). The products over all steps at once (the
-weight gradient; the input projection outside this module) go through kernels/blas_policy.py
-(blocks on numba's threads, OpenBLAS on one thread: its worker never spins).
+NOTE: the step loops hold OpenBLAS to one thread (kernels/blas_threads.py). A step's product
+(batch x hidden x 4 hidden: 32 x 128 x 512 in the LM benchmark) is too small to split, and a
+threaded one waits for OpenBLAS's worker at every step. Measured on 2 cores, one layer's
+forward + backward over 35 steps: 50 ms with 2 BLAS threads, 16 ms held to one while other
+processes kept the cores busy (load ~8); no difference on a quieter machine (load ~3). The
+products over all steps at once (the weight gradient; the input projection outside this
+module) go through kernels/blas_policy.py (blocks on numba's threads, OpenBLAS on one
+thread: its worker never spins).
 Splitting the batch over threads instead (rows are independent: each thread runs the whole
 recurrence on its rows) did not pay: 1.3x slower forward at batch 32 on 2 cores (16-row
 products, the GIL between steps).
@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import cpu_threads
 from ..backend.device import array_module
 from ..backend.numba_support import numba_module
-from . import blas_policy
+from . import blas_policy, blas_threads
 
 __all__ = ["lstm_backward", "lstm_forward"]
 
@@ -115,7 +114,7 @@ def lstm_forward(x_proj: Any, w_hh: Any, h0: Any = None, c0: Any = None
     out = (xp.empty((steps, batch, hidden), dtype), xp.empty((steps, batch, hidden), dtype),
            xp.empty((steps, batch, four), dtype))
     loops = _loops(x_proj, w_hh, h0, c0, *out)
-    with cpu_threads.single_threaded_blas():  # small products: see the module NOTE
+    with blas_threads.hold():  # small products: see the module NOTE
         _with_fallback(_forward_fused, _forward_numpy, loops, x_proj, w_hh, h0, c0, *out)
     return out
 
@@ -181,7 +180,7 @@ def lstm_backward(dh_all: Any, dc_all: Any, dacts: Any, w_hh: Any, h_all: Any, c
     tanh_c = xp.tanh(c_all)                     # every step at once
     w_hh_t = xp.ascontiguousarray(w_hh.T)
     loops = _loops(dh_all, dc_all, dacts, w_hh, h_all, c_all, acts, h0, c0)
-    with cpu_threads.single_threaded_blas():  # small products: see the module NOTE
+    with blas_threads.hold():  # small products: see the module NOTE
         dh = _with_fallback(_backward_fused, _backward_numpy, loops, dh_all, dc_all, dacts,
                             w_hh_t, c_all, acts, c0, tanh_c, dpre, dh, dc)
     if steps > 1:  # one product over the steps after the first; a zero h0 adds nothing

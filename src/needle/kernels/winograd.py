@@ -50,7 +50,7 @@ import numpy as np
 
 from ..backend import cpu_threads, parallel_loops
 from ..backend.numba_support import NumbaLoops, numba_module
-from . import openblas_gemm
+from . import blas_threads, openblas_gemm
 
 __all__ = ["BLOCK_TILES", "ENABLED", "PRANGE_ENABLED", "applies", "conv3x3",
            "conv3x3_input_grad", "conv3x3_weight_grad"]
@@ -174,7 +174,7 @@ def _kernel_transform(w: np.ndarray) -> np.ndarray:
     wall time 58 -> 51 ms at best, 85 -> 57 ms median).
     NOTE: np.einsum("ai,ijco,bj->abco") took 18x longer (512x512)."""
     c_in, c_out = w.shape[2:]
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         return (_GG.astype(w.dtype) @ w.reshape(9, -1)).reshape(36, c_in, c_out)
 
 
@@ -182,7 +182,7 @@ def _kernel_adjoint(du: np.ndarray, dtype: Any) -> np.ndarray:
     """dw: (3, 3, C_in, C_out) = G^T dU G for dU (36, C_in, C_out), the adjoint of
     _kernel_transform (one (9, 36) product)."""
     c_in, c_out = du.shape[1:]
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         return (_GG.T.astype(du.dtype) @ du.reshape(36, -1)).reshape(3, 3, c_in, c_out) \
             .astype(dtype, copy=False)
 
@@ -241,8 +241,8 @@ def _prange_conv3x3(kernels: Any, x: np.ndarray, u: np.ndarray, out: np.ndarray,
     kernels/openblas_gemm.py, BLAS held on one thread) on one thread: the same products as
     ``work``'s matmul, so the same bits, without the hand-off to needle's threads
     (kernels/conv.py ``_prange_conv`` says what it saves). False (nothing written) where it
-    does not run: no TBB or one thread, off the main thread, no OpenBLAS gemm, numba failed,
-    or ``kernels`` (``_kernels()``) is not numba_winograd itself (the loop calls its
+    does not run: no TBB or one thread, BLAS's thread count not settable, no OpenBLAS gemm,
+    numba failed, or ``kernels`` (``_kernels()``) is not numba_winograd itself (the loop calls its
     transforms directly).
 
     NOTE: measured (session 10, 2 threads, loaded shared machine, nice -15, alternating, 12
@@ -250,7 +250,7 @@ def _prange_conv3x3(kernels: Any, x: np.ndarray, u: np.ndarray, out: np.ndarray,
     0.84x, 16x16 16->64 0.89x, 8x8 64->128 0.86x, 4x4 128->128 0.89x the threaded path's
     time; the CNN steps it is in (strides 1,1,1; ResidualCNN) moved 0.97-0.98x, within noise."""
     if not PRANGE_ENABLED or getattr(kernels, "__name__", None) != \
-            __package__ + ".numba_winograd" or not cpu_threads.can_hold_blas():
+            __package__ + ".numba_winograd" or not blas_threads.available():
         return False
     threads = parallel_loops.parallel_threads()
     gemm = openblas_gemm.gemm(np.float32) if threads else None
@@ -261,7 +261,7 @@ def _prange_conv3x3(kernels: Any, x: np.ndarray, u: np.ndarray, out: np.ndarray,
     n_tiles = x.shape[0] * th * tw
     v = np.empty((threads, block, 36, x.shape[3]), x.dtype)
     m = np.empty((threads, block, 36, out.shape[3]), x.dtype)
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         return _parallel_loops.call(loops.winograd, gemm, x, padding, th, tw, u, out, shift,
                                     block, n_tiles, v, m)
 
@@ -337,7 +337,7 @@ def _chunked_weight_grad(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple
     position ((36, tiles, C): each position's product reads two contiguous matrices) and 36
     gemms by NumPy's OpenBLAS (kernels/openblas_gemm.py) that add into the chunk's partial
     (beta 1), BLAS held on one thread. The chunks run in one prange region on TBB where that
-    runs and this is the main thread (where BLAS can be held on one thread), else on
+    runs and BLAS can be held on one thread (kernels/blas_threads.py), else on
     needle's threads: the same chunks, the same bits (OpenBLAS splits a product's rows and
     columns across its threads, never the sums). None where NumPy's BLAS is not OpenBLAS or
     numba could not compile the loop (the caller goes on to its float64 blocks).
@@ -361,9 +361,9 @@ def _chunked_weight_grad(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple
     n_blocks = -(-n_tiles // block)
     chunks = min(WEIGHT_GRAD_CHUNKS, n_blocks)
     parts = np.empty((chunks, 36, c_in, c_out), x.dtype)
-    threads = parallel_loops.parallel_threads() if cpu_threads.can_hold_blas() else 0
+    threads = parallel_loops.parallel_threads() if blas_threads.available() else 0
     loops = _winograd_loops.module() if threads else None
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         if loops is None or not _winograd_loops.call(
                 loops.weight_grad, gemm, x, g, padding, th, tw, block, n_tiles, parts,
                 np.empty((threads, 36 * block * c_in), x.dtype),
@@ -426,6 +426,6 @@ def _weight_grad_whole(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple[i
             np.matmul(v[:, p0:p0 + count].transpose(1, 2, 0),
                       gt[:, p0:p0 + count].transpose(1, 0, 2), out=du[p0:p0 + count])
 
-    with cpu_threads.single_threaded_blas():
+    with blas_threads.hold():
         _in_parallel(products, 36, POSITIONS_PER_DRAW)
     return _kernel_adjoint(du, x.dtype)
