@@ -11,7 +11,7 @@ processes took (from /proc/stat, in cores) sorts its samples into load classes: 
 machine OpenBLAS's threads wait for a core at every product and the ratio depends on that
 load, so compare within a class (the "< 0.25" class is the quiet machine).
 Run: python benchmarks/ab_blas_policy.py [--rows lstm,transformer] [--modes jit,eager]
-     [--rounds 8]
+     [--rounds 8] [--switch all|eager]
 """
 
 from __future__ import annotations
@@ -119,8 +119,16 @@ def workload(name: str, mode: str) -> tuple[Callable[[], object], int]:
     return _mlp_resnet(jitted) if name == "mlpres" else _large(jitted)
 
 
+#: what a round switches: "all" (the policy, and its eager holds, against OpenBLAS's own
+#: threads) or "eager" (the eager holds only, the plans' holds on in both)
+SWITCH = ["all"]
+
+
 def _switch(on: bool) -> None:
-    blas_policy.ENABLED = blas_policy.EAGER = on
+    if SWITCH[0] == "eager":
+        blas_policy.ENABLED, blas_policy.EAGER = True, on
+    else:
+        blas_policy.ENABLED = blas_policy.EAGER = on
 
 
 def compare(fn: Callable[[], object], repeat: int, rounds: int) -> dict:
@@ -155,7 +163,10 @@ def main() -> None:
     parser.add_argument("--rows", default="lstm,transformer,s111,s122,res,mlpres,large")
     parser.add_argument("--modes", default="jit,eager")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--switch", choices=("all", "eager"), default="all",
+                        help="all: the policy on/off; eager: blas_policy.EAGER only")
     args = parser.parse_args()
+    SWITCH[0] = args.switch
     common.torch_threads()
     print(common.machine())
     for mode in args.modes.split(","):
