@@ -23,8 +23,24 @@ kernels/recycle.py (no page faults from step to step).
 
 float32 logits (with numba) run the whole pass per row in numba instead
 (numba_vocab_head.softmax_minus_onehot_row: numba_exp's max and exp, so its exps differ from
-NumPy's in the last bit or two), the rows split over cores by numba's ``prange`` from
+NumPy's in the last bit or two; each row prefetches the next into L2 during its exp loop),
+the rows split over cores by numba's ``prange`` in blocks of ``PRANGE_ROWS_PER_BLOCK`` from
 ``PRANGE_MIN_SIZE`` logits (numba_parallel_vocab_head.py; the same bits on any thread count).
+
+NOTE tried (session 12) and not kept: the product by blocks of rows, each block's softmax
+pass run at once while its logits are in cache (one prange region, each block one OpenBLAS
+gemm over the whole K: the same bits). Every gemm call packs the whole of ``w`` again (129 x
+10,000, ~0.4 ms of one core a call), while the pass gains ~2.4 us a row in cache: per block
+of R rows that pays only from R ~170, and 170 rows of logits (6.8 MB) do not fit a 2 MB L2.
+Measured (BLAS held, two threads, loaded machine, process CPU time of the forward): today's
+35.7 ms, row blocks of 32 / 64 / 128 rows 50.1 / 42.6 / 38.6. Prefetching the next row
+(above) gets most of the cache's gain without it. Also measured and not kept (session 12):
+rows whose exps are all normal (every z - peak >= -87, found in the peak pass) through an
+exp with 2^n as one factor and no range or NaN selects (the same bits: the two-factor
+scaling is exact there) saved 3-3.5% of the pass in the LM steps (8% in cache); the bias
+added in the row pass instead of as row 129 of ``w`` (the same bits: OpenBLAS adds the K
+terms in order, the bias last) would save the 0.4 ms copy of ``[w; b]`` but cost the peak
+pass 0.034 ns a value (0.38 ms of CPU).
 
 ``forward`` returns None for rows with a non-finite maximum (inf or nan logits); the op then
 runs the separate ops' careful formulas.
@@ -49,6 +65,14 @@ PARALLEL_MIN_SIZE = 1 << 20
 #: float32 logits of at least this many elements split their rows over numba's prange
 #: threads (backend/parallel_loops.py); smaller ones run the same row loop on this thread
 PRANGE_MIN_SIZE = 1 << 17
+#: rows per prange task (each row prefetches the next one of its block; any count gives the
+#: same bits).
+#: NOTE measured (session 12, the (1,120 x 10,000) pass, process CPU time, two threads,
+#: machine loaded): alone, out of cache, one row per task without prefetch or 512-bit vectors
+#: 11.3 ms, blocks of 16 rows with both 8.2; inside the jitted LM steps (the pass timed per
+#: call, old and new alternating per round, 50 calls each) LSTM 10.6-10.8 -> 8.0 ms,
+#: Transformer 9.7-10.0 -> 7.2-7.4; blocks of 8 and 16 rows within noise
+PRANGE_ROWS_PER_BLOCK = 16
 
 
 def _logits(x: Any, w: Any, b: Any, dtype: Any) -> tuple[Any, bool]:
@@ -85,7 +109,8 @@ def _one_pass_rows(z: Any, loops: Any, ids: Any, peaks: Any, totals: Any) -> boo
     if z.size >= PRANGE_MIN_SIZE and parallel_loops.parallel_threads():
         parallel = PARALLEL_LOOPS.module()
         if parallel is not None and PARALLEL_LOOPS.call(
-                parallel.softmax_minus_onehot_rows, z, ids, one, peaks, totals):
+                parallel.softmax_minus_onehot_rows, z, ids, one, peaks, totals,
+                PRANGE_ROWS_PER_BLOCK):
             return True
     return LOOPS.call(loops.softmax_minus_onehot_rows, z, ids, one, peaks, totals)
 
