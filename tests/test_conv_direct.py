@@ -203,3 +203,120 @@ def test_disabled_gives_im2col_within_tolerance(monkeypatch):
     np.testing.assert_allclose(conv_kernels.conv2d_weight_grad(a, g, (3, 3), 2, 1),
                                direct_grad, rtol=1e-4, atol=1e-3)
     assert ran == []
+
+
+# -- the padded scratch and the first layer's kernel gradient ------------------------------------
+def _layouts(n: int, h: int, w: int, c: int, seed: int = 3) -> dict:
+    """One batch as NHWC (C-contiguous), as an NCHW array's NHWC view, and as a strided
+    NHWC slice (every other column of a wider batch)."""
+    rng = np.random.default_rng(seed + c)
+    nhwc = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    nchw = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    wide = np.repeat(nhwc, 2, axis=2)[:, :, ::2]
+    return {"nhwc": nhwc, "nchw_view": nchw, "strided": wide}
+
+
+@pytest.mark.parametrize("c", [1, 3, 5, 16])
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_pad_image_is_np_pad(c, padding):
+    """pad_image zeroes only the border and copies the rows (one run each for C-contiguous
+    images, value by value for views): the scratch is np.pad's, wherever it held garbage."""
+    from needle.kernels import numba_direct_conv as nd
+    for layout, a in _layouts(3, 7, 9, c).items():
+        xp = np.full((7 + 2 * padding, 9 + 2 * padding, c), np.nan, np.float32)
+        for b in range(a.shape[0]):
+            nd.pad_image(a, b, padding, xp)
+            want = np.pad(a[b], ((padding, padding), (padding, padding), (0, 0)))
+            np.testing.assert_array_equal(xp, want, err_msg=f"{layout} image {b}")
+
+
+def _fma_sums(cols: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Per image, from zero, sum over positions in order of cols[n, p, t] * g[n, p, k], each
+    step one float32 fused multiply-add (the product is exact in float64, the add rounded
+    once more to float32: the same bits as an FMA but for double-rounding ties, which these
+    fixed inputs do not meet); (N, taps, C_out)."""
+    acc = np.zeros((cols.shape[0], cols.shape[2], g.shape[2]), np.float32)
+    for p in range(cols.shape[1]):
+        acc = (acc.astype(np.float64) + cols[:, p, :, None].astype(np.float64)
+               * g[:, p, None, :].astype(np.float64)).astype(np.float32)
+    return acc
+
+
+def _first_layer_weight_grad_order(a, g, stride: int, padding: int) -> np.ndarray:
+    """The direct kernel gradient's order for a first layer, in NumPy: blocks of images fixed
+    by N (DIRECT_WEIGHT_GRAD_BLOCKS), within a block each image's sums (``_fma_sums``) added
+    to the block's float32 part in image order, the parts added in block order."""
+    n, h, w, c = a.shape
+    _, ho, wo, c_out = g.shape
+    xp = np.pad(a, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    cols = np.empty((n, ho, wo, 3, 3, c), np.float32)  # (i, j, c) taps
+    for i in range(3):
+        for j in range(3):
+            cols[:, :, :, i, j] = xp[:, i:i + stride * (ho - 1) + 1:stride,
+                                     j:j + stride * (wo - 1) + 1:stride]
+    sums = _fma_sums(cols.reshape(n, ho * wo, 9 * c), g.reshape(n, ho * wo, c_out))
+    count = min(n, conv_kernels.DIRECT_WEIGHT_GRAD_BLOCKS)
+    total = None
+    for blk in range(count):
+        part = np.zeros((9 * c, c_out), np.float32)
+        for image in range(n * blk // count, n * (blk + 1) // count):
+            part += sums[image]
+        total = part if total is None else total + part
+    return total.reshape(3, 3, c, c_out)
+
+
+# (label, N, C_in, H, W, C_out, stride, padding, layout)
+FIRST_LAYER_CASES = [("s1_p1_nchw", 11, 3, 9, 13, 16, 1, 1, "nchw_view"),
+                     ("s1_p1_nhwc_c32", 3, 3, 8, 10, 32, 1, 1, "nhwc"),
+                     ("s2_p0_odd", 9, 3, 11, 9, 16, 2, 0, "nhwc"),
+                     ("s2_p2_strided", 4, 3, 7, 12, 16, 2, 2, "strided"),
+                     ("one_channel_s1_p1", 10, 1, 9, 11, 16, 1, 1, "nchw_view"),
+                     ("one_channel_s2_p2_c32", 3, 1, 8, 7, 32, 2, 2, "nhwc")]
+
+
+@pytest.mark.parametrize("case", FIRST_LAYER_CASES, ids=[c[0] for c in FIRST_LAYER_CASES])
+def test_first_layer_weight_grad_order(case, monkeypatch, serial):
+    """A first layer's kernel gradient (3x3 over 3 or 1 channels: weight_grad16 hands it to
+    the 27 x 16 or 9 x 16 tile) is the transcribed order's sums, bit for bit, in one prange
+    region and one block after another, and agrees with PyTorch."""
+    monkeypatch.setattr(cpu_threads, "NUM_THREADS", 2)  # (a prange region where TBB runs)
+    _, n, c, h, w, c_out, stride, padding, layout = case
+    a = _layouts(n, h, w, c)[layout]
+    ho, wo = (h + 2 * padding - 3) // stride + 1, (w + 2 * padding - 3) // stride + 1
+    g = np.random.default_rng(n).standard_normal((n, ho, wo, c_out)).astype(np.float32)
+    want = _first_layer_weight_grad_order(a, g, stride, padding)
+    ran = _ran(monkeypatch)
+    got = conv_kernels.conv2d_weight_grad(a, g, (3, 3), stride, padding)
+    assert ran and ran[0] in ("_weight_grad_blocks", "weight_grad16")
+    np.testing.assert_array_equal(got, want)
+    x = np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+    kernel = np.zeros((3, 3, c, c_out), np.float32)
+    np.testing.assert_allclose(got, _torch_weight_grad(x, kernel, g, stride, padding),
+                               rtol=1e-4, atol=1e-4)
+    serial()
+    np.testing.assert_array_equal(conv_kernels.conv2d_weight_grad(a, g, (3, 3), stride,
+                                                                  padding), want)
+
+
+def test_first_layer_tiles_take_3x3_kernels_over_3_or_1_channels_only():
+    """weight_grad16 hands over to the 27- or 9-tap tile only for offsets of a 3x3 kernel
+    over 3 or 1 channels ((i, j, c) order); 1x9 and 9x1 kernels (as many taps) and 3x3 over
+    other channel counts keep the 8-tap tiles."""
+    from needle.kernels import numba_direct_conv as nd
+
+    def offsets(kh: int, kw: int, c: int, wp: int) -> np.ndarray:
+        taps = kh * kw * c
+        off = np.zeros(-(-taps // 8) * 8, np.int64)
+        off[:taps] = (np.arange(kh)[:, None, None] * (wp * c) + np.arange(kw)[None, :, None]
+                      * c + np.arange(c)).reshape(-1)
+        return off
+
+    assert nd._first_layer_taps(offsets(3, 3, 3, 34), 34, 3)
+    assert nd._first_layer_taps(offsets(3, 3, 3, 11), 11, 3)
+    assert not nd._first_layer_taps(offsets(1, 9, 3, 34), 34, 3)
+    assert not nd._first_layer_taps(offsets(9, 1, 3, 34), 34, 3)
+    assert not nd._first_layer_taps(offsets(3, 3, 2, 34), 34, 2)
+    assert not nd._first_layer_taps(offsets(3, 3, 4, 34), 34, 4)
+    assert nd._first_layer_taps(offsets(3, 3, 1, 30), 30, 1)
+    assert not nd._first_layer_taps(offsets(1, 9, 1, 30), 30, 1)
+    assert not nd._first_layer_taps(offsets(9, 1, 1, 30), 30, 1)

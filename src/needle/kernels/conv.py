@@ -438,7 +438,8 @@ DIRECT_MAX_INPUT_GRAD_TAPS = 9 * 64
 
 #: the direct kernel gradient up to this many output channels (one thread, batch 64, stride 2:
 #: C32->64 16x16 1.0 ms by 4-tap x 64-channel tiles vs 1.2-1.5 im2col, 1.85 by two 8 x 32
-#: tiles; C16->32 32x32 1.5 vs 2.5; the first layer's C3->16 0.7-0.8 vs 0.96-1.4)
+#: tiles; C16->32 32x32 1.5 vs 2.5; the first layer's C3->16 0.7-0.8 vs 0.96-1.4, since
+#: session 12 0.41-0.45 by one 27-tap x 16-channel tile, numba_direct_conv.py)
 DIRECT_WEIGHT_GRAD_MAX_COUT = 64
 
 #: blocks of images of the direct kernel gradient, fixed by the batch size (min(N, this)):
@@ -523,7 +524,8 @@ def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
     prange region or one after another: the same bits either way.
 
     NOTE: one thread, thread CPU time, batch 64, medians (machine shared): C3->16 32x32
-    1.13-1.42 -> 0.94-1.07 ms, C16->32 32x32 stride 2 3.05 -> 1.99 ms (oneDNN channels-last
+    1.13-1.42 -> 0.94-1.07 ms (session 12: 0.41-0.45, oneDNN's 0.44-0.48, by the first
+    layer's own loop, numba_direct_conv.weight_grad_first_layer), C16->32 32x32 stride 2 3.05 -> 1.99 ms (oneDNN channels-last
     0.47-0.58 / 1.36-1.43). Vectorized over positions instead (a first layer's 3x3 taps x 4
     channels of 16-position sums, 512-bit): 4.6 ms, not understood (the loop's code looked
     right; no hardware counters on this VM), dropped."""
