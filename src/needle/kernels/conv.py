@@ -524,11 +524,11 @@ def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
     prange region or one after another: the same bits either way.
 
     NOTE: one thread, thread CPU time, batch 64, medians (machine shared): C3->16 32x32
-    1.13-1.42 -> 0.94-1.07 ms (session 12: 0.41-0.45, oneDNN's 0.44-0.48, by the first
-    layer's own loop, numba_direct_conv.weight_grad_first_layer), C16->32 32x32 stride 2 3.05 -> 1.99 ms (oneDNN channels-last
-    0.47-0.58 / 1.36-1.43). Vectorized over positions instead (a first layer's 3x3 taps x 4
-    channels of 16-position sums, 512-bit): 4.6 ms, not understood (the loop's code looked
-    right; no hardware counters on this VM), dropped."""
+    1.13-1.42 -> 0.94-1.07 ms (session 12: 0.41-0.45, oneDNN's 0.44-0.48, by the first layer's
+    own loop, numba_direct_conv.weight_grad_first_layer), C16->32 32x32 stride 2 3.05 -> 1.99 ms
+    (oneDNN channels-last 0.47-0.58 / 1.36-1.43). Vectorized over positions instead (a first
+    layer's 3x3 taps x 4 channels of 16-position sums, 512-bit): 4.6 ms, not understood (the
+    loop's code looked right; no hardware counters on this VM), dropped."""
     kh, kw = kernel_hw
     n, h, w, c_in = a.shape
     _, ho, wo, c_out = g.shape
