@@ -465,7 +465,8 @@ def _direct_scratch(threads: int, h: int, w: int, c: int, padding: int) -> np.nd
     return np.empty((max(1, threads), h + 2 * padding, w + 2 * padding, c), np.float32)
 
 
-def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int):
+def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int,
+                 bn_relu: tuple | None = None):
     """conv's forward by the direct loops (kernels/numba_direct_conv.py): C-contiguous
     (N, Ho, Wo, C_out), or None where they do not take it (see ``_direct_applies``; inputs
     with at most NCHW_MAX_CHANNELS channels, a first layer's, only at stride 1: they take
@@ -477,10 +478,15 @@ def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int):
     1.0-1.2 / 0.96-1.1); C3->16 32x32 (forward_few_channels) 1.18-1.54 -> 1.03 (the loop
     alone 0.89; oneDNN 0.60-0.69). The image
     blocks run in one prange region where that runs; each output is the same sum in the same
-    order wherever it runs."""
+    order wherever it runs.
+
+    ``bn_relu``: per-channel (alpha, beta): convolve relu(a * alpha + beta) instead of ``a``,
+    each block's input made where its thread reads it (kernels/conv_bn_relu.py)."""
     kh, kw, c_in, c_out = b.shape
     n, h, w, _ = a.shape
     few = c_in <= NCHW_MAX_CHANNELS
+    if bn_relu is not None and few:
+        return None
     if (n == 0 or wo < (16 if few else 8) or (few and stride != 1)
             or not _direct_applies(c_in, c_out, kh, kw)):
         return None
@@ -505,6 +511,11 @@ def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int):
     a = np.ascontiguousarray(a)
     b = np.ascontiguousarray(b)
     scratch = _direct_scratch(threads, h, w, c_in, padding)
+    if bn_relu is not None:
+        return out if _blocks_bn_relu(loops, threads, a, bn_relu, min(n, 2 * PRANGE_MIN_BLOCKS),
+                                      loops.forward_bn_relu_blocks,
+                                      loops.forward32 if c_out % 32 == 0 else loops.forward16,
+                                      (b, bias, stride, padding, ho, wo, scratch), out) else None
     if threads:
         done = _direct_loops.call(loops.forward_blocks, a, b, bias, stride, padding, ho, wo,
                                   scratch, out, min(n, 2 * PRANGE_MIN_BLOCKS))
@@ -515,11 +526,48 @@ def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int):
     return out if done else None
 
 
-def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
+def _blocks_bn_relu(loops: Any, threads: int, x, bn_relu: tuple, count: int, blocks: Any,
+                    loop: Any, args: tuple, out) -> bool:
+    """A direct loop over relu(x * alpha + beta) (``bn_relu`` = (alpha, beta)) in ``count``
+    blocks of images (block q: images n*q//count to n*(q+1)//count), each block's input made
+    first by ``bn_relu_images`` into a scratch of one block: ``blocks`` (the prange loop,
+    ``x, alpha, beta, *args[:-1], scratch, ys, out, count`` for the forward's args (..,
+    scratch)) where prange runs, else ``loop`` per block, one after the other. ``out`` is the
+    forward's output, or the kernel gradient's parts (one per block). The same bits as the
+    loops on relu(x * alpha + beta) made whole."""
+    n, h, w, c = x.shape
+    alpha, beta = bn_relu
+    ys = np.empty((max(1, threads), -(-n // count), h, w, c), np.float32)
+    if threads:
+        return _direct_loops.call(blocks, x, alpha, beta, *args, ys, out, count)
+    weight_grad = out.ndim == 3
+    for q in range(count):
+        s, e = n * q // count, n * (q + 1) // count
+        y = ys[0, :e - s]
+        if not _direct_loops.call(loops.bn_relu_images, x[s:e], alpha, beta, y):
+            return False
+        if weight_grad:  # (g, stride, padding, offsets, scratch) -> the block's parts
+            g, stride, padding, offsets, scratch = args
+            out[q] = 0.0
+            xp = scratch[0]
+            done = _direct_loops.call(loop, y, g[s:e], stride, padding, offsets, xp,
+                                      xp.reshape(-1), out[q])
+        else:  # (b, bias, stride, padding, ho, wo, scratch) -> out[s:e]
+            *conv_args, scratch = args
+            done = _direct_loops.call(loop, y, *conv_args, scratch[0], out[s:e])
+        if not done:
+            return False
+    return True
+
+
+def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int,
+                        bn_relu: tuple | None = None):
     """conv_weight_grad by the direct loops: (kh, kw, C_in, C_out), or None where they do not
     take it (C_out over DIRECT_WEIGHT_GRAD_MAX_COUT; see ``_direct_applies``). Partial sums per
     block of images (DIRECT_WEIGHT_GRAD_BLOCKS, fixed by N), added in block order, in one
     prange region or one after another: the same bits either way.
+
+    ``bn_relu``: as ``_direct_conv``'s (the same blocks, so the same sums).
 
     NOTE: one thread, thread CPU time, batch 64, medians (machine shared): C3->16 32x32
     1.13-1.42 -> 0.94-1.07 ms, C16->32 32x32 stride 2 3.05 -> 1.99 ms (oneDNN channels-last
@@ -546,7 +594,14 @@ def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
                       + np.arange(kw)[None, :, None] * c_in + np.arange(c_in)).reshape(-1)
     count = min(n, DIRECT_WEIGHT_GRAD_BLOCKS)
     parts = np.empty((count, offsets.size, c_out), np.float32)
-    if threads:
+    if bn_relu is not None:
+        kernel = (loops.weight_grad64 if c_out % 64 == 0 else
+                  loops.weight_grad32 if c_out % 32 == 0 else loops.weight_grad16)
+        if not _blocks_bn_relu(loops, threads, np.ascontiguousarray(a), bn_relu, count,
+                               loops.weight_grad_bn_relu_blocks, kernel,
+                               (g, stride, padding, offsets, scratch), parts):
+            return None
+    elif threads:
         if not _direct_loops.call(loops.weight_grad_blocks, a, g, stride, padding, offsets,
                                   scratch, parts, count):
             return None

@@ -90,6 +90,24 @@ def pad_image(a, b, padding, xp):
                 xp[u(padding + y), u(padding + x), u(ch)] = a[u(b), u(y), u(x), u(ch)]
 
 
+@njit_cached  # (no FMA contraction: BatchNorm's two roundings, as numba_kernels.affine)
+def bn_relu_images(a, alpha, beta, out):
+    """out = relu(a * alpha + beta) per channel, for C-contiguous NHWC ``a`` and ``out`` of one
+    shape: BatchNorm's forward (``x * alpha + beta``, two roundings, numba_kernels.affine's
+    operations) then ReLU (numba_kernels.relu's: NaN kept, -0.0 -> +0.0), bit for bit: a
+    ``BatchNorm -> ReLU -> conv`` block's input made per block of images where the
+    convolution reads it (kernels/conv_bn_relu.py)."""
+    c = a.shape[3]
+    af = a.reshape(-1)
+    of = out.reshape(-1)
+    zero = a.dtype.type(0)
+    for i in range(af.shape[0] // c):
+        base = i * c
+        for j in range(c):
+            v = af[base + j] * alpha[j] + beta[j]
+            of[base + j] = v if (v > zero or v != v) else zero
+
+
 @_jit
 def forward32(a, w, bias, stride, padding, ho, wo, xp, out):
     """out[n, y, x, k] = (sum over taps (i, j, c) of xpad[n, s*y + i, s*x + j, c] * w[i, j, c,
@@ -566,7 +584,49 @@ def _forward_few_channels_blocks(a, wt, bias, kh, kw, padding, ho, wo, scratch, 
                              scratch[numba.get_thread_id()], out[s:e])
 
 
+def _forward_bn_relu_blocks(x, alpha, beta, w, bias, stride, padding, ho, wo, scratch, ys,
+                            out, count):
+    """_forward_blocks of relu(x * alpha + beta): each block's input made first by
+    bn_relu_images in its thread's ``ys`` (block images x H x W x C, in cache when the loop
+    pads it), then the same loop on it."""
+    n = x.shape[0]
+    wide = w.shape[3] % 32 == 0
+    for blk in prange(count):
+        s = n * blk // count
+        e = n * (blk + 1) // count
+        tid = numba.get_thread_id()
+        y = ys[tid, :e - s]
+        bn_relu_images(x[s:e], alpha, beta, y)
+        if wide:
+            forward32(y, w, bias, stride, padding, ho, wo, scratch[tid], out[s:e])
+        else:
+            forward16(y, w, bias, stride, padding, ho, wo, scratch[tid], out[s:e])
+
+
+def _weight_grad_bn_relu_blocks(x, alpha, beta, g, stride, padding, off, scratch, ys, parts,
+                                count):
+    """_weight_grad_blocks of relu(x * alpha + beta) (as _forward_bn_relu_blocks)."""
+    n = x.shape[0]
+    co = g.shape[3]
+    for blk in prange(count):
+        s = n * blk // count
+        e = n * (blk + 1) // count
+        tid = numba.get_thread_id()
+        y = ys[tid, :e - s]
+        bn_relu_images(x[s:e], alpha, beta, y)
+        xp = scratch[tid]
+        parts[blk][:] = 0.0
+        if co % 64 == 0:
+            weight_grad64(y, g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk])
+        elif co % 32 == 0:
+            weight_grad32(y, g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk])
+        else:
+            weight_grad16(y, g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk])
+
+
 forward_blocks = njit_parallel(_forward_blocks)
 forward_few_channels_blocks = njit_parallel(_forward_few_channels_blocks)
 input_grad_blocks = njit_parallel(_input_grad_blocks)
 weight_grad_blocks = njit_parallel(_weight_grad_blocks)
+forward_bn_relu_blocks = njit_parallel(_forward_bn_relu_blocks)
+weight_grad_bn_relu_blocks = njit_parallel(_weight_grad_bn_relu_blocks)
