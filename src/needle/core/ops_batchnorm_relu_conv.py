@@ -16,6 +16,8 @@ hold C values each (any shape, e.g. BatchNorm2d's (1, C, 1, 1)).
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..kernels import conv_bn_relu
 from .context import GradMode
 from .ops_conv import ConvBias, ConvWeightGrad
@@ -35,9 +37,7 @@ def _check(op: str, x: Aval, stats: dict[str, Aval]) -> None:
         raise ShapeError(f"{op}: expected a 4-d NHWC x, got {fmt_shape(x.shape)}")
     c = x.shape[3]
     for name, aval in stats.items():
-        size = 1
-        for d in aval.shape:
-            size = None if d is None or size is None else size * d
+        size = None if None in aval.shape else int(np.prod(aval.shape))
         if c is not None and size is not None and size != c:
             raise ShapeError(f"{op}: {name} {fmt_shape(aval.shape)} must hold x's {c} channel "
                              f"values (x {fmt_shape(x.shape)})")

@@ -530,11 +530,12 @@ def _blocks_bn_relu(loops: Any, threads: int, x, bn_relu: tuple, count: int, blo
                     loop: Any, args: tuple, out) -> bool:
     """A direct loop over relu(x * alpha + beta) (``bn_relu`` = (alpha, beta)) in ``count``
     blocks of images (block q: images n*q//count to n*(q+1)//count), each block's input made
-    first by ``bn_relu_images`` into a scratch of one block: ``blocks`` (the prange loop,
-    ``x, alpha, beta, *args[:-1], scratch, ys, out, count`` for the forward's args (..,
-    scratch)) where prange runs, else ``loop`` per block, one after the other. ``out`` is the
-    forward's output, or the kernel gradient's parts (one per block). The same bits as the
-    loops on relu(x * alpha + beta) made whole."""
+    first by ``bn_relu_images`` into a scratch of one block, where the loop then reads it from
+    cache: ``blocks`` (the prange loop: ``x, alpha, beta, *args, ys, out, count``) where
+    prange runs, else ``loop`` per block, one after the other. ``args``: the forward's (b,
+    bias, stride, padding, ho, wo, scratch) with ``out`` its output, or the kernel
+    gradient's (g, stride, padding, offsets, scratch) with ``out`` its parts (one per block).
+    The same blocks and loops as on relu(x * alpha + beta) made whole, so the same bits."""
     n, h, w, c = x.shape
     alpha, beta = bn_relu
     ys = np.empty((max(1, threads), -(-n // count), h, w, c), np.float32)

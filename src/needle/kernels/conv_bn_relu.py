@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import cpu_kernels, winograd
-from . import conv
+from . import conv, cpu_kernels, winograd
 from .conv import _direct_conv, _direct_loops, _direct_weight_grad, _out_size
 
 __all__ = ["ENABLED", "alpha_beta", "conv2d_bn_relu", "conv2d_weight_grad_bn_relu", "takes"]
