@@ -63,10 +63,11 @@ def test_fused_ops_give_the_separate_ops_bits(monkeypatch, serial, shape, c_out)
                                               kernel_hw=(3, 3), eps=1e-5, stride=2,
                                               padding=1).numpy()
     assert np.array_equal(out, want_out) and np.array_equal(dw, want_dw)
+    # the direct loops ran both (with numba's wrong input, x itself, the bits would differ)
     if serial or parallel_loops.parallel_threads() == 0:
-        assert ran.count("bn_relu_images") >= 2 and "forward_bn_relu_blocks" not in ran
+        assert ran[0] in ("forward32", "forward16") and ran[-1].startswith("weight_grad")
     else:
-        assert ran == ["_forward_bn_relu_blocks", "_weight_grad_bn_relu_blocks"]
+        assert ran == ["_forward_blocks", "_weight_grad_blocks"]
 
 
 def test_kernels_decline_what_the_direct_loops_do_not_take():

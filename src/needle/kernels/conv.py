@@ -445,6 +445,10 @@ DIRECT_WEIGHT_GRAD_MAX_COUT = 64
 DIRECT_WEIGHT_GRAD_BLOCKS = 8
 
 
+#: the direct loops' (alpha, beta) where their input is taken as it is (no BatchNorm + ReLU)
+_NO_BN_RELU = (np.empty(0, np.float32), np.empty(0, np.float32))
+
+
 def _direct_module(*arrays: Any) -> Any:
     """The direct loops' module where they can run on ``arrays`` (C-contiguous-able float32
     NumPy arrays, numba present and compiling), else None."""
@@ -480,8 +484,9 @@ def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int,
     blocks run in one prange region where that runs; each output is the same sum in the same
     order wherever it runs.
 
-    ``bn_relu``: per-channel (alpha, beta): convolve relu(a * alpha + beta) instead of ``a``,
-    each block's input made where its thread reads it (kernels/conv_bn_relu.py)."""
+    ``bn_relu``: per-channel float32 (alpha, beta): convolve relu(a * alpha + beta) instead of
+    ``a``, made as each image is copied into the loop's padded scratch (kernels/
+    conv_bn_relu.py)."""
     kh, kw, c_in, c_out = b.shape
     n, h, w, _ = a.shape
     few = c_in <= NCHW_MAX_CHANNELS
@@ -511,54 +516,15 @@ def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int,
     a = np.ascontiguousarray(a)
     b = np.ascontiguousarray(b)
     scratch = _direct_scratch(threads, h, w, c_in, padding)
-    if bn_relu is not None:
-        return out if _blocks_bn_relu(loops, threads, a, bn_relu, min(n, 2 * PRANGE_MIN_BLOCKS),
-                                      loops.forward_bn_relu_blocks,
-                                      loops.forward32 if c_out % 32 == 0 else loops.forward16,
-                                      (b, bias, stride, padding, ho, wo, scratch), out) else None
+    alpha, beta = _NO_BN_RELU if bn_relu is None else bn_relu
     if threads:
         done = _direct_loops.call(loops.forward_blocks, a, b, bias, stride, padding, ho, wo,
-                                  scratch, out, min(n, 2 * PRANGE_MIN_BLOCKS))
+                                  scratch, out, min(n, 2 * PRANGE_MIN_BLOCKS), alpha, beta)
     else:
         forward = loops.forward32 if c_out % 32 == 0 else loops.forward16
         done = _direct_loops.call(forward, a, b, bias, stride, padding, ho, wo, scratch[0],
-                                  out)
+                                  out, alpha, beta)
     return out if done else None
-
-
-def _blocks_bn_relu(loops: Any, threads: int, x, bn_relu: tuple, count: int, blocks: Any,
-                    loop: Any, args: tuple, out) -> bool:
-    """A direct loop over relu(x * alpha + beta) (``bn_relu`` = (alpha, beta)) in ``count``
-    blocks of images (block q: images n*q//count to n*(q+1)//count), each block's input made
-    first by ``bn_relu_images`` into a scratch of one block, where the loop then reads it from
-    cache: ``blocks`` (the prange loop: ``x, alpha, beta, *args, ys, out, count``) where
-    prange runs, else ``loop`` per block, one after the other. ``args``: the forward's (b,
-    bias, stride, padding, ho, wo, scratch) with ``out`` its output, or the kernel
-    gradient's (g, stride, padding, offsets, scratch) with ``out`` its parts (one per block).
-    The same blocks and loops as on relu(x * alpha + beta) made whole, so the same bits."""
-    n, h, w, c = x.shape
-    alpha, beta = bn_relu
-    ys = np.empty((max(1, threads), -(-n // count), h, w, c), np.float32)
-    if threads:
-        return _direct_loops.call(blocks, x, alpha, beta, *args, ys, out, count)
-    weight_grad = out.ndim == 3
-    for q in range(count):
-        s, e = n * q // count, n * (q + 1) // count
-        y = ys[0, :e - s]
-        if not _direct_loops.call(loops.bn_relu_images, x[s:e], alpha, beta, y):
-            return False
-        if weight_grad:  # (g, stride, padding, offsets, scratch) -> the block's parts
-            g, stride, padding, offsets, scratch = args
-            out[q] = 0.0
-            xp = scratch[0]
-            done = _direct_loops.call(loop, y, g[s:e], stride, padding, offsets, xp,
-                                      xp.reshape(-1), out[q])
-        else:  # (b, bias, stride, padding, ho, wo, scratch) -> out[s:e]
-            *conv_args, scratch = args
-            done = _direct_loops.call(loop, y, *conv_args, scratch[0], out[s:e])
-        if not done:
-            return False
-    return True
 
 
 def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int,
@@ -568,7 +534,7 @@ def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int,
     block of images (DIRECT_WEIGHT_GRAD_BLOCKS, fixed by N), added in block order, in one
     prange region or one after another: the same bits either way.
 
-    ``bn_relu``: as ``_direct_conv``'s (the same blocks, so the same sums).
+    ``bn_relu``: as ``_direct_conv``'s.
 
     NOTE: one thread, thread CPU time, batch 64, medians (machine shared): C3->16 32x32
     1.13-1.42 -> 0.94-1.07 ms, C16->32 32x32 stride 2 3.05 -> 1.99 ms (oneDNN channels-last
@@ -595,16 +561,10 @@ def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int,
                       + np.arange(kw)[None, :, None] * c_in + np.arange(c_in)).reshape(-1)
     count = min(n, DIRECT_WEIGHT_GRAD_BLOCKS)
     parts = np.empty((count, offsets.size, c_out), np.float32)
-    if bn_relu is not None:
-        kernel = (loops.weight_grad64 if c_out % 64 == 0 else
-                  loops.weight_grad32 if c_out % 32 == 0 else loops.weight_grad16)
-        if not _blocks_bn_relu(loops, threads, np.ascontiguousarray(a), bn_relu, count,
-                               loops.weight_grad_bn_relu_blocks, kernel,
-                               (g, stride, padding, offsets, scratch), parts):
-            return None
-    elif threads:
+    alpha, beta = _NO_BN_RELU if bn_relu is None else bn_relu
+    if threads:
         if not _direct_loops.call(loops.weight_grad_blocks, a, g, stride, padding, offsets,
-                                  scratch, parts, count):
+                                  scratch, parts, count, alpha, beta):
             return None
     else:
         kernel = (loops.weight_grad64 if c_out % 64 == 0 else
@@ -614,7 +574,7 @@ def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int,
             s, e = n * i // count, n * (i + 1) // count
             parts[i] = 0.0
             if not _direct_loops.call(kernel, a[s:e], g[s:e], stride, padding, offsets, xp,
-                                      xp.reshape(-1), parts[i]):
+                                      xp.reshape(-1), parts[i], alpha, beta):
                 return None
     total = parts[0]
     for part in parts[1:]:

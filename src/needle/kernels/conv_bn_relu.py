@@ -3,11 +3,11 @@ the kernels of core/ops_batchnorm_relu_conv.py.
 
 In a ``conv -> BatchNorm2d -> ReLU -> conv`` network the BatchNorm + ReLU output is written
 by one pass (a fused region under the JIT) and read by the next convolution's forward and its
-kernel gradient. Where the direct loops (kernels/numba_direct_conv.py) run those two, each
-block of images is instead made from the BatchNorm's input in the thread's scratch just before
-the loop pads it (``bn_relu_images``: ``relu(x * alpha + beta)``, BatchNorm's and ReLU's own
-float operations, so the same values): the activation is never written to memory, and the
-pass that wrote it is gone. Elsewhere (Winograd, im2col, the first layer's few-channel loop,
+kernel gradient. Where the direct loops (kernels/numba_direct_conv.py) run those two, they
+read the BatchNorm's input instead and make ``relu(x * alpha + beta)`` as they copy each image
+into their zero-padded scratch (``pad_image_bn_relu``: BatchNorm's and ReLU's own float
+operations, so the same values): the activation is never written to memory, and the pass
+that wrote it is gone. Elsewhere (Winograd, im2col, the first layer's few-channel loop,
 other dtypes, no numba) these return None and the caller runs the ops one after the other.
 """
 
