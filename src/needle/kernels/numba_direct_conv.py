@@ -129,7 +129,8 @@ def pad_input(a, b, padding, xp, alpha, beta):
 def forward32(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
     """out[n, y, x, k] = (sum over taps (i, j, c) of xpad[n, s*y + i, s*x + j, c] * w[i, j, c,
     k]) + bias[k] for NHWC ``a`` (images of one block), ``w`` (kh, kw, C, C_out), C_out % 32
-    == 0, Wo >= 8."""
+    == 0, Wo >= 8; where ``alpha`` and ``beta`` hold C values (size 0: none), xpad is that of
+    relu(a * alpha + beta) instead (``pad_input``)."""
     _wide_vectors()
     acc = numba.carray(_stack_f32(256), (8, 32))
     u = np.uint64
@@ -224,7 +225,7 @@ def weight_grad32(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     """part[t, k] += sum over the images of ``a`` of (the sum over positions (y, x), in order,
     of xpad[n, (y, x) + tap t] * g[n, y, x, k]), image by image; ``part`` (len(off), C_out),
     C_out % 32 == 0, len(off) % 8 == 0 (taps past the kernel's read offset 0; the caller drops
-    them)."""
+    them); ``alpha``, ``beta``: as forward32's."""
     _wide_vectors()
     acc = numba.carray(_stack_f32(256), (8, 32))
     u = np.uint64
