@@ -34,13 +34,24 @@ def _case(rng, shape, c_out):
     return x, weight, bias, stats[0], stats[1], kernel, conv_bias
 
 
-def _unfused(x, weight, bias, mean, var, kernel, conv_bias, g):
+def _unfused(x, weight, bias, mean, var, kernel, conv_bias, g, stride=2):
     t = ndl.Tensor
     y = ops.relu(ops.batch_norm(ops.permute(t(x), (0, 3, 1, 2)), t(weight), t(bias), t(mean),
                                 t(var), axes=(0, 2, 3), eps=1e-5))
     y = ops.permute(y, (0, 2, 3, 1))
-    out = ops.conv_bias(y, t(kernel), t(conv_bias), stride=2, padding=1).numpy()
-    dw = ops.conv_weight_grad(y, t(g), kernel_hw=(3, 3), stride=2, padding=1).numpy()
+    out = ops.conv_bias(y, t(kernel), t(conv_bias), stride=stride, padding=1).numpy()
+    dw = ops.conv_weight_grad(y, t(g), kernel_hw=(3, 3), stride=stride, padding=1).numpy()
+    return out, dw
+
+
+def _fused(x, weight, bias, mean, var, kernel, conv_bias, g, stride=2):
+    t = ndl.Tensor
+    out = ops.batch_norm_relu_conv_bias(t(x), t(weight), t(bias), t(mean), t(var), t(kernel),
+                                        t(conv_bias), eps=1e-5, stride=stride,
+                                        padding=1).numpy()
+    dw = ops.batch_norm_relu_conv_weight_grad(t(x), t(weight), t(bias), t(mean), t(var), t(g),
+                                              kernel_hw=(3, 3), eps=1e-5, stride=stride,
+                                              padding=1).numpy()
     return out, dw
 
 
@@ -56,12 +67,7 @@ def test_fused_ops_give_the_separate_ops_bits(monkeypatch, serial, shape, c_out)
     if serial:
         monkeypatch.setattr(parallel_loops, "tbb_layer", lambda: False)
     ran = loops_that_ran(monkeypatch, conv._direct_loops)
-    t = ndl.Tensor
-    out = ops.batch_norm_relu_conv_bias(t(x), t(weight), t(bias), t(mean), t(var), t(kernel),
-                                        t(conv_bias), eps=1e-5, stride=2, padding=1).numpy()
-    dw = ops.batch_norm_relu_conv_weight_grad(t(x), t(weight), t(bias), t(mean), t(var), t(g),
-                                              kernel_hw=(3, 3), eps=1e-5, stride=2,
-                                              padding=1).numpy()
+    out, dw = _fused(x, weight, bias, mean, var, kernel, conv_bias, g)
     assert np.array_equal(out, want_out) and np.array_equal(dw, want_dw)
     # the direct loops ran both (with numba's wrong input, x itself, the bits would differ)
     if serial or parallel_loops.parallel_threads() == 0:
@@ -70,19 +76,37 @@ def test_fused_ops_give_the_separate_ops_bits(monkeypatch, serial, shape, c_out)
         assert ran == ["_forward_blocks", "_weight_grad_blocks"]
 
 
-def test_kernels_decline_what_the_direct_loops_do_not_take():
+@pytest.mark.parametrize("serial", [False, True])
+@pytest.mark.parametrize("shape,c_out", [((4, 16, 16, 16), 32), ((2, 8, 8, 64), 128),
+                                         ((3, 12, 10, 32), 64)])
+def test_winograd_layers_give_the_separate_ops_bits(monkeypatch, serial, shape, c_out):
+    """Stride 1: Winograd's transforms make the activation as they read the input tiles
+    (the forward's blocks, and the kernel gradient's whole, chunked or float64 paths)."""
+    rng = np.random.default_rng(sum(shape) + c_out)
+    x, weight, bias, mean, var, kernel, conv_bias = _case(rng, shape, c_out)
+    g = rng.standard_normal((*shape[:3], c_out)).astype(np.float32)
+    want = _unfused(x, weight, bias, mean, var, kernel, conv_bias, g, stride=1)
+    if serial:
+        monkeypatch.setattr(parallel_loops, "tbb_layer", lambda: False)
+    assert conv_bn_relu.takes(x.shape, kernel.shape, 1, 1)
+    assert conv_bn_relu.conv2d_bn_relu(x, weight, bias, mean, var, 1e-5, kernel, 1, 1,
+                                       conv_bias) is not None
+    got = _fused(x, weight, bias, mean, var, kernel, conv_bias, g, stride=1)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_kernels_decline_what_they_do_not_take():
     rng = np.random.default_rng(3)
     x, weight, bias, mean, var, kernel, conv_bias = _case(rng, (4, 16, 16, 16), 32)
-    # stride 1: Winograd's layer, so None (the op then runs the separate computations)
-    assert conv_bn_relu.conv2d_bn_relu(x, weight, bias, mean, var, 1e-5, kernel, 1, 1,
-                                       conv_bias) is None
-    assert not conv_bn_relu.takes(x.shape, kernel.shape, 1, 1)
     assert conv_bn_relu.takes(x.shape, kernel.shape, 2, 1)
-    # float64 and a non-contiguous x
+    # float64, a non-contiguous x: None (the op then runs the separate computations)
     assert conv_bn_relu.conv2d_bn_relu(x.astype(np.float64), weight, bias, mean, var, 1e-5,
                                        kernel, 2, 1, conv_bias) is None
     assert conv_bn_relu.conv2d_bn_relu(x.transpose(0, 2, 1, 3), weight, bias, mean, var, 1e-5,
                                        kernel, 2, 1, conv_bias) is None
+    # a stride-2 layer the direct loops do not take (80 output channels), a small map
+    assert not conv_bn_relu.takes((4, 16, 16, 16), (3, 3, 16, 80), 2, 1)
+    assert not conv_bn_relu.takes((4, 16, 8, 16), (3, 3, 16, 32), 2, 1)
 
 
 class _StridedCNN(nn.Module):
@@ -120,9 +144,10 @@ def _train(monkeypatch, enabled: bool, strides=(1, 2, 2), calls: int = 3):
     return passes, state
 
 
-def test_jitted_strided_cnn_trains_bit_for_bit_as_without_the_rewrite(monkeypatch):
-    passes_off, plain = _train(monkeypatch, False)
-    passes_on, fused = _train(monkeypatch, True)
+@pytest.mark.parametrize("strides", [(1, 2, 2), (1, 1, 1)])
+def test_jitted_cnn_trains_bit_for_bit_as_without_the_rewrite(monkeypatch, strides):
+    passes_off, plain = _train(monkeypatch, False, strides)
+    passes_on, fused = _train(monkeypatch, True, strides)
     assert passes_off[0].startswith("batchnorm_relu_conv_rewrite (0 ")
     assert passes_on[0].startswith("batchnorm_relu_conv_rewrite (2 ")
     assert len(plain) == len(fused)
@@ -130,6 +155,14 @@ def test_jitted_strided_cnn_trains_bit_for_bit_as_without_the_rewrite(monkeypatc
         assert np.array_equal(a, b)
 
 
-def test_rewrite_leaves_winograd_layers_alone(monkeypatch):
-    passes, _ = _train(monkeypatch, True, strides=(1, 1, 1), calls=1)
-    assert passes and passes[0].startswith("batchnorm_relu_conv_rewrite (0 ")
+def test_rewrite_leaves_an_activation_read_by_a_pool_alone(monkeypatch):
+    from needle.apps.models import ResidualCNN
+
+    rng = np.random.default_rng(0)
+    x = ndl.Tensor(rng.standard_normal((2, 16, 16, 3)).astype(np.float32))
+    y = ndl.Tensor(rng.integers(0, 10, 2))
+    model = ResidualCNN(3)
+    opt = ndl.optim.Adam(model.parameters(), lr=1e-3)
+    step = ndl.jit(lambda x, y: opt.minimize(nn.SoftmaxLoss()(model(x), y)))
+    passes = [p for p in step.lower(x, y).passes if p.startswith("batchnorm_relu_conv")]
+    assert passes[0].startswith("batchnorm_relu_conv_rewrite (0 ")

@@ -7,8 +7,10 @@ kernel gradient. Where the direct loops (kernels/numba_direct_conv.py) run those
 read the BatchNorm's input instead and make ``relu(x * alpha + beta)`` as they copy each image
 into their zero-padded scratch (``pad_image_bn_relu``: BatchNorm's and ReLU's own float
 operations, so the same values): the activation is never written to memory, and the pass
-that wrote it is gone. Elsewhere (Winograd, im2col, the first layer's few-channel loop,
-other dtypes, no numba) these return None and the caller runs the ops one after the other.
+that wrote it is gone. Winograd's layers (stride 1) make it the same way as their input
+tiles are read (numba_winograd ``_gather_bn_relu``). Elsewhere (im2col, the first layer's
+few-channel loop, other dtypes, no numba) these return None and the caller runs the ops one
+after the other.
 """
 
 from __future__ import annotations
@@ -44,10 +46,17 @@ def alpha_beta(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float
     return alpha, beta
 
 
+def _winograd_takes(x_shape: tuple, kernel_hw: tuple, stride: int, padding: int, c_in: int,
+                    c_out: int) -> bool:
+    """winograd.applies judged from the shapes (float32 NumPy operands)."""
+    probe = np.empty((1, x_shape[1], x_shape[2], 1), np.float32)
+    return winograd.applies(probe, probe, kernel_hw, stride, padding, c_in, c_out)
+
+
 def takes(x_shape: tuple, kernel_shape: tuple, stride: int, padding: int) -> bool:
     """Whether both kernels here would run a convolution of float32 NHWC ``x_shape`` with a
-    (kh, kw, C_in, C_out) kernel (and its kernel gradient), judged from the shapes: strided
-    (Winograd takes no stride but 1), a shape the direct loops take, numba loaded. A plan
+    (kh, kw, C_in, C_out) kernel (and its kernel gradient), judged from the shapes: Winograd
+    takes both, or the direct loops do (strided, a shape they take), numba loaded. A plan
     rewritten where they would not run would make the activation twice (compiler/
     batchnorm_relu_conv_rewrite.py asks this first)."""
     if None in x_shape or None in kernel_shape or len(x_shape) != 4 or len(kernel_shape) != 4:
@@ -56,11 +65,14 @@ def takes(x_shape: tuple, kernel_shape: tuple, stride: int, padding: int) -> boo
     kh, kw, k_in, c_out = kernel_shape
     wo = _out_size(w, kw, stride, padding)
     ho = _out_size(h, kh, stride, padding)
-    return (ENABLED and conv.DIRECT_ENABLED and stride != 1 and k_in == c_in and n > 0
-            and ho >= 1 and wo >= 8 and c_in > conv.NCHW_MAX_CHANNELS
-            and conv._direct_applies(c_in, c_out, kh, kw)
-            and c_out <= conv.DIRECT_WEIGHT_GRAD_MAX_COUT
-            and cpu_kernels.enabled(np.float32) and _direct_loops.module() is not None)
+    if not (ENABLED and k_in == c_in and n > 0 and ho >= 1 and wo >= 1
+            and cpu_kernels.enabled(np.float32)):
+        return False
+    if _winograd_takes(x_shape, (kh, kw), stride, padding, c_in, c_out):
+        return True
+    return (conv.DIRECT_ENABLED and stride != 1 and wo >= 8
+            and c_in > conv.NCHW_MAX_CHANNELS and conv._direct_applies(c_in, c_out, kh, kw)
+            and c_out <= conv.DIRECT_WEIGHT_GRAD_MAX_COUT and _direct_loops.module() is not None)
 
 
 def _usable(x: Any, other: Any) -> bool:
@@ -77,12 +89,13 @@ def conv2d_bn_relu(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: flo
     kh, kw, c_in, c_out = b.shape
     if (not _usable(x, b) or x.shape[3] != c_in
             or (conv_bias is not None and (type(conv_bias) is not np.ndarray
-                                           or conv_bias.dtype != np.float32))
-            or winograd.applies(x, b, (kh, kw), stride, padding, c_in, c_out)):
+                                           or conv_bias.dtype != np.float32))):
         return None
     constants = alpha_beta(x, weight, bias, mean, var, eps)
     if constants is None:
         return None
+    if winograd.applies(x, b, (kh, kw), stride, padding, c_in, c_out):
+        return winograd.conv3x3(x, b, padding, conv_bias, bn_relu=constants)
     ho = _out_size(x.shape[1], kh, stride, padding)
     wo = _out_size(x.shape[2], kw, stride, padding)
     if ho < 1 or wo < 1:
@@ -96,10 +109,11 @@ def conv2d_weight_grad_bn_relu(x: Any, weight: Any, bias: Any, mean: Any, var: A
     """``conv2d_weight_grad(relu(bn(x)), g, kernel_hw, stride, padding)`` by the direct loops
     (as ``conv2d_bn_relu``), or None."""
     c_in, c_out = x.shape[-1], g.shape[-1]
-    if (not _usable(x, g) or g.ndim != 4
-            or winograd.applies(x, g, kernel_hw, stride, padding, c_in, c_out)):
+    if not _usable(x, g) or g.ndim != 4:
         return None
     constants = alpha_beta(x, weight, bias, mean, var, eps)
     if constants is None:
         return None
+    if winograd.applies(x, g, kernel_hw, stride, padding, c_in, c_out):
+        return winograd.conv3x3_weight_grad(x, g, padding, bn_relu=constants)
     return _direct_weight_grad(x, g, kernel_hw, stride, padding, bn_relu=constants)
