@@ -88,6 +88,8 @@ def test_winograd_layers_give_the_separate_ops_bits(monkeypatch, serial, shape, 
     want = _unfused(x, weight, bias, mean, var, kernel, conv_bias, g, stride=1)
     if serial:
         monkeypatch.setattr(parallel_loops, "tbb_layer", lambda: False)
+    assert not conv_bn_relu.takes(x.shape, kernel.shape, 1, 1)  # (off by default)
+    monkeypatch.setattr(conv_bn_relu, "WINOGRAD", True)
     assert conv_bn_relu.takes(x.shape, kernel.shape, 1, 1)
     assert conv_bn_relu.conv2d_bn_relu(x, weight, bias, mean, var, 1e-5, kernel, 1, 1,
                                        conv_bias) is not None
@@ -146,6 +148,7 @@ def _train(monkeypatch, enabled: bool, strides=(1, 2, 2), calls: int = 3):
 
 @pytest.mark.parametrize("strides", [(1, 2, 2), (1, 1, 1)])
 def test_jitted_cnn_trains_bit_for_bit_as_without_the_rewrite(monkeypatch, strides):
+    monkeypatch.setattr(conv_bn_relu, "WINOGRAD", True)  # (strides 1,1,1: Winograd's layers)
     passes_off, plain = _train(monkeypatch, False, strides)
     passes_on, fused = _train(monkeypatch, True, strides)
     assert passes_off[0].startswith("batchnorm_relu_conv_rewrite (0 ")
@@ -153,6 +156,11 @@ def test_jitted_cnn_trains_bit_for_bit_as_without_the_rewrite(monkeypatch, strid
     assert len(plain) == len(fused)
     for a, b in zip(plain, fused):
         assert np.array_equal(a, b)
+
+
+def test_rewrite_leaves_winograd_layers_alone_by_default(monkeypatch):
+    passes, _ = _train(monkeypatch, True, strides=(1, 1, 1), calls=1)
+    assert passes[0].startswith("batchnorm_relu_conv_rewrite (0 ")
 
 
 def test_rewrite_leaves_an_activation_read_by_a_pool_alone(monkeypatch):

@@ -22,7 +22,8 @@ the same values bit for bit: each of the two kernels makes ``relu(bn(b))`` where
 reads its input (the direct loops as they pad an image, Winograd's transforms as they read a
 tile: kernels/conv_bn_relu.py), so the activation is neither written nor read from memory,
 and the pass that wrote it (a fused region of the hot plan) is gone. Only where those
-kernels run (``conv_bn_relu.takes``: Winograd's layers, the direct loops' strided ones):
+kernels run (``conv_bn_relu.takes``: the direct loops' strided layers; Winograd's where
+``conv_bn_relu.WINOGRAD`` is on, off by default):
 elsewhere the op would make the activation twice. Run it after batchnorm_relu_rewrite.py
 and before the memory plan.
 
@@ -36,7 +37,8 @@ region 956 -> 819 us, its kernel gradient 862 -> 843; the 32->64 layer's 750 -> 
 let the loops pad it (one more copy), gained 1% only. Strides 1,1,1 (Winograd; per op,
 loaded, ~83 ms steps): the 16->32 layer's forward + region 7.94 -> 7.29 ms, kernel gradient
 5.58 -> 5.67; the 32->64 layer's 14.69 -> 12.47 and 11.21 -> 11.65 (its interior tiles are
-gathered now, not read in place): ~-2.3 ms of 83 per op, steps within noise under that load.
+gathered, not read in place): ~-2.3 ms of 83 per op, but the steps' process CPU time
+1.015-1.054x (kernels/conv_bn_relu.py ``WINOGRAD`` has the numbers): off by default.
 Not covered: a layer read by a pool (the ResidualCNN's) or by ``mean`` (each model's last).
 """
 

@@ -7,10 +7,10 @@ kernel gradient. Where the direct loops (kernels/numba_direct_conv.py) run those
 read the BatchNorm's input instead and make ``relu(x * alpha + beta)`` as they copy each image
 into their zero-padded scratch (``pad_image_bn_relu``: BatchNorm's and ReLU's own float
 operations, so the same values): the activation is never written to memory, and the pass
-that wrote it is gone. Winograd's layers (stride 1) make it the same way as their input
-tiles are read (numba_winograd ``_gather_bn_relu``). Elsewhere (im2col, the first layer's
-few-channel loop, other dtypes, no numba) these return None and the caller runs the ops one
-after the other.
+that wrote it is gone. Winograd's layers (stride 1) can make it the same way as their input
+tiles are read (numba_winograd ``_gather_bn_relu``; off by default: ``WINOGRAD``). Elsewhere
+(im2col, the first layer's few-channel loop, other dtypes, no numba) these return None and
+the caller runs the ops one after the other.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ __all__ = ["ENABLED", "alpha_beta", "conv2d_bn_relu", "conv2d_weight_grad_bn_rel
 #: whether the direct loops make the BatchNorm + ReLU input themselves (False: the callers
 #: run the ops; for A/B measurements and tests)
 ENABLED = True
+
+#: whether Winograd's layers (stride 1) take it too. Off: measured about level. Strides
+#: 1,1,1 jitted, alternating in one process (2 cores loaded by other work): wall 0.956-0.997
+#: median (q10 0.969-0.988) but process CPU 1.015-1.054; the 32->64 layer alone (process
+#: CPU, one needle thread) 22.76 -> 22.65 ms for the fused region + forward + kernel
+#: gradient, the 16->32 layer 10.04 -> 10.30: gathering every input tile through the affine
+#: map costs about what the region's pass did. Worth a quiet-machine A/B before turning on.
+WINOGRAD = False
 
 
 def alpha_beta(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float
@@ -69,7 +77,7 @@ def takes(x_shape: tuple, kernel_shape: tuple, stride: int, padding: int) -> boo
             and cpu_kernels.enabled(np.float32)):
         return False
     if _winograd_takes(x_shape, (kh, kw), stride, padding, c_in, c_out):
-        return True
+        return WINOGRAD
     return (conv.DIRECT_ENABLED and stride != 1 and wo >= 8
             and c_in > conv.NCHW_MAX_CHANNELS and conv._direct_applies(c_in, c_out, kh, kw)
             and c_out <= conv.DIRECT_WEIGHT_GRAD_MAX_COUT and _direct_loops.module() is not None)
@@ -95,7 +103,8 @@ def conv2d_bn_relu(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: flo
     if constants is None:
         return None
     if winograd.applies(x, b, (kh, kw), stride, padding, c_in, c_out):
-        return winograd.conv3x3(x, b, padding, conv_bias, bn_relu=constants)
+        return winograd.conv3x3(x, b, padding, conv_bias, bn_relu=constants) if WINOGRAD \
+            else None
     ho = _out_size(x.shape[1], kh, stride, padding)
     wo = _out_size(x.shape[2], kw, stride, padding)
     if ho < 1 or wo < 1:
@@ -115,5 +124,6 @@ def conv2d_weight_grad_bn_relu(x: Any, weight: Any, bias: Any, mean: Any, var: A
     if constants is None:
         return None
     if winograd.applies(x, g, kernel_hw, stride, padding, c_in, c_out):
-        return winograd.conv3x3_weight_grad(x, g, padding, bn_relu=constants)
+        return winograd.conv3x3_weight_grad(x, g, padding, bn_relu=constants) if WINOGRAD \
+            else None
     return _direct_weight_grad(x, g, kernel_hw, stride, padding, bn_relu=constants)
