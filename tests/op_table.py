@@ -484,6 +484,43 @@ def _conv_input_grad(g, b, nchw=False, **attrs):
     return ops.conv_input_grad(ops.permute(g, (0, 2, 3, 1)) if nchw else g, b, **attrs)
 
 
+def _nhwc_batch_stats(x):
+    """BatchNorm2d's statistics of NHWC ``x`` (its NCHW view over N, H, W), (1, C, 1, 1)."""
+    xn = ops.permute(x, (0, 3, 1, 2))
+    return ops.mean(xn, (0, 2, 3), keepdims=True), ops.variance(xn, (0, 2, 3), keepdims=True)
+
+
+def _batch_norm_relu_conv_bias(x, w, b, c, **attrs):
+    """batch_norm_relu_conv_bias with x's own statistics and a fixed BatchNorm bias."""
+    mean, var = _nhwc_batch_stats(x)
+    return ops.batch_norm_relu_conv_bias(x, w, _const(_relu_bias(tuple(w.shape))), mean, var,
+                                         b, c, eps=1e-5, **attrs)
+
+
+def _batch_norm_relu_conv_weight_grad(x, w, g, kernel_hw, **attrs):
+    mean, var = _nhwc_batch_stats(x)
+    return ops.batch_norm_relu_conv_weight_grad(x, w, _const(_relu_bias(tuple(w.shape))),
+                                                mean, var, g, kernel_hw, eps=1e-5, **attrs)
+
+
+def _torch_bn_relu_nhwc(x, w, batch_norm=_torch_batch_norm):
+    """relu(BatchNorm2d(x)) of NHWC x, NHWC (the bias: _relu_bias)."""
+    bias = torch.tensor(_relu_bias(tuple(w.shape)), dtype=w.dtype)
+    y = batch_norm(x.permute(0, 3, 1, 2), w, bias, axes=(0, 2, 3), eps=1e-5)
+    return torch.relu(y).permute(0, 2, 3, 1)
+
+
+def _torch_batch_norm_relu_conv_bias(x, w, b, c, stride=1, padding=0,
+                                     batch_norm=_torch_batch_norm):
+    return _torch_conv_bias(_torch_bn_relu_nhwc(x, w, batch_norm), b, c, stride, padding)
+
+
+def _torch_batch_norm_relu_conv_weight_grad(x, w, g, kernel_hw, stride=1, padding=0,
+                                            batch_norm=_torch_batch_norm):
+    return _torch_conv_weight_grad(_torch_bn_relu_nhwc(x, w, batch_norm), g, kernel_hw, stride,
+                                   padding)
+
+
 def _const(array) -> ndl.Tensor:
     return ndl.Tensor(array, requires_grad=False)
 
@@ -855,6 +892,22 @@ OP_TABLE: list[OpInfo] = [
               padding=1, nchw=True)],
            rtol=1e-4, atol=1e-5,
            second_order_sample="stride2"),
+    # a conv (and its kernel gradient) reading relu(batch_norm(x)) (the fused ops compiled
+    # plans run for strided layers; these small shapes take the ops' own computations)
+    OpInfo("batch_norm_relu_conv_bias", _batch_norm_relu_conv_bias,
+           _torch_batch_norm_relu_conv_bias,
+           [S(normal((3, 6, 7, 2), (1, 2, 1, 1), (3, 3, 2, 3), (3,)), "stride2", A, stride=2,
+              padding=1)],
+           second_order_ref=partial(_torch_batch_norm_relu_conv_bias,
+                                    batch_norm=_torch_batch_norm_composite),
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("batch_norm_relu_conv_weight_grad", _batch_norm_relu_conv_weight_grad,
+           _torch_batch_norm_relu_conv_weight_grad,
+           [S(normal((3, 6, 7, 2), (1, 2, 1, 1), (3, 3, 4, 3)), "stride2", A, (3, 3), stride=2,
+              padding=1)],
+           second_order_ref=partial(_torch_batch_norm_relu_conv_weight_grad,
+                                    batch_norm=_torch_batch_norm_composite),
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
     OpInfo("conv_input_grad", _conv_input_grad, _torch_conv_input_grad,
            [S(normal((2, 5, 5, 4), (3, 3, 3, 4)), "same", A, stride=1, padding=1, in_hw=(5, 5)),
             S(normal((2, 3, 4, 3), (3, 3, 2, 3)), "stride2", A, stride=2, padding=1,

@@ -13,6 +13,8 @@ from ..autograd import Tensor, TensorTuple
 from .ops_attention import Attention as Attention
 from .ops_attention import AttentionGrad as AttentionGrad
 from .ops_batchnorm_relu import BatchNormReluGrad as BatchNormReluGrad
+from .ops_batchnorm_relu_conv import BatchNormReluConvBias as BatchNormReluConvBias
+from .ops_batchnorm_relu_conv import BatchNormReluConvWeightGrad as BatchNormReluConvWeightGrad
 from .ops_check import CheckClassIds as CheckClassIds
 from .ops_collective import AllGather as AllGather
 from .ops_collective import AllReduce as AllReduce
@@ -114,26 +116,26 @@ __all__ = [
     "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax", "scaled_softmax",
     "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance", "normalize",
     "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
-    "batch_norm_relu_grad", "check_class_ids", "all_reduce", "broadcast", "reduce_to_root",
-    "all_gather", "reduce_scatter", "conv", "conv_bias", "conv_weight_grad", "conv_input_grad",
-    "layer_norm", "layer_norm_grad", "matmul", "transposed_matmul", "linear", "max_pool2d",
-    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
-    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "vocab_head_softmax",
-    "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods", "Attention",
-    "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar",
-    "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid",
-    "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare", "CompareScalar", "Sign", "FullLike",
-    "AsType", "Reshape", "ExpandDims", "BroadcastTo", "SumTo", "Transpose", "Permute", "MakeTuple",
-    "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate", "UnDilate", "GetItem",
-    "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation", "Mean", "Max",
-    "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
-    "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm",
-    "BatchNormGrad", "InvStd", "BatchNormReluGrad", "CheckClassIds", "AllReduce", "Broadcast",
-    "Reduce", "AllGather", "ReduceScatter", "Conv", "ConvBias", "ConvWeightGrad", "ConvInputGrad",
-    "LayerNorm", "LayerNormGrad", "MatMul", "TransposedMatMul", "Linear", "MaxPool2d",
-    "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad",
-    "StopGradient", "ToDevice", "Store", "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss",
-    "VocabHeadLossGrad",
+    "batch_norm_relu_grad", "conv", "conv_bias", "conv_weight_grad", "conv_input_grad",
+    "batch_norm_relu_conv_bias", "batch_norm_relu_conv_weight_grad", "check_class_ids",
+    "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter", "layer_norm",
+    "layer_norm_grad", "matmul", "transposed_matmul", "linear", "max_pool2d", "max_pool2d_scatter",
+    "max_pool2d_gather", "bernoulli_like", "lstm_sequence", "lstm_sequence_grad", "stop_gradient",
+    "to_device", "store", "vocab_head_softmax", "vocab_head_loss", "vocab_head_loss_grad",
+    "install_tensor_methods", "Attention", "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul",
+    "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU",
+    "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare",
+    "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "ExpandDims", "BroadcastTo", "SumTo",
+    "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip",
+    "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis",
+    "ScatterAdd", "Summation", "Mean", "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax",
+    "SoftmaxCrossEntropy", "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad",
+    "BatchStats", "BatchNorm", "BatchNormGrad", "InvStd", "BatchNormReluGrad", "Conv", "ConvBias",
+    "ConvWeightGrad", "ConvInputGrad", "BatchNormReluConvBias", "BatchNormReluConvWeightGrad",
+    "CheckClassIds", "AllReduce", "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm",
+    "LayerNormGrad", "MatMul", "TransposedMatMul", "Linear", "MaxPool2d", "MaxPool2dScatter",
+    "MaxPool2dGather", "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad", "StopGradient",
+    "ToDevice", "Store", "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss", "VocabHeadLossGrad",
 ]
 
 #: the names of the generated op functions, in registration order
@@ -411,25 +413,6 @@ def batch_norm_relu_grad(
     var)``: ``(dx, dweight, dbias)`` of training BatchNorm (input x, its batch ``mean`` and
     ``var`` over ``axes``) followed by a ReLU, for the ReLU's output gradient ``g``."""
 
-def check_class_ids(y: Tensor, classes: int, what: str = "check_class_ids") -> Tensor:
-    """``y`` unchanged, after checking that every value is a whole class id in [0, classes)."""
-
-def all_reduce(a: Tensor, op: str = "sum") -> Tensor:
-    """The elementwise sum (``op="sum"``) or mean (``op="mean"``) of ``a`` over all ranks."""
-
-def broadcast(a: Tensor, root: int = 0) -> Tensor:
-    """Rank ``root``'s ``a`` on every rank (every rank passes an array of that shape)."""
-
-def reduce_to_root(a: Tensor, root: int = 0) -> Tensor:
-    """The sum of ``a`` over ranks on rank ``root``, zeros on the others."""
-
-def all_gather(a: Tensor) -> Tensor:
-    """Every rank's ``a`` (one shape on all ranks) concatenated along axis 0 in rank order."""
-
-def reduce_scatter(a: Tensor) -> Tensor:
-    """This rank's block of axis 0 of the sum of ``a`` over ranks (axis 0 of ``a`` is world size
-    blocks of equal length)."""
-
 def conv(a: Tensor, b: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
     """Cross-correlation of NHWC ``a`` with a (kh, kw, C_in, C_out) kernel ``b``."""
 
@@ -454,6 +437,58 @@ def conv_input_grad(
     in_hw: tuple | None = None,
 ) -> Tensor:
     """The input adjoint of ``conv``: ``Xb = crop(fold(g @ b.T))``."""
+
+def batch_norm_relu_conv_bias(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    b: Tensor,
+    c: Tensor,
+    eps: float = 1e-05,
+    stride: int = 1,
+    padding: int = 0,
+) -> Tensor:
+    """``conv_bias(relu(batch_norm(x, weight, bias, mean, var)), b, c)``: nn.Conv with a bias
+    applied to a BatchNorm2d + ReLU output, ``x`` the BatchNorm's input stored NHWC (its NCHW
+    view normalized per channel with the batch ``mean`` and ``var``); the output is conv_bias's,
+    (N, Ho, Wo, C_out) NHWC."""
+
+def batch_norm_relu_conv_weight_grad(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    g: Tensor,
+    kernel_hw: tuple,
+    eps: float = 1e-05,
+    stride: int = 1,
+    padding: int = 0,
+) -> Tensor:
+    """``conv_weight_grad(relu(batch_norm(x, weight, bias, mean, var)), g)``: the kernel gradient
+    of a convolution whose input is a BatchNorm2d + ReLU output (``x`` as for
+    ``batch_norm_relu_conv_bias``)."""
+
+def check_class_ids(y: Tensor, classes: int, what: str = "check_class_ids") -> Tensor:
+    """``y`` unchanged, after checking that every value is a whole class id in [0, classes)."""
+
+def all_reduce(a: Tensor, op: str = "sum") -> Tensor:
+    """The elementwise sum (``op="sum"``) or mean (``op="mean"``) of ``a`` over all ranks."""
+
+def broadcast(a: Tensor, root: int = 0) -> Tensor:
+    """Rank ``root``'s ``a`` on every rank (every rank passes an array of that shape)."""
+
+def reduce_to_root(a: Tensor, root: int = 0) -> Tensor:
+    """The sum of ``a`` over ranks on rank ``root``, zeros on the others."""
+
+def all_gather(a: Tensor) -> Tensor:
+    """Every rank's ``a`` (one shape on all ranks) concatenated along axis 0 in rank order."""
+
+def reduce_scatter(a: Tensor) -> Tensor:
+    """This rank's block of axis 0 of the sum of ``a`` over ranks (axis 0 of ``a`` is world size
+    blocks of equal length)."""
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-05) -> Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` with each row's own (biased) statistics

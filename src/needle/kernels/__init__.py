@@ -10,6 +10,8 @@ written once, in the module that owns it:
     numba_winograd.py  its numba tile transforms (and the kernel gradient's chunk loop)
     numba_parallel_winograd.py  the kernel gradient's chunks in one prange region (TBB)
     numba_direct_conv.py  direct convolution loops (register tiles, no im2col) for 16-64 channels
+    conv_bn_relu.py    a conv and its kernel gradient reading relu(batch_norm(x)), made where
+                       the direct loops or Winograd read their input (never stored)
     openblas_gemm.py   NumPy's own OpenBLAS gemm as a ctypes function, for numba loops
     blas_policy.py     OpenBLAS held on one thread for a jitted plan with large products,
                        those split into blocks (numba_parallel_gemm.py) on numba's threads

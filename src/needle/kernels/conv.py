@@ -447,6 +447,10 @@ DIRECT_WEIGHT_GRAD_MAX_COUT = 64
 DIRECT_WEIGHT_GRAD_BLOCKS = 8
 
 
+#: the direct loops' (alpha, beta) where their input is taken as it is (no BatchNorm + ReLU)
+_NO_BN_RELU = (np.empty(0, np.float32), np.empty(0, np.float32))
+
+
 def _direct_module(*arrays: Any) -> Any:
     """The direct loops' module where they can run on ``arrays`` (C-contiguous-able float32
     NumPy arrays, numba present and compiling), else None."""
@@ -467,7 +471,8 @@ def _direct_scratch(threads: int, h: int, w: int, c: int, padding: int) -> np.nd
     return np.empty((max(1, threads), h + 2 * padding, w + 2 * padding, c), np.float32)
 
 
-def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int):
+def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int,
+                 bn_relu: tuple | None = None):
     """conv's forward by the direct loops (kernels/numba_direct_conv.py): C-contiguous
     (N, Ho, Wo, C_out), or None where they do not take it (see ``_direct_applies``; inputs
     with at most NCHW_MAX_CHANNELS channels, a first layer's, only at stride 1: they take
@@ -479,10 +484,16 @@ def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int):
     1.0-1.2 / 0.96-1.1); C3->16 32x32 (forward_few_channels) 1.18-1.54 -> 1.03 (the loop
     alone 0.89; oneDNN 0.60-0.69). The image
     blocks run in one prange region where that runs; each output is the same sum in the same
-    order wherever it runs."""
+    order wherever it runs.
+
+    ``bn_relu``: per-channel float32 (alpha, beta): convolve relu(a * alpha + beta) instead of
+    ``a``, made as each image is copied into the loop's padded scratch (kernels/
+    conv_bn_relu.py)."""
     kh, kw, c_in, c_out = b.shape
     n, h, w, _ = a.shape
     few = c_in <= NCHW_MAX_CHANNELS
+    if bn_relu is not None and few:
+        return None
     if (n == 0 or wo < (16 if few else 8) or (few and stride != 1)
             or not _direct_applies(c_in, c_out, kh, kw)):
         return None
@@ -507,21 +518,25 @@ def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int):
     a = np.ascontiguousarray(a)
     b = np.ascontiguousarray(b)
     scratch = _direct_scratch(threads, h, w, c_in, padding)
+    alpha, beta = _NO_BN_RELU if bn_relu is None else bn_relu
     if threads:
         done = _direct_loops.call(loops.forward_blocks, a, b, bias, stride, padding, ho, wo,
-                                  scratch, out, min(n, 2 * PRANGE_MIN_BLOCKS))
+                                  scratch, out, min(n, 2 * PRANGE_MIN_BLOCKS), alpha, beta)
     else:
         forward = loops.forward32 if c_out % 32 == 0 else loops.forward16
         done = _direct_loops.call(forward, a, b, bias, stride, padding, ho, wo, scratch[0],
-                                  out)
+                                  out, alpha, beta)
     return out if done else None
 
 
-def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
+def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int,
+                        bn_relu: tuple | None = None):
     """conv_weight_grad by the direct loops: (kh, kw, C_in, C_out), or None where they do not
     take it (C_out over DIRECT_WEIGHT_GRAD_MAX_COUT; see ``_direct_applies``). Partial sums per
     block of images (DIRECT_WEIGHT_GRAD_BLOCKS, fixed by N), added in block order, in one
     prange region or one after another: the same bits either way.
+
+    ``bn_relu``: as ``_direct_conv``'s.
 
     NOTE: one thread, thread CPU time, batch 64, medians (machine shared): C3->16 32x32
     1.13-1.42 -> 0.94-1.07 ms (session 12: 0.41-0.45, oneDNN's 0.44-0.48, by the first layer's
@@ -549,9 +564,10 @@ def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
                       + np.arange(kw)[None, :, None] * c_in + np.arange(c_in)).reshape(-1)
     count = min(n, DIRECT_WEIGHT_GRAD_BLOCKS)
     parts = np.empty((count, offsets.size, c_out), np.float32)
+    alpha, beta = _NO_BN_RELU if bn_relu is None else bn_relu
     if threads:
         if not _direct_loops.call(loops.weight_grad_blocks, a, g, stride, padding, offsets,
-                                  scratch, parts, count):
+                                  scratch, parts, count, alpha, beta):
             return None
     else:
         kernel = (loops.weight_grad64 if c_out % 64 == 0 else
@@ -561,7 +577,7 @@ def _direct_weight_grad(a, g, kernel_hw: tuple, stride: int, padding: int):
             s, e = n * i // count, n * (i + 1) // count
             parts[i] = 0.0
             if not _direct_loops.call(kernel, a[s:e], g[s:e], stride, padding, offsets, xp,
-                                      xp.reshape(-1), parts[i]):
+                                      xp.reshape(-1), parts[i], alpha, beta):
                 return None
     total = parts[0]
     for part in parts[1:]:

@@ -74,6 +74,11 @@ def _wide_vectors(typingctx):  # type: ignore[no-untyped-def]
     return types.none(), codegen
 
 
+def _nocontract(fn):  # type: ignore[no-untyped-def]
+    """needle's njit with floating-point contraction off even where a caller has it on."""
+    return njit_cached(fn, fastmath=False)
+
+
 def _jit(fn):  # type: ignore[no-untyped-def]
     """needle's njit (disk cache, numpy error model, nogil) with FMA contraction."""
     return njit_cached(fn, fastmath={"contract"})
@@ -149,17 +154,48 @@ def pad_image(a, b, padding, xp):
     _copy_rows(a, b, padding, xf, row)
 
 
+# NOTE: fastmath=False set explicitly: a callee that sets none inherits its caller's flags when
+# numba compiles it for that caller (forward32's "contract"), and then its x * alpha + beta
+# became one FMA (a rounding apart from BatchNorm's two: checked, a 4.8e-7 difference)
+@_nocontract
+def pad_image_bn_relu(a, b, padding, xp, alpha, beta):
+    """pad_image of relu(a * alpha + beta) per channel: BatchNorm's forward (``x * alpha +
+    beta``, two roundings, numba_kernels.affine's operations) then ReLU (numba_kernels.relu's:
+    NaN kept, -0.0 -> +0.0), the values those ops store, made as the image is copied (a
+    ``BatchNorm -> ReLU -> conv`` block's input is never stored: kernels/conv_bn_relu.py)."""
+    u = np.uint64
+    h, w, c = a.shape[1], a.shape[2], a.shape[3]
+    zero = a.dtype.type(0)
+    xp[:] = 0.0
+    for y in range(h):
+        for x in range(w):
+            for ch in range(c):
+                v = a[u(b), u(y), u(x), u(ch)] * alpha[u(ch)] + beta[u(ch)]
+                xp[u(padding + y), u(padding + x), u(ch)] = v if (v > zero or v != v) else zero
+
+
 @_jit
-def forward32(a, w, bias, stride, padding, ho, wo, xp, out):
+def pad_input(a, b, padding, xp, alpha, beta):
+    """pad_image, or where ``alpha`` has an entry per channel (size 0: none)
+    pad_image_bn_relu: the loops' input is then relu(a * alpha + beta)."""
+    if alpha.shape[0] == 0:
+        pad_image(a, b, padding, xp)
+    else:
+        pad_image_bn_relu(a, b, padding, xp, alpha, beta)
+
+
+@_jit
+def forward32(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
     """out[n, y, x, k] = (sum over taps (i, j, c) of xpad[n, s*y + i, s*x + j, c] * w[i, j, c,
     k]) + bias[k] for NHWC ``a`` (images of one block), ``w`` (kh, kw, C, C_out), C_out % 32
-    == 0, Wo >= 8."""
+    == 0, Wo >= 8; where ``alpha`` and ``beta`` hold C values (size 0: none), xpad is that of
+    relu(a * alpha + beta) instead (``pad_input``)."""
     _wide_vectors()
     acc = numba.carray(_stack_f32(256), (8, 32))
     u = np.uint64
     kh, kw, c, co = w.shape
     for b in range(a.shape[0]):
-        pad_image(a, b, padding, xp)
+        pad_input(a, b, padding, xp, alpha, beta)
         for y in range(ho):
             for xs in range(0, wo, 8):
                 x0 = min(xs, wo - 8)  # the last tile overlaps the one before: no partial one
@@ -198,14 +234,14 @@ def forward32(a, w, bias, stride, padding, ho, wo, xp, out):
 
 
 @_jit
-def forward16(a, w, bias, stride, padding, ho, wo, xp, out):
+def forward16(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
     """forward32 for C_out % 16 == 0: tiles of 8 positions x 16 channels."""
     _wide_vectors()
     acc = numba.carray(_stack_f32(128), (8, 16))
     u = np.uint64
     kh, kw, c, co = w.shape
     for b in range(a.shape[0]):
-        pad_image(a, b, padding, xp)
+        pad_input(a, b, padding, xp, alpha, beta)
         for y in range(ho):
             for xs in range(0, wo, 8):
                 x0 = min(xs, wo - 8)  # the last tile overlaps the one before: no partial one
@@ -244,18 +280,18 @@ def forward16(a, w, bias, stride, padding, ho, wo, xp, out):
 
 
 @_jit
-def weight_grad32(a, g, stride, padding, off, xp, xf, part):
+def weight_grad32(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     """part[t, k] += sum over the images of ``a`` of (the sum over positions (y, x), in order,
     of xpad[n, (y, x) + tap t] * g[n, y, x, k]), image by image; ``part`` (len(off), C_out),
     C_out % 32 == 0, len(off) % 8 == 0 (taps past the kernel's read offset 0; the caller drops
-    them)."""
+    them); ``alpha``, ``beta``: as forward32's."""
     _wide_vectors()
     acc = numba.carray(_stack_f32(256), (8, 32))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp, c = xp.shape[1], xp.shape[2]
     for b in range(a.shape[0]):
-        pad_image(a, b, padding, xp)
+        pad_input(a, b, padding, xp, alpha, beta)
         for t0 in range(0, off.shape[0], 8):
             o0, o1, o2, o3 = u(off[t0]), u(off[t0 + 1]), u(off[t0 + 2]), u(off[t0 + 3])
             o4, o5, o6, o7 = u(off[t0 + 4]), u(off[t0 + 5]), u(off[t0 + 6]), u(off[t0 + 7])
@@ -290,7 +326,7 @@ def weight_grad32(a, g, stride, padding, off, xp, xf, part):
 
 
 @_jit
-def weight_grad64(a, g, stride, padding, off, xp, xf, part):
+def weight_grad64(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     """weight_grad32 for C_out % 64 == 0: tiles of 4 taps x 64 channels (4 broadcasts and 4
     loads a position for 16 multiply-adds, where 8 taps x 32 channels twice take 16 and 4:
     C32->64 16x16 stride 2, one thread, 1.85 -> 1.0 ms; im2col 1.2-1.5)."""
@@ -300,7 +336,7 @@ def weight_grad64(a, g, stride, padding, off, xp, xf, part):
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp, c = xp.shape[1], xp.shape[2]
     for b in range(a.shape[0]):
-        pad_image(a, b, padding, xp)
+        pad_input(a, b, padding, xp, alpha, beta)
         for t0 in range(0, off.shape[0], 4):
             o0, o1, o2, o3 = u(off[t0]), u(off[t0 + 1]), u(off[t0 + 2]), u(off[t0 + 3])
             for k0 in range(0, co, 64):
@@ -441,23 +477,24 @@ def weight_grad_one_channel(a, g, stride, padding, xp, xf, part):
 
 
 @_jit
-def weight_grad16(a, g, stride, padding, off, xp, xf, part):
+def weight_grad16(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     """weight_grad32 for C_out % 16 == 0: tiles of 8 taps x 16 channels; a first layer's 27
-    or 9 taps (a 3x3 kernel over 3 or 1 channels) go to ``weight_grad_first_layer`` or
-    ``weight_grad_one_channel`` (the same sums in one tile)."""
+    or 9 taps (a 3x3 kernel over 3 or 1 channels, its input plain: ``alpha`` of size 0) go
+    to ``weight_grad_first_layer`` or ``weight_grad_one_channel`` (the same sums in one
+    tile)."""
     _wide_vectors()
     acc = numba.carray(_stack_f32(128), (8, 16))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp, c = xp.shape[1], xp.shape[2]
-    if _first_layer_taps(off, wp, c):
+    if alpha.shape[0] == 0 and _first_layer_taps(off, wp, c):
         if c == 3:
             weight_grad_first_layer(a, g, stride, padding, xp, xf, part)
         else:
             weight_grad_one_channel(a, g, stride, padding, xp, xf, part)
         return
     for b in range(a.shape[0]):
-        pad_image(a, b, padding, xp)
+        pad_input(a, b, padding, xp, alpha, beta)
         for t0 in range(0, off.shape[0], 8):
             o0, o1, o2, o3 = u(off[t0]), u(off[t0 + 1]), u(off[t0 + 2]), u(off[t0 + 3])
             o4, o5, o6, o7 = u(off[t0 + 4]), u(off[t0 + 5]), u(off[t0 + 6]), u(off[t0 + 7])
@@ -705,9 +742,10 @@ def _input_grad_blocks(g, wt, stride, padding, scratch, out, count):
             input_grad16(g[s:e], wt, stride, padding, gp, out[s:e])
 
 
-def _forward_blocks(a, w, bias, stride, padding, ho, wo, scratch, out, count):
+def _forward_blocks(a, w, bias, stride, padding, ho, wo, scratch, out, count, alpha, beta):
     """forward32 / forward16 per block of images (block b: images n*b//count to
-    n*(b+1)//count), each on a TBB thread with its own padded-image scratch."""
+    n*(b+1)//count), each on a TBB thread with its own padded-image scratch (``alpha``,
+    ``beta``: the loops'; size 0 for none)."""
     n = a.shape[0]
     wide = w.shape[3] % 32 == 0
     for blk in prange(count):
@@ -715,12 +753,12 @@ def _forward_blocks(a, w, bias, stride, padding, ho, wo, scratch, out, count):
         e = n * (blk + 1) // count
         xp = scratch[numba.get_thread_id()]
         if wide:
-            forward32(a[s:e], w, bias, stride, padding, ho, wo, xp, out[s:e])
+            forward32(a[s:e], w, bias, stride, padding, ho, wo, xp, out[s:e], alpha, beta)
         else:
-            forward16(a[s:e], w, bias, stride, padding, ho, wo, xp, out[s:e])
+            forward16(a[s:e], w, bias, stride, padding, ho, wo, xp, out[s:e], alpha, beta)
 
 
-def _weight_grad_blocks(a, g, stride, padding, off, scratch, parts, count):
+def _weight_grad_blocks(a, g, stride, padding, off, scratch, parts, count, alpha, beta):
     """parts[b] = weight_grad64 / 32 / 16 of block b of images (as _forward_blocks),
     each from zero; the caller adds the parts in block order."""
     n = a.shape[0]
@@ -731,11 +769,14 @@ def _weight_grad_blocks(a, g, stride, padding, off, scratch, parts, count):
         xp = scratch[numba.get_thread_id()]
         parts[blk][:] = 0.0
         if co % 64 == 0:
-            weight_grad64(a[s:e], g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk])
+            weight_grad64(a[s:e], g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk],
+                          alpha, beta)
         elif co % 32 == 0:
-            weight_grad32(a[s:e], g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk])
+            weight_grad32(a[s:e], g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk],
+                          alpha, beta)
         else:
-            weight_grad16(a[s:e], g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk])
+            weight_grad16(a[s:e], g[s:e], stride, padding, off, xp, xp.reshape(-1), parts[blk],
+                          alpha, beta)
 
 
 def _forward_few_channels_blocks(a, wt, bias, kh, kw, padding, ho, wo, scratch, out, count):

@@ -112,7 +112,7 @@ def _input_grad_blocks(gemm, g2, weights, ho, wo, kh, kw, stride, padding, out, 
 
 
 def _winograd_blocks(gemm, x, padding, tiles_h, tiles_w, u, out, shift, block, n_tiles,
-                     v_buffers, m_buffers):
+                     v_buffers, m_buffers, alpha, beta):
     """winograd.conv3x3 per block of ``block`` tiles: the block's input tiles
     (numba_winograd.input_tiles) in its thread's ``v_buffers`` row, the 36 products
     V[:, p] @ U[p] (one gemm each, strided rows as NumPy's matmul passes them) into its
@@ -123,7 +123,7 @@ def _winograd_blocks(gemm, x, padding, tiles_h, tiles_w, u, out, shift, block, n
         thread = numba.get_thread_id()
         v = v_buffers[thread][:count]
         m = m_buffers[thread][:count]
-        numba_winograd.input_tiles(x, padding, tiles_h, tiles_w, t0, v)
+        numba_winograd.input_tiles(x, padding, tiles_h, tiles_w, t0, v, alpha, beta)
         for p in range(36):
             _gemm_jit(gemm, 111, v[:, p], u[p], m[:, p])
         numba_winograd.output_tiles(m, tiles_h, tiles_w, t0, out, shift)

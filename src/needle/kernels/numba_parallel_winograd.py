@@ -20,7 +20,7 @@ from . import numba_winograd
 
 
 def _weight_grad_chunks(gemm, x, g, padding, tiles_h, tiles_w, block, n_tiles, parts,
-                        v_buffers, g_buffers):
+                        v_buffers, g_buffers, alpha, beta):
     """parts[c] = chunk c's share of dU (numba_winograd.weight_grad_chunk), each chunk on one
     TBB thread with that thread's scratch rows of ``v_buffers`` and ``g_buffers``."""
     chunks = parts.shape[0]
@@ -30,7 +30,8 @@ def _weight_grad_chunks(gemm, x, g, padding, tiles_h, tiles_w, block, n_tiles, p
         end = min(n_blocks * (c + 1) // chunks * block, n_tiles)
         thread = numba.get_thread_id()
         numba_winograd.weight_grad_chunk(gemm, x, g, padding, tiles_h, tiles_w, first, end,
-                                         block, parts[c], v_buffers[thread], g_buffers[thread])
+                                         block, parts[c], v_buffers[thread], g_buffers[thread],
+                                         alpha, beta)
 
 
 weight_grad = njit_parallel(_weight_grad_chunks)

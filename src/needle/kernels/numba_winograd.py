@@ -25,6 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..backend.numba_support import njit_cached
 from .numba_kernels import _jit
 
 # float32 constants (numba freezes globals as typed constants): float literals would promote
@@ -101,12 +102,42 @@ def _gather(rows, n, h, w, y0, x0, size, d):
                     d[dst, k] = 0.0
 
 
+def _nocontract(fn):  # type: ignore[no-untyped-def]
+    """needle's njit with fastmath=False set explicitly, so that no caller's flags reach it
+    (numba compiles a callee that sets none with its caller's): BatchNorm's two roundings
+    stay two, not one FMA."""
+    return njit_cached(fn, fastmath=False)
+
+
+@_nocontract
+def _gather_bn_relu(rows, n, h, w, y0, x0, d, alpha, beta):
+    """_gather (6x6) of relu(x * alpha + beta): BatchNorm's forward and ReLU as
+    numba_kernels.affine and relu compute them (the values those ops would store), zeros
+    outside the image (the padding of the activation, not of x)."""
+    zero = rows.dtype.type(0)
+    for i in range(6):
+        for j in range(6):
+            yy, xx = y0 + i, x0 + j
+            dst = 6 * i + j
+            if 0 <= yy < h and 0 <= xx < w:
+                src = (n * h + yy) * w + xx
+                for k in range(rows.shape[1]):
+                    v = rows[src, k] * alpha[k] + beta[k]
+                    d[dst, k] = v if (v > zero or v != v) else zero
+            else:
+                for k in range(rows.shape[1]):
+                    d[dst, k] = 0.0
+
+
 @numba.njit(inline="always")
-def _input_tiles(x, padding, tiles_h, tiles_w, t0, count, tiles, tile_step, position_step):
+def _input_tiles(x, padding, tiles_h, tiles_w, t0, count, tiles, tile_step, position_step,
+                 alpha, beta):
     """tiles row ``t * tile_step + (6a + b) * position_step`` = (B^T d_t B)[a, b] for tiles
     t0 + t (t < count; numbered (n, ty, tx) in order), d_t being the 6x6 window of x (N, H,
     W, C) at (4 ty - padding, 4 tx - padding), zeros outside x. ``tiles`` is a matrix of C
-    columns: (36, 1) lays a block out by tile, (1, count) by tile position."""
+    columns: (36, 1) lays a block out by tile, (1, count) by tile position. Where ``alpha``
+    and ``beta`` hold C values (size 0: none) the tiles are those of relu(x * alpha + beta)
+    (``_gather_bn_relu``; kernels/conv_bn_relu.py)."""
     n_img, h, w, c = x.shape
     rows = x.reshape(n_img * h * w, c)
     d = np.zeros((36, c), x.dtype)  # a border tile, zero-padded (row 6i + j)
@@ -116,12 +147,15 @@ def _input_tiles(x, padding, tiles_h, tiles_w, t0, count, tiles, tile_step, posi
         ty, tx = divmod(rem, tiles_w)
         y0 = 4 * ty - padding
         x0 = 4 * tx - padding
-        if y0 >= 0 and x0 >= 0 and y0 + 6 <= h and x0 + 6 <= w:
+        if alpha.shape[0] == 0 and y0 >= 0 and x0 >= 0 and y0 + 6 <= h and x0 + 6 <= w:
             base = (n * h + y0) * w + x0
             for j in range(6):  # columns, read in place: r = B^T d
                 _bt(rows, base + j, w, r, j, 6)
         else:
-            _gather(rows, n, h, w, y0, x0, 6, d)
+            if alpha.shape[0] == 0:
+                _gather(rows, n, h, w, y0, x0, 6, d)
+            else:
+                _gather_bn_relu(rows, n, h, w, y0, x0, d, alpha, beta)
             for j in range(6):
                 _bt(d, j, 6, r, j, 6)
         for a in range(6):  # rows: tiles = r B
@@ -129,11 +163,11 @@ def _input_tiles(x, padding, tiles_h, tiles_w, t0, count, tiles, tile_step, posi
 
 
 @_jit
-def input_tiles(x, padding, tiles_h, tiles_w, t0, out):
-    """out[t, 6a + b] = (B^T d_t B)[a, b] for tiles t0 + t (``_input_tiles``), out being a
-    block of (T, 36, C) tiles."""
+def input_tiles(x, padding, tiles_h, tiles_w, t0, out, alpha, beta):
+    """out[t, 6a + b] = (B^T d_t B)[a, b] for tiles t0 + t (``_input_tiles``, ``alpha`` and
+    ``beta`` its), out being a block of (T, 36, C) tiles."""
     _input_tiles(x, padding, tiles_h, tiles_w, t0, out.shape[0], out.reshape(-1, x.shape[3]),
-                 36, 1)
+                 36, 1, alpha, beta)
 
 
 @_jit
@@ -221,24 +255,24 @@ def _gemm(fn, trans_a, beta, a, b, c):
 
 @_jit
 def weight_grad_chunk(gemm, x, g, padding, tiles_h, tiles_w, t_start, t_end, block, du,
-                      v_flat, g_flat):
+                      v_flat, g_flat, alpha, beta):
     """du (36, C_in, C_out) = sum over tiles [t_start, t_end) of V^T (A g A^T) per tile
     position: the kernel gradient's share of one chunk of tiles, in float32. Blocks of
     ``block`` tiles are transformed by position (``v_flat``, ``g_flat``: scratch for one
     block, (36, block, C) each) and each position's product V[p]^T @ G[p] is added into du[p]
     by the gemm ``gemm`` itself (beta 1 after the first block): the same sums in the same
-    order whichever thread runs the chunk."""
+    order whichever thread runs the chunk. ``alpha``, ``beta``: ``_input_tiles``'s."""
     c_in = x.shape[3]
     c_out = g.shape[3]
-    beta = 0.0
+    gemm_beta = 0.0
     for t0 in range(t_start, t_end, block):
         count = min(block, t_end - t0)
         v = v_flat[:36 * count * c_in].reshape((36, count, c_in))
         gt = g_flat[:36 * count * c_out].reshape((36, count, c_out))
         _input_tiles(x, padding, tiles_h, tiles_w, t0, count, v.reshape((36 * count, c_in)),
-                     1, count)
+                     1, count, alpha, beta)
         _gradient_tiles(g, tiles_h, tiles_w, t0, count, gt.reshape((36 * count, c_out)), 1,
                         count)
         for p in range(36):
-            _gemm(gemm, 112, beta, v[p], gt[p], du[p])
-        beta = 1.0
+            _gemm(gemm, 112, gemm_beta, v[p], gt[p], du[p])
+        gemm_beta = 1.0

@@ -195,12 +195,19 @@ def _block_tiles(n_tiles: int, c_in: int, c_out: int) -> int:
     return max(8, min(BLOCK_TILES, by_cache, by_threads))
 
 
-def conv3x3(x: np.ndarray, w: np.ndarray, padding: int,
-            bias: np.ndarray | None = None) -> np.ndarray | None:
+#: the transforms' (alpha, beta) where the input is taken as it is (no BatchNorm + ReLU)
+_NO_BN_RELU = (np.empty(0, np.float32), np.empty(0, np.float32))
+
+
+def conv3x3(x: np.ndarray, w: np.ndarray, padding: int, bias: np.ndarray | None = None,
+            bn_relu: tuple | None = None) -> np.ndarray | None:
     """``conv(x, w, stride=1, padding)`` for NHWC ``x`` and a (3, 3, C_in, C_out) kernel, plus
     a (C_out,) ``bias`` where given (added by the output transform, no pass of its own); None
-    where numba cannot compile the transforms: the caller takes the im2col path."""
+    where numba cannot compile the transforms: the caller takes the im2col path.
+    ``bn_relu``: float32 per-channel (alpha, beta): convolve relu(x * alpha + beta) instead,
+    made as the input tiles are read (kernels/conv_bn_relu.py)."""
     n, h, wd, c_in = x.shape
+    alpha, beta = _NO_BN_RELU if bn_relu is None else bn_relu
     c_out = w.shape[3]
     ho, wo = h + 2 * padding - 2, wd + 2 * padding - 2
     th, tw = _tile_grid(ho, wo)
@@ -212,14 +219,14 @@ def conv3x3(x: np.ndarray, w: np.ndarray, padding: int,
     shift = (np.empty(0, x.dtype) if bias is None
              else np.ascontiguousarray(bias, dtype=x.dtype).reshape(c_out))
     kernels = _kernels()
-    if _prange_conv3x3(kernels, x, u, out, shift, padding, (th, tw), block):
+    if _prange_conv3x3(kernels, x, u, out, shift, padding, (th, tw), block, (alpha, beta)):
         return out
 
     def work(blocks: Iterator[tuple[int, int]]) -> None:
         v = _scratch("v", (block, 36, c_in), x.dtype)
         m = _scratch("m", (block, 36, c_out), x.dtype)
         for t0, count in blocks:
-            kernels.input_tiles(x, padding, th, tw, t0, v[:count])
+            kernels.input_tiles(x, padding, th, tw, t0, v[:count], alpha, beta)
             np.matmul(v[:count].transpose(1, 0, 2), u, out=m[:count].transpose(1, 0, 2))
             kernels.output_tiles(m[:count], th, tw, t0, out, shift)
 
@@ -235,7 +242,8 @@ PRANGE_ENABLED = True
 
 
 def _prange_conv3x3(kernels: Any, x: np.ndarray, u: np.ndarray, out: np.ndarray,
-                    shift: np.ndarray, padding: int, grid: tuple[int, int], block: int) -> bool:
+                    shift: np.ndarray, padding: int, grid: tuple[int, int], block: int,
+                    bn_relu: tuple = ()) -> bool:
     """conv3x3's blocks of tiles (the same blocks) in one numba prange region on the TBB
     threads, each block's transforms and 36 products (NumPy's OpenBLAS gemm,
     kernels/openblas_gemm.py, BLAS held on one thread) on one thread: the same products as
@@ -263,7 +271,7 @@ def _prange_conv3x3(kernels: Any, x: np.ndarray, u: np.ndarray, out: np.ndarray,
     m = np.empty((threads, block, 36, out.shape[3]), x.dtype)
     with blas_threads.hold():
         return _parallel_loops.call(loops.winograd, gemm, x, padding, th, tw, u, out, shift,
-                                    block, n_tiles, v, m)
+                                    block, n_tiles, v, m, *(bn_relu or _NO_BN_RELU))
 
 
 def conv3x3_input_grad(g: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray | None:
@@ -272,7 +280,8 @@ def conv3x3_input_grad(g: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray
     return conv3x3(g, np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)), 2 - padding)
 
 
-def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarray | None:
+def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int,
+                        bn_relu: tuple | None = None) -> np.ndarray | None:
     """``conv_weight_grad(x, g, (3, 3), stride=1, padding)``: the adjoint of conv3x3 in the
     kernel, dU = sum over tiles of V^T (A g A^T) per tile position, then dw = G^T dU G.
 
@@ -280,16 +289,18 @@ def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarra
     once over all tiles; otherwise, where NumPy's BLAS is OpenBLAS, float32 partial sums over
     chunks of tiles fixed by the shape (``_chunked_weight_grad``); elsewhere each thread adds
     its blocks' float32 products in float64. In every case the result does not depend on
-    which thread took which block, nor on the thread count."""
+    which thread took which block, nor on the thread count. ``bn_relu``: as conv3x3's."""
     n, ho, wo, c_out = g.shape
+    bn = _NO_BN_RELU if bn_relu is None else bn_relu
     c_in = x.shape[3]
     th, tw = _tile_grid(ho, wo)
     n_tiles = n * th * tw
     x, g = np.ascontiguousarray(x), np.ascontiguousarray(g)
     chunk_block = _chunk_block(n_tiles, c_in, c_out)
     if _whole_pays(n_tiles, c_in, c_out, chunk_block, x.itemsize):
-        return _weight_grad_whole(x, g, padding, (th, tw), _block_tiles(n_tiles, c_in, c_out))
-    chunked = _chunked_weight_grad(x, g, padding, (th, tw), chunk_block)
+        return _weight_grad_whole(x, g, padding, (th, tw), _block_tiles(n_tiles, c_in, c_out),
+                                  bn)
+    chunked = _chunked_weight_grad(x, g, padding, (th, tw), chunk_block, bn)
     if chunked is not None:
         return chunked
     block = _block_tiles(n_tiles, c_in, c_out)
@@ -300,7 +311,7 @@ def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, padding: int) -> np.ndarra
         gt = _scratch("m", (block, 36, c_out), x.dtype)
         du = np.zeros((36, c_in, c_out))
         for t0, count in blocks:
-            kernels.input_tiles(x, padding, th, tw, t0, v[:count])
+            kernels.input_tiles(x, padding, th, tw, t0, v[:count], *bn)
             kernels.gradient_tiles(g, th, tw, t0, gt[:count])
             du += np.matmul(v[:count].transpose(1, 2, 0), gt[:count].transpose(1, 0, 2))
         return du
@@ -330,7 +341,7 @@ def _chunk_block(n_tiles: int, c_in: int, c_out: int) -> int:
 
 
 def _chunked_weight_grad(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple[int, int],
-                         block: int) -> np.ndarray | None:
+                         block: int, bn_relu: tuple = ()) -> np.ndarray | None:
     """dw from float32 partial sums of dU over WEIGHT_GRAD_CHUNKS chunks of whole blocks of
     ``block`` tiles, added up in chunk order (in float64) before G^T dU G. Each chunk is one
     call of numba_winograd.weight_grad_chunk: per block, the transforms laid out by tile
@@ -352,6 +363,7 @@ def _chunked_weight_grad(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple
     kernels = _kernels()
     if getattr(kernels, "__name__", None) != __package__ + ".numba_winograd":
         return None
+    alpha, beta = bn_relu or _NO_BN_RELU
     gemm = openblas_gemm.gemm(x.dtype)
     if gemm is None:
         return None
@@ -367,7 +379,7 @@ def _chunked_weight_grad(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple
         if loops is None or not _winograd_loops.call(
                 loops.weight_grad, gemm, x, g, padding, th, tw, block, n_tiles, parts,
                 np.empty((threads, 36 * block * c_in), x.dtype),
-                np.empty((threads, 36 * block * c_out), x.dtype)):
+                np.empty((threads, 36 * block * c_out), x.dtype), alpha, beta):
 
             def work(shared: Iterator[tuple[int, int]]) -> None:
                 v = _scratch("v", (36 * block * c_in,), x.dtype)
@@ -376,7 +388,7 @@ def _chunked_weight_grad(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple
                     kernels.weight_grad_chunk(
                         gemm, x, g, padding, th, tw, n_blocks * c // chunks * block,
                         min(n_blocks * (c + 1) // chunks * block, n_tiles), block, parts[c],
-                        v, gt)
+                        v, gt, alpha, beta)
 
             if _in_parallel(work, chunks, 1) is None:
                 return None
@@ -395,7 +407,7 @@ def _whole_pays(n_tiles: int, c_in: int, c_out: int, block: int, itemsize: int) 
 
 
 def _weight_grad_whole(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple[int, int],
-                       block: int) -> np.ndarray | None:
+                       block: int, bn_relu: tuple = ()) -> np.ndarray | None:
     """conv3x3_weight_grad in two parallel passes: every tile's transforms (threads share
     blocks of tiles), then the 36 products dU[p] = V[:, p]^T @ (A g A^T)[:, p], each over
     all tiles at once (threads share the positions p) and in float32, straight into dU.
@@ -414,7 +426,8 @@ def _weight_grad_whole(x: np.ndarray, g: np.ndarray, padding: int, grid: tuple[i
 
     def transforms(blocks: Iterator[tuple[int, int]]) -> None:
         for t0, count in blocks:
-            kernels.input_tiles(x, padding, th, tw, t0, v[t0:t0 + count])
+            kernels.input_tiles(x, padding, th, tw, t0, v[t0:t0 + count],
+                                *(bn_relu or _NO_BN_RELU))
             kernels.gradient_tiles(g, th, tw, t0, gt[t0:t0 + count])
 
     if _in_parallel(transforms, n_tiles, block) is None:
