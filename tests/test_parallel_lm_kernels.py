@@ -160,8 +160,10 @@ def _attention_reference(q, k, v, mask, heads, scale):
     return (p @ split[2]).transpose(0, 2, 1, 3).reshape(b, t, width)
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole_slabs", "softmax_slabs"])
 @pytest.mark.parametrize("masked", [True, False])
-def test_attention_slabs_split_over_threads_give_the_one_thread_bits(monkeypatch, masked):
+def test_attention_slabs_split_over_threads_give_the_one_thread_bits(monkeypatch, masked,
+                                                                     whole):
     if attention.LOOPS.module() is None:
         pytest.skip("numba turned off")
     heads, t, d = 5, 45, 8
@@ -170,6 +172,9 @@ def test_attention_slabs_split_over_threads_give_the_one_thread_bits(monkeypatch
     scale = d ** -0.5
     counting = _Counting(attention.PARALLEL_LOOPS)
     monkeypatch.setattr(attention, "PARALLEL_LOOPS", counting)
+    # whole: products and softmax per slab (tests/test_attention_slabs.py); else the batched
+    # products with only the softmax passes split
+    monkeypatch.setattr(attention, "SLABS", whole)
 
     def both():
         return ([attention.attention(q, k, v, mask, heads, scale)]
@@ -179,7 +184,10 @@ def test_attention_slabs_split_over_threads_give_the_one_thread_bits(monkeypatch
     split = both()
     if parallel_loops.parallel_threads():
         assert attention._slab_blocks(np.empty((7, heads, t, t), np.float32)) == 4
-        assert counting.ran == ["_softmax_slabs", "_softmax_slabs", "_softmax_grad_slabs"]
+        assert counting.ran == (
+            ["_attention_slabs", "_attention_grad_slabs"] if whole and attention._slab_kernels(
+                q, k, v, g, mask, heads, scale) is not None
+            else ["_softmax_slabs", "_softmax_slabs", "_softmax_grad_slabs"])
     serial = _without_prange(monkeypatch, both)
     for got, want in zip(serial, split):
         np.testing.assert_array_equal(got, want)

@@ -380,6 +380,29 @@ class TupleGetItem(Op):
         return a[self.index]
 
 
+def _stacked_already(arrays: Any, axis: int) -> Any:
+    """The array that ``np.stack(arrays, axis)`` would equal where ``arrays`` are already its
+    consecutive slices along ``axis`` (views of one C-contiguous array that owns its memory,
+    in order: the q, k and v gradients that kernels/attention.py writes into one buffer),
+    else None. Nothing writes an op's output in place, so handing the buffer on is a copy
+    saved (a (16, 64, 3, 128) stack: ~0.2 ms)."""
+    first = arrays[0] if arrays else None
+    base = getattr(first, "base", None)
+    if type(first) is not np.ndarray or type(base) is not np.ndarray or not base.flags.owndata \
+            or not base.flags.c_contiguous or base.ndim != first.ndim + 1 \
+            or base.shape[axis] != len(arrays):
+        return None
+    lead = (slice(None),) * axis
+    for i, a in enumerate(arrays):
+        if type(a) is not np.ndarray or a.base is not base:
+            return None
+        part = base[lead + (i,)]
+        if a.shape != part.shape or a.strides != part.strides or a.dtype != part.dtype \
+                or a.ctypes.data != part.ctypes.data:
+            return None
+    return base
+
+
 @register("stack", inputs=("args",), tuple_input=True)
 class Stack(Op):
     """Tensors of one shape stacked along a new ``axis``."""
@@ -388,6 +411,11 @@ class Stack(Op):
         self.axis = int(axis)
 
     def compute(self, arrays):
+        if len(arrays) > 1 and type(arrays[0]) is np.ndarray \
+                and -arrays[0].ndim - 1 <= self.axis <= arrays[0].ndim:
+            done = _stacked_already(arrays, self.axis % (arrays[0].ndim + 1))
+            if done is not None:
+                return done
         return np.stack(arrays, axis=self.axis)
 
     def gradient(self, out_grad, node):

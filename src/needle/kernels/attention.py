@@ -29,6 +29,7 @@ import numpy as np
 
 from ..backend import parallel_loops
 from ..backend.numba_support import NumbaLoops
+from . import blas_threads, openblas_gemm
 
 __all__ = ["attention", "attention_grad"]
 
@@ -114,6 +115,138 @@ def _mask_rows(mask: Any, s: Any) -> Any:
     return np.ascontiguousarray(rows, dtype=s.dtype)
 
 
+#: OpenBLAS runs a product of at most this many multiply-adds on one thread whatever its
+#: thread count (its SMP threshold, 65536 * 4): slabs that small give the same bits whether
+#: or not BLAS is held on one thread
+_ONE_THREAD_MACS = 1 << 18
+#: the whole-slab kernels' switch (A/B runs turn it off)
+SLABS = True
+#: slab runs of the whole attention (tests check the path ran)
+SLAB_RUNS = [0]
+
+
+def _blasable(x: Any, width: int) -> bool:
+    """Whether NumPy's matmul hands the (L, width) head views of the 3-d x to BLAS as they
+    are (unit-stride rows, a row stride of whole items spanning at least a head)."""
+    item = x.itemsize
+    return x.strides[2] == item and x.strides[1] % item == 0 and x.strides[1] // item >= width
+
+
+def _same_slab_start(a: Any, b: Any) -> bool:
+    """Whether some batch index i puts a[i] and b[i] at one address (NumPy multiplies such
+    an a_h @ b_h^T pair by syrk, other bits than gemm)."""
+    gap = b.ctypes.data - a.ctypes.data
+    step = a.strides[0] - b.strides[0]
+    if step == 0:
+        return gap == 0
+    return gap % step == 0 and 0 <= gap // step < a.shape[0]
+
+
+def _slab_kernels(q: Any, k: Any, v: Any, g: Any, mask: Any, heads: int, scale: Any
+                  ) -> Any:
+    """(module, mask rows, blocks, cblas_sgemm) for the whole-slab kernels, or None where
+    they do not apply: prange not running, not all float32, a scale that is not a Python
+    float (NumPy multiplies by a NumPy float64 in float64), dims of 1 (NumPy's matmul then
+    takes other BLAS calls), views BLAS cannot read as they are, q and k (g and v) at one
+    address (syrk), a mask other than one (T, S) for all slabs, or slabs large enough for
+    OpenBLAS to thread while BLAS is not held (the bits of its two threads differ)."""
+    b, t, e = q.shape
+    s, ev = k.shape[1], v.shape[2]
+    if not SLABS or type(scale) is not float or min(b, t - 1, s - 1) < 1 \
+            or e < 2 * heads or ev < 2 * heads or e % heads or ev % heads:
+        return None
+    slabs = b * heads
+    if slabs * t * s < PRANGE_MIN_SIZE or not parallel_loops.parallel_threads() \
+            or LOOPS.module() is None:
+        return None
+    count = min(slabs, max(1, slabs * t * s // SLAB_BLOCK_ELEMENTS))
+    arrays = (q, k, v) if g is None else (q, k, v, g)
+    if any(type(x) is not np.ndarray or x.dtype != np.float32 for x in arrays):
+        return None
+    dk, dv = e // heads, ev // heads
+    if not (_blasable(q, dk) and _blasable(k, dk) and _blasable(v, dv)
+            and (g is None or _blasable(g, dv))):
+        return None
+    if _same_slab_start(q, k) or (g is not None and t == s and g.strides[1] == v.strides[1]
+                                  and _same_slab_start(g, v)):
+        return None
+    rows = None
+    if mask is not None:
+        rows = _mask_rows(mask, np.empty((1, 1, t, s), np.float32))
+        if rows is None:
+            return None
+    if not blas_threads.available() or (
+            not blas_threads.held() and max(dk, dv) * t * s > _ONE_THREAD_MACS):
+        return None
+    gemm = openblas_gemm.gemm(np.float32)
+    module = PARALLEL_LOOPS.module() if gemm is not None else None
+    if module is None:
+        return None
+    if rows is None:
+        rows = np.zeros((1, s), np.float32)
+    return module, rows, count, gemm
+
+
+def _packed(q: Any, k: Any, v: Any) -> bool:
+    """Whether q, k and v are the slices 0, 1, 2 along axis 2 of one C-contiguous
+    (B, T, 3, D) array (split views of a self-attention's one projection)."""
+    if not (q.shape == k.shape == v.shape and q.strides == k.strides == v.strides):
+        return False
+    b, t, e = q.shape
+    row = e * q.itemsize
+    start = q.ctypes.data
+    return q.strides == (t * 3 * row, 3 * row, q.itemsize) and \
+        k.ctypes.data == start + row and v.ctypes.data == start + 2 * row
+
+
+def _attention_by_slabs(q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float
+                        ) -> Any:
+    """:func:`attention` by the whole-slab kernel, or None where it does not run."""
+    found = _slab_kernels(q, k, v, None, mask, heads, scale)
+    if found is None:
+        return None
+    module, rows, count, gemm = found
+    b, t = q.shape[0], q.shape[1]
+    out, _ = _merged(b, t, heads, v.shape[-1] // heads, np.float32)
+    with blas_threads.hold():
+        ran = PARALLEL_LOOPS.call(module.attention_slabs, gemm, q, k, v, out, rows,
+                                  mask is not None, scale, heads, count)
+    if not ran:
+        return None
+    SLAB_RUNS[0] += 1
+    return out
+
+
+def _attention_grad_by_slabs(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int,
+                             scale: float) -> tuple | None:
+    """:func:`attention_grad` by the whole-slab kernel, or None where it does not run."""
+    found = _slab_kernels(q, k, v, g, mask, heads, scale)
+    if found is None:
+        return None
+    module, rows, count, gemm = found
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    dk_width, dv_width = q.shape[-1] // heads, v.shape[-1] // heads
+    if _packed(q, k, v):
+        # the gradients as the same views of one (B, T, 3, D) array: the ``stack`` that is
+        # split's adjoint hands that array on uncopied (ops_shape._stacked_already)
+        packed = np.empty((b, t, 3, q.shape[-1]), np.float32)
+        dq, dk, dv = packed[:, :, 0], packed[:, :, 1], packed[:, :, 2]
+    else:
+        dq, _ = _merged(b, t, heads, dk_width, np.float32)
+        dk, _ = _merged(b, s, heads, dk_width, np.float32)
+        dv, _ = _merged(b, s, heads, dv_width, np.float32)
+    keep = mask is not None
+    ds = np.empty((b, heads, t, s) if keep else (1, 1, 1, 1), np.float32)
+    with blas_threads.hold():
+        ran = PARALLEL_LOOPS.call(module.attention_grad_slabs, gemm, g, q, k, v, dq, dk, dv,
+                                  ds.reshape(-1, ds.shape[2], ds.shape[3]), keep, rows, keep,
+                                  scale, heads, count)
+    if not ran:
+        return None
+    SLAB_RUNS[0] += 1
+    return dq, dk, dv, (ds if keep else None)
+
+
 def probabilities(q: Any, k: Any, mask: Any, heads: int, scale: float) -> Any:
     """softmax(scale * q k^T + mask) over the last axis, per head: a new (B, H, T, S) array."""
     s = np.matmul(heads_view(q, heads), heads_view(k, heads).swapaxes(-1, -2))
@@ -149,6 +282,9 @@ def probabilities(q: Any, k: Any, mask: Any, heads: int, scale: float) -> Any:
 def attention(q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float) -> Any:
     """softmax(scale * q k^T + mask) v per head: (B, T, H*dv) from q (B, T, H*dk),
     k (B, S, H*dk), v (B, S, H*dv) and an additive mask broadcasting to (B, H, T, S) or None."""
+    done = _attention_by_slabs(q, k, v, mask, heads, scale)
+    if done is not None:
+        return done
     dtype = np.result_type(q.dtype, k.dtype, v.dtype)
     p = probabilities(q, k, mask, heads, scale).astype(dtype, copy=False)
     b, t = q.shape[0], q.shape[1]
@@ -161,6 +297,9 @@ def attention_grad(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int, scale:
                    ) -> tuple[Any, Any, Any, Any]:
     """(dq, dk, dv, dmask) of :func:`attention` for the output gradient ``g`` (B, T, H*dv);
     dmask is d(loss)/d(logits) (B, H, T, S), or None without a mask."""
+    done = _attention_grad_by_slabs(g, q, k, v, mask, heads, scale)
+    if done is not None:
+        return done
     dtype = np.result_type(g.dtype, q.dtype, k.dtype, v.dtype)
     q, k, v, g = (a.astype(dtype, copy=False) for a in (q, k, v, g))
     p = probabilities(q, k, mask, heads, scale).astype(dtype, copy=False)

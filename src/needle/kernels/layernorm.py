@@ -10,6 +10,11 @@ sums to rounding, not bit for bit.
 
 Measured on the LM benchmark's (16, 64, 128) float32 activations (one process, loaded
 2-core machine, medians): forward 0.90 -> 0.06 ms, backward 2.2 -> 0.57 ms, numba vs NumPy.
+From ``PRANGE_MIN_ELEMENTS`` (the forward from ``FORWARD_PRANGE_MIN_ELEMENTS``) the rows
+split over numba's prange threads (numba_parallel_layernorm.py); the backward's weight and
+bias sums run in float64 per block of 128 rows, the blocks added in order, on one thread
+too (session 12; may differ from the one row-order float64 sum before in the float32
+result's last place: none of 7,110 sums checked did).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import parallel_loops
 from ..backend.numba_support import NumbaLoops
 
 __all__ = ["layer_norm", "layer_norm_grad"]
@@ -25,6 +31,27 @@ __all__ = ["layer_norm", "layer_norm_grad"]
 
 #: kernels/numba_layernorm.py on first use (NumPy runs where numba cannot)
 LOOPS = NumbaLoops(f"{__package__}.numba_layernorm")
+#: kernels/numba_parallel_layernorm.py, where prange runs (the one-thread loops where not)
+PARALLEL_LOOPS = NumbaLoops(f"{__package__}.numba_parallel_layernorm")
+#: activations of at least this many elements split their rows over numba's prange threads
+#: (the same bits: rows on their own, the backward's sums in blocks fixed by the shape)
+PRANGE_MIN_ELEMENTS = 1 << 16
+#: ... for the forward (one visit a row, a third of the backward's work).
+#: NOTE measured (session 12, the jitted Transformer LM step, 2^17-element activations,
+#: ndl.profile alternating rounds, the 2-core machine near quiet): the backward split 1.10 ->
+#: 0.79-0.84 ms a step (5 calls), the forward split 0.38 -> 0.41 (slower in the step although
+#: 42 -> 32 us a call alone): the forward splits from 2^18 only (not measured there)
+FORWARD_PRANGE_MIN_ELEMENTS = 1 << 18
+#: rows per block of the forward's prange region (any split gives the same bits)
+FORWARD_BLOCK_ROWS = 128
+
+
+def _parallel(xm: Any, smallest: int) -> Any:
+    """The prange loops for the (M, D) matrix xm, or None: fewer than ``smallest`` elements,
+    or prange not running."""
+    if xm.size < smallest or xm.shape[0] < 2 or not parallel_loops.parallel_threads():
+        return None
+    return PARALLEL_LOOPS.module()
 
 
 def _compiled(*arrays: Any) -> Any:
@@ -74,6 +101,11 @@ def layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
         d = x.shape[-1]
         xm = x.reshape(-1, d)
         out = np.empty_like(xm)
+        parallel = _parallel(xm, FORWARD_PRANGE_MIN_ELEMENTS)
+        if parallel is not None and PARALLEL_LOOPS.call(
+                parallel.layer_norm_blocks, xm, weight, bias, float(eps), out,
+                -(-xm.shape[0] // FORWARD_BLOCK_ROWS)):
+            return out.reshape(x.shape)
         if LOOPS.call(loops.layer_norm_rows, xm, weight, bias, float(eps), out):
             return out.reshape(x.shape)
     centered, inv = _row_stats(x, eps)
@@ -105,6 +137,12 @@ def layer_norm_grad(g: Any, x: Any, weight: Any, eps: float) -> tuple[Any, Any, 
         dx = np.empty_like(xm)
         dweight = np.empty(d, dtype)
         dbias = np.empty(d, dtype)
+        parallel = _parallel(xm, PRANGE_MIN_ELEMENTS)
+        blocks = -(-xm.shape[0] // loops.GRAD_BLOCK_ROWS)
+        if parallel is not None and PARALLEL_LOOPS.call(
+                parallel.layer_norm_grad_blocks, gm, xm, weight, float(eps), dx, dweight,
+                dbias, np.zeros((blocks, d)), np.zeros((blocks, d))):
+            return dx.reshape(x.shape), dweight, dbias
         if LOOPS.call(loops.layer_norm_grad_rows, gm, xm, weight, float(eps), dx, dweight, dbias):
             return dx.reshape(x.shape), dweight, dbias
     centered, inv = _row_stats(x, eps)

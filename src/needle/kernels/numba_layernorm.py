@@ -53,15 +53,20 @@ def layer_norm_rows(xm, weight, bias, eps, out):
             dest[j] = (row[j] - mean) * inv * weight[j] + bias[j]
 
 
+#: rows per block of the backward's weight and bias sums: each block's float64 sums run in
+#: row order, the blocks' sums are then added in block order (fixed by the shape, so the bits
+#: are the same on one thread or split over numba's prange threads,
+#: numba_parallel_layernorm.py)
+GRAD_BLOCK_ROWS = 128
+
+
 @_jit
-def layer_norm_grad_rows(gm, xm, weight, eps, dx, dweight, dbias):
-    """LayerNorm's (dx, dweight, dbias) from the output gradient gm, row by row:
+def layer_norm_grad_block(gm, xm, weight, eps, dx, acc_w, acc_b):
+    """LayerNorm's dx for the rows of gm, xm, and their float64 sums of g * xhat and g added
+    into acc_w and acc_b, in row order:
     xhat = (x - mean) * inv, gw = g * weight,
-    dx = inv * (gw - mean(gw) - xhat * mean(gw * xhat)),
-    dweight = sum over rows of g * xhat, dbias = sum over rows of g."""
+    dx = inv * (gw - mean(gw) - xhat * mean(gw * xhat))."""
     m, d = xm.shape
-    acc_w = np.zeros(d, np.float64)
-    acc_b = np.zeros(d, np.float64)
     xhat = np.empty(d, xm.dtype)
     box = np.empty(2, xm.dtype)
     for i in range(m):
@@ -83,6 +88,34 @@ def layer_norm_grad_rows(gm, xm, weight, eps, dx, dweight, dbias):
         mean_gw, mean_gwx = box[0], box[1]
         for j in range(d):
             dest[j] = inv * (grow[j] * weight[j] - mean_gw - xhat[j] * mean_gwx)
+
+
+@_jit
+def add_block_sums(partial_w, partial_b, dweight, dbias):
+    """dweight, dbias = the (blocks, D) float64 partial sums added in block order."""
+    count, d = partial_w.shape
     for j in range(d):
-        dweight[j] = acc_w[j]
-        dbias[j] = acc_b[j]
+        total_w = 0.0
+        total_b = 0.0
+        for k in range(count):
+            total_w += partial_w[k, j]
+            total_b += partial_b[k, j]
+        dweight[j] = total_w
+        dbias[j] = total_b
+
+
+@_jit
+def layer_norm_grad_rows(gm, xm, weight, eps, dx, dweight, dbias):
+    """LayerNorm's (dx, dweight, dbias) from the output gradient gm, row by row
+    (``layer_norm_grad_block``), dweight = sum over rows of g * xhat, dbias = sum over rows
+    of g: in float64 per block of ``GRAD_BLOCK_ROWS`` rows, the blocks added in order."""
+    m, d = xm.shape
+    count = (m + GRAD_BLOCK_ROWS - 1) // GRAD_BLOCK_ROWS
+    partial_w = np.zeros((count, d), np.float64)
+    partial_b = np.zeros((count, d), np.float64)
+    for k in range(count):
+        s = k * GRAD_BLOCK_ROWS
+        e = min(m, s + GRAD_BLOCK_ROWS)
+        layer_norm_grad_block(gm[s:e], xm[s:e], weight, eps, dx[s:e], partial_w[k],
+                              partial_b[k])
+    add_block_sums(partial_w, partial_b, dweight, dbias)

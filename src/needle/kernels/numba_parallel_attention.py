@@ -7,14 +7,26 @@ shape alone), and each block runs the one-thread loops of numba_attention.py on 
 slab starts at a multiple of T, so the causal mask's row ``r % T`` is the same). Each row's
 result depends on that row alone: the bits do not depend on the thread count or on whether
 the blocks ran in parallel.
+The whole attention (``attention_slabs``) and its adjoint (``attention_grad_slabs``) run
+the same way, a block of slabs at a time, each slab's products by NumPy's own OpenBLAS gemm
+(kernels/openblas_gemm.py, passed in as a ctypes function) with the very arguments NumPy's
+``matmul`` gives it for that slab (row major; the same transpose flags and leading
+dimensions), and its softmax passes by numba_attention.py's row loops: each slab's values are
+those of kernels/attention.py's NumPy-ordered path, bit for bit, while the products of a
+block run on one TBB thread with the slab's (T, S) logits in its cache (NumPy's batched
+products ran on one thread, whole (B, H, T, S) arrays between them).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from numba import prange
 
 from ..backend.parallel_loops import njit_parallel
 from . import numba_attention
+
+#: CBLAS enum values (cblas.h): row major, no transpose, transpose
+_ROW, _N, _T = 101, 111, 112
 
 
 def _softmax_slabs(s, scale, mask, use_mask, count):
@@ -38,5 +50,82 @@ def _softmax_grad_slabs(p, dp, count):
                                           dp[start:stop].reshape((rows, width)))
 
 
+def _attention_slabs(gemm, q, k, v, out, mask, use_mask, scale, heads, count):
+    """out (B, T, H*dv) = softmax(scale * q_h k_h^T + mask rows) v_h per head h, in ``count``
+    blocks of the B * H (batch, head) slabs; q (B, T, H*dk), k (B, S, H*dk), v (B, S, H*dv)
+    float32 with unit-stride rows, mask (T, S) read where ``use_mask`` (see
+    numba_attention.shifted_logits_rows). gemm: cblas_sgemm (a ctypes function)."""
+    b, t, e = q.shape
+    s = k.shape[1]
+    dk = e // heads
+    dv = v.shape[2] // heads
+    n = b * heads
+    ldq, ldk, ldv = q.strides[1] // 4, k.strides[1] // 4, v.strides[1] // 4
+    ldo = out.strides[1] // 4
+    for blk in prange(count):
+        p = np.empty((t, s), np.float32)
+        for slab in range(n * blk // count, n * (blk + 1) // count):
+            i = slab // heads
+            h = slab - i * heads
+            qh = q[i, :, h * dk:(h + 1) * dk]
+            kh = k[i, :, h * dk:(h + 1) * dk]
+            vh = v[i, :, h * dv:(h + 1) * dv]
+            oh = out[i, :, h * dv:(h + 1) * dv]
+            # p = q_h @ k_h^T (k_h^T read transposed, as NumPy passes a swapped view)
+            gemm(_ROW, _N, _T, t, s, dk, 1.0, qh.ctypes, ldq, kh.ctypes, ldk, 0.0, p.ctypes, s)
+            numba_attention.softmax_rows_f32(p, scale, mask, use_mask)
+            gemm(_ROW, _N, _N, t, dv, s, 1.0, p.ctypes, s, vh.ctypes, ldv, 0.0, oh.ctypes, ldo)
+
+
+def _attention_grad_slabs(gemm, g, q, k, v, dq, dk_out, dv_out, ds_all, keep_ds, mask,
+                          use_mask, scale, heads, count):
+    """dq, dk_out, dv_out (shaped as q, k, v) of ``_attention_slabs`` for the output
+    gradient g (B, T, H*dv), per slab: p recomputed, dv = p^T g, ds = softmax's adjoint of
+    g v^T, dq = scale * ds k, dk = scale * ds^T q; ds kept in ``ds_all`` (B * H, T, S) where
+    ``keep_ds`` (the mask's gradient), else in a scratch slab."""
+    b, t, e = q.shape
+    s = k.shape[1]
+    dk = e // heads
+    dv = v.shape[2] // heads
+    n = b * heads
+    ldq, ldk, ldv = q.strides[1] // 4, k.strides[1] // 4, v.strides[1] // 4
+    ldg = g.strides[1] // 4
+    lq, lk, lv = dq.strides[1] // 4, dk_out.strides[1] // 4, dv_out.strides[1] // 4
+    box = np.empty(1, np.float32)  # the scale as float32: NumPy's ``dq *= scale``
+    box[0] = scale
+    factor = box[0]
+    for blk in prange(count):
+        p = np.empty((t, s), np.float32)
+        scratch = np.empty((t, s), np.float32)
+        for slab in range(n * blk // count, n * (blk + 1) // count):
+            i = slab // heads
+            h = slab - i * heads
+            ds = ds_all[slab] if keep_ds else scratch
+            qh = q[i, :, h * dk:(h + 1) * dk]
+            kh = k[i, :, h * dk:(h + 1) * dk]
+            vh = v[i, :, h * dv:(h + 1) * dv]
+            gh = g[i, :, h * dv:(h + 1) * dv]
+            dqh = dq[i, :, h * dk:(h + 1) * dk]
+            dkh = dk_out[i, :, h * dk:(h + 1) * dk]
+            dvh = dv_out[i, :, h * dv:(h + 1) * dv]
+            gemm(_ROW, _N, _T, t, s, dk, 1.0, qh.ctypes, ldq, kh.ctypes, ldk, 0.0, p.ctypes, s)
+            numba_attention.softmax_rows_f32(p, scale, mask, use_mask)
+            # dv_h = p^T @ g_h, dp = g_h @ v_h^T (into ds), then softmax's adjoint in place
+            gemm(_ROW, _T, _N, s, dv, t, 1.0, p.ctypes, s, gh.ctypes, ldg, 0.0, dvh.ctypes, lv)
+            gemm(_ROW, _N, _T, t, s, dv, 1.0, gh.ctypes, ldg, vh.ctypes, ldv, 0.0, ds.ctypes, s)
+            numba_attention.softmax_grad_rows(p, ds)
+            # dq_h = ds @ k_h, dk_h = ds^T @ q_h, each then times the scale
+            gemm(_ROW, _N, _N, t, dk, s, 1.0, ds.ctypes, s, kh.ctypes, ldk, 0.0, dqh.ctypes, lq)
+            gemm(_ROW, _T, _N, s, dk, t, 1.0, ds.ctypes, s, qh.ctypes, ldq, 0.0, dkh.ctypes, lk)
+            for r in range(t):
+                for c in range(dk):
+                    dqh[r, c] *= factor
+            for r in range(s):
+                for c in range(dk):
+                    dkh[r, c] *= factor
+
+
 softmax_slabs = njit_parallel(_softmax_slabs)
 softmax_grad_slabs = njit_parallel(_softmax_grad_slabs)
+attention_slabs = njit_parallel(_attention_slabs)
+attention_grad_slabs = njit_parallel(_attention_grad_slabs)
