@@ -7,8 +7,8 @@ Each loop keeps a register tile of accumulators: 8 output positions x 16 or 32 o
 layer's 27 or 9 taps x 16 channels in one tile), one or two 512-bit vectors per row. A tap's
 input value is broadcast against a row of the kernel (or of the output gradient): any
 stride reads scalars only, so a stride-2 layer costs what a stride-1 layer does. The tile
-lives in a stack array (``_stack_f32``) indexed by constants only, so LLVM keeps it in
-registers; the functions ask LLVM for 512-bit vectors (``_wide_vectors``: on this
+lives in a stack array (``stack_f32``) indexed by constants only, so LLVM keeps it in
+registers; the functions ask LLVM for 512-bit vectors (``wide_vectors``: on this
 machine's AVX-512 LLVM prefers 256 bits, half the multiply-adds per instruction).
 
 Sums run in a fixed order (the forward: taps in (i, j, c) order, then the bias, added where
@@ -38,40 +38,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from ..backend.numba_support import njit_cached
 from ..backend.parallel_loops import njit_parallel
-
-
-@intrinsic
-def _stack_f32(typingctx, size):  # type: ignore[no-untyped-def]
-    """A pointer to ``size`` (a literal) float32 values on the stack (numba has no stack
-    arrays): ``numba.carray`` over it is a tile LLVM can keep in registers."""
-    if not isinstance(size, types.IntegerLiteral):
-        return None
-    count = size.literal_value
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return cgutils.alloca_once(builder, context.get_data_type(types.float32),
-                                   size=context.get_constant(types.intp, count))
-
-    return types.CPointer(types.float32)(size), codegen
-
-
-@intrinsic
-def _wide_vectors(typingctx):  # type: ignore[no-untyped-def]
-    """Ask LLVM for 512-bit vectors in the calling function (its attributes
-    prefer-vector-width and min-legal-vector-width); a no-op on CPUs without them."""
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        attributes = builder.function.attributes
-        set.add(attributes, '"prefer-vector-width"="512"')
-        set.add(attributes, '"min-legal-vector-width"="512"')
-        return context.get_dummy_value()
-
-    return types.none(), codegen
+from .numba_intrinsics import stack_f32, wide_vectors
 
 
 def _nocontract(fn):  # type: ignore[no-untyped-def]
@@ -190,8 +161,8 @@ def forward32(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
     k]) + bias[k] for NHWC ``a`` (images of one block), ``w`` (kh, kw, C, C_out), C_out % 32
     == 0, Wo >= 8; where ``alpha`` and ``beta`` hold C values (size 0: none), xpad is that of
     relu(a * alpha + beta) instead (``pad_input``)."""
-    _wide_vectors()
-    acc = numba.carray(_stack_f32(256), (8, 32))
+    wide_vectors()
+    acc = numba.carray(stack_f32(256), (8, 32))
     u = np.uint64
     kh, kw, c, co = w.shape
     for b in range(a.shape[0]):
@@ -236,8 +207,8 @@ def forward32(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
 @_jit
 def forward16(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
     """forward32 for C_out % 16 == 0: tiles of 8 positions x 16 channels."""
-    _wide_vectors()
-    acc = numba.carray(_stack_f32(128), (8, 16))
+    wide_vectors()
+    acc = numba.carray(stack_f32(128), (8, 16))
     u = np.uint64
     kh, kw, c, co = w.shape
     for b in range(a.shape[0]):
@@ -285,8 +256,8 @@ def weight_grad32(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     of xpad[n, (y, x) + tap t] * g[n, y, x, k]), image by image; ``part`` (len(off), C_out),
     C_out % 32 == 0, len(off) % 8 == 0 (taps past the kernel's read offset 0; the caller drops
     them); ``alpha``, ``beta``: as forward32's."""
-    _wide_vectors()
-    acc = numba.carray(_stack_f32(256), (8, 32))
+    wide_vectors()
+    acc = numba.carray(stack_f32(256), (8, 32))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp, c = xp.shape[1], xp.shape[2]
@@ -330,8 +301,8 @@ def weight_grad64(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     """weight_grad32 for C_out % 64 == 0: tiles of 4 taps x 64 channels (4 broadcasts and 4
     loads a position for 16 multiply-adds, where 8 taps x 32 channels twice take 16 and 4:
     C32->64 16x16 stride 2, one thread, 1.85 -> 1.0 ms; im2col 1.2-1.5)."""
-    _wide_vectors()
-    acc = numba.carray(_stack_f32(256), (4, 64))
+    wide_vectors()
+    acc = numba.carray(stack_f32(256), (4, 64))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp, c = xp.shape[1], xp.shape[2]
@@ -386,8 +357,8 @@ def weight_grad_first_layer(a, g, stride, padding, xp, xf, part):
     One thread, 64 images 32x32 to 16 channels, thread CPU time, us (oneDNN channels-last):
     quiet 556 -> 335 (390) NHWC, 539 -> 382 (414) an NCHW view; loaded 772-831 -> 436-453
     (438-475); the same bits. (T2's tile using each broadcast for 3 column taps spilled.)"""
-    _wide_vectors()
-    acc = numba.carray(_stack_f32(432), (27, 16))
+    wide_vectors()
+    acc = numba.carray(stack_f32(432), (27, 16))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp = xp.shape[1]
@@ -443,8 +414,8 @@ def weight_grad_one_channel(a, g, stride, padding, xp, xf, part):
     channels in one tile, the same sums in the same order as weight_grad16 (which took 2
     passes of 8 taps, 16 for 9). One thread, 64 images 28x28 to 16 channels, thread CPU
     time, us: 251 -> 149 (oneDNN channels-last 218); the same bits."""
-    _wide_vectors()
-    acc = numba.carray(_stack_f32(144), (9, 16))
+    wide_vectors()
+    acc = numba.carray(stack_f32(144), (9, 16))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp = xp.shape[1]
@@ -482,8 +453,8 @@ def weight_grad16(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     or 9 taps (a 3x3 kernel over 3 or 1 channels, its input plain: ``alpha`` of size 0) go
     to ``weight_grad_first_layer`` or ``weight_grad_one_channel`` (the same sums in one
     tile)."""
-    _wide_vectors()
-    acc = numba.carray(_stack_f32(128), (8, 16))
+    wide_vectors()
+    acc = numba.carray(stack_f32(128), (8, 16))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp, c = xp.shape[1], xp.shape[2]
@@ -566,9 +537,9 @@ def forward_few_channels(a, wt, bias, kh, kw, padding, ho, wo, xp, out):
     overlaps the one before instead: a partial tile's stores took acc out of registers,
     1.28 vs 0.89 ms).
 
-    NOTE: 256-bit vectors here (no _wide_vectors): 0.79 ms vs 0.90 with 512 bits (C3->16
+    NOTE: 256-bit vectors here (no wide_vectors): 0.79 ms vs 0.90 with 512 bits (C3->16
     32x32, batch 64, one thread); 16 x 8 and 32 x 4 tiles 0.95-1.0 ms."""
-    acc = numba.carray(_stack_f32(64), (4, 16))
+    acc = numba.carray(stack_f32(64), (4, 16))
     u = np.uint64
     co, c = out.shape[3], xp.shape[0]
     for b in range(a.shape[0]):
@@ -607,8 +578,8 @@ def input_grad32(g, wt, stride, padding, gp, out):
     overlapping the one before (every phase needs W // s >= 8 positions); ``gp`` is a scratch
     for one image's g zero-padded by kh rows and kw columns on each side, so taps past g's
     edges read zeros."""
-    _wide_vectors()
-    acc = numba.carray(_stack_f32(256), (8, 32))
+    wide_vectors()
+    acc = numba.carray(stack_f32(256), (8, 32))
     u = np.uint64
     kh, kw, co, ci = wt.shape
     h, w = out.shape[1], out.shape[2]
@@ -672,8 +643,8 @@ def input_grad16(g, wt, stride, padding, gp, out):
     overlapping the one before (every phase needs W // s >= 8 positions); ``gp`` is a scratch
     for one image's g zero-padded by kh rows and kw columns on each side, so taps past g's
     edges read zeros."""
-    _wide_vectors()
-    acc = numba.carray(_stack_f32(128), (8, 16))
+    wide_vectors()
+    acc = numba.carray(stack_f32(128), (8, 16))
     u = np.uint64
     kh, kw, co, ci = wt.shape
     h, w = out.shape[1], out.shape[2]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from numba import prange
 
 from ..backend.parallel_loops import njit_parallel
-from . import numba_vocab_head
+from . import numba_intrinsics, numba_vocab_head
 
 
 def _softmax_minus_onehot_rows(z, ids, one, peaks, totals, rows_per_block):
@@ -22,7 +22,7 @@ def _softmax_minus_onehot_rows(z, ids, one, peaks, totals, rows_per_block):
     ``rows_per_block`` rows split over threads."""
     rows = z.shape[0]
     for b in prange(-(-rows // rows_per_block)):
-        numba_vocab_head._wide_vectors()  # (512-bit vectors in the loop body's function too)
+        numba_intrinsics.wide_vectors()  # (512-bit vectors in the loop body's function too)
         start = b * rows_per_block
         stop = min(rows, start + rows_per_block)
         for r in range(start, stop):

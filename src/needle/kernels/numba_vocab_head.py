@@ -27,49 +27,16 @@ rounding (the same float32 results but for rare ties).
 from __future__ import annotations
 
 import numpy as np
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 
 from ..backend.numba_support import njit_cached
-from .numba_direct_conv import _wide_vectors
 from .numba_exp import exp_f32, row_peak_f32
+from .numba_intrinsics import prefetch_to_l2, wide_vectors
 
 #: float32 values per 64-byte cache line, and per chunk of the exp loop (the lines of the next
 #: row prefetched before each chunk: a loop of 256 values still vectorizes; a prefetch per
 #: 16 values inside it did not, 8x slower)
 _LINE_VALUES = 16
 _CHUNK_VALUES = 256
-
-#: llvm.prefetch's name for an ``i8*`` (LLVM 15+ renames it for its opaque ``ptr`` itself)
-_PREFETCH = "llvm.prefetch.p0i8"
-
-
-@intrinsic
-def _prefetch_to_l2(typingctx, row, index):  # type: ignore[no-untyped-def]
-    """A hint to bring the cache line holding ``row[index]`` (a 1-d array, index in range)
-    into L2 (llvm.prefetch: read, locality 2). Nothing is read or changed; LLVM drops it on
-    targets without a prefetch instruction. (Locality 3, into L1 as well, measured slower:
-    7.6 vs 7.0 us a row of 10,000; two rows of 40 KB do not both fit L1.)"""
-    if not isinstance(row, types.Array) or row.ndim != 1 or not isinstance(index, types.Integer):
-        return None
-    sig = types.none(row, index)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        array_type = signature.args[0]
-        array = context.make_array(array_type)(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]],
-                                           wraparound=False)
-        ir = cgutils.ir  # (llvmlite's IR builder, as numba imports it)
-        byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer.type, i32, i32, i32]),
-            _PREFETCH)
-        builder.call(function, [byte_pointer, i32(0), i32(2), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
 
 def _jit_reassoc(fn):
     """needle's njit with reassociation (the float64 sum vectorizes; order is free)."""
@@ -110,7 +77,7 @@ def softmax_minus_onehot_row(z, r, ids, one, peaks, totals, following):
     rows can be split over cores (numba_parallel_vocab_head.py). ``following`` (a row of C
     values: the next row this thread will take, or this row) is prefetched into L2 during
     the exp loop; it changes no value."""
-    _wide_vectors()
+    wide_vectors()
     row = z[r]
     width = row.shape[0]
     peak = row_peak_f32(row)
@@ -121,7 +88,7 @@ def softmax_minus_onehot_row(z, r, ids, one, peaks, totals, following):
     whole = width - width % _CHUNK_VALUES
     for c in range(0, whole, _CHUNK_VALUES):
         for q in range(c, c + _CHUNK_VALUES, _LINE_VALUES):
-            _prefetch_to_l2(following, q)
+            prefetch_to_l2(following, q)
         for j in range(c, c + _CHUNK_VALUES):
             row[j] = exp_f32(row[j] - peak)
     for j in range(whole, width):
@@ -141,7 +108,7 @@ def softmax_minus_onehot_row(z, r, ids, one, peaks, totals, following):
 def softmax_minus_onehot_rows(z, ids, one, peaks, totals):
     """softmax_minus_onehot_row over every row of z, on this thread (each row prefetching
     the next)."""
-    _wide_vectors()
+    wide_vectors()
     last = z.shape[0] - 1
     for r in range(z.shape[0]):
         softmax_minus_onehot_row(z, r, ids, one, peaks, totals, z[min(r + 1, last)])
