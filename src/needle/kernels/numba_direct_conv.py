@@ -40,14 +40,9 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from ..backend.numba_support import njit_cached
+from ..backend.numba_support import njit_cached, njit_exact
 from ..backend.parallel_loops import njit_parallel
 from .numba_intrinsics import stack_f32, wide_vectors
-
-
-def _nocontract(fn):  # type: ignore[no-untyped-def]
-    """needle's njit with floating-point contraction off even where a caller has it on."""
-    return njit_cached(fn, fastmath=False)
 
 
 def _jit(fn):  # type: ignore[no-untyped-def]
@@ -128,7 +123,7 @@ def pad_image(a, b, padding, xp):
 # NOTE: fastmath=False set explicitly: a callee that sets none inherits its caller's flags when
 # numba compiles it for that caller (forward32's "contract"), and then its x * alpha + beta
 # became one FMA (a rounding apart from BatchNorm's two: checked, a 4.8e-7 difference)
-@_nocontract
+@njit_exact
 def pad_image_bn_relu(a, b, padding, xp, alpha, beta):
     """pad_image of relu(a * alpha + beta) per channel: BatchNorm's forward (``x * alpha +
     beta``, two roundings, numba_kernels.affine's operations) then ReLU (numba_kernels.relu's:
