@@ -95,9 +95,9 @@ def _find(program: Program) -> tuple | None:
         means, stores = [], []
         for i in readers.get(relu_out, []):
             s = steps[i]
-            if s.op.name == "mean" and s.inputs == (relu_out,) \
-                    and normalize_axes("mean", s.op.axes, 4) == (2, 3) \
-                    and not s.op.keepdims:  # type: ignore[attr-defined]
+            pool: Any = s.op
+            if pool.name == "mean" and s.inputs == (relu_out,) \
+                    and normalize_axes("mean", pool.axes, 4) == (2, 3) and not pool.keepdims:
                 means.append(i)
             elif s.op.name == "store" and s.inputs[0] != relu_out:
                 stores.append(i)
