@@ -46,7 +46,8 @@ def _fused(x, weight, bias, mean, var):
 
 
 @pytest.mark.parametrize("serial", [False, True])
-@pytest.mark.parametrize("shape", [(64, 8, 8, 64), (5, 9, 7, 80), (3, 32, 32, 20)])
+@pytest.mark.parametrize("shape", [(64, 8, 8, 64), (5, 9, 7, 80), (3, 32, 32, 20),
+                                   (17, 32, 31, 64)])
 def test_fused_op_gives_the_separate_ops_bits(monkeypatch, serial, shape):
     rng = np.random.default_rng(sum(shape))
     args = _case(rng, shape)
@@ -58,7 +59,8 @@ def test_fused_op_gives_the_separate_ops_bits(monkeypatch, serial, shape):
     got = _fused(*args)
     assert got.shape == (shape[0], shape[3]) and got.dtype == np.float32
     assert np.array_equal(got, want, equal_nan=True)
-    if serial or parallel_loops.parallel_threads() == 0:
+    if (serial or parallel_loops.parallel_threads() == 0
+            or np.prod(shape) < bn_relu_mean.PRANGE_MIN_ELEMENTS):
         assert ran == ["bn_relu_mean_rows"]
     else:
         assert ran == ["_bn_relu_mean_images"]
