@@ -25,9 +25,10 @@ Measured (benchmarks/cnn_step.py's models, batch 64, jitted hot plans traced wit
 off and on in one process, alternating rounds, parameters bit-identical after ~100-300
 steps; 2-core machine shared with other work, loaded): per op (ndl.profile), strides 1,2,2:
 the last layer's fused region + mean 117 + 94 = 211 us -> batch_norm_relu_mean 104 us (a
-second run: 160 + 125 -> 118); strides 1,1,1: 4625 + 1521 us -> 1637 us. Whole steps
-(medians of rounds, noisy): strides 1,2,2 0.954 and 0.979 of the step without it; strides
-1,1,1 0.976 and 0.83.
+second run: 160 + 125 -> 118; a third, with the kernel serial below
+bn_relu_mean.PRANGE_MIN_ELEMENTS: 178 + 151 -> 123); strides 1,1,1: 4625 + 1521 us -> 1637
+us. Whole steps (medians of rounds, noisy): strides 1,2,2 0.954, 0.979 and 0.937 of the step
+without it; strides 1,1,1 0.976 and 0.83.
 Not covered: ResidualCNN's last block (relu -> add -> mean: a residual sum in between).
 """
 
