@@ -521,6 +521,17 @@ def _torch_batch_norm_relu_conv_weight_grad(x, w, g, kernel_hw, stride=1, paddin
                                    padding)
 
 
+def _batch_norm_relu_mean(x, w):
+    """batch_norm_relu_mean with x's own statistics and a fixed BatchNorm bias."""
+    mean, var = _nhwc_batch_stats(x)
+    return ops.batch_norm_relu_mean(x, w, _const(_relu_bias(tuple(w.shape))), mean, var,
+                                    eps=1e-5)
+
+
+def _torch_batch_norm_relu_mean(x, w, batch_norm=_torch_batch_norm):
+    return _torch_bn_relu_nhwc(x, w, batch_norm).mean(dim=(1, 2))
+
+
 def _const(array) -> ndl.Tensor:
     return ndl.Tensor(array, requires_grad=False)
 
@@ -906,6 +917,14 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((3, 6, 7, 2), (1, 2, 1, 1), (3, 3, 4, 3)), "stride2", A, (3, 3), stride=2,
               padding=1)],
            second_order_ref=partial(_torch_batch_norm_relu_conv_weight_grad,
+                                    batch_norm=_torch_batch_norm_composite),
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    # a CNN's last BatchNorm2d + ReLU + global average pool (compiled plans' fused op; a
+    # large x takes its kernel)
+    OpInfo("batch_norm_relu_mean", _batch_norm_relu_mean, _torch_batch_norm_relu_mean,
+           [S(normal((3, 6, 7, 2), (1, 2, 1, 1)), "small", S1),
+            S(normal((4, 16, 16, 64), (1, 64, 1, 1)), "kernel", BT)],
+           second_order_ref=partial(_torch_batch_norm_relu_mean,
                                     batch_norm=_torch_batch_norm_composite),
            rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
     OpInfo("conv_input_grad", _conv_input_grad, _torch_conv_input_grad,

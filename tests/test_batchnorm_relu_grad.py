@@ -15,7 +15,13 @@ import needle as ndl
 from needle import nn
 from needle.backend import cpu_threads
 from needle.backend.numba_support import numba_module
-from needle.compiler import batchnorm_relu_conv_rewrite, batchnorm_relu_rewrite, fusion, passes
+from needle.compiler import (
+    batchnorm_relu_conv_rewrite,
+    batchnorm_relu_mean_rewrite,
+    batchnorm_relu_rewrite,
+    fusion,
+    passes,
+)
 from needle.core.ops_batchnorm_relu import BatchNormReluGrad
 from needle.core.ops_elementwise import ReLUGrad
 from needle.core.ops_norm import BatchNorm, BatchNormGrad
@@ -243,6 +249,8 @@ def test_jitted_step_runs_the_fused_op_and_keeps_the_unfused_bits(monkeypatch):
     # (the plan as this rewrite leaves it: batchnorm_relu_conv_rewrite would take the first
     # BatchNorm's output away; tests/test_batchnorm_relu_conv.py tests the two together)
     monkeypatch.setattr(batchnorm_relu_conv_rewrite, "ENABLED", False)
+    # (and batchnorm_relu_mean_rewrite the last one's: tests/test_batchnorm_relu_mean.py)
+    monkeypatch.setattr(batchnorm_relu_mean_rewrite, "ENABLED", False)
     assert batchnorm_relu_rewrite.MIN_ELEMENTS <= 8 * 8 * 24 * 24
     fused, fn, args = _train(4, True, monkeypatch)
     program = fn.lower(*args)

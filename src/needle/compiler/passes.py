@@ -22,6 +22,7 @@ from ..core.interpret import Program, plan_frees
 from ..core.registry import Aval, Op
 from . import fused_update
 from .batchnorm_relu_conv_rewrite import rewrite_batchnorm_relu_convs
+from .batchnorm_relu_mean_rewrite import rewrite_batchnorm_relu_means
 from .batchnorm_relu_rewrite import rewrite_batchnorm_relu_grads
 from .vocab_head_rewrite import rewrite_vocab_heads
 
@@ -175,6 +176,7 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
     heads = rewrite_vocab_heads(program)
     bn_relu = rewrite_batchnorm_relu_grads(program)
     bn_relu_convs = rewrite_batchnorm_relu_convs(program)
+    bn_relu_means = rewrite_batchnorm_relu_means(program)
     before = len(program.steps)
     folded = fold_constants(program, constant_value, static_shapes)
     merged = eliminate_common_subexpressions(program)
@@ -186,6 +188,8 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
         f"batchnorm_relu_rewrite ({bn_relu} relu_grad + batch_norm_grad pairs fused)",
         f"batchnorm_relu_conv_rewrite ({bn_relu_convs} BatchNorm + ReLU outputs read by "
         "the convolutions' loops)",
+        f"batchnorm_relu_mean_rewrite ({bn_relu_means} BatchNorm + ReLU outputs averaged "
+        "where they are made)",
         f"constant_folding ({folded} steps folded)",
         f"cse ({merged} steps merged)",
         f"dead_step_elimination ({before - folded - merged - len(program.steps)} dropped)",
