@@ -188,7 +188,8 @@ def test_a_jitted_plan_on_another_thread_gives_the_main_threads_bits():
 
 
 def test_an_eager_product_holds_blas_for_itself(monkeypatch):
-    monkeypatch.setattr(blas_policy, "EAGER", True)  # (off by default: see its comment)
+    monkeypatch.setattr(blas_policy, "EAGER", True)  # (the default)
+    monkeypatch.setattr(blas_policy, "EAGER_MIN_MACS", 1 << 16)  # (the small one too)
     a, b, _, _ = _operands(CASES[3])
     seen = []
     product = blas_policy._product
@@ -211,6 +212,29 @@ def test_an_eager_product_holds_blas_for_itself(monkeypatch):
     before = blas_policy.CALLS[0]
     assert np.array_equal(blas_policy.matmul(a, b), np.matmul(a, b))
     assert seen == [] and blas_policy.CALLS[0] == before  # NumPy's own product: no hold
+
+
+def test_by_default_only_large_eager_products_hold_blas(monkeypatch):
+    """Eager products of ``EAGER_MIN_MACS`` or more (those that split) hold BLAS and run as
+    blocks, with the bits a jitted plan's held run gives them; smaller ones keep OpenBLAS's
+    threads (held, the MLP-ResNet's eager epoch took 1.11x)."""
+    assert blas_policy.EAGER and blas_policy.EAGER_MIN_MACS == blas_policy.MIN_MACS
+    a, b, _, _ = _operands(CASES[3])  # 1120 x 128 x 512: 73M multiply-adds
+    seen = []
+    product = blas_policy._product
+
+    def spy(*args):
+        seen.append((blas_policy.held(), _threads()))
+        return product(*args)
+
+    monkeypatch.setattr(blas_policy, "_product", spy)
+    before = blas_policy.CALLS[0]
+    got = blas_policy.matmul(a, b)
+    small = blas_policy.matmul(a[:100, :128], b[:, :100])  # 1.3M multiply-adds
+    assert blas_policy.CALLS[0] == before + 1 and seen == [(True, 1)] and _threads() == 2
+    with blas_threads.hold():
+        assert np.array_equal(got, a @ b)
+    assert np.array_equal(small, np.matmul(a[:100, :128], b[:, :100]))
 
 
 def test_a_kernel_hold_inside_a_plan_hold_leaves_it_held():

@@ -67,15 +67,19 @@ __all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
 #: 0.77; eager (``EAGER``): LSTM 0.63, Transformer 0.46, MLP-ResNet epoch 0.22.
 ENABLED = True
 #: hold BLAS on one thread for each product of ``matmul`` outside a plan's run too (eager ops
-#: and Session steps). OFF: the hold runs on the main thread only, so a Session run on another
-#: thread (a remote session's server thread in the same process) would keep OpenBLAS's
-#: two-thread bits while the main thread's got its one-thread bits (tests/test_remote.py's
-#: bit-identical MLP-ResNet training failed: 29 of 50 losses differed by rounding). Under
-#: load it paid (eager LSTM 0.63, Transformer 0.46, MLP-ResNet epoch 0.22, other processes
-#: using ~1.4 cores); a process-wide hold counted across threads would allow it.
-EAGER = False
-#: ... from this many multiply-adds (per matrix of a batch; OpenBLAS threads from ~262k)
-EAGER_MIN_MACS = 1 << 16
+#: and Session steps), from ``EAGER_MIN_MACS`` multiply-adds: those split into blocks, with
+#: the bits of the jitted plans' products (which hold BLAS for their whole run).
+#: NOTE measured (session 12, quiet machine, benchmarks/ab_blas_policy.py --switch eager,
+#: alternating rounds), with the hold from 2^16 multiply-adds (every product OpenBLAS might
+#: thread): eager LSTM 0.927, Transformer 0.903, large MLP 0.984, CNN s122 1.019, MLP-ResNet
+#: 1.112 (its 7.8M and 0.5M products then on one core; jitted 1.060). From 2^23 (only the
+#: products that split) the MLP-ResNet keeps OpenBLAS's threads. Before session 12 the hold
+#: ran on the main thread only, and this switch broke tests/test_remote.py's bit-identical
+#: training (a server thread's products kept OpenBLAS's two-thread bits); kernels/
+#: blas_threads.py's hold is process-wide.
+EAGER = True
+#: ... from this many multiply-adds (per matrix of a batch): the products that split
+EAGER_MIN_MACS = 1 << 23
 #: fewest multiply-adds of a product split into blocks while held (smaller ones run on the
 #: held thread).
 #: NOTE measured (session 12): 2^22 with blocks from 2^21 (the MLP-ResNet's 7.8M products
@@ -214,8 +218,8 @@ def _product(a: Any, b: Any, out: Any) -> Any:
 def matmul(a: Any, b: Any, out: Any = None) -> Any:
     """``np.matmul(a, b[, out=out])`` with OpenBLAS held on one thread: inside
     ``hold_one_thread`` (a jitted plan's run), and outside it (eager ops) for this product
-    alone where OpenBLAS might thread it (``EAGER_MIN_MACS``); large float32 matrices as
-    blocks on numba's threads (the bits of OpenBLAS's one-thread product)."""
+    alone where it is large (``EAGER_MIN_MACS``); large float32 matrices as blocks on
+    numba's threads (the bits of OpenBLAS's one-thread product)."""
     if held():
         return _product(a, b, out)
     if not (EAGER and type(a) is np.ndarray and type(b) is np.ndarray
