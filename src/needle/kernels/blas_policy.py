@@ -103,6 +103,8 @@ ALIGN = 64
 CALLS = [0]
 
 _LOOPS = NumbaLoops(f"{__package__}.numba_parallel_gemm")
+#: this thread's hold (``held``), read directly on the eager path (a call costs ~0.1 us)
+_thread_state = blas_threads.thread_state
 
 
 def splits(rows: int | None, inner: int | None, cols: int | None) -> bool:
@@ -220,17 +222,16 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
     ``hold_one_thread`` (a jitted plan's run), and outside it (eager ops) for this product
     alone where it is large (``EAGER_MIN_MACS``); large float32 matrices as blocks on
     numba's threads (the bits of OpenBLAS's one-thread product)."""
-    if held():
+    if _thread_state.held:
         return _product(a, b, out)
-    if not (EAGER and type(a) is np.ndarray and type(b) is np.ndarray
-            and a.ndim >= 2 and b.ndim >= 2
-            and a.shape[-2] * a.shape[-1] * b.shape[-1] >= EAGER_MIN_MACS):
-        # (not held: NumPy's product straight away, nothing to split; an eager op's cost)
-        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
-    if not _can_hold():
-        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
-    with blas_threads.hold():
-        return _product(a, b, out)
+    # (a.size * the columns bounds a matrix's multiply-adds from above: one product and one
+    # comparison turn away a small product, ~0.4 us, the cost of an eager op's call)
+    if EAGER and b.ndim >= 2 and a.size * b.shape[-1] >= EAGER_MIN_MACS \
+            and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim >= 2 \
+            and a.shape[-2] * a.shape[-1] * b.shape[-1] >= EAGER_MIN_MACS and _can_hold():
+        with blas_threads.hold():
+            return _product(a, b, out)
+    return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
 
 
 def transposed_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:

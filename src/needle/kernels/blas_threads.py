@@ -29,15 +29,23 @@ from collections.abc import Callable, Iterator
 
 from . import openblas_gemm
 
-__all__ = ["available", "count", "hold", "held", "lend_threads", "restore_count"]
+__all__ = ["available", "count", "hold", "held", "lend_threads", "restore_count", "thread_state"]
 
 #: guards the holder count and the count to restore
 _lock = threading.Lock()
 #: threads holding now, and OpenBLAS's count when the first of them came
 _holders = [0]
 _restore = [0]
-#: per thread: ``held`` is True inside this thread's outermost ``hold``
-_local = threading.local()
+
+
+class _ThreadState(threading.local):
+    """Per thread: ``held`` is True inside this thread's outermost ``hold``."""
+
+    held = False
+
+
+#: this thread's state (read directly where a function call would cost: blas_policy.matmul)
+thread_state = _ThreadState()
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,7 +83,7 @@ def available() -> bool:
 
 def held() -> bool:
     """Whether this thread runs inside a ``hold``."""
-    return getattr(_local, "held", False)
+    return thread_state.held
 
 
 def _acquire() -> bool:
@@ -90,7 +98,7 @@ def _acquire() -> bool:
             if _restore[0] > 1:
                 functions[1](1)
         _holders[0] += 1
-    _local.held = True
+    thread_state.held = True
     return True
 
 
@@ -98,7 +106,7 @@ def _release() -> None:
     """Count this thread out (the last restores the count the first found)."""
     functions = _count_functions()
     assert functions is not None
-    _local.held = False
+    thread_state.held = False
     with _lock:
         _holders[0] -= 1
         if _holders[0] == 0 and _restore[0] > 1:
