@@ -159,9 +159,11 @@ def _measure(src: str, rows: list[str], threads: int, estimate: bool = False) ->
     env = dict(os.environ, PYTHONPATH=src, NEEDLE_BENCH_THREADS=str(threads),
                NEEDLE_NUM_THREADS=str(threads))
     code = _MEASURE.format(bench=HERE, rows=rows, estimate=estimate)
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, check=True,
-                         capture_output=True, text=True).stdout
-    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE,
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"the measuring process ({src}) failed:\n{run.stderr[-2000:]}")
+    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
