@@ -54,6 +54,7 @@ from ..core.ops_batchnorm_relu_conv import BatchNormReluConvBias, BatchNormReluC
 from ..core.ops_shape import normalize_axes
 from ..core.registry import Aval
 from ..kernels import conv_bn_relu
+from .rewrite_support import rewrite_until_done, step_readers
 from .rewritten_node import RewrittenNode
 
 __all__ = ["ENABLED", "rewrite_batchnorm_relu_convs"]
@@ -63,14 +64,6 @@ ENABLED = True
 
 _NCHW = (0, 3, 1, 2)
 _NHWC = (0, 2, 3, 1)
-
-
-def _readers(program: Program) -> dict[int, list[int]]:
-    readers: dict[int, list[int]] = {}
-    for i, step in enumerate(program.steps):
-        for slot in set(step.inputs):
-            readers.setdefault(slot, []).append(i)
-    return readers
 
 
 def _float32_4d(node: Any) -> bool:
@@ -84,19 +77,14 @@ def rewrite_batchnorm_relu_convs(program: Program) -> int:
     ReLU activations no longer stored."""
     if not ENABLED:
         return 0
-    rewritten = 0
-    while True:
-        match = _find(program)
-        if match is None:
-            return rewritten
-        _apply(program, *match)
-        rewritten += 1
+    return rewrite_until_done(lambda: _find(program),
+                              lambda *match: _apply(program, *match))
 
 
 def _find(program: Program) -> tuple | None:
     kept = set(program.outputs) | snapshot_slots(program) | set(program.constants)
     steps = program.steps
-    readers = _readers(program)
+    readers = step_readers(program)
     producer = {step.out: i for i, step in enumerate(steps)}
     for bi, bn in enumerate(steps):
         if bn.op.name != "batch_norm" or len(bn.inputs) != 5 or bn.out in kept:

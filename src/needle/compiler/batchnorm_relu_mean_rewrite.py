@@ -44,6 +44,7 @@ from ..core.ops_batchnorm_relu_mean import BatchNormReluMean
 from ..core.ops_shape import normalize_axes
 from ..core.registry import Aval
 from ..kernels import bn_relu_mean
+from .rewrite_support import rewrite_until_done, step_readers
 from .rewritten_node import RewrittenNode
 
 __all__ = ["ENABLED", "rewrite_batchnorm_relu_means"]
@@ -64,22 +65,14 @@ def rewrite_batchnorm_relu_means(program: Program) -> int:
     """Rewrite each matching block (see the module docstring); the number rewritten."""
     if not ENABLED:
         return 0
-    rewritten = 0
-    while True:
-        match = _find(program)
-        if match is None:
-            return rewritten
-        _apply(program, *match)
-        rewritten += 1
+    return rewrite_until_done(lambda: _find(program),
+                              lambda *match: _apply(program, *match))
 
 
 def _find(program: Program) -> tuple | None:
     kept = set(program.outputs) | snapshot_slots(program) | set(program.constants)
     steps = program.steps
-    readers: dict[int, list[int]] = {}
-    for i, step in enumerate(steps):
-        for slot in set(step.inputs):
-            readers.setdefault(slot, []).append(i)
+    readers = step_readers(program)
     producer = {step.out: i for i, step in enumerate(steps)}
     for bi, bn in enumerate(steps):
         if bn.op.name != "batch_norm" or len(bn.inputs) != 5 or bn.out in kept:

@@ -31,6 +31,7 @@ from ..backend import cpu
 from ..core.interpret import Program, Step, snapshot_slots
 from ..core.ops_shape import TupleGetItem
 from ..core.ops_vocab_head import VocabHeadLoss, VocabHeadLossGrad, VocabHeadSoftmax
+from .rewrite_support import rewrite_until_done
 from .rewritten_node import RewrittenNode
 
 __all__ = ["MIN_LOGITS", "rewrite_vocab_heads"]
@@ -67,13 +68,8 @@ def rewrite_vocab_heads(program: Program) -> int:
     """Rewrite each matching head (see the module docstring); the number rewritten. Run it
     before dead-step elimination (the ``linear`` step is left unread) and the memory plan."""
     kept = set(program.outputs) | snapshot_slots(program) | set(program.constants)
-    rewritten = 0
-    while True:
-        match = _find(program, kept)
-        if match is None:
-            return rewritten
-        _apply(program, *match)
-        rewritten += 1
+    return rewrite_until_done(lambda: _find(program, kept),
+                              lambda *match: _apply(program, *match))
 
 
 def _find(program: Program, kept: set) -> tuple | None:
