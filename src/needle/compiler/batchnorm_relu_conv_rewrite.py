@@ -46,15 +46,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ..backend import cpu
 from ..core.interpret import Program, Step, snapshot_slots
 from ..core.ops_batchnorm_relu_conv import BatchNormReluConvBias, BatchNormReluConvWeightGrad
-from ..core.ops_shape import normalize_axes
-from ..core.registry import Aval
 from ..kernels import conv_bn_relu
-from .rewrite_support import rewrite_until_done, step_readers
+from .rewrite_support import batchnorm_relu_chains, rewrite_until_done, step_readers
 from .rewritten_node import RewrittenNode
 
 __all__ = ["ENABLED", "rewrite_batchnorm_relu_convs"]
@@ -62,14 +58,7 @@ __all__ = ["ENABLED", "rewrite_batchnorm_relu_convs"]
 #: whether the pass runs (False: plans keep the separate ops; for A/B measurements and tests)
 ENABLED = True
 
-_NCHW = (0, 3, 1, 2)
 _NHWC = (0, 2, 3, 1)
-
-
-def _float32_4d(node: Any) -> bool:
-    aval = getattr(node, "aval", None)
-    return (isinstance(aval, Aval) and len(aval.shape) == 4
-            and None not in aval.shape and np.dtype(aval.dtype) == np.float32)
 
 
 def rewrite_batchnorm_relu_convs(program: Program) -> int:
@@ -85,25 +74,7 @@ def _find(program: Program) -> tuple | None:
     kept = set(program.outputs) | snapshot_slots(program) | set(program.constants)
     steps = program.steps
     readers = step_readers(program)
-    producer = {step.out: i for i, step in enumerate(steps)}
-    for bi, bn in enumerate(steps):
-        if bn.op.name != "batch_norm" or len(bn.inputs) != 5 or bn.out in kept:
-            continue
-        op: Any = bn.op
-        if not all(_float32_4d(n) if k == 0 else np.dtype(n.aval.dtype) == np.float32
-                   for k, n in enumerate(bn.node.inputs)):
-            continue
-        if normalize_axes("batch_norm", op.axes, 4) != (0, 2, 3):
-            continue
-        pi = producer.get(bn.inputs[0])
-        if pi is None or steps[pi].op.name != "permute" \
-                or tuple(getattr(steps[pi].op, "axes", ())) != _NCHW:
-            continue
-        relus = readers.get(bn.out, [])
-        if len(relus) != 1 or steps[relus[0]].op.name != "relu" \
-                or steps[relus[0]].inputs != (bn.out,) or steps[relus[0]].out in kept:
-            continue
-        ri = relus[0]
+    for bi, pi, ri in batchnorm_relu_chains(program, kept, readers):
         relu_out = steps[ri].out
         perms, stores = [], []
         for i in readers.get(relu_out, []):

@@ -44,16 +44,13 @@ from ..core.ops_batchnorm_relu_mean import BatchNormReluMean
 from ..core.ops_shape import normalize_axes
 from ..core.registry import Aval
 from ..kernels import bn_relu_mean
-from .rewrite_support import rewrite_until_done, step_readers
+from .rewrite_support import batchnorm_relu_chains, rewrite_until_done, step_readers
 from .rewritten_node import RewrittenNode
 
 __all__ = ["ENABLED", "rewrite_batchnorm_relu_means"]
 
 #: whether the pass runs (False: plans keep the separate ops; for A/B measurements and tests)
 ENABLED = True
-
-_NCHW = (0, 3, 1, 2)
-
 
 def _float32(node: Any) -> bool:
     aval = getattr(node, "aval", None)
@@ -73,27 +70,10 @@ def _find(program: Program) -> tuple | None:
     kept = set(program.outputs) | snapshot_slots(program) | set(program.constants)
     steps = program.steps
     readers = step_readers(program)
-    producer = {step.out: i for i, step in enumerate(steps)}
-    for bi, bn in enumerate(steps):
-        if bn.op.name != "batch_norm" or len(bn.inputs) != 5 or bn.out in kept:
+    for bi, pi, ri in batchnorm_relu_chains(program, kept, readers):
+        if not all(_float32(n) for n in steps[bi].node.inputs) \
+                or not bn_relu_mean.takes(tuple(steps[pi].node.inputs[0].aval.shape)):
             continue
-        op: Any = bn.op
-        if not all(_float32(n) for n in bn.node.inputs):
-            continue
-        x_aval = bn.node.inputs[0].aval
-        if len(x_aval.shape) != 4 or normalize_axes("batch_norm", op.axes, 4) != (0, 2, 3):
-            continue
-        pi = producer.get(bn.inputs[0])
-        if pi is None or steps[pi].op.name != "permute" \
-                or tuple(getattr(steps[pi].op, "axes", ())) != _NCHW:
-            continue
-        if not bn_relu_mean.takes(tuple(steps[pi].node.inputs[0].aval.shape)):
-            continue
-        relus = readers.get(bn.out, [])
-        if len(relus) != 1 or steps[relus[0]].op.name != "relu" \
-                or steps[relus[0]].inputs != (bn.out,) or steps[relus[0]].out in kept:
-            continue
-        ri = relus[0]
         relu_out = steps[ri].out
         means, stores = [], []
         for i in readers.get(relu_out, []):

@@ -1,16 +1,23 @@
 """What the compiler's rewrite passes share (batchnorm_relu_conv_rewrite.py,
-batchnorm_relu_mean_rewrite.py, vocab_head_rewrite.py): which steps read each slot, and
-applying a pass's matches until none is left (each rewrite changes the steps the next
-search sees)."""
+batchnorm_relu_mean_rewrite.py, vocab_head_rewrite.py): which steps read each slot, applying
+a pass's matches until none is left (each rewrite changes the steps the next search sees),
+and the ``batch_norm -> relu`` chains both BatchNorm rewrites start from."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..core.interpret import Program
+import numpy as np
 
-__all__ = ["rewrite_until_done", "step_readers"]
+from ..core.interpret import Program
+from ..core.ops_shape import normalize_axes
+from ..core.registry import Aval
+
+__all__ = ["NCHW", "batchnorm_relu_chains", "rewrite_until_done", "step_readers"]
+
+#: the permutation that views a convolution's NHWC output as NCHW (BatchNorm2d's layout)
+NCHW = (0, 3, 1, 2)
 
 
 def step_readers(program: Program) -> dict[int, list[int]]:
@@ -29,3 +36,31 @@ def rewrite_until_done(find: Callable[[], tuple | None], apply: Callable[..., An
         apply(*match)
         count += 1
     return count
+
+
+def batchnorm_relu_chains(program: Program, kept: set,
+                          readers: dict[int, list[int]]) -> Iterator[tuple[int, int, int]]:
+    """(batch_norm, permute, relu) step indices of each float32 ``permute(x, NCHW) ->
+    batch_norm over (0, 2, 3) -> relu`` chain (x 4-d, its shape known) whose batch_norm is
+    read by the relu alone and neither output is in ``kept``."""
+    steps = program.steps
+    producer = {step.out: i for i, step in enumerate(steps)}
+    for bi, bn in enumerate(steps):
+        if bn.op.name != "batch_norm" or len(bn.inputs) != 5 or bn.out in kept:
+            continue
+        x, *others = bn.node.inputs
+        aval = getattr(x, "aval", None)
+        if not (isinstance(aval, Aval) and len(aval.shape) == 4 and None not in aval.shape
+                and all(np.dtype(n.aval.dtype) == np.float32 for n in bn.node.inputs)):
+            continue
+        if normalize_axes("batch_norm", getattr(bn.op, "axes", None), 4) != (0, 2, 3):
+            continue
+        pi = producer.get(bn.inputs[0])
+        if pi is None or steps[pi].op.name != "permute" \
+                or tuple(getattr(steps[pi].op, "axes", ())) != NCHW:
+            continue
+        relus = readers.get(bn.out, [])
+        if len(relus) != 1 or steps[relus[0]].op.name != "relu" \
+                or steps[relus[0]].inputs != (bn.out,) or steps[relus[0]].out in kept:
+            continue
+        yield bi, pi, relus[0]
