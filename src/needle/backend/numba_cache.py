@@ -5,9 +5,10 @@ other modules (the prange loops of ``kernels/numba_parallel_*.py`` run the seria
 of ``kernels/numba_kernels.py``; several modules inline ``kernels/numba_exp.py``), and numba
 compiles the callee into the caller: after an edit to the callee alone, the caller's cached
 machine code would keep running the old callee, silently. Here a cached needle function's
-stamp is its file's plus a digest of every ``kernels/numba_*.py``, so an edit to any of them
-recompiles the needle loops that use the cache (a developer's edit costs a few seconds of
-compiling; the user's own numba functions keep numba's own rule).
+stamp is its file's plus a digest of every ``kernels/numba_*.py`` (and of the modules that
+set their compile options), so an edit to any of them recompiles the needle loops that use
+the cache (a developer's edit costs a few seconds of compiling; the user's own numba
+functions keep numba's own rule).
 
 It extends numba's cache locators (numba.core.caching.CacheImpl): needle's functions take
 the first of numba's locators that can write a cache (``NUMBA_CACHE_DIR``, else beside the
@@ -31,9 +32,14 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 
 @functools.lru_cache(maxsize=1)
 def kernels_digest() -> bytes:
-    """SHA-256 over the names and sources of ``kernels/numba_*.py`` (read once a process)."""
+    """SHA-256 over the names and sources of ``kernels/numba_*.py`` and of the two modules
+    that set their compile options (``backend/numba_support.py``, ``parallel_loops.py``:
+    a changed default, such as fastmath's, must not keep old machine code; read once a
+    process)."""
     digest = hashlib.sha256()
-    for path in sorted((_PACKAGE / "kernels").glob("numba_*.py")):
+    options = [path for path in (_PACKAGE / "backend" / name for name in (
+        "numba_support.py", "parallel_loops.py")) if path.exists()]
+    for path in sorted((_PACKAGE / "kernels").glob("numba_*.py")) + options:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.digest()

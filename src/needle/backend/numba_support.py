@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["NumbaLoops", "njit_cached", "njit_exact", "numba_module"]
+__all__ = ["NumbaLoops", "njit_cached", "numba_module"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,17 +36,15 @@ def njit_cached(fn: Callable, **options: Any) -> Any:
     error_model="numpy" (IEEE division, no ZeroDivisionError branches) lets LLVM vectorize
     the loops; nogil lets needle's own threads run them. ``options`` adds njit options
     (``fastmath``; ``parallel`` only through backend/parallel_loops.njit_parallel, on TBB).
+
+    ``fastmath`` is False unless given, set explicitly: numba compiles a function that sets
+    no flags with the flags of whichever caller compiles it FIRST, and every later caller
+    then gets that code (measured, session 12: a plain ``x * a + b`` helper first called from
+    a loop with FMA contraction gave contracted results to a plain caller too, 360k of 1M
+    values a rounding apart), so a helper's bits depended on what ran first in the process.
     """
+    options.setdefault("fastmath", False)
     return _njit(fn, error_model="numpy", nogil=True, **options)
-
-
-def njit_exact(fn: Callable) -> Any:
-    """``njit_cached`` with ``fastmath=False`` set explicitly. numba compiles a callee that
-    sets no flags with its CALLER's (flag inheritance): called from a loop with FMA
-    contraction, ``x * a + b`` became one FMA, a rounding apart from the same op elsewhere
-    (measured, session 12: BatchNorm's affine made inside the convolutions' loops). Loops
-    whose values must equal another op's bit for bit are compiled with this."""
-    return njit_cached(fn, fastmath=False)
 
 
 def _njit(fn: Callable, **options: Any) -> Any:

@@ -40,7 +40,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from ..backend.numba_support import njit_cached, njit_exact
+from ..backend.numba_support import njit_cached
 from ..backend.parallel_loops import njit_parallel
 from .numba_intrinsics import stack_f32, wide_vectors
 
@@ -120,10 +120,10 @@ def pad_image(a, b, padding, xp):
     _copy_rows(a, b, padding, xf, row)
 
 
-# NOTE: fastmath=False set explicitly: a callee that sets none inherits its caller's flags when
-# numba compiles it for that caller (forward32's "contract"), and then its x * alpha + beta
-# became one FMA (a rounding apart from BatchNorm's two: checked, a 4.8e-7 difference)
-@njit_exact
+# NOTE: no contraction here (njit_cached sets fastmath=False explicitly): compiled with its
+# caller forward32's "contract", x * alpha + beta became one FMA (a rounding apart from
+# BatchNorm's two: checked, a 4.8e-7 difference)
+@njit_cached
 def pad_image_bn_relu(a, b, padding, xp, alpha, beta):
     """pad_image of relu(a * alpha + beta) per channel: BatchNorm's forward (``x * alpha +
     beta``, two roundings, numba_kernels.affine's operations) then ReLU (numba_kernels.relu's:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..backend.numba_support import njit_exact
+from ..backend.numba_support import njit_cached
 from .numba_kernels import _jit
 
 # float32 constants (numba freezes globals as typed constants): float literals would promote
@@ -102,7 +102,7 @@ def _gather(rows, n, h, w, y0, x0, size, d):
                     d[dst, k] = 0.0
 
 
-@njit_exact
+@njit_cached
 def _gather_bn_relu(rows, n, h, w, y0, x0, d, alpha, beta):
     """_gather (6x6) of relu(x * alpha + beta): BatchNorm's forward and ReLU as
     numba_kernels.affine and relu compute them (the values those ops would store), zeros
