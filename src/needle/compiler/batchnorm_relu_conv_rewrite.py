@@ -47,10 +47,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import cpu
-from ..core.interpret import Program, Step, snapshot_slots
+from ..core.interpret import Program, Step
 from ..core.ops_batchnorm_relu_conv import BatchNormReluConvBias, BatchNormReluConvWeightGrad
 from ..kernels import conv_bn_relu
-from .rewrite_support import batchnorm_relu_chains, rewrite_until_done, step_readers
+from .rewrite_support import batchnorm_relu_chains, kept_slots, rewrite_until_done, step_readers
 from .rewritten_node import RewrittenNode
 
 __all__ = ["ENABLED", "rewrite_batchnorm_relu_convs"]
@@ -71,7 +71,7 @@ def rewrite_batchnorm_relu_convs(program: Program) -> int:
 
 
 def _find(program: Program) -> tuple | None:
-    kept = set(program.outputs) | snapshot_slots(program) | set(program.constants)
+    kept = kept_slots(program)
     steps = program.steps
     readers = step_readers(program)
     for bi, pi, ri in batchnorm_relu_chains(program, kept, readers):

@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 
 from ..backend import cpu
-from ..core.interpret import Program, Step, snapshot_slots
+from ..core.interpret import Program, Step
 from ..core.ops_batchnorm_relu_mean import BatchNormReluMean
 from ..core.ops_shape import normalize_axes
 from ..core.registry import Aval
 from ..kernels import bn_relu_mean
-from .rewrite_support import batchnorm_relu_chains, rewrite_until_done, step_readers
+from .rewrite_support import batchnorm_relu_chains, kept_slots, rewrite_until_done, step_readers
 from .rewritten_node import RewrittenNode
 
 __all__ = ["ENABLED", "rewrite_batchnorm_relu_means"]
@@ -67,7 +67,7 @@ def rewrite_batchnorm_relu_means(program: Program) -> int:
 
 
 def _find(program: Program) -> tuple | None:
-    kept = set(program.outputs) | snapshot_slots(program) | set(program.constants)
+    kept = kept_slots(program)
     steps = program.steps
     readers = step_readers(program)
     for bi, pi, ri in batchnorm_relu_chains(program, kept, readers):

@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 
 from ..backend import cpu
-from ..core.interpret import Program, Step, snapshot_slots
+from ..core.interpret import Program, Step
 from ..core.ops_batchnorm_relu import BatchNormReluGrad
 from ..core.ops_shape import TupleGetItem
 from ..core.registry import Aval
+from .rewrite_support import kept_slots
 from .rewritten_node import RewrittenNode
 
 __all__ = ["MIN_ELEMENTS", "rewrite_batchnorm_relu_grads"]
@@ -81,7 +82,7 @@ def _matches(relu: Step, bn: Step) -> bool:
 def rewrite_batchnorm_relu_grads(program: Program) -> int:
     """Rewrite each matching pair (see the module docstring); the number rewritten. Run it
     before the memory plan."""
-    kept = set(program.outputs) | snapshot_slots(program) | set(program.constants)
+    kept = kept_slots(program)
     readers: dict[int, int] = {}
     for step in program.steps:
         for slot in step.inputs:

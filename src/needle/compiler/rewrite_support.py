@@ -1,5 +1,6 @@
-"""What the compiler's rewrite passes share (batchnorm_relu_conv_rewrite.py,
-batchnorm_relu_mean_rewrite.py, vocab_head_rewrite.py): which steps read each slot, applying
+"""What the compiler's rewrite passes share (batchnorm_relu_rewrite.py,
+batchnorm_relu_conv_rewrite.py, batchnorm_relu_mean_rewrite.py, vocab_head_rewrite.py): the
+slots a rewrite must keep, which steps read each slot, applying
 a pass's matches until none is left (each rewrite changes the steps the next search sees),
 and the ``batch_norm -> relu`` chains both BatchNorm rewrites start from."""
 
@@ -10,14 +11,20 @@ from typing import Any
 
 import numpy as np
 
-from ..core.interpret import Program
+from ..core.interpret import Program, snapshot_slots
 from ..core.ops_shape import normalize_axes
 from ..core.registry import Aval
 
-__all__ = ["NCHW", "batchnorm_relu_chains", "rewrite_until_done", "step_readers"]
+__all__ = ["NCHW", "batchnorm_relu_chains", "kept_slots", "rewrite_until_done", "step_readers"]
 
 #: the permutation that views a convolution's NHWC output as NCHW (BatchNorm2d's layout)
 NCHW = (0, 3, 1, 2)
+
+
+def kept_slots(program: Program) -> set:
+    """The slots a rewrite must leave as they are: the outputs, the slots a snapshot reads,
+    the constants."""
+    return set(program.outputs) | snapshot_slots(program) | set(program.constants)
 
 
 def step_readers(program: Program) -> dict[int, list[int]]:

@@ -28,10 +28,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import cpu
-from ..core.interpret import Program, Step, snapshot_slots
+from ..core.interpret import Program, Step
 from ..core.ops_shape import TupleGetItem
 from ..core.ops_vocab_head import VocabHeadLoss, VocabHeadLossGrad, VocabHeadSoftmax
-from .rewrite_support import rewrite_until_done
+from .rewrite_support import kept_slots, rewrite_until_done
 from .rewritten_node import RewrittenNode
 
 __all__ = ["MIN_LOGITS", "rewrite_vocab_heads"]
@@ -67,7 +67,7 @@ def _grad_role(step: Step, grad_slot: int, x: int, w: int, b_shape: tuple) -> st
 def rewrite_vocab_heads(program: Program) -> int:
     """Rewrite each matching head (see the module docstring); the number rewritten. Run it
     before dead-step elimination (the ``linear`` step is left unread) and the memory plan."""
-    kept = set(program.outputs) | snapshot_slots(program) | set(program.constants)
+    kept = kept_slots(program)
     return rewrite_until_done(lambda: _find(program, kept),
                               lambda *match: _apply(program, *match))
 
