@@ -187,11 +187,9 @@ def test_a_jitted_plan_on_another_thread_gives_the_main_threads_bits():
         assert np.array_equal(have, expected)
 
 
-def test_an_eager_product_holds_blas_for_itself(monkeypatch):
-    monkeypatch.setattr(blas_policy, "EAGER", True)  # (the default)
-    monkeypatch.setattr(blas_policy, "EAGER_MIN_MACS", 1 << 16)  # (the small one too)
-    a, b, _, _ = _operands(CASES[3])
-    seen = []
+def _spy_on_products(monkeypatch) -> list:
+    """The (held, BLAS threads) of every product that reaches blas_policy._product."""
+    seen: list = []
     product = blas_policy._product
 
     def spy(*args):
@@ -199,6 +197,14 @@ def test_an_eager_product_holds_blas_for_itself(monkeypatch):
         return product(*args)
 
     monkeypatch.setattr(blas_policy, "_product", spy)
+    return seen
+
+
+def test_an_eager_product_holds_blas_for_itself(monkeypatch):
+    monkeypatch.setattr(blas_policy, "EAGER", True)  # (the default)
+    monkeypatch.setattr(blas_policy, "EAGER_MIN_MACS", 1 << 16)  # (the small one too)
+    a, b, _, _ = _operands(CASES[3])
+    seen = _spy_on_products(monkeypatch)
     before = blas_policy.CALLS[0]
     got = blas_policy.matmul(a, b)  # large: blocks
     small = blas_policy.matmul(a[:64, :64], b[:64, :64])  # 262k multiply-adds: one thread
@@ -220,14 +226,7 @@ def test_by_default_only_large_eager_products_hold_blas(monkeypatch):
     threads (held, the MLP-ResNet's eager epoch took 1.11x)."""
     assert blas_policy.EAGER and blas_policy.EAGER_MIN_MACS == blas_policy.MIN_MACS
     a, b, _, _ = _operands(CASES[3])  # 1120 x 128 x 512: 73M multiply-adds
-    seen = []
-    product = blas_policy._product
-
-    def spy(*args):
-        seen.append((blas_policy.held(), _threads()))
-        return product(*args)
-
-    monkeypatch.setattr(blas_policy, "_product", spy)
+    seen = _spy_on_products(monkeypatch)
     before = blas_policy.CALLS[0]
     got = blas_policy.matmul(a, b)
     small = blas_policy.matmul(a[:100, :128], b[:, :100])  # 1.3M multiply-adds
