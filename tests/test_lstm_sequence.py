@@ -239,8 +239,10 @@ def test_bad_shapes_give_one_clear_error():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_numba_loops_and_the_numpy_fallback_agree(monkeypatch, dtype):
-    """The compiled step loops do the NumPy loops' operations in the same order: equal
-    results, forward and backward (with a state and a gates adjoint)."""
+    """The compiled whole-sequence loops do the NumPy loops' operations in the same order,
+    with the same products: equal results, forward and backward (with a state and a gates
+    adjoint), to a few ulp: their tanh (libm's in float64, numba_tanh's in float32)
+    and NumPy's differ in the last bit or two."""
     pytest.importorskip("numba")
     from needle.backend.numba_support import numba_module
     from needle.kernels import rnn
@@ -259,6 +261,55 @@ def test_numba_loops_and_the_numpy_fallback_agree(monkeypatch, dtype):
     plain = rnn.lstm_forward(x_proj, w_hh, h0, c0)
     plain_grads = rnn.lstm_backward(dh, dc, dacts, w_hh, *plain, h0, c0)
     for got, want in zip([*fused, *fused_grads], [*plain, *plain_grads]):
-        np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == np.float32 else 1e-12,
-                                   atol=0)
+        if dtype == np.float64:
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
+
+
+def _kernel_inputs(rng: np.random.Generator, steps: int, batch: int, hidden: int) -> list:
+    """x_proj, w_hh, h0, c0, dh_all, dc_all, dacts for rnn.lstm_forward / lstm_backward."""
+    shapes = [(steps, batch, 4 * hidden), (hidden, 4 * hidden), (batch, hidden),
+              (batch, hidden), (steps, batch, hidden), (steps, batch, hidden),
+              (steps, batch, 4 * hidden)]
+    return [rng.standard_normal(s).astype(np.float32) * 0.5 for s in shapes]
+
+
+def _forward_and_backward(x_proj, w_hh, h0, c0, dh, dc, dacts) -> list:
+    from needle.kernels import rnn
+
+    outputs = rnn.lstm_forward(x_proj, w_hh, h0, c0)
+    return [*outputs, *rnn.lstm_backward(dh, dc, dacts, w_hh, *outputs, h0, c0)]
+
+
+def test_batch_blocks_give_the_same_bits_threaded_or_not_and_each_row_its_own(monkeypatch):
+    """The whole-sequence loops cut the batch into blocks of rows that never meet: the
+    blocks run on numba's threads give the serial loop's bits, a block's rows computed
+    alone give the same bits as within the batch, and both match the NumPy loops."""
+    pytest.importorskip("numba")
+    from needle.kernels import rnn
+
+    rng = np.random.default_rng(3)
+    batch = 4 * rnn.MIN_BLOCK_ROWS
+    args = _kernel_inputs(rng, 5, batch, 16)
+    if rnn._loops(*args) is None:
+        pytest.skip("the compiled loops do not run here (numba off, or not NumPy's OpenBLAS)")
+    assert rnn._block_count(batch) == 4
+    threaded = _forward_and_backward(*args)
+    monkeypatch.setattr(rnn, "_parallel_loops", lambda count: None)
+    serial = _forward_and_backward(*args)
+    for got, want in zip(threaded, serial):
+        np.testing.assert_array_equal(got, want)
+    rows = slice(rnn.MIN_BLOCK_ROWS, 2 * rnn.MIN_BLOCK_ROWS)  # the second block, alone
+    alone = _forward_and_backward(*[a[rows] if a.ndim == 2 and a.shape[0] == batch
+                                    else a[:, rows] if a.ndim == 3 else a for a in args])
+    for got, want in zip(alone[:3], serial[:3]):  # outputs (steps, batch, ...)
+        np.testing.assert_array_equal(got, want[:, rows])
+    np.testing.assert_array_equal(alone[3], serial[3][:, rows])     # dx_proj
+    np.testing.assert_array_equal(alone[5], serial[5][rows])        # dh0
+    np.testing.assert_array_equal(alone[6], serial[6][rows])        # dc0
+    monkeypatch.setattr(rnn, "_loops", lambda *arrays: None)
+    plain = _forward_and_backward(*args)
+    for got, want in zip(threaded, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

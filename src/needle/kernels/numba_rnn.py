@@ -1,41 +1,24 @@
-"""The numba loops behind rnn.py's LSTM steps (imported only where numba is installed).
+"""The numba loops behind rnn.py's LSTM (imported only where numba is installed).
 
-Each fuses the elementwise work of one time step into one pass, where NumPy makes five to
-ten calls on (batch, hidden) slices; the tanh calls and matrix products stay in NumPy (its
-SIMD tanh is faster than numba's scalar one). Same formulas, same order of operations as
-rnn.py's NumPy paths, so results agree to rounding. Top-level functions so numba can cache
-their machine code on disk.
+``forward_rows`` and ``backward_rows`` run a whole layer's recurrence for a block of batch
+rows in one call: each step's small product by NumPy's own OpenBLAS gemm (a ctypes function,
+kernels/openblas_gemm.py, with the arguments NumPy's matmul would pass), then the step's
+elementwise work in one pass per row, tanh by numba_tanh (vectorized; libm's in float64).
+Python made ~6 calls a step before (matmul, two NumPy tanh, two loops, a multiply).
+Same formulas, same order of operations as rnn.py's NumPy paths, so results agree to a few
+ulp (the tanh). Top-level functions so numba can cache their machine code on disk.
 """
 
 from __future__ import annotations
 
 from ..backend.numba_support import njit_cached
+from .numba_intrinsics import wide_vectors
+from .numba_tanh import tanh_of
 
 
 def _jit(fn):
     """needle's njit (backend/numba_support.py) for this file's loops."""
     return njit_cached(fn)
-
-
-@_jit
-def gates_in(a, x_t, scale):
-    """a = (a + x_t) * scale: the pre-activations of one step, scaled for one tanh call."""
-    batch, four = a.shape
-    for b in range(batch):
-        for j in range(four):
-            a[b, j] = (a[b, j] + x_t[b, j]) * scale[j]
-
-
-@_jit
-def gates_out_and_cell(a, scale, shift, c_prev, c_t):
-    """a = a * scale + shift (tanh -> sigmoid / tanh gates); c_t = f * c_prev + i * g."""
-    batch, four = a.shape
-    hidden = four // 4
-    for b in range(batch):
-        for j in range(four):
-            a[b, j] = a[b, j] * scale[j] + shift[j]
-        for j in range(hidden):
-            c_t[b, j] = a[b, hidden + j] * c_prev[b, j] + a[b, j] * a[b, 2 * hidden + j]
 
 
 @_jit
@@ -81,3 +64,64 @@ def step_backward(dh, dh_t, dc_t, dc_next, tanh_c, act, c_prev, dacts_t, has_dac
             d_g_b[j] = d_g * (one - g * g)
             d_o_b[j] = d_o * (o * (one - o))
             dc_nb[j] = dc * f
+
+
+@_jit
+def _gemm(fn, a, b, c):
+    """c = a @ b by the ctypes cblas gemm ``fn`` (row major, each 2-d array with a unit inner
+    stride and its rows at any stride: the arguments NumPy's matmul passes, so its bits).
+    Nothing for an empty c."""
+    m, n = c.shape
+    if m == 0 or n == 0:
+        return
+    k = a.shape[1]
+    item = c.itemsize
+    fn(101, 111, 111, m, n, k, 1.0, a.ctypes, a.strides[0] // item, b.ctypes,
+       b.strides[0] // item, 0.0, c.ctypes, c.strides[0] // item)
+
+
+@_jit
+def forward_rows(gemm, x_proj, w_hh, h0, c0, h_all, c_all, acts, scale, shift, start, stop):
+    """The whole forward recurrence of rnn.lstm_forward for the batch rows ``start:stop``:
+    each step's product ``h @ w_hh`` by the ctypes cblas gemm ``gemm`` (BLAS held on one
+    thread by the caller), then the gates and the new state in one pass per row, tanh by
+    numba_tanh.tanh_of. The rows are independent, so any cut of the batch gives each row the
+    same values for the same gemm results."""
+    wide_vectors()
+    steps = x_proj.shape[0]
+    four = x_proj.shape[2]
+    hidden = four // 4
+    for t in range(steps):
+        a = acts[t, start:stop]
+        h_t = h_all[t, start:stop]
+        c_t = c_all[t, start:stop]
+        if t == 0:
+            _gemm(gemm, h0[start:stop], w_hh, a)
+        else:
+            _gemm(gemm, h_all[t - 1, start:stop], w_hh, a)
+        for b in range(stop - start):
+            a_b, x_b, c_b, h_b = a[b], x_proj[t, start + b], c_t[b], h_t[b]
+            c_prev_b = c0[start + b] if t == 0 else c_all[t - 1, start + b]
+            for j in range(four):
+                a_b[j] = tanh_of((a_b[j] + x_b[j]) * scale[j]) * scale[j] + shift[j]
+            for j in range(hidden):
+                c_new = a_b[hidden + j] * c_prev_b[j] + a_b[j] * a_b[2 * hidden + j]
+                c_b[j] = c_new
+                h_b[j] = tanh_of(c_new) * a_b[3 * hidden + j]
+
+
+@_jit
+def backward_rows(gemm, dh_all, dc_all, dacts, has_dacts, w_hh_t, c_all, acts, c0, tanh_c,
+                  dpre, dh, dc_next, one, start, stop):
+    """The whole backward recurrence of rnn.lstm_backward for the batch rows ``start:stop``:
+    step_backward per step, then ``dh = d @ w_hh_t`` (the ctypes cblas gemm ``gemm``;
+    ``w_hh_t`` is w_hh.T, contiguous) into ``dh`` for the step before. ``dacts`` is read only
+    where ``has_dacts``."""
+    steps = acts.shape[0]
+    for t in range(steps - 1, -1, -1):
+        d = dpre[t, start:stop]
+        c_prev = c0[start:stop] if t == 0 else c_all[t - 1, start:stop]
+        step_backward(dh[start:stop], dh_all[t, start:stop], dc_all[t, start:stop],
+                      dc_next[start:stop], tanh_c[t, start:stop], acts[t, start:stop],
+                      c_prev, dacts[t, start:stop], has_dacts, one, d)
+        _gemm(gemm, d, w_hh_t, dh[start:stop])

@@ -12,10 +12,13 @@ an output too: the backward needs them and recomputing costs a matrix product an
 every step. Sigmoid is ``(1 + tanh(a / 2)) / 2``, as the ``sigmoid`` op computes it, so all
 four gates take one tanh call and the results equal the step-by-step ops' to rounding.
 
-Where numba is installed, each step's elementwise work between the matrix product and the
-tanh calls is one compiled loop (numba_rnn.py) instead of five to ten NumPy calls; the NumPy
-loops below are the reference and the fallback (no numba, CuPy arrays, other dtypes) and do
-the same operations in the same order.
+Where numba is installed and NumPy runs on OpenBLAS, a whole layer's recurrence is one
+compiled loop per block of batch rows (numba_rnn.py): its step products call OpenBLAS's gemm
+directly, and the blocks (rows never meet in an LSTM) run on numba's TBB threads
+(numba_parallel_rnn.py) with no synchronisation between steps. The block cut depends on the
+batch size alone, so the bits do not depend on the threads. The NumPy loops below are the
+reference and the fallback (no numba, CuPy arrays, another BLAS) and do the same operations
+in the same order (float32 results differ in the last bits: tanh, numba_tanh.py).
 
 NOTE: the step loops hold OpenBLAS to one thread (kernels/blas_threads.py). A step's product
 (batch x hidden x 4 hidden: 32 x 128 x 512 in the LM benchmark) is too small to split, and a
@@ -25,9 +28,9 @@ processes kept the cores busy (load ~8); no difference on a quieter machine (loa
 products over all steps at once (the weight gradient; the input projection outside this
 module) go through kernels/blas_policy.py (blocks on numba's threads, OpenBLAS on one
 thread: its worker never spins).
-Splitting the batch over threads instead (rows are independent: each thread runs the whole
-recurrence on its rows) did not pay: 1.3x slower forward at batch 32 on 2 cores (16-row
-products, the GIL between steps).
+Splitting the batch over needle's Python threads did not pay (1.3x slower forward: the GIL
+between steps); the compiled blocks on TBB threads, with no Python between steps, do: one
+layer's forward + backward 5.0 ms -> 2.8 ms (session 13, MIN_BLOCK_ROWS below).
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import parallel_loops
 from ..backend.device import array_module
-from ..backend.numba_support import numba_module
-from . import blas_policy, blas_threads
+from ..backend.numba_support import NumbaLoops, numba_module
+from . import blas_policy, blas_threads, openblas_gemm
 
 __all__ = ["lstm_backward", "lstm_forward"]
 
@@ -59,6 +63,18 @@ def _gate_affine(hidden: int, dtype: np.dtype, xp: Any = np) -> tuple[Any, Any]:
     return scale, shift
 
 
+#: rows of the batch per block of the whole-sequence loops, at least. Measured on the LM's
+#: layer (batch 32, hidden 128, 35 steps; forward / backward ms): one core 1.95 / 2.64 as one
+#: block, 1.85 / 2.09 as 4 blocks of 8 rows (OpenBLAS's small-matrix kernels take products
+#: under ~1e6 multiply-adds, faster and without its buffer lock); 2 cores 1.09 / 1.73 as 4
+#: blocks of 8, 1.36 / 2.14 as 2 of 16; 8 blocks of 4 rows gain nothing more
+MIN_BLOCK_ROWS = 8
+#: blocks at most (no more threads than that would pay for one LSTM layer)
+MAX_BLOCKS = 8
+
+#: numba_parallel_rnn.py: the blocks in one prange region where it runs
+PARALLEL_LOOPS = NumbaLoops(f"{__package__}.numba_parallel_rnn")
+
 #: set once numba failed to compile a loop here: the NumPy loops run from then on
 _numba_failed: list[bool] = []
 
@@ -68,12 +84,31 @@ def _loops(*arrays: Any) -> Any:
     off, a compilation failed before, or arrays other than float32/float64 NumPy arrays."""
     if _numba_failed or numba_module() is None:
         return None
+    present = [a for a in arrays if a is not None]
     if not all(isinstance(a, np.ndarray) and a.dtype in (np.float32, np.float64)
-               for a in arrays if a is not None):
+               for a in present):
+        return None
+    if openblas_gemm.gemm(np.result_type(*present)) is None:
         return None
     from . import numba_rnn
 
     return numba_rnn
+
+
+def _block_count(batch: int) -> int:
+    """Blocks of the batch the whole-sequence loops cut (from the batch size alone, so the
+    same with or without threads): rows of at least ``MIN_BLOCK_ROWS``, at most
+    ``MAX_BLOCKS`` blocks."""
+    return max(1, min(MAX_BLOCKS, batch // MIN_BLOCK_ROWS))
+
+
+def _parallel_loops(count: int) -> Any:
+    """numba_parallel_rnn where its blocks can run on numba's TBB threads (more than one
+    block, prange running, BLAS held on one thread so the blocks' products do not fight over
+    OpenBLAS's workers), else None."""
+    if count < 2 or not parallel_loops.parallel_threads() or not blas_threads.available():
+        return None
+    return PARALLEL_LOOPS.module()
 
 
 def _with_fallback(fused: Any, plain: Any, loops: Any, *args: Any) -> Any:
@@ -142,18 +177,20 @@ def _forward_numpy(x_proj: Any, w_hh: Any, h0: Any, c0: Any, h_all: Any, c_all: 
 
 def _forward_fused(loops: Any, x_proj: Any, w_hh: Any, h0: Any, c0: Any, h_all: Any,
                    c_all: Any, acts: Any) -> None:
-    hidden = w_hh.shape[0]
-    scale, shift = _gate_affine(hidden, acts.dtype)
-    h, c = h0, c0
-    for t in range(x_proj.shape[0]):
-        a, c_t, h_t = acts[t], c_all[t], h_all[t]
-        np.matmul(h, w_hh, out=a)
-        loops.gates_in(a, x_proj[t], scale)
-        np.tanh(a, out=a)
-        loops.gates_out_and_cell(a, scale, shift, c, c_t)
-        np.tanh(c_t, out=h_t)
-        h_t *= a[:, 3 * hidden:]
-        h, c = h_t, c_t
+    dtype = acts.dtype
+    scale, shift = _gate_affine(w_hh.shape[0], dtype)
+    gemm = openblas_gemm.gemm(dtype)
+    x_proj, w_hh, h0, c0 = (np.ascontiguousarray(a, dtype) for a in (x_proj, w_hh, h0, c0))
+    count = _block_count(x_proj.shape[1])
+    parallel = _parallel_loops(count)
+    if parallel is not None:
+        parallel.forward_blocks(gemm, x_proj, w_hh, h0, c0, h_all, c_all, acts, scale, shift,
+                                count)
+        return
+    n = x_proj.shape[1]
+    for i in range(count):
+        loops.forward_rows(gemm, x_proj, w_hh, h0, c0, h_all, c_all, acts, scale, shift,
+                           n * i // count, n * (i + 1) // count)
 
 
 def lstm_backward(dh_all: Any, dc_all: Any, dacts: Any, w_hh: Any, h_all: Any, c_all: Any,
@@ -226,12 +263,20 @@ def _backward_numpy(dh_all: Any, dc_all: Any, dacts: Any, w_hh_t: Any, c_all: An
 
 def _backward_fused(loops: Any, dh_all: Any, dc_all: Any, dacts: Any, w_hh_t: Any, c_all: Any,
                     acts: Any, c0: Any, tanh_c: Any, dpre: Any, dh: Any, dc_next: Any) -> Any:
-    one = acts.dtype.type(1)
+    dtype = acts.dtype
+    gemm = openblas_gemm.gemm(dtype)
     has_dacts = dacts is not None
-    for t in range(c_all.shape[0] - 1, -1, -1):
-        d = dpre[t]
-        loops.step_backward(dh, dh_all[t], dc_all[t], dc_next, tanh_c[t], acts[t],
-                            c_all[t - 1] if t else c0, dacts[t] if has_dacts else d,
-                            has_dacts, one, d)
-        dh = d @ w_hh_t
+    dh_all, dc_all, c0 = (np.ascontiguousarray(a, dtype) for a in (dh_all, dc_all, c0))
+    dacts = np.ascontiguousarray(dacts, dtype) if has_dacts else dpre
+    one = dtype.type(1)
+    count = _block_count(acts.shape[1])
+    parallel = _parallel_loops(count)
+    if parallel is not None:
+        parallel.backward_blocks(gemm, dh_all, dc_all, dacts, has_dacts, w_hh_t, c_all, acts,
+                                 c0, tanh_c, dpre, dh, dc_next, one, count)
+        return dh
+    n = acts.shape[1]
+    for i in range(count):
+        loops.backward_rows(gemm, dh_all, dc_all, dacts, has_dacts, w_hh_t, c_all, acts, c0,
+                            tanh_c, dpre, dh, dc_next, one, n * i // count, n * (i + 1) // count)
     return dh
