@@ -313,3 +313,23 @@ def test_batch_blocks_give_the_same_bits_threaded_or_not_and_each_row_its_own(mo
     plain = _forward_and_backward(*args)
     for got, want in zip(threaded, plain):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch, hidden", [(1, 3), (7, 5), (9, 16), (17, 8), (33, 4)])
+def test_whole_sequence_loops_on_uneven_blocks_and_strided_inputs(monkeypatch, batch, hidden):
+    """Batches that do not divide into blocks evenly (and of one row), and inputs that are
+    strided views: the compiled loops agree with the NumPy loops."""
+    pytest.importorskip("numba")
+    from needle.kernels import rnn
+
+    rng = np.random.default_rng(batch)
+    x_proj, w_hh, h0, c0, dh, dc, dacts = _kernel_inputs(rng, 4, batch, hidden)
+    if rnn._loops(x_proj, w_hh) is None:
+        pytest.skip("the compiled loops do not run here (numba off, or not NumPy's OpenBLAS)")
+    x_proj = np.asfortranarray(x_proj)                         # no unit inner stride
+    w_hh = np.ascontiguousarray(np.concatenate([w_hh, w_hh], axis=1))[:, ::2]
+    fused = _forward_and_backward(x_proj, w_hh, h0, c0, dh, dc, dacts)
+    monkeypatch.setattr(rnn, "_loops", lambda *arrays: None)
+    plain = _forward_and_backward(x_proj, w_hh, h0, c0, dh, dc, dacts)
+    for got, want in zip(fused, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
