@@ -24,7 +24,9 @@ written once, in the module that owns it:
     batchnorm.py       BatchNorm's statistics, affine map and backward (numba -> NumPy)
     layout.py          per-channel work on channels-last memory (rows of a multiple of C)
     rnn.py             an LSTM layer over a whole sequence, forward and backward (numba -> NumPy)
-    numba_rnn.py       its numba step loops (imported only where numba is installed)
+    numba_rnn.py       its numba loops: a layer's whole recurrence per block of batch rows
+    numba_parallel_rnn.py  those blocks in one prange region (TBB)
+    numba_tanh.py      a float32 tanh that vectorizes inside numba loops
     cpu_kernels.py     the compiled loops' entry points: None where numba cannot run them
     numba_kernels.py   those loops (imported only where numba is installed)
     threaded_elementwise.py  relu, its gradient and the bias add of large arrays, threaded
