@@ -19,6 +19,7 @@ products ran on one thread, whole (B, H, T, S) arrays between them).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -50,6 +51,21 @@ def _softmax_grad_slabs(p, dp, count):
                                           dp[start:stop].reshape((rows, width)))
 
 
+def _slab_probabilities(gemm, q, k, i, h, dk, scale, mask, use_mask, p):
+    """p (T, S) = softmax(scale * q_h k_h^T + mask rows) for slab (batch ``i``, head ``h``):
+    the product by cblas_sgemm ``gemm`` (k_h^T read transposed, as NumPy passes a swapped
+    view), then numba_attention's softmax rows."""
+    t, s = p.shape
+    qh = q[i, :, h * dk:(h + 1) * dk]
+    kh = k[i, :, h * dk:(h + 1) * dk]
+    gemm(_ROW, _N, _T, t, s, dk, 1.0, qh.ctypes, q.strides[1] // 4, kh.ctypes,
+         k.strides[1] // 4, 0.0, p.ctypes, s)
+    numba_attention.softmax_rows_f32(p, scale, mask, use_mask)
+
+
+_slab_probabilities_jit = numba.njit(nogil=True, inline="always")(_slab_probabilities)
+
+
 def _attention_slabs(gemm, q, k, v, out, mask, use_mask, scale, heads, count):
     """out (B, T, H*dv) = softmax(scale * q_h k_h^T + mask rows) v_h per head h, in ``count``
     blocks of the B * H (batch, head) slabs; q (B, T, H*dk), k (B, S, H*dk), v (B, S, H*dv)
@@ -60,20 +76,16 @@ def _attention_slabs(gemm, q, k, v, out, mask, use_mask, scale, heads, count):
     dk = e // heads
     dv = v.shape[2] // heads
     n = b * heads
-    ldq, ldk, ldv = q.strides[1] // 4, k.strides[1] // 4, v.strides[1] // 4
+    ldv = v.strides[1] // 4
     ldo = out.strides[1] // 4
     for blk in prange(count):
         p = np.empty((t, s), np.float32)
         for slab in range(n * blk // count, n * (blk + 1) // count):
             i = slab // heads
             h = slab - i * heads
-            qh = q[i, :, h * dk:(h + 1) * dk]
-            kh = k[i, :, h * dk:(h + 1) * dk]
             vh = v[i, :, h * dv:(h + 1) * dv]
             oh = out[i, :, h * dv:(h + 1) * dv]
-            # p = q_h @ k_h^T (k_h^T read transposed, as NumPy passes a swapped view)
-            gemm(_ROW, _N, _T, t, s, dk, 1.0, qh.ctypes, ldq, kh.ctypes, ldk, 0.0, p.ctypes, s)
-            numba_attention.softmax_rows_f32(p, scale, mask, use_mask)
+            _slab_probabilities_jit(gemm, q, k, i, h, dk, scale, mask, use_mask, p)
             gemm(_ROW, _N, _N, t, dv, s, 1.0, p.ctypes, s, vh.ctypes, ldv, 0.0, oh.ctypes, ldo)
 
 
@@ -108,8 +120,7 @@ def _attention_grad_slabs(gemm, g, q, k, v, dq, dk_out, dv_out, ds_all, keep_ds,
             dqh = dq[i, :, h * dk:(h + 1) * dk]
             dkh = dk_out[i, :, h * dk:(h + 1) * dk]
             dvh = dv_out[i, :, h * dv:(h + 1) * dv]
-            gemm(_ROW, _N, _T, t, s, dk, 1.0, qh.ctypes, ldq, kh.ctypes, ldk, 0.0, p.ctypes, s)
-            numba_attention.softmax_rows_f32(p, scale, mask, use_mask)
+            _slab_probabilities_jit(gemm, q, k, i, h, dk, scale, mask, use_mask, p)
             # dv_h = p^T @ g_h, dp = g_h @ v_h^T (into ds), then softmax's adjoint in place
             gemm(_ROW, _T, _N, s, dv, t, 1.0, p.ctypes, s, gh.ctypes, ldg, 0.0, dvh.ctypes, lv)
             gemm(_ROW, _N, _T, t, s, dv, 1.0, gh.ctypes, ldg, vh.ctypes, ldv, 0.0, ds.ctypes, s)
