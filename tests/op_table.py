@@ -532,6 +532,43 @@ def _torch_batch_norm_relu_mean(x, w, batch_norm=_torch_batch_norm):
     return _torch_bn_relu_nhwc(x, w, batch_norm).mean(dim=(1, 2))
 
 
+def _bn_relu_nchw(x, w):
+    """(NCHW view of NHWC ``x``, BatchNorm's weight, fixed bias, x's statistics)."""
+    mean, var = _nhwc_batch_stats(x)
+    return ops.permute(x, (0, 3, 1, 2)), w, _const(_relu_bias(tuple(w.shape))), mean, var
+
+
+def _batch_norm_relu_max_pool2d(x, w, **attrs):
+    """batch_norm_relu_max_pool2d of NHWC x's NCHW view (a conv's output), its own
+    statistics, a fixed BatchNorm bias."""
+    return ops.batch_norm_relu_max_pool2d(*_bn_relu_nchw(x, w), eps=1e-5, **attrs)
+
+
+def _torch_batch_norm_relu_max_pool2d(x, w, kernel_size, stride,
+                                      batch_norm=_torch_batch_norm):
+    act = _torch_bn_relu_nhwc(x, w, batch_norm).permute(0, 3, 1, 2)
+    return torch.nn.functional.max_pool2d(act, kernel_size, stride)
+
+
+def _batch_norm_relu_max_pool2d_grad(g, x, w, **attrs):
+    """batch_norm_relu_max_pool2d_grad for the pool of NHWC x's block (as
+    _batch_norm_relu_max_pool2d makes it), its (dx, dweight, dbias) as dx + 2 dw + 3 db."""
+    xn, w, b, mean, var = _bn_relu_nchw(x, w)
+    y = ops.batch_norm_relu_max_pool2d(xn, w, b, mean, var, eps=1e-5, **attrs)
+    dx, dw, db = ops.batch_norm_relu_max_pool2d_grad(g, y, xn, w, b, mean, var, eps=1e-5,
+                                                     **attrs)
+    return dx + dw * 2.0 + db * 3.0
+
+
+def _torch_batch_norm_relu_max_pool2d_grad(g, x, w, kernel_size, stride,
+                                           batch_norm=_torch_batch_norm):
+    """_torch_batch_norm_relu_grad of the pool's gradient g scattered to its input."""
+    act = _torch_bn_relu_nhwc(x, w, batch_norm).permute(0, 3, 1, 2)
+    scattered = _torch_max_pool_scatter(act, g, kernel_size, stride)
+    return _torch_batch_norm_relu_grad(scattered, x.permute(0, 3, 1, 2), w, (0, 2, 3),
+                                       batch_norm)
+
+
 def _const(array) -> ndl.Tensor:
     return ndl.Tensor(array, requires_grad=False)
 
@@ -925,6 +962,28 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((3, 6, 7, 2), (1, 2, 1, 1)), "small", S1),
             S(normal((4, 16, 16, 64), (1, 64, 1, 1)), "kernel", BT)],
            second_order_ref=partial(_torch_batch_norm_relu_mean,
+                                    batch_norm=_torch_batch_norm_composite),
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    # a BatchNorm2d + ReLU + max pool block, forward and backward (compiled plans' fused
+    # ops; NHWC x seen NCHW, as a conv's output): windows that tile the map, overlap and
+    # leave a row out. The forward's kernel runs on these; the backward's takes larger
+    # arrays only (its bits against the ops': tests/test_batchnorm_relu_pool.py)
+    OpInfo("batch_norm_relu_max_pool2d", _batch_norm_relu_max_pool2d,
+           _torch_batch_norm_relu_max_pool2d,
+           [S(joined(distinct((2, 4, 6, 3)), positive((1, 3, 1, 1))), "tiled", S1,
+              kernel_size=2, stride=2),
+            S(joined(distinct((2, 5, 7, 2)), positive((1, 2, 1, 1))), "overlapping", A,
+              kernel_size=3, stride=2)],
+           second_order_ref=partial(_torch_batch_norm_relu_max_pool2d,
+                                    batch_norm=_torch_batch_norm_composite),
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("batch_norm_relu_max_pool2d_grad", _batch_norm_relu_max_pool2d_grad,
+           _torch_batch_norm_relu_max_pool2d_grad,
+           [S(joined(normal((2, 3, 2, 3)), distinct((2, 4, 6, 3)), positive((1, 3, 1, 1))),
+              "tiled", S1, kernel_size=2, stride=2),
+            S(joined(normal((2, 2, 2, 3)), distinct((2, 5, 7, 2)), positive((1, 2, 1, 1))),
+              "overlapping", A, kernel_size=3, stride=2)],
+           second_order_ref=partial(_torch_batch_norm_relu_max_pool2d_grad,
                                     batch_norm=_torch_batch_norm_composite),
            rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
     OpInfo("conv_input_grad", _conv_input_grad, _torch_conv_input_grad,

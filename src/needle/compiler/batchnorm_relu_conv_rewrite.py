@@ -39,7 +39,8 @@ loaded, ~83 ms steps): the 16->32 layer's forward + region 7.94 -> 7.29 ms, kern
 5.58 -> 5.67; the 32->64 layer's 14.69 -> 12.47 and 11.21 -> 11.65 (its interior tiles are
 gathered, not read in place): ~-2.3 ms of 83 per op, but the steps' process CPU time
 1.015-1.054x (kernels/conv_bn_relu.py ``WINOGRAD`` has the numbers): off by default.
-Not covered: a layer read by a pool (the ResidualCNN's) or by ``mean`` (each model's last).
+A layer read by a max pool: batchnorm_relu_pool_rewrite.py; by ``mean`` (each model's
+last): batchnorm_relu_mean_rewrite.py.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from ..core.registry import Aval, Op
 from . import fused_update
 from .batchnorm_relu_conv_rewrite import rewrite_batchnorm_relu_convs
 from .batchnorm_relu_mean_rewrite import rewrite_batchnorm_relu_means
+from .batchnorm_relu_pool_rewrite import rewrite_batchnorm_relu_pools
 from .batchnorm_relu_rewrite import rewrite_batchnorm_relu_grads
 from .vocab_head_rewrite import rewrite_vocab_heads
 
@@ -177,6 +178,7 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
     bn_relu = rewrite_batchnorm_relu_grads(program)
     bn_relu_convs = rewrite_batchnorm_relu_convs(program)
     bn_relu_means = rewrite_batchnorm_relu_means(program)
+    bn_relu_pools = rewrite_batchnorm_relu_pools(program)
     before = len(program.steps)
     folded = fold_constants(program, constant_value, static_shapes)
     merged = eliminate_common_subexpressions(program)
@@ -190,6 +192,9 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
         "the convolutions' loops)",
         f"batchnorm_relu_mean_rewrite ({bn_relu_means} BatchNorm + ReLU outputs averaged "
         "where they are made)",
+        f"batchnorm_relu_pool_rewrite ({bn_relu_pools[0]} max_pool2d_scatter + "
+        f"batch_norm_relu_grad pairs fused, {bn_relu_pools[1]} BatchNorm + ReLU outputs "
+        "pooled where they are made)",
         f"constant_folding ({folded} steps folded)",
         f"cse ({merged} steps merged)",
         f"dead_step_elimination ({before - folded - merged - len(program.steps)} dropped)",

@@ -1,5 +1,6 @@
 """What the compiler's rewrite passes share (batchnorm_relu_rewrite.py,
-batchnorm_relu_conv_rewrite.py, batchnorm_relu_mean_rewrite.py, vocab_head_rewrite.py): the
+batchnorm_relu_conv_rewrite.py, batchnorm_relu_mean_rewrite.py,
+batchnorm_relu_pool_rewrite.py, vocab_head_rewrite.py): the
 slots a rewrite must keep, which steps read each slot, applying
 a pass's matches until none is left (each rewrite changes the steps the next search sees),
 and the ``batch_norm -> relu`` chains both BatchNorm rewrites start from."""

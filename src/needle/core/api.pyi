@@ -16,6 +16,8 @@ from .ops_batchnorm_relu import BatchNormReluGrad as BatchNormReluGrad
 from .ops_batchnorm_relu_conv import BatchNormReluConvBias as BatchNormReluConvBias
 from .ops_batchnorm_relu_conv import BatchNormReluConvWeightGrad as BatchNormReluConvWeightGrad
 from .ops_batchnorm_relu_mean import BatchNormReluMean as BatchNormReluMean
+from .ops_batchnorm_relu_pool import BatchNormReluMaxPool2d as BatchNormReluMaxPool2d
+from .ops_batchnorm_relu_pool import BatchNormReluMaxPool2dGrad as BatchNormReluMaxPool2dGrad
 from .ops_check import CheckClassIds as CheckClassIds
 from .ops_collective import AllGather as AllGather
 from .ops_collective import AllReduce as AllReduce
@@ -119,25 +121,26 @@ __all__ = [
     "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
     "batch_norm_relu_grad", "conv", "conv_bias", "conv_weight_grad", "conv_input_grad",
     "batch_norm_relu_conv_bias", "batch_norm_relu_conv_weight_grad", "batch_norm_relu_mean",
-    "check_class_ids", "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter",
-    "layer_norm", "layer_norm_grad", "matmul", "transposed_matmul", "linear", "max_pool2d",
-    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
-    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "vocab_head_softmax",
-    "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods", "Attention",
-    "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar",
-    "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid",
-    "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare", "CompareScalar", "Sign", "FullLike",
-    "AsType", "Reshape", "ExpandDims", "BroadcastTo", "SumTo", "Transpose", "Permute", "MakeTuple",
-    "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate", "UnDilate", "GetItem",
-    "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation", "Mean", "Max",
-    "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
-    "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm",
-    "BatchNormGrad", "InvStd", "BatchNormReluGrad", "Conv", "ConvBias", "ConvWeightGrad",
-    "ConvInputGrad", "BatchNormReluConvBias", "BatchNormReluConvWeightGrad", "BatchNormReluMean",
-    "CheckClassIds", "AllReduce", "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm",
-    "LayerNormGrad", "MatMul", "TransposedMatMul", "Linear", "MaxPool2d", "MaxPool2dScatter",
-    "MaxPool2dGather", "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad", "StopGradient",
-    "ToDevice", "Store", "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss", "VocabHeadLossGrad",
+    "batch_norm_relu_max_pool2d", "batch_norm_relu_max_pool2d_grad", "check_class_ids",
+    "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter", "layer_norm",
+    "layer_norm_grad", "matmul", "transposed_matmul", "linear", "max_pool2d", "max_pool2d_scatter",
+    "max_pool2d_gather", "bernoulli_like", "lstm_sequence", "lstm_sequence_grad", "stop_gradient",
+    "to_device", "store", "vocab_head_softmax", "vocab_head_loss", "vocab_head_loss_grad",
+    "install_tensor_methods", "Attention", "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul",
+    "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU",
+    "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare",
+    "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "ExpandDims", "BroadcastTo", "SumTo",
+    "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip",
+    "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis",
+    "ScatterAdd", "Summation", "Mean", "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax",
+    "SoftmaxCrossEntropy", "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad",
+    "BatchStats", "BatchNorm", "BatchNormGrad", "InvStd", "BatchNormReluGrad", "Conv", "ConvBias",
+    "ConvWeightGrad", "ConvInputGrad", "BatchNormReluConvBias", "BatchNormReluConvWeightGrad",
+    "BatchNormReluMean", "BatchNormReluMaxPool2d", "BatchNormReluMaxPool2dGrad", "CheckClassIds",
+    "AllReduce", "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm", "LayerNormGrad",
+    "MatMul", "TransposedMatMul", "Linear", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather",
+    "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad", "StopGradient", "ToDevice", "Store",
+    "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss", "VocabHeadLossGrad",
 ]
 
 #: the names of the generated op functions, in registration order
@@ -484,6 +487,36 @@ def batch_norm_relu_mean(
     """``mean(relu(batch_norm(permute(x, (0, 3, 1, 2)), weight, bias, mean, var)), (2, 3))``:
     training BatchNorm2d (the batch ``mean`` and ``var``) and ReLU of the NHWC array ``x``,
     averaged over H and W: (N, C)."""
+
+def batch_norm_relu_max_pool2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    kernel_size: int,
+    stride: int,
+    eps: float = 1e-05,
+) -> Tensor:
+    """``max_pool2d(relu(batch_norm(x, weight, bias, mean, var)))``: training BatchNorm2d (axes
+    (0, 2, 3)) and ReLU of NCHW ``x``, then its k x k max pool (``stride``)."""
+
+def batch_norm_relu_max_pool2d_grad(
+    g: Tensor,
+    y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    kernel_size: int,
+    stride: int,
+    eps: float = 1e-05,
+) -> TensorTuple:
+    """``batch_norm_relu_grad(max_pool2d_scatter(relu(batch_norm(x, weight, bias, mean, var)), y,
+    g), x, weight, bias, mean, var)``: ``(dx, dweight, dbias)`` of training BatchNorm2d (axes (0,
+    2, 3)) followed by a ReLU and a k x k max pool (``stride``), for the pool's output ``y`` and
+    its gradient ``g``."""
 
 def check_class_ids(y: Tensor, classes: int, what: str = "check_class_ids") -> Tensor:
     """``y`` unchanged, after checking that every value is a whole class id in [0, classes)."""

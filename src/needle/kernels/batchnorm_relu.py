@@ -32,7 +32,7 @@ from ..backend.numba_support import NumbaLoops
 from . import column_sums, cpu_kernels, threaded_elementwise
 from .reduce import EINSUM_MIN_SIZE, stat_matrix
 
-__all__ = ["backward"]
+__all__ = ["backward", "dx_pass"]
 
 _loops = NumbaLoops("needle.kernels.numba_batchnorm_relu")
 
@@ -152,21 +152,38 @@ def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: f
     if fold:  # dx's column sums over the blocks that summing dx afterwards would take
         sum_bounds = column_sums.row_blocks(m, c)
         dx_bounds = None if sum_bounds is None else np.array(sum_bounds, np.int64)
-    if dx_bounds is not None:
-        dx_parts = np.empty((len(dx_bounds) - 1, c if fold else 0), np.float64)
-        if not _blocks("bn_relu_grad_dx", dx_bounds, gm, per, xm, alpha, beta, mean_v, alpha,
-                       b, k, dxm, dx_parts):
-            return None
-    else:
-        dx_parts = np.empty((1, c if fold else 0), np.float64)
-        if not _dx_whole(module, gm, per, xm, alpha, beta, mean_v, b, k, dxm, dx_parts[0]):
-            return None
+    dx_parts = dx_pass(gm, per, xm, alpha, beta, mean_v, b, k, dx_bounds, dxm, fold)
+    if dx_parts is None:
+        return None
     dweight, dbias = dweight.reshape(weight.shape), dbias.reshape(weight.shape)
     dx = _from_rows(dxm, x, axis)
     if not channel_sums:
         return dx, dweight, dbias
     dx_sums = np.add.reduce(dx_parts, axis=0).astype(x.dtype) if fold else None
     return dx, dweight, dbias, dx_sums
+
+
+def dx_pass(gm: np.ndarray, per: int, xm: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
+            mean: np.ndarray, b: np.ndarray, k: np.ndarray, bounds: np.ndarray | None,
+            dxm: np.ndarray, fold: bool = False) -> np.ndarray | None:
+    """``backward``'s second pass: dxm = alpha r + b (x - mean) + k, r = g * (x alpha + beta
+    > 0) (bn_grad_constants' ``a`` is alpha), over the row blocks ``bounds`` (None: whole,
+    or split on needle's threads); with ``fold``, dx's float64 column sums per block (rows
+    of the array returned; no columns without). None where numba could not run it."""
+    c = xm.shape[1]
+    module = _loops.module()
+    if module is None:
+        return None
+    if bounds is not None:
+        dx_parts = np.empty((len(bounds) - 1, c if fold else 0), np.float64)
+        if not _blocks("bn_relu_grad_dx", bounds, gm, per, xm, alpha, beta, mean, alpha, b, k,
+                       dxm, dx_parts):
+            return None
+    else:
+        dx_parts = np.empty((1, c if fold else 0), np.float64)
+        if not _dx_whole(module, gm, per, xm, alpha, beta, mean, b, k, dxm, dx_parts[0]):
+            return None
+    return dx_parts
 
 
 def _blocks(name: str, bounds: np.ndarray, *args: Any) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from numba import prange
 
 from ..backend.parallel_loops import njit_parallel
-from . import numba_batchnorm_relu, numba_kernels
+from . import numba_batchnorm_relu, numba_bn_relu_pool, numba_kernels
 
 _column_sums_blocks = numba_kernels.column_sums_blocks
 _shifted_sums_blocks = numba_kernels.shifted_sums_blocks
@@ -27,6 +27,8 @@ _max_pool_blocks = numba_kernels.max_pool_blocks
 _max_pool_scatter_blocks = numba_kernels.max_pool_scatter_blocks
 _bn_relu_grad_sums_blocks = numba_batchnorm_relu.bn_relu_grad_sums_blocks
 _bn_relu_grad_dx_blocks = numba_batchnorm_relu.bn_relu_grad_dx_blocks
+_bn_relu_pool_grad_sums_blocks = numba_bn_relu_pool.bn_relu_pool_grad_sums_blocks
+_bn_relu_max_pool_blocks = numba_bn_relu_pool.bn_relu_max_pool_blocks
 
 
 def _column_sums(xm, out, bounds):
@@ -81,6 +83,18 @@ def _bn_relu_grad_dx(g, per, xm, alpha, beta, mean, a, b, k, dx, sum_dx, bounds)
                                 q + 1)
 
 
+def _bn_relu_pool_grad_sums(g, y, x4, xm, alpha, beta, mean, k, stride, s4, sm, sum_g, sum_gc,
+                            bounds):
+    for q in prange(bounds.shape[0] - 1):
+        _bn_relu_pool_grad_sums_blocks(g, y, x4, xm, alpha, beta, mean, k, stride, s4, sm,
+                                       sum_g, sum_gc, bounds, q, q + 1)
+
+
+def _bn_relu_max_pool(x, alpha, beta, k, stride, out, bounds):
+    for b in prange(bounds.shape[0] - 1):
+        _bn_relu_max_pool_blocks(x, alpha, beta, k, stride, out, bounds, b, b + 1)
+
+
 column_sums = njit_parallel(_column_sums)
 shifted_sums = njit_parallel(_shifted_sums)
 centered_square_sums = njit_parallel(_centered_square_sums)
@@ -91,3 +105,5 @@ max_pool = njit_parallel(_max_pool)
 max_pool_scatter = njit_parallel(_max_pool_scatter)
 bn_relu_grad_sums = njit_parallel(_bn_relu_grad_sums)
 bn_relu_grad_dx = njit_parallel(_bn_relu_grad_dx)
+bn_relu_pool_grad_sums = njit_parallel(_bn_relu_pool_grad_sums)
+bn_relu_max_pool = njit_parallel(_bn_relu_max_pool)
