@@ -51,7 +51,14 @@ from ..backend import cpu
 from ..core.interpret import Program, Step
 from ..core.ops_batchnorm_relu_conv import BatchNormReluConvBias, BatchNormReluConvWeightGrad
 from ..kernels import conv_bn_relu
-from .rewrite_support import batchnorm_relu_chains, kept_slots, rewrite_until_done, step_readers
+from .rewrite_support import (
+    activation_readers,
+    batchnorm_relu_chains,
+    kept_slots,
+    retarget_stores,
+    rewrite_until_done,
+    step_readers,
+)
 from .rewritten_node import RewrittenNode
 
 __all__ = ["ENABLED", "rewrite_batchnorm_relu_convs"]
@@ -76,17 +83,9 @@ def _find(program: Program) -> tuple | None:
     steps = program.steps
     readers = step_readers(program)
     for bi, pi, ri in batchnorm_relu_chains(program, kept, readers):
-        relu_out = steps[ri].out
-        perms, stores = [], []
-        for i in readers.get(relu_out, []):
-            s = steps[i]
-            if s.op.name == "permute" and tuple(getattr(s.op, "axes", ())) == _NHWC:
-                perms.append(i)
-            elif s.op.name == "store" and s.inputs[0] != relu_out:
-                stores.append(i)
-            else:
-                perms = []
-                break
+        perms, stores = activation_readers(
+            steps, readers, steps[ri].out,
+            lambda s: s.op.name == "permute" and tuple(getattr(s.op, "axes", ())) == _NHWC)
         if len(perms) != 1 or steps[perms[0]].out in kept:
             continue
         ki = perms[0]
@@ -145,10 +144,6 @@ def _apply(program: Program, bi: int, pi: int, ri: int, ki: int, convs: list, gr
         steps[i] = Step(fused, (b_slot, *stat_slots, step.inputs[1]), step.out, node)
     # the running statistics' stores named the activation as a control edge: the first
     # convolution reading it now stands for it (it runs after the statistics are known)
-    relu_out, after = steps[ri].out, steps[convs[0]].out
-    for i in stores:
-        step = steps[i]
-        inputs = (step.inputs[0], *(after if s == relu_out else s for s in step.inputs[1:]))
-        steps[i] = Step(step.op, inputs, step.out, step.node)
+    retarget_stores(steps, stores, steps[ri].out, steps[convs[0]].out)
     dropped = {bi, ri, ki}
     program.steps = [s for i, s in enumerate(steps) if i not in dropped]

@@ -34,6 +34,7 @@ Not covered: ResidualCNN's last block (relu -> add -> mean: a residual sum in be
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,14 @@ from ..core.ops_batchnorm_relu_mean import BatchNormReluMean
 from ..core.ops_shape import normalize_axes
 from ..core.registry import Aval
 from ..kernels import bn_relu_mean
-from .rewrite_support import batchnorm_relu_chains, kept_slots, rewrite_until_done, step_readers
+from .rewrite_support import (
+    activation_readers,
+    batchnorm_relu_chains,
+    kept_slots,
+    retarget_stores,
+    rewrite_until_done,
+    step_readers,
+)
 from .rewritten_node import RewrittenNode
 
 __all__ = ["ENABLED", "rewrite_batchnorm_relu_means"]
@@ -56,6 +64,13 @@ def _float32(node: Any) -> bool:
     aval = getattr(node, "aval", None)
     return (isinstance(aval, Aval) and None not in aval.shape
             and np.dtype(aval.dtype) == np.float32)
+
+
+def _global_average(step: Step, value: int) -> bool:
+    """Whether ``step`` is ``mean(value)`` over axes (2, 3), keepdims off."""
+    pool: Any = step.op
+    return (pool.name == "mean" and step.inputs == (value,)
+            and normalize_axes("mean", pool.axes, 4) == (2, 3) and not pool.keepdims)
 
 
 def rewrite_batchnorm_relu_means(program: Program) -> int:
@@ -75,18 +90,8 @@ def _find(program: Program) -> tuple | None:
                 or not bn_relu_mean.takes(tuple(steps[pi].node.inputs[0].aval.shape)):
             continue
         relu_out = steps[ri].out
-        means, stores = [], []
-        for i in readers.get(relu_out, []):
-            s = steps[i]
-            pool: Any = s.op
-            if pool.name == "mean" and s.inputs == (relu_out,) \
-                    and normalize_axes("mean", pool.axes, 4) == (2, 3) and not pool.keepdims:
-                means.append(i)
-            elif s.op.name == "store" and s.inputs[0] != relu_out:
-                stores.append(i)
-            else:
-                means = []
-                break
+        means, stores = activation_readers(
+            steps, readers, relu_out, partial(_global_average, value=relu_out))
         if len(means) != 1 or any(si < means[0] for si in stores):
             continue
         return bi, pi, ri, means[0], stores
@@ -104,9 +109,5 @@ def _apply(program: Program, bi: int, pi: int, ri: int, mi: int, stores: list) -
     steps[mi] = Step(fused, (steps[pi].inputs[0], *bn.inputs[1:]), pool.out, node)
     # the running statistics' stores named the activation as a control edge: the pooled
     # output stands for it (it is made after the statistics are known)
-    relu_out = steps[ri].out
-    for i in stores:
-        step = steps[i]
-        inputs = (step.inputs[0], *(pool.out if s == relu_out else s for s in step.inputs[1:]))
-        steps[i] = Step(step.op, inputs, step.out, step.node)
+    retarget_stores(steps, stores, steps[ri].out, pool.out)
     program.steps = [s for i, s in enumerate(steps) if i not in (bi, ri)]

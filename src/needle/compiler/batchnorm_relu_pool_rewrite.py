@@ -46,6 +46,7 @@ channels), and flat-row scatter loops without a loop per window (3-8x slower in 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from ..backend import cpu
@@ -53,7 +54,14 @@ from ..core.interpret import Program, Step
 from ..core.ops_batchnorm_relu_pool import BatchNormReluMaxPool2d, BatchNormReluMaxPool2dGrad
 from ..core.ops_shape import normalize_axes
 from ..kernels import bn_relu_pool
-from .rewrite_support import batchnorm_relu_chains, kept_slots, rewrite_until_done, step_readers
+from .rewrite_support import (
+    activation_readers,
+    batchnorm_relu_chains,
+    kept_slots,
+    retarget_stores,
+    rewrite_until_done,
+    step_readers,
+)
 from .rewritten_node import RewrittenNode
 
 __all__ = ["ENABLED", "rewrite_batchnorm_relu_pools"]
@@ -124,6 +132,11 @@ def _apply(program: Program, si: int, ti: int) -> None:
     del steps[si]
 
 
+def _max_pool_of(step: Step, value: int) -> bool:
+    """Whether ``step`` is ``max_pool2d(value)``."""
+    return step.op.name == "max_pool2d" and step.inputs == (value,)
+
+
 def _find_forward(program: Program) -> tuple | None:
     """(batch_norm, relu, max_pool2d, stores) step indices of the first chain whose
     activation is read by one max pool and, as a control edge, by stores after it."""
@@ -132,16 +145,9 @@ def _find_forward(program: Program) -> tuple | None:
     readers = step_readers(program)
     for bi, _, ri in batchnorm_relu_chains(program, kept, readers):
         relu_out = steps[ri].out
-        pools, stores = [], []
-        for i in readers.get(relu_out, []):
-            s = steps[i]
-            if s.op.name == "max_pool2d" and s.inputs == (relu_out,):
-                pools.append(i)
-            elif s.op.name == "store" and s.inputs[0] != relu_out:
-                stores.append(i)
-            else:
-                pools = []
-                break
+        pools, stores = activation_readers(
+            steps, readers, relu_out,
+            partial(_max_pool_of, value=relu_out))
         if len(pools) != 1 or any(si < pools[0] for si in stores):
             continue
         return bi, ri, pools[0], stores
@@ -159,9 +165,5 @@ def _apply_forward(program: Program, bi: int, ri: int, mi: int, stores: list) ->
     steps[mi] = Step(fused, bn.inputs, pool.out, node)
     # the running statistics' stores named the activation as a control edge: the pooled
     # output stands for it (it is made after the statistics are known)
-    relu_out = steps[ri].out
-    for i in stores:
-        step = steps[i]
-        inputs = (step.inputs[0], *(pool.out if s == relu_out else s for s in step.inputs[1:]))
-        steps[i] = Step(step.op, inputs, step.out, step.node)
+    retarget_stores(steps, stores, steps[ri].out, pool.out)
     program.steps = [s for i, s in enumerate(steps) if i not in (bi, ri)]

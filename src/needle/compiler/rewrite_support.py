@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from ..core.interpret import Program, snapshot_slots
+from ..core.interpret import Program, Step, snapshot_slots
 from ..core.ops_shape import normalize_axes
 from ..core.registry import Aval
 
-__all__ = ["NCHW", "batchnorm_relu_chains", "kept_slots", "rewrite_until_done", "step_readers"]
+__all__ = ["NCHW", "activation_readers", "batchnorm_relu_chains", "kept_slots",
+           "retarget_stores", "rewrite_until_done", "step_readers"]
 
 #: the permutation that views a convolution's NHWC output as NCHW (BatchNorm2d's layout)
 NCHW = (0, 3, 1, 2)
@@ -72,3 +73,29 @@ def batchnorm_relu_chains(program: Program, kept: set,
                 or steps[relus[0]].inputs != (bn.out,) or steps[relus[0]].out in kept:
             continue
         yield bi, pi, relus[0]
+
+
+def activation_readers(steps: list, readers: dict[int, list[int]], value: int,
+                       takes: Callable[[Step], bool]) -> tuple[list[int], list[int]]:
+    """The steps reading the activation ``value``, as (those ``takes`` accepts, the running
+    statistics' stores that name it as a control edge); ([], []) where any other step
+    reads it (the activation must then be stored as it is)."""
+    taken, stores = [], []
+    for i in readers.get(value, []):
+        step = steps[i]
+        if takes(step):
+            taken.append(i)
+        elif step.op.name == "store" and step.inputs[0] != value:
+            stores.append(i)
+        else:
+            return [], []
+    return taken, stores
+
+
+def retarget_stores(steps: list, stores: list[int], old: int, new: int) -> None:
+    """Point the control edge of each store in ``stores`` from slot ``old`` (an activation
+    no longer made) to slot ``new`` (a step that runs after the statistics are known)."""
+    for i in stores:
+        step = steps[i]
+        inputs = (step.inputs[0], *(new if s == old else s for s in step.inputs[1:]))
+        steps[i] = Step(step.op, inputs, step.out, step.node)
