@@ -66,8 +66,8 @@ def _gate_affine(hidden: int, dtype: np.dtype, xp: Any = np) -> tuple[Any, Any]:
 #: rows of the batch per block of the whole-sequence loops, at least. Measured on the LM's
 #: layer (batch 32, hidden 128, 35 steps; forward / backward ms): one core 1.95 / 2.64 as one
 #: block, 1.85 / 2.09 as 4 blocks of 8 rows (OpenBLAS's small-matrix kernels take products
-#: under ~1e6 multiply-adds, faster and without its buffer lock); 2 cores 1.09 / 1.73 as 4
-#: blocks of 8, 1.36 / 2.14 as 2 of 16; 8 blocks of 4 rows gain nothing more
+#: under ~1e6 multiply-adds: 0.9-1.2 us a row at 8-12 rows, 1.2-1.5 at 16-32); 2 cores 1.09 /
+#: 1.73 as 4 blocks of 8, 1.36 / 2.14 as 2 of 16; 8 blocks of 4 rows gain nothing more
 MIN_BLOCK_ROWS = 8
 #: blocks at most (no more threads than that would pay for one LSTM layer)
 MAX_BLOCKS = 8
@@ -81,7 +81,8 @@ _numba_failed: list[bool] = []
 
 def _loops(*arrays: Any) -> Any:
     """The numba loops (module numba_rnn) for these arrays, or None: numba missing or turned
-    off, a compilation failed before, or arrays other than float32/float64 NumPy arrays."""
+    off, a compilation failed before, arrays other than float32/float64 NumPy arrays, or a
+    NumPy whose BLAS is not OpenBLAS (the loops call its gemm: kernels/openblas_gemm.py)."""
     if _numba_failed or numba_module() is None:
         return None
     present = [a for a in arrays if a is not None]
