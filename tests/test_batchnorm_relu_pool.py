@@ -126,7 +126,7 @@ def test_backward_declines_blocks_that_split_an_image(monkeypatch, path):
     ran = loops_that_ran(monkeypatch, bn_relu_pool._loops, cpu_kernels._parallel)
     got = BatchNormReluMaxPool2dGrad(2, 2).compute(g, y, x, weight, bias, mean, var)
     assert all(_bits(a) == _bits(b) for a, b in zip(got, want, strict=True))
-    blocks = cpu_kernels._row_blocks(x.transpose(0, 2, 3, 1).reshape(-1, 24))
+    blocks = cpu_kernels.row_blocks(x.transpose(0, 2, 3, 1).reshape(-1, 24))
     if blocks is not None:
         assert not [name for name in ran if "bn_relu_pool" in name]
 

@@ -69,7 +69,7 @@ def test_blocked_statistics_do_not_depend_on_the_thread_count(monkeypatch):
     """Large matrices are summed in row blocks fixed by the shape: one thread and two give
     the same bits."""
     x = np.random.default_rng(3).standard_normal((4096, 300)).astype(np.float32) + 5.0
-    assert cpu_kernels._row_blocks(x) is not None
+    assert cpu_kernels.row_blocks(x) is not None
     results = []
     for threads in (1, 2, 3):
         monkeypatch.setattr(cpu_threads, "NUM_THREADS", threads)

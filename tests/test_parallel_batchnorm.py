@@ -1,7 +1,7 @@
 """BatchNorm's passes, the fused BatchNorm+ReLU gradient and max pooling as numba prange loops
 on TBB (kernels/numba_parallel_batchnorm.py, run by cpu_kernels.run_in_blocks).
 
-Large matrices run in row blocks fixed by the shape (cpu_kernels._row_blocks), each block the
+Large matrices run in row blocks fixed by the shape (cpu_kernels.row_blocks), each block the
 same serial loop whichever way the blocks run (one prange call, needle's threads, or one after
 the other in one call), their float64 sums added in block order: the results must be the same
 bits every way and on any thread count. Blocks here are small and uneven (the defaults need
@@ -96,7 +96,7 @@ def test_batchnorm_passes_give_the_same_bits_every_way(monkeypatch, prange_calls
     xm = _matrix(rng, shape, np.float32)
     gm = rng.standard_normal(shape).astype(np.float32)
     weight = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
-    bounds = cpu_kernels._row_blocks(xm)
+    bounds = cpu_kernels.row_blocks(xm)
     assert bounds is not None and len(bounds) > 3
     assert len(set(np.diff(bounds))) > 1 or shape[0] % (len(bounds) - 1)  # uneven blocks
 

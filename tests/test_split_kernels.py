@@ -123,12 +123,12 @@ def test_split_batchnorm_kernels_match_the_whole_ones(shape, dtype, split_small,
     weight = rng.standard_normal(shape[1]).astype(dtype)
     with monkeypatch.context() as m:  # the whole loops
         m.setattr(cpu_kernels, "SPLIT_MIN_ELEMENTS", 1 << 62)
-        assert cpu_kernels._row_blocks(xm) is None
+        assert cpu_kernels.row_blocks(xm) is None
         whole = _bn_kernels(xm, gm, weight)
     results = {}
     for threads in (1, 2, 3):
         monkeypatch.setattr(cpu_threads, "NUM_THREADS", threads)
-        assert len(cpu_kernels._row_blocks(xm)) > 2
+        assert len(cpu_kernels.row_blocks(xm)) > 2
         results[threads] = _bn_kernels(xm, gm, weight)
     for a, b, c in zip(results[1], results[2], results[3]):  # blocks: the shape's only
         np.testing.assert_array_equal(a, b)
@@ -211,7 +211,7 @@ def test_split_max_pool_matches_the_whole_one_and_torch(k, stride, split_small, 
     g = rng.standard_normal(y1.shape).astype(np.float32)
     dx1 = cpu_kernels.max_pool_scatter(x, y1, g, k, stride)
     monkeypatch.setattr(cpu_threads, "NUM_THREADS", 3)
-    assert len(cpu_kernels._row_blocks(x.transpose(0, 2, 3, 1))) > 1
+    assert len(cpu_kernels.row_blocks(x.transpose(0, 2, 3, 1))) > 1
     y3 = cpu_kernels.max_pool(x, k, stride, ho, ho)
     dx3 = cpu_kernels.max_pool_scatter(x, y3, g, k, stride)
     np.testing.assert_array_equal(y3, y1)

@@ -128,7 +128,7 @@ def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: f
     beta = bias_v - mean_v * alpha
     # NOTE: cpu_kernels' own row blocks (fixed by the shape; None below its split size), so
     # the float64 sums are those of batch_norm_grad's compiled path
-    bounds = cpu_kernels._row_blocks(xm)
+    bounds = cpu_kernels.row_blocks(xm)
     module = _loops.module()
     if bounds is None:
         parts = np.empty((2, 1, c), np.float64)
@@ -143,8 +143,8 @@ def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: f
     # the constants as cpu_kernels.batch_norm_grad computes them, in x's dtype (its scale =
     # weight * inv is alpha)
     a, b, k, dweight, dbias = (np.empty(c, x.dtype) for _ in range(5))
-    if not cpu_kernels._run("bn_grad_constants", parts[0], parts[1], inv, weight_v, m, a, b, k,
-                            dweight, dbias):
+    if not cpu_kernels.run_kernel("bn_grad_constants", parts[0], parts[1], inv, weight_v, m, a,
+                                  b, k, dweight, dbias):
         return None
     dxm = np.empty_like(xm)
     fold = channel_sums and x.ndim >= 3 and x.size >= EINSUM_MIN_SIZE

@@ -13,7 +13,7 @@
   full-size read of the scattered gradient from memory.
 
 Bits: the ops' own where batchnorm_relu.py's loops would run (the same row blocks,
-cpu_kernels._row_blocks, the same loops over them, the same per-channel constants).
+cpu_kernels.row_blocks, the same loops over them, the same per-channel constants).
 Elsewhere (no numba, other layouts or dtypes, BatchNorm statistics that batchnorm_relu.py
 would not take, row blocks that split an image) ``forward`` / ``backward`` return None and
 the caller computes the ops.
@@ -86,7 +86,7 @@ def backward(g: Any, y: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any
     beta = bias_v - mean_v * alpha
     # batch_norm_relu_grad's row blocks (one block where its sums run whole); each block's
     # images get their scattered gradient in the block's pass, so blocks hold whole images
-    bounds = cpu_kernels._row_blocks(xm)
+    bounds = cpu_kernels.row_blocks(xm)
     whole = np.array([0, m], np.int64)
     if bounds is not None and np.any(bounds % (h * w)):
         return None
@@ -104,8 +104,8 @@ def backward(g: Any, y: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any
                                        module.bn_relu_pool_grad_sums_blocks, _loops.call):
         return None
     a, b, kk, dweight, dbias = (np.empty(c, x.dtype) for _ in range(5))
-    if not cpu_kernels._run("bn_grad_constants", parts[0], parts[1], inv, weight_v, m, a, b, kk,
-                            dweight, dbias):
+    if not cpu_kernels.run_kernel("bn_grad_constants", parts[0], parts[1], inv, weight_v, m, a,
+                                  b, kk, dweight, dbias):
         return None
     dxm = np.empty_like(xm)
     if batchnorm_relu.dx_pass(sm, 1, xm, alpha, beta, mean_v, b, kk, bounds, dxm) is None:
@@ -130,7 +130,7 @@ def forward(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float, k: 
     out = np.empty((n, out_size(h, k, stride), out_size(w, k, stride), c), x.dtype)
     module = _loops.module()
     args = (xt, *constants, int(k), int(stride), out)
-    bounds = cpu_kernels._row_blocks(xt)  # (max_pool's: blocks of whole images)
+    bounds = cpu_kernels.row_blocks(xt)  # (max_pool's: blocks of whole images)
     if bounds is None:
         done = _loops.call(module.bn_relu_max_pool, *args)
     else:

@@ -78,7 +78,7 @@ def sum_rows(a: Any, shape: tuple) -> Any:
 #: CNN step the second core is often held by OpenBLAS's spinning worker. CNN step A/B
 #: (ab_cnn_step.py --threads 2 --estimate, 6 rounds) with the split from 2**18 elements
 #: (blocks of 2**17): strides 1,2,2 1.006x, 1,1,1 1.018x (ratio of medians). From 2**20
-#: (as before: cpu_kernels._row_blocks) the blocks no longer depend on the thread count.
+#: (as before: cpu_kernels.row_blocks) the blocks no longer depend on the thread count.
 #: On numba's TBB threads (a region starts in ~1.5 us) the blocks start at 2**19 (2 blocks;
 #: from 2**20 on the same blocks as before); needle's threads take them from
 #: ``THREADS_MIN_ELEMENTS``, below it they run one after the other here.

@@ -50,7 +50,7 @@ def alpha_beta(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float
             return None
         vectors.append(np.ascontiguousarray(v).reshape(-1))
     alpha, beta = np.empty(c, np.float32), np.empty(c, np.float32)
-    if not cpu_kernels._run("bn_alpha_beta", *vectors, np.float32(eps), alpha, beta):
+    if not cpu_kernels.run_kernel("bn_alpha_beta", *vectors, np.float32(eps), alpha, beta):
         return None
     return alpha, beta
 

@@ -29,7 +29,7 @@ step 2.28 -> 2.16 ms eager and 1.45 -> 1.35 ms under ndl.jit, the CNN step (stri
 23.3 -> 21.4 ms.
 
 Threads: matrices of SPLIT_MIN_ELEMENTS or more (BatchNorm's passes, max pooling by images)
-run in row blocks fixed by the shape (``_row_blocks``), each block the same serial loop, in
+run in row blocks fixed by the shape (``row_blocks``), each block the same serial loop, in
 one of three ways (``run_in_blocks``): one numba ``prange`` call on numba's TBB threads
 (numba_parallel_batchnorm.py; backend/parallel_loops.py: a region starts in ~1.5 us) where
 they run; else, from THREADS_MIN_ELEMENTS, needle's own threads draw chunks of blocks
@@ -54,8 +54,9 @@ from ..backend.numba_support import NumbaLoops, numba_module
 
 __all__ = ["batch_norm_forward", "batch_norm_grad", "batch_norm_grad_given_var", "col2im",
            "column_affine", "column_moments", "column_statistics", "column_sums", "enabled",
-           "im2col", "im2col_channels_first", "max_pool", "max_pool_scatter", "run_in_blocks",
-           "whole_batch_norm_forward", "whole_batch_norm_grad", "whole_column_statistics"]
+           "im2col", "im2col_channels_first", "max_pool", "max_pool_scatter", "row_blocks",
+           "run_in_blocks", "run_kernel", "whole_batch_norm_forward", "whole_batch_norm_grad",
+           "whole_column_statistics"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,7 +89,7 @@ def _kernels() -> dict[str, Any] | None:
                             "bn_grad_sums", "bn_grad_dx", "max_pool", "max_pool_scatter")}}
 
 
-def _run(name: str, *args: Any) -> bool:
+def run_kernel(name: str, *args: Any) -> bool:
     """Call kernel ``name``; False (nothing written) if numba fails to compile it here, after
     which the NumPy paths are used for the rest of the process."""
     kernels = _kernels()
@@ -134,7 +135,7 @@ def _vector(values: Any, dtype: Any) -> np.ndarray:
 
 
 #: smallest (M, C) matrix, in elements, whose passes run in row blocks fixed by the shape
-#: (``_row_blocks``); smaller ones run whole, one kernel call. Blocked sums are float64 sums
+#: (``row_blocks``); smaller ones run whole, one kernel call. Blocked sums are float64 sums
 #: per block added in block order, so they do not depend on the thread count or on which of
 #: the three ways below ran the blocks; they differ from the whole loop's sums by rounding.
 #: NOTE (session 10): from 2**20 in blocks of 2**20 before, and only where needle had 2+
@@ -186,7 +187,7 @@ def _bounds(m: int, count: int) -> np.ndarray:
     return np.array([m * i // count for i in range(count + 1)], np.int64)
 
 
-def _row_blocks(xm: np.ndarray) -> np.ndarray | None:
+def row_blocks(xm: np.ndarray) -> np.ndarray | None:
     """Row bounds (int64, blocks + 1 of them) of the blocks of ``xm``'s first axis (rows; images
     for the pools) that the passes over it run in, or None: run it whole. They depend on the
     shape only (never on the thread count), so sums over them do not either."""
@@ -243,20 +244,20 @@ def _block_sum(parts: np.ndarray) -> np.ndarray | None:
     """Row blocks' (blocks, C) float64 sums added in block order (numba_kernels.
     block_order_sums: every blocked path adds them so), or None."""
     out = np.empty(parts.shape[1], np.float64)
-    return out if _run("block_order_sums", parts, out) else None
+    return out if run_kernel("block_order_sums", parts, out) else None
 
 
 def column_moments(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(mean, biased variance) of each column of ``xm``, or None where the kernels cannot run.
-    Two passes; large matrices in row blocks (``_row_blocks``)."""
+    Two passes; large matrices in row blocks (``row_blocks``)."""
     if not _usable(xm) or xm.shape[0] == 0:
         return None
     m, c = xm.shape
     mean = np.empty(c, xm.dtype)
     var = np.empty(c, xm.dtype)
-    bounds = _row_blocks(xm)
+    bounds = row_blocks(xm)
     if bounds is None:
-        return (mean, var) if _run("moments", xm, mean, var) else None
+        return (mean, var) if run_kernel("moments", xm, mean, var) else None
     parts = _block_parts("column_sums", bounds, c, (xm,))
     sums = None if parts is None else _block_sum(parts[0])
     if sums is None:
@@ -278,14 +279,14 @@ def column_statistics(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     ``sum(d*d) - sum(d)**2 / m`` from cancelling for data far from 0; float32 values and their
     squares are exact in float64), so the result matches the two-pass one to float32
     rounding (~1e-7 relative). float64: ``column_moments``'s two passes, where that rounding
-    would show. Large matrices sum row blocks fixed by the shape (``_row_blocks``), added in
+    would show. Large matrices sum row blocks fixed by the shape (``row_blocks``), added in
     block order: the same result on any number of threads.
     """
     if not _usable(xm) or xm.shape[0] == 0:
         return None
     if xm.dtype != np.float32:
         return column_moments(xm)
-    bounds = _row_blocks(xm)
+    bounds = row_blocks(xm)
     if bounds is None:
         return whole_column_statistics(xm)
     m, c = xm.shape
@@ -293,7 +294,7 @@ def column_statistics(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     var = np.empty(c, xm.dtype)
     parts = _block_parts("shifted_sums", bounds, c, (xm,), xm[0].astype(np.float64),
                          outputs=2)
-    if parts is None or not _run("shifted_moments", xm, parts[0], parts[1], mean, var):
+    if parts is None or not run_kernel("shifted_moments", xm, parts[0], parts[1], mean, var):
         return None
     return mean, var
 
@@ -305,7 +306,7 @@ def whole_column_statistics(xm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | N
     mean = np.empty(c, xm.dtype)
     var = np.empty(c, xm.dtype)
     kernel = "one_pass_moments" if xm.dtype == np.float32 else "moments"
-    return (mean, var) if _run(kernel, xm, mean, var) else None
+    return (mean, var) if run_kernel(kernel, xm, mean, var) else None
 
 
 def column_sums(xm: np.ndarray) -> np.ndarray | None:
@@ -320,7 +321,7 @@ def column_sums(xm: np.ndarray) -> np.ndarray | None:
     if not _usable(xm):
         return None
     out = np.empty(xm.shape[1], xm.dtype)
-    return out if _run("column_sums", xm, out) else None
+    return out if run_kernel("column_sums", xm, out) else None
 
 
 def column_affine(xm: np.ndarray, scale: Any, shift: Any) -> np.ndarray | None:
@@ -329,9 +330,9 @@ def column_affine(xm: np.ndarray, scale: Any, shift: Any) -> np.ndarray | None:
         return None
     out = np.empty_like(xm)
     scale, shift = _vector(scale, xm.dtype), _vector(shift, xm.dtype)
-    bounds = _row_blocks(xm)
+    bounds = row_blocks(xm)
     if bounds is None:
-        done = _run("affine", xm, scale, shift, out)
+        done = run_kernel("affine", xm, scale, shift, out)
     else:
         done = _run_blocks("affine", bounds, xm, scale, shift, out)
     return out if done else None
@@ -345,13 +346,13 @@ def batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, inv: Any, weight:
     if not _usable(gm, xm) or xm.shape[0] == 0:
         return None
     mean, inv, weight = (_vector(v, xm.dtype) for v in (mean, inv, weight))
-    bounds = _row_blocks(xm)
+    bounds = row_blocks(xm)
     if bounds is None:
         c = xm.shape[1]
         dx = np.empty_like(xm)
         dweight = np.empty(c, xm.dtype)
         dbias = np.empty(c, xm.dtype)
-        done = _run("bn_grad", gm, xm, mean, inv, weight, dx, dweight, dbias)
+        done = run_kernel("bn_grad", gm, xm, mean, inv, weight, dx, dweight, dbias)
         return (dx, dweight, dbias) if done else None
     return _blocked_grad(gm, xm, mean, inv, weight, bounds)
 
@@ -367,8 +368,8 @@ def _blocked_grad(gm: np.ndarray, xm: np.ndarray, mean: np.ndarray, inv: np.ndar
     parts = _block_parts("bn_grad_sums", bounds, c, (gm, xm), mean, outputs=2)
     a, b, k = (np.empty(c, xm.dtype) for _ in range(3))
     # the constants in xm's dtype, as "bn_grad" computes them
-    if parts is None or not _run("bn_grad_constants", parts[0], parts[1], inv, weight, m, a, b,
-                                 k, dweight, dbias):
+    if parts is None or not run_kernel("bn_grad_constants", parts[0], parts[1], inv, weight, m,
+                                       a, b, k, dweight, dbias):
         return None
     done = _run_blocks("bn_grad_dx", bounds, gm, xm, mean, a, b, k, dx)
     return (dx, dweight, dbias) if done else None
@@ -394,14 +395,14 @@ def batch_norm_forward(xm: np.ndarray, weight: Any, bias: Any, mean: Any, var: A
     where it cannot run (other dtypes)."""
     if not _usable(xm):
         return None
-    bounds = _row_blocks(xm)
+    bounds = row_blocks(xm)
     if bounds is None:
         return whole_batch_norm_forward(xm, weight, bias, mean, var, eps)
     vectors = _same_dtype_vectors(xm.dtype, weight, bias, mean, var)
     if vectors is None:
         return None
     alpha, beta = np.empty(xm.shape[1], xm.dtype), np.empty(xm.shape[1], xm.dtype)
-    if not _run("bn_alpha_beta", *vectors, xm.dtype.type(eps), alpha, beta):
+    if not run_kernel("bn_alpha_beta", *vectors, xm.dtype.type(eps), alpha, beta):
         return None
     out = np.empty_like(xm)
     return out if _run_blocks("affine", bounds, xm, alpha, beta, out) else None
@@ -414,7 +415,7 @@ def whole_batch_norm_forward(xm: np.ndarray, weight: Any, bias: Any, mean: Any, 
     if vectors is None:
         return None
     out = np.empty_like(xm)
-    return out if _run("bn_forward", xm, *vectors, xm.dtype.type(eps), out) else None
+    return out if run_kernel("bn_forward", xm, *vectors, xm.dtype.type(eps), out) else None
 
 
 def batch_norm_grad_given_var(gm: np.ndarray, xm: np.ndarray, mean: Any, var: Any, eps: float,
@@ -424,7 +425,7 @@ def batch_norm_grad_given_var(gm: np.ndarray, xm: np.ndarray, mean: Any, var: An
     for a matrix run whole, ``batch_norm_grad``'s blocked passes for a large one."""
     if not _usable(gm, xm) or xm.shape[0] == 0:
         return None
-    bounds = _row_blocks(xm)
+    bounds = row_blocks(xm)
     if bounds is None:
         return whole_batch_norm_grad(gm, xm, mean, var, eps, weight)
     vectors = _same_dtype_vectors(xm.dtype, mean, var, weight)
@@ -447,7 +448,8 @@ def whole_batch_norm_grad(gm: np.ndarray, xm: np.ndarray, mean: Any, var: Any, e
     dx = np.empty_like(xm)
     dweight = np.empty(c, xm.dtype)
     dbias = np.empty(c, xm.dtype)
-    done = _run("bn_grad_var", gm, xm, mean, var, xm.dtype.type(eps), weight, dx, dweight, dbias)
+    done = run_kernel("bn_grad_var", gm, xm, mean, var, xm.dtype.type(eps), weight, dx, dweight,
+                      dbias)
     return (dx, dweight, dbias) if done else None
 
 
@@ -463,7 +465,7 @@ def col2im(taps: np.ndarray, out_shape: tuple, ho: int, wo: int, kh: int, kw: in
         return None
     if out is None:
         out = np.empty(out_shape, taps.dtype)
-    return out if _run("col2im_add", taps, ho, wo, kh, kw, stride, padding, out) else None
+    return out if run_kernel("col2im_add", taps, ho, wo, kh, kw, stride, padding, out) else None
 
 
 def im2col(a: np.ndarray, kh: int, kw: int, stride: int, padding: int, ho: int, wo: int,
@@ -482,7 +484,7 @@ def im2col(a: np.ndarray, kh: int, kw: int, stride: int, padding: int, ho: int, 
         cols = out
     else:
         cols = np.empty(shape, a.dtype)
-    return cols if _run("im2col_rows", a, kh, kw, stride, padding, ho, wo, cols) else None
+    return cols if run_kernel("im2col_rows", a, kh, kw, stride, padding, ho, wo, cols) else None
 
 
 def im2col_channels_first(x: np.ndarray, kh: int, kw: int, stride: int, padding: int, ho: int,
@@ -505,7 +507,7 @@ def im2col_channels_first(x: np.ndarray, kh: int, kw: int, stride: int, padding:
         cols = out
     else:
         cols = np.empty(shape, x.dtype)
-    done = _run("im2col_channels_first", x, kh, kw, stride, padding, ho, wo, cols)
+    done = run_kernel("im2col_channels_first", x, kh, kw, stride, padding, ho, wo, cols)
     return cols if done else None
 
 
@@ -524,9 +526,9 @@ def max_pool(x: np.ndarray, k: int, stride: int, ho: int, wo: int) -> np.ndarray
     n, c = x.shape[0], x.shape[1]
     out = np.empty((n, ho, wo, c), x.dtype)
     xt = x.transpose(0, 2, 3, 1)
-    bounds = _row_blocks(xt)
+    bounds = row_blocks(xt)
     if bounds is None:
-        done = _run("max_pool", xt, k, stride, out)
+        done = run_kernel("max_pool", xt, k, stride, out)
     else:  # images are independent: split by images
         done = _run_blocks("max_pool", bounds, xt, k, stride, out)
     return out.transpose(0, 3, 1, 2) if done else None
@@ -547,9 +549,9 @@ def max_pool_scatter(x: np.ndarray, y: np.ndarray, g: np.ndarray, k: int, stride
     # their strides the loop ran 15-25x slower (64 x 16 x 32 x 32: 0.75 -> 14-20 ms)
     xt = x.transpose(0, 2, 3, 1)
     yt, gt = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (y, g))
-    bounds = _row_blocks(xt)
+    bounds = row_blocks(xt)
     if bounds is None:
-        done = _run("max_pool_scatter", xt, yt, gt, k, stride, dx)
+        done = run_kernel("max_pool_scatter", xt, yt, gt, k, stride, dx)
     else:  # images are independent: split by images
         done = _run_blocks("max_pool_scatter", bounds, xt, yt, gt, k, stride, dx)
     return dx.transpose(0, 3, 1, 2) if done else None

@@ -358,7 +358,7 @@ def bn_grad_dx(gm, xm, mean, a, b, k, dx):
 
 
 # -- row blocks: the passes above over rows bounds[b]:bounds[b + 1] for blocks b0 .. b1-1 (blocks
-# fixed by the shape, cpu_kernels._row_blocks), block b's float64 sums in row b of the sums'
+# fixed by the shape, cpu_kernels.row_blocks), block b's float64 sums in row b of the sums'
 # arrays; numba_parallel_batchnorm.py runs the same loops per block under prange
 @_jit
 def block_order_sums(parts, out):

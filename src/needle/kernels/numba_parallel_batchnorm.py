@@ -1,7 +1,7 @@
 """BatchNorm's passes and max pooling as numba ``prange`` loops over row blocks (imported only
 where numba is installed; run only where backend/parallel_loops.parallel_threads() is nonzero).
 
-Each function runs block b of ``bounds`` (row bounds fixed by the shape: cpu_kernels._row_blocks,
+Each function runs block b of ``bounds`` (row bounds fixed by the shape: cpu_kernels.row_blocks,
 or column_sums.row_blocks for the fused dx pass that also sums a conv bias's gradient) with the
 serial block loop of numba_kernels.py / numba_batchnorm_relu.py (``*_blocks`` over the one
 block b), on numba's TBB threads: the same float operations per block as the serial path,
