@@ -32,7 +32,7 @@ from ..backend.numba_support import NumbaLoops
 from . import column_sums, cpu_kernels, threaded_elementwise
 from .reduce import EINSUM_MIN_SIZE, stat_matrix
 
-__all__ = ["backward", "dx_pass"]
+__all__ = ["backward", "dx_pass", "forward_constants", "grad_constants"]
 
 _loops = NumbaLoops("needle.kernels.numba_batchnorm_relu")
 
@@ -99,6 +99,29 @@ def _vectors(dtype: Any, *values: Any) -> list[np.ndarray] | None:
     return out
 
 
+def forward_constants(mean: np.ndarray, var: np.ndarray, weight: np.ndarray,
+                      bias: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
+    """``(inv, alpha, beta)`` of the forward ``y = x alpha + beta`` (``inv = 1 / sqrt(var +
+    eps)``), rounded as every BatchNorm forward path rounds them: the activation the fused
+    backward passes recompute from x is then the forward's, bit for bit."""
+    inv = 1.0 / np.sqrt(var + eps)
+    alpha = weight * inv
+    return inv, alpha, bias - mean * alpha
+
+
+def grad_constants(parts: np.ndarray, inv: np.ndarray, weight: np.ndarray, m: int,
+                   dtype: Any) -> tuple[np.ndarray, ...] | None:
+    """``(b, k, dweight, dbias)`` from the float64 column sums ``parts`` (2, blocks, C) of a
+    BatchNorm gradient's first pass, as cpu_kernels.batch_norm_grad computes them, in
+    ``dtype`` (its scale ``weight * inv`` is alpha); None where numba cannot run it."""
+    c = inv.shape[0]
+    a, b, k, dweight, dbias = (np.empty(c, dtype) for _ in range(5))
+    if not cpu_kernels.run_kernel("bn_grad_constants", parts[0], parts[1], inv, weight, m, a, b,
+                                  k, dweight, dbias):
+        return None
+    return b, k, dweight, dbias
+
+
 def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float,
              axes: tuple, channel_sums: bool = False) -> tuple | None:
     """``(dx, dweight, dbias)`` of training BatchNorm (input ``x``, batch ``mean`` and ``var``
@@ -122,10 +145,7 @@ def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: f
     mean_v, var_v, weight_v, bias_v = vectors
     gm, per = _grad_rows(g, axis)
     m, c = xm.shape
-    # the forward's constants, as every BatchNorm forward path rounds them (y = x a + b)
-    inv = 1.0 / np.sqrt(var_v + eps)
-    alpha = weight_v * inv
-    beta = bias_v - mean_v * alpha
+    inv, alpha, beta = forward_constants(mean_v, var_v, weight_v, bias_v, eps)
     # NOTE: cpu_kernels' own row blocks (fixed by the shape; None below its split size), so
     # the float64 sums are those of batch_norm_grad's compiled path
     bounds = cpu_kernels.row_blocks(xm)
@@ -140,12 +160,10 @@ def backward(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: f
         if not _blocks("bn_relu_grad_sums", bounds, gm, per, xm, alpha, beta, mean_v,
                        parts[0], parts[1]):
             return None
-    # the constants as cpu_kernels.batch_norm_grad computes them, in x's dtype (its scale =
-    # weight * inv is alpha)
-    a, b, k, dweight, dbias = (np.empty(c, x.dtype) for _ in range(5))
-    if not cpu_kernels.run_kernel("bn_grad_constants", parts[0], parts[1], inv, weight_v, m, a,
-                                  b, k, dweight, dbias):
+    constants = grad_constants(parts, inv, weight_v, m, x.dtype)
+    if constants is None:
         return None
+    b, k, dweight, dbias = constants
     dxm = np.empty_like(xm)
     fold = channel_sums and x.ndim >= 3 and x.size >= EINSUM_MIN_SIZE
     dx_bounds = bounds

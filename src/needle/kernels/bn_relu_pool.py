@@ -80,10 +80,7 @@ def backward(g: Any, y: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any
         return None
     mean_v, var_v, weight_v, bias_v = vectors
     m = xm.shape[0]
-    # the forward's constants, as batchnorm_relu.backward rounds them (y = x a + b)
-    inv = 1.0 / np.sqrt(var_v + eps)
-    alpha = weight_v * inv
-    beta = bias_v - mean_v * alpha
+    inv, alpha, beta = batchnorm_relu.forward_constants(mean_v, var_v, weight_v, bias_v, eps)
     # batch_norm_relu_grad's row blocks (one block where its sums run whole); each block's
     # images get their scattered gradient in the block's pass, so blocks hold whole images
     bounds = cpu_kernels.row_blocks(xm)
@@ -103,10 +100,10 @@ def backward(g: Any, y: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any
     elif not cpu_kernels.run_in_blocks("bn_relu_pool_grad_sums", bounds, xm.size, args,
                                        module.bn_relu_pool_grad_sums_blocks, _loops.call):
         return None
-    a, b, kk, dweight, dbias = (np.empty(c, x.dtype) for _ in range(5))
-    if not cpu_kernels.run_kernel("bn_grad_constants", parts[0], parts[1], inv, weight_v, m, a,
-                                  b, kk, dweight, dbias):
+    constants = batchnorm_relu.grad_constants(parts, inv, weight_v, m, x.dtype)
+    if constants is None:
         return None
+    b, kk, dweight, dbias = constants
     dxm = np.empty_like(xm)
     if batchnorm_relu.dx_pass(sm, 1, xm, alpha, beta, mean_v, b, kk, bounds, dxm) is None:
         return None
