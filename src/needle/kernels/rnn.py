@@ -112,6 +112,20 @@ def _parallel_loops(count: int) -> Any:
     return PARALLEL_LOOPS.module()
 
 
+def _over_blocks(loops: Any, pass_name: str, batch: int, *args: Any) -> None:
+    """numba_rnn's ``<pass_name>_rows(*args, start, stop)`` over the ``_block_count(batch)``
+    blocks of the batch: in one prange region (numba_parallel_rnn's ``<pass_name>_blocks``)
+    where the blocks can run on numba's threads, else one after another here."""
+    count = _block_count(batch)
+    parallel = _parallel_loops(count)
+    if parallel is not None:
+        getattr(parallel, f"{pass_name}_blocks")(*args, count)
+        return
+    rows = getattr(loops, f"{pass_name}_rows")
+    for i in range(count):
+        rows(*args, batch * i // count, batch * (i + 1) // count)
+
+
 def _with_fallback(fused: Any, plain: Any, loops: Any, *args: Any) -> Any:
     """``fused(loops, *args)``, or ``plain(*args)`` where numba is not used or cannot compile
     a loop (compilation fails at a loop's first call, before it writes anything; the whole
@@ -182,16 +196,8 @@ def _forward_fused(loops: Any, x_proj: Any, w_hh: Any, h0: Any, c0: Any, h_all: 
     scale, shift = _gate_affine(w_hh.shape[0], dtype)
     gemm = openblas_gemm.gemm(dtype)
     x_proj, w_hh, h0, c0 = (np.ascontiguousarray(a, dtype) for a in (x_proj, w_hh, h0, c0))
-    count = _block_count(x_proj.shape[1])
-    parallel = _parallel_loops(count)
-    if parallel is not None:
-        parallel.forward_blocks(gemm, x_proj, w_hh, h0, c0, h_all, c_all, acts, scale, shift,
-                                count)
-        return
-    n = x_proj.shape[1]
-    for i in range(count):
-        loops.forward_rows(gemm, x_proj, w_hh, h0, c0, h_all, c_all, acts, scale, shift,
-                           n * i // count, n * (i + 1) // count)
+    _over_blocks(loops, "forward", x_proj.shape[1], gemm, x_proj, w_hh, h0, c0, h_all, c_all,
+                 acts, scale, shift)
 
 
 def lstm_backward(dh_all: Any, dc_all: Any, dacts: Any, w_hh: Any, h_all: Any, c_all: Any,
@@ -270,14 +276,6 @@ def _backward_fused(loops: Any, dh_all: Any, dc_all: Any, dacts: Any, w_hh_t: An
     dh_all, dc_all, c0 = (np.ascontiguousarray(a, dtype) for a in (dh_all, dc_all, c0))
     dacts = np.ascontiguousarray(dacts, dtype) if has_dacts else dpre
     one = dtype.type(1)
-    count = _block_count(acts.shape[1])
-    parallel = _parallel_loops(count)
-    if parallel is not None:
-        parallel.backward_blocks(gemm, dh_all, dc_all, dacts, has_dacts, w_hh_t, c_all, acts,
-                                 c0, tanh_c, dpre, dh, dc_next, one, count)
-        return dh
-    n = acts.shape[1]
-    for i in range(count):
-        loops.backward_rows(gemm, dh_all, dc_all, dacts, has_dacts, w_hh_t, c_all, acts, c0,
-                            tanh_c, dpre, dh, dc_next, one, n * i // count, n * (i + 1) // count)
+    _over_blocks(loops, "backward", acts.shape[1], gemm, dh_all, dc_all, dacts, has_dacts,
+                 w_hh_t, c_all, acts, c0, tanh_c, dpre, dh, dc_next, one)
     return dh
