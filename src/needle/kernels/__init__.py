@@ -13,6 +13,7 @@ written once, in the module that owns it:
     conv_bn_relu.py    a conv and its kernel gradient reading relu(batch_norm(x)), made where
                        the direct loops or Winograd read their input (never stored)
     openblas_gemm.py   NumPy's own OpenBLAS gemm as a ctypes function, for numba loops
+    numba_gemm.py      one call of it on numba arrays (the arguments NumPy's matmul passes)
     numba_intrinsics.py  LLVM-level helpers for numba loops: stack tiles, 512-bit vectors, prefetch
     blas_policy.py     OpenBLAS held on one thread for a jitted plan with large products,
                        those split into blocks (numba_parallel_gemm.py) on numba's threads

@@ -19,20 +19,7 @@ from numba import prange
 
 from ..backend.parallel_loops import njit_parallel
 from . import numba_kernels, numba_winograd
-
-
-def _gemm(fn, trans_a, a, b, c):
-    """c = op(a) @ b by the ctypes cblas gemm ``fn`` (row major: each 2-d array with a unit
-    inner stride, its rows at any stride, the leading dimension): op(a) is a where
-    ``trans_a`` is 111 (NoTrans), a.T where 112 (Trans)."""
-    m, n = c.shape
-    k = b.shape[0]
-    item = c.itemsize
-    fn(101, trans_a, 111, m, n, k, 1.0, a.ctypes, a.strides[0] // item, b.ctypes,
-       b.strides[0] // item, 0.0, c.ctypes, c.strides[0] // item)
-
-
-_gemm_jit = numba.njit(nogil=True, inline="always")(_gemm)
+from .numba_gemm import gemm_call
 
 
 def _conv_rows_blocks(gemm, a, weight, kh, kw, stride, padding, ho, wo, out, count, buffers):
@@ -46,7 +33,7 @@ def _conv_rows_blocks(gemm, a, weight, kh, kw, stride, padding, ho, wo, out, cou
         e = n * (b + 1) // count
         cols = buffers[numba.get_thread_id()][:(e - s) * rows]
         numba_kernels.im2col_rows(a[s:e], kh, kw, stride, padding, ho, wo, cols)
-        _gemm_jit(gemm, 111, cols, weight, out[s * rows:e * rows])
+        gemm_call(gemm, 111, cols, weight, out[s * rows:e * rows])
 
 
 def _conv_channels_first_blocks(gemm, x, weight, kh, kw, stride, padding, ho, wo, out, count,
@@ -61,7 +48,7 @@ def _conv_channels_first_blocks(gemm, x, weight, kh, kw, stride, padding, ho, wo
         cols = buffers[numba.get_thread_id()][:e - s]
         numba_kernels.im2col_channels_first(x[s:e], kh, kw, stride, padding, ho, wo, cols)
         for i in range(e - s):
-            _gemm_jit(gemm, 112, cols[i], weight, out[s + i])
+            gemm_call(gemm, 112, cols[i], weight, out[s + i])
 
 
 def _weight_grad_rows_blocks(gemm, a, g2, kh, kw, stride, padding, ho, wo, parts, count,
@@ -77,7 +64,7 @@ def _weight_grad_rows_blocks(gemm, a, g2, kh, kw, stride, padding, ho, wo, parts
         e = n * (b + 1) // count
         cols = buffers[numba.get_thread_id()][:(e - s) * rows]
         numba_kernels.im2col_rows(a[s:e], kh, kw, stride, padding, ho, wo, cols)
-        _gemm_jit(gemm, 112, cols, g2[s * rows:e * rows], parts[b])
+        gemm_call(gemm, 112, cols, g2[s * rows:e * rows], parts[b])
 
 
 def _weight_grad_channels_first_blocks(gemm, x, g3, kh, kw, stride, padding, ho, wo,
@@ -93,7 +80,7 @@ def _weight_grad_channels_first_blocks(gemm, x, g3, kh, kw, stride, padding, ho,
         cols = buffers[numba.get_thread_id()][:e - s]
         numba_kernels.im2col_channels_first(x[s:e], kh, kw, stride, padding, ho, wo, cols)
         for i in range(e - s):
-            _gemm_jit(gemm, 111, cols[i], g3[s + i], products[s + i])
+            gemm_call(gemm, 111, cols[i], g3[s + i], products[s + i])
 
 
 def _input_grad_blocks(gemm, g2, weights, ho, wo, kh, kw, stride, padding, out, count,
@@ -107,7 +94,7 @@ def _input_grad_blocks(gemm, g2, weights, ho, wo, kh, kw, stride, padding, out, 
         s = n * b // count
         e = n * (b + 1) // count
         taps = buffers[numba.get_thread_id()][:(e - s) * rows]
-        _gemm_jit(gemm, 111, g2[s * rows:e * rows], weights, taps)
+        gemm_call(gemm, 111, g2[s * rows:e * rows], weights, taps)
         numba_kernels.col2im_add(taps, ho, wo, kh, kw, stride, padding, out[s:e])
 
 
@@ -125,7 +112,7 @@ def _winograd_blocks(gemm, x, padding, tiles_h, tiles_w, u, out, shift, block, n
         m = m_buffers[thread][:count]
         numba_winograd.input_tiles(x, padding, tiles_h, tiles_w, t0, v, alpha, beta)
         for p in range(36):
-            _gemm_jit(gemm, 111, v[:, p], u[p], m[:, p])
+            gemm_call(gemm, 111, v[:, p], u[p], m[:, p])
         numba_winograd.output_tiles(m, tiles_h, tiles_w, t0, out, shift)
 
 

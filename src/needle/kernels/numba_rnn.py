@@ -12,6 +12,7 @@ ulp (the tanh). Top-level functions so numba can cache their machine code on dis
 from __future__ import annotations
 
 from ..backend.numba_support import njit_cached
+from .numba_gemm import gemm_call
 from .numba_intrinsics import wide_vectors
 from .numba_tanh import tanh_of
 
@@ -67,20 +68,6 @@ def step_backward(dh, dh_t, dc_t, dc_next, tanh_c, act, c_prev, dacts_t, has_dac
 
 
 @_jit
-def _gemm(fn, a, b, c):
-    """c = a @ b by the ctypes cblas gemm ``fn`` (row major, each 2-d array with a unit inner
-    stride and its rows at any stride: the arguments NumPy's matmul passes, so its bits).
-    Nothing for an empty c."""
-    m, n = c.shape
-    if m == 0 or n == 0:
-        return
-    k = a.shape[1]
-    item = c.itemsize
-    fn(101, 111, 111, m, n, k, 1.0, a.ctypes, a.strides[0] // item, b.ctypes,
-       b.strides[0] // item, 0.0, c.ctypes, c.strides[0] // item)
-
-
-@_jit
 def forward_rows(gemm, x_proj, w_hh, h0, c0, h_all, c_all, acts, scale, shift, start, stop):
     """The whole forward recurrence of rnn.lstm_forward for the batch rows ``start:stop``:
     each step's product ``h @ w_hh`` by the ctypes cblas gemm ``gemm`` (BLAS held on one
@@ -96,9 +83,9 @@ def forward_rows(gemm, x_proj, w_hh, h0, c0, h_all, c_all, acts, scale, shift, s
         h_t = h_all[t, start:stop]
         c_t = c_all[t, start:stop]
         if t == 0:
-            _gemm(gemm, h0[start:stop], w_hh, a)
+            gemm_call(gemm, 111, h0[start:stop], w_hh, a)
         else:
-            _gemm(gemm, h_all[t - 1, start:stop], w_hh, a)
+            gemm_call(gemm, 111, h_all[t - 1, start:stop], w_hh, a)
         for b in range(stop - start):
             a_b, x_b, c_b, h_b = a[b], x_proj[t, start + b], c_t[b], h_t[b]
             c_prev_b = c0[start + b] if t == 0 else c_all[t - 1, start + b]
@@ -124,4 +111,4 @@ def backward_rows(gemm, dh_all, dc_all, dacts, has_dacts, w_hh_t, c_all, acts, c
         step_backward(dh[start:stop], dh_all[t, start:stop], dc_all[t, start:stop],
                       dc_next[start:stop], tanh_c[t, start:stop], acts[t, start:stop],
                       c_prev, dacts[t, start:stop], has_dacts, one, d)
-        _gemm(gemm, d, w_hh_t, dh[start:stop])
+        gemm_call(gemm, 111, d, w_hh_t, dh[start:stop])
