@@ -230,6 +230,43 @@ def test_pad_image_is_np_pad(c, padding):
             np.testing.assert_array_equal(xp, want, err_msg=f"{layout} image {b}")
 
 
+
+@pytest.mark.parametrize("c", [3, 16])
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_pad_image_bn_relu_is_relu_of_the_affine_padded(c, padding):
+    """pad_image_bn_relu stores relu(a * alpha + beta) (two float32 roundings, NaN kept,
+    -0.0 made +0.0) inside a zero border, for every layout of a (flat rows for C-contiguous
+    images, value by value for views), wherever the scratch held garbage."""
+    from needle.kernels import numba_direct_conv as nd
+    rng = np.random.default_rng(c + padding)
+    alpha = rng.standard_normal(c).astype(np.float32)
+    beta = rng.standard_normal(c).astype(np.float32)
+    for layout, a in _layouts(3, 7, 9, c).items():
+        a = a.copy() if layout == "nhwc" else a
+        if layout == "nhwc":
+            a[0, 0, 0, :2] = [np.nan, -0.0]
+        alpha_used, beta_used = alpha.copy(), beta.copy()
+        alpha_used[1], beta_used[1] = 1.0, -0.0  # -0.0 * 1 + -0.0: a -0.0 for relu to clear
+        xp = np.full((7 + 2 * padding, 9 + 2 * padding, c), np.nan, np.float32)
+        for b in range(a.shape[0]):
+            nd.pad_image_bn_relu(a, b, padding, xp, alpha_used, beta_used)
+            v = a[b] * alpha_used + beta_used
+            v = np.where((v > 0) | np.isnan(v), v, np.float32(0.0))
+            want = np.pad(v, ((padding, padding), (padding, padding), (0, 0)))
+            assert np.array_equal(xp.view(np.int32), want.view(np.int32)), f"{layout} image {b}"
+
+
+@pytest.mark.parametrize("kh,kw", [(3, 3), (3, 1), (1, 2)])
+def test_pad_gradient_is_np_pad(kh, kw):
+    """The input gradient loops' scratch: g's image inside kh zero rows and kw zero columns on
+    each side (only the border zeroed, the rows copied), wherever it held garbage."""
+    from needle.kernels import numba_direct_conv as nd
+    g = np.random.default_rng(kh * 7 + kw).standard_normal((2, 5, 6, 16)).astype(np.float32)
+    gp = np.full((5 + 2 * kh, 6 + 2 * kw, 16), np.nan, np.float32)
+    for b in range(2):
+        nd.pad_gradient(g, b, kh, kw, gp)
+        np.testing.assert_array_equal(gp, np.pad(g[b], ((kh, kh), (kw, kw), (0, 0))))
+
 def _fma_sums(cols: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Per image, from zero, sum over positions in order of cols[n, p, t] * g[n, p, k], each
     step one float32 fused multiply-add (the product is exact in float64, the add rounded

@@ -12,9 +12,16 @@ registers; the functions ask LLVM for 512-bit vectors (``wide_vectors``: on this
 machine's AVX-512 LLVM prefers 256 bits, half the multiply-adds per instruction).
 
 Sums run in a fixed order (the forward: taps in (i, j, c) order, then the bias, added where
-the tile is stored: set first, the tile's 256 scalar stores cost ~10-20% of a layer; the first
-layer's loop starts from the bias, measured faster there; the kernel
-gradient: images, then positions in order, per block of images), whatever thread runs a block.
+the tile is stored; the first layer's loop starts from the bias, measured faster there; the
+kernel gradient: images, then positions in order, per block of images), whatever thread runs
+a block. A tile leaves its registers a row at a time through ``copy_tile_row`` /
+``add_tile_row`` (numba_intrinsics): written as element loops, LLVM compiled each tile's
+epilogue to 256 scalar loads, adds and stores (it could not tell the stack tile from the
+output), 10-20% of a layer. With them and the scratch padded by whole rows (only its border
+zeroed; a BatchNorm + ReLU input made by a branch-free select), one thread, 32 images, the
+stride-2 layers' forward C16->32 32x32 0.625 -> 0.540 ms (oneDNN channels-last 0.50),
+C32->64 16x16 0.595 -> 0.529 (0.46), kernel gradient C16->32 0.749 -> 0.631 (0.60), the
+same bits.
 Each image is copied into a zero-padded scratch (``xp``, (H + 2p, W + 2p, C)) first; a row's last
 tile of positions overlaps the one before rather than sticking out (the forward needs Wo >= 8,
 or 16), and ``off[t]`` is tap t's offset in the flat scratch (the kernel gradient).
@@ -42,7 +49,7 @@ from numba.extending import overload
 
 from ..backend.numba_support import njit_cached
 from ..backend.parallel_loops import njit_parallel
-from .numba_intrinsics import stack_f32, wide_vectors
+from .numba_intrinsics import add_tile_row, copy_tile_row, stack_f32, wide_vectors
 
 
 def _jit(fn):  # type: ignore[no-untyped-def]
@@ -50,38 +57,38 @@ def _jit(fn):  # type: ignore[no-untyped-def]
     return njit_cached(fn, fastmath={"contract"})
 
 
-def _copy_rows(a, b, padding, xf, row):  # type: ignore[no-untyped-def]
-    """xf[(padding + y) * row + (padding + x) * C + c] = a[b, y, x, c]: image b's rows into
-    the flat padded scratch (numba's overload below picks the loop by a's layout)."""
+def _copy_rows(a, b, top, left, xf, row):  # type: ignore[no-untyped-def]
+    """xf[(top + y) * row + (left + x) * C + c] = a[b, y, x, c]: image b's rows into the flat
+    padded scratch (numba's overload below picks the loop by a's layout)."""
     raise NotImplementedError("compiled only (numba)")
 
 
 @overload(_copy_rows, inline="always", jit_options={"fastmath": {"contract"},
                                                      "error_model": "numpy"})
-def _copy_rows_loops(a, b, padding, xf, row):  # type: ignore[no-untyped-def]
+def _copy_rows_loops(a, b, top, left, xf, row):  # type: ignore[no-untyped-def]
     """A C-contiguous ``a`` (its type's layout): each row one flat run of W*C values (its
     flat view made once; made per row it cost 56 vs 26 us for 64 32x32x3 images). Any
     other layout (a first layer's NCHW view): value by value, a column's 3 channels at once
     where C is 3 (46 us vs 127 by a loop over C)."""
     if isinstance(a, types.Array) and a.layout == "C":
-        def flat(a, b, padding, xf, row):  # type: ignore[no-untyped-def]
+        def flat(a, b, top, left, xf, row):  # type: ignore[no-untyped-def]
             u = np.uint64
             h, w, c = a.shape[1], a.shape[2], a.shape[3]
             af = a.reshape(-1)
             run = w * c
             for y in range(h):
-                start = u((padding + y) * row + padding * c)
+                start = u((top + y) * row + left * c)
                 src = u((b * h + y) * run)
                 for k in range(run):
                     xf[start + u(k)] = af[src + u(k)]
         return flat
 
-    def strided(a, b, padding, xf, row):  # type: ignore[no-untyped-def]
+    def strided(a, b, top, left, xf, row):  # type: ignore[no-untyped-def]
         u = np.uint64
         h, w, c = a.shape[1], a.shape[2], a.shape[3]
         ub = u(b)
         for y in range(h):
-            start = u((padding + y) * row + padding * c)
+            start = u((top + y) * row + left * c)
             uy = u(y)
             if c == 3:
                 for x in range(w):
@@ -96,48 +103,99 @@ def _copy_rows_loops(a, b, padding, xf, row):  # type: ignore[no-untyped-def]
     return strided
 
 
+def _bn_relu_rows(a, b, top, left, xf, row, alpha, beta):  # type: ignore[no-untyped-def]
+    """_copy_rows of relu(a * alpha + beta) per channel (``pad_image_bn_relu``'s values)."""
+    raise NotImplementedError("compiled only (numba)")
+
+
+# NOTE: no contraction here: inlined into a contracting loop, x * alpha + beta became one FMA
+# (a rounding apart from BatchNorm's two: checked, a 4.8e-7 difference)
+@overload(_bn_relu_rows, inline="always", jit_options={"fastmath": False,
+                                                        "error_model": "numpy"})
+def _bn_relu_rows_loops(a, b, top, left, xf, row, alpha, beta):  # type: ignore[no-untyped-def]
+    """A C-contiguous ``a``: each row read as one flat run (1.4x the 4-d indexing's speed:
+    90 vs 129 us for 32 images 32x32x16); any other layout value by value. ``|``, not
+    ``or``: a branch-free select the loop vectorizes."""
+    if isinstance(a, types.Array) and a.layout == "C":
+        def flat(a, b, top, left, xf, row, alpha, beta):  # type: ignore[no-untyped-def]
+            u = np.uint64
+            h, w, c = a.shape[1], a.shape[2], a.shape[3]
+            zero = a.dtype.type(0)
+            af = a.reshape(-1)
+            for y in range(h):
+                start = u((top + y) * row + left * c)
+                src = u((b * h + y) * w * c)
+                for x in range(w):
+                    for ch in range(c):
+                        v = af[src + u(x * c + ch)] * alpha[u(ch)] + beta[u(ch)]
+                        xf[start + u(x * c + ch)] = v if (v > zero) | (v != v) else zero
+        return flat
+
+    def strided(a, b, top, left, xf, row, alpha, beta):  # type: ignore[no-untyped-def]
+        u = np.uint64
+        h, w, c = a.shape[1], a.shape[2], a.shape[3]
+        zero = a.dtype.type(0)
+        for y in range(h):
+            start = u((top + y) * row + left * c)
+            for x in range(w):
+                for ch in range(c):
+                    v = a[u(b), u(y), u(x), u(ch)] * alpha[u(ch)] + beta[u(ch)]
+                    xf[start + u(x * c + ch)] = v if (v > zero) | (v != v) else zero
+    return strided
+
+
+@_jit
+def zero_border(xf, top, left, h, w, c, hp, wp):
+    """Zero the border of a flat (hp, wp, c) scratch around an h x w image placed at row
+    ``top``, column ``left``: the rows above and below it, the columns left and right of it
+    (the image's own values are written next, so nothing else is zeroed)."""
+    u = np.uint64
+    row = wp * c
+    for k in range(top * row):
+        xf[u(k)] = 0.0
+    for k in range((top + h) * row, hp * row):
+        xf[u(k)] = 0.0
+    for y in range(h):
+        base = (top + y) * row
+        for k in range(left * c):
+            xf[u(base + k)] = 0.0
+        for k in range((left + w) * c, row):
+            xf[u(base + k)] = 0.0
+
+
 @_jit
 def pad_image(a, b, padding, xp):
     """xp[padding + y, padding + x, :] = a[b, y, x, :], zeros elsewhere in xp (C-contiguous,
     at least (H + padding, W + padding, C)): only the border is zeroed, then the rows copied
     (``_copy_rows``). One thread, thread CPU time, 64 images 32x32x3, us: 104-127 -> 26-32
     (NHWC), 112-122 -> 46-48 (an NCHW view); 32x32x16 219 -> 163 (memory-bound past L2)."""
-    u = np.uint64
     h, w, c = a.shape[1], a.shape[2], a.shape[3]
-    hp, wp = xp.shape[0], xp.shape[1]
     xf = xp.reshape(-1)
-    row = wp * c
-    for k in range(padding * row):  # rows above and below the image
-        xf[u(k)] = 0.0
-    for k in range((padding + h) * row, hp * row):
-        xf[u(k)] = 0.0
-    for y in range(h):  # columns left and right of it
-        base = (padding + y) * row
-        for k in range(padding * c):
-            xf[u(base + k)] = 0.0
-        for k in range((padding + w) * c, row):
-            xf[u(base + k)] = 0.0
-    _copy_rows(a, b, padding, xf, row)
+    zero_border(xf, padding, padding, h, w, c, xp.shape[0], xp.shape[1])
+    _copy_rows(a, b, padding, padding, xf, xp.shape[1] * c)
 
 
-# NOTE: no contraction here (njit_cached sets fastmath=False explicitly): compiled with its
-# caller forward32's "contract", x * alpha + beta became one FMA (a rounding apart from
-# BatchNorm's two: checked, a 4.8e-7 difference)
 @njit_cached
 def pad_image_bn_relu(a, b, padding, xp, alpha, beta):
     """pad_image of relu(a * alpha + beta) per channel: BatchNorm's forward (``x * alpha +
     beta``, two roundings, numba_kernels.affine's operations) then ReLU (numba_kernels.relu's:
     NaN kept, -0.0 -> +0.0), the values those ops store, made as the image is copied (a
     ``BatchNorm -> ReLU -> conv`` block's input is never stored: kernels/conv_bn_relu.py)."""
-    u = np.uint64
     h, w, c = a.shape[1], a.shape[2], a.shape[3]
-    zero = a.dtype.type(0)
-    xp[:] = 0.0
-    for y in range(h):
-        for x in range(w):
-            for ch in range(c):
-                v = a[u(b), u(y), u(x), u(ch)] * alpha[u(ch)] + beta[u(ch)]
-                xp[u(padding + y), u(padding + x), u(ch)] = v if (v > zero or v != v) else zero
+    xf = xp.reshape(-1)
+    zero_border(xf, padding, padding, h, w, c, xp.shape[0], xp.shape[1])
+    _bn_relu_rows(a, b, padding, padding, xf, xp.shape[1] * c, alpha, beta)
+
+
+@_jit
+def pad_gradient(g, b, kh, kw, gp):
+    """gp[kh + y, kw + x, :] = g[b, y, x, :], zeros elsewhere (the input gradient loops'
+    scratch: taps past g's edges read zeros); the border zeroed, the rows copied as runs
+    (this was a whole-scratch zeroing and a copy value by value)."""
+    h, w, c = g.shape[1], g.shape[2], g.shape[3]
+    gf = gp.reshape(-1)
+    zero_border(gf, kh, kw, h, w, c, gp.shape[0], gp.shape[1])
+    _copy_rows(g, b, kh, kw, gf, gp.shape[1] * c)
 
 
 @_jit
@@ -157,7 +215,8 @@ def forward32(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
     == 0, Wo >= 8; where ``alpha`` and ``beta`` hold C values (size 0: none), xpad is that of
     relu(a * alpha + beta) instead (``pad_input``)."""
     wide_vectors()
-    acc = numba.carray(stack_f32(256), (8, 32))
+    tile = stack_f32(256)
+    acc = numba.carray(tile, (8, 32))
     u = np.uint64
     kh, kw, c, co = w.shape
     for b in range(a.shape[0]):
@@ -194,16 +253,16 @@ def forward32(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
                                     acc[6, q] += v6 * wq
                                     acc[7, q] += v7 * wq
                     for p in range(8):
-                        for q in range(32):
-                            out[u(b), u(y), u(x0 + p), u(k0) + u(q)] = (acc[p, q]
-                                                                         + bias[u(k0) + u(q)])
+                        add_tile_row(out, (b, y, x0 + p, k0), tile, p * 32, 32, bias,
+                                     (k0,))
 
 
 @_jit
 def forward16(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
     """forward32 for C_out % 16 == 0: tiles of 8 positions x 16 channels."""
     wide_vectors()
-    acc = numba.carray(stack_f32(128), (8, 16))
+    tile = stack_f32(128)
+    acc = numba.carray(tile, (8, 16))
     u = np.uint64
     kh, kw, c, co = w.shape
     for b in range(a.shape[0]):
@@ -240,9 +299,8 @@ def forward16(a, w, bias, stride, padding, ho, wo, xp, out, alpha, beta):
                                     acc[6, q] += v6 * wq
                                     acc[7, q] += v7 * wq
                     for p in range(8):
-                        for q in range(16):
-                            out[u(b), u(y), u(x0 + p), u(k0) + u(q)] = (acc[p, q]
-                                                                         + bias[u(k0) + u(q)])
+                        add_tile_row(out, (b, y, x0 + p, k0), tile, p * 16, 16, bias,
+                                     (k0,))
 
 
 @_jit
@@ -252,7 +310,8 @@ def weight_grad32(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     C_out % 32 == 0, len(off) % 8 == 0 (taps past the kernel's read offset 0; the caller drops
     them); ``alpha``, ``beta``: as forward32's."""
     wide_vectors()
-    acc = numba.carray(stack_f32(256), (8, 32))
+    tile = stack_f32(256)
+    acc = numba.carray(tile, (8, 32))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp, c = xp.shape[1], xp.shape[2]
@@ -287,8 +346,7 @@ def weight_grad32(a, g, stride, padding, off, xp, xf, part, alpha, beta):
                             acc[6, q] += v6 * gq
                             acc[7, q] += v7 * gq
                 for r in range(8):
-                    for q in range(32):
-                        part[u(t0 + r), u(k0) + u(q)] += acc[r, q]
+                    add_tile_row(part, (t0 + r, k0), tile, r * 32, 32, part, (t0 + r, k0))
 
 
 @_jit
@@ -297,7 +355,8 @@ def weight_grad64(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     loads a position for 16 multiply-adds, where 8 taps x 32 channels twice take 16 and 4:
     C32->64 16x16 stride 2, one thread, 1.85 -> 1.0 ms; im2col 1.2-1.5)."""
     wide_vectors()
-    acc = numba.carray(stack_f32(256), (4, 64))
+    tile = stack_f32(256)
+    acc = numba.carray(tile, (4, 64))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp, c = xp.shape[1], xp.shape[2]
@@ -323,8 +382,7 @@ def weight_grad64(a, g, stride, padding, off, xp, xf, part, alpha, beta):
                             acc[2, q] += v2 * gq
                             acc[3, q] += v3 * gq
                 for r in range(4):
-                    for q in range(64):
-                        part[u(t0 + r), u(k0) + u(q)] += acc[r, q]
+                    add_tile_row(part, (t0 + r, k0), tile, r * 64, 64, part, (t0 + r, k0))
 
 
 @_jit
@@ -449,7 +507,8 @@ def weight_grad16(a, g, stride, padding, off, xp, xf, part, alpha, beta):
     to ``weight_grad_first_layer`` or ``weight_grad_one_channel`` (the same sums in one
     tile)."""
     wide_vectors()
-    acc = numba.carray(stack_f32(128), (8, 16))
+    tile = stack_f32(128)
+    acc = numba.carray(tile, (8, 16))
     u = np.uint64
     ho, wo, co = g.shape[1], g.shape[2], g.shape[3]
     wp, c = xp.shape[1], xp.shape[2]
@@ -490,8 +549,7 @@ def weight_grad16(a, g, stride, padding, off, xp, xf, part, alpha, beta):
                             acc[6, q] += v6 * gq
                             acc[7, q] += v7 * gq
                 for r in range(8):
-                    for q in range(16):
-                        part[u(t0 + r), u(k0) + u(q)] += acc[r, q]
+                    add_tile_row(part, (t0 + r, k0), tile, r * 16, 16, part, (t0 + r, k0))
 
 
 @_jit
@@ -574,17 +632,13 @@ def input_grad32(g, wt, stride, padding, gp, out):
     for one image's g zero-padded by kh rows and kw columns on each side, so taps past g's
     edges read zeros."""
     wide_vectors()
-    acc = numba.carray(stack_f32(256), (8, 32))
+    tile = stack_f32(256)
+    acc = numba.carray(tile, (8, 32))
     u = np.uint64
     kh, kw, co, ci = wt.shape
     h, w = out.shape[1], out.shape[2]
-    ho, wo = g.shape[1], g.shape[2]
     for b in range(g.shape[0]):
-        gp[:] = 0.0
-        for y in range(ho):
-            for x in range(wo):
-                for k in range(co):
-                    gp[u(kh + y), u(kw + x), u(k)] = g[u(b), u(y), u(x), u(k)]
+        pad_gradient(g, b, kh, kw, gp)
         for yi in range(h):
             for r in range(stride):
                 count = (w - r + stride - 1) // stride
@@ -625,8 +679,8 @@ def input_grad32(g, wt, stride, padding, gp, out):
                                         acc[6, q] += v6 * wq
                                         acc[7, q] += v7 * wq
                         for p in range(8):
-                            for q in range(32):
-                                out[u(b), u(yi), u(r + stride * (m0 + p)), u(c0) + u(q)] = acc[p, q]
+                            copy_tile_row(out, (b, yi, r + stride * (m0 + p), c0), tile, p * 32,
+                                          32)
 
 
 @_jit
@@ -639,17 +693,13 @@ def input_grad16(g, wt, stride, padding, gp, out):
     for one image's g zero-padded by kh rows and kw columns on each side, so taps past g's
     edges read zeros."""
     wide_vectors()
-    acc = numba.carray(stack_f32(128), (8, 16))
+    tile = stack_f32(128)
+    acc = numba.carray(tile, (8, 16))
     u = np.uint64
     kh, kw, co, ci = wt.shape
     h, w = out.shape[1], out.shape[2]
-    ho, wo = g.shape[1], g.shape[2]
     for b in range(g.shape[0]):
-        gp[:] = 0.0
-        for y in range(ho):
-            for x in range(wo):
-                for k in range(co):
-                    gp[u(kh + y), u(kw + x), u(k)] = g[u(b), u(y), u(x), u(k)]
+        pad_gradient(g, b, kh, kw, gp)
         for yi in range(h):
             for r in range(stride):
                 count = (w - r + stride - 1) // stride
@@ -690,8 +740,8 @@ def input_grad16(g, wt, stride, padding, gp, out):
                                         acc[6, q] += v6 * wq
                                         acc[7, q] += v7 * wq
                         for p in range(8):
-                            for q in range(16):
-                                out[u(b), u(yi), u(r + stride * (m0 + p)), u(c0) + u(q)] = acc[p, q]
+                            copy_tile_row(out, (b, yi, r + stride * (m0 + p), c0), tile, p * 16,
+                                          16)
 
 
 def _input_grad_blocks(g, wt, stride, padding, scratch, out, count):

@@ -11,7 +11,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["prefetch_to_l2", "stack_f32", "wide_vectors"]
+__all__ = ["add_tile_row", "copy_tile_row", "prefetch_to_l2", "stack_f32", "wide_vectors"]
 
 
 @intrinsic
@@ -72,3 +72,77 @@ def prefetch_to_l2(typingctx, row, index):  # type: ignore[no-untyped-def]
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+
+def _tile_row_types(dst, index, tile, count) -> bool:
+    """Whether (dst, index, tile, count) type-check for the tile-row stores: a C-contiguous
+    float32 ``dst`` indexed by a tuple of ``dst.ndim`` integers, a ``stack_f32`` tile, a
+    literal count."""
+    return (isinstance(dst, types.Array) and dst.layout == "C" and dst.dtype == types.float32
+            and isinstance(index, types.BaseTuple) and len(index) == dst.ndim
+            and all(isinstance(t, types.Integer) for t in index)
+            and tile == types.CPointer(types.float32) and isinstance(count, types.IntegerLiteral))
+
+
+def _row_pointer(context, builder, array_type, array_value, index_type, index_value, count):
+    """A pointer to ``count`` float32 values from array[index] (a <count x float>*)."""
+    array = context.make_array(array_type)(context, builder, array_value)
+    indices = [context.cast(builder, value, ty, types.intp)
+               for value, ty in zip(cgutils.unpack_tuple(builder, index_value), index_type)]
+    pointer = cgutils.get_item_pointer(context, builder, array_type, array, indices,
+                                       wraparound=False)
+    ir = cgutils.ir
+    return builder.bitcast(pointer, ir.VectorType(ir.FloatType(), count).as_pointer())
+
+
+def _tile_pointer(context, builder, tile, start_type, start, count):
+    """A pointer to ``count`` float32 values of a stack tile from ``start``."""
+    first = context.cast(builder, start, start_type, types.intp)
+    ir = cgutils.ir
+    return builder.bitcast(builder.gep(tile, [first]),
+                           ir.VectorType(ir.FloatType(), count).as_pointer())
+
+
+@intrinsic
+def copy_tile_row(typingctx, dst, index, tile, start, count):  # type: ignore[no-untyped-def]
+    """dst[index][:count] = tile[start : start + count]: ``count`` (a literal) consecutive
+    values of a ``stack_f32`` tile stored from ``dst[index]`` on (C-contiguous float32, the
+    last index the first column; in range). One vector load and store: a register tile's
+    epilogue written as a loop of element stores compiled to scalar ones (LLVM could not
+    tell the tile from ``dst``)."""
+    if not _tile_row_types(dst, index, tile, count):
+        return None
+    width = count.literal_value
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        target = _row_pointer(context, builder, signature.args[0], args[0], signature.args[1],
+                              args[1], width)
+        source = _tile_pointer(context, builder, args[2], signature.args[3], args[3], width)
+        builder.store(builder.load(source, align=4), target, align=4)
+        return context.get_dummy_value()
+
+    return types.none(dst, index, tile, start, count), codegen
+
+
+@intrinsic
+def add_tile_row(typingctx, dst, index, tile, start, count, other, other_index):  # type: ignore[no-untyped-def]
+    """dst[index][:count] = tile[start : start + count] + other[other_index][:count]: as
+    ``copy_tile_row``, plus a row of ``other`` (a bias, or ``dst`` itself to accumulate),
+    each value one IEEE float32 addition, as the element loop's."""
+    if not (_tile_row_types(dst, index, tile, count)
+            and _tile_row_types(other, other_index, tile, count)):
+        return None
+    width = count.literal_value
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        target = _row_pointer(context, builder, signature.args[0], args[0], signature.args[1],
+                              args[1], width)
+        source = _tile_pointer(context, builder, args[2], signature.args[3], args[3], width)
+        addend = _row_pointer(context, builder, signature.args[5], args[5], signature.args[6],
+                              args[6], width)
+        total = builder.fadd(builder.load(source, align=4), builder.load(addend, align=4))
+        builder.store(total, target, align=4)
+        return context.get_dummy_value()
+
+    return types.none(dst, index, tile, start, count, other, other_index), codegen
