@@ -623,6 +623,40 @@ def forward_few_channels(a, wt, bias, kh, kw, padding, ho, wo, xp, out):
 
 
 @_jit
+def column_taps(kw, stride, padding):
+    """The kernel columns j that meet each column phase r of the input gradient (xi = r + s*m:
+    r + p - j a multiple of s) and their offsets in the padded g (``(r + p - j) // s + kw``):
+    (js, offsets, counts), js[r, :counts[r]] in increasing j. Made once per call: inside
+    the tile loops the modulo and floor division ran per tile (a 64-bit division each)."""
+    js = np.empty((stride, kw), np.int64)
+    offsets = np.empty((stride, kw), np.int64)
+    counts = np.zeros(stride, np.int64)
+    for r in range(stride):
+        for j in range(kw):
+            dx = r + padding - j
+            if dx % stride == 0:
+                js[r, counts[r]] = j
+                offsets[r, counts[r]] = dx // stride + kw
+                counts[r] += 1
+    return js, offsets, counts
+
+
+@_jit
+def row_taps(yi, kh, stride, padding, is_, rows):
+    """The kernel rows i that meet input row ``yi`` (yi + p - i a multiple of s), in
+    increasing i, into ``is_`` with their rows of the padded g (``(yi + p - i) // s + kh``)
+    into ``rows``; returns how many."""
+    count = 0
+    for i in range(kh):
+        dy = yi + padding - i
+        if dy % stride == 0:
+            is_[count] = i
+            rows[count] = dy // stride + kh
+            count += 1
+    return count
+
+
+@_jit
 def input_grad32(g, wt, stride, padding, gp, out):
     """out[n, yi, xi, c] = sum over taps (i, j) with yi + p - i = s*y, xi + p - j = s*x and
     over k of g[n, y, x, k] * wt[i, j, k, c] (the input gradient; ``wt`` is the kernel as (kh,
@@ -637,9 +671,13 @@ def input_grad32(g, wt, stride, padding, gp, out):
     u = np.uint64
     kh, kw, co, ci = wt.shape
     h, w = out.shape[1], out.shape[2]
+    js, offsets, n_cols = column_taps(kw, stride, padding)
+    is_ = np.empty(kh, np.int64)
+    rows = np.empty(kh, np.int64)
     for b in range(g.shape[0]):
         pad_gradient(g, b, kh, kw, gp)
         for yi in range(h):
+            n_rows = row_taps(yi, kh, stride, padding, is_, rows)
             for r in range(stride):
                 count = (w - r + stride - 1) // stride
                 for ms in range(0, count, 8):
@@ -648,16 +686,12 @@ def input_grad32(g, wt, stride, padding, gp, out):
                         for p in range(8):
                             for q in range(32):
                                 acc[p, q] = 0.0
-                        for i in range(kh):
-                            dy = yi + padding - i
-                            if dy % stride != 0:
-                                continue
-                            yy = u(dy // stride + kh)
-                            for j in range(kw):
-                                dx = r + padding - j
-                                if dx % stride != 0:
-                                    continue
-                                xb = m0 + dx // stride + kw
+                        for ti in range(n_rows):
+                            i = is_[ti]
+                            yy = u(rows[ti])
+                            for tj in range(n_cols[r]):
+                                j = js[r, tj]
+                                xb = m0 + offsets[r, tj]
                                 for k in range(co):
                                     uk = u(k)
                                     v0 = gp[yy, u(xb), uk]
@@ -698,9 +732,13 @@ def input_grad16(g, wt, stride, padding, gp, out):
     u = np.uint64
     kh, kw, co, ci = wt.shape
     h, w = out.shape[1], out.shape[2]
+    js, offsets, n_cols = column_taps(kw, stride, padding)
+    is_ = np.empty(kh, np.int64)
+    rows = np.empty(kh, np.int64)
     for b in range(g.shape[0]):
         pad_gradient(g, b, kh, kw, gp)
         for yi in range(h):
+            n_rows = row_taps(yi, kh, stride, padding, is_, rows)
             for r in range(stride):
                 count = (w - r + stride - 1) // stride
                 for ms in range(0, count, 8):
@@ -709,16 +747,12 @@ def input_grad16(g, wt, stride, padding, gp, out):
                         for p in range(8):
                             for q in range(16):
                                 acc[p, q] = 0.0
-                        for i in range(kh):
-                            dy = yi + padding - i
-                            if dy % stride != 0:
-                                continue
-                            yy = u(dy // stride + kh)
-                            for j in range(kw):
-                                dx = r + padding - j
-                                if dx % stride != 0:
-                                    continue
-                                xb = m0 + dx // stride + kw
+                        for ti in range(n_rows):
+                            i = is_[ti]
+                            yy = u(rows[ti])
+                            for tj in range(n_cols[r]):
+                                j = js[r, tj]
+                                xb = m0 + offsets[r, tj]
                                 for k in range(co):
                                     uk = u(k)
                                     v0 = gp[yy, u(xb), uk]
