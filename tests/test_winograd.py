@@ -112,9 +112,36 @@ def test_kernel_transform_and_its_adjoint():
 
 
 @needs_numba
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("c_in,c_out", [(128, 128), (8, 12), (9, 11), (64, 130)])
+def test_compiled_kernel_transforms_give_blas_bits(c_in, c_out, parallel, monkeypatch):
+    """The float32 transforms by numba_winograd.transform_columns (column tiles of 32, the rest
+    one by one; on TBB's threads or not) give the bits of the held BLAS product they replace,
+    infinities and NaNs included."""
+    monkeypatch.setattr(winograd, "_TRANSFORM_PRANGE_COLUMNS", 1 if parallel else 1 << 30)
+    rng = np.random.default_rng(c_in * c_out)
+    w = (rng.standard_normal((3, 3, c_in, c_out)) * 100).astype(np.float32)
+    w.reshape(-1)[[0, 7, 40]] = [np.inf, np.nan, -np.inf]
+    du = rng.standard_normal((36, c_in, c_out)).astype(np.float32)
+    with blas_threads.hold(), np.errstate(invalid="ignore"):
+        want_u = (winograd._GG.astype(np.float32) @ w.reshape(9, -1)).reshape(36, c_in, c_out)
+        want_dw = (winograd._GG.T.astype(np.float32) @ du.reshape(36, -1)).reshape(w.shape)
+    ran = []
+    loops = winograd._transform_loops
+    real_call = loops.call
+    monkeypatch.setattr(loops, "call", lambda fn, *a: ran.append(fn) or real_call(fn, *a))
+    got_u = winograd._kernel_transform(w)
+    got_dw = winograd._kernel_adjoint(du, np.float32)
+    assert len(ran) == (0 if parallel and winograd.parallel_loops.parallel_threads() else 2)
+    assert np.array_equal(got_u.view(np.int32), want_u.view(np.int32))
+    assert np.array_equal(got_dw.view(np.int32), want_dw.view(np.int32))
+
+
+@needs_numba
 def test_the_kernel_transforms_run_with_blas_held_to_one_thread(monkeypatch):
     """OpenBLAS threads the (36, 9) @ (9, C_in C_out) product, and its spinning worker then
-    took the second core from the tile threads: the transforms hold BLAS to one thread."""
+    took the second core from the tile threads: the convolutions' products, and the
+    transforms where BLAS makes them (not float32 with numba), hold BLAS to one thread."""
     import contextlib
 
     held = []

@@ -116,8 +116,21 @@ def _winograd_blocks(gemm, x, padding, tiles_h, tiles_w, u, out, shift, block, n
         numba_winograd.output_tiles(m, tiles_h, tiles_w, t0, out, shift)
 
 
+
+def _transform_columns_blocks(t, m, out, count):
+    """numba_winograd.transform_columns over ``count`` blocks of m's columns (cut at
+    multiples of 32, the last block ending at N), each on a TBB thread: columns never
+    meet, so the bits of one call."""
+    n = m.shape[1]
+    chunks = -(-n // 32)
+    for b in prange(count):
+        c0 = min(n, chunks * b // count * 32)
+        c1 = min(n, chunks * (b + 1) // count * 32)
+        numba_winograd.transform_columns(t, m, out, c0, c1)
+
 conv_rows = njit_parallel(_conv_rows_blocks)
 winograd = njit_parallel(_winograd_blocks)
+transform_columns = njit_parallel(_transform_columns_blocks)
 weight_grad_rows = njit_parallel(_weight_grad_rows_blocks)
 weight_grad_channels_first = njit_parallel(_weight_grad_channels_first_blocks)
 input_grad = njit_parallel(_input_grad_blocks)

@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from ..backend.numba_support import njit_cached
+from .numba_intrinsics import stack_f32, wide_vectors
 from .numba_kernels import _jit
 
 # float32 constants (numba freezes globals as typed constants): float literals would promote
@@ -269,3 +270,44 @@ def weight_grad_chunk(gemm, x, g, padding, tiles_h, tiles_w, t_start, t_end, blo
         for p in range(36):
             _gemm(gemm, 112, gemm_beta, v[p], gt[p], du[p])
         gemm_beta = 1.0
+
+
+def _transform_columns(t, m, out, c0, c1):  # type: ignore[no-untyped-def]
+    """out[:, c0:c1] = t @ m[:, c0:c1] for the kernel transform's (36, 9) matrix or its
+    adjoint's (9, 36) (``t``; rows a multiple of 3) and a float32 (K, N) ``m``: each value
+    the chain of multiply-adds from zero in k order that OpenBLAS's gemm makes of it (the
+    same bits as NumPy's product; tests/test_winograd.py compares). Tiles of 3 rows x 32
+    columns in 512-bit registers, the last columns (past a multiple of 32 from c0) one at a
+    time. OpenBLAS took 250-280 us for the (36, 9) @ (9, 16384) product of a 128 x 128 layer
+    on one thread (K = 9 is too thin for its packed kernel); this loop ~155."""
+    wide_vectors()
+    acc = numba.carray(stack_f32(96), (3, 32))
+    u = np.uint64
+    rows, depth = t.shape
+    whole = c0 + (c1 - c0) // 32 * 32
+    for c in range(c0, whole, 32):
+        for r in range(0, rows, 3):
+            for p in range(3):
+                for q in range(32):
+                    acc[p, q] = 0.0
+            for k in range(depth):
+                a0 = t[u(r), u(k)]
+                a1 = t[u(r + 1), u(k)]
+                a2 = t[u(r + 2), u(k)]
+                for q in range(32):
+                    mq = m[u(k), u(c) + u(q)]
+                    acc[0, q] += a0 * mq
+                    acc[1, q] += a1 * mq
+                    acc[2, q] += a2 * mq
+            for p in range(3):
+                for q in range(32):
+                    out[u(r + p), u(c) + u(q)] = acc[p, q]
+    for c in range(whole, c1):
+        for r in range(rows):
+            total = np.float32(0.0)
+            for k in range(depth):
+                total += t[u(r), u(k)] * m[u(k), u(c)]
+            out[u(r), u(c)] = total
+
+
+transform_columns = njit_cached(_transform_columns, fastmath={"contract"})

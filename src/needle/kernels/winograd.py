@@ -163,28 +163,63 @@ def _tile_grid(h: int, w: int) -> tuple[int, int]:
 _GG = np.kron(_G, _G)
 
 
-def _kernel_transform(w: np.ndarray) -> np.ndarray:
-    """U: (36, C_in, C_out) with U[6a + b] = (G w G^T)[a, b], one product in w's dtype.
+#: the two transform matrices in float32, C-contiguous (the compiled products' operands)
+_GG32 = _GG.astype(np.float32)
+_GGT32 = np.ascontiguousarray(_GG.T.astype(np.float32))
 
-    NOTE: one (36, 9) @ (9, C_in * C_out) product: 0.27 ms at 128 x 128 channels, where two
-    float64 products with a cast before and after took 0.78 ms; its float32 sums of 9 terms
-    round far below Winograd's own error. BLAS is held to one thread for it: OpenBLAS
-    threaded this product, and its worker then spun on the second core while needle's
-    threads ran the tiles (ResidualCNN step, 2 threads: CPU time per step 128 -> 62 ms,
-    wall time 58 -> 51 ms at best, 85 -> 57 ms median).
+#: the compiled transform products (latched apart: a failure there leaves BLAS's products)
+_transform_loops = NumbaLoops("needle.kernels.numba_winograd")
+
+#: columns (C_in * C_out) from which the compiled transform runs as TBB blocks, and how many
+_TRANSFORM_PRANGE_COLUMNS = 4096
+_TRANSFORM_BLOCKS = 8
+
+
+def _transform_product(t: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``t @ m`` for a transform matrix ``t`` (_GG or its transpose, in m's dtype) and a (K, N)
+    matrix ``m``. float32: numba_winograd.transform_columns where numba runs (on TBB's threads
+    from _TRANSFORM_PRANGE_COLUMNS columns), the bits of OpenBLAS's product; elsewhere (and
+    where numba fails) the product itself, BLAS held on one thread.
+
+    NOTE: OpenBLAS threaded this product, and its worker then spun on the second core while
+    needle's threads ran the tiles (ResidualCNN step, 2 threads: CPU time per step 128 -> 62
+    ms), so it is held. Its K of 9 or 36 is too thin for OpenBLAS's packed kernel: at 128 x
+    128 channels one thread took 250-280 us a transform; the compiled loop ~155 us on one
+    thread, ~80 on two."""
+    if m.dtype == np.float32 and m.flags.c_contiguous and m.shape[1] >= 2:
+        kernels = _transform_loops.module()
+        if kernels is not None:
+            t32 = _GG32 if t.shape == _GG32.shape else _GGT32
+            out = np.empty((t32.shape[0], m.shape[1]), np.float32)
+            n = m.shape[1]
+            if n >= _TRANSFORM_PRANGE_COLUMNS and parallel_loops.parallel_threads():
+                parallel = _parallel_loops.module()
+                if parallel is not None and _parallel_loops.call(
+                        parallel.transform_columns, t32, m, out, _TRANSFORM_BLOCKS):
+                    return out
+            if _transform_loops.call(kernels.transform_columns, t32, m, out, 0, n):
+                return out
+    with blas_threads.hold():
+        return t.astype(m.dtype) @ m
+
+
+def _kernel_transform(w: np.ndarray) -> np.ndarray:
+    """U: (36, C_in, C_out) with U[6a + b] = (G w G^T)[a, b], one (36, 9) @ (9, C_in * C_out)
+    product in w's dtype (``_transform_product``); its float32 sums of 9 terms round far
+    below Winograd's own error (two float64 products with casts took 0.78 ms where the
+    float32 product took 0.27 at 128 x 128 channels).
     NOTE: np.einsum("ai,ijco,bj->abco") took 18x longer (512x512)."""
     c_in, c_out = w.shape[2:]
-    with blas_threads.hold():
-        return (_GG.astype(w.dtype) @ w.reshape(9, -1)).reshape(36, c_in, c_out)
+    return _transform_product(_GG, np.ascontiguousarray(w).reshape(9, -1)) \
+        .reshape(36, c_in, c_out)
 
 
 def _kernel_adjoint(du: np.ndarray, dtype: Any) -> np.ndarray:
     """dw: (3, 3, C_in, C_out) = G^T dU G for dU (36, C_in, C_out), the adjoint of
     _kernel_transform (one (9, 36) product)."""
     c_in, c_out = du.shape[1:]
-    with blas_threads.hold():
-        return (_GG.T.astype(du.dtype) @ du.reshape(36, -1)).reshape(3, 3, c_in, c_out) \
-            .astype(dtype, copy=False)
+    return _transform_product(_GG.T, np.ascontiguousarray(du).reshape(36, -1)) \
+        .reshape(3, 3, c_in, c_out).astype(dtype, copy=False)
 
 
 def _block_tiles(n_tiles: int, c_in: int, c_out: int) -> int:
