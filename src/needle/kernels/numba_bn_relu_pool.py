@@ -25,28 +25,39 @@ def relu_pool_scatter(x, alpha, beta, y, g, k, stride, dx):
     each window's first position where the activation ``v = relu(x alpha + beta)`` equals y
     (or is NaN), 0 elsewhere in the window, as numba_kernels.max_pool_scatter_nhwc gives it
     for x = v. ``v``: two roundings (no fused multiply-add), NaN kept, as the forward's
-    BatchNorm and ReLU compute it. Overlapping windows (stride < k) add."""
+    BatchNorm and ReLU compute it. Overlapping windows (stride < k) add.
+
+    NOTE: the channel loop is branch-free (``&``, ``|``, selects; unsigned indices): written
+    with ``and`` / ``or`` it branched per value, 1.03 -> 0.58 ms for 64 images 32x32x16 (one
+    thread; the same bits); at 64 and 128 channels both run at memory speed."""
+    u = np.uint64
     n_, ho, wo, c_ = y.shape
     overlapping = stride < k
     zero = x.dtype.type(0)
+    g_zero = g.dtype.type(0)
     pending = np.empty(c_, np.bool_)
     for n in range(n_):
+        un = u(n)
         for i in range(ho):
             for j in range(wo):
-                pending[:] = True
+                ui, uj = u(i), u(j)
+                for c in range(c_):
+                    pending[c] = True
                 for di in range(k):
+                    r = u(i * stride + di)
                     for dj in range(k):
-                        r, q = i * stride + di, j * stride + dj
+                        q = u(j * stride + dj)
                         for c in range(c_):
-                            t = x[n, r, q, c] * alpha[c] + beta[c]
-                            v = t if (t > zero or t != t) else zero
-                            hit = pending[c] and (v == y[n, i, j, c] or v != v)
-                            picked = g[n, i, j, c] if hit else 0.0
+                            uc = u(c)
+                            t = x[un, r, q, uc] * alpha[uc] + beta[uc]
+                            v = t if (t > zero) | (t != t) else zero
+                            hit = pending[uc] & ((v == y[un, ui, uj, uc]) | (v != v))
+                            picked = g[un, ui, uj, uc] if hit else g_zero
                             if overlapping:
-                                dx[n, r, q, c] += picked
+                                dx[un, r, q, uc] += picked
                             else:
-                                dx[n, r, q, c] = picked
-                            pending[c] = pending[c] and not hit
+                                dx[un, r, q, uc] = picked
+                            pending[uc] = pending[uc] & (not hit)
 
 
 @njit_cached
