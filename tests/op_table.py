@@ -856,8 +856,11 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((2, 3, 4)), "basic")]),
     OpInfo("transpose", ops.transpose, lambda a, axes=(-1, -2): a.transpose(*axes),
            [S(normal((2, 3, 4)), "last_two"), S(normal((2, 3, 4)), "axes", A, (0, 2))]),
-    OpInfo("permute", lambda a: ops.permute(a, (2, 0, 1)), lambda a: a.permute(2, 0, 1),
-           [S(normal((2, 3, 4)), "basic")]),
+    OpInfo("permute", lambda a, axes=(2, 0, 1): ops.permute(a, axes),
+           lambda a, axes=(2, 0, 1): a.permute(*axes),
+           [S(normal((2, 3, 4)), "basic"),
+            # negative axes: the adjoint once permuted by np.argsort of them (a wrong gradient)
+            S(normal((2, 3, 4, 5)), "negative_axes", A, (0, -1, 1, 2))]),
     OpInfo("stack", lambda a, b: ops.stack([a, b, a], 1), lambda a, b: torch.stack([a, b, a], 1),
            [S(normal((3, 4), (3, 4)), "basic")]),
     OpInfo("concatenate", lambda a, b: ops.concatenate([a, b, a], 1),

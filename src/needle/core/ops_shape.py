@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..kernels import column_sums
+from ..kernels.axes import inverse_permutation
 from ..kernels.reduce import reduce_sum, sum_expr
 from .registry import Aval, F, Op, ShapeError, fmt_shape, register
 
@@ -329,7 +330,8 @@ class Permute(Op):
         return f"{args[0]}.transpose({self.axes!r})"
 
     def gradient(self, out_grad, node):
-        return F.permute(out_grad, tuple(int(i) for i in np.argsort(self.axes)))
+        ndim = len(self.axes)
+        return F.permute(out_grad, inverse_permutation(tuple(a % ndim for a in self.axes)))
 
     def infer(self, a: Aval) -> Aval:
         if sorted(normalize_axis(self.name, x, len(a.shape)) for x in self.axes) != list(

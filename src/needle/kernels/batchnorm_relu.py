@@ -30,6 +30,7 @@ import numpy as np
 from ..backend import cpu_threads
 from ..backend.numba_support import NumbaLoops
 from . import column_sums, cpu_kernels, threaded_elementwise
+from .axes import inverse_permutation
 from .reduce import EINSUM_MIN_SIZE, stat_matrix
 
 __all__ = ["backward", "dx_pass", "forward_constants", "grad_constants"]
@@ -239,4 +240,4 @@ def _from_rows(matrix: np.ndarray, like: np.ndarray, axis: int) -> np.ndarray:
     ndim = like.ndim
     order = (*range(axis), *range(axis + 1, ndim), axis)
     moved = matrix.reshape([like.shape[i] for i in order])
-    return moved.transpose(np.argsort(order))
+    return moved.transpose(inverse_permutation(order))

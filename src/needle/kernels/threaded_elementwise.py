@@ -36,6 +36,7 @@ import numpy as np
 
 from ..backend import cpu_threads, parallel_loops
 from ..backend.numba_support import NumbaLoops
+from .axes import inverse_permutation
 
 __all__ = ["MIN_ELEMENTS", "PRANGE_BLOCK_ELEMENTS", "PRANGE_MIN_ELEMENTS", "SPLIT_MIN_ELEMENTS",
            "add_row", "relu", "relu_grad"]
@@ -80,7 +81,7 @@ def _flat(x: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
 def _like(x: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
     """A new array shaped and strided as ``x`` (memory in ``order``)."""
     out = np.empty(tuple(x.shape[axis] for axis in order), x.dtype)
-    return out.transpose(np.argsort(order))
+    return out.transpose(inverse_permutation(order))
 
 
 def _usable(*arrays: Any) -> tuple[int, ...] | None:
