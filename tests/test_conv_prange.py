@@ -162,7 +162,9 @@ def test_winograd_same_bits_as_without_prange(shape, monkeypatch):
     input_grad = conv_kernels.conv2d_input_grad(g, w, 1, 1, (h, w_))
     if not winograd.applies(x, w, (3, 3), 1, 1, c_in, c_out):
         pytest.skip("the Winograd path does not take this convolution here")
-    assert ran == ["_winograd_blocks"] * 2
+    # (a 128 x 128 kernel's transforms run as TBB blocks too: _transform_columns_blocks)
+    assert [name for name in ran if name != "_transform_columns_blocks"] == \
+        ["_winograd_blocks"] * 2
     assert winograd._parallel_loops.module().winograd.signatures
     for threads in (1, 2):
         with monkeypatch.context() as m:
