@@ -7,6 +7,8 @@ Each changes how a loop is compiled, never what it computes.
 
 from __future__ import annotations
 
+from typing import Any
+
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -75,13 +77,13 @@ def prefetch_to_l2(typingctx, row, index):  # type: ignore[no-untyped-def]
 
 
 
-def _tile_row_types(dst, index, tile, count) -> bool:
+def _tile_row_types(dst: Any, index: Any, tile: Any, count: Any) -> bool:
     """Whether (dst, index, tile, count) type-check for the tile-row stores: a C-contiguous
     float32 ``dst`` indexed by a tuple of ``dst.ndim`` integers, a ``stack_f32`` tile, a
     literal count."""
     return (isinstance(dst, types.Array) and dst.layout == "C" and dst.dtype == types.float32
             and isinstance(index, types.BaseTuple) and len(index) == dst.ndim
-            and all(isinstance(t, types.Integer) for t in index)
+            and all(isinstance(t, types.Integer) for t in getattr(index, "types", ()))
             and tile == types.CPointer(types.float32) and isinstance(count, types.IntegerLiteral))
 
 
@@ -89,7 +91,7 @@ def _row_pointer(context, builder, array_type, array_value, index_type, index_va
     """A pointer to ``count`` float32 values from array[index] (a <count x float>*)."""
     array = context.make_array(array_type)(context, builder, array_value)
     indices = [context.cast(builder, value, ty, types.intp)
-               for value, ty in zip(cgutils.unpack_tuple(builder, index_value), index_type)]
+               for value, ty in zip(cgutils.unpack_tuple(builder, index_value), index_type.types)]
     pointer = cgutils.get_item_pointer(context, builder, array_type, array, indices,
                                        wraparound=False)
     ir = cgutils.ir
@@ -104,6 +106,14 @@ def _tile_pointer(context, builder, tile, start_type, start, count):
                            ir.VectorType(ir.FloatType(), count).as_pointer())
 
 
+
+def _row_and_tile(context, builder, signature, args, count):  # type: ignore[no-untyped-def]
+    """The (dst row, tile row) pointers of a tile-row store whose first four arguments are
+    (dst, index, tile, start)."""
+    target = _row_pointer(context, builder, signature.args[0], args[0], signature.args[1],
+                          args[1], count)
+    return target, _tile_pointer(context, builder, args[2], signature.args[3], args[3], count)
+
 @intrinsic
 def copy_tile_row(typingctx, dst, index, tile, start, count):  # type: ignore[no-untyped-def]
     """dst[index][:count] = tile[start : start + count]: ``count`` (a literal) consecutive
@@ -116,9 +126,7 @@ def copy_tile_row(typingctx, dst, index, tile, start, count):  # type: ignore[no
     width = count.literal_value
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        target = _row_pointer(context, builder, signature.args[0], args[0], signature.args[1],
-                              args[1], width)
-        source = _tile_pointer(context, builder, args[2], signature.args[3], args[3], width)
+        target, source = _row_and_tile(context, builder, signature, args, width)
         builder.store(builder.load(source, align=4), target, align=4)
         return context.get_dummy_value()
 
@@ -136,9 +144,7 @@ def add_tile_row(typingctx, dst, index, tile, start, count, other, other_index):
     width = count.literal_value
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        target = _row_pointer(context, builder, signature.args[0], args[0], signature.args[1],
-                              args[1], width)
-        source = _tile_pointer(context, builder, args[2], signature.args[3], args[3], width)
+        target, source = _row_and_tile(context, builder, signature, args, width)
         addend = _row_pointer(context, builder, signature.args[5], args[5], signature.args[6],
                               args[6], width)
         total = builder.fadd(builder.load(source, align=4), builder.load(addend, align=4))
