@@ -178,10 +178,13 @@ def test_shapes_not_taken_go_to_im2col(monkeypatch):
 
 
 @pytest.mark.parametrize("nchw", [True, False])
-def test_first_layer_forward_matches_torch(nchw, monkeypatch):
+@pytest.mark.parametrize("width,c_out", [(20, 16), (40, 32)])
+def test_first_layer_forward_matches_torch(nchw, width, c_out, monkeypatch):
     """A first layer (3 channels, stride 1) takes forward_few_channels, vectorized over
-    positions; Wo = 20 leaves a last tile overlapping the one before."""
-    case = ("first", 3, 3, 18, 20, 16, 3, 1, 1, nchw)
+    positions: Wo = 20 in 16 x 4 tiles, Wo = 40 in 32 x 8 tiles stored transposed
+    (forward_few_channels32, store_tile_columns); each leaves a last tile overlapping the
+    one before."""
+    case = ("first", 3, 3, 18, width, c_out, 3, 1, 1, nchw)
     x, a, kernel, bias, _ = _inputs(case)
     ran = _ran(monkeypatch)
     got = conv_kernels.conv2d(a, kernel, 1, 1, bias)

@@ -13,7 +13,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["add_tile_row", "copy_tile_row", "prefetch_to_l2", "stack_f32", "wide_vectors"]
+__all__ = ["add_tile_row", "copy_tile_row", "prefetch_to_l2", "stack_f32", "store_tile_columns",
+           "wide_vectors"]
 
 
 @intrinsic
@@ -152,3 +153,58 @@ def add_tile_row(typingctx, dst, index, tile, start, count, other, other_index):
         return context.get_dummy_value()
 
     return types.none(dst, index, tile, start, count, other, other_index), codegen
+
+
+@intrinsic
+def store_tile_columns(typingctx, dst, index, tile, cols):  # type: ignore[no-untyped-def]
+    """dst[i, j, x + p, k + q] = tile[q * cols + p] for q < 8, p < cols, (i, j, x, k) =
+    ``index``: a ``stack_f32`` tile of 8 channels x ``cols`` positions (a literal multiple of
+    8) stored transposed into a C-contiguous float32 NHWC ``dst`` (in range), each position's
+    8 channels one 256-bit store, made by 8 x 8 transposes of shuffles (24 per 8 positions).
+    Written as an element loop the transpose compiled to 8 * cols scalar extracts and stores,
+    more than the tile's multiply-adds in a first layer (3 channels, 27 taps)."""
+    if not (isinstance(dst, types.Array) and dst.ndim == 4 and dst.layout == "C"
+            and dst.dtype == types.float32 and isinstance(index, types.BaseTuple)
+            and len(index) == 4
+            and all(isinstance(t, types.Integer) for t in getattr(index, "types", ()))
+            and tile == types.CPointer(types.float32)
+            and isinstance(cols, types.IntegerLiteral) and cols.literal_value % 8 == 0):
+        return None
+    n_cols = cols.literal_value
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ir = cgutils.ir
+        i32 = ir.IntType(32)
+        base = builder.bitcast(_row_pointer(context, builder, signature.args[0], args[0],
+                                            signature.args[1], args[1], 8),
+                               ir.FloatType().as_pointer())
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        step = cgutils.unpack_tuple(builder, array.shape)[3]  # floats from one position to the next
+
+        def shuffle(a, b, mask):  # type: ignore[no-untyped-def]
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 8), mask))
+
+        for p0 in range(0, n_cols, 8):
+            rows = [builder.load(_tile_pointer(context, builder, args[2], types.intp,
+                                               context.get_constant(types.intp,
+                                                                    q * n_cols + p0), 8),
+                                 align=4) for q in range(8)]
+            pairs = []  # rows 2m, 2m+1 interleaved: positions (0, 1, 4, 5) and (2, 3, 6, 7)
+            for q in range(0, 8, 2):
+                pairs.append(shuffle(rows[q], rows[q + 1], [0, 8, 1, 9, 4, 12, 5, 13]))
+                pairs.append(shuffle(rows[q], rows[q + 1], [2, 10, 3, 11, 6, 14, 7, 15]))
+            quads = []  # 4 rows of positions (p, p + 4) for p = 0, 1, 2, 3
+            for a, b in ((0, 2), (1, 3), (4, 6), (5, 7)):
+                quads.append(shuffle(pairs[a], pairs[b], [0, 1, 8, 9, 4, 5, 12, 13]))
+                quads.append(shuffle(pairs[a], pairs[b], [2, 3, 10, 11, 6, 7, 14, 15]))
+            columns = [None] * 8
+            for p, (a, b) in enumerate(((0, 4), (1, 5), (2, 6), (3, 7))):
+                columns[p] = shuffle(quads[a], quads[b], [0, 1, 2, 3, 8, 9, 10, 11])
+                columns[p + 4] = shuffle(quads[a], quads[b], [4, 5, 6, 7, 12, 13, 14, 15])
+            for p, column in enumerate(columns):
+                offset = builder.mul(step, context.get_constant(types.intp, p0 + p))
+                target = builder.bitcast(builder.gep(base, [offset]), column.type.as_pointer())
+                builder.store(column, target, align=4)
+        return context.get_dummy_value()
+
+    return types.none(dst, index, tile, cols), codegen
