@@ -483,7 +483,10 @@ def _direct_conv(a, b, stride: int, padding: int, bias, ho: int, wo: int,
     NOTE: one thread, thread CPU time, batch 64, medians (machine shared): C16->32 32x32
     stride 2 2.91 -> 1.69 ms, C32->64 16x16 stride 2 1.77 -> 1.18 ms (oneDNN channels-last
     1.0-1.2 / 0.96-1.1); C3->16 32x32 (forward_few_channels) 1.18-1.54 -> 1.03 (the loop
-    alone 0.89; oneDNN 0.60-0.69). The image
+    alone 0.89; oneDNN 0.60-0.69). Session 14 (one thread, 32 images; wall medians, quiet):
+    with the tiles' rows stored as vectors and the scratch padded by rows, stride 2
+    C16->32 0.625 -> 0.540 ms, C32->64 0.595 -> 0.529 (oneDNN 0.50 / 0.46); the first layer
+    in 32 x 8 tiles, 64 images, 0.66-0.69 -> 0.46-0.48 (oneDNN 0.55-0.60). The image
     blocks run in one prange region where that runs; each output is the same sum in the same
     order wherever it runs.
 
