@@ -137,6 +137,37 @@ def test_compiled_kernel_transforms_give_blas_bits(c_in, c_out, parallel, monkey
     assert np.array_equal(got_dw.view(np.int32), want_dw.view(np.int32))
 
 
+
+@needs_numba
+@pytest.mark.parametrize("channels", [8, 16, 40])
+def test_vector_tile_transforms_give_the_element_loops_bits(channels):
+    """The tile transforms run 16 channels at once (numba_winograd_rows' intrinsics) and the
+    rest by element loops: each channel of a 40-channel transform (two vector runs and 8
+    channels by loop) is that channel transformed alone (by the loop), bit for bit."""
+    from needle.kernels import numba_winograd as loops
+
+    rng = np.random.default_rng(channels)
+    x = rng.standard_normal((2, 9, 10, channels)).astype(np.float32)
+    th, tw = winograd._tile_grid(9, 10)
+    n_tiles = 2 * th * tw
+    none = np.empty(0, np.float32)
+    tiles = np.empty((n_tiles, 36, channels), np.float32)
+    loops.input_tiles(x, 1, th, tw, 0, tiles, none, none)
+    out = np.empty((2, 9, 10, channels), np.float32)
+    loops.output_tiles(tiles, th, tw, 0, out, none)
+    grads = np.empty((n_tiles, 36, channels), np.float32)
+    loops.gradient_tiles(x, th, tw, 0, grads)
+    for c in (0, channels // 2, channels - 1):
+        one = np.ascontiguousarray(x[..., c:c + 1])
+        alone = np.empty((n_tiles, 36, 1), np.float32)
+        loops.input_tiles(one, 1, th, tw, 0, alone, none, none)
+        assert np.array_equal(alone[..., 0].view(np.int32), tiles[..., c].view(np.int32))
+        back = np.empty((2, 9, 10, 1), np.float32)
+        loops.output_tiles(np.ascontiguousarray(tiles[..., c:c + 1]), th, tw, 0, back, none)
+        assert np.array_equal(back[..., 0].view(np.int32), out[..., c].view(np.int32))
+        loops.gradient_tiles(one, th, tw, 0, alone)
+        assert np.array_equal(alone[..., 0].view(np.int32), grads[..., c].view(np.int32))
+
 @needs_numba
 def test_the_kernel_transforms_run_with_blas_held_to_one_thread(monkeypatch):
     """OpenBLAS threads the (36, 9) @ (9, C_in C_out) product, and its spinning worker then
