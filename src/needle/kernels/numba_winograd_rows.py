@@ -73,80 +73,69 @@ class _Rows:
                                                                      value)] * _LANES)
 
 
-def _signature(src, s0, ss, dst, d0, ds, k):  # type: ignore[no-untyped-def]
-    if not _rows_types(src, dst, s0, ss, d0, ds, k):
+def _rows_intrinsic(args: tuple, inputs: int, outputs):  # type: ignore[no-untyped-def]
+    """(signature, codegen) of a transform intrinsic called with ``args`` (src, s0, ss, dst,
+    d0, ds, k), or None where they do not type-check: the codegen loads ``inputs`` rows,
+    ``outputs(builder, rows, constant)`` returns the output rows' vectors, in order."""
+    if not _rows_types(args[0], args[3], *args[1:3], *args[4:]):
         return None
-    return types.none(src, s0, ss, dst, d0, ds, k)
+
+    def codegen(context, builder, signature, values):  # type: ignore[no-untyped-def]
+        rows = _Rows(context, builder, signature, values)
+        for a, value in enumerate(outputs(builder, [rows.load(i) for i in range(inputs)],
+                                          rows.constant)):
+            rows.store(a, value)
+        return context.get_dummy_value()
+
+    return types.none(*args), codegen
+
+
+def _bt_rows(b, x, constant):  # type: ignore[no-untyped-def]
+    """B^T's six rows (numba_winograd._bt's expressions, left to right)."""
+    two, four, five = constant(2.0), constant(4.0), constant(5.0)
+    return [b.fadd(b.fsub(b.fmul(four, x[0]), b.fmul(five, x[2])), x[4]),
+            b.fsub(b.fadd(x[3], x[4]), b.fmul(four, b.fadd(x[1], x[2]))),
+            b.fsub(b.fadd(b.fmul(four, b.fsub(x[1], x[2])), x[4]), x[3]),
+            b.fsub(b.fadd(b.fmul(two, b.fsub(x[3], x[1])), x[4]), x[2]),
+            b.fsub(b.fadd(b.fmul(two, b.fsub(x[1], x[3])), x[4]), x[2]),
+            b.fadd(b.fsub(b.fmul(four, x[1]), b.fmul(five, x[3])), x[5])]
+
+
+def _at_rows(b, x, constant):  # type: ignore[no-untyped-def]
+    """A^T's four rows (numba_winograd._at's expressions, left to right)."""
+    two, four, eight = constant(2.0), constant(4.0), constant(8.0)
+    return [b.fadd(b.fadd(b.fadd(b.fadd(x[0], x[1]), x[2]), x[3]), x[4]),
+            b.fadd(b.fsub(x[1], x[2]), b.fmul(two, b.fsub(x[3], x[4]))),
+            b.fadd(b.fadd(x[1], x[2]), b.fmul(four, b.fadd(x[3], x[4]))),
+            b.fadd(b.fadd(b.fsub(x[1], x[2]), b.fmul(eight, b.fsub(x[3], x[4]))), x[5])]
+
+
+def _a_rows(b, x, constant):  # type: ignore[no-untyped-def]
+    """A's six rows (numba_winograd._a's expressions, left to right)."""
+    two, four, eight = constant(2.0), constant(4.0), constant(8.0)
+    return [x[0],
+            b.fadd(b.fadd(b.fadd(x[0], x[1]), x[2]), x[3]),
+            b.fsub(b.fadd(b.fsub(x[0], x[1]), x[2]), x[3]),
+            b.fadd(b.fadd(b.fadd(x[0], b.fmul(two, x[1])), b.fmul(four, x[2])),
+                   b.fmul(eight, x[3])),
+            b.fsub(b.fadd(b.fsub(x[0], b.fmul(two, x[1])), b.fmul(four, x[2])),
+                   b.fmul(eight, x[3])),
+            x[3]]
 
 
 @intrinsic
 def bt16(typingctx, src, s0, ss, dst, d0, ds, k):  # type: ignore[no-untyped-def]
-    """dst rows d0 + a*ds (a < 6) = B^T (src rows s0 + i*ss, i < 6) at channels k .. k + 15
-    (numba_winograd._bt's expressions)."""
-    sig = _signature(src, s0, ss, dst, d0, ds, k)
-    if sig is None:
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        r = _Rows(context, builder, signature, args)
-        b = builder
-        x = [r.load(i) for i in range(6)]
-        two, four, five = r.constant(2.0), r.constant(4.0), r.constant(5.0)
-        r.store(0, b.fadd(b.fsub(b.fmul(four, x[0]), b.fmul(five, x[2])), x[4]))
-        r.store(1, b.fsub(b.fadd(x[3], x[4]), b.fmul(four, b.fadd(x[1], x[2]))))
-        r.store(2, b.fsub(b.fadd(b.fmul(four, b.fsub(x[1], x[2])), x[4]), x[3]))
-        r.store(3, b.fsub(b.fadd(b.fmul(two, b.fsub(x[3], x[1])), x[4]), x[2]))
-        r.store(4, b.fsub(b.fadd(b.fmul(two, b.fsub(x[1], x[3])), x[4]), x[2]))
-        r.store(5, b.fadd(b.fsub(b.fmul(four, x[1]), b.fmul(five, x[3])), x[5]))
-        return context.get_dummy_value()
-
-    return sig, codegen
+    """dst rows d0 + a*ds (a < 6) = B^T (src rows s0 + i*ss, i < 6) at channels k .. k + 15."""
+    return _rows_intrinsic((src, s0, ss, dst, d0, ds, k), 6, _bt_rows)
 
 
 @intrinsic
 def at16(typingctx, src, s0, ss, dst, d0, ds, k):  # type: ignore[no-untyped-def]
-    """dst rows d0 + a*ds (a < 4) = A^T (src rows s0 + i*ss, i < 6) at channels k .. k + 15
-    (numba_winograd._at's expressions)."""
-    sig = _signature(src, s0, ss, dst, d0, ds, k)
-    if sig is None:
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        r = _Rows(context, builder, signature, args)
-        b = builder
-        x = [r.load(i) for i in range(6)]
-        two, four, eight = r.constant(2.0), r.constant(4.0), r.constant(8.0)
-        r.store(0, b.fadd(b.fadd(b.fadd(b.fadd(x[0], x[1]), x[2]), x[3]), x[4]))
-        r.store(1, b.fadd(b.fsub(x[1], x[2]), b.fmul(two, b.fsub(x[3], x[4]))))
-        r.store(2, b.fadd(b.fadd(x[1], x[2]), b.fmul(four, b.fadd(x[3], x[4]))))
-        r.store(3, b.fadd(b.fadd(b.fsub(x[1], x[2]), b.fmul(eight, b.fsub(x[3], x[4]))),
-                          x[5]))
-        return context.get_dummy_value()
-
-    return sig, codegen
+    """dst rows d0 + a*ds (a < 4) = A^T (src rows s0 + i*ss, i < 6) at channels k .. k + 15."""
+    return _rows_intrinsic((src, s0, ss, dst, d0, ds, k), 6, _at_rows)
 
 
 @intrinsic
 def a16(typingctx, src, s0, ss, dst, d0, ds, k):  # type: ignore[no-untyped-def]
-    """dst rows d0 + a*ds (a < 6) = A (src rows s0 + i*ss, i < 4) at channels k .. k + 15
-    (numba_winograd._a's expressions)."""
-    sig = _signature(src, s0, ss, dst, d0, ds, k)
-    if sig is None:
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        r = _Rows(context, builder, signature, args)
-        b = builder
-        x = [r.load(i) for i in range(4)]
-        two, four, eight = r.constant(2.0), r.constant(4.0), r.constant(8.0)
-        r.store(0, x[0])
-        r.store(1, b.fadd(b.fadd(b.fadd(x[0], x[1]), x[2]), x[3]))
-        r.store(2, b.fsub(b.fadd(b.fsub(x[0], x[1]), x[2]), x[3]))
-        r.store(3, b.fadd(b.fadd(b.fadd(x[0], b.fmul(two, x[1])), b.fmul(four, x[2])),
-                          b.fmul(eight, x[3])))
-        r.store(4, b.fsub(b.fadd(b.fsub(x[0], b.fmul(two, x[1])), b.fmul(four, x[2])),
-                          b.fmul(eight, x[3])))
-        r.store(5, x[3])
-        return context.get_dummy_value()
-
-    return sig, codegen
+    """dst rows d0 + a*ds (a < 6) = A (src rows s0 + i*ss, i < 4) at channels k .. k + 15."""
+    return _rows_intrinsic((src, s0, ss, dst, d0, ds, k), 4, _a_rows)
