@@ -140,10 +140,11 @@ def test_compiled_kernel_transforms_give_blas_bits(c_in, c_out, parallel, monkey
 
 @needs_numba
 @pytest.mark.parametrize("channels", [8, 16, 40])
-def test_vector_tile_transforms_give_the_element_loops_bits(channels):
-    """The tile transforms run 16 channels at once (numba_winograd_rows' intrinsics) and the
-    rest by element loops: each channel of a 40-channel transform (two vector runs and 8
-    channels by loop) is that channel transformed alone (by the loop), bit for bit."""
+def test_vector_tile_transforms_give_the_one_channel_bits(channels):
+    """The tile transforms run 16 channels at once (numba_winograd_rows' vector intrinsics)
+    and the rest one channel at a time: each channel of a 40-channel transform (two vector
+    runs and 8 single channels) is that channel transformed alone, bit for bit (the vector
+    path's loads, lanes and stores against the scalar one)."""
     from needle.kernels import numba_winograd as loops
 
     rng = np.random.default_rng(channels)

@@ -11,19 +11,19 @@ The input and gradient transforms lay a block out by tile ((T, 36, C), the forwa
 tile position ((36, T, C): the kernel gradient's ``weight_grad_chunk``, whose 36 products
 then each read two contiguous matrices and add into the chunk's partial sums by gemm).
 
-NOTE: one loop per output row on purpose: a loop writing six rows from six touches twelve
-pointers, more than LLVM checks for overlap at run time, and then it stays scalar; one loop
-per row vectorizes over the channels. Runs of 16 channels go through the vector intrinsics of
-numba_winograd_rows.py instead (no loop, no overlap check; the same expressions, so the same
-values): those short loops had run scalar at 16 channels and, at any count, cost more in
-checks and set-up than in arithmetic (one thread, 4096 tiles: input transform 1.55 -> 0.83
-ms at 16 channels, 1.71 -> 1.09 at 32; output transform 1.14 -> 0.71 at 32, 1.93 -> 1.33
-at 64). Only NaN payloads can differ from the loops' (which NaN an operation keeps when both
-operands are NaN depends on operand order). Rows are addressed by index rather than through
-slices: a slice in numba is a reference-counted view, and at ~100 per tile their atomic
-counts cost more than the arithmetic (both measured 2-3x slower). Longer loops over flat
-arrays (a tile row's 6 C values at once) were 5x slower: numba wraps negative flat indices
-around, and for an index ``offset + k`` LLVM then gathers element by element.
+NOTE: the 1-D transforms' expressions live in numba_winograd_rows.py as intrinsics that load
+six rows, compute and store, on 16 channels at once and then on the channels past the last run
+of 16 one by one: no loop and no overlap check. They replaced element loops, one per output row
+(one loop writing six rows stayed scalar: twelve pointers, more than LLVM checks for overlap at
+run time), which ran scalar at 16 channels and at any count cost more in checks and set-up than
+in arithmetic (one thread, 4096 tiles: input transform 1.55 -> 0.83 ms at 16 channels, 1.71 ->
+1.09 at 32; output transform 1.14 -> 0.71 at 32, 1.93 -> 1.33 at 64). The loops' expressions in
+their order, so the same values; only NaN payloads can differ (which NaN an operation keeps
+when both operands are NaN depends on operand order). Rows are addressed by index rather than
+through slices: a slice in numba is a reference-counted view, and at ~100 per tile their atomic
+counts cost more than the arithmetic (both measured 2-3x slower). Longer loops over flat arrays
+(a tile row's 6 C values at once) were 5x slower: numba wraps negative flat indices around, and
+for an index ``offset + k`` LLVM then gathers element by element.
 """
 
 from __future__ import annotations
@@ -32,74 +32,40 @@ import numba
 import numpy as np
 
 from ..backend.numba_support import njit_cached
-from .numba_intrinsics import stack_f32, wide_vectors
+from .numba_intrinsics import copy_tile_row, stack_f32, wide_vectors
 from .numba_kernels import _jit
-from .numba_winograd_rows import a16, at16, bt16
-
-# float32 constants (numba freezes globals as typed constants): float literals would promote
-# every float32 sum to float64 and halve the vector width
-two, four, five, eight = (np.float32(v) for v in (2, 4, 5, 8))
+from .numba_winograd_rows import a1, a16, at1, at16, bt1, bt16
 
 
 @numba.njit(inline="always")
 def _bt(src, s0, ss, dst, d0, ds):
     """dst rows d0 + a*ds (a < 6) = B^T (src rows s0 + i*ss, i < 6); F(4, 3) with the points
     0, 1, -1, 2, -2 and infinity."""
-    s1, s2, s3, s4, s5 = s0 + ss, s0 + 2 * ss, s0 + 3 * ss, s0 + 4 * ss, s0 + 5 * ss
     whole = dst.shape[1] // 16 * 16
     for k in range(0, whole, 16):  # 16 channels at once, as vectors
         bt16(src, s0, ss, dst, d0, ds, k)
     for k in range(whole, dst.shape[1]):
-        dst[d0, k] = four * src[s0, k] - five * src[s2, k] + src[s4, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + ds, k] = src[s3, k] + src[s4, k] - four * (src[s1, k] + src[s2, k])
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 2 * ds, k] = four * (src[s1, k] - src[s2, k]) + src[s4, k] - src[s3, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 3 * ds, k] = two * (src[s3, k] - src[s1, k]) + src[s4, k] - src[s2, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 4 * ds, k] = two * (src[s1, k] - src[s3, k]) + src[s4, k] - src[s2, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 5 * ds, k] = four * src[s1, k] - five * src[s3, k] + src[s5, k]
+        bt1(src, s0, ss, dst, d0, ds, k)
 
 
 @numba.njit(inline="always")
 def _at(src, s0, ss, dst, d0, ds):
     """dst rows d0 + a*ds (a < 4) = A^T (src rows s0 + i*ss, i < 6)."""
-    s1, s2, s3, s4, s5 = s0 + ss, s0 + 2 * ss, s0 + 3 * ss, s0 + 4 * ss, s0 + 5 * ss
     whole = dst.shape[1] // 16 * 16
     for k in range(0, whole, 16):  # 16 channels at once, as vectors
         at16(src, s0, ss, dst, d0, ds, k)
     for k in range(whole, dst.shape[1]):
-        dst[d0, k] = src[s0, k] + src[s1, k] + src[s2, k] + src[s3, k] + src[s4, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + ds, k] = src[s1, k] - src[s2, k] + two * (src[s3, k] - src[s4, k])
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 2 * ds, k] = src[s1, k] + src[s2, k] + four * (src[s3, k] + src[s4, k])
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 3 * ds, k] = (src[s1, k] - src[s2, k] + eight * (src[s3, k] - src[s4, k])
-                               + src[s5, k])
+        at1(src, s0, ss, dst, d0, ds, k)
 
 
 @numba.njit(inline="always")
 def _a(src, s0, ss, dst, d0, ds):
     """dst rows d0 + a*ds (a < 6) = A (src rows s0 + i*ss, i < 4): the adjoint of _at."""
-    s1, s2, s3 = s0 + ss, s0 + 2 * ss, s0 + 3 * ss
     whole = dst.shape[1] // 16 * 16
     for k in range(0, whole, 16):  # 16 channels at once, as vectors
         a16(src, s0, ss, dst, d0, ds, k)
     for k in range(whole, dst.shape[1]):
-        dst[d0, k] = src[s0, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + ds, k] = src[s0, k] + src[s1, k] + src[s2, k] + src[s3, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 2 * ds, k] = src[s0, k] - src[s1, k] + src[s2, k] - src[s3, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 3 * ds, k] = src[s0, k] + two * src[s1, k] + four * src[s2, k] + eight * src[s3, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 4 * ds, k] = src[s0, k] - two * src[s1, k] + four * src[s2, k] - eight * src[s3, k]
-    for k in range(whole, dst.shape[1]):
-        dst[d0 + 5 * ds, k] = src[s3, k]
+        a1(src, s0, ss, dst, d0, ds, k)
 
 
 @numba.njit(inline="always")
@@ -297,7 +263,8 @@ def _transform_columns(t, m, out, c0, c1):  # type: ignore[no-untyped-def]
     time. OpenBLAS took 250-280 us for the (36, 9) @ (9, 16384) product of a 128 x 128 layer
     on one thread (K = 9 is too thin for its packed kernel); this loop ~155."""
     wide_vectors()
-    acc = numba.carray(stack_f32(96), (3, 32))
+    tile = stack_f32(96)
+    acc = numba.carray(tile, (3, 32))
     u = np.uint64
     rows, depth = t.shape
     whole = c0 + (c1 - c0) // 32 * 32
@@ -316,8 +283,7 @@ def _transform_columns(t, m, out, c0, c1):  # type: ignore[no-untyped-def]
                     acc[1, q] += a1 * mq
                     acc[2, q] += a2 * mq
             for p in range(3):
-                for q in range(32):
-                    out[u(r + p), u(c) + u(q)] = acc[p, q]
+                copy_tile_row(out, (r + p, c), tile, p * 32, 32)
     for c in range(whole, c1):
         for r in range(rows):
             total = np.float32(0.0)

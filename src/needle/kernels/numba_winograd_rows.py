@@ -23,7 +23,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["a16", "at16", "bt16"]
+__all__ = ["a1", "a16", "at1", "at16", "bt1", "bt16"]
 
 _LANES = 16
 
@@ -37,9 +37,10 @@ def _rows_types(src: Any, dst: Any, *scalars: Any) -> bool:
 
 class _Rows:
     """The codegen's view of one call: row loads from ``src``, row stores into ``dst``, and
-    float32 vector constants, at channel ``k``."""
+    float32 constants, at channel ``k``: ``lanes`` channels at once (a vector of 16, or one
+    float)."""
 
-    def __init__(self, context, builder, signature, args) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, context, builder, signature, args, lanes: int) -> None:  # type: ignore[no-untyped-def]
         self.context, self.builder = context, builder
         src_type, s0, ss, dst_type, d0, ds, k = signature.args
         self.src_type, self.dst_type = src_type, dst_type
@@ -49,7 +50,9 @@ class _Rows:
         self.s0, self.ss = cast(args[1], s0), cast(args[2], ss)
         self.d0, self.ds = cast(args[4], d0), cast(args[5], ds)
         self.k = cast(args[6], k)
-        self.vector = cgutils.ir.VectorType(cgutils.ir.FloatType(), _LANES)
+        self.lanes = lanes
+        scalar = cgutils.ir.FloatType()
+        self.vector = scalar if lanes == 1 else cgutils.ir.VectorType(scalar, lanes)
 
     def _pointer(self, array_type, array, row):  # type: ignore[no-untyped-def]
         pointer = cgutils.get_item_pointer(self.context, self.builder, array_type, array,
@@ -57,31 +60,33 @@ class _Rows:
         return self.builder.bitcast(pointer, self.vector.as_pointer())
 
     def load(self, i: int):  # type: ignore[no-untyped-def]
-        """src row s0 + i * ss at channels k .. k + 15."""
+        """src row s0 + i * ss at channels k .. k + lanes - 1."""
         row = self.builder.add(self.s0, self.builder.mul(self.ss, self.context.get_constant(
             types.intp, i)))
         return self.builder.load(self._pointer(self.src_type, self.src, row), align=4)
 
     def store(self, a: int, value) -> None:  # type: ignore[no-untyped-def]
-        """dst row d0 + a * ds at channels k .. k + 15."""
+        """dst row d0 + a * ds at channels k .. k + lanes - 1."""
         row = self.builder.add(self.d0, self.builder.mul(self.ds, self.context.get_constant(
             types.intp, a)))
         self.builder.store(value, self._pointer(self.dst_type, self.dst, row), align=4)
 
     def constant(self, value: float):  # type: ignore[no-untyped-def]
-        return cgutils.ir.Constant(self.vector, [cgutils.ir.Constant(cgutils.ir.FloatType(),
-                                                                     value)] * _LANES)
+        scalar = cgutils.ir.Constant(cgutils.ir.FloatType(), value)
+        return scalar if self.lanes == 1 else cgutils.ir.Constant(self.vector,
+                                                                  [scalar] * self.lanes)
 
 
-def _rows_intrinsic(args: tuple, inputs: int, outputs):  # type: ignore[no-untyped-def]
+def _rows_intrinsic(args: tuple, inputs: int, outputs, lanes: int = _LANES):  # type: ignore[no-untyped-def]
     """(signature, codegen) of a transform intrinsic called with ``args`` (src, s0, ss, dst,
-    d0, ds, k), or None where they do not type-check: the codegen loads ``inputs`` rows,
-    ``outputs(builder, rows, constant)`` returns the output rows' vectors, in order."""
+    d0, ds, k), or None where they do not type-check: the codegen loads ``inputs`` rows of
+    ``lanes`` channels, ``outputs(builder, rows, constant)`` returns the output rows, in
+    order."""
     if not _rows_types(args[0], args[3], *args[1:3], *args[4:]):
         return None
 
     def codegen(context, builder, signature, values):  # type: ignore[no-untyped-def]
-        rows = _Rows(context, builder, signature, values)
+        rows = _Rows(context, builder, signature, values, lanes)
         for a, value in enumerate(outputs(builder, [rows.load(i) for i in range(inputs)],
                                           rows.constant)):
             rows.store(a, value)
@@ -139,3 +144,21 @@ def at16(typingctx, src, s0, ss, dst, d0, ds, k):  # type: ignore[no-untyped-def
 def a16(typingctx, src, s0, ss, dst, d0, ds, k):  # type: ignore[no-untyped-def]
     """dst rows d0 + a*ds (a < 6) = A (src rows s0 + i*ss, i < 4) at channels k .. k + 15."""
     return _rows_intrinsic((src, s0, ss, dst, d0, ds, k), 4, _a_rows)
+
+
+@intrinsic
+def bt1(typingctx, src, s0, ss, dst, d0, ds, k):  # type: ignore[no-untyped-def]
+    """bt16 on the one channel k (the channels past the last run of 16)."""
+    return _rows_intrinsic((src, s0, ss, dst, d0, ds, k), 6, _bt_rows, 1)
+
+
+@intrinsic
+def at1(typingctx, src, s0, ss, dst, d0, ds, k):  # type: ignore[no-untyped-def]
+    """at16 on the one channel k."""
+    return _rows_intrinsic((src, s0, ss, dst, d0, ds, k), 6, _at_rows, 1)
+
+
+@intrinsic
+def a1(typingctx, src, s0, ss, dst, d0, ds, k):  # type: ignore[no-untyped-def]
+    """a16 on the one channel k."""
+    return _rows_intrinsic((src, s0, ss, dst, d0, ds, k), 4, _a_rows, 1)
