@@ -600,6 +600,8 @@ OP_TABLE: list[OpInfo] = [
             S(joined(normal((2, 3)), away_from_zero((3,))), "broadcast", BC)],
            second_order_sample="broadcast"),
     OpInfo("divide_scalar", lambda a: a / 4.0, lambda a: a / 4.0, [S(normal((3, 2)), "basic")]),
+    OpInfo("apply_mask", lambda a, m: ops.apply_mask(a, m, 0.8), lambda a, m: a * m / 0.8,
+           [S(normal((3, 4), (3, 4)), "basic"), S(normal((2, 3), (3,)), "broadcast", BC)]),
     OpInfo("power", lambda a, b: a**b, lambda a, b: a**b,
            [S(joined(positive((3, 4)), normal((3, 4))), "basic"),
             S(joined(positive((2, 3)), normal((3,))), "broadcast", BC)],

@@ -176,3 +176,26 @@ def test_mean_and_sum_gradients_in_a_graph_with_unknown_dims(axes, keepdims):
         xe = ndl.Tensor(x_val, requires_grad=True)
         ops.summation(reduce(xe * 1.5, axes, keepdims=keepdims) * w).backward()
         np.testing.assert_array_equal(got, xe.grad.numpy())
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 1 / 3])
+def test_dropout_is_one_node_with_the_two_op_bits(p):
+    """Dropout's output is one apply_mask node; it and the input's gradient are bit for bit
+    (x * mask) / (1 - p) and (g / (1 - p)) * mask, the product-then-division it replaced,
+    on values with zeros of both signs, NaN and inf in x and in the seed gradient."""
+    rng = np.random.default_rng(3)
+    x_np = rng.standard_normal((64, 33)).astype(np.float32) * 1e3
+    g_np = rng.standard_normal((64, 33)).astype(np.float32)
+    x_np.flat[:4] = [0.0, -0.0, np.nan, np.inf]
+    g_np.flat[4:8] = [-0.0, np.nan, -np.inf, 1e-40]
+    x = ndl.Tensor(x_np, requires_grad=True)
+    np.random.seed(7)
+    out = ndl.nn.Dropout(p)(x)
+    np.random.seed(7)
+    mask = _reference_mask(x_np.shape, 1 - p, np.float32)
+    assert out.op.name == "apply_mask"
+    keep = 1 - p
+    np.testing.assert_array_equal(out.numpy(), x_np * mask / keep)
+    out.backward(ndl.Tensor(g_np))
+    got, expected = x.grad.numpy(), g_np / keep * mask
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))

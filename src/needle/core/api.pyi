@@ -30,6 +30,7 @@ from .ops_conv import ConvInputGrad as ConvInputGrad
 from .ops_conv import ConvWeightGrad as ConvWeightGrad
 from .ops_elementwise import Abs as Abs
 from .ops_elementwise import AddScalar as AddScalar
+from .ops_elementwise import ApplyMask as ApplyMask
 from .ops_elementwise import AsType as AsType
 from .ops_elementwise import Compare as Compare
 from .ops_elementwise import CompareScalar as CompareScalar
@@ -111,14 +112,14 @@ from .ops_vocab_head import VocabHeadSoftmax as VocabHeadSoftmax
 
 __all__ = [
     "attention", "attention_grad", "add", "add_scalar", "multiply", "mul_scalar", "divide",
-    "divide_scalar", "power_scalar", "power", "negate", "log", "exp", "relu", "relu_grad", "tanh",
-    "sigmoid", "sqrt", "abs", "erf", "maximum", "where", "compare", "compare_scalar", "sign",
-    "full_like", "astype", "reshape", "expand_dims", "broadcast_to", "sum_to", "transpose",
-    "permute", "make_tuple", "tuple_get_item", "stack", "concatenate", "split", "flip", "dilate",
-    "undilate", "getitem", "scatter", "pad", "take", "index_add", "take_along_axis", "scatter_add",
-    "summation", "mean", "max", "logsumexp", "logsoftmax", "softmax", "scaled_softmax",
-    "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance", "normalize",
-    "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
+    "divide_scalar", "apply_mask", "power_scalar", "power", "negate", "log", "exp", "relu",
+    "relu_grad", "tanh", "sigmoid", "sqrt", "abs", "erf", "maximum", "where", "compare",
+    "compare_scalar", "sign", "full_like", "astype", "reshape", "expand_dims", "broadcast_to",
+    "sum_to", "transpose", "permute", "make_tuple", "tuple_get_item", "stack", "concatenate",
+    "split", "flip", "dilate", "undilate", "getitem", "scatter", "pad", "take", "index_add",
+    "take_along_axis", "scatter_add", "summation", "mean", "max", "logsumexp", "logsoftmax",
+    "softmax", "scaled_softmax", "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance",
+    "normalize", "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
     "batch_norm_relu_grad", "conv", "conv_bias", "conv_weight_grad", "conv_input_grad",
     "batch_norm_relu_conv_bias", "batch_norm_relu_conv_weight_grad", "batch_norm_relu_mean",
     "batch_norm_relu_max_pool2d", "batch_norm_relu_max_pool2d_grad", "check_class_ids",
@@ -127,18 +128,19 @@ __all__ = [
     "max_pool2d_gather", "bernoulli_like", "lstm_sequence", "lstm_sequence_grad", "stop_gradient",
     "to_device", "store", "vocab_head_softmax", "vocab_head_loss", "vocab_head_loss_grad",
     "install_tensor_methods", "Attention", "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul",
-    "MulScalar", "EWiseDiv", "DivScalar", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU",
-    "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare",
-    "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "ExpandDims", "BroadcastTo", "SumTo",
-    "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip",
-    "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis",
-    "ScatterAdd", "Summation", "Mean", "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax",
-    "SoftmaxCrossEntropy", "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad",
-    "BatchStats", "BatchNorm", "BatchNormGrad", "InvStd", "BatchNormReluGrad", "Conv", "ConvBias",
-    "ConvWeightGrad", "ConvInputGrad", "BatchNormReluConvBias", "BatchNormReluConvWeightGrad",
-    "BatchNormReluMean", "BatchNormReluMaxPool2d", "BatchNormReluMaxPool2dGrad", "CheckClassIds",
-    "AllReduce", "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm", "LayerNormGrad",
-    "MatMul", "TransposedMatMul", "Linear", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather",
+    "MulScalar", "EWiseDiv", "DivScalar", "ApplyMask", "PowerScalar", "EWisePow", "Negate", "Log",
+    "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where",
+    "Compare", "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "ExpandDims",
+    "BroadcastTo", "SumTo", "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack",
+    "Concatenate", "Split", "Flip", "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take",
+    "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation", "Mean", "Max", "LogSumExp",
+    "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy", "SoftmaxCrossEntropyGrad",
+    "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm", "BatchNormGrad", "InvStd",
+    "BatchNormReluGrad", "Conv", "ConvBias", "ConvWeightGrad", "ConvInputGrad",
+    "BatchNormReluConvBias", "BatchNormReluConvWeightGrad", "BatchNormReluMean",
+    "BatchNormReluMaxPool2d", "BatchNormReluMaxPool2dGrad", "CheckClassIds", "AllReduce",
+    "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm", "LayerNormGrad", "MatMul",
+    "TransposedMatMul", "Linear", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather",
     "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad", "StopGradient", "ToDevice", "Store",
     "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss", "VocabHeadLossGrad",
 ]
@@ -191,6 +193,10 @@ def divide(a: Tensor, b: Tensor) -> Tensor:
 
 def divide_scalar(a: Tensor, scalar: Any) -> Tensor:
     """a / scalar."""
+
+def apply_mask(a: Tensor, mask: Tensor, scalar: Any) -> Tensor:
+    """(a * mask) / scalar, broadcast: Dropout's output (a 0/1 mask, scalar = 1 - p) as one node
+    instead of a product and a division."""
 
 def power_scalar(a: Tensor, scalar: Any) -> Tensor:
     """a ** scalar (an integer or real exponent)."""

@@ -200,6 +200,40 @@ class DivScalar(ScalarOp):
         return out_grad / self.scalar
 
 
+@register("apply_mask", inputs=("a", "mask"))
+class ApplyMask(BinaryOp):
+    """(a * mask) / scalar, broadcast: Dropout's output (a 0/1 mask, scalar = 1 - p) as one
+    node instead of a product and a division.
+
+    Its gradient is the same op on the adjoint: (g * mask) / scalar. For a 0/1 mask that is
+    bit for bit (g / scalar) * mask, the gradient of the two ops it replaces (multiplying by 0
+    or 1 is exact; both orders give NaN, inf and signed zeros alike), except where g / scalar
+    overflows at a dropped unit: 0 here (PyTorch's value), NaN there. For any other ``mask``
+    it is the exact gradient, rounded in this order.
+    """
+
+    def __init__(self, scalar: Any) -> None:
+        self.scalar = scalar_value(scalar)
+
+    def infer(self, a: Aval, mask: Aval) -> Aval:
+        return Aval(broadcast_shapes(self.name, a.shape, mask.shape),
+                    np.result_type(np.result_type(a.dtype, mask.dtype), self.scalar))
+
+    def scalar_expr(self, args, const):
+        return f"(({args[0]} * {args[1]}) / {const(self.scalar)})"
+
+    def compute(self, a, mask):
+        out = a * mask
+        if out.dtype.kind == "f" and type(out) is np.ndarray:  # in place: one allocation
+            return np.true_divide(out, self.scalar, out=out)
+        return out / self.scalar
+
+    def gradient(self, out_grad, node):
+        a, mask = node.inputs
+        return (F.apply_mask(out_grad, mask, self.scalar) if a.requires_grad else None,
+                F.apply_mask(out_grad, a, self.scalar) if mask.requires_grad else None)
+
+
 @register("power_scalar", inputs=("a",))
 class PowerScalar(ScalarOp):
     """a ** scalar (an integer or real exponent)."""

@@ -314,7 +314,7 @@ class Dropout(Module):
         mask = ops.bernoulli_like(x, 1 - self.p)
         if self.p == 1.0:
             return x * ops.zeros_like(mask)  # every unit dropped; avoid 0 / 0
-        return x * mask / (1 - self.p)
+        return ops.apply_mask(x, mask, 1 - self.p)  # x * mask / (1 - p), one node
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

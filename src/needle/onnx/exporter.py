@@ -203,6 +203,12 @@ def _scalar(onnx_op: str) -> Callable[[_Ctx], str]:
     return emit
 
 
+def _emit_apply_mask(c: _Ctx) -> str:
+    dtype = c.aval.dtype
+    product = c.g.node("Mul", c.inputs_as(dtype))
+    return c.g.node("Div", [product, c.g.const(c.op.scalar, dtype)])
+
+
 _COMPARE = {"lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual",
             "eq": "Equal", "ne": "Equal"}
 
@@ -655,6 +661,7 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "power": _binary("Pow"), "maximum": _binary("Max"),
     "add_scalar": _scalar("Add"), "mul_scalar": _scalar("Mul"),
     "divide_scalar": _scalar("Div"), "power_scalar": _scalar("Pow"),
+    "apply_mask": _emit_apply_mask,
     "negate": _unary("Neg"), "exp": _unary("Exp"), "log": _unary("Log"),
     "sqrt": _unary("Sqrt"), "abs": _unary("Abs"), "sign": _unary("Sign"), "erf": _unary("Erf"),
     "tanh": _unary("Tanh"), "sigmoid": _unary("Sigmoid"), "relu": _unary("Relu"),
@@ -685,7 +692,8 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
 _WRITES = {
     "compare": "Less/LessOrEqual/Greater/GreaterOrEqual/Equal (+Not for ne)",
     "compare_scalar": "Less/LessOrEqual/Greater/GreaterOrEqual/Equal (+Not for ne)",
-    "where": "Where", "astype": "Cast", "full_like": "ConstantOfShape (+Shape)",
+    "apply_mask": "Mul, Div", "where": "Where", "astype": "Cast",
+    "full_like": "ConstantOfShape (+Shape)",
     "stop_gradient": "Identity", "to_device": "Identity", "matmul": "MatMul",
     "linear": "MatMul, Add", "transposed_matmul": "Transpose (where swapped), MatMul",
     "conv": "Conv (NCHW, OIHW kernel; Transposes around it cancel with nn.Conv's permutes)",
