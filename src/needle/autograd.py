@@ -160,9 +160,14 @@ class Value:
     def aval(self) -> Aval:
         """Shape and dtype, known with or without data."""
         data = self._data
-        if data is not None:
-            return Aval(data.shape, data.dtype) if not isinstance(data, tuple) else self._aval
-        return self._aval
+        if data is None:
+            return self._aval
+        if not isinstance(data, tuple):
+            return Aval(data.shape, data.dtype)
+        avals = self._aval  # (an eager TensorTuple's: made on first use, see make_from_op)
+        if avals is None:
+            avals = self._aval = tuple(Aval(a.shape, a.dtype) for a in data)
+        return avals
 
     def realize_data(self, what: str = "reading the value") -> Any:
         """The backend array (or tuple of arrays); an error for a node without a value yet."""
@@ -306,13 +311,12 @@ def make_from_op(op: Op, inputs: tuple) -> Any:
     except Exception as exc:  # noqa: BLE001 - rewrapped with the op name and shapes
         raise _op_error(op, inputs, exc) from exc
     # the node's fields set here, not by a call: this is the hot path of every eager op
-    if op.returns_tuple:
+    if op.returns_tuple:  # (its items' Avals are made when first asked for: most are not)
         node = _new_object(TensorTuple)
-        node._aval = tuple(Aval(a.shape, a.dtype) for a in data)
     else:
         node = _new_object(Tensor)
-        node._aval = None
         node.grad = None
+    node._aval = None
     if requires_grad or state.recording:
         node.op = op
         node.inputs = inputs
@@ -338,8 +342,8 @@ class TensorTuple(Value):
         return len(self.aval)
 
     def __getitem__(self, index: int) -> Tensor:
-        avals = self._aval  # (the items' Avals: len(self) without two more calls)
-        n = len(avals) if avals is not None else len(self)
+        data = self._data  # (the item count without making the items' Avals)
+        n = len(data) if data is not None else len(self._aval)
         if not -n <= index < n:
             raise IndexError(f"TensorTuple index {index} out of range for {n} items")
         return _ops.tuple_get_item(self, index % n)
