@@ -387,6 +387,16 @@ def _batch_norm(x, w, b, axes=(0,), eps=1e-5):
                           ops.variance(x, axes, keepdims=True), axes=axes, eps=eps)
 
 
+def _batch_norm_relu(x, w, b, axes=(0,), eps=1e-5):
+    """batch_norm_relu with x's own statistics (eager BatchNorm2d then ReLU in training)."""
+    return ops.batch_norm_relu(x, w, b, ops.mean(x, axes, keepdims=True),
+                               ops.variance(x, axes, keepdims=True), axes=axes, eps=eps)
+
+
+def _torch_batch_norm_relu(x, w, b, axes=(0,), eps=1e-5):
+    return torch.relu(_torch_batch_norm(x, w, b, axes=axes, eps=eps))
+
+
 def _batch_norm_grad(g, x, w, axes=(0,)):
     """batch_norm_grad with x's own statistics, its (dx, dweight, dbias) as dx + 2 dw + 3 db."""
     dx, dw, db = ops.batch_norm_grad(g, x, w, ops.mean(x, axes, keepdims=True),
@@ -751,6 +761,13 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((6, 4), (4,), (4,)), "axes", BC, axes=(0,), eps=1e-5),
             S(normal((3, 2, 2, 3), (1, 2, 1, 1), (1, 2, 1, 1)), "nchw_axes", A,
               axes=(0, 2, 3), eps=1e-3)],
+           rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
+    OpInfo("batch_norm_relu", _batch_norm_relu, _torch_batch_norm_relu,
+           [S(normal((6, 4), (4,), (4,)), "axes", BC, axes=(0,), eps=1e-5),
+            S(normal((3, 2, 2, 3), (1, 2, 1, 1), (1, 2, 1, 1)), "nchw_axes", A,
+              axes=(0, 2, 3), eps=1e-3)],
+           second_order_ref=lambda x, w, b, axes=(0,), eps=1e-5: torch.relu(
+               _torch_batch_norm_composite(x, w, b, axes=axes, eps=eps)),
            rtol=1e-4, atol=1e-5, fd_rtol=1e-4),
     # all three adjoints in one output, so every input gets a gradient (db needs neither x nor w)
     OpInfo("batch_norm_grad", _batch_norm_grad, _torch_batch_norm_grad,

@@ -12,6 +12,7 @@ from typing import Any
 from ..autograd import Tensor, TensorTuple
 from .ops_attention import Attention as Attention
 from .ops_attention import AttentionGrad as AttentionGrad
+from .ops_batchnorm_relu import BatchNormRelu as BatchNormRelu
 from .ops_batchnorm_relu import BatchNormReluGrad as BatchNormReluGrad
 from .ops_batchnorm_relu_conv import BatchNormReluConvBias as BatchNormReluConvBias
 from .ops_batchnorm_relu_conv import BatchNormReluConvWeightGrad as BatchNormReluConvWeightGrad
@@ -120,27 +121,27 @@ __all__ = [
     "take_along_axis", "scatter_add", "summation", "mean", "max", "logsumexp", "logsoftmax",
     "softmax", "scaled_softmax", "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance",
     "normalize", "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
-    "batch_norm_relu_grad", "conv", "conv_bias", "conv_weight_grad", "conv_input_grad",
-    "batch_norm_relu_conv_bias", "batch_norm_relu_conv_weight_grad", "batch_norm_relu_mean",
-    "batch_norm_relu_max_pool2d", "batch_norm_relu_max_pool2d_grad", "check_class_ids",
-    "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter", "layer_norm",
-    "layer_norm_grad", "matmul", "transposed_matmul", "linear", "max_pool2d", "max_pool2d_scatter",
-    "max_pool2d_gather", "bernoulli_like", "lstm_sequence", "lstm_sequence_grad", "stop_gradient",
-    "to_device", "store", "vocab_head_softmax", "vocab_head_loss", "vocab_head_loss_grad",
-    "install_tensor_methods", "Attention", "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul",
-    "MulScalar", "EWiseDiv", "DivScalar", "ApplyMask", "PowerScalar", "EWisePow", "Negate", "Log",
-    "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where",
-    "Compare", "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "ExpandDims",
-    "BroadcastTo", "SumTo", "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack",
-    "Concatenate", "Split", "Flip", "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take",
-    "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation", "Mean", "Max", "LogSumExp",
-    "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy", "SoftmaxCrossEntropyGrad",
-    "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm", "BatchNormGrad", "InvStd",
-    "BatchNormReluGrad", "Conv", "ConvBias", "ConvWeightGrad", "ConvInputGrad",
-    "BatchNormReluConvBias", "BatchNormReluConvWeightGrad", "BatchNormReluMean",
-    "BatchNormReluMaxPool2d", "BatchNormReluMaxPool2dGrad", "CheckClassIds", "AllReduce",
-    "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm", "LayerNormGrad", "MatMul",
-    "TransposedMatMul", "Linear", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather",
+    "batch_norm_relu", "batch_norm_relu_grad", "conv", "conv_bias", "conv_weight_grad",
+    "conv_input_grad", "batch_norm_relu_conv_bias", "batch_norm_relu_conv_weight_grad",
+    "batch_norm_relu_mean", "batch_norm_relu_max_pool2d", "batch_norm_relu_max_pool2d_grad",
+    "check_class_ids", "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter",
+    "layer_norm", "layer_norm_grad", "matmul", "transposed_matmul", "linear", "max_pool2d",
+    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
+    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "vocab_head_softmax",
+    "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods", "Attention",
+    "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar",
+    "ApplyMask", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh",
+    "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare", "CompareScalar", "Sign",
+    "FullLike", "AsType", "Reshape", "ExpandDims", "BroadcastTo", "SumTo", "Transpose", "Permute",
+    "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate", "UnDilate",
+    "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation",
+    "Mean", "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
+    "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm",
+    "BatchNormGrad", "InvStd", "BatchNormRelu", "BatchNormReluGrad", "Conv", "ConvBias",
+    "ConvWeightGrad", "ConvInputGrad", "BatchNormReluConvBias", "BatchNormReluConvWeightGrad",
+    "BatchNormReluMean", "BatchNormReluMaxPool2d", "BatchNormReluMaxPool2dGrad", "CheckClassIds",
+    "AllReduce", "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm", "LayerNormGrad",
+    "MatMul", "TransposedMatMul", "Linear", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather",
     "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad", "StopGradient", "ToDevice", "Store",
     "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss", "VocabHeadLossGrad",
 ]
@@ -408,6 +409,18 @@ def batch_norm_grad(
 
 def inv_std(a: Tensor, axes: Any, eps: float = 1e-05) -> Tensor:
     """1 / sqrt(var(a) + eps) over ``axes``, kept as size-1 dims (biased variance)."""
+
+def batch_norm_relu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    axes: Any,
+    eps: float = 1e-05,
+) -> Tensor:
+    """``relu(batch_norm(x, weight, bias, mean, var))``: training BatchNorm (x's own batch
+    ``mean`` and ``var`` over ``axes``) and the ReLU after it, one node."""
 
 def batch_norm_relu_grad(
     g: Tensor,

@@ -1,25 +1,59 @@
-"""``batch_norm_relu_grad``: BatchNorm's adjoint taken through the ReLU after it, one node.
+"""``batch_norm_relu`` and its adjoint ``batch_norm_relu_grad``: BatchNorm and the ReLU after
+it as one node each way.
 
 A ``conv -> BatchNorm -> ReLU`` block's backward is ``relu_grad(y, g)`` then
 ``batch_norm_grad``, y being BatchNorm's output; compiled plans (compiler/
 batchnorm_relu_rewrite.py) run the pair as this op, whose kernel (kernels/batchnorm_relu.py)
 recomputes y's sign from x and never writes the masked gradient. Its value is bit for bit
 the ops'; it is an ordinary op (every mode, its own gradient) so a plan that holds it can be
-differentiated, saved or interpreted like any other.
+differentiated, saved or interpreted like any other. Eager CNN blocks (nn.BatchNorm2d then
+nn.ReLU, see ``nn.BatchNorm1d.forward_relu``) run the forward pair as ``batch_norm_relu``,
+whose gradient is ``batch_norm_relu_grad``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..kernels import batchnorm_relu
+import numpy as np
+
+from ..kernels import batchnorm_relu, threaded_elementwise
 from .context import GradMode
-from .ops_elementwise import ReLUGrad
+from .ops_elementwise import ReLU, ReLUGrad
 from .ops_norm import BatchNorm, BatchNormGrad, _check_batch_stats
 from .ops_shape import SumTo, normalize_axes
 from .registry import Aval, F, ShapeError, fmt_shape, register
 
+_RELU = ReLU()
 _RELU_GRAD = ReLUGrad()
+
+
+@register("batch_norm_relu", inputs=("x", "weight", "bias", "mean", "var"))
+class BatchNormRelu(BatchNorm):
+    """``relu(batch_norm(x, weight, bias, mean, var))``: training BatchNorm (x's own batch
+    ``mean`` and ``var`` over ``axes``) and the ReLU after it, one node.
+
+    Its values are the two ops' bit for bit (the ReLU runs in place on BatchNorm's output);
+    its gradient is ``batch_norm_relu_grad``, two passes over the activations where
+    ``relu_grad`` and ``batch_norm_grad`` take eight.
+    """
+
+    def compute(self, x, weight, bias, mean, var):
+        y = BatchNorm.compute(self, x, weight, bias, mean, var)
+        if type(y) is np.ndarray and y.dtype.kind == "f" and y.flags.writeable:
+            if not threaded_elementwise.relu_in_place(y):
+                np.maximum(y, y.dtype.type(0), out=y)
+            return y
+        return _RELU.compute(y)
+
+    def scalar_expr(self, args, const):
+        return f"np.maximum({BatchNorm.scalar_expr(self, args, const)}, {const(0)})"
+
+    def gradient(self, out_grad, node):
+        x, weight, bias, mean, var = node.inputs
+        grads = F.batch_norm_relu_grad(out_grad, x, weight, bias, mean, var, axes=self.axes,
+                                       eps=self.eps)
+        return grads[0], grads[1], grads[2], None, None
 
 
 @register("batch_norm_relu_grad", inputs=("g", "x", "weight", "bias", "mean", "var"))

@@ -39,7 +39,7 @@ from ..backend.numba_support import NumbaLoops
 from .axes import inverse_permutation
 
 __all__ = ["MIN_ELEMENTS", "PRANGE_BLOCK_ELEMENTS", "PRANGE_MIN_ELEMENTS", "SPLIT_MIN_ELEMENTS",
-           "add_row", "relu", "relu_grad"]
+           "add_row", "relu", "relu_grad", "relu_in_place"]
 
 #: smallest array, in elements, that takes the compiled loop (below it NumPy's call is as
 #: fast and the dispatch costs more than it saves)
@@ -150,6 +150,16 @@ def relu(a: Any) -> np.ndarray | None:
         return None
     out = _like(a, order)
     return out if _run("relu", (_flat(a, order),), _flat(out, order)) else None
+
+
+def relu_in_place(a: Any) -> bool:
+    """``a = max(a, 0)`` in one threaded pass over a's memory (each element read and written
+    at its own index); False, with nothing written, where the loop cannot take ``a``."""
+    order = _usable(a)
+    if order is None or not a.flags.writeable:
+        return False
+    flat = _flat(a, order)  # (a view: a's memory is one dense block in ``order``)
+    return _run("relu", (flat,), flat)
 
 
 def relu_grad(a: Any, g: Any) -> np.ndarray | None:

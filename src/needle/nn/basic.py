@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import init, ops
 from ..autograd import Tensor
+from ..core.context import active_trace
 from .module import Buffer, Module, Parameter
 
 __all__ = [
@@ -163,8 +164,18 @@ class Sequential(Module):
         self.modules = modules
 
     def forward(self, x: Any) -> Any:
-        for module in self.modules:
+        modules = self.modules
+        last = len(modules) - 1
+        i = 0
+        while i <= last:
+            module = modules[i]
+            # a BatchNorm2d and the ReLU right after it: one node in eager training
+            if type(module) is BatchNorm2d and i < last and type(modules[i + 1]) is ReLU:
+                x = module.forward_relu(x, modules[i + 1])
+                i += 2
+                continue
             x = module(x)
+            i += 1
         return x
 
     def __len__(self) -> int:
@@ -248,6 +259,31 @@ class BatchNorm1d(Module):
         centered = x - self._per_channel(self.running_mean, ndim)
         normed = centered / ops.sqrt(self._per_channel(self.running_var, ndim) + self.eps)
         return weight * normed + bias
+
+    def forward_relu(self, x: Tensor, relu: Module) -> Tensor:
+        """``relu(self(x))``, ``relu`` being the module that follows this one.
+
+        Eager training on NCHW input runs both as one ``batch_norm_relu`` node (the same
+        values; its gradient takes two passes over the activations where ``relu_grad`` and
+        ``batch_norm_grad`` take eight: ~0.4 ms of a 9 ms strided CNN step). Elsewhere the
+        two modules run as they are: in evaluation; on (B, C) input, where the fused gradient
+        is slower; under a JIT trace or on a declared graph, whose compiler fuses the pair
+        itself (compiler/batchnorm_relu_rewrite.py); and where either module is a subclass
+        or ``relu`` is not a ReLU.
+        """
+        if not (self.training and type(relu) is ReLU and len(x.shape) == 4
+                and type(self).forward is BatchNorm1d.forward
+                and type(self)._check is BatchNorm2d._check and x._data is not None
+                and active_trace() is None):
+            return relu(self(x))
+        axes = self._check(x)
+        weight = self._per_channel(self.weight, 4)
+        bias = self._per_channel(self.bias, 4)
+        stats = ops.batch_stats(x, axes=axes)
+        mean, var = stats[0], stats[1]
+        out = ops.batch_norm_relu(x, weight, bias, mean, var, axes=axes, eps=self.eps)
+        self._update_running(mean, var, out)
+        return out
 
     def _update_running(self, mean: Tensor, var: Tensor, out: Tensor) -> None:
         """running = (1 - m) running + m batch_stat, written in place with ``ops.store``.

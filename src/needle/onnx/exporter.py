@@ -411,6 +411,10 @@ def _emit_batch_norm(c: _Ctx) -> str:
     return g.node("Add", [g.node("Mul", [g.node("Sub", [x, mean]), scale]), bias])
 
 
+def _emit_batch_norm_relu(c: _Ctx) -> str:
+    return c.g.node("Relu", [_emit_batch_norm(c)])
+
+
 def _emit_layer_norm(c: _Ctx) -> str:
     """layer_norm (last axis): LayerNormalization from opset 17, else its formula."""
     g = c.g
@@ -678,7 +682,8 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "variance": _emit_variance, "batch_stats": _emit_batch_stats,
     "softmax": _emit_softmax("Softmax"),
     "logsoftmax": _emit_softmax("LogSoftmax"), "normalize": _emit_normalize,
-    "inv_std": _emit_inv_std, "batch_norm": _emit_batch_norm, "layer_norm": _emit_layer_norm,
+    "inv_std": _emit_inv_std, "batch_norm": _emit_batch_norm,
+    "batch_norm_relu": _emit_batch_norm_relu, "layer_norm": _emit_layer_norm,
     "attention": _emit_attention,
     "permute": _emit_permute, "transpose": _emit_transpose, "getitem": _emit_getitem,
     "split": _emit_split, "make_tuple": _emit_make_tuple,
@@ -706,7 +711,8 @@ _WRITES = {
     "batch_stats": "ReduceMean, Sub, Mul (two outputs)",
     "normalize": "LayerNormalization (trailing axes, opset >= 17) or ReduceMean/Sub/Mul/Sqrt",
     "inv_std": "ReduceMean, Sub, Mul, Add, Sqrt, Reciprocal",
-    "batch_norm": "Sub, Mul, Add, Sqrt, Reciprocal", "permute": "Transpose",
+    "batch_norm": "Sub, Mul, Add, Sqrt, Reciprocal",
+    "batch_norm_relu": "Sub, Mul, Add, Sqrt, Reciprocal, Relu", "permute": "Transpose",
     "layer_norm": "LayerNormalization (opset >= 17) or ReduceMean/Sub/Mul/Sqrt/Add",
     "attention": "Reshape, Transpose, MatMul, Mul, Add, Softmax, MatMul, Transpose, Reshape",
     "transpose": "Transpose", "getitem": "Slice / Gather / Squeeze / Unsqueeze",
