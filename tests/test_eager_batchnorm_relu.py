@@ -104,3 +104,11 @@ def test_a_jit_trace_sees_batch_norm_and_relu_and_matches_eager():
     traced = ndl.jit(step(jit_model))(ndl.Tensor(images))
     assert seen == ["batch_norm_relu", "relu"]
     np.testing.assert_allclose(traced.numpy(), eager.numpy(), rtol=1e-5)
+
+
+def test_a_non_tensor_input_gets_the_modules_own_error():
+    """An array where a Tensor belongs fails as it does without the fused path: one clear
+    TypeError naming the op, not an AttributeError from the fusion's checks."""
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    with pytest.raises(TypeError, match="batch_stats: expected Tensor inputs, got ndarray"):
+        model(np.ones((2, 3, 4, 4), np.float32))
