@@ -249,13 +249,7 @@ class BatchNorm1d(Module):
             weight = self._per_channel(self.weight, ndim)
             bias = self._per_channel(self.bias, ndim)
         if self.training:
-            # the batch statistics, once (one op, one pass): for the normalization and the
-            # running averages
-            stats = ops.batch_stats(x, axes=axes)
-            mean, var = stats[0], stats[1]  # (indexing: cheaper than unpacking the tuple)
-            out = ops.batch_norm(x, weight, bias, mean, var, axes=axes, eps=self.eps)
-            self._update_running(mean, var, out)
-            return out
+            return self._train_forward(x, axes, weight, bias, ops.batch_norm)
         centered = x - self._per_channel(self.running_mean, ndim)
         normed = centered / ops.sqrt(self._per_channel(self.running_var, ndim) + self.eps)
         return weight * normed + bias
@@ -271,18 +265,22 @@ class BatchNorm1d(Module):
         itself (compiler/batchnorm_relu_rewrite.py); and where either module is a subclass
         or ``relu`` is not a ReLU.
         """
-        if not (self.training and type(relu) is ReLU and len(x.shape) == 4
+        if not (self.training and type(relu) is ReLU
                 and type(self).forward is BatchNorm1d.forward
-                and type(self)._check is BatchNorm2d._check
+                and type(self)._check is BatchNorm2d._check  # (NCHW input only)
                 and getattr(x, "_data", None) is not None
                 and active_trace() is None):
             return relu(self(x))
-        axes = self._check(x)
-        weight = self._per_channel(self.weight, 4)
-        bias = self._per_channel(self.bias, 4)
+        return self._train_forward(x, self._check(x), self._per_channel(self.weight, 4),
+                                   self._per_channel(self.bias, 4), ops.batch_norm_relu)
+
+    def _train_forward(self, x: Tensor, axes: tuple[int, ...], weight: Tensor, bias: Tensor,
+                       normalize: Any) -> Tensor:
+        """Training mode: the batch statistics, once (one op, one pass), for ``normalize``
+        (``ops.batch_norm`` or ``ops.batch_norm_relu``) and the running averages."""
         stats = ops.batch_stats(x, axes=axes)
-        mean, var = stats[0], stats[1]
-        out = ops.batch_norm_relu(x, weight, bias, mean, var, axes=axes, eps=self.eps)
+        mean, var = stats[0], stats[1]  # (indexing: cheaper than unpacking the tuple)
+        out = normalize(x, weight, bias, mean, var, axes=axes, eps=self.eps)
         self._update_running(mean, var, out)
         return out
 
