@@ -716,6 +716,15 @@ OP_TABLE: list[OpInfo] = [
             S(normal((3, 4), (4, 5), (5,)), "vector_bias", V),
             S(normal((3, 4), (4, 5), (3, 5)), "full_bias", B)],
            rtol=1e-4, atol=1e-5),
+    # a jitted plan's linear with the ReLU or the residual add after it, one node each
+    OpInfo("linear_relu", ops.linear_relu, lambda x, w, b: torch.relu(x @ w + b),
+           [S(normal((3, 4), (4, 5), (1, 5)), "row_bias", BC),
+            S(normal((3, 4), (4, 5), (5,)), "vector_bias", V)],
+           rtol=1e-4, atol=1e-5),
+    OpInfo("linear_residual", ops.linear_residual, lambda x, w, b, r: r + (x @ w + b),
+           [S(normal((3, 4), (4, 5), (1, 5), (3, 5)), "row_bias", BC),
+            S(normal((3, 4), (4, 5), (5,), (3, 5)), "vector_bias", V)],
+           rtol=1e-4, atol=1e-5),
     # -- reductions --
     OpInfo("summation", ops.summation,
            lambda a, axes=None, keepdims=False: a.sum(_dims(a, axes), keepdim=keepdims),

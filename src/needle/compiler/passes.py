@@ -25,6 +25,7 @@ from .batchnorm_relu_conv_rewrite import rewrite_batchnorm_relu_convs
 from .batchnorm_relu_mean_rewrite import rewrite_batchnorm_relu_means
 from .batchnorm_relu_pool_rewrite import rewrite_batchnorm_relu_pools
 from .batchnorm_relu_rewrite import rewrite_batchnorm_relu_grads
+from .linear_epilogue_rewrite import rewrite_linear_epilogues
 from .vocab_head_rewrite import rewrite_vocab_heads
 
 
@@ -173,12 +174,15 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
     """The shared pipeline: fold constants, merge duplicates, drop dead steps, fuse update
     rules, plan frees. ``static_shapes``: every value has its traced shape on every run (the
     JIT), so shape-only steps fold too (``fold_constants``). A language model's vocabulary
-    head and loss become one fused op first (compiler/vocab_head_rewrite.py)."""
+    head and loss become one fused op first (compiler/vocab_head_rewrite.py), and so do the
+    BatchNorm + ReLU pairs (compiler/batchnorm_relu_*.py) and a linear's ReLU or residual
+    add (compiler/linear_epilogue_rewrite.py)."""
     heads = rewrite_vocab_heads(program)
     bn_relu = rewrite_batchnorm_relu_grads(program)
     bn_relu_convs = rewrite_batchnorm_relu_convs(program)
     bn_relu_means = rewrite_batchnorm_relu_means(program)
     bn_relu_pools = rewrite_batchnorm_relu_pools(program)
+    linear_relus, linear_residuals = rewrite_linear_epilogues(program)
     before = len(program.steps)
     folded = fold_constants(program, constant_value, static_shapes)
     merged = eliminate_common_subexpressions(program)
@@ -195,6 +199,8 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
         f"batchnorm_relu_pool_rewrite ({bn_relu_pools[0]} max_pool2d_scatter + "
         f"batch_norm_relu_grad pairs fused, {bn_relu_pools[1]} BatchNorm + ReLU outputs "
         "pooled where they are made)",
+        f"linear_epilogue_rewrite ({linear_relus} linear + relu, {linear_residuals} linear "
+        "+ residual add pairs fused)",
         f"constant_folding ({folded} steps folded)",
         f"cse ({merged} steps merged)",
         f"dead_step_elimination ({before - folded - merged - len(program.steps)} dropped)",

@@ -20,3 +20,13 @@ class RewrittenNode:
         self.aval = aval
         self.meta = meta
         self.device = device
+
+    @property
+    def shape(self) -> tuple:
+        """The value's shape (ops' ``emit`` read it, as they read a Tensor's)."""
+        return tuple(self.aval.shape)
+
+    @property
+    def dtype(self) -> Any:
+        """The value's dtype."""
+        return self.aval.dtype

@@ -64,6 +64,8 @@ from .ops_layer_norm import LayerNormGrad as LayerNormGrad
 from .ops_linalg import Linear as Linear
 from .ops_linalg import MatMul as MatMul
 from .ops_linalg import TransposedMatMul as TransposedMatMul
+from .ops_linear_fused import LinearRelu as LinearRelu
+from .ops_linear_fused import LinearResidual as LinearResidual
 from .ops_norm import BatchNorm as BatchNorm
 from .ops_norm import BatchNormGrad as BatchNormGrad
 from .ops_norm import BatchStats as BatchStats
@@ -125,13 +127,13 @@ __all__ = [
     "conv_input_grad", "batch_norm_relu_conv_bias", "batch_norm_relu_conv_weight_grad",
     "batch_norm_relu_mean", "batch_norm_relu_max_pool2d", "batch_norm_relu_max_pool2d_grad",
     "check_class_ids", "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter",
-    "layer_norm", "layer_norm_grad", "matmul", "transposed_matmul", "linear", "max_pool2d",
-    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
-    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "vocab_head_softmax",
-    "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods", "Attention",
-    "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar",
-    "ApplyMask", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh",
-    "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare", "CompareScalar", "Sign",
+    "layer_norm", "layer_norm_grad", "matmul", "transposed_matmul", "linear", "linear_relu",
+    "linear_residual", "max_pool2d", "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like",
+    "lstm_sequence", "lstm_sequence_grad", "stop_gradient", "to_device", "store",
+    "vocab_head_softmax", "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods",
+    "Attention", "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv",
+    "DivScalar", "ApplyMask", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU", "ReLUGrad",
+    "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare", "CompareScalar", "Sign",
     "FullLike", "AsType", "Reshape", "ExpandDims", "BroadcastTo", "SumTo", "Transpose", "Permute",
     "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate", "UnDilate",
     "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation",
@@ -141,9 +143,10 @@ __all__ = [
     "ConvWeightGrad", "ConvInputGrad", "BatchNormReluConvBias", "BatchNormReluConvWeightGrad",
     "BatchNormReluMean", "BatchNormReluMaxPool2d", "BatchNormReluMaxPool2dGrad", "CheckClassIds",
     "AllReduce", "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm", "LayerNormGrad",
-    "MatMul", "TransposedMatMul", "Linear", "MaxPool2d", "MaxPool2dScatter", "MaxPool2dGather",
-    "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad", "StopGradient", "ToDevice", "Store",
-    "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss", "VocabHeadLossGrad",
+    "MatMul", "TransposedMatMul", "Linear", "LinearRelu", "LinearResidual", "MaxPool2d",
+    "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad",
+    "StopGradient", "ToDevice", "Store", "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss",
+    "VocabHeadLossGrad",
 ]
 
 #: the names of the generated op functions, in registration order
@@ -586,6 +589,15 @@ def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     array is recycled between steps (kernels/recycle.py: no page faults); the values are those of
     ``add(matmul(x, w), b)``, and so are the gradients (g @ w^T, x^T @ g, and g summed back to
     b's shape by the engine)."""
+
+def linear_relu(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``relu(x @ w + b)``: ``linear`` and the ReLU after it, one node (the ReLU in the product's
+    epilogue). Gradient: ``relu_grad`` of the output (the same mask as of the input: ``relu(a) >
+    0`` exactly where ``a > 0``, NaN included), then linear's."""
+
+def linear_residual(x: Tensor, w: Tensor, b: Tensor, residual: Tensor) -> Tensor:
+    """``residual + (x @ w + b)``: ``linear`` and a residual add after it, one node (the add in
+    the product's epilogue). ``residual`` has the output's shape."""
 
 def max_pool2d(x: Tensor, kernel_size: int, stride: int) -> Tensor:
     """The maximum of each k x k window of NCHW ``x`` (no padding, floor mode)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import blas_policy, recycle
+from ..kernels import blas_policy, linear
 from .ops_elementwise import broadcast_shapes
 from .registry import Aval, F, Op, ShapeError, fmt_shape, register
 
@@ -190,27 +190,11 @@ class Linear(Op):
 
     def large_products(self, node) -> bool:
         """Whether a jitted plan running this step should hold BLAS (kernels/blas_policy)."""
-        x, w, _ = node.inputs
+        x, w = node.inputs[:2]  # (linear_residual has a fourth input)
         return _may_split(x.shape, w.shape)
 
     def compute(self, x, w, b):
-        if x.ndim != 2 or w.ndim != 2:
-            raise ValueError("x and w must be matrices")  # (the shape rule's error is raised)
-        rows, cols = x.shape[0], w.shape[1]
-        if rows * cols * x.itemsize >= recycle.MIN_BYTES and type(x) is np.ndarray \
-                and type(w) is np.ndarray and x.dtype == w.dtype:
-            # a vocabulary-sized head: a recycled array, not page-faulted in every step
-            out = blas_policy.matmul(x, w, out=recycle.empty((rows, cols), x.dtype))
-        else:
-            out = blas_policy.matmul(x, w)
-        if b.dtype is out.dtype or out.dtype == np.result_type(out.dtype, b.dtype):
-            # the product's own array: nothing else sees this write (NumPy refuses a bias
-            # that does not broadcast to it; the shape rule's error is raised then)
-            out += b
-            return out
-        if b.ndim > 2 or any(d not in (1, n) for d, n in zip(b.shape[::-1], out.shape[::-1])):
-            raise ValueError("the bias does not broadcast to the output")
-        return out + b
+        return linear.forward(x, w, b)
 
     def gradient(self, out_grad, node):
         x, w, b = node.inputs

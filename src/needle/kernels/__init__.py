@@ -18,6 +18,8 @@ written once, in the module that owns it:
     blas_policy.py     OpenBLAS held on one thread for a jitted plan with large products,
                        those split into blocks (numba_parallel_gemm.py) on numba's threads
     blas_threads.py    BLAS's thread count held at one, process-wide, counted across threads
+    linear.py          a dense layer's product with its bias, residual add and ReLU in each
+                       block's epilogue (numba_parallel_gemm.py)
     reduce.py          sums and statistics over axes (einsum, column sums); the JIT's sum code
     softmax.py         logsumexp and softmax over the last axis in cache-sized row blocks
     index_add.py       rows added into a table at ids (an Embedding's backward; numba -> NumPy)

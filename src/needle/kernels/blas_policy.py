@@ -46,7 +46,8 @@ from ..backend import parallel_loops
 from ..backend.numba_support import NumbaLoops
 from . import blas_threads, openblas_gemm
 
-__all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "transposed_matmul"]
+__all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "split_with_epilogue",
+           "transposed_matmul"]
 
 #: the policy's switch (benchmarks turn it off for A/B runs)
 #: NOTE measured (session 11, 2 threads, one plan per model, the policy switched per round,
@@ -143,10 +144,13 @@ def hold_one_thread() -> Iterator[None]:
         yield
 
 
-def _blocks(a: Any, b: Any, trans_a: bool, trans_b: bool, out: Any) -> bool:
+def _blocks(a: Any, b: Any, trans_a: bool, trans_b: bool, out: Any,
+            epilogue: tuple | None = None) -> bool:
     """``out = op(a) @ op(b)`` as blocks of out's rows (its columns where there are more of
     those) in one prange region, each one OpenBLAS gemm call; False (nothing written) where
-    it does not run. a, b, out: C-contiguous float32 NumPy matrices."""
+    it does not run. a, b, out: C-contiguous float32 NumPy matrices. ``epilogue`` (bias,
+    residual, relu): each block then adds the bias row and the residual and applies the
+    ReLU to its own lines (numba_kernels.linear_epilogue)."""
     m, n = out.shape
     k = a.shape[0] if trans_a else a.shape[1]
     macs = m * n * k
@@ -166,8 +170,13 @@ def _blocks(a: Any, b: Any, trans_a: bool, trans_b: bool, out: Any) -> bool:
         count -= 1
     if count < 2:
         return False
-    if not _LOOPS.call(loops.gemm_blocks, gemm, 112 if trans_a else 111,
-                       112 if trans_b else 111, a, b, out, count, by_columns, ALIGN):
+    ta, tb = 112 if trans_a else 111, 112 if trans_b else 111
+    if epilogue is None:
+        ran = _LOOPS.call(loops.gemm_blocks, gemm, ta, tb, a, b, out, count, by_columns, ALIGN)
+    else:
+        ran = _LOOPS.call(loops.gemm_blocks_epilogue, gemm, ta, tb, a, b, out, count,
+                          by_columns, ALIGN, *epilogue)
+    if not ran:
         return False
     CALLS[0] += 1
     return True
@@ -183,8 +192,9 @@ def _as_cblas(x: Any) -> tuple[Any, bool] | None:
     return None
 
 
-def _split(a: Any, b: Any, out: Any) -> Any:
-    """``a @ b`` as blocks where held and large (float32 matrices), else None."""
+def _split(a: Any, b: Any, out: Any, epilogue: tuple | None = None) -> Any:
+    """``a @ b`` as blocks where held and large (float32 matrices), else None (nothing
+    written); ``epilogue``: see ``_blocks``."""
     if not (held() and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2
             and b.ndim == 2
             and a.dtype == np.float32 and b.dtype == np.float32
@@ -200,7 +210,31 @@ def _split(a: Any, b: Any, out: Any) -> Any:
     elif not (type(out) is np.ndarray and out.dtype == np.float32 and out.flags.c_contiguous
               and out.shape == (a.shape[0], b.shape[1])):
         return None
-    return out if _blocks(left[0], right[0], left[1], right[1], out) else None
+    return out if _blocks(left[0], right[0], left[1], right[1], out, epilogue) else None
+
+
+def split_with_epilogue(a: Any, b: Any, bias: Any, residual: Any, relu: bool,
+                        out: Any = None) -> Any:
+    """``relu(a @ b + bias + residual)`` where the product runs as blocks (large float32
+    matrices, inside a plan's hold or, as ``matmul``, in one of their own), each block's
+    lines finished by the thread that made them (while in its cache) with the arithmetic of
+    the separate ops; None (nothing written) elsewhere.
+    ``bias``: a C-contiguous float32 (cols,) row; ``residual``: a C-contiguous float32
+    (rows, cols) array or None; ``relu``: apply ``max(v, 0)`` last."""
+    epilogue = (bias, _NO_RESIDUAL if residual is None else residual, bool(relu))
+    if _thread_state.held:
+        return _split(a, b, out, epilogue)
+    # outside a plan's run: as ``matmul``, a large product holds BLAS for itself
+    if EAGER and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 \
+            and b.ndim == 2 and a.shape[0] * a.shape[1] * b.shape[1] >= EAGER_MIN_MACS \
+            and _can_hold():
+        with blas_threads.hold():
+            return _split(a, b, out, epilogue)
+    return None
+
+
+#: the epilogue's "no residual" (an array with no rows: numba compiles one loop for both)
+_NO_RESIDUAL = np.empty((0, 0), np.float32)
 
 
 def _product(a: Any, b: Any, out: Any) -> Any:

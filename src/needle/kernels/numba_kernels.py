@@ -617,6 +617,24 @@ def relu_grad(a, g, out):
 
 
 @_jit
+def linear_epilogue(c, rs, re, cs, ce, bias, residual, relu):
+    """c[rs:re, cs:ce] = relu(c + bias + residual) in place, element by element as the
+    separate ops round it: ``c + bias`` (the bias a (cols,) row), then ``+ residual`` where
+    ``residual`` has rows (an (rows, cols) array; ``(0, 0)``: none), then ``np.maximum(v, 0)``
+    where ``relu`` (NaN kept, -0.0 -> +0.0)."""
+    zero = c.dtype.type(0)
+    with_residual = residual.shape[0] > 0
+    for i in range(rs, re):
+        for j in range(cs, ce):
+            v = c[i, j] + bias[j]
+            if with_residual:
+                v = v + residual[i, j]
+            if relu and not (v > zero or v != v):
+                v = zero
+            c[i, j] = v
+
+
+@_jit
 def add_row(xm, b, out):
     """out = xm + b for an (M, C) matrix and a (C,) row (a conv bias on NHWC activations)."""
     m, c = xm.shape

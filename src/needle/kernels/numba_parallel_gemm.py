@@ -14,6 +14,7 @@ from __future__ import annotations
 from numba import prange
 
 from ..backend.parallel_loops import njit_parallel
+from . import numba_kernels
 
 
 def _gemm_blocks(fn, trans_a, trans_b, a, b, c, count, by_columns, align):
@@ -49,4 +50,39 @@ def _gemm_blocks(fn, trans_a, trans_b, a, b, c, count, by_columns, align):
                    b.ctypes, ldb, 0.0, c[s:e].ctypes, ldc)
 
 
+def _gemm_blocks_epilogue(fn, trans_a, trans_b, a, b, c, count, by_columns, align, bias,
+                          residual, relu):
+    """``_gemm_blocks``, then numba_kernels.linear_epilogue on each block's lines by the
+    thread that made them (while they are in its cache): a linear layer's bias, residual
+    and ReLU in the product's region instead of passes of their own."""
+    rows, cols = c.shape
+    k = a.shape[0] if trans_a == 112 else a.shape[1]
+    item = c.itemsize
+    lda, ldb, ldc = a.strides[0] // item, b.strides[0] // item, c.strides[0] // item
+    for i in prange(count):
+        if by_columns:
+            units = -(-cols // align)
+            s = min(cols, align * (units * i // count))
+            e = min(cols, align * (units * (i + 1) // count))
+            if trans_b == 112:
+                fn(101, trans_a, trans_b, rows, e - s, k, 1.0, a.ctypes, lda,
+                   b[s:e].ctypes, ldb, 0.0, c[:, s:e].ctypes, ldc)
+            else:
+                fn(101, trans_a, trans_b, rows, e - s, k, 1.0, a.ctypes, lda,
+                   b[:, s:e].ctypes, ldb, 0.0, c[:, s:e].ctypes, ldc)
+            numba_kernels.linear_epilogue(c, 0, rows, s, e, bias, residual, relu)
+        else:
+            units = -(-rows // align)
+            s = min(rows, align * (units * i // count))
+            e = min(rows, align * (units * (i + 1) // count))
+            if trans_a == 112:
+                fn(101, trans_a, trans_b, e - s, cols, k, 1.0, a[:, s:e].ctypes, lda,
+                   b.ctypes, ldb, 0.0, c[s:e].ctypes, ldc)
+            else:
+                fn(101, trans_a, trans_b, e - s, cols, k, 1.0, a[s:e].ctypes, lda,
+                   b.ctypes, ldb, 0.0, c[s:e].ctypes, ldc)
+            numba_kernels.linear_epilogue(c, s, e, 0, cols, bias, residual, relu)
+
+
 gemm_blocks = njit_parallel(_gemm_blocks)
+gemm_blocks_epilogue = njit_parallel(_gemm_blocks_epilogue)

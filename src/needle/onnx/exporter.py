@@ -269,6 +269,15 @@ def _emit_linear(c: _Ctx) -> str:
     return c.g.node("Add", [c.g.node("MatMul", [x, w]), b])
 
 
+def _emit_linear_relu(c: _Ctx) -> str:
+    return c.g.node("Relu", [_emit_linear(c)])
+
+
+def _emit_linear_residual(c: _Ctx) -> str:
+    x, w, b, residual = c.inputs_as(c.aval.dtype)
+    return c.g.node("Add", [residual, c.g.node("Add", [c.g.node("MatMul", [x, w]), b])])
+
+
 def _emit_reshape(c: _Ctx) -> str:
     out, in_dims = list(c.dims), list(c.in_dims[0])
     target: list[Any] = []
@@ -673,7 +682,8 @@ EMITTERS: dict[str, Callable[[_Ctx], Any]] = {
     "astype": _emit_astype, "full_like": _emit_full_like,
     "stop_gradient": _emit_identity, "to_device": _emit_identity,
     "matmul": _emit_matmul, "transposed_matmul": _emit_transposed_matmul,
-    "linear": _emit_linear, "conv": _emit_conv, "conv_bias": _emit_conv,
+    "linear": _emit_linear, "linear_relu": _emit_linear_relu,
+    "linear_residual": _emit_linear_residual, "conv": _emit_conv, "conv_bias": _emit_conv,
     "max_pool2d": _emit_max_pool,
     "reshape": _emit_reshape, "expand_dims": _emit_expand_dims,
     "broadcast_to": _emit_broadcast_to, "sum_to": _emit_sum_to,
@@ -700,7 +710,8 @@ _WRITES = {
     "apply_mask": "Mul, Div", "where": "Where", "astype": "Cast",
     "full_like": "ConstantOfShape (+Shape)",
     "stop_gradient": "Identity", "to_device": "Identity", "matmul": "MatMul",
-    "linear": "MatMul, Add", "transposed_matmul": "Transpose (where swapped), MatMul",
+    "linear": "MatMul, Add", "linear_relu": "MatMul, Add, Relu",
+    "linear_residual": "MatMul, Add, Add", "transposed_matmul": "Transpose (where swapped), MatMul",
     "conv": "Conv (NCHW, OIHW kernel; Transposes around it cancel with nn.Conv's permutes)",
     "conv_bias": "Conv with its bias B (as conv)",
     "max_pool2d": "MaxPool",
