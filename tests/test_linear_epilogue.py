@@ -14,7 +14,7 @@ from needle import nn, ops
 from needle.compiler import linear_epilogue_rewrite, passes
 from needle.core.ops_elementwise import ReLU
 from needle.core.ops_linalg import Linear
-from needle.kernels import blas_policy, linear
+from needle.kernels import blas_policy, linear, recycle
 
 SPECIAL = [0.0, -0.0, np.nan, np.inf, -np.inf]
 
@@ -148,3 +148,36 @@ def test_pairs_that_must_stay_apart(monkeypatch):
     r, y2 = both(x)
     assert "linear_relu" not in [s.op.name for s in both.lower(x).steps]
     np.testing.assert_array_equal(r.numpy(), np.maximum(y2.numpy() / 2.0, 0))
+
+
+def test_split_products_recycle_their_large_outputs(monkeypatch):
+    """A product split into blocks writes a large output into a recycled array once nothing
+    else refers to the last one (a 4096 x 4096 weight gradient is not page-faulted in every
+    step), and never into one still referenced."""
+    monkeypatch.setattr(recycle, "MIN_BYTES", 1 << 16)
+    monkeypatch.setattr(recycle, "_pool", [])
+    monkeypatch.delenv("NEEDLE_RECYCLE_LARGE", raising=False)
+    x, _, _, g = _operands(512, 128, 512)  # x^T @ g: a (128, 512) weight gradient
+    if not blas_policy._can_hold():
+        pytest.skip("products are not split here (no numba TBB threads or OpenBLAS gemm)")
+    with blas_policy.hold_one_thread():
+        first = blas_policy.transposed_matmul(x, g, True, False)
+        assert any(a is first for a in recycle._pool)
+        kept = first.copy()
+        second = blas_policy.transposed_matmul(x, g, True, False)
+        assert second.ctypes.data != first.ctypes.data  # first is still referenced
+        np.testing.assert_array_equal(first, kept)
+        address = first.ctypes.data
+        del first
+        third = blas_policy.transposed_matmul(x, g, True, False)
+    assert third.ctypes.data == address and any(a is third for a in recycle._pool)
+    np.testing.assert_array_equal(third, kept)
+    np.testing.assert_allclose(kept, x.T.astype(np.float64) @ g, rtol=1e-4, atol=1e-3)
+
+
+def test_split_products_refuse_operands_that_do_not_fit():
+    """Inside a hold, mismatched inner dimensions raise NumPy's error (the blocks would
+    read past the smaller operand)."""
+    x, w, _, _ = _operands(512, 128, 512)
+    with blas_policy.hold_one_thread(), pytest.raises(ValueError):
+        blas_policy.transposed_matmul(x, w, True, False)

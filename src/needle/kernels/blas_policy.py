@@ -44,7 +44,7 @@ import numpy as np
 
 from ..backend import parallel_loops
 from ..backend.numba_support import NumbaLoops
-from . import blas_threads, openblas_gemm
+from . import blas_threads, openblas_gemm, recycle
 
 __all__ = ["ENABLED", "hold_one_thread", "held", "matmul", "split_with_epilogue",
            "transposed_matmul"]
@@ -196,7 +196,7 @@ def _split(a: Any, b: Any, out: Any, epilogue: tuple | None = None) -> Any:
     """``a @ b`` as blocks where held and large (float32 matrices), else None (nothing
     written); ``epilogue``: see ``_blocks``."""
     if not (held() and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2
-            and b.ndim == 2
+            and b.ndim == 2 and a.shape[1] == b.shape[0]  # (else NumPy's own error)
             and a.dtype == np.float32 and b.dtype == np.float32
             and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS):
         return None
@@ -206,7 +206,8 @@ def _split(a: Any, b: Any, out: Any, epilogue: tuple | None = None) -> Any:
             a.__array_interface__["data"][0] == b.__array_interface__["data"][0]):
         return None
     if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), np.float32)
+        # (a weight gradient of 4096 x 4096: recycled, not page-faulted in every step)
+        out = recycle.empty((a.shape[0], b.shape[1]), np.float32)
     elif not (type(out) is np.ndarray and out.dtype == np.float32 and out.flags.c_contiguous
               and out.shape == (a.shape[0], b.shape[1])):
         return None

@@ -9,7 +9,8 @@ into an array already mapped: more than the matrix product that computes it. ``e
 the last few such arrays and hands one out again once nothing but this pool refers to it (no
 Tensor, view, user or other thread can see it then, and a view keeps its base referenced).
 
-Only ops whose output is a fresh array use it (nn.Linear's product, the loss gradient).
+Only ops whose output is a fresh array use it (nn.Linear's product, the loss gradient, the
+products kernels/blas_policy.py splits: a 4096 x 4096 weight gradient).
 At most ``MAX_ARRAYS`` arrays and ``MAX_BYTES`` bytes stay mapped;
 ``NEEDLE_RECYCLE_LARGE=0`` turns it off (A/B runs).
 """
