@@ -332,20 +332,72 @@ def _torch_attention(q, k, v, *mask, heads=1, scale=1.0):
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2])
 
 
-def _torch_attention_grad(g, q, k, v, *mask, heads=1, scale=1.0):
+def _torch_attention_grad(g, q, k, v, *mask, heads=1, scale=1.0, mask_grad=True):
     """attention_grad's outputs (dq, dk, dv[, dmask]) flattened into one vector."""
     leaves = [x if x.requires_grad else x.detach().requires_grad_(True) for x in (q, k, v, *mask)]
     out = _torch_attention(*leaves[:3], *leaves[3:], heads=heads, scale=scale)
-    grads = torch.autograd.grad(out, leaves, g, create_graph=True)
+    grads = torch.autograd.grad(out, leaves, g, create_graph=True)[:4 if mask_grad else 3]
     return torch.cat([grad.reshape(-1) for grad in grads])
 
 
-def _attention_grad(g, q, k, v, *mask, heads=1, scale=1.0):
-    grads = ops.attention_grad(g, q, k, v, *mask, heads=heads, scale=scale)
-    n = 4 if mask else 3
+def _attention_grad(g, q, k, v, *mask, heads=1, scale=1.0, mask_grad=True):
+    grads = ops.attention_grad(g, q, k, v, *mask, heads=heads, scale=scale,
+                               mask_grad=mask_grad)
+    n = 4 if mask and mask_grad else 3
     if mask and mask[0].shape != (q.shape[0], heads, q.shape[1], k.shape[1]):
         raise AssertionError("the samples give attention_grad full-shape masks")
     return ops.concatenate([ops.reshape(grads[i], (-1,)) for i in range(n)], axis=0)
+
+
+def _attention_with_probs(q, k, v, *mask, heads=1, scale=1.0):
+    both = ops.attention_with_probs(q, k, v, *mask, heads=heads, scale=scale)
+    return ops.concatenate([ops.reshape(both[0], (-1,)), ops.reshape(both[1], (-1,))], axis=0)
+
+
+def _torch_attention_with_probs(q, k, v, *mask, heads=1, scale=1.0):
+    """(attention, its probabilities) flattened into one vector."""
+    def split(x):
+        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    logits = scale * split(q) @ split(k).transpose(-1, -2)
+    if mask:
+        logits = logits + mask[0]
+    p = torch.softmax(logits, -1)
+    out = (p @ split(v)).transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2])
+    return torch.cat([out.reshape(-1), p.reshape(-1)])
+
+
+#: attention_grad_probs's mask: with p given it only says whether there is one (the mask
+#: made p), so it is a constant here (its gradient is zero)
+_ATTENTION_MASK = np.triu(np.full((3, 3), -1e9, np.float32), 1)
+
+
+def _attention_grad_probs(g, q, k, v, p, masked=False, heads=1, scale=1.0, mask_grad=True):
+    mask = (_const(_ATTENTION_MASK),) if masked else ()
+    grads = ops.attention_grad_probs(g, q, k, v, p, *mask, heads=heads, scale=scale,
+                                     mask_grad=mask_grad)
+    n = 4 if mask and mask_grad else 3
+    return ops.concatenate([ops.reshape(grads[i], (-1,)) for i in range(n)], axis=0)
+
+
+def _torch_attention_grad_probs(g, q, k, v, p, masked=False, heads=1, scale=1.0,
+                                mask_grad=True):
+    """attention's adjoint formulas with the probabilities p given: (dq, dk, dv[, ds])."""
+    def split(x):
+        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    def merge(x, like):
+        return x.transpose(1, 2).reshape(like.shape)
+
+    gh, qh, kh, vh = split(g), split(q), split(k), split(v)
+    dv = p.transpose(-1, -2) @ gh
+    dp = gh @ vh.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    parts = [merge(scale * ds @ kh, q), merge(scale * ds.transpose(-1, -2) @ qh, k),
+             merge(dv, v)]
+    if masked and mask_grad:
+        parts.append(ds)
+    return torch.cat([x.reshape(-1) for x in parts])
 
 
 def _nhwc(t):
@@ -865,7 +917,23 @@ OP_TABLE: list[OpInfo] = [
            [S(normal((2, 3, 6), (2, 3, 4), (2, 5, 4), (2, 5, 6)), "heads", A, heads=2,
               scale=0.5),
             S(normal((1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 2, 3, 3)), "mask", BT,
-              heads=2, scale=0.7)],
+              heads=2, scale=0.7),
+            S(normal((1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 2, 3, 3)),
+              "constant_mask", BT, heads=2, scale=0.7, mask_grad=False)],
+           rtol=1e-4, atol=1e-5),
+    # a jitted plan's attention keeping its probabilities for the backward
+    OpInfo("attention_with_probs", _attention_with_probs, _torch_attention_with_probs,
+           [S(normal((2, 3, 4), (2, 5, 4), (2, 5, 6)), "heads", A, heads=2, scale=0.5),
+            S(normal((2, 3, 4), (2, 3, 4), (2, 3, 4), (3, 3)), "mask", BC, heads=2,
+              scale=0.7)],
+           rtol=1e-4, atol=1e-5),
+    OpInfo("attention_grad_probs", _attention_grad_probs, _torch_attention_grad_probs,
+           [S(normal((2, 3, 6), (2, 3, 4), (2, 5, 4), (2, 5, 6), (2, 2, 3, 5)), "heads", A,
+              heads=2, scale=0.5),
+            S(normal((1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 2, 3, 3)), "mask", BT,
+              True, heads=2, scale=0.7),
+            S(normal((1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 3, 4), (1, 2, 3, 3)),
+              "constant_mask", BT, True, heads=2, scale=0.7, mask_grad=False)],
            rtol=1e-4, atol=1e-5),
     # -- shape --
     OpInfo("reshape", lambda a: ops.reshape(a, (4, 3)), lambda a: a.reshape(4, 3),

@@ -21,6 +21,7 @@ from ..backend import cpu
 from ..core.interpret import Program, plan_frees
 from ..core.registry import Aval, Op
 from . import fused_update
+from .attention_probs_rewrite import rewrite_attention_probs
 from .batchnorm_relu_conv_rewrite import rewrite_batchnorm_relu_convs
 from .batchnorm_relu_mean_rewrite import rewrite_batchnorm_relu_means
 from .batchnorm_relu_pool_rewrite import rewrite_batchnorm_relu_pools
@@ -175,14 +176,16 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
     rules, plan frees. ``static_shapes``: every value has its traced shape on every run (the
     JIT), so shape-only steps fold too (``fold_constants``). A language model's vocabulary
     head and loss become one fused op first (compiler/vocab_head_rewrite.py), and so do the
-    BatchNorm + ReLU pairs (compiler/batchnorm_relu_*.py) and a linear's ReLU or residual
-    add (compiler/linear_epilogue_rewrite.py)."""
+    BatchNorm + ReLU pairs (compiler/batchnorm_relu_*.py), a linear's ReLU or residual
+    add (compiler/linear_epilogue_rewrite.py), and attention keeps its probabilities for
+    its backward (compiler/attention_probs_rewrite.py)."""
     heads = rewrite_vocab_heads(program)
     bn_relu = rewrite_batchnorm_relu_grads(program)
     bn_relu_convs = rewrite_batchnorm_relu_convs(program)
     bn_relu_means = rewrite_batchnorm_relu_means(program)
     bn_relu_pools = rewrite_batchnorm_relu_pools(program)
     linear_relus, linear_residuals = rewrite_linear_epilogues(program)
+    attentions = rewrite_attention_probs(program)
     before = len(program.steps)
     folded = fold_constants(program, constant_value, static_shapes)
     merged = eliminate_common_subexpressions(program)
@@ -201,6 +204,8 @@ def optimize(program: Program, constant_value: Callable[[Any], Any],
         "pooled where they are made)",
         f"linear_epilogue_rewrite ({linear_relus} linear + relu, {linear_residuals} linear "
         "+ residual add pairs fused)",
+        f"attention_probs_rewrite ({attentions} attentions keep their probabilities for "
+        "the backward)",
         f"constant_folding ({folded} steps folded)",
         f"cse ({merged} steps merged)",
         f"dead_step_elimination ({before - folded - merged - len(program.steps)} dropped)",

@@ -12,6 +12,8 @@ from typing import Any
 from ..autograd import Tensor, TensorTuple
 from .ops_attention import Attention as Attention
 from .ops_attention import AttentionGrad as AttentionGrad
+from .ops_attention import AttentionGradProbs as AttentionGradProbs
+from .ops_attention import AttentionWithProbs as AttentionWithProbs
 from .ops_batchnorm_relu import BatchNormRelu as BatchNormRelu
 from .ops_batchnorm_relu import BatchNormReluGrad as BatchNormReluGrad
 from .ops_batchnorm_relu_conv import BatchNormReluConvBias as BatchNormReluConvBias
@@ -114,39 +116,40 @@ from .ops_vocab_head import VocabHeadLossGrad as VocabHeadLossGrad
 from .ops_vocab_head import VocabHeadSoftmax as VocabHeadSoftmax
 
 __all__ = [
-    "attention", "attention_grad", "add", "add_scalar", "multiply", "mul_scalar", "divide",
-    "divide_scalar", "apply_mask", "power_scalar", "power", "negate", "log", "exp", "relu",
-    "relu_grad", "tanh", "sigmoid", "sqrt", "abs", "erf", "maximum", "where", "compare",
-    "compare_scalar", "sign", "full_like", "astype", "reshape", "expand_dims", "broadcast_to",
-    "sum_to", "transpose", "permute", "make_tuple", "tuple_get_item", "stack", "concatenate",
-    "split", "flip", "dilate", "undilate", "getitem", "scatter", "pad", "take", "index_add",
-    "take_along_axis", "scatter_add", "summation", "mean", "max", "logsumexp", "logsoftmax",
-    "softmax", "scaled_softmax", "softmax_cross_entropy", "softmax_cross_entropy_grad", "variance",
-    "normalize", "normalize_grad", "batch_stats", "batch_norm", "batch_norm_grad", "inv_std",
-    "batch_norm_relu", "batch_norm_relu_grad", "conv", "conv_bias", "conv_weight_grad",
-    "conv_input_grad", "batch_norm_relu_conv_bias", "batch_norm_relu_conv_weight_grad",
-    "batch_norm_relu_mean", "batch_norm_relu_max_pool2d", "batch_norm_relu_max_pool2d_grad",
-    "check_class_ids", "all_reduce", "broadcast", "reduce_to_root", "all_gather", "reduce_scatter",
-    "layer_norm", "layer_norm_grad", "matmul", "transposed_matmul", "linear", "linear_relu",
-    "linear_residual", "max_pool2d", "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like",
-    "lstm_sequence", "lstm_sequence_grad", "stop_gradient", "to_device", "store",
-    "vocab_head_softmax", "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods",
-    "Attention", "AttentionGrad", "EWiseAdd", "AddScalar", "EWiseMul", "MulScalar", "EWiseDiv",
-    "DivScalar", "ApplyMask", "PowerScalar", "EWisePow", "Negate", "Log", "Exp", "ReLU", "ReLUGrad",
-    "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum", "Where", "Compare", "CompareScalar", "Sign",
-    "FullLike", "AsType", "Reshape", "ExpandDims", "BroadcastTo", "SumTo", "Transpose", "Permute",
-    "MakeTuple", "TupleGetItem", "Stack", "Concatenate", "Split", "Flip", "Dilate", "UnDilate",
-    "GetItem", "Scatter", "Pad", "Take", "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation",
-    "Mean", "Max", "LogSumExp", "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy",
-    "SoftmaxCrossEntropyGrad", "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm",
-    "BatchNormGrad", "InvStd", "BatchNormRelu", "BatchNormReluGrad", "Conv", "ConvBias",
-    "ConvWeightGrad", "ConvInputGrad", "BatchNormReluConvBias", "BatchNormReluConvWeightGrad",
-    "BatchNormReluMean", "BatchNormReluMaxPool2d", "BatchNormReluMaxPool2dGrad", "CheckClassIds",
-    "AllReduce", "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm", "LayerNormGrad",
-    "MatMul", "TransposedMatMul", "Linear", "LinearRelu", "LinearResidual", "MaxPool2d",
-    "MaxPool2dScatter", "MaxPool2dGather", "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad",
-    "StopGradient", "ToDevice", "Store", "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss",
-    "VocabHeadLossGrad",
+    "attention", "attention_grad", "attention_with_probs", "attention_grad_probs", "add",
+    "add_scalar", "multiply", "mul_scalar", "divide", "divide_scalar", "apply_mask", "power_scalar",
+    "power", "negate", "log", "exp", "relu", "relu_grad", "tanh", "sigmoid", "sqrt", "abs", "erf",
+    "maximum", "where", "compare", "compare_scalar", "sign", "full_like", "astype", "reshape",
+    "expand_dims", "broadcast_to", "sum_to", "transpose", "permute", "make_tuple", "tuple_get_item",
+    "stack", "concatenate", "split", "flip", "dilate", "undilate", "getitem", "scatter", "pad",
+    "take", "index_add", "take_along_axis", "scatter_add", "summation", "mean", "max", "logsumexp",
+    "logsoftmax", "softmax", "scaled_softmax", "softmax_cross_entropy",
+    "softmax_cross_entropy_grad", "variance", "normalize", "normalize_grad", "batch_stats",
+    "batch_norm", "batch_norm_grad", "inv_std", "batch_norm_relu", "batch_norm_relu_grad", "conv",
+    "conv_bias", "conv_weight_grad", "conv_input_grad", "batch_norm_relu_conv_bias",
+    "batch_norm_relu_conv_weight_grad", "batch_norm_relu_mean", "batch_norm_relu_max_pool2d",
+    "batch_norm_relu_max_pool2d_grad", "check_class_ids", "all_reduce", "broadcast",
+    "reduce_to_root", "all_gather", "reduce_scatter", "layer_norm", "layer_norm_grad", "matmul",
+    "transposed_matmul", "linear", "linear_relu", "linear_residual", "max_pool2d",
+    "max_pool2d_scatter", "max_pool2d_gather", "bernoulli_like", "lstm_sequence",
+    "lstm_sequence_grad", "stop_gradient", "to_device", "store", "vocab_head_softmax",
+    "vocab_head_loss", "vocab_head_loss_grad", "install_tensor_methods", "Attention",
+    "AttentionGrad", "AttentionWithProbs", "AttentionGradProbs", "EWiseAdd", "AddScalar",
+    "EWiseMul", "MulScalar", "EWiseDiv", "DivScalar", "ApplyMask", "PowerScalar", "EWisePow",
+    "Negate", "Log", "Exp", "ReLU", "ReLUGrad", "Tanh", "Sigmoid", "Sqrt", "Abs", "Erf", "Maximum",
+    "Where", "Compare", "CompareScalar", "Sign", "FullLike", "AsType", "Reshape", "ExpandDims",
+    "BroadcastTo", "SumTo", "Transpose", "Permute", "MakeTuple", "TupleGetItem", "Stack",
+    "Concatenate", "Split", "Flip", "Dilate", "UnDilate", "GetItem", "Scatter", "Pad", "Take",
+    "IndexAdd", "TakeAlongAxis", "ScatterAdd", "Summation", "Mean", "Max", "LogSumExp",
+    "LogSoftmax", "Softmax", "ScaledSoftmax", "SoftmaxCrossEntropy", "SoftmaxCrossEntropyGrad",
+    "Variance", "Normalize", "NormalizeGrad", "BatchStats", "BatchNorm", "BatchNormGrad", "InvStd",
+    "BatchNormRelu", "BatchNormReluGrad", "Conv", "ConvBias", "ConvWeightGrad", "ConvInputGrad",
+    "BatchNormReluConvBias", "BatchNormReluConvWeightGrad", "BatchNormReluMean",
+    "BatchNormReluMaxPool2d", "BatchNormReluMaxPool2dGrad", "CheckClassIds", "AllReduce",
+    "Broadcast", "Reduce", "AllGather", "ReduceScatter", "LayerNorm", "LayerNormGrad", "MatMul",
+    "TransposedMatMul", "Linear", "LinearRelu", "LinearResidual", "MaxPool2d", "MaxPool2dScatter",
+    "MaxPool2dGather", "BernoulliLike", "LSTMSequence", "LSTMSequenceGrad", "StopGradient",
+    "ToDevice", "Store", "ApplyUpdates", "VocabHeadSoftmax", "VocabHeadLoss", "VocabHeadLossGrad",
 ]
 
 #: the names of the generated op functions, in registration order
@@ -175,10 +178,39 @@ def attention_grad(
     *mask: Tensor,
     heads: int = 1,
     scale: float = 1.0,
+    mask_grad: bool = True,
 ) -> TensorTuple:
     """The adjoint of ``attention`` for output gradient ``g``: ``(dq, dk, dv)``, and with a mask
-    also ``dmask``, the logits' adjoint (B, H, T, S) (summed to the mask's shape by the engine).
-    Recomputes the probabilities from q and k (see kernels/attention.py)."""
+    (unless ``mask_grad=False``: a constant causal mask) also ``dmask``, the logits' adjoint (B,
+    H, T, S) (summed to the mask's shape by the engine). Recomputes the probabilities from q and
+    k (see kernels/attention.py)."""
+
+def attention_with_probs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *mask: Tensor,
+    heads: int = 1,
+    scale: float = 1.0,
+) -> TensorTuple:
+    """``(attention(q, k, v, mask), p)``: the attention and its probabilities ``p = softmax(scale
+    * q_h k_h^T + mask)`` (B, H, T, S), which ``attention_grad_probs`` reads instead of
+    recomputing them (the very values, bit for bit)."""
+
+def attention_grad_probs(
+    g: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    probs: Tensor,
+    *mask: Tensor,
+    heads: int = 1,
+    scale: float = 1.0,
+    mask_grad: bool = True,
+) -> TensorTuple:
+    """``attention_grad`` given the forward's probabilities ``probs`` (B, H, T, S)
+    (``attention_with_probs``'s second output): read, not recomputed. Its outputs are
+    attention_grad's; as a function of its inputs, the formulas with ``probs`` for p."""
 
 def add(a: Tensor, b: Tensor) -> Tensor:
     """a + b, broadcast."""

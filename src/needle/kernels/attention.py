@@ -12,9 +12,11 @@ float32 the exp too, numba_exp.py's), split over cores by numba's ``prange`` in 
 (batch, head) slabs from ``PRANGE_MIN_SIZE`` logits (numba_parallel_attention.py; the same
 bits on any thread count); without it the same formulas run in NumPy.
 
-The backward recomputes the probabilities from q and k (one product and a softmax) instead
-of keeping them from the forward: an op's output is its one array, and at these sizes the
-recomputation costs less than the nodes it replaces. Formulas, with ``p = softmax(s)``,
+The backward recomputes the probabilities from q and k (one product and a softmax), unless
+it is given the forward's (``keep_probs`` / ``probs``: a jitted training step's
+``attention_with_probs`` and ``attention_grad_probs``, compiler/attention_probs_rewrite.py;
+the same values, one (B, H, T, S) array kept between the two). The mask's gradient (the
+logits' adjoint) is written only where asked (``mask_grad``: a causal mask is a constant). Formulas, with ``p = softmax(s)``,
 ``s = scale * q k^T + mask`` per head::
 
     dv = p^T g,  dp = g v^T,  ds = p * (dp - rowsum(p * dp)),
@@ -199,29 +201,39 @@ def _packed(q: Any, k: Any, v: Any) -> bool:
         k.ctypes.data == start + row and v.ctypes.data == start + 2 * row
 
 
-def _attention_by_slabs(q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float
-                        ) -> Any:
-    """:func:`attention` by the whole-slab kernel, or None where it does not run."""
+#: the slab kernels' stand-in for an array they do not use (no probabilities kept or given)
+_UNUSED = np.empty((1, 1, 1), np.float32)
+
+
+def _attention_by_slabs(q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float,
+                        keep_probs: bool) -> tuple | None:
+    """(out, probabilities or None) of :func:`attention` by the whole-slab kernel, or None
+    where it does not run."""
     found = _slab_kernels(q, k, v, None, mask, heads, scale)
     if found is None:
         return None
     module, rows, count, gemm = found
-    b, t = q.shape[0], q.shape[1]
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
     out, _ = _merged(b, t, heads, v.shape[-1] // heads, np.float32)
+    probs = np.empty((b, heads, t, s), np.float32) if keep_probs else None
     with blas_threads.hold():
         ran = PARALLEL_LOOPS.call(module.attention_slabs, gemm, q, k, v, out, rows,
-                                  mask is not None, scale, heads, count)
+                                  mask is not None, scale, heads, count,
+                                  _UNUSED if probs is None else _slabs(probs), keep_probs)
     if not ran:
         return None
     SLAB_RUNS[0] += 1
-    return out
+    return out, probs
 
 
 def _attention_grad_by_slabs(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int,
-                             scale: float) -> tuple | None:
+                             scale: float, probs: Any, mask_grad: bool) -> tuple | None:
     """:func:`attention_grad` by the whole-slab kernel, or None where it does not run."""
     found = _slab_kernels(q, k, v, g, mask, heads, scale)
     if found is None:
+        return None
+    if probs is not None and not (type(probs) is np.ndarray and probs.dtype == np.float32
+                                  and probs.flags.c_contiguous):
         return None
     module, rows, count, gemm = found
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
@@ -235,12 +247,14 @@ def _attention_grad_by_slabs(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: i
         dq, _ = _merged(b, t, heads, dk_width, np.float32)
         dk, _ = _merged(b, s, heads, dk_width, np.float32)
         dv, _ = _merged(b, s, heads, dv_width, np.float32)
-    keep = mask is not None
+    keep = mask is not None and mask_grad
     ds = np.empty((b, heads, t, s) if keep else (1, 1, 1, 1), np.float32)
     with blas_threads.hold():
         ran = PARALLEL_LOOPS.call(module.attention_grad_slabs, gemm, g, q, k, v, dq, dk, dv,
-                                  ds.reshape(-1, ds.shape[2], ds.shape[3]), keep, rows, keep,
-                                  scale, heads, count)
+                                  ds.reshape(-1, ds.shape[2], ds.shape[3]), keep,
+                                  _UNUSED if probs is None else _slabs(probs),
+                                  probs is not None, rows, mask is not None, scale, heads,
+                                  count)
     if not ran:
         return None
     SLAB_RUNS[0] += 1
@@ -279,30 +293,38 @@ def probabilities(q: Any, k: Any, mask: Any, heads: int, scale: float) -> Any:
     return s
 
 
-def attention(q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float) -> Any:
+def attention(q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float,
+              keep_probs: bool = False) -> Any:
     """softmax(scale * q k^T + mask) v per head: (B, T, H*dv) from q (B, T, H*dk),
-    k (B, S, H*dk), v (B, S, H*dv) and an additive mask broadcasting to (B, H, T, S) or None."""
-    done = _attention_by_slabs(q, k, v, mask, heads, scale)
+    k (B, S, H*dk), v (B, S, H*dv) and an additive mask broadcasting to (B, H, T, S) or None.
+    With ``keep_probs``: (that, the probabilities (B, H, T, S)), for ``attention_grad``'s
+    ``probs`` (the very values its recomputation would give)."""
+    done = _attention_by_slabs(q, k, v, mask, heads, scale, keep_probs)
     if done is not None:
-        return done
+        return done if keep_probs else done[0]
     dtype = np.result_type(q.dtype, k.dtype, v.dtype)
     p = probabilities(q, k, mask, heads, scale).astype(dtype, copy=False)
     b, t = q.shape[0], q.shape[1]
     out, out_heads = _merged(b, t, heads, v.shape[-1] // heads, dtype)
     np.matmul(p, heads_view(v.astype(dtype, copy=False), heads), out=out_heads)
-    return out
+    return (out, p) if keep_probs else out
 
 
-def attention_grad(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float
-                   ) -> tuple[Any, Any, Any, Any]:
+def attention_grad(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int, scale: float,
+                   probs: Any = None, mask_grad: bool = True) -> tuple[Any, Any, Any, Any]:
     """(dq, dk, dv, dmask) of :func:`attention` for the output gradient ``g`` (B, T, H*dv);
-    dmask is d(loss)/d(logits) (B, H, T, S), or None without a mask."""
-    done = _attention_grad_by_slabs(g, q, k, v, mask, heads, scale)
+    dmask is d(loss)/d(logits) (B, H, T, S), or None without a mask or where ``mask_grad``
+    is False. ``probs``: the forward's probabilities (``attention(..., keep_probs=True)``),
+    read instead of recomputed (never written)."""
+    done = _attention_grad_by_slabs(g, q, k, v, mask, heads, scale, probs, mask_grad)
     if done is not None:
         return done
     dtype = np.result_type(g.dtype, q.dtype, k.dtype, v.dtype)
     q, k, v, g = (a.astype(dtype, copy=False) for a in (q, k, v, g))
-    p = probabilities(q, k, mask, heads, scale).astype(dtype, copy=False)
+    if probs is None:
+        p = probabilities(q, k, mask, heads, scale).astype(dtype, copy=False)
+    else:
+        p = np.ascontiguousarray(probs, dtype=dtype)
     gh, vh = heads_view(g, heads), heads_view(v, heads)
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
     dv, dv_heads = _merged(b, s, heads, v.shape[-1] // heads, dtype)
@@ -311,8 +333,7 @@ def attention_grad(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int, scale:
     loops = _row_loops(ds)
     if loops is None or not p.flags.c_contiguous or not _softmax_grad(loops, p, ds):
         ds *= p
-        p *= ds.sum(axis=-1, keepdims=True)
-        ds -= p
+        ds -= p * ds.sum(axis=-1, keepdims=True)  # (p is not written: it may be the forward's)
     dk_width = q.shape[-1] // heads
     dq, dq_heads = _merged(b, t, heads, dk_width, dtype)
     np.matmul(ds, heads_view(k, heads), out=dq_heads)
@@ -320,4 +341,4 @@ def attention_grad(g: Any, q: Any, k: Any, v: Any, mask: Any, heads: int, scale:
     dk, dk_heads = _merged(b, s, heads, dk_width, dtype)
     np.matmul(ds.swapaxes(-1, -2), heads_view(q, heads), out=dk_heads)
     dk *= scale
-    return dq, dk, dv, (ds if mask is not None else None)
+    return dq, dk, dv, (ds if mask is not None and mask_grad else None)

@@ -66,11 +66,13 @@ def _slab_probabilities(gemm, q, k, i, h, dk, scale, mask, use_mask, p):
 _slab_probabilities_jit = numba.njit(nogil=True, inline="always")(_slab_probabilities)
 
 
-def _attention_slabs(gemm, q, k, v, out, mask, use_mask, scale, heads, count):
+def _attention_slabs(gemm, q, k, v, out, mask, use_mask, scale, heads, count, p_all, keep_p):
     """out (B, T, H*dv) = softmax(scale * q_h k_h^T + mask rows) v_h per head h, in ``count``
     blocks of the B * H (batch, head) slabs; q (B, T, H*dk), k (B, S, H*dk), v (B, S, H*dv)
     float32 with unit-stride rows, mask (T, S) read where ``use_mask`` (see
-    numba_attention.shifted_logits_rows). gemm: cblas_sgemm (a ctypes function)."""
+    numba_attention.shifted_logits_rows). gemm: cblas_sgemm (a ctypes function). Where
+    ``keep_p`` each slab's probabilities are made in ``p_all`` (B * H, T, S), kept for the
+    backward, else in a scratch slab."""
     b, t, e = q.shape
     s = k.shape[1]
     dk = e // heads
@@ -85,15 +87,17 @@ def _attention_slabs(gemm, q, k, v, out, mask, use_mask, scale, heads, count):
             h = slab - i * heads
             vh = v[i, :, h * dv:(h + 1) * dv]
             oh = out[i, :, h * dv:(h + 1) * dv]
-            _slab_probabilities_jit(gemm, q, k, i, h, dk, scale, mask, use_mask, p)
-            gemm(_ROW, _N, _N, t, dv, s, 1.0, p.ctypes, s, vh.ctypes, ldv, 0.0, oh.ctypes, ldo)
+            ps = p_all[slab] if keep_p else p
+            _slab_probabilities_jit(gemm, q, k, i, h, dk, scale, mask, use_mask, ps)
+            gemm(_ROW, _N, _N, t, dv, s, 1.0, ps.ctypes, s, vh.ctypes, ldv, 0.0, oh.ctypes, ldo)
 
 
-def _attention_grad_slabs(gemm, g, q, k, v, dq, dk_out, dv_out, ds_all, keep_ds, mask,
-                          use_mask, scale, heads, count):
+def _attention_grad_slabs(gemm, g, q, k, v, dq, dk_out, dv_out, ds_all, keep_ds, p_all,
+                          have_p, mask, use_mask, scale, heads, count):
     """dq, dk_out, dv_out (shaped as q, k, v) of ``_attention_slabs`` for the output
-    gradient g (B, T, H*dv), per slab: p recomputed, dv = p^T g, ds = softmax's adjoint of
-    g v^T, dq = scale * ds k, dk = scale * ds^T q; ds kept in ``ds_all`` (B * H, T, S) where
+    gradient g (B, T, H*dv), per slab: p read from ``p_all`` (B * H, T, S) where ``have_p``
+    (the forward kept it), else recomputed, dv = p^T g, ds = softmax's adjoint of g v^T,
+    dq = scale * ds k, dk = scale * ds^T q; ds kept in ``ds_all`` (B * H, T, S) where
     ``keep_ds`` (the mask's gradient), else in a scratch slab."""
     b, t, e = q.shape
     s = k.shape[1]
@@ -120,11 +124,15 @@ def _attention_grad_slabs(gemm, g, q, k, v, dq, dk_out, dv_out, ds_all, keep_ds,
             dqh = dq[i, :, h * dk:(h + 1) * dk]
             dkh = dk_out[i, :, h * dk:(h + 1) * dk]
             dvh = dv_out[i, :, h * dv:(h + 1) * dv]
-            _slab_probabilities_jit(gemm, q, k, i, h, dk, scale, mask, use_mask, p)
+            if have_p:
+                ps = p_all[slab]
+            else:
+                ps = p
+                _slab_probabilities_jit(gemm, q, k, i, h, dk, scale, mask, use_mask, ps)
             # dv_h = p^T @ g_h, dp = g_h @ v_h^T (into ds), then softmax's adjoint in place
-            gemm(_ROW, _T, _N, s, dv, t, 1.0, p.ctypes, s, gh.ctypes, ldg, 0.0, dvh.ctypes, lv)
+            gemm(_ROW, _T, _N, s, dv, t, 1.0, ps.ctypes, s, gh.ctypes, ldg, 0.0, dvh.ctypes, lv)
             gemm(_ROW, _N, _T, t, s, dv, 1.0, gh.ctypes, ldg, vh.ctypes, ldv, 0.0, ds.ctypes, s)
-            numba_attention.softmax_grad_rows(p, ds)
+            numba_attention.softmax_grad_rows(ps, ds)
             # dq_h = ds @ k_h, dk_h = ds^T @ q_h, each then times the scale
             gemm(_ROW, _N, _N, t, dk, s, 1.0, ds.ctypes, s, kh.ctypes, ldk, 0.0, dqh.ctypes, lq)
             gemm(_ROW, _T, _N, s, dk, t, 1.0, ds.ctypes, s, qh.ctypes, ldq, 0.0, dkh.ctypes, lk)
