@@ -320,15 +320,27 @@ def _layer_norm_grad(g, x, w, eps=1e-5):
     return dx + dw * 2.0 + db * 3.0
 
 
-def _torch_attention(q, k, v, *mask, heads=1, scale=1.0):
-    """Per-head softmax(scale q k^T + mask) v, heads concatenated (B, T, heads * dv)."""
-    def split(x):
-        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+def _torch_heads(x, heads):
+    """(B, L, heads * d) -> (B, heads, L, d)."""
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
-    logits = scale * split(q) @ split(k).transpose(-1, -2)
+
+def _torch_merged(x, like):
+    """(B, heads, L, d) -> (B, L, heads * d), shaped as ``like``."""
+    return x.transpose(1, 2).reshape(like.shape)
+
+
+def _torch_probs(q, k, mask, heads, scale):
+    """Per-head softmax(scale q k^T + mask) (B, heads, T, S)."""
+    logits = scale * _torch_heads(q, heads) @ _torch_heads(k, heads).transpose(-1, -2)
     if mask:
         logits = logits + mask[0]
-    out = torch.softmax(logits, -1) @ split(v)
+    return torch.softmax(logits, -1)
+
+
+def _torch_attention(q, k, v, *mask, heads=1, scale=1.0):
+    """Per-head softmax(scale q k^T + mask) v, heads concatenated (B, T, heads * dv)."""
+    out = _torch_probs(q, k, mask, heads, scale) @ _torch_heads(v, heads)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2])
 
 
@@ -356,14 +368,9 @@ def _attention_with_probs(q, k, v, *mask, heads=1, scale=1.0):
 
 def _torch_attention_with_probs(q, k, v, *mask, heads=1, scale=1.0):
     """(attention, its probabilities) flattened into one vector."""
-    def split(x):
-        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-    logits = scale * split(q) @ split(k).transpose(-1, -2)
-    if mask:
-        logits = logits + mask[0]
-    p = torch.softmax(logits, -1)
-    out = (p @ split(v)).transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2])
+    p = _torch_probs(q, k, mask, heads, scale)
+    out = (p @ _torch_heads(v, heads)).transpose(1, 2).reshape(q.shape[0], q.shape[1],
+                                                                v.shape[2])
     return torch.cat([out.reshape(-1), p.reshape(-1)])
 
 
@@ -383,18 +390,12 @@ def _attention_grad_probs(g, q, k, v, p, masked=False, heads=1, scale=1.0, mask_
 def _torch_attention_grad_probs(g, q, k, v, p, masked=False, heads=1, scale=1.0,
                                 mask_grad=True):
     """attention's adjoint formulas with the probabilities p given: (dq, dk, dv[, ds])."""
-    def split(x):
-        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-    def merge(x, like):
-        return x.transpose(1, 2).reshape(like.shape)
-
-    gh, qh, kh, vh = split(g), split(q), split(k), split(v)
+    gh, qh, kh, vh = (_torch_heads(x, heads) for x in (g, q, k, v))
     dv = p.transpose(-1, -2) @ gh
     dp = gh @ vh.transpose(-1, -2)
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    parts = [merge(scale * ds @ kh, q), merge(scale * ds.transpose(-1, -2) @ qh, k),
-             merge(dv, v)]
+    parts = [_torch_merged(scale * ds @ kh, q),
+             _torch_merged(scale * ds.transpose(-1, -2) @ qh, k), _torch_merged(dv, v)]
     if masked and mask_grad:
         parts.append(ds)
     return torch.cat([x.reshape(-1) for x in parts])

@@ -16,8 +16,8 @@ The backward recomputes the probabilities from q and k (one product and a softma
 it is given the forward's (``keep_probs`` / ``probs``: a jitted training step's
 ``attention_with_probs`` and ``attention_grad_probs``, compiler/attention_probs_rewrite.py;
 the same values, one (B, H, T, S) array kept between the two). The mask's gradient (the
-logits' adjoint) is written only where asked (``mask_grad``: a causal mask is a constant). Formulas, with ``p = softmax(s)``,
-``s = scale * q k^T + mask`` per head::
+logits' adjoint) is written only where asked (``mask_grad``: a causal mask is a constant).
+Formulas, with ``p = softmax(s)``, ``s = scale * q k^T + mask`` per head::
 
     dv = p^T g,  dp = g v^T,  ds = p * (dp - rowsum(p * dp)),
     dq = scale * ds k,  dk = scale * ds^T q,  dmask = ds

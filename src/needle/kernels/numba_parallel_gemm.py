@@ -11,10 +11,43 @@ differ), so the same bits while every block stays a large product (kernels/gemm_
 
 from __future__ import annotations
 
+import numba
 from numba import prange
 
 from ..backend.parallel_loops import njit_parallel
 from . import numba_kernels
+
+
+def _gemm_block(fn, trans_a, trans_b, a, b, c, i, count, by_columns, align):
+    """Block ``i`` of ``_gemm_blocks``: its one gemm call; returns its lines (start, stop)."""
+    rows, cols = c.shape
+    k = a.shape[0] if trans_a == 112 else a.shape[1]
+    item = c.itemsize
+    lda, ldb, ldc = a.strides[0] // item, b.strides[0] // item, c.strides[0] // item
+    if by_columns:
+        units = -(-cols // align)
+        s = min(cols, align * (units * i // count))
+        e = min(cols, align * (units * (i + 1) // count))
+        if trans_b == 112:
+            fn(101, trans_a, trans_b, rows, e - s, k, 1.0, a.ctypes, lda,
+               b[s:e].ctypes, ldb, 0.0, c[:, s:e].ctypes, ldc)
+        else:
+            fn(101, trans_a, trans_b, rows, e - s, k, 1.0, a.ctypes, lda,
+               b[:, s:e].ctypes, ldb, 0.0, c[:, s:e].ctypes, ldc)
+    else:
+        units = -(-rows // align)
+        s = min(rows, align * (units * i // count))
+        e = min(rows, align * (units * (i + 1) // count))
+        if trans_a == 112:
+            fn(101, trans_a, trans_b, e - s, cols, k, 1.0, a[:, s:e].ctypes, lda,
+               b.ctypes, ldb, 0.0, c[s:e].ctypes, ldc)
+        else:
+            fn(101, trans_a, trans_b, e - s, cols, k, 1.0, a[s:e].ctypes, lda,
+               b.ctypes, ldb, 0.0, c[s:e].ctypes, ldc)
+    return s, e
+
+
+_gemm_block_jit = numba.njit(nogil=True, inline="always")(_gemm_block)
 
 
 def _gemm_blocks(fn, trans_a, trans_b, a, b, c, count, by_columns, align):
@@ -23,31 +56,8 @@ def _gemm_blocks(fn, trans_a, trans_b, a, b, c, count, by_columns, align):
     c's rows (columns where ``by_columns``), each starting at a multiple of ``align`` lines:
     block ``i`` holds lines ``align * (u * i // count)`` to ``align * (u * (i + 1) // count)``
     (u: the lines in units of ``align``, rounded up; the last block ends at the last line)."""
-    rows, cols = c.shape
-    k = a.shape[0] if trans_a == 112 else a.shape[1]
-    item = c.itemsize
-    lda, ldb, ldc = a.strides[0] // item, b.strides[0] // item, c.strides[0] // item
     for i in prange(count):
-        if by_columns:
-            units = -(-cols // align)
-            s = min(cols, align * (units * i // count))
-            e = min(cols, align * (units * (i + 1) // count))
-            if trans_b == 112:
-                fn(101, trans_a, trans_b, rows, e - s, k, 1.0, a.ctypes, lda,
-                   b[s:e].ctypes, ldb, 0.0, c[:, s:e].ctypes, ldc)
-            else:
-                fn(101, trans_a, trans_b, rows, e - s, k, 1.0, a.ctypes, lda,
-                   b[:, s:e].ctypes, ldb, 0.0, c[:, s:e].ctypes, ldc)
-        else:
-            units = -(-rows // align)
-            s = min(rows, align * (units * i // count))
-            e = min(rows, align * (units * (i + 1) // count))
-            if trans_a == 112:
-                fn(101, trans_a, trans_b, e - s, cols, k, 1.0, a[:, s:e].ctypes, lda,
-                   b.ctypes, ldb, 0.0, c[s:e].ctypes, ldc)
-            else:
-                fn(101, trans_a, trans_b, e - s, cols, k, 1.0, a[s:e].ctypes, lda,
-                   b.ctypes, ldb, 0.0, c[s:e].ctypes, ldc)
+        _gemm_block_jit(fn, trans_a, trans_b, a, b, c, i, count, by_columns, align)
 
 
 def _gemm_blocks_epilogue(fn, trans_a, trans_b, a, b, c, count, by_columns, align, bias,
@@ -56,31 +66,11 @@ def _gemm_blocks_epilogue(fn, trans_a, trans_b, a, b, c, count, by_columns, alig
     thread that made them (while they are in its cache): a linear layer's bias, residual
     and ReLU in the product's region instead of passes of their own."""
     rows, cols = c.shape
-    k = a.shape[0] if trans_a == 112 else a.shape[1]
-    item = c.itemsize
-    lda, ldb, ldc = a.strides[0] // item, b.strides[0] // item, c.strides[0] // item
     for i in prange(count):
+        s, e = _gemm_block_jit(fn, trans_a, trans_b, a, b, c, i, count, by_columns, align)
         if by_columns:
-            units = -(-cols // align)
-            s = min(cols, align * (units * i // count))
-            e = min(cols, align * (units * (i + 1) // count))
-            if trans_b == 112:
-                fn(101, trans_a, trans_b, rows, e - s, k, 1.0, a.ctypes, lda,
-                   b[s:e].ctypes, ldb, 0.0, c[:, s:e].ctypes, ldc)
-            else:
-                fn(101, trans_a, trans_b, rows, e - s, k, 1.0, a.ctypes, lda,
-                   b[:, s:e].ctypes, ldb, 0.0, c[:, s:e].ctypes, ldc)
             numba_kernels.linear_epilogue(c, 0, rows, s, e, bias, residual, relu)
         else:
-            units = -(-rows // align)
-            s = min(rows, align * (units * i // count))
-            e = min(rows, align * (units * (i + 1) // count))
-            if trans_a == 112:
-                fn(101, trans_a, trans_b, e - s, cols, k, 1.0, a[:, s:e].ctypes, lda,
-                   b.ctypes, ldb, 0.0, c[s:e].ctypes, ldc)
-            else:
-                fn(101, trans_a, trans_b, e - s, cols, k, 1.0, a[s:e].ctypes, lda,
-                   b.ctypes, ldb, 0.0, c[s:e].ctypes, ldc)
             numba_kernels.linear_epilogue(c, s, e, 0, cols, bias, residual, relu)
 
 
