@@ -135,3 +135,39 @@ def test_backward_makes_the_mask_gradient_only_where_wanted(learned):
     grad_ops = [op for op in _ops_behind(qt.grad) if op.name == "attention_grad"]
     assert [op.mask_grad for op in grad_ops] == [learned]
     assert (mask.grad is not None) == learned
+
+
+def test_a_session_train_op_takes_the_rewrites_and_equals_eager():
+    """A declared graph with fully known shapes runs the same passes (Session and JIT share
+    the compiler): its train op keeps the probabilities and runs the feed-forward's ReLU in
+    the product, and trains the layer exactly as eager mode does."""
+    from needle import static as st
+
+    b, t, dim, heads = 4, 64, 64, 4
+    batches = [np.random.default_rng(i).standard_normal((b, t, dim)).astype(np.float32)
+               for i in range(3)]
+
+    def layer():
+        np.random.seed(0)
+        return nn.TransformerLayer(dim, heads, 512, dropout=0.0, causal=True)
+
+    eager = layer()
+    opt = ndl.optim.Adam(eager.parameters(), lr=1e-3)
+    for xb in batches:
+        opt.reset_grad()
+        out = eager(ndl.Tensor(xb, requires_grad=False))
+        (ops.summation(out * out) / out.size).backward()
+        opt.step()
+    declared = layer()
+    with st.Graph():
+        x = st.placeholder((b, t, dim))
+        out = declared(x)
+        train = st.minimize(ndl.optim.Adam(declared.parameters(), lr=1e-3),
+                            ops.summation(out * out) / float(b * t * dim))
+        sess = st.Session()
+        for xb in batches:
+            sess.run(train, {x: xb})
+    names = {s.op.name for runner in sess._runners.values() for s in runner.program.steps}
+    assert {"attention_with_probs", "attention_grad_probs", "linear_relu"} <= names
+    for a, w in zip(declared.parameters(), eager.parameters()):
+        np.testing.assert_array_equal(a.numpy(), w.numpy())
