@@ -171,3 +171,14 @@ def test_a_session_train_op_takes_the_rewrites_and_equals_eager():
     assert {"attention_with_probs", "attention_grad_probs", "linear_relu"} <= names
     for a, w in zip(declared.parameters(), eager.parameters()):
         np.testing.assert_array_equal(a.numpy(), w.numpy())
+
+
+def test_long_sequences_keep_recomputing_the_probabilities(monkeypatch):
+    """Kept probabilities grow with T * S per layer: past MAX_PROBS_BYTES the backward
+    recomputes them (the plain attention_grad)."""
+    from needle.compiler import attention_probs_rewrite
+
+    monkeypatch.setattr(attention_probs_rewrite, "MAX_PROBS_BYTES", 1 << 16)
+    program, _ = _layer_step(True, monkeypatch)
+    names = [s.op.name for s in program.steps]
+    assert "attention_with_probs" not in names and "attention_grad" in names

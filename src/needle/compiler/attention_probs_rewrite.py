@@ -19,8 +19,10 @@ the forward writing each slab's p into a (B, H, T, S) array instead of a scratch
 backward reading it: the same values bit for bit (one function makes p both ways), one
 logits-sized array kept between the two. The backward's mask gradient is made only where
 something reads it (a causal mask is a constant). Only float32 logits of at least
-``kernels/attention.PRANGE_MIN_SIZE`` elements (where the slab kernels run); inference
-programs (no attention_grad) are left alone. The user's graph nodes are left alone.
+``kernels/attention.PRANGE_MIN_SIZE`` elements (where the slab kernels run) and at most
+``MAX_PROBS_BYTES`` of probabilities (long sequences keep recomputing them: kept, they would
+grow with T * S per layer); inference programs (no attention_grad) are left alone. The
+user's graph nodes are left alone.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ from ..kernels import attention as kernel
 from .rewrite_support import kept_slots, rewrite_until_done, step_readers
 from .rewritten_node import RewrittenNode
 
-__all__ = ["rewrite_attention_probs"]
+__all__ = ["MAX_PROBS_BYTES", "rewrite_attention_probs"]
+
+#: the most bytes of probabilities kept for one attention (B * H * T * S * 4): longer
+#: sequences recompute them, as before (kept, they would grow with T * S per layer)
+MAX_PROBS_BYTES = 1 << 24
 
 
 def rewrite_attention_probs(program: Program) -> int:
@@ -57,7 +63,8 @@ def _float32_logits(node: Any) -> bool:
                and np.dtype(a.dtype) == np.float32 for a in avals):
         return False
     (b, t, _), (_, s, _) = avals[0].shape, avals[1].shape  # type: ignore[union-attr]
-    return b * node.op.heads * t * s >= kernel.PRANGE_MIN_SIZE and \
+    logits = b * node.op.heads * t * s
+    return kernel.PRANGE_MIN_SIZE <= logits <= MAX_PROBS_BYTES // 4 and \
         getattr(node, "device", cpu()) == cpu()
 
 
