@@ -44,8 +44,7 @@ from ..backend import cpu
 from ..core.interpret import Program, Step
 from ..core.ops_batchnorm_relu import BatchNormReluGrad
 from ..core.ops_shape import TupleGetItem
-from ..core.registry import Aval
-from .rewrite_support import kept_slots
+from .rewrite_support import dense_float, kept_slots
 from .rewritten_node import RewrittenNode
 
 __all__ = ["MIN_ELEMENTS", "rewrite_batchnorm_relu_grads"]
@@ -55,14 +54,6 @@ MIN_ELEMENTS = 1 << 15
 
 
 
-def _dense_float(aval: Any) -> tuple | None:
-    """(shape, dtype) of a fully known float array aval, else None."""
-    if not isinstance(aval, Aval) or None in aval.shape:
-        return None
-    dtype = np.dtype(aval.dtype)
-    return (tuple(aval.shape), dtype) if dtype.kind == "f" else None
-
-
 def _matches(relu: Step, bn: Step) -> bool:
     """Whether ``relu`` (a relu_grad) and ``bn`` (a batch_norm_grad reading it as g) fuse:
     y, g and x one known shape and float dtype, large enough, on the CPU."""
@@ -70,7 +61,7 @@ def _matches(relu: Step, bn: Step) -> bool:
         return False
     y_n, g_n = relu.node.inputs
     x_n = bn.node.inputs[1]
-    known = {_dense_float(n.aval) for n in (y_n, g_n, x_n, relu.node)}
+    known = {dense_float(n.aval) for n in (y_n, g_n, x_n, relu.node)}
     first = known.pop()
     if first is None or known:  # unknown, or not one shape and dtype
         return False

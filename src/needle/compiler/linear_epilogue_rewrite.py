@@ -31,14 +31,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ..backend import cpu
 from ..core.interpret import Program, Step
 from ..core.ops_linear_fused import LinearRelu, LinearResidual
 from ..core.ops_shape import Reshape
 from ..core.registry import Aval
-from .rewrite_support import kept_slots, rewrite_until_done, step_readers
+from .rewrite_support import dense_float, kept_slots, rewrite_until_done, step_readers
 from .rewritten_node import RewrittenNode
 
 __all__ = ["MIN_ELEMENTS", "rewrite_linear_epilogues"]
@@ -46,15 +44,10 @@ __all__ = ["MIN_ELEMENTS", "rewrite_linear_epilogues"]
 #: smallest output (elements) whose pair is rewritten
 MIN_ELEMENTS = 1 << 15
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
 
 def _dense(node: Any) -> tuple | None:
     """(shape, dtype) of a node's fully known float aval, else None."""
-    aval = getattr(node, "aval", None)
-    if not isinstance(aval, Aval) or None in aval.shape or np.dtype(aval.dtype) not in _FLOATS:
-        return None
-    return tuple(aval.shape), np.dtype(aval.dtype)
+    return dense_float(getattr(node, "aval", None))
 
 
 def rewrite_linear_epilogues(program: Program) -> tuple[int, int]:

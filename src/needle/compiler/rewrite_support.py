@@ -16,11 +16,20 @@ from ..core.interpret import Program, Step, snapshot_slots
 from ..core.ops_shape import normalize_axes
 from ..core.registry import Aval
 
-__all__ = ["NCHW", "activation_readers", "batchnorm_relu_chains", "kept_slots",
+__all__ = ["NCHW", "activation_readers", "batchnorm_relu_chains", "dense_float", "kept_slots",
            "retarget_stores", "rewrite_until_done", "step_readers"]
 
 #: the permutation that views a convolution's NHWC output as NCHW (BatchNorm2d's layout)
 NCHW = (0, 3, 1, 2)
+
+
+def dense_float(aval: Any) -> tuple | None:
+    """(shape, dtype) of a fully known float array aval, else None (the rewrites match on
+    traced shapes)."""
+    if not isinstance(aval, Aval) or None in aval.shape:
+        return None
+    dtype = np.dtype(aval.dtype)
+    return (tuple(aval.shape), dtype) if dtype.kind == "f" else None
 
 
 def kept_slots(program: Program) -> set:

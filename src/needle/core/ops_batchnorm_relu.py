@@ -15,16 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ..kernels import batchnorm_relu, threaded_elementwise
 from .context import GradMode
-from .ops_elementwise import ReLU, ReLUGrad
+from .ops_elementwise import ReLUGrad
 from .ops_norm import BatchNorm, BatchNormGrad, _check_batch_stats
 from .ops_shape import SumTo, normalize_axes
 from .registry import Aval, F, ShapeError, fmt_shape, register
 
-_RELU = ReLU()
 _RELU_GRAD = ReLUGrad()
 
 
@@ -39,12 +36,8 @@ class BatchNormRelu(BatchNorm):
     """
 
     def compute(self, x, weight, bias, mean, var):
-        y = BatchNorm.compute(self, x, weight, bias, mean, var)
-        if type(y) is np.ndarray and y.dtype.kind == "f" and y.flags.writeable:
-            if not threaded_elementwise.relu_in_place(y):
-                np.maximum(y, y.dtype.type(0), out=y)
-            return y
-        return _RELU.compute(y)
+        return threaded_elementwise.relu_owned(
+            BatchNorm.compute(self, x, weight, bias, mean, var))
 
     def scalar_expr(self, args, const):
         return f"np.maximum({BatchNorm.scalar_expr(self, args, const)}, {const(0)})"

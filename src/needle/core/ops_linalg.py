@@ -179,6 +179,15 @@ class TransposedMatMul(Op):
         return Aval(batch + (a2.shape[-2], b2.shape[-1]), np.result_type(a.dtype, b.dtype))
 
 
+def linear_grads(g, x, w, b) -> tuple:
+    """The adjoints of ``linear(x, w, b)`` for its output's adjoint ``g``: g @ w^T, x^T @ g
+    and g (summed back to b's shape by the engine), each only where its input needs one
+    (x in a model's first layer does not: its product is skipped)."""
+    return (F.transposed_matmul(g, w, False, True) if x.requires_grad else None,
+            F.transposed_matmul(x, g, True, False) if w.requires_grad else None,
+            g if b.requires_grad else None)
+
+
 @register("linear", inputs=("x", "w", "b"))
 class Linear(Op):
     """``x @ w + b`` for matrices x (n, k), w (k, m) and a bias b that broadcasts to (n, m)
@@ -197,11 +206,8 @@ class Linear(Op):
         return linear.forward(x, w, b)
 
     def gradient(self, out_grad, node):
-        x, w, b = node.inputs
-        # NOTE: skip the product of an input that needs no gradient (x in a model's first layer)
-        return (F.transposed_matmul(out_grad, w, False, True) if x.requires_grad else None,
-                F.transposed_matmul(x, out_grad, True, False) if w.requires_grad else None,
-                out_grad if b.requires_grad else None)
+        x, w, b = node.inputs[:3]
+        return linear_grads(out_grad, x, w, b)
 
     def infer(self, x: Aval, w: Aval, b: Aval) -> Aval:
         if len(x.shape) != 2 or len(w.shape) != 2:

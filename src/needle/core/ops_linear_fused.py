@@ -12,20 +12,11 @@ holding it can be differentiated, saved or interpreted like any other.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..kernels import linear
-from .ops_linalg import Linear
+from .ops_linalg import Linear, linear_grads
 from .registry import Aval, F, ShapeError, fmt_shape, register
-
-
-def _linear_grads(g: Any, x: Any, w: Any, b: Any) -> tuple:
-    """The adjoints of ``linear(x, w, b)`` for its output's adjoint ``g`` (those needed)."""
-    return (F.transposed_matmul(g, w, False, True) if x.requires_grad else None,
-            F.transposed_matmul(x, g, True, False) if w.requires_grad else None,
-            g if b.requires_grad else None)
 
 
 @register("linear_relu", inputs=("x", "w", "b"))
@@ -39,7 +30,7 @@ class LinearRelu(Linear):
 
     def gradient(self, out_grad, node):
         x, w, b = node.inputs
-        return _linear_grads(F.relu_grad(node, out_grad), x, w, b)
+        return linear_grads(F.relu_grad(node, out_grad), x, w, b)
 
 
 @register("linear_residual", inputs=("x", "w", "b", "residual"))
@@ -52,7 +43,7 @@ class LinearResidual(Linear):
 
     def gradient(self, out_grad, node):
         x, w, b, residual = node.inputs
-        return (*_linear_grads(out_grad, x, w, b),
+        return (*linear_grads(out_grad, x, w, b),
                 out_grad if residual.requires_grad else None)
 
     def infer(self, x: Aval, w: Aval, b: Aval,  # type: ignore[override]

@@ -225,10 +225,7 @@ def split_with_epilogue(a: Any, b: Any, bias: Any, residual: Any, relu: bool,
     epilogue = (bias, _NO_RESIDUAL if residual is None else residual, bool(relu))
     if _thread_state.held:
         return _split(a, b, out, epilogue)
-    # outside a plan's run: as ``matmul``, a large product holds BLAS for itself
-    if EAGER and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 \
-            and b.ndim == 2 and a.shape[0] * a.shape[1] * b.shape[1] >= EAGER_MIN_MACS \
-            and _can_hold():
+    if _holds_alone(a, b):  # outside a plan's run: as ``matmul``
         with blas_threads.hold():
             return _split(a, b, out, epilogue)
     return None
@@ -252,6 +249,16 @@ def _product(a: Any, b: Any, out: Any) -> Any:
     return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
 
 
+def _holds_alone(a: Any, b: Any) -> bool:
+    """Whether a product outside a plan's hold holds BLAS on one thread for itself (``EAGER``;
+    one of ``EAGER_MIN_MACS`` or more multiply-adds per matrix)."""
+    # (a.size * the columns bounds a matrix's multiply-adds from above: one product and one
+    # comparison turn away a small product, ~0.4 us, the cost of an eager op's call)
+    return EAGER and b.ndim >= 2 and a.size * b.shape[-1] >= EAGER_MIN_MACS \
+        and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim >= 2 \
+        and a.shape[-2] * a.shape[-1] * b.shape[-1] >= EAGER_MIN_MACS and _can_hold()
+
+
 def matmul(a: Any, b: Any, out: Any = None) -> Any:
     """``np.matmul(a, b[, out=out])`` with OpenBLAS held on one thread: inside
     ``hold_one_thread`` (a jitted plan's run), and outside it (eager ops) for this product
@@ -259,11 +266,7 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
     numba's threads (the bits of OpenBLAS's one-thread product)."""
     if _thread_state.held:
         return _product(a, b, out)
-    # (a.size * the columns bounds a matrix's multiply-adds from above: one product and one
-    # comparison turn away a small product, ~0.4 us, the cost of an eager op's call)
-    if EAGER and b.ndim >= 2 and a.size * b.shape[-1] >= EAGER_MIN_MACS \
-            and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim >= 2 \
-            and a.shape[-2] * a.shape[-1] * b.shape[-1] >= EAGER_MIN_MACS and _can_hold():
+    if _holds_alone(a, b):
         with blas_threads.hold():
             return _product(a, b, out)
     return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)

@@ -95,10 +95,4 @@ def forward(x: Any, w: Any, b: Any, residual: Any = None, relu: bool = False) ->
             array_module(out).add(residual, out, out=out)
         else:
             out = residual + out
-    if relu:
-        if type(out) is np.ndarray and out.dtype.kind == "f" and out.flags.writeable:
-            if not threaded_elementwise.relu_in_place(out):
-                np.maximum(out, out.dtype.type(0), out=out)
-        else:
-            out = array_module(out).maximum(out, 0)
-    return out
+    return threaded_elementwise.relu_owned(out) if relu else out

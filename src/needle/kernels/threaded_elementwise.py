@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from ..backend import cpu_threads, parallel_loops
+from ..backend.device import array_module
 from ..backend.numba_support import NumbaLoops
 from .axes import inverse_permutation
 
 __all__ = ["MIN_ELEMENTS", "PRANGE_BLOCK_ELEMENTS", "PRANGE_MIN_ELEMENTS", "SPLIT_MIN_ELEMENTS",
-           "add_row", "relu", "relu_grad", "relu_in_place"]
+           "add_row", "relu", "relu_grad", "relu_in_place", "relu_owned"]
 
 #: smallest array, in elements, that takes the compiled loop (below it NumPy's call is as
 #: fast and the dispatch costs more than it saves)
@@ -160,6 +161,17 @@ def relu_in_place(a: Any) -> bool:
         return False
     flat = _flat(a, order)  # (a view: a's memory is one dense block in ``order``)
     return _run("relu", (flat,), flat)
+
+
+def relu_owned(a: Any) -> Any:
+    """``max(a, 0)`` of an array no one else sees yet (an op's fresh output): in place where
+    it is a writable float NumPy array (``np.maximum``'s values: NaN kept, -0.0 -> +0.0),
+    else a new array."""
+    if type(a) is np.ndarray and a.dtype.kind == "f" and a.flags.writeable:
+        if not relu_in_place(a):
+            np.maximum(a, a.dtype.type(0), out=a)
+        return a
+    return array_module(a).maximum(a, 0)
 
 
 def relu_grad(a: Any, g: Any) -> np.ndarray | None:
