@@ -266,7 +266,8 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
     numba's threads (the bits of OpenBLAS's one-thread product)."""
     if _thread_state.held:
         return _product(a, b, out)
-    if _holds_alone(a, b):
+    # (the cheap first test inline: most eager products are small, and a call costs ~0.1 us)
+    if EAGER and b.ndim >= 2 and a.size * b.shape[-1] >= EAGER_MIN_MACS and _holds_alone(a, b):
         with blas_threads.hold():
             return _product(a, b, out)
     return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
