@@ -121,6 +121,14 @@ def active_trace() -> Any:
     return state().trace
 
 
+def unobserved_eager() -> bool:
+    """Whether ops made now in this thread run eagerly with nothing watching their nodes: no
+    trace, no declared graph recording, no profiler. Layers may then compute values that no
+    gradient reads (BatchNorm's statistics and running averages) without making nodes."""
+    current = state()
+    return current.trace is None and not current.recording and current.profiler is None
+
+
 def module_called(module: Any) -> None:
     """A Module is being called: the active trace guards on it (training flag, attributes)."""
     current = _get(None)  # a thread without state yet has no trace either
@@ -205,5 +213,6 @@ __all__ = [
     "GradMode", "ThreadState", "active_trace", "add_grad_hook", "add_node_hook",
     "is_grad_enabled", "remove_grad_hook",
     "lazy_node_made", "module_called", "provide", "recording", "service", "state", "tracing",
+    "unobserved_eager",
     "watching_nodes",
 ]

@@ -138,6 +138,13 @@ def _check_batch_stats(op: str, x: Aval, axes: tuple, stats: dict[str, Aval]) ->
                              f"per-channel shape that broadcasts to {fmt_shape(kept)}")
 
 
+def batch_statistics(x: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
+    """``batch_stats``'s values for an array: (mean, biased variance) over ``axes`` (sorted,
+    non-negative), kept as size-1 dims. Eager training BatchNorm calls it directly, with no
+    node (nn/basic.py)."""
+    return batchnorm.statistics(x, axes)
+
+
 @register("batch_stats", inputs=("x",))
 class BatchStats(Op):
     """``(mean, variance)`` of x over ``axes``, kept as size-1 dims (biased variance): the
@@ -155,7 +162,7 @@ class BatchStats(Op):
         self.axes = as_axes(axes)
 
     def compute(self, x):
-        return batchnorm.statistics(x, normalize_axes(self.name, self.axes, x.ndim))
+        return batch_statistics(x, normalize_axes(self.name, self.axes, x.ndim))
 
     def gradient(self, out_grad, node):
         # d mean / dx = 1 / n; d var / dx = 2 (x - mean) / n (the mean's own dependence on x

@@ -54,6 +54,18 @@ class ToDevice(Op):
         return a
 
 
+def store_into(target: Any, value: Any, momentum: float) -> None:
+    """``store``'s write: ``target = (1 - momentum) * target + momentum * value`` in place
+    (``momentum=1``: a copy), ``value`` of any shape of the target's size. Eager training
+    BatchNorm calls it directly for its running averages, with no node (nn/basic.py)."""
+    if value.shape != target.shape:
+        value = value.reshape(target.shape)
+    if momentum == 1.0:
+        np.copyto(target, value, casting="same_kind")
+    else:  # in place: target *= 1 - m; target += m * value (one loop where numba is)
+        running_average(target, value, momentum)
+
+
 @register("store", inputs=("value", "*after"))
 class Store(Op):
     """Write ``value`` into ``target``'s array in place (an effect); the result is that array.
@@ -91,12 +103,7 @@ class Store(Op):
 
     def compute(self, value, *after):
         target = self.target._data if self.storage is None else self.storage(self.target)
-        if value.shape != target.shape:
-            value = value.reshape(target.shape)
-        if self.momentum == 1.0:
-            np.copyto(target, value, casting="same_kind")
-        else:  # in place: target *= 1 - m; target += m * value (one loop where numba is)
-            running_average(target, value, self.momentum)
+        store_into(target, value, self.momentum)
         return target
 
     def infer(self, value: Aval, *after: Aval) -> Aval:

@@ -1,8 +1,9 @@
 """Basic layers: Identity, Linear, Flatten, activations, Sequential, Residual, norms, Dropout.
 
 Forward passes use only needle ops, so the layers also run on lazy graph tensors (Session,
-JIT). The one exception is BatchNorm's running-statistics bookkeeping, which updates raw
-arrays in place so that it never grows the autograd graph.
+JIT). The one exception is eager training BatchNorm where nothing records the graph: its
+batch statistics and running averages are computed at once, with no nodes (no gradient reads
+them), the values the ``batch_stats`` and ``store`` ops give.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 
 from .. import init, ops
 from ..autograd import Tensor
-from ..core.context import active_trace
+from ..core.context import active_trace, unobserved_eager
+from ..core.ops_norm import batch_statistics
+from ..core.ops_state import store_into
 from .module import Buffer, Module, Parameter
 
 __all__ = [
@@ -277,7 +280,22 @@ class BatchNorm1d(Module):
     def _train_forward(self, x: Tensor, axes: tuple[int, ...], weight: Tensor, bias: Tensor,
                        normalize: Any) -> Tensor:
         """Training mode: the batch statistics, once (one op, one pass), for ``normalize``
-        (``ops.batch_norm`` or ``ops.batch_norm_relu``) and the running averages."""
+        (``ops.batch_norm`` or ``ops.batch_norm_relu``) and the running averages.
+
+        Eagerly, with nothing recording the graph (``unobserved_eager``), the statistics
+        and the running averages are computed at once, with no nodes: ``normalize``'s
+        gradient carries the statistics' dependence on x itself (none flows to its mean and
+        var inputs), so the statistics enter it as constants and the backward is the same.
+        Four nodes fewer per layer (batch_stats, its two items, two stores): ~5 us each
+        layer of an eager step. Traces, declared graphs and profiles see the nodes."""
+        data = getattr(x, "_data", None)
+        if data is not None and unobserved_eager():
+            mean_data, var_data = batch_statistics(data, axes)
+            out = normalize(x, weight, bias, Tensor.make_const(mean_data),
+                            Tensor.make_const(var_data), axes=axes, eps=self.eps)
+            store_into(self.running_mean._data, mean_data, float(self.momentum))
+            store_into(self.running_var._data, var_data, float(self.momentum))
+            return out
         stats = ops.batch_stats(x, axes=axes)
         mean, var = stats[0], stats[1]  # (indexing: cheaper than unpacking the tuple)
         out = normalize(x, weight, bias, mean, var, axes=axes, eps=self.eps)
