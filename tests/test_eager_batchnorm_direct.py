@@ -135,3 +135,18 @@ def test_tuple_items_with_a_gradient_stay_nodes() -> None:
                                atol=1e-6)
     with ndl.no_grad():
         assert stats[1].op is None
+
+
+def test_a_subclass_with_its_own_running_update_still_gets_it() -> None:
+    class Counting(nn.BatchNorm1d):
+        calls = 0
+
+        def _update_running(self, mean, var, out):
+            Counting.calls += 1
+            super()._update_running(mean, var, out)
+
+    bn, reference = Counting(3), nn.BatchNorm1d(3)
+    x = np.random.default_rng(4).standard_normal((5, 3)).astype(np.float32)
+    np.testing.assert_array_equal(bn(ndl.Tensor(x)).numpy(), reference(ndl.Tensor(x)).numpy())
+    assert Counting.calls == 1
+    np.testing.assert_array_equal(bn.running_var.numpy(), reference.running_var.numpy())

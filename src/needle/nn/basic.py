@@ -287,9 +287,11 @@ class BatchNorm1d(Module):
         gradient carries the statistics' dependence on x itself (none flows to its mean and
         var inputs), so the statistics enter it as constants and the backward is the same.
         Four nodes fewer per layer (batch_stats, its two items, two stores): ~5 us each
-        layer of an eager step. Traces, declared graphs and profiles see the nodes."""
+        layer of an eager step. Traces, declared graphs and profiles see the nodes, and so
+        does a subclass with its own ``_update_running``."""
         data = getattr(x, "_data", None)
-        if data is not None and unobserved_eager():
+        if data is not None and unobserved_eager() \
+                and type(self)._update_running is BatchNorm1d._update_running:
             mean_data, var_data = batch_statistics(data, axes)
             out = normalize(x, weight, bias, Tensor.make_const(mean_data),
                             Tensor.make_const(var_data), axes=axes, eps=self.eps)
