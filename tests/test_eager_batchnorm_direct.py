@@ -1,9 +1,9 @@
 """Eager training BatchNorm computes its batch statistics and running averages with no nodes
 (nn/basic.py ``_train_forward``: ``batch_norm``'s gradient carries the statistics'
-dependence on x itself), and an eager TensorTuple's items need no ``tuple_get_item`` node
-where no gradient is recorded (autograd.py ``TensorTuple.__getitem__``). Both must give
-the node path's values, gradients and running statistics bit for bit; traces, declared
-graphs and profiles must still see the nodes."""
+dependence on x itself). It must give the node path's values, gradients and running
+statistics bit for bit; traces, declared graphs and profiles must still see the nodes. The
+tuple-item tests pin down what the node path hands BatchNorm: an eager item with no
+gradient to record is a leaf, one with a gradient stays a node."""
 
 from __future__ import annotations
 

@@ -346,22 +346,6 @@ class TensorTuple(Value):
         n = len(data) if data is not None else len(self._aval)
         if not -n <= index < n:
             raise IndexError(f"TensorTuple index {index} out of range for {n} items")
-        if data is not None:
-            state = _get_state(None) or _thread_state()
-            if (not self.requires_grad or not state.grad_enabled) and state.trace is None \
-                    and not state.recording and state.profiler is None:
-                # the node make_from_op would make (no gradient to record, nothing watching:
-                # no op, no inputs), without the op: a backward's BatchNorm adjoints
-                node = _new_object(Tensor)
-                node.grad = None
-                node._aval = None
-                node.op = None
-                node.inputs = ()
-                node._data = data[index % n]
-                node.requires_grad = False
-                node.device = self.device
-                node.meta = None
-                return node
         return _ops.tuple_get_item(self, index % n)
 
     def __iter__(self):

@@ -162,7 +162,7 @@ class BatchStats(Op):
         self.axes = as_axes(axes)
 
     def compute(self, x):
-        return batch_statistics(x, normalize_axes(self.name, self.axes, x.ndim))
+        return batchnorm.statistics(x, normalize_axes(self.name, self.axes, x.ndim))
 
     def gradient(self, out_grad, node):
         # d mean / dx = 1 / n; d var / dx = 2 (x - mean) / n (the mean's own dependence on x
