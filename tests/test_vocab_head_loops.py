@@ -103,3 +103,44 @@ def test_bias_added_per_block_where_it_is_not_a_product_row():
         assert s.dtype == np.float64
         np.testing.assert_allclose(losses, want_losses, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(s, want_s, rtol=1e-10, atol=1e-15)
+
+
+def _adjacent_head(k: int, classes: int, seed: int = 0) -> tuple:
+    """w (k, classes) and b (1, classes) as consecutive views of one buffer, as an
+    optimizer's flat parameters lay out a Linear's weight and bias."""
+    rng = np.random.default_rng(seed)
+    flat = (rng.standard_normal(k * classes + classes) * 0.3).astype(np.float32)
+    return flat[:k * classes].reshape(k, classes), flat[k * classes:].reshape(1, classes)
+
+
+def test_weight_and_bias_rows_read_the_parameters_in_place():
+    w, b = _adjacent_head(4, 9)
+    rows = vocab_head.weight_and_bias_rows(w, b)
+    assert rows is not None and rows.shape == (5, 9) and not rows.flags.writeable
+    assert rows.flags.c_contiguous and np.shares_memory(rows, w) and np.shares_memory(rows, b)
+    np.testing.assert_array_equal(rows, np.concatenate([w, b]))
+    # anything else is copied: not adjacent, the other order, other dtypes or sizes
+    assert vocab_head.weight_and_bias_rows(w.copy(), b) is None
+    assert vocab_head.weight_and_bias_rows(w, b.copy()) is None
+    assert vocab_head.weight_and_bias_rows(w[:, :8], b[:, :8]) is None  # (a strided w)
+    flat = np.zeros(45, np.float32)
+    assert vocab_head.weight_and_bias_rows(flat[9:].reshape(4, 9), flat[:9]) is None
+    assert vocab_head.weight_and_bias_rows(w, b.astype(np.float64)) is None
+
+
+def test_forward_on_adjacent_parameters_gives_the_copied_rows_bits():
+    w, b = _adjacent_head(16, 3000, seed=2)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((70, 16)).astype(np.float32)
+    ids = rng.integers(0, 3000, 70)
+    in_place = vocab_head.forward(x, w, b, ids)
+    copied = vocab_head.forward(x, w.copy(), b.copy(), ids)
+    for got, want in zip(in_place, copied):
+        np.testing.assert_array_equal(got, want)
+    # and both are the loss and softmax - onehot of x @ w + b
+    z = x.astype(np.float64) @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(in_place[0], -np.log(p[np.arange(70), ids]), rtol=1e-5)
+    p[np.arange(70), ids] -= 1
+    np.testing.assert_allclose(in_place[1], p, atol=1e-6)

@@ -58,7 +58,7 @@ from ..backend.numba_support import NumbaLoops
 from . import blas_policy, recycle
 from .softmax import BLOCK_BYTES
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "forward", "weight_and_bias_rows"]
 
 #: smaller logits run their row blocks on this thread only (thread hand-off costs more)
 PARALLEL_MIN_SIZE = 1 << 20
@@ -75,22 +75,46 @@ PRANGE_MIN_SIZE = 1 << 17
 PRANGE_ROWS_PER_BLOCK = 16
 
 
+def weight_and_bias_rows(w: Any, b: Any) -> Any:
+    """``[w; b]`` (K + 1, C) as a read-only view of the parameters' own memory where b's C
+    values follow w's in memory, else None (the caller copies them together).
+
+    They follow each other where an optimizer laid the parameters end to end
+    (optim/optimizer.py's flat buffers: a Linear's weight, then its bias), so the forward's
+    product reads them in place instead of copying 5 MB of a (128, 10,000) head each step.
+    NOTE measured (session 18, the copy alone, BLAS held, LM shapes): 0.70-0.74 ms of one
+    thread for the (129, 10,000) copy and x's (1,120, 129); the same bits either way."""
+    if not (type(w) is np.ndarray and type(b) is np.ndarray and w.ndim == 2
+            and w.dtype == b.dtype and b.size == w.shape[1]
+            and w.flags.c_contiguous and b.flags.c_contiguous):
+        return None
+    if b.__array_interface__["data"][0] != w.__array_interface__["data"][0] + w.nbytes:
+        return None
+    # the view spans w's memory and then b's, both alive while the caller holds w and b
+    item = w.itemsize
+    return np.lib.stride_tricks.as_strided(w, (w.shape[0] + 1, w.shape[1]),
+                                           (w.shape[1] * item, item), writeable=False)
+
+
 def _logits(x: Any, w: Any, b: Any, dtype: Any) -> tuple[Any, bool]:
     """``(z, with_bias)``: ``x @ w`` (+ b where ``with_bias``) as a new, or recycled when
     vocabulary-sized, array of ``dtype``.
 
     NumPy arrays: the bias goes into the product as one more inner dimension,
-    ``[x, 1] @ [w; b]`` (copies of the small x and w), which costs less than a pass adding it
-    to the logits-sized product."""
+    ``[x, 1] @ [w; b]`` (a copy of the small x; of w too unless ``weight_and_bias_rows``
+    finds b right after w), which costs less than a pass adding it to the logits-sized
+    product."""
     xp = array_module(x)
     rows, (inner, cols) = x.shape[0], w.shape
     if xp is np and x.dtype == dtype and w.dtype == dtype:
         x_one = np.empty((rows, inner + 1), dtype)
         x_one[:, :inner] = x
         x_one[:, inner] = 1
-        w_b = np.empty((inner + 1, cols), dtype)
-        w_b[:inner] = w
-        w_b[inner] = b.reshape(cols)
+        w_b = weight_and_bias_rows(w, b)
+        if w_b is None:
+            w_b = np.empty((inner + 1, cols), dtype)
+            w_b[:inner] = w
+            w_b[inner] = b.reshape(cols)
         return blas_policy.matmul(x_one, w_b, out=recycle.empty((rows, cols), dtype)), True
     return xp.matmul(x.astype(dtype, copy=False), w.astype(dtype, copy=False)), False
 
