@@ -52,6 +52,31 @@ def test_exp_of_special_values():
     assert got[3] == 1 and got[4] == 1 and got[5] == np.float32(np.e)
 
 
+@numba.njit
+def _scaled_both_ways(p, k, by_factors, by_ldexp):
+    for i in range(p.shape[0]):
+        for j in range(k.shape[0]):
+            by_factors[i, j] = exp_loops.times_power_of_two_by_factors(p[i], k[j])
+            by_ldexp[i, j] = exp_loops.times_power_of_two_by_ldexp(p[i], k[j])
+
+
+def test_exp_scaling_by_ldexp_gives_the_two_factors_bits():
+    # every exponent exp_f32 makes, on mantissas over its polynomial's range (the results
+    # span the denormals, their rounding included, and overflow)
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.uniform(0.5, 2.0, 2000), [0.5, 0.70710677, 1.0, 1.4142135,
+                                                      1.9999999]]).astype(np.float32)
+    k = np.arange(-150, 130, dtype=np.int32)
+    by_factors = np.empty((p.size, k.size), np.float32)
+    by_ldexp = np.empty_like(by_factors)
+    with np.errstate(over="ignore"):
+        _scaled_both_ways(p, k, by_factors, by_ldexp)
+    assert np.array_equal(by_factors.view(np.int32), by_ldexp.view(np.int32))
+    want = np.ldexp(p.astype(np.float64)[:, None], k[None, :]).astype(np.float32)
+    assert np.array_equal(by_factors.view(np.int32), want.view(np.int32))  # rounded once
+    assert (by_factors == 0).any() and (np.abs(by_factors) < 1.2e-38).any()  # denormals met
+
+
 @pytest.mark.parametrize("row", [
     [3.0, -1.0, 2.5, 0.0], [-3.0, -1.0, -2.5, -7.0], [-0.0, -1.0], [-2.0, 0.0, -0.0],
     [-np.inf, -np.inf], [-np.inf, -5.0], [1.0, np.inf, 2.0], [1.0, np.nan, 2.0],
