@@ -10,11 +10,11 @@ against NumPy's 2-3 ms. Here:
 - ``exp_f32``: Cody-Waite range reduction ``x = n ln2 + r`` (|r| <= ln2 / 2), Cephes'
   degree-6 polynomial for e^r in float32, and the scaling by 2^n rounded once (into the
   denormals too): AVX-512's ``vscalefps`` through LLVM's ldexp, else two factors made from
-  their bits; e^x for x < -104 (a causal mask's -inf) is set to
-  0 without the arithmetic underflow, which costs a microcode assist of ~100 cycles on x86
-  (it made attention's softmax 3x slower).
-  Within 1 ulp of the correctly rounded value on [-104, 89] (tests/test_numba_exp.py); NumPy's
-  own AVX-512 float32 exp is within 2 ulp, so the two differ in the last bit or two.
+  their bits; e^x for x < -104 (a causal mask's -inf) is set to 0 without the arithmetic
+  underflow, which costs a microcode assist of ~100 cycles on x86 (it made attention's
+  softmax 3x slower). Within 1 ulp of the correctly rounded value on [-104, 89]
+  (tests/test_parallel_lm_kernels.py); NumPy's own AVX-512 float32 exp is within 2 ulp, so
+  the two differ in the last bit or two.
 - ``row_peak_f32``: the maximum through the float32 bits as integers (integer max and min
   reductions vectorize); a NaN with the sign bit clear wins, as a NaN in NumPy's max.
 
@@ -93,7 +93,7 @@ def _ldexp_is_one_instruction() -> bool:
 #: ``p * 2^k`` rounded once, as exp_f32 scales its polynomial: both give the same bits
 #: (tests/test_parallel_lm_kernels.py).
 #: NOTE measured (session 18, AVX-512, one thread, 10,000 values in cache): exp_f32's loop
-#: 0.317 -> 0.250 ns a value with ldexp (the factors take seven integer and float
+#: 0.317 -> 0.250 ns a value with ldexp (the factors take about eight integer and float
 #: operations per vector, vscalefps one)
 times_power_of_two = (times_power_of_two_by_ldexp if _ldexp_is_one_instruction()
                       else times_power_of_two_by_factors)
