@@ -138,11 +138,10 @@ def _check_batch_stats(op: str, x: Aval, axes: tuple, stats: dict[str, Aval]) ->
                              f"per-channel shape that broadcasts to {fmt_shape(kept)}")
 
 
-def batch_statistics(x: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
-    """``batch_stats``'s values for an array: (mean, biased variance) over ``axes`` (sorted,
-    non-negative), kept as size-1 dims. Eager training BatchNorm calls it directly, with no
-    node (nn/basic.py)."""
-    return batchnorm.statistics(x, axes)
+#: ``batch_stats``'s values for an array, ``(mean, biased variance)`` over ``axes`` (sorted,
+#: non-negative) kept as size-1 dims: the op's own kernel, which eager training BatchNorm
+#: calls directly with no node (nn/basic.py). (An alias, not a wrapper: no extra call.)
+batch_statistics = batchnorm.statistics
 
 
 @register("batch_stats", inputs=("x",))
